@@ -1,0 +1,26 @@
+"""dedupe: an async deduplicating backup engine for database snapshots.
+
+The embedding API is re-exported here; see docs/API.md. Nothing in the library installs an
+event loop policy: the caller's loop (asyncio or uvloop) is used as it is.
+"""
+
+from dedupe.api import (
+    BackupStats,
+    Generation,
+    Progress,
+    Repository,
+    RestoreStats,
+)
+from dedupe.errors import DedupeError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackupStats",
+    "DedupeError",
+    "Generation",
+    "Progress",
+    "Repository",
+    "RestoreStats",
+    "__version__",
+]

@@ -1,0 +1,98 @@
+"""Records shared by every layer: progress events and the statistics operations return."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass
+class Progress:
+    """A progress event. Backups fill bytes_read/new/chunks; restores fill bytes_written."""
+
+    operation: str  # "backup" | "restore"
+    stage: str  # "reading" | "writing index" | "committing" | "restoring" | "done"
+    bytes_read: int = 0
+    bytes_new: int = 0
+    bytes_stored: int = 0
+    chunks: int = 0
+    chunks_new: int = 0
+    bytes_written: int = 0
+    bytes_total: int | None = None
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class BackupStats:
+    id: str
+    name: str
+    kind: str
+    bytes_read: int
+    bytes_new: int  # raw bytes of chunks this backup added
+    bytes_stored: int  # bytes of the packs this backup wrote (compressed, sealed)
+    chunks: int
+    chunks_new: int
+    packs: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RestoreStats:
+    id: str
+    bytes_written: int
+    chunks: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What `generations()` lists: the authenticated header of one manifest."""
+
+    id: str
+    name: str
+    kind: str
+    parent: str | None
+    created: str
+    size: int
+    chunks: int
+    new_chunks: int
+    new_bytes: int
+    stored_bytes: int
+    seconds: float
+    source: dict[str, Any]
+
+    @property
+    def dedupe_ratio(self) -> float:
+        """Logical size over the bytes this generation added (inf when it added none)."""
+        return self.size / self.stored_bytes if self.stored_bytes else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dedupe_ratio"] = None if self.stored_bytes == 0 else round(self.dedupe_ratio, 3)
+        return d
+
+    @classmethod
+    def from_header(cls, header: dict[str, Any]) -> Generation:
+        return cls(
+            id=header["id"],
+            name=header["name"],
+            kind=header["kind"],
+            parent=header.get("parent"),
+            created=header["created"],
+            size=int(header["size"]),
+            chunks=int(header["chunks"]),
+            new_chunks=int(header["new_chunks"]),
+            new_bytes=int(header["new_bytes"]),
+            stored_bytes=int(header["stored_bytes"]),
+            seconds=float(header["seconds"]),
+            source=dict(header.get("source", {})),
+        )

@@ -1,0 +1,55 @@
+"""The backend contract every storage backend implements and the conformance suite
+(tests/backends) checks.
+
+Names are '/'-separated relative paths ("packs/ab/ab12..."). Semantics:
+
+- `put(name, data)`: atomic and durable. When it returns, the object is on stable storage
+  under `name` in full; readers never see a partial object, a crash never leaves one
+  under `name`. Putting an existing name replaces it atomically (objects are
+  content-addressed, so in practice the bytes are the same).
+- `get(name, offset=0, length=None)`: exactly `length` bytes from `offset` (to the end
+  when `length` is None). Raises `MissingObject` when there is no such object and
+  `TruncatedObject` when it ends before `offset + length`.
+- `list(prefix)`: names of all complete objects whose name starts with `prefix`
+  (a directory-like prefix ending in "/"), in no particular order.
+- `stat(name)`: the size in bytes; `MissingObject` if absent.
+- `delete(name)`: removes the object; `MissingObject` if absent.
+- `exists(name)`: whether an object is there.
+Operational failures of the store (disk full, permission denied, network down after
+retries) raise `BackendError` with what happened and where.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+
+class Backend(ABC):
+    location: str
+
+    @abstractmethod
+    async def put(self, name: str, data: bytes | memoryview) -> None: ...
+
+    @abstractmethod
+    async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes: ...
+
+    @abstractmethod
+    async def list(self, prefix: str) -> list[str]: ...
+
+    @abstractmethod
+    async def stat(self, name: str) -> int: ...
+
+    @abstractmethod
+    async def delete(self, name: str) -> None: ...
+
+    async def exists(self, name: str) -> bool:
+        from dedupe.errors import MissingObject
+
+        try:
+            await self.stat(name)
+        except MissingObject:
+            return False
+        return True
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections; the default has nothing to release."""

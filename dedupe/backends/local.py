@@ -1,0 +1,159 @@
+"""A repository in a local directory: the embedded default.
+
+Writes go to a temporary name in the target directory, are fsynced, renamed over the
+final name, and the directory is fsynced, so an object is either absent or complete
+after a crash. Blocking file calls run on worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import secrets
+
+from dedupe.backends.base import Backend
+from dedupe.errors import BackendError, MissingObject, TruncatedObject
+
+TMP_PREFIX = ".tmp-"
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _backend_error(e: OSError, action: str, path: str) -> BackendError:
+    if e.errno == errno.ENOSPC:
+        return BackendError(
+            f"no space left on the device while {action} {path}",
+            hint="free space or move the repository; nothing already stored was changed",
+        )
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return BackendError(f"permission denied while {action} {path}: {e.strerror}")
+    return BackendError(f"{action} {path} failed: {e.strerror or e}")
+
+
+class LocalBackend(Backend):
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.path.abspath(os.fspath(root))
+        self.location = self.root
+
+    def _path(self, name: str) -> str:
+        if name.startswith("/") or ".." in name.split("/"):
+            raise ValueError(f"invalid object name {name!r}")
+        return os.path.join(self.root, *name.split("/"))
+
+    # --- blocking halves, run on threads ---------------------------------------------------
+
+    def _put_sync(self, name: str, data: bytes | memoryview) -> None:
+        path = self._path(name)
+        directory = os.path.dirname(path)
+        tmp = os.path.join(directory, TMP_PREFIX + secrets.token_hex(8))
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            _fsync_dir(directory)
+        except OSError as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise _backend_error(e, "writing", path) from None
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def _get_sync(self, name: str, offset: int, length: int | None) -> bytes:
+        path = self._path(name)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise MissingObject(
+                f"object {name} is missing from the repository",
+                hint="run 'dedupe verify' to see which generations are affected",
+            ) from None
+        except OSError as e:
+            raise _backend_error(e, "opening", path) from None
+        try:
+            if length is None:
+                size = os.fstat(fd).st_size
+                if offset > size:
+                    raise TruncatedObject(f"object {name} is shorter than offset {offset}")
+                length = size - offset
+            data = os.pread(fd, length, offset)
+            # pread may return less than asked for on some filesystems; keep reading.
+            while len(data) < length:
+                more = os.pread(fd, length - len(data), offset + len(data))
+                if not more:
+                    raise TruncatedObject(
+                        f"object {name} is truncated: wanted bytes {offset}..{offset + length}, "
+                        f"it ends at {offset + len(data)}",
+                        hint="run 'dedupe verify' to see which generations are affected",
+                    )
+                data += more
+            return data
+        except OSError as e:
+            raise _backend_error(e, "reading", path) from None
+        finally:
+            os.close(fd)
+
+    def _list_sync(self, prefix: str) -> list[str]:
+        base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
+        names = []
+        for dirpath, _dirs, files in os.walk(base):
+            rel = os.path.relpath(dirpath, self.root)
+            for f in files:
+                if f.startswith(TMP_PREFIX):
+                    continue
+                name = f if rel == "." else f"{rel.replace(os.sep, '/')}/{f}"
+                if name.startswith(prefix):
+                    names.append(name)
+        return names
+
+    def _stat_sync(self, name: str) -> int:
+        try:
+            return os.stat(self._path(name)).st_size
+        except FileNotFoundError:
+            raise MissingObject(f"object {name} is missing from the repository") from None
+
+    def _delete_sync(self, name: str) -> None:
+        path = self._path(name)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            raise MissingObject(f"object {name} is missing from the repository") from None
+        except OSError as e:
+            raise _backend_error(e, "deleting", path) from None
+
+    # --- async interface --------------------------------------------------------------------
+
+    async def put(self, name: str, data: bytes | memoryview) -> None:
+        await asyncio.to_thread(self._put_sync, name, data)
+
+    async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        return await asyncio.to_thread(self._get_sync, name, offset, length)
+
+    async def list(self, prefix: str) -> list[str]:
+        return await asyncio.to_thread(self._list_sync, prefix)
+
+    async def stat(self, name: str) -> int:
+        return await asyncio.to_thread(self._stat_sync, name)
+
+    async def delete(self, name: str) -> None:
+        await asyncio.to_thread(self._delete_sync, name)

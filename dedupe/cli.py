@@ -1,0 +1,313 @@
+"""The `dedupe` command: a thin client of the embedding API (dedupe.api).
+
+Every command takes --json for machines; humans get tables and, on a terminal, a progress
+bar on stderr. Every failure dedupe anticipates is a DedupeError: printed as one message
+with a hint and mapped to its exit code (docs/API.md lists them), never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from functools import wraps
+from typing import Any, TypeVar
+
+import click
+
+import dedupe
+from dedupe._types import Progress
+from dedupe.api import Repository
+from dedupe.chunking import DEFAULT_PARAMS, ChunkerParams
+from dedupe.crypto import KdfParams
+from dedupe.errors import DedupeError
+from dedupe.format.config import DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_SIZE
+
+T = TypeVar("T")
+MiB = 1024 * 1024
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop where it is available: the CLI, not the library, picks the loop."""
+    try:
+        import uvloop
+
+        factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+    except ImportError:  # Windows, or a minimal install
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
+
+
+def emit_json(obj: Any, stream: Any = None) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True), file=stream)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"
+
+
+@contextmanager
+def progress_bar(enabled: bool, label: str) -> Iterator[Callable[[Progress], None] | None]:
+    """A rich progress bar on stderr when it is a terminal; None (no callback) otherwise."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress as Bar,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    bar = Bar(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    task = bar.add_task(label, total=None)
+
+    def update(p: Progress) -> None:
+        done = p.bytes_read if p.operation == "backup" else p.bytes_written
+        bar.update(task, completed=done, total=p.bytes_total, description=f"{label} ({p.stage})")
+
+    with bar:
+        yield update
+
+
+def handle_errors(fn: Callable[..., None]) -> Callable[..., None]:
+    """Map DedupeError to its exit code and message; --json gets a JSON error on stderr."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        as_json = kwargs.get("as_json", False)
+        try:
+            fn(*args, **kwargs)
+        except DedupeError as e:
+            if as_json:
+                emit_json(
+                    {"error": type(e).__name__, "message": e.message, "hint": e.hint,
+                     "exit_code": e.exit_code},
+                    sys.stderr,
+                )
+            else:
+                click.echo(f"dedupe: error: {e.message}", err=True)
+                if e.hint:
+                    click.echo(f"  hint: {e.hint}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("dedupe: interrupted; the repository is unchanged", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def open_repo(ctx: click.Context) -> Awaitable[Repository]:
+    return Repository.open(repo_location(ctx))
+
+
+def repo_location(ctx: click.Context) -> str:
+    location = ctx.obj["repo"]
+    if not location:
+        raise click.UsageError("no repository given: use -r/--repo or set DEDUPE_REPO")
+    return str(location)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "-r", "--repo", envvar="DEDUPE_REPO", metavar="PATH", help="Repository (or DEDUPE_REPO)."
+)
+@click.version_option(dedupe.__version__, prog_name="dedupe")
+@click.pass_context
+def cli(ctx: click.Context, repo: str | None) -> None:
+    """dedupe: deduplicating, encrypted backups of database snapshots.
+
+    The passphrase comes from DEDUPE_PASSWORD, DEDUPE_PASSWORD_FILE, DEDUPE_PASSWORD_COMMAND,
+    or a prompt on a terminal.
+    """
+    ctx.obj = {"repo": repo}
+
+
+@cli.command()
+@click.option("--chunk-min", type=int, default=DEFAULT_PARAMS.min_size, show_default=True,
+              help="FastCDC minimum chunk size in bytes.")
+@click.option("--chunk-avg", type=int, default=DEFAULT_PARAMS.avg_size, show_default=True,
+              help="FastCDC average chunk size in bytes (a power of two).")
+@click.option("--chunk-max", type=int, default=DEFAULT_PARAMS.max_size, show_default=True,
+              help="FastCDC maximum chunk size in bytes.")
+@click.option("--pack-size", type=int, default=DEFAULT_PACK_SIZE // MiB, show_default=True,
+              help="Target pack size in MiB.")
+@click.option("--compression-level", type=click.IntRange(1, 22),
+              default=DEFAULT_COMPRESSION_LEVEL, show_default=True, help="zstd level.")
+@click.option("--kdf-memlimit", type=int, default=KdfParams().memlimit // MiB, show_default=True,
+              help="Argon2id memory in MiB for the key file.")
+@click.option("--kdf-opslimit", type=int, default=KdfParams().opslimit, show_default=True,
+              help="Argon2id passes for the key file.")
+@json_option
+@click.pass_context
+@handle_errors
+def init(
+    ctx: click.Context,
+    chunk_min: int,
+    chunk_avg: int,
+    chunk_max: int,
+    pack_size: int,
+    compression_level: int,
+    kdf_memlimit: int,
+    kdf_opslimit: int,
+    as_json: bool,
+) -> None:
+    """Create a new, encrypted repository."""
+    location = repo_location(ctx)
+    try:
+        params = ChunkerParams(chunk_min, chunk_avg, chunk_max, DEFAULT_PARAMS.normalization)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+    async def go() -> dict[str, Any]:
+        repo = await Repository.init(
+            location,
+            chunker=params,
+            pack_size=pack_size * MiB,
+            compression_level=compression_level,
+            kdf=KdfParams(kdf_opslimit, kdf_memlimit * MiB),
+        )
+        async with repo:
+            return {"id": repo.id, "location": repo.location, "config": repo.config}
+
+    result = run_async(go())
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(f"created repository {result['id'][:16]} at {result['location']}")
+        click.echo("keep the passphrase safe: without it the data cannot be read")
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--name", required=True, help="Name of the source (e.g. orders-db).")
+@json_option
+@click.pass_context
+@handle_errors
+def backup(ctx: click.Context, source: str, name: str, as_json: bool) -> None:
+    """Back up SOURCE (a file, or - for standard input) as a new generation of NAME."""
+
+    async def go() -> dict[str, Any]:
+        async with await open_repo(ctx) as repo:
+            with progress_bar(not as_json, f"backup {name}") as callback:
+                if source == "-":
+                    stats = await repo.backup(
+                        sys.stdin.buffer, name=name, progress=callback, label="<stdin>"
+                    )
+                else:
+                    stats = await repo.backup(source, name=name, progress=callback)
+            return stats.to_dict()
+
+    s = run_async(go())
+    if as_json:
+        emit_json(s)
+        return
+    mbs = s["bytes_read"] / s["seconds"] / 1e6 if s["seconds"] else 0.0
+    click.echo(
+        f"generation {s['id'][:12]} of {name}: read {human_bytes(s['bytes_read'])} in "
+        f"{s['chunks']} chunks, {s['chunks_new']} new ({human_bytes(s['bytes_new'])}), stored "
+        f"{human_bytes(s['bytes_stored'])} in {s['packs']} packs, {s['seconds']:.2f} s "
+        f"({mbs:.0f} MB/s)"
+    )
+
+
+@cli.command()
+@click.option("--name", default=None, help="Only generations of this source.")
+@json_option
+@click.pass_context
+@handle_errors
+def generations(ctx: click.Context, name: str | None, as_json: bool) -> None:
+    """List generations, oldest first."""
+
+    async def go() -> list[dict[str, Any]]:
+        async with await open_repo(ctx) as repo:
+            return [g.to_dict() for g in await repo.generations(name)]
+
+    gens = run_async(go())
+    if as_json:
+        emit_json(gens)
+        return
+    if not gens:
+        click.echo("no generations")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None)
+    for col in ("id", "name", "type", "parent", "created", "size", "new stored", "dedupe"):
+        table.add_column(col, justify="right" if col in ("size", "new stored", "dedupe") else "left")
+    for g in gens:
+        ratio = f"{g['dedupe_ratio']:.1f}x" if g["dedupe_ratio"] is not None else "all dup"
+        table.add_row(
+            g["id"][:12], g["name"], g["kind"], (g["parent"] or "-")[:12],
+            g["created"][:19].replace("T", " "), human_bytes(g["size"]),
+            human_bytes(g["stored_bytes"]), ratio,
+        )
+    Console().print(table)
+
+
+@cli.command()
+@click.argument("generation")
+@click.argument("target")
+@click.option("--overwrite", is_flag=True, help="Replace TARGET if it exists.")
+@json_option
+@click.pass_context
+@handle_errors
+def restore(
+    ctx: click.Context, generation: str, target: str, overwrite: bool, as_json: bool
+) -> None:
+    """Restore GENERATION (an id, a unique prefix, latest or NAME@latest) to TARGET (a path,
+    or - for standard output). The bytes are verified before they are written."""
+
+    async def go() -> dict[str, Any]:
+        async with await open_repo(ctx) as repo:
+            to_stdout = target == "-"
+            with progress_bar(not as_json and not to_stdout, "restore") as callback:
+                if to_stdout:
+                    stats = await repo.restore(generation, sys.stdout.buffer, progress=callback)
+                else:
+                    stats = await repo.restore(
+                        generation, target, overwrite=overwrite, progress=callback
+                    )
+            return stats.to_dict()
+
+    s = run_async(go())
+    out = sys.stderr if target == "-" else None
+    if as_json:
+        emit_json(s, out)
+    elif target != "-":
+        mbs = s["bytes_written"] / s["seconds"] / 1e6 if s["seconds"] else 0.0
+        click.echo(
+            f"restored generation {s['id'][:12]} to {target}: "
+            f"{human_bytes(s['bytes_written'])}, verified, {s['seconds']:.2f} s ({mbs:.0f} MB/s)"
+        )
+
+
+def main() -> None:
+    cli(prog_name="dedupe")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""The backup pipeline.
+
+    source ─▶ [read] ─q─▶ [chunk + id, digest] ─q─▶ [dedupe] ─q─▶ [seal into packs] ─q─▶ [write]
+                            (executor, 2 jobs)       (loop)    compress jobs in flight   (backend)
+                                                                 on the executor
+
+- Every queue is bounded, so memory is bounded by the queue depths times the read size and
+  the pack size, never by the size of the source.
+- CPU work runs on the executor in batches of one read block (~4 MiB): the C chunker,
+  BLAKE3, zstd and libsodium all release the GIL, so the cores work in parallel.
+- One task (dedupe) owns the lookup: it consults the repository index and the set of
+  chunks this backup has already queued, and it alone appends to the chunk table.
+- Packs are written before the index object that lists them, and that before the
+  manifest, the commit point (docs/FORMAT.md section 9). Cancelling at any moment leaves
+  only unreferenced packs behind; the repository stays valid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+from dedupe._types import BackupStats, Progress, ProgressCallback
+from dedupe.chunking import Chunker
+from dedupe.format.index import IndexEntry, PackRecord
+from dedupe.format.manifest import CHUNK_RECORD
+from dedupe.store import FinishedPack, PackWriter, RepositoryStore
+from dedupe.store.repository import utc_now
+from dedupe.engine.stages import run_stages
+
+T = TypeVar("T")
+
+BLOCK_QUEUE = 2
+HASHED_QUEUE = 2
+# Compress jobs in flight: enough to keep every core busy while one batch is sealed.
+FRAMING_IN_FLIGHT = (os.cpu_count() or 2) + 1
+PACK_QUEUE = 1
+
+
+async def run_backup(
+    store: RepositoryStore,
+    blocks: AsyncIterator[bytes],
+    *,
+    name: str,
+    source_info: dict[str, Any],
+    executor: Executor,
+    progress: ProgressCallback | None = None,
+    size_hint: int | None = None,
+) -> BackupStats:
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+
+    def run(fn: Callable[..., T], *args: Any) -> Awaitable[T]:
+        return loop.run_in_executor(executor, fn, *args)
+
+    await store.refresh_index()  # see what concurrent backups stored meanwhile
+    index = store.index
+    hasher = store.hasher
+    codec = store.codec
+    chunker = Chunker(store.chunker_params, store.gear)
+    digest = hasher.stream_digest()
+    packer = PackWriter(store.current_epoch, store.pack_size)
+
+    table = bytearray()  # the manifest's chunk table, CHUNK_RECORD after CHUNK_RECORD
+    queued: set[bytes] = set()  # new chunk ids this backup has sent to be stored
+    new_packs: list[PackRecord] = []
+    new_entries: list[IndexEntry] = []
+    p = Progress("backup", "reading", bytes_total=size_hint)
+
+    blocks_q: asyncio.Queue[bytes | None] = asyncio.Queue(BLOCK_QUEUE)
+    hashed_q: asyncio.Queue[tuple[list[memoryview], list[bytes]] | None] = asyncio.Queue(
+        HASHED_QUEUE
+    )
+    framed_q: asyncio.Queue[tuple[list[bytes], list[int], Awaitable[list[bytes]]] | None] = (
+        asyncio.Queue(FRAMING_IN_FLIGHT)
+    )
+    packs_q: asyncio.Queue[FinishedPack | None] = asyncio.Queue(PACK_QUEUE)
+
+    def chunk_and_hash(block: bytes | None) -> tuple[list[memoryview], list[bytes]]:
+        chunks = chunker.feed(block) if block is not None else chunker.finish()
+        return chunks, hasher.chunk_ids(chunks)
+
+    async def read_stage() -> None:
+        async for block in blocks:
+            p.bytes_read += len(block)
+            await blocks_q.put(block)
+        await blocks_q.put(None)
+
+    async def chunk_stage() -> None:
+        while (block := await blocks_q.get()) is not None:
+            (chunks, ids), _ = await asyncio.gather(
+                run(chunk_and_hash, block), run(digest.update, block)
+            )
+            await hashed_q.put((chunks, ids))
+        await hashed_q.put(await run(chunk_and_hash, None))
+        await hashed_q.put(None)
+
+    async def dedupe_stage() -> None:
+        pack_record = CHUNK_RECORD.pack
+        while (item := await hashed_q.get()) is not None:
+            chunks, ids = item
+            new_chunks: list[memoryview] = []
+            new_ids: list[bytes] = []
+            for chunk, chunk_id in zip(chunks, ids, strict=True):
+                table.extend(pack_record(chunk_id, len(chunk)))
+                if chunk_id in index or chunk_id in queued:
+                    continue
+                queued.add(chunk_id)
+                new_chunks.append(chunk)
+                new_ids.append(chunk_id)
+            p.chunks += len(chunks)
+            if new_chunks:
+                lengths = [len(c) for c in new_chunks]
+                p.chunks_new += len(new_chunks)
+                p.bytes_new += sum(lengths)
+                await framed_q.put((new_ids, lengths, run(codec.frame, new_chunks)))
+            if progress:
+                progress(p)
+        await framed_q.put(None)
+
+    async def seal_stage() -> None:
+        while (item := await framed_q.get()) is not None:
+            ids, lengths, framing = item
+            framed = await framing
+            for pack in await run(packer.add, list(zip(ids, framed, lengths, strict=True))):
+                await packs_q.put(pack)
+        last = await run(packer.flush)
+        if last is not None:
+            await packs_q.put(last)
+        await packs_q.put(None)
+
+    async def write_stage() -> None:
+        while (pack := await packs_q.get()) is not None:
+            pack_id = await store.write_pack(pack.data)
+            pack_no = len(new_packs)
+            new_packs.append(PackRecord(pack_id, pack.epoch, pack.wrapped_key, len(pack.data)))
+            new_entries.extend(
+                IndexEntry(e.chunk_id, pack_no, e.offset, e.stored_length, e.raw_length)
+                for e in pack.entries
+            )
+            p.bytes_stored += len(pack.data)
+
+    await run_stages(read_stage, chunk_stage, dedupe_stage, seal_stage, write_stage)
+
+    if new_packs:
+        p.stage = "writing index"
+        if progress:
+            progress(p)
+        await store.write_index(new_packs, new_entries)
+    seconds = time.monotonic() - started
+    chunk_count = len(table) // CHUNK_RECORD.size
+    header = {
+        "version": 1,
+        "name": name,
+        "kind": "full",
+        "parent": None,
+        "created": utc_now(),
+        "source": source_info,
+        "chunker": store.chunker_params.to_dict(),
+        "size": p.bytes_read,
+        "chunks": chunk_count,
+        "new_chunks": p.chunks_new,
+        "new_bytes": p.bytes_new,
+        "stored_bytes": p.bytes_stored,
+        "seconds": round(seconds, 6),
+    }
+    meta = {"type": "stream", "digest": digest.hexdigest(), "chunk_count": chunk_count}
+    p.stage = "committing"
+    if progress:
+        progress(p)
+    gen_id = await store.write_manifest(header, meta, bytes(table))
+    p.stage = "done"
+    if progress:
+        progress(p)
+    return BackupStats(
+        id=gen_id,
+        name=name,
+        kind="full",
+        bytes_read=p.bytes_read,
+        bytes_new=p.bytes_new,
+        bytes_stored=p.bytes_stored,
+        chunks=chunk_count,
+        chunks_new=p.chunks_new,
+        packs=len(new_packs),
+        seconds=time.monotonic() - started,
+    )

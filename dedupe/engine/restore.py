@@ -1,0 +1,217 @@
+"""The restore pipeline.
+
+The generation's chunk table is cut into windows of about WINDOW_BYTES of output. For each
+window the chunks are grouped by pack, neighbouring blobs are read with one ranged get
+(gaps under COALESCE_GAP are read through), ranges are fetched concurrently, and each
+range is opened on the executor: AEAD under the chunk id, decompression, keyed BLAKE3
+against the id. Only then are the window's bytes handed out, in stream order, while the
+next window is being fetched. The whole-stream digest is checked at the end; a chunk that
+fails any check raises before a byte of it is handed out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Executor
+from typing import BinaryIO
+
+from dedupe.errors import IntegrityError, MissingObject, TargetError
+from dedupe.format.manifest import CHUNK_RECORD
+from dedupe.hashing import StreamDigest
+from dedupe.store import RepositoryStore
+
+WINDOW_BYTES = 16 * 1024 * 1024
+COALESCE_GAP = 256 * 1024
+MAX_RANGE = 8 * 1024 * 1024
+FETCH_CONCURRENCY = 4
+
+# (chunk id, offset in pack, stored length, raw length)
+_Item = tuple[bytes, int, int, int]
+
+
+def _windows(table: bytes) -> Iterator[list[tuple[bytes, int]]]:
+    window: list[tuple[bytes, int]] = []
+    size = 0
+    for chunk_id, length in CHUNK_RECORD.iter_unpack(table):
+        window.append((chunk_id, length))
+        size += length
+        if size >= WINDOW_BYTES:
+            yield window
+            window, size = [], 0
+    if window:
+        yield window
+
+
+def _ranges(items: list[_Item]) -> Iterator[tuple[int, int, list[_Item]]]:
+    """Coalesce blobs of one pack into (start, end, items) ranges, sorted by offset."""
+    items.sort(key=lambda it: it[1])
+    start = end = -1
+    group: list[_Item] = []
+    for it in items:
+        _, offset, stored, _ = it
+        if group and (offset - end > COALESCE_GAP or offset + stored - start > MAX_RANGE):
+            yield start, end, group
+            group = []
+        if not group:
+            start = offset
+        group.append(it)
+        end = max(end, offset + stored)
+    if group:
+        yield start, end, group
+
+
+async def restore_chunks(
+    store: RepositoryStore,
+    gen_id: str,
+    table: bytes,
+    digest_hex: str,
+    executor: Executor,
+) -> AsyncIterator[list[bytes]]:
+    """Yield the generation's bytes as lists of verified chunks, in order, window by window."""
+    loop = asyncio.get_running_loop()
+    index = store.index
+    codec = store.codec
+    sem = asyncio.Semaphore(FETCH_CONCURRENCY)
+
+    def open_range(key: bytes, data: bytes, start: int, items: list[_Item]) -> dict[bytes, bytes]:
+        view = memoryview(data)
+        return {
+            cid: codec.open(key, cid, view[off - start : off - start + stored], raw)
+            for cid, off, stored, raw in items
+        }
+
+    async def fetch(pack_no: int, start: int, end: int, items: list[_Item]) -> dict[bytes, bytes]:
+        async with sem:
+            data = await store.read_pack_range(pack_no, start, end - start)
+        key = store.pack_key(pack_no)
+        return await loop.run_in_executor(executor, open_range, key, data, start, items)
+
+    async def fetch_window(window: list[tuple[bytes, int]]) -> list[bytes]:
+        by_pack: dict[int, dict[bytes, _Item]] = {}
+        for chunk_id, _length in window:
+            loc = index.get(chunk_id)
+            if loc is None:
+                raise MissingObject(
+                    f"chunk {chunk_id.hex()[:16]} of generation {gen_id} is in no index object",
+                    hint="the repository lost data; run 'dedupe verify' to see what is affected",
+                )
+            by_pack.setdefault(loc.pack_no, {})[chunk_id] = (
+                chunk_id, loc.offset, loc.stored_length, loc.raw_length
+            )
+        jobs = [
+            fetch(pack_no, start, end, group)
+            for pack_no, items in by_pack.items()
+            for start, end, group in _ranges(list(items.values()))
+        ]
+        found: dict[bytes, bytes] = {}
+        for part in await asyncio.gather(*jobs):
+            found.update(part)
+        return [found[chunk_id] for chunk_id, _ in window]
+
+    queue: asyncio.Queue[list[bytes] | BaseException | None] = asyncio.Queue(1)
+
+    async def produce() -> None:
+        try:
+            for window in _windows(table):
+                await queue.put(await fetch_window(window))
+            await queue.put(None)
+        except Exception as e:  # handed to the consumer, which raises it
+            await queue.put(e)
+
+    digest = store.hasher.stream_digest()
+    producer = asyncio.create_task(produce())
+    try:
+        while (item := await queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            await loop.run_in_executor(executor, digest.update_many, item)
+            yield item
+        _check_digest(digest, digest_hex, gen_id)
+    finally:
+        producer.cancel()
+        try:
+            await producer
+        except asyncio.CancelledError:
+            pass
+
+
+def _check_digest(digest: StreamDigest, expected: str, gen_id: str) -> None:
+    if digest.hexdigest() != expected:
+        raise IntegrityError(
+            f"the restored stream of generation {gen_id} does not match the digest recorded "
+            "at backup",
+        )
+
+
+def _write_all(fd: int, parts: list[bytes]) -> int:
+    total = 0
+    for part in parts:
+        view = memoryview(part)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+            total += n
+    return total
+
+
+async def write_to_path(
+    stream: AsyncIterator[list[bytes]], path: str, overwrite: bool = False
+) -> int:
+    """Write to a temporary file beside `path`, fsync, and rename it into place only after
+    the whole stream was verified: a failed restore never leaves a plausible-looking file."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise TargetError(f"{path} is a directory; give a file name to restore into")
+    if os.path.exists(path) and not overwrite:
+        raise TargetError(f"{path} exists; remove it or choose another target")
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.dedupe-{secrets.token_hex(4)}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise TargetError(f"cannot create {tmp}: {e.strerror}") from None
+    written = 0
+    try:
+        try:
+            async for parts in stream:
+                written += await asyncio.to_thread(_write_all, fd, parts)
+            await asyncio.to_thread(os.fsync, fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        _unlink_quietly(tmp)
+        raise TargetError(f"writing {path} failed: {e.strerror}") from None
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return written
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+async def write_to_fileobj(stream: AsyncIterator[list[bytes]], f: BinaryIO) -> int:
+    def write(parts: list[bytes]) -> int:
+        n = 0
+        for part in parts:
+            f.write(part)
+            n += len(part)
+        return n
+
+    written = 0
+    try:
+        async for parts in stream:
+            written += await asyncio.to_thread(write, parts)
+        await asyncio.to_thread(f.flush)
+    except BrokenPipeError:
+        raise TargetError("the reader of the restored stream went away (broken pipe)") from None
+    except OSError as e:
+        raise TargetError(f"writing the restored stream failed: {e.strerror or e}") from None
+    return written

@@ -1,0 +1,68 @@
+"""Turn what the caller hands to backup() into an async iterator of large byte blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import BinaryIO
+
+import aiofiles
+
+from dedupe.errors import SourceError
+
+READ_SIZE = 4 * 1024 * 1024
+
+Source = str | os.PathLike[str] | BinaryIO | AsyncIterable[bytes]
+
+
+def iter_source(source: Source, read_size: int = READ_SIZE) -> AsyncIterator[bytes]:
+    if isinstance(source, str | os.PathLike):
+        return _iter_path(os.fspath(source), read_size)
+    if hasattr(source, "__aiter__"):
+        return _iter_async(source)  # type: ignore[arg-type]
+    if hasattr(source, "read"):
+        return _iter_fileobj(source, read_size)  # type: ignore[arg-type]
+    raise TypeError(
+        "source must be a path, a binary file object or an async iterable of bytes, "
+        f"not {type(source).__name__}"
+    )
+
+
+async def _iter_path(path: str, read_size: int) -> AsyncIterator[bytes]:
+    try:
+        if os.path.isdir(path):
+            raise SourceError(f"{path} is a directory; this version backs up files and streams")
+        f = await aiofiles.open(path, "rb", buffering=0)
+    except OSError as e:
+        raise SourceError(f"cannot open {path}: {e.strerror}") from None
+    try:
+        while True:
+            try:
+                block = await f.read(read_size)
+            except OSError as e:
+                raise SourceError(f"reading {path} failed: {e.strerror}") from None
+            if not block:
+                return
+            yield block
+    finally:
+        await f.close()
+
+
+async def _iter_fileobj(f: BinaryIO, read_size: int) -> AsyncIterator[bytes]:
+    while True:
+        try:
+            block = await asyncio.to_thread(f.read, read_size)
+        except OSError as e:
+            raise SourceError(f"reading the source failed: {e.strerror or e}") from None
+        if not block:
+            return
+        yield bytes(block)
+
+
+async def _iter_async(source: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    async for block in source:
+        if not isinstance(block, bytes | bytearray | memoryview):
+            raise TypeError(f"the async source yielded {type(block).__name__}, not bytes")
+        if block:
+            yield bytes(block)

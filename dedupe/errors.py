@@ -1,0 +1,120 @@
+"""One error tree for everything dedupe reports to its users.
+
+Every operational failure is a `DedupeError` subclass that carries a CLI exit code and a
+message saying what happened and what to do next. Bugs are not hidden in here: a bad
+argument stays `ValueError`, an OS failure we did not anticipate stays `OSError`.
+
+Exit codes are part of the CLI contract (docs/API.md lists them); never reuse a number.
+"""
+
+from __future__ import annotations
+
+
+class DedupeError(Exception):
+    """Root of every error dedupe reports on purpose."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
+
+
+# --- repository and configuration (10-19) -------------------------------------------------
+
+
+class RepositoryNotFound(DedupeError):
+    exit_code = 10
+
+
+class RepositoryExists(DedupeError):
+    exit_code = 11
+
+
+class UnsupportedFormat(DedupeError):
+    exit_code = 12
+
+
+class RepositoryLocked(DedupeError):
+    exit_code = 13
+
+
+# --- keys (20-29) ---------------------------------------------------------------------------
+
+
+class WrongPassphrase(DedupeError):
+    exit_code = 20
+
+
+class PassphraseMissing(DedupeError):
+    exit_code = 21
+
+
+class KeyNotAvailable(DedupeError):
+    """The key file opened, but its role does not hold the key this operation needs."""
+
+    exit_code = 22
+
+
+# --- stored objects (30-39) -----------------------------------------------------------------
+
+
+class IntegrityError(DedupeError):
+    """A stored object failed authentication or its content does not match its id."""
+
+    exit_code = 30
+
+
+class TruncatedObject(IntegrityError):
+    """A stored object is shorter than the index or its own header says it must be."""
+
+    exit_code = 31
+
+
+class MissingObject(IntegrityError):
+    """An object the repository refers to is not in the backend."""
+
+    exit_code = 32
+
+
+# --- generations (40-49) --------------------------------------------------------------------
+
+
+class GenerationNotFound(DedupeError):
+    exit_code = 40
+
+
+class AmbiguousGeneration(DedupeError):
+    exit_code = 41
+
+
+# --- sources and targets (50-59) ------------------------------------------------------------
+
+
+class SourceError(DedupeError):
+    """The data to back up could not be read (missing file, failing reader, dump failed)."""
+
+    exit_code = 50
+
+
+class TargetError(DedupeError):
+    """The restore target could not be written (exists, not writable, disk full)."""
+
+    exit_code = 51
+
+
+# --- backends (60-69) -----------------------------------------------------------------------
+
+
+class BackendError(DedupeError):
+    """The storage backend failed in a way retrying did not mend."""
+
+    exit_code = 60
+
+
+class Interrupted(DedupeError):
+    exit_code = 130

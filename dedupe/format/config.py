@@ -1,0 +1,61 @@
+"""The repository config record (docs/FORMAT.md section 5)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from dedupe.errors import IntegrityError, UnsupportedFormat
+
+FORMAT_VERSION = 1
+DEFAULT_PACK_SIZE = 16 * 1024 * 1024
+DEFAULT_COMPRESSION_LEVEL = 3
+
+
+def new_config(
+    repository_id: bytes,
+    created: str,
+    chunker: dict[str, Any],
+    pack_size: int,
+    compression_level: int,
+) -> dict[str, Any]:
+    return {
+        "format": "dedupe-repository",
+        "version": FORMAT_VERSION,
+        "id": repository_id.hex(),
+        "created": created,
+        "chunker": chunker,
+        "chunk_id": "blake3-keyed",
+        "object_id": "blake3",
+        "compression": {"algorithm": "zstd", "level": compression_level},
+        "aead": "xchacha20poly1305-ietf",
+        "key_wrap": "x25519-sealedbox",
+        "pack_size": pack_size,
+    }
+
+
+def parse_config(data: bytes) -> dict[str, Any]:
+    try:
+        cfg: dict[str, Any] = json.loads(data)
+    except ValueError:
+        raise IntegrityError("the repository config is not valid JSON: it is damaged") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != "dedupe-repository":
+        raise UnsupportedFormat("this is not a dedupe repository config")
+    if cfg.get("version") != FORMAT_VERSION:
+        raise UnsupportedFormat(
+            f"repository format version {cfg.get('version')} is not supported by this dedupe "
+            f"(it reads version {FORMAT_VERSION})",
+            hint="upgrade dedupe",
+        )
+    expected = {
+        "chunk_id": "blake3-keyed",
+        "object_id": "blake3",
+        "aead": "xchacha20poly1305-ietf",
+        "key_wrap": "x25519-sealedbox",
+    }
+    for field, value in expected.items():
+        if cfg.get(field) != value:
+            raise UnsupportedFormat(f"unsupported {field} {cfg.get(field)!r} in repository config")
+    if cfg.get("compression", {}).get("algorithm") != "zstd":
+        raise UnsupportedFormat("unsupported compression in repository config")
+    return cfg

@@ -1,0 +1,64 @@
+"""Index object plaintext (docs/FORMAT.md section 7): a pack table and chunk entries."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from dedupe.errors import IntegrityError
+
+INDEX_MAGIC = b"DDPIDX01"
+INDEX_AAD = b"dedupe-index v1"
+
+_PACK = struct.Struct("<32sI80sQ")  # pack_id, epoch, wrapped key, pack length
+_ENTRY = struct.Struct("<32sIIII")  # chunk_id, pack_no, offset, stored_length, raw_length
+_COUNT = struct.Struct("<Q")
+
+
+@dataclass(frozen=True, slots=True)
+class PackRecord:
+    pack_id: bytes
+    epoch: int
+    wrapped_key: bytes
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    chunk_id: bytes
+    pack_no: int
+    offset: int
+    stored_length: int
+    raw_length: int
+
+
+def encode_index(packs: list[PackRecord], entries: list[IndexEntry]) -> bytes:
+    parts = [_COUNT.pack(len(packs))]
+    parts += [_PACK.pack(p.pack_id, p.epoch, p.wrapped_key, p.length) for p in packs]
+    parts.append(_COUNT.pack(len(entries)))
+    parts += [
+        _ENTRY.pack(e.chunk_id, e.pack_no, e.offset, e.stored_length, e.raw_length)
+        for e in entries
+    ]
+    return b"".join(parts)
+
+
+def decode_index(plain: bytes, what: str) -> tuple[list[PackRecord], list[tuple[bytes, int, int, int, int]]]:
+    """-> (pack table, entries as tuples in IndexEntry field order); tuples keep loading fast."""
+    mv = memoryview(plain)
+    try:
+        (n_packs,) = _COUNT.unpack_from(mv, 0)
+        pos = _COUNT.size
+        end = pos + n_packs * _PACK.size
+        packs = [PackRecord(*t) for t in _PACK.iter_unpack(mv[pos:end])]
+        (n_entries,) = _COUNT.unpack_from(mv, end)
+        pos = end + _COUNT.size
+        if len(mv) - pos != n_entries * _ENTRY.size:
+            raise IntegrityError(f"{what}: entry table length does not match its count")
+        entries = list(_ENTRY.iter_unpack(mv[pos:]))
+    except struct.error as e:
+        raise IntegrityError(f"{what} is malformed: {e}") from None
+    for e in entries:
+        if e[1] >= n_packs:
+            raise IntegrityError(f"{what}: an entry names pack {e[1]} of {n_packs}")
+    return packs, entries

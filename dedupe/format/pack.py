@@ -1,0 +1,61 @@
+"""Pack layout (docs/FORMAT.md section 6): magic, sealed blobs, sealed trailer, footer."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from dedupe.errors import IntegrityError, TruncatedObject
+
+PACK_MAGIC = b"DDPACK01"
+FOOTER_MAGIC = b"DDPKEND1"
+WRAPPED_KEY_SIZE = 80
+_FOOTER = struct.Struct(f"<I{WRAPPED_KEY_SIZE}sI8s")
+FOOTER_SIZE = _FOOTER.size  # 96
+TRAILER_AAD = b"dedupe-pack-trailer v1"
+MAX_PACK_SIZE = (1 << 32) - 1
+
+# First byte of a blob's plaintext.
+COMPRESSION_NONE = 0
+COMPRESSION_ZSTD = 1
+
+_ENTRY = struct.Struct("<32sIII")  # chunk_id, offset, stored_length, raw_length
+
+
+@dataclass(frozen=True, slots=True)
+class PackEntry:
+    chunk_id: bytes
+    offset: int
+    stored_length: int
+    raw_length: int
+
+
+def encode_trailer(entries: list[PackEntry]) -> bytes:
+    parts = [struct.pack("<I", len(entries))]
+    parts += [_ENTRY.pack(e.chunk_id, e.offset, e.stored_length, e.raw_length) for e in entries]
+    return b"".join(parts)
+
+
+def decode_trailer(plain: bytes, what: str) -> list[PackEntry]:
+    if len(plain) < 4:
+        raise IntegrityError(f"{what}: trailer is empty")
+    (count,) = struct.unpack_from("<I", plain)
+    if len(plain) != 4 + count * _ENTRY.size:
+        raise IntegrityError(f"{what}: trailer length does not match its entry count")
+    return [PackEntry(*t) for t in _ENTRY.iter_unpack(memoryview(plain)[4:])]
+
+
+def encode_footer(epoch: int, wrapped_key: bytes, trailer_length: int) -> bytes:
+    return _FOOTER.pack(epoch, wrapped_key, trailer_length, FOOTER_MAGIC)
+
+
+def decode_footer(pack_length: int, footer: bytes, what: str) -> tuple[int, bytes, int]:
+    """-> (epoch, wrapped_key, trailer_length)."""
+    if len(footer) != FOOTER_SIZE or pack_length < len(PACK_MAGIC) + FOOTER_SIZE:
+        raise TruncatedObject(f"{what} is too short to be a pack ({pack_length} bytes)")
+    epoch, wrapped, trailer_length, magic = _FOOTER.unpack(footer)
+    if magic != FOOTER_MAGIC:
+        raise TruncatedObject(f"{what} has no pack footer: it is truncated or damaged")
+    if trailer_length > pack_length - FOOTER_SIZE - len(PACK_MAGIC):
+        raise IntegrityError(f"{what}: footer names a trailer longer than the pack")
+    return epoch, wrapped, trailer_length

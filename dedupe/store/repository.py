@@ -1,0 +1,320 @@
+"""RepositoryStore: a repository's objects on a backend, opened with a key.
+
+It owns the config, the opened keys and epochs, the in-memory chunk index and the cache of
+unwrapped pack keys, and it reads and writes packs, index objects and manifests in the
+order docs/FORMAT.md section 9 requires. It runs no pipelines: the engine does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from datetime import UTC, datetime
+from typing import Any
+
+import zstandard
+
+from dedupe.backends import Backend
+from dedupe.chunking import DEFAULT_PARAMS, ChunkerParams, gear_table
+from dedupe.crypto import (
+    EpochKeys,
+    KdfParams,
+    RepositoryKeys,
+    create_key_file,
+    mac_hex,
+    new_epoch,
+    new_key,
+    open_key_file,
+    open_sealed,
+    read_epoch_record,
+    seal,
+    verify_mac,
+)
+from dedupe.errors import (
+    GenerationNotFound,
+    IntegrityError,
+    MissingObject,
+    RepositoryExists,
+    RepositoryNotFound,
+    UnsupportedFormat,
+    WrongPassphrase,
+)
+from dedupe.format.config import (
+    DEFAULT_COMPRESSION_LEVEL,
+    DEFAULT_PACK_SIZE,
+    new_config,
+    parse_config,
+)
+from dedupe.format.index import INDEX_AAD, INDEX_MAGIC, IndexEntry, PackRecord, decode_index, encode_index
+from dedupe.format.manifest import (
+    BODY_AAD_PREFIX,
+    HEADER_AAD,
+    HEADER_PROBE,
+    decode_body,
+    encode_body,
+    encode_manifest,
+    header_span,
+    split_manifest,
+)
+from dedupe.hashing import ChunkHasher, object_id
+from dedupe.store.blobs import BlobCodec
+from dedupe.store.index import ChunkIndex
+
+MIN_PACK_SIZE = 4096  # tests shrink packs to a few KiB so small inputs make many packs
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def pack_name(pack_id: bytes) -> str:
+    h = pack_id.hex()
+    return f"packs/{h[:2]}/{h}"
+
+
+class RepositoryStore:
+    def __init__(
+        self,
+        backend: Backend,
+        config: dict[str, Any],
+        keys: RepositoryKeys,
+        epochs: dict[int, EpochKeys],
+    ) -> None:
+        self.backend = backend
+        self.config = config
+        self.keys = keys
+        self.epochs = epochs
+        self.repository_id = bytes.fromhex(config["id"])
+        self.hasher = ChunkHasher(keys.id_key)
+        self.chunker_params = ChunkerParams.from_dict(config["chunker"])
+        self.gear = gear_table(keys.chunker_key)
+        self.pack_size = int(config["pack_size"])
+        self.codec = BlobCodec(int(config["compression"]["level"]), self.hasher)
+        self.index = ChunkIndex()
+        self._loaded_index_objects: set[str] = set()
+        self._pack_keys: dict[int, bytes] = {}
+
+    @property
+    def current_epoch(self) -> EpochKeys:
+        return self.epochs[max(self.epochs)]
+
+    # --- creating and opening -----------------------------------------------------------------
+
+    @classmethod
+    async def create(
+        cls,
+        backend: Backend,
+        passphrase: bytes,
+        *,
+        chunker: ChunkerParams | None = None,
+        pack_size: int = DEFAULT_PACK_SIZE,
+        compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+        kdf: KdfParams | None = None,
+    ) -> RepositoryStore:
+        if pack_size < MIN_PACK_SIZE:
+            raise ValueError(f"pack_size must be at least {MIN_PACK_SIZE} bytes")
+        if not 1 <= compression_level <= 22:
+            raise ValueError("compression_level must be within 1..22 (zstd levels)")
+        if await backend.exists("config"):
+            raise RepositoryExists(
+                f"a repository already exists at {backend.location}",
+                hint="choose another location, or use the existing repository",
+            )
+        keys = RepositoryKeys.generate()
+        repository_id = os.urandom(32)
+        config = new_config(
+            repository_id,
+            utc_now(),
+            (chunker or DEFAULT_PARAMS).to_dict(),
+            pack_size,
+            compression_level,
+        )
+        config["mac"] = mac_hex(keys.meta_key, config)
+        assert keys.epoch_master is not None
+        record, epoch = new_epoch(1, keys.epoch_master, keys.meta_key)
+        key_file = await asyncio.to_thread(
+            create_key_file, keys, repository_id, passphrase, "default", kdf
+        )
+        # The config is written last: until it exists there is no repository here.
+        await backend.put("keys/default", key_file)
+        await backend.put("epochs/00000001", json.dumps(record, indent=2).encode())
+        await backend.put("config", json.dumps(config, indent=2).encode() + b"\n")
+        return cls(backend, config, keys, {1: epoch})
+
+    @classmethod
+    async def open(cls, backend: Backend, passphrase: bytes) -> RepositoryStore:
+        try:
+            raw_config = await backend.get("config")
+        except MissingObject:
+            raise RepositoryNotFound(
+                f"no dedupe repository at {backend.location}",
+                hint="check -r/--repo or DEDUPE_REPO, or create one with 'dedupe init'",
+            ) from None
+        config = parse_config(raw_config)
+        repository_id = bytes.fromhex(config["id"])
+        key_names = sorted(await backend.list("keys/"))
+        if not key_names:
+            raise IntegrityError("the repository has no key files: it cannot be opened")
+        keys = None
+        for name in key_names:
+            data = await backend.get(name)
+            try:
+                keys = await asyncio.to_thread(open_key_file, data, repository_id, passphrase)
+                break
+            except WrongPassphrase:
+                continue
+        if keys is None:
+            raise WrongPassphrase(
+                "wrong passphrase: no key file of this repository opens with it",
+                hint="check DEDUPE_PASSWORD / DEDUPE_PASSWORD_FILE / DEDUPE_PASSWORD_COMMAND",
+            )
+        if not verify_mac(keys.meta_key, config):
+            raise IntegrityError(
+                "the repository config failed its MAC: it was damaged or tampered with"
+            )
+        epochs = {}
+        for name in sorted(await backend.list("epochs/")):
+            try:
+                record = json.loads(await backend.get(name))
+            except ValueError:
+                raise IntegrityError(f"epoch record {name} is not valid JSON") from None
+            epoch = read_epoch_record(record, keys.meta_key, keys.epoch_master)
+            epochs[epoch.number] = epoch
+        if not epochs:
+            raise IntegrityError("the repository has no key epochs: it cannot be used")
+        store = cls(backend, config, keys, epochs)
+        await store.refresh_index()
+        return store
+
+    # --- index ---------------------------------------------------------------------------------
+
+    async def refresh_index(self) -> int:
+        """Load index objects written since the last refresh (by us or by concurrent
+        backups); returns how many were loaded."""
+        names = [n for n in await self.backend.list("index/") if n not in self._loaded_index_objects]
+        if not names:
+            return 0
+        sem = asyncio.Semaphore(8)
+
+        async def load(name: str) -> tuple[str, list[PackRecord], list[tuple[bytes, int, int, int, int]]]:
+            async with sem:
+                data = await self.backend.get(name)
+            packs, entries = await asyncio.to_thread(self._decode_index_object, name, data)
+            return name, packs, entries
+
+        for name, packs, entries in await asyncio.gather(*(load(n) for n in names)):
+            self.index.add(packs, entries)
+            self._loaded_index_objects.add(name)
+        return len(names)
+
+    def _decode_index_object(
+        self, name: str, data: bytes
+    ) -> tuple[list[PackRecord], list[tuple[bytes, int, int, int, int]]]:
+        if object_id(data) != name.rsplit("/", 1)[-1]:
+            raise IntegrityError(f"index object {name} does not match its name: it is damaged")
+        if data[:8] != INDEX_MAGIC:
+            raise UnsupportedFormat(f"index object {name} has an unknown magic")
+        plain = open_sealed(self.keys.meta_key, data[8:], INDEX_AAD, f"index object {name}")
+        return decode_index(zstandard.ZstdDecompressor().decompress(plain), f"index object {name}")
+
+    async def write_index(self, packs: list[PackRecord], entries: list[IndexEntry]) -> str:
+        def encode() -> bytes:
+            plain = zstandard.ZstdCompressor(level=3).compress(encode_index(packs, entries))
+            return INDEX_MAGIC + seal(self.keys.meta_key, plain, INDEX_AAD)
+
+        data = await asyncio.to_thread(encode)
+        name = f"index/{object_id(data)}"
+        await self.backend.put(name, data)
+        self._loaded_index_objects.add(name)
+        self.index.add(packs, [(e.chunk_id, e.pack_no, e.offset, e.stored_length, e.raw_length) for e in entries])
+        return name
+
+    def pack_key(self, pack_no: int) -> bytes:
+        """The data key of a pack, unwrapped once and cached."""
+        key = self._pack_keys.get(pack_no)
+        if key is None:
+            record = self.index.packs[pack_no]
+            epoch = self.epochs.get(record.epoch)
+            if epoch is None:
+                raise IntegrityError(
+                    f"pack {record.pack_id.hex()} names key epoch {record.epoch}, which this "
+                    "repository does not have"
+                )
+            key = self._pack_keys[pack_no] = epoch.unwrap(record.wrapped_key)
+        return key
+
+    # --- packs ---------------------------------------------------------------------------------
+
+    async def write_pack(self, data: bytes) -> bytes:
+        pack_id = bytes.fromhex(await asyncio.to_thread(object_id, data))
+        await self.backend.put(pack_name(pack_id), data)
+        return pack_id
+
+    async def read_pack_range(self, pack_no: int, offset: int, length: int) -> bytes:
+        return await self.backend.get(pack_name(self.index.packs[pack_no].pack_id), offset, length)
+
+    # --- manifests -----------------------------------------------------------------------------
+
+    async def write_manifest(
+        self, header: dict[str, Any], meta: dict[str, Any], chunk_table: bytes
+    ) -> str:
+        """Seal and store a manifest: the commit point of a backup. Returns its id."""
+        epoch = self.current_epoch
+
+        def encode() -> bytes:
+            header_sealed = seal(self.keys.meta_key, json.dumps(header).encode(), HEADER_AAD)
+            data_key = new_key()
+            body = zstandard.ZstdCompressor(level=3).compress(encode_body(meta, chunk_table))
+            aad = BODY_AAD_PREFIX + bytes.fromhex(object_id(header_sealed))
+            return encode_manifest(header_sealed, epoch.number, epoch.wrap(data_key), seal(data_key, body, aad))
+
+        data = await asyncio.to_thread(encode)
+        gen_id = object_id(data)
+        await self.backend.put(f"generations/{gen_id}", data)
+        return gen_id
+
+    async def generation_ids(self) -> list[str]:
+        return [n.rsplit("/", 1)[-1] for n in await self.backend.list("generations/")]
+
+    async def read_manifest_header(self, gen_id: str) -> dict[str, Any]:
+        name = f"generations/{gen_id}"
+        size = await self._stat_generation(gen_id)
+        prefix = await self.backend.get(name, 0, min(size, HEADER_PROBE))
+        start, end = header_span(prefix, f"generation {gen_id}")
+        if end > len(prefix):
+            prefix = await self.backend.get(name, 0, end)
+        return self._open_header(prefix[start:end], gen_id)
+
+    async def read_manifest(self, gen_id: str) -> tuple[dict[str, Any], dict[str, Any], bytes]:
+        """-> (header, body meta, chunk table) of a generation, all authenticated."""
+        await self._stat_generation(gen_id)
+        data = await self.backend.get(f"generations/{gen_id}")
+        return await asyncio.to_thread(self._decode_manifest, gen_id, data)
+
+    async def _stat_generation(self, gen_id: str) -> int:
+        try:
+            return await self.backend.stat(f"generations/{gen_id}")
+        except MissingObject:
+            raise GenerationNotFound(f"generation {gen_id} does not exist") from None
+
+    def _open_header(self, sealed: bytes, gen_id: str) -> dict[str, Any]:
+        plain = open_sealed(self.keys.meta_key, sealed, HEADER_AAD, f"header of generation {gen_id}")
+        header: dict[str, Any] = json.loads(plain)
+        header["id"] = gen_id
+        return header
+
+    def _decode_manifest(self, gen_id: str, data: bytes) -> tuple[dict[str, Any], dict[str, Any], bytes]:
+        what = f"generation {gen_id}"
+        if object_id(data) != gen_id:
+            raise IntegrityError(f"{what} does not match its id: the manifest is damaged")
+        header_sealed, epoch_no, wrapped, body_sealed = split_manifest(data, what)
+        header = self._open_header(header_sealed, gen_id)
+        epoch = self.epochs.get(epoch_no)
+        if epoch is None:
+            raise IntegrityError(f"{what} names key epoch {epoch_no}, which is unknown")
+        data_key = epoch.unwrap(wrapped)
+        aad = BODY_AAD_PREFIX + bytes.fromhex(object_id(header_sealed))
+        body = zstandard.ZstdDecompressor().decompress(open_sealed(data_key, body_sealed, aad, what))
+        meta, table = decode_body(body, what)
+        return header, meta, table
