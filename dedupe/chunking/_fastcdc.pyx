@@ -1,0 +1,269 @@
+# cython: language_level=3
+"""Thin wrapper over csrc/fastcdc.c: owns the buffers, calls the kernel once per buffer
+without the GIL, and returns memoryview slices. Contracts are in csrc/fastcdc.h; the
+Python-visible API is typed in _fastcdc.pyi.
+
+feed() keeps the cut state of the chunk in progress (ddp_cdc_state), so no byte is hashed
+twice however the stream is split. bytes input is sliced in place: only the chunk that
+straddles the pending bytes and the new data (at most max_size bytes) is copied into a
+small joint buffer, scanned with a one-entry output, and the rest of the input is scanned
+in one kernel call. A chunker is not safe to feed from two threads at once."""
+
+from cpython.buffer cimport (
+    PyBUF_SIMPLE,
+    PyBUF_WRITABLE,
+    PyBuffer_FillInfo,
+    PyBuffer_Release,
+    PyObject_GetBuffer,
+)
+from cpython.ref cimport Py_REFCNT
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize
+from libc.stdint cimport uint8_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy
+
+
+cdef extern from "fastcdc.h" nogil:
+    ctypedef struct ddp_cdc_config:
+        size_t min_size
+        size_t avg_size
+        size_t max_size
+    ctypedef struct ddp_cdc_state:
+        size_t pos
+        uint64_t fp
+    int DDP_CDC_OK
+    unsigned DDP_CDC_GEAR_BYTES
+    int ddp_cdc_init(ddp_cdc_config *cfg, const uint8_t *gear_le, size_t min_size,
+                     size_t avg_size, size_t max_size, unsigned normalization)
+    void ddp_cdc_state_reset(ddp_cdc_state *st)
+    size_t ddp_cdc_scan(const ddp_cdc_config *cfg, ddp_cdc_state *st, const uint8_t *buf,
+                        size_t len, int eof, size_t *ends, size_t cap)
+    size_t ddp_cdc_max_chunks(const ddp_cdc_config *cfg, size_t len)
+
+
+cdef bytes _EMPTY = b""
+cdef Py_ssize_t _POOL_MAX = 4  # blocks a Chunker keeps for reuse between feed() calls
+
+
+cdef class _Block:
+    """Read-only copy of one feed() of a mutable buffer; chunks are memoryview slices of
+    it. A Chunker reuses a block only when nothing else refers to it (no chunk, no
+    memoryview, no .obj holder), so no one can see its bytes change. Reusing warm memory
+    instead of a fresh allocation per feed avoids page-faulting a few MiB of new pages
+    per feed, which cost more than the copy itself."""
+
+    cdef char *data
+    cdef Py_ssize_t size
+    cdef Py_ssize_t cap
+
+    def __dealloc__(self):
+        free(self.data)
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        if flags & PyBUF_WRITABLE:
+            raise BufferError("chunks are read-only")
+        PyBuffer_FillInfo(view, self, self.data, self.size, 1, flags)
+
+    def __len__(self):
+        return self.size
+
+
+cdef _Block _new_block(Py_ssize_t size):
+    cdef _Block b = _Block.__new__(_Block)
+    b.data = <char *>malloc(size if size > 0 else 1)
+    if b.data == NULL:
+        raise MemoryError()
+    b.cap = size
+    b.size = 0
+    return b
+
+
+cdef class Chunker:
+    """Streaming FastCDC 2020 chunker (native). See dedupe.chunking for the contract."""
+
+    cdef ddp_cdc_config _cfg
+    cdef ddp_cdc_state _st
+    cdef object _src             # bytes or _Block holding the pending stream bytes ...
+    cdef const char *_src_data   # ... at _src_data[_off:_src_len]
+    cdef Py_ssize_t _src_len
+    cdef Py_ssize_t _off
+    cdef list _pool              # _Blocks this chunker may reuse once unreferenced
+    cdef readonly object params
+
+    def __cinit__(self):
+        self._pool = []
+        self._drop_pending()
+
+    def __init__(self, params, gear):
+        cdef const uint8_t[::1] g = gear
+        if g.shape[0] != DDP_CDC_GEAR_BYTES:
+            raise ValueError(f"a gear table has {DDP_CDC_GEAR_BYTES} bytes, not {g.shape[0]}")
+        if ddp_cdc_init(&self._cfg, &g[0], params.min_size, params.avg_size,
+                        params.max_size, params.normalization) != DDP_CDC_OK:
+            raise ValueError(f"invalid chunker parameters: {params!r}")
+        self.params = params
+
+    cdef void _drop_pending(self):
+        self._src = _EMPTY
+        self._src_data = PyBytes_AS_STRING(_EMPTY)
+        self._src_len = 0
+        self._off = 0
+        ddp_cdc_state_reset(&self._st)
+
+    cdef list _cut(self, object owner, const char *data, Py_ssize_t start, Py_ssize_t length,
+                   int eof, ddp_cdc_state *st, Py_ssize_t *consumed):
+        """Chunks of data[start:length] (owned by owner; a chunk starts at start and st is
+        its progress), as memoryview slices of owner. Sets *consumed to the offset after
+        the last chunk returned."""
+        cdef const uint8_t *p = <const uint8_t *>data + start
+        cdef size_t n = <size_t>(length - start)
+        cdef size_t cap = ddp_cdc_max_chunks(&self._cfg, n)
+        cdef size_t guess = n // (self._cfg.avg_size // 2) + 16
+        cdef size_t total = 0, got, base = 0, k
+        cdef size_t *ends
+        cdef size_t *grown
+        cdef bint oom = False
+        if guess < cap:
+            cap = guess
+        ends = <size_t *>malloc(cap * sizeof(size_t))
+        if ends == NULL:
+            raise MemoryError()
+        try:
+            with nogil:
+                while True:
+                    got = ddp_cdc_scan(&self._cfg, st, p + base, n - base, eof,
+                                       ends + total, cap - total)
+                    for k in range(total, total + got):
+                        ends[k] += base
+                    total += got
+                    if total < cap:
+                        break
+                    # Output full: go on from the last cut with a larger array.
+                    base = ends[total - 1]
+                    grown = <size_t *>realloc(ends, 2 * cap * sizeof(size_t))
+                    if grown == NULL:
+                        oom = True
+                        break
+                    ends = grown
+                    cap *= 2
+            if oom:
+                raise MemoryError()
+            out = []
+            if total:
+                mv = memoryview(owner)
+                base = <size_t>start
+                for k in range(total):
+                    out.append(mv[base:start + ends[k]])
+                    base = start + ends[k]
+                consumed[0] = <Py_ssize_t>base
+            else:
+                consumed[0] = start
+            return out
+        finally:
+            free(ends)
+
+    cdef _Block _block(self, Py_ssize_t size):
+        """A block of at least size bytes that no one but the pool refers to."""
+        cdef _Block b
+        cdef char *grown
+        for b in self._pool:
+            # References: the pool's and the loop variable's. More means a chunk, a
+            # memoryview or the pending stream still uses it.
+            if Py_REFCNT(b) == 2:
+                if b.cap < size:
+                    grown = <char *>realloc(b.data, size)
+                    if grown == NULL:
+                        raise MemoryError()
+                    b.data = grown
+                    b.cap = size
+                return b
+        b = _new_block(size)
+        self._pool.append(b)
+        if len(self._pool) > _POOL_MAX:
+            del self._pool[0]  # lives on while its chunks do, then is freed
+        return b
+
+    def feed(self, data):
+        """Add bytes of the stream; return the chunks they complete (final cut points)."""
+        cdef Py_buffer view
+        cdef Py_ssize_t pending = self._src_len - self._off
+        cdef Py_ssize_t length, take, consumed, start
+        cdef object src
+        cdef const char *src_data
+        cdef _Block blk
+        cdef bytes joint
+        cdef size_t end, found
+        cdef const uint8_t *jp
+        cdef list out = []
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            length = view.len
+            if length == 0:
+                return out
+            if PyBytes_CheckExact(data):
+                # Immutable already: chunks are slices of the caller's bytes, no copy.
+                src = data
+                src_data = PyBytes_AS_STRING(data)
+            else:
+                # A mutable buffer is copied once, into a block that is never written
+                # again while anything refers to it.
+                blk = self._block(length)
+                memcpy(blk.data, view.buf, length)
+                blk.size = length
+                src = blk
+                src_data = blk.data
+        finally:
+            PyBuffer_Release(&view)
+
+        if pending:
+            # The chunk that straddles the pending bytes and the new data ends at most
+            # max_size bytes after its start: join just that much (at most max_size
+            # bytes copied per feed) and find its end, resuming the hash where the
+            # previous feed stopped. Every later chunk is a slice of src.
+            take = <Py_ssize_t>self._cfg.max_size - pending
+            if take > length:
+                take = length
+            joint = PyBytes_FromStringAndSize(NULL, pending + take)
+            memcpy(PyBytes_AS_STRING(joint), self._src_data + self._off, pending)
+            memcpy(PyBytes_AS_STRING(joint) + pending, src_data, take)
+            jp = <const uint8_t *>PyBytes_AS_STRING(joint)
+            with nogil:
+                found = ddp_cdc_scan(&self._cfg, &self._st, jp, <size_t>(pending + take), 0,
+                                     &end, 1)
+            if found == 0:
+                # No cut yet: the chunk is still shorter than max_size, so take == length
+                # and all of the joined bytes stay pending (self._st has the progress).
+                self._src = joint
+                self._src_data = PyBytes_AS_STRING(joint)
+                self._src_len = pending + take
+                self._off = 0
+                return out
+            out.append(memoryview(joint)[:end])
+            start = <Py_ssize_t>end - pending
+        else:
+            start = 0
+        out += self._cut(src, src_data, start, length, 0, &self._st, &consumed)
+        self._src = src
+        self._src_data = src_data
+        self._src_len = length
+        self._off = consumed
+        return out
+
+    def finish(self):
+        """End of stream: the final chunk, if any bytes are left. Resets for a new stream
+        and lets go of the buffers kept for reuse."""
+        cdef Py_ssize_t consumed
+        out = self._cut(self._src, self._src_data, self._off, self._src_len, 1, &self._st,
+                        &consumed)
+        self._drop_pending()
+        self._pool = []
+        return out
+
+    def chunk_all(self, data):
+        """All chunks of data as one complete stream, in one kernel call; does not touch
+        the stream fed through feed(). bytes input is not copied; other buffers once."""
+        cdef ddp_cdc_state st
+        cdef Py_ssize_t consumed
+        cdef bytes buf = <bytes>data if PyBytes_CheckExact(data) else bytes(data)
+        ddp_cdc_state_reset(&st)
+        return self._cut(buf, PyBytes_AS_STRING(buf), 0, len(buf), 1, &st, &consumed)
