@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
@@ -64,10 +63,12 @@ def progress_bar(enabled: bool, label: str) -> Iterator[Callable[[Progress], Non
     from rich.progress import (
         BarColumn,
         DownloadColumn,
-        Progress as Bar,
         TextColumn,
         TimeRemainingColumn,
         TransferSpeedColumn,
+    )
+    from rich.progress import (
+        Progress as Bar,
     )
 
     bar = Bar(
@@ -100,8 +101,12 @@ def handle_errors(fn: Callable[..., None]) -> Callable[..., None]:
         except DedupeError as e:
             if as_json:
                 emit_json(
-                    {"error": type(e).__name__, "message": e.message, "hint": e.hint,
-                     "exit_code": e.exit_code},
+                    {
+                        "error": type(e).__name__,
+                        "message": e.message,
+                        "hint": e.hint,
+                        "exit_code": e.exit_code,
+                    },
                     sys.stderr,
                 )
             else:
@@ -146,20 +151,55 @@ def cli(ctx: click.Context, repo: str | None) -> None:
 
 
 @cli.command()
-@click.option("--chunk-min", type=int, default=DEFAULT_PARAMS.min_size, show_default=True,
-              help="FastCDC minimum chunk size in bytes.")
-@click.option("--chunk-avg", type=int, default=DEFAULT_PARAMS.avg_size, show_default=True,
-              help="FastCDC average chunk size in bytes (a power of two).")
-@click.option("--chunk-max", type=int, default=DEFAULT_PARAMS.max_size, show_default=True,
-              help="FastCDC maximum chunk size in bytes.")
-@click.option("--pack-size", type=int, default=DEFAULT_PACK_SIZE // MiB, show_default=True,
-              help="Target pack size in MiB.")
-@click.option("--compression-level", type=click.IntRange(1, 22),
-              default=DEFAULT_COMPRESSION_LEVEL, show_default=True, help="zstd level.")
-@click.option("--kdf-memlimit", type=int, default=KdfParams().memlimit // MiB, show_default=True,
-              help="Argon2id memory in MiB for the key file.")
-@click.option("--kdf-opslimit", type=int, default=KdfParams().opslimit, show_default=True,
-              help="Argon2id passes for the key file.")
+@click.option(
+    "--chunk-min",
+    type=int,
+    default=DEFAULT_PARAMS.min_size,
+    show_default=True,
+    help="FastCDC minimum chunk size in bytes.",
+)
+@click.option(
+    "--chunk-avg",
+    type=int,
+    default=DEFAULT_PARAMS.avg_size,
+    show_default=True,
+    help="FastCDC average chunk size in bytes (a power of two).",
+)
+@click.option(
+    "--chunk-max",
+    type=int,
+    default=DEFAULT_PARAMS.max_size,
+    show_default=True,
+    help="FastCDC maximum chunk size in bytes.",
+)
+@click.option(
+    "--pack-size",
+    type=int,
+    default=DEFAULT_PACK_SIZE // MiB,
+    show_default=True,
+    help="Target pack size in MiB.",
+)
+@click.option(
+    "--compression-level",
+    type=click.IntRange(1, 22),
+    default=DEFAULT_COMPRESSION_LEVEL,
+    show_default=True,
+    help="zstd level.",
+)
+@click.option(
+    "--kdf-memlimit",
+    type=int,
+    default=KdfParams().memlimit // MiB,
+    show_default=True,
+    help="Argon2id memory in MiB for the key file.",
+)
+@click.option(
+    "--kdf-opslimit",
+    type=int,
+    default=KdfParams().opslimit,
+    show_default=True,
+    help="Argon2id passes for the key file.",
+)
 @json_option
 @click.pass_context
 @handle_errors
@@ -257,13 +297,20 @@ def generations(ctx: click.Context, name: str | None, as_json: bool) -> None:
 
     table = Table(box=None)
     for col in ("id", "name", "type", "parent", "created", "size", "new stored", "dedupe"):
-        table.add_column(col, justify="right" if col in ("size", "new stored", "dedupe") else "left")
+        table.add_column(
+            col, justify="right" if col in ("size", "new stored", "dedupe") else "left"
+        )
     for g in gens:
         ratio = f"{g['dedupe_ratio']:.1f}x" if g["dedupe_ratio"] is not None else "all dup"
         table.add_row(
-            g["id"][:12], g["name"], g["kind"], (g["parent"] or "-")[:12],
-            g["created"][:19].replace("T", " "), human_bytes(g["size"]),
-            human_bytes(g["stored_bytes"]), ratio,
+            g["id"][:12],
+            g["name"],
+            g["kind"],
+            (g["parent"] or "-")[:12],
+            g["created"][:19].replace("T", " "),
+            human_bytes(g["size"]),
+            human_bytes(g["stored_bytes"]),
+            ratio,
         )
     Console().print(table)
 

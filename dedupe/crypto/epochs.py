@@ -61,7 +61,9 @@ def _b64(b: bytes) -> str:
     return base64.b64encode(b).decode()
 
 
-def new_epoch(number: int, epoch_master: bytes, meta_key: bytes) -> tuple[dict[str, Any], EpochKeys]:
+def new_epoch(
+    number: int, epoch_master: bytes, meta_key: bytes
+) -> tuple[dict[str, Any], EpochKeys]:
     """A fresh key pair and its JSON record (docs/FORMAT.md 4.3)."""
     sk = PrivateKey.generate()
     secret, public = bytes(sk), bytes(sk.public_key)

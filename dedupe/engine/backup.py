@@ -26,11 +26,11 @@ from typing import Any, TypeVar
 
 from dedupe._types import BackupStats, Progress, ProgressCallback
 from dedupe.chunking import Chunker
+from dedupe.engine.stages import run_stages
 from dedupe.format.index import IndexEntry, PackRecord
 from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.store import FinishedPack, PackWriter, RepositoryStore
 from dedupe.store.repository import utc_now
-from dedupe.engine.stages import run_stages
 
 T = TypeVar("T")
 

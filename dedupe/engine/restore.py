@@ -14,14 +14,16 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
-from typing import BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from dedupe.errors import IntegrityError, MissingObject, TargetError
 from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.hashing import StreamDigest
 from dedupe.store import RepositoryStore
+
+T = TypeVar("T")
 
 WINDOW_BYTES = 16 * 1024 * 1024
 COALESCE_GAP = 256 * 1024
@@ -99,7 +101,10 @@ async def restore_chunks(
                     hint="the repository lost data; run 'dedupe verify' to see what is affected",
                 )
             by_pack.setdefault(loc.pack_no, {})[chunk_id] = (
-                chunk_id, loc.offset, loc.stored_length, loc.raw_length
+                chunk_id,
+                loc.offset,
+                loc.stored_length,
+                loc.raw_length,
             )
         jobs = [
             fetch(pack_no, start, end, group)
@@ -146,6 +151,18 @@ def _check_digest(digest: StreamDigest, expected: str, gen_id: str) -> None:
         )
 
 
+async def _finish_in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run fn on a thread; if we are cancelled meanwhile, wait for the thread to finish
+    before re-raising. Cancelling only stops the *wait*: a write still running when the
+    caller closes its descriptor would land in whatever file reuses the number."""
+    job = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        await asyncio.wait([job])
+        raise
+
+
 def _write_all(fd: int, parts: list[bytes]) -> int:
     total = 0
     for part in parts:
@@ -167,7 +184,9 @@ async def write_to_path(
         raise TargetError(f"{path} is a directory; give a file name to restore into")
     if os.path.exists(path) and not overwrite:
         raise TargetError(f"{path} exists; remove it or choose another target")
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.dedupe-{secrets.token_hex(4)}")
+    tmp = os.path.join(
+        os.path.dirname(path), f".{os.path.basename(path)}.dedupe-{secrets.token_hex(4)}"
+    )
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as e:
@@ -176,8 +195,8 @@ async def write_to_path(
     try:
         try:
             async for parts in stream:
-                written += await asyncio.to_thread(_write_all, fd, parts)
-            await asyncio.to_thread(os.fsync, fd)
+                written += await _finish_in_thread(_write_all, fd, parts)
+            await _finish_in_thread(os.fsync, fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -208,8 +227,8 @@ async def write_to_fileobj(stream: AsyncIterator[list[bytes]], f: BinaryIO) -> i
     written = 0
     try:
         async for parts in stream:
-            written += await asyncio.to_thread(write, parts)
-        await asyncio.to_thread(f.flush)
+            written += await _finish_in_thread(write, parts)
+        await _finish_in_thread(f.flush)
     except BrokenPipeError:
         raise TargetError("the reader of the restored stream went away (broken pipe)") from None
     except OSError as e:

@@ -20,9 +20,9 @@ def iter_source(source: Source, read_size: int = READ_SIZE) -> AsyncIterator[byt
     if isinstance(source, str | os.PathLike):
         return _iter_path(os.fspath(source), read_size)
     if hasattr(source, "__aiter__"):
-        return _iter_async(source)  # type: ignore[arg-type]
+        return _iter_async(source)
     if hasattr(source, "read"):
-        return _iter_fileobj(source, read_size)  # type: ignore[arg-type]
+        return _iter_fileobj(source, read_size)
     raise TypeError(
         "source must be a path, a binary file object or an async iterable of bytes, "
         f"not {type(source).__name__}"

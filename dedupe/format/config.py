@@ -9,7 +9,7 @@ from dedupe.errors import IntegrityError, UnsupportedFormat
 
 FORMAT_VERSION = 1
 DEFAULT_PACK_SIZE = 16 * 1024 * 1024
-DEFAULT_COMPRESSION_LEVEL = 3
+DEFAULT_COMPRESSION_LEVEL = 1
 
 
 def new_config(

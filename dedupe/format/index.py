@@ -37,13 +37,14 @@ def encode_index(packs: list[PackRecord], entries: list[IndexEntry]) -> bytes:
     parts += [_PACK.pack(p.pack_id, p.epoch, p.wrapped_key, p.length) for p in packs]
     parts.append(_COUNT.pack(len(entries)))
     parts += [
-        _ENTRY.pack(e.chunk_id, e.pack_no, e.offset, e.stored_length, e.raw_length)
-        for e in entries
+        _ENTRY.pack(e.chunk_id, e.pack_no, e.offset, e.stored_length, e.raw_length) for e in entries
     ]
     return b"".join(parts)
 
 
-def decode_index(plain: bytes, what: str) -> tuple[list[PackRecord], list[tuple[bytes, int, int, int, int]]]:
+def decode_index(
+    plain: bytes, what: str
+) -> tuple[list[PackRecord], list[tuple[bytes, int, int, int, int]]]:
     """-> (pack table, entries as tuples in IndexEntry field order); tuples keep loading fast."""
     mv = memoryview(plain)
     try:
@@ -58,7 +59,7 @@ def decode_index(plain: bytes, what: str) -> tuple[list[PackRecord], list[tuple[
         entries = list(_ENTRY.iter_unpack(mv[pos:]))
     except struct.error as e:
         raise IntegrityError(f"{what} is malformed: {e}") from None
-    for e in entries:
-        if e[1] >= n_packs:
-            raise IntegrityError(f"{what}: an entry names pack {e[1]} of {n_packs}")
+    highest = max((entry[1] for entry in entries), default=-1)
+    if highest >= n_packs:
+        raise IntegrityError(f"{what}: an entry names pack {highest} of {n_packs}")
     return packs, entries

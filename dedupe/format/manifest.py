@@ -20,7 +20,9 @@ HEADER_PROBE = 64 * 1024
 CHUNK_RECORD = struct.Struct("<32sI")
 
 
-def encode_manifest(header_sealed: bytes, epoch: int, wrapped_key: bytes, body_sealed: bytes) -> bytes:
+def encode_manifest(
+    header_sealed: bytes, epoch: int, wrapped_key: bytes, body_sealed: bytes
+) -> bytes:
     return b"".join(
         [
             GEN_MAGIC,

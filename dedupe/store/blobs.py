@@ -46,7 +46,9 @@ class BlobCodec:
             out.append(_ZSTD + z if len(z) < len(c) else _RAW + bytes(c))
         return out
 
-    def open(self, key: bytes, chunk_id: bytes, sealed: bytes | memoryview, raw_length: int) -> bytes:
+    def open(
+        self, key: bytes, chunk_id: bytes, sealed: bytes | memoryview, raw_length: int
+    ) -> bytes:
         """The chunk's bytes, checked twice: AEAD under its id, then its keyed BLAKE3."""
         what = f"chunk {chunk_id.hex()[:16]}"
         plain = open_sealed(key, sealed, chunk_id, what)

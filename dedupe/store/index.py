@@ -40,9 +40,7 @@ class ChunkIndex:
             self.packs.append(record)
         return n
 
-    def add(
-        self, packs: list[PackRecord], entries: list[tuple[bytes, int, int, int, int]]
-    ) -> None:
+    def add(self, packs: list[PackRecord], entries: list[tuple[bytes, int, int, int, int]]) -> None:
         """Add one index object's content; pack numbers are local to the object."""
         numbers = [self.pack_number(p) for p in packs]
         table = self._entries

@@ -15,7 +15,7 @@ from typing import Any
 
 import zstandard
 
-from dedupe.backends import Backend
+from dedupe.backends.base import Backend
 from dedupe.chunking import DEFAULT_PARAMS, ChunkerParams, gear_table
 from dedupe.crypto import (
     EpochKeys,
@@ -46,7 +46,14 @@ from dedupe.format.config import (
     new_config,
     parse_config,
 )
-from dedupe.format.index import INDEX_AAD, INDEX_MAGIC, IndexEntry, PackRecord, decode_index, encode_index
+from dedupe.format.index import (
+    INDEX_AAD,
+    INDEX_MAGIC,
+    IndexEntry,
+    PackRecord,
+    decode_index,
+    encode_index,
+)
 from dedupe.format.manifest import (
     BODY_AAD_PREFIX,
     HEADER_AAD,
@@ -192,12 +199,16 @@ class RepositoryStore:
     async def refresh_index(self) -> int:
         """Load index objects written since the last refresh (by us or by concurrent
         backups); returns how many were loaded."""
-        names = [n for n in await self.backend.list("index/") if n not in self._loaded_index_objects]
+        names = [
+            n for n in await self.backend.list("index/") if n not in self._loaded_index_objects
+        ]
         if not names:
             return 0
         sem = asyncio.Semaphore(8)
 
-        async def load(name: str) -> tuple[str, list[PackRecord], list[tuple[bytes, int, int, int, int]]]:
+        async def load(
+            name: str,
+        ) -> tuple[str, list[PackRecord], list[tuple[bytes, int, int, int, int]]]:
             async with sem:
                 data = await self.backend.get(name)
             packs, entries = await asyncio.to_thread(self._decode_index_object, name, data)
@@ -227,7 +238,10 @@ class RepositoryStore:
         name = f"index/{object_id(data)}"
         await self.backend.put(name, data)
         self._loaded_index_objects.add(name)
-        self.index.add(packs, [(e.chunk_id, e.pack_no, e.offset, e.stored_length, e.raw_length) for e in entries])
+        self.index.add(
+            packs,
+            [(e.chunk_id, e.pack_no, e.offset, e.stored_length, e.raw_length) for e in entries],
+        )
         return name
 
     def pack_key(self, pack_no: int) -> bytes:
@@ -267,7 +281,9 @@ class RepositoryStore:
             data_key = new_key()
             body = zstandard.ZstdCompressor(level=3).compress(encode_body(meta, chunk_table))
             aad = BODY_AAD_PREFIX + bytes.fromhex(object_id(header_sealed))
-            return encode_manifest(header_sealed, epoch.number, epoch.wrap(data_key), seal(data_key, body, aad))
+            return encode_manifest(
+                header_sealed, epoch.number, epoch.wrap(data_key), seal(data_key, body, aad)
+            )
 
         data = await asyncio.to_thread(encode)
         gen_id = object_id(data)
@@ -299,12 +315,16 @@ class RepositoryStore:
             raise GenerationNotFound(f"generation {gen_id} does not exist") from None
 
     def _open_header(self, sealed: bytes, gen_id: str) -> dict[str, Any]:
-        plain = open_sealed(self.keys.meta_key, sealed, HEADER_AAD, f"header of generation {gen_id}")
+        plain = open_sealed(
+            self.keys.meta_key, sealed, HEADER_AAD, f"header of generation {gen_id}"
+        )
         header: dict[str, Any] = json.loads(plain)
         header["id"] = gen_id
         return header
 
-    def _decode_manifest(self, gen_id: str, data: bytes) -> tuple[dict[str, Any], dict[str, Any], bytes]:
+    def _decode_manifest(
+        self, gen_id: str, data: bytes
+    ) -> tuple[dict[str, Any], dict[str, Any], bytes]:
         what = f"generation {gen_id}"
         if object_id(data) != gen_id:
             raise IntegrityError(f"{what} does not match its id: the manifest is damaged")
@@ -315,6 +335,8 @@ class RepositoryStore:
             raise IntegrityError(f"{what} names key epoch {epoch_no}, which is unknown")
         data_key = epoch.unwrap(wrapped)
         aad = BODY_AAD_PREFIX + bytes.fromhex(object_id(header_sealed))
-        body = zstandard.ZstdDecompressor().decompress(open_sealed(data_key, body_sealed, aad, what))
+        body = zstandard.ZstdDecompressor().decompress(
+            open_sealed(data_key, body_sealed, aad, what)
+        )
         meta, table = decode_body(body, what)
         return header, meta, table

@@ -1,0 +1,49 @@
+# Two entry points for a fresh Debian machine with Python 3.11+ and a C compiler:
+#   make demo   virtualenv, install, back up a sample SQLite database, restore and compare
+#   make test   virtualenv, install, lint, type-check, run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+DEMO   ?= .demo
+# The shared snapshot generator sits beside this checkout; a small stdlib fallback
+# stands in where it does not.
+GEN_SNAPSHOT ?= ../shared/data/gen_snapshot.py
+DEMO_SIZE ?= 64MiB
+PYTEST_ARGS ?= -m "not slow"
+
+SOURCES := $(shell find dedupe csrc -name '*.py' -o -name '*.pyx' -o -name '*.pyi' -o -name '*.c' -o -name '*.h') pyproject.toml setup.py
+
+.PHONY: demo test test-all lint clean venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: $(SOURCES)
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "dedupe needs Python 3.11+"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q ".[test]"
+	@touch $@
+
+demo: venv
+	rm -rf $(DEMO) && mkdir -p $(DEMO)
+	@if [ -f "$(GEN_SNAPSHOT)" ]; then \
+	  echo "== making a $(DEMO_SIZE) SQLite database and one day of traffic on it"; \
+	  $(BIN)/python $(GEN_SNAPSHOT) sqlite --size $(DEMO_SIZE) --seed 1 $(DEMO)/day1.db && \
+	  $(BIN)/python $(GEN_SNAPSHOT) mutate --seed 2 $(DEMO)/day1.db $(DEMO)/day2.db; \
+	else \
+	  echo "== $(GEN_SNAPSHOT) not found: making a small sample database"; \
+	  $(BIN)/python bench/sample_db.py $(DEMO)/day1.db $(DEMO)/day2.db; \
+	fi
+	$(BIN)/python bench/demo.py --workdir $(DEMO)
+
+test: venv
+	$(BIN)/ruff check dedupe tests bench
+	$(BIN)/lint-imports
+	$(BIN)/mypy
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-all: PYTEST_ARGS =
+test-all: test
+
+clean:
+	rm -rf $(VENV) $(DEMO) build dist *.egg-info dedupe/chunking/_fastcdc.c dedupe/chunking/*.so

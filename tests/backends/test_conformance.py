@@ -1,0 +1,61 @@
+"""The Backend contract (dedupe/backends/base.py), run against every backend we have."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from dedupe.backends import Backend, LocalBackend
+from dedupe.errors import MissingObject, TruncatedObject
+
+
+@pytest.fixture(params=["local"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "local":
+        yield LocalBackend(tmp_path / "store")
+
+
+def test_put_get_ranges(run: Callable, backend: Backend) -> None:  # type: ignore[type-arg]
+    data = os.urandom(100_000)
+
+    async def go() -> None:
+        await backend.put("packs/ab/abcd", data)
+        assert await backend.get("packs/ab/abcd") == data
+        assert await backend.get("packs/ab/abcd", 10, 100) == data[10:110]
+        assert await backend.get("packs/ab/abcd", 99_000) == data[99_000:]
+        assert await backend.stat("packs/ab/abcd") == len(data)
+        with pytest.raises(TruncatedObject):
+            await backend.get("packs/ab/abcd", 99_990, 100)
+        with pytest.raises(MissingObject):
+            await backend.get("packs/ab/nope")
+        with pytest.raises(MissingObject):
+            await backend.stat("packs/ab/nope")
+        await backend.put("packs/ab/abcd", b"replaced")
+        assert await backend.get("packs/ab/abcd") == b"replaced"
+
+    run(go())
+
+
+def test_list_exists_delete(run: Callable, backend: Backend) -> None:  # type: ignore[type-arg]
+    async def go() -> None:
+        assert await backend.list("index/") == []
+        for name in ("index/1", "index/2", "packs/00/x", "config"):
+            await backend.put(name, name.encode())
+        assert sorted(await backend.list("index/")) == ["index/1", "index/2"]
+        assert sorted(await backend.list("packs/")) == ["packs/00/x"]
+        assert await backend.exists("config") and not await backend.exists("nope")
+        await backend.delete("index/1")
+        assert await backend.list("index/") == ["index/2"]
+        with pytest.raises(MissingObject):
+            await backend.delete("index/1")
+
+    run(go())
+
+
+def test_local_put_leaves_no_temp_files(run: Callable, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    backend = LocalBackend(tmp_path / "store")
+    run(backend.put("a/b", b"x" * 1000))
+    assert [p.name for p in (tmp_path / "store" / "a").iterdir()] == ["b"]

@@ -1,0 +1,135 @@
+"""Backup then restore gives back exactly the bytes, whatever the size, chunk parameters,
+source kind and target kind; and a second backup of the same bytes stores (almost) nothing."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from conftest import PASSPHRASE, make_repo
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dedupe import Repository
+from dedupe.chunking import ChunkerParams
+
+
+def _params() -> st.SearchStrategy[ChunkerParams]:
+    @st.composite
+    def build(draw: st.DrawFn) -> ChunkerParams:
+        avg_bits = draw(st.integers(min_value=9, max_value=16))
+        avg = 1 << avg_bits
+        min_size = draw(st.integers(min_value=64, max_value=avg - 1))
+        max_size = draw(st.integers(min_value=avg + 1, max_value=avg * 8))
+        return ChunkerParams(min_size, avg, max_size, draw(st.integers(0, 2)))
+
+    return build()
+
+
+def _interesting_size(params: ChunkerParams) -> st.SearchStrategy[int]:
+    edges = [
+        0,
+        1,
+        params.min_size - 1,
+        params.min_size,
+        params.min_size + 1,
+        params.avg_size,
+        params.max_size - 1,
+        params.max_size,
+        params.max_size + 1,
+        3 * params.max_size + 7,
+    ]
+    return st.one_of(st.sampled_from(edges), st.integers(0, 6 * 1024 * 1024))
+
+
+@st.composite
+def _case(draw: st.DrawFn) -> tuple[ChunkerParams, bytes]:
+    params = draw(_params())
+    size = draw(_interesting_size(params))
+    seed = draw(st.binary(min_size=8, max_size=8))
+    # Mixed content: repeated runs (which dedupe inside the stream) and random bytes.
+    block = (seed * 4096)[: 64 * 1024]
+    rnd = os.urandom(max(0, size // 2))
+    data = (rnd + block * (size // len(block) + 1))[:size]
+    return params, data
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(case=_case())
+def test_roundtrip_random_sizes_and_params(
+    tmp_path_factory: pytest.TempPathFactory, run_asyncio, case
+) -> None:  # type: ignore[no-untyped-def]
+    params, data = case
+    path = tmp_path_factory.mktemp("rt") / "repo"
+
+    async def go() -> bytes:
+        async with await make_repo(path, chunker=params) as repo:
+            stats = await repo.backup(io.BytesIO(data), name="rt")
+            assert stats.bytes_read == len(data)
+            out = io.BytesIO()
+            await repo.restore(stats.id, out)
+            return out.getvalue()
+
+    assert run_asyncio(go()) == data
+
+
+def test_sources_and_targets(run, tmp_path: Path, repo_path: Path) -> None:  # type: ignore[no-untyped-def]
+    data = os.urandom(700_000) + bytes(300_000)
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(data), 12345):
+            yield data[i : i + 12345]
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            by_path = await repo.backup(src, name="a")
+            by_file = await repo.backup(io.BytesIO(data), name="b")
+            by_iter = await repo.backup(chunks(), name="c")
+            # 300 kB of zeros are max-size chunks of one id: stored once.
+            assert len(data) - 300_000 < by_path.bytes_new < len(data)
+            # The same content again, through other kinds of source: nothing new to store.
+            assert by_file.bytes_new == 0 and by_iter.bytes_new == 0
+            gens = await repo.generations()
+            assert [g.name for g in gens] == ["a", "b", "c"]
+        async with await Repository.open(repo_path, PASSPHRASE) as repo:
+            for spec in (by_path.id, by_file.id[:8], "c@latest", "latest"):
+                out = tmp_path / f"out-{spec.replace('@', '_')}"
+                await repo.restore(spec, out)
+                assert out.read_bytes() == data
+            streamed = b"".join([part async for part in repo.restore_stream("a@latest")])
+            assert streamed == data
+
+    run(go())
+
+
+def test_same_256mib_twice_stores_under_1mib(run_asyncio, tmp_path: Path, repo_path: Path) -> None:  # type: ignore[no-untyped-def]
+    src = tmp_path / "big.bin"
+    with open(src, "wb") as f:
+        for _ in range(64):
+            f.write(os.urandom(4 * 1024 * 1024))
+
+    def repo_bytes() -> int:
+        return sum(p.stat().st_size for p in repo_path.rglob("*") if p.is_file())
+
+    async def go() -> tuple[int, int]:
+        async with await make_repo(repo_path, pack_size=16 * 1024 * 1024) as repo:
+            first = await repo.backup(src, name="big")
+            before = repo_bytes()
+            second = await repo.backup(src, name="big")
+            grown = repo_bytes() - before
+            assert first.bytes_new == 256 * 1024 * 1024
+            assert second.bytes_new == 0 and second.chunks_new == 0
+            out = tmp_path / "out.bin"
+            await repo.restore(second.id, out)
+            return grown, out.stat().st_size
+
+    grown, restored = run_asyncio(go())
+    assert grown < 1024 * 1024, f"second backup grew the repository by {grown} bytes"
+    assert restored == 256 * 1024 * 1024
