@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
@@ -352,7 +353,28 @@ def restore(
         )
 
 
+def tune_allocator() -> None:
+    """Pin glibc's mmap threshold at 256 KiB. By default glibc raises the threshold each
+    time a large buffer is freed, after which our 4 MiB read blocks and 16 MiB packs come
+    from the heap and fragment it: peak RSS then grows with the size of the snapshot
+    (measured: 196 MiB for 256 MiB of input, 279 MiB for 1 GiB; pinned: 134 and 149).
+    A process-wide setting, so the command sets it and the library does not; embedders can
+    export MALLOC_MMAP_THRESHOLD_=262144 for the same effect."""
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_mmap_threshold = -3
+        libc.mallopt(m_mmap_threshold, 256 * 1024)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def main() -> None:
+    tune_allocator()
     cli(prog_name="dedupe")
 
 

@@ -92,10 +92,12 @@ def read_epoch_record(
     public = base64.b64decode(record["public_key"])
     secret = None
     if epoch_master is not None:
-        secret = open_sealed(
-            epoch_master,
-            base64.b64decode(record["sealed_secret"]),
-            _AAD + struct.pack("<I", number),
-            f"secret key of epoch {number}",
+        secret = bytes(
+            open_sealed(
+                epoch_master,
+                base64.b64decode(record["sealed_secret"]),
+                _AAD + struct.pack("<I", number),
+                f"secret key of epoch {number}",
+            )
         )
     return EpochKeys(number, public, secret)

@@ -52,13 +52,16 @@ class BlobCodec:
         """The chunk's bytes, checked twice: AEAD under its id, then its keyed BLAKE3."""
         what = f"chunk {chunk_id.hex()[:16]}"
         plain = open_sealed(key, sealed, chunk_id, what)
-        if plain[:1] == _ZSTD:
+        if not plain:
+            raise IntegrityError(f"{what} is empty: it lacks its compression byte")
+        payload = memoryview(plain)[1:]
+        if plain[0] == COMPRESSION_ZSTD:
             try:
-                data = self._dctx().decompress(plain[1:], max_output_size=raw_length)
+                data = self._dctx().decompress(payload, max_output_size=raw_length)
             except zstandard.ZstdError as e:
                 raise IntegrityError(f"{what} does not decompress: {e}") from None
-        elif plain[:1] == _RAW:
-            data = plain[1:]
+        elif plain[0] == COMPRESSION_NONE:
+            data = bytes(payload)
         else:
             raise IntegrityError(f"{what} has an unknown compression byte {plain[0]}")
         if len(data) != raw_length or self.hasher.chunk_id(data) != chunk_id:

@@ -12,8 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dedupe.crypto import EpochKeys, new_key, seal
+from dedupe.crypto import OVERHEAD, EpochKeys, new_key
+from dedupe.crypto.aead import seal_into
 from dedupe.format.pack import (
+    FOOTER_SIZE,
     MAX_PACK_SIZE,
     PACK_MAGIC,
     TRAILER_AAD,
@@ -25,7 +27,7 @@ from dedupe.format.pack import (
 
 @dataclass
 class FinishedPack:
-    data: bytes
+    data: bytearray
     entries: list[PackEntry]
     epoch: int
     wrapped_key: bytes
@@ -42,9 +44,15 @@ class PackWriter:
 
     def _start(self) -> None:
         self._key = new_key()
-        self._parts: list[bytes] = [PACK_MAGIC]
+        # Blobs are sealed in place into one buffer: no per-blob copies, no final join.
+        self._buf = bytearray(self.target_size + 64 * 1024)
+        self._buf[: len(PACK_MAGIC)] = PACK_MAGIC
         self._size = len(PACK_MAGIC)
         self._entries: list[PackEntry] = []
+
+    def _reserve(self, n: int) -> None:
+        if self._size + n > len(self._buf):
+            self._buf.extend(bytes(max(n, len(self._buf) // 2)))
 
     def add(self, items: Sequence[tuple[bytes, bytes, int]]) -> list[FinishedPack]:
         """items: (chunk_id, blob plaintext, raw length). Seals each under the pack key."""
@@ -53,10 +61,10 @@ class PackWriter:
         done = []
         try:
             for chunk_id, plaintext, raw_length in items:
-                blob = seal(self._key, plaintext, chunk_id)
-                self._entries.append(PackEntry(chunk_id, self._size, len(blob), raw_length))
-                self._parts.append(blob)
-                self._size += len(blob)
+                self._reserve(len(plaintext) + OVERHEAD)
+                start = self._size
+                self._size = seal_into(self._key, plaintext, chunk_id, self._buf, start)
+                self._entries.append(PackEntry(chunk_id, start, self._size - start, raw_length))
                 if self._size >= self.target_size:
                     done.append(self._finish())
         except BaseException as e:
@@ -70,9 +78,15 @@ class PackWriter:
         return self._finish() if self._entries else None
 
     def _finish(self) -> FinishedPack:
-        trailer = seal(self._key, encode_trailer(self._entries), TRAILER_AAD)
+        trailer = encode_trailer(self._entries)
+        self._reserve(len(trailer) + OVERHEAD + FOOTER_SIZE)
+        trailer_start = self._size
+        self._size = seal_into(self._key, trailer, TRAILER_AAD, self._buf, trailer_start)
         wrapped = self.epoch.wrap(self._key)
-        self._parts += [trailer, encode_footer(self.epoch.number, wrapped, len(trailer))]
-        pack = FinishedPack(b"".join(self._parts), self._entries, self.epoch.number, wrapped)
+        footer = encode_footer(self.epoch.number, wrapped, self._size - trailer_start)
+        self._buf[self._size : self._size + FOOTER_SIZE] = footer
+        self._size += FOOTER_SIZE
+        del self._buf[self._size :]
+        pack = FinishedPack(self._buf, self._entries, self.epoch.number, wrapped)
         self._start()
         return pack
