@@ -61,6 +61,6 @@ class StreamDigest:
         return str(self._h.hexdigest())
 
 
-def object_id(data: bytes | memoryview) -> str:
+def object_id(data: bytes | bytearray | memoryview) -> str:
     """Hex name of a stored object: unkeyed BLAKE3 of its bytes."""
     return str(blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest())

@@ -260,7 +260,7 @@ class RepositoryStore:
 
     # --- packs ---------------------------------------------------------------------------------
 
-    async def write_pack(self, data: bytes) -> bytes:
+    async def write_pack(self, data: bytes | bytearray) -> bytes:
         pack_id = bytes.fromhex(await asyncio.to_thread(object_id, data))
         await self.backend.put(pack_name(pack_id), data)
         return pack_id
