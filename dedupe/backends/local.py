@@ -49,7 +49,7 @@ class LocalBackend(Backend):
 
     # --- blocking halves, run on threads ---------------------------------------------------
 
-    def _put_sync(self, name: str, data: bytes | memoryview) -> None:
+    def _put_sync(self, name: str, data: bytes | bytearray | memoryview) -> None:
         path = self._path(name)
         directory = os.path.dirname(path)
         tmp = os.path.join(directory, TMP_PREFIX + secrets.token_hex(8))
@@ -143,7 +143,7 @@ class LocalBackend(Backend):
 
     # --- async interface --------------------------------------------------------------------
 
-    async def put(self, name: str, data: bytes | memoryview) -> None:
+    async def put(self, name: str, data: bytes | bytearray | memoryview) -> None:
         await asyncio.to_thread(self._put_sync, name, data)
 
     async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
