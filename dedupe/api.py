@@ -237,10 +237,14 @@ class Repository:
             written = await write_to_fileobj(stream, target)
         return RestoreStats(gen.id, written, gen.chunks, time.monotonic() - started)
 
+    # --- verify (engine/verify.py) -------------------------------------------------------------
+
+    # --- forget and prune (engine/forget.py, engine/prune.py) ----------------------------------
+
     async def _chunks(self, generation: str | Generation) -> AsyncIterator[list[bytes]]:
         gen = await self.resolve(generation)
         await self._store.refresh_index()
-        _header, meta, table = await self._store.read_manifest(gen.id)
+        meta, table = await self._store.generation_chunks(gen.id)
         return restore_chunks(self._store, gen.id, table, meta["digest"], self._executor)
 
 

@@ -353,6 +353,12 @@ def restore(
         )
 
 
+# --- verify -----------------------------------------------------------------------------------
+
+
+# --- forget and prune --------------------------------------------------------------------------
+
+
 def tune_allocator() -> None:
     """Pin glibc's mmap threshold at 256 KiB. By default glibc raises the threshold each
     time a large buffer is freed, after which our 4 MiB read blocks and 16 MiB packs come

@@ -308,6 +308,13 @@ class RepositoryStore:
         data = await self.backend.get(f"generations/{gen_id}")
         return await asyncio.to_thread(self._decode_manifest, gen_id, data)
 
+    async def generation_chunks(self, gen_id: str) -> tuple[dict[str, Any], bytes]:
+        """(body meta, the generation's complete chunk table): every chunk its restore reads,
+        in order, as CHUNK_RECORDs. Generations stored as a delta against a parent are
+        expanded through their chain, so callers never see the difference."""
+        _header, meta, table = await self.read_manifest(gen_id)
+        return meta, table
+
     async def _stat_generation(self, gen_id: str) -> int:
         try:
             return await self.backend.stat(f"generations/{gen_id}")
