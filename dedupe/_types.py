@@ -37,6 +37,8 @@ class BackupStats:
     chunks_new: int
     packs: int
     seconds: float
+    parent: str | None = None
+    note: str | None = None  # e.g. why an incremental became a full
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,6 +16,7 @@ returned as objects; failures are `DedupeError` subclasses (dedupe.errors).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import AsyncIterable, AsyncIterator
@@ -37,6 +38,7 @@ __all__ = ["BackupStats", "Generation", "Progress", "Repository", "RestoreStats"
 Location = str | os.PathLike[str] | Backend
 Source = str | os.PathLike[str] | BinaryIO | AsyncIterable[bytes]
 Target = str | os.PathLike[str] | BinaryIO
+KINDS = ("full", "incremental", "differential")
 
 
 def _backend(location: Location) -> Backend:
@@ -141,14 +143,28 @@ class Repository:
         source: Source,
         *,
         name: str,
+        kind: str = "incremental",
         progress: ProgressCallback | None = None,
         label: str | None = None,
     ) -> BackupStats:
         """Back up a path, a binary file object or an async iterable of bytes as a new
         generation of `name`. Returns once the manifest is stored (the commit point).
-        Cancelling the task leaves the repository valid and adds no generation."""
+        Cancelling the task leaves the repository valid and adds no generation.
+
+        `kind`: "full" (no parent), "incremental" (parent: the latest generation of `name`,
+        any kind) or "differential" (parent: the latest full of `name`). With no full of
+        `name` yet, an incremental or differential is made as a full and `note` says so.
+        A stream is always read whole; the manifest of an incremental or differential
+        stores only its delta against the parent."""
         if not name or "/" in name or "@" in name:
             raise ValueError("name must be non-empty and contain neither '/' nor '@'")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        parent, note = await self._parent_for(name, kind)
+        parent_chunks = None
+        if parent is not None:
+            _meta, table = await self._store.generation_chunks(parent.id)
+            parent_chunks = (parent.id, table)
         size_hint = None
         if isinstance(source, str | os.PathLike):
             label = label or os.fspath(source)
@@ -157,7 +173,7 @@ class Repository:
             except OSError:
                 pass
         info = {"type": "stream", "label": label or ""}
-        return await run_backup(
+        stats = await run_backup(
             self._store,
             iter_source(source),
             name=name,
@@ -165,7 +181,20 @@ class Repository:
             executor=self._executor,
             progress=progress,
             size_hint=size_hint,
+            kind=kind if parent is not None else "full",
+            parent=parent_chunks,
         )
+        return dataclasses.replace(stats, note=note) if note else stats
+
+    async def _parent_for(self, name: str, kind: str) -> tuple[Generation | None, str | None]:
+        if kind == "full":
+            return None, None
+        gens = await self.generations(name)
+        if kind == "differential":
+            gens = [g for g in gens if g.kind == "full"]
+        if not any(g.kind == "full" for g in gens):
+            return None, f"no full generation of {name!r} yet: this {kind} was made as a full"
+        return gens[-1], None
 
     # --- generations ---------------------------------------------------------------------------
 

@@ -244,10 +244,19 @@ def init(
 @cli.command()
 @click.argument("source")
 @click.option("--name", required=True, help="Name of the source (e.g. orders-db).")
+@click.option(
+    "--type",
+    "kind",
+    type=click.Choice(["full", "incremental", "differential"]),
+    default="incremental",
+    show_default=True,
+    help="incremental: delta against the latest generation of NAME; differential: "
+    "against its latest full. Without a full yet, a full is made.",
+)
 @json_option
 @click.pass_context
 @handle_errors
-def backup(ctx: click.Context, source: str, name: str, as_json: bool) -> None:
+def backup(ctx: click.Context, source: str, name: str, kind: str, as_json: bool) -> None:
     """Back up SOURCE (a file, or - for standard input) as a new generation of NAME."""
 
     async def go() -> dict[str, Any]:
@@ -255,19 +264,25 @@ def backup(ctx: click.Context, source: str, name: str, as_json: bool) -> None:
             with progress_bar(not as_json, f"backup {name}") as callback:
                 if source == "-":
                     stats = await repo.backup(
-                        sys.stdin.buffer, name=name, progress=callback, label="<stdin>"
+                        sys.stdin.buffer,
+                        name=name,
+                        kind=kind,
+                        progress=callback,
+                        label="<stdin>",
                     )
                 else:
-                    stats = await repo.backup(source, name=name, progress=callback)
+                    stats = await repo.backup(source, name=name, kind=kind, progress=callback)
             return stats.to_dict()
 
     s = run_async(go())
+    if s.get("note"):
+        click.echo(f"dedupe: note: {s['note']}", err=True)
     if as_json:
         emit_json(s)
         return
     mbs = s["bytes_read"] / s["seconds"] / 1e6 if s["seconds"] else 0.0
     click.echo(
-        f"generation {s['id'][:12]} of {name}: read {human_bytes(s['bytes_read'])} in "
+        f"{s['kind']} generation {s['id'][:12]} of {name}: read {human_bytes(s['bytes_read'])} in "
         f"{s['chunks']} chunks, {s['chunks_new']} new ({human_bytes(s['bytes_new'])}), stored "
         f"{human_bytes(s['bytes_stored'])} in {s['packs']} packs, {s['seconds']:.2f} s "
         f"({mbs:.0f} MB/s)"

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from dedupe._types import BackupStats, Progress, ProgressCallback
 from dedupe.chunking import Chunker
 from dedupe.engine.stages import run_stages
+from dedupe.format.delta import make_delta
 from dedupe.format.index import IndexEntry, PackRecord
 from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.store import FinishedPack, PackWriter, RepositoryStore
@@ -50,7 +51,14 @@ async def run_backup(
     executor: Executor,
     progress: ProgressCallback | None = None,
     size_hint: int | None = None,
+    kind: str = "full",
+    parent: tuple[str, bytes] | None = None,
 ) -> BackupStats:
+    """Back up one stream as a generation of `name`. `parent` is (generation id, its
+    complete chunk table) for an incremental or differential: the manifest then stores
+    only the delta against that table (dedupe.format.delta)."""
+    if (kind == "full") != (parent is None):
+        raise ValueError("a full has no parent; an incremental or differential needs one")
     loop = asyncio.get_running_loop()
     started = time.monotonic()
 
@@ -107,7 +115,7 @@ async def run_backup(
             new_ids: list[bytes] = []
             for chunk, chunk_id in zip(chunks, ids, strict=True):
                 table.extend(pack_record(chunk_id, len(chunk)))
-                if chunk_id in index or chunk_id in queued:
+                if chunk_id in queued or index.usable(chunk_id):
                     continue
                 queued.add(chunk_id)
                 new_chunks.append(chunk)
@@ -153,11 +161,19 @@ async def run_backup(
         await store.write_index(new_packs, new_entries)
     seconds = time.monotonic() - started
     chunk_count = len(table) // CHUNK_RECORD.size
+    full_table = bytes(table)
+    meta: dict[str, Any] = {"type": "stream", "digest": digest.hexdigest()}
+    if parent is not None:
+        literal, ops = await run(make_delta, parent[1], full_table)
+        meta["delta"] = {"parent": parent[0], "ops": ops}
+    else:
+        literal = full_table
+    meta["chunk_count"] = len(literal) // CHUNK_RECORD.size
     header = {
         "version": 1,
         "name": name,
-        "kind": "full",
-        "parent": None,
+        "kind": kind,
+        "parent": parent[0] if parent else None,
         "created": utc_now(),
         "source": source_info,
         "chunker": store.chunker_params.to_dict(),
@@ -168,18 +184,17 @@ async def run_backup(
         "stored_bytes": p.bytes_stored,
         "seconds": round(seconds, 6),
     }
-    meta = {"type": "stream", "digest": digest.hexdigest(), "chunk_count": chunk_count}
     p.stage = "committing"
     if progress:
         progress(p)
-    gen_id = await store.write_manifest(header, meta, bytes(table))
+    gen_id = await store.write_manifest(header, meta, literal)
     p.stage = "done"
     if progress:
         progress(p)
     return BackupStats(
         id=gen_id,
         name=name,
-        kind="full",
+        kind=kind,
         bytes_read=p.bytes_read,
         bytes_new=p.bytes_new,
         bytes_stored=p.bytes_stored,
@@ -187,4 +202,5 @@ async def run_backup(
         chunks_new=p.chunks_new,
         packs=len(new_packs),
         seconds=time.monotonic() - started,
+        parent=parent[0] if parent else None,
     )

@@ -1,7 +1,11 @@
-"""The in-memory chunk index: chunk id -> where its blob is.
+"""The in-memory chunk index: chunk id -> where a good copy of its blob is.
 
-Built from every index object at open and extended by each backup. A later version
-replaces the dict with the compact native table (csrc/); the interface stays.
+Built from every index object at open and extended by each backup. A chunk can have
+several copies (two concurrent backups stored it; a full re-stored it because its pack
+went missing or verify quarantined it). The index keeps one location per chunk and
+prefers a usable one: a location is unusable when its pack is absent from the backend or
+the (chunk, pack) pair is quarantined. A later version replaces the dict with the
+compact native table (csrc/); the interface stays.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ class ChunkIndex:
         self.packs: list[PackRecord] = []
         self._pack_numbers: dict[bytes, int] = {}
         self._entries: dict[bytes, ChunkLocation] = {}
+        self.missing_packs: set[int] = set()
+        self.quarantined: set[tuple[bytes, int]] = set()  # (chunk id, pack_no)
+        self._present: set[bytes] | None = None  # pack ids the backend has; None: unknown
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -33,6 +40,16 @@ class ChunkIndex:
     def get(self, chunk_id: bytes) -> ChunkLocation | None:
         return self._entries.get(chunk_id)
 
+    def usable(self, chunk_id: bytes) -> bool:
+        """True when the chunk has a copy that backups may reference without re-storing."""
+        loc = self._entries.get(chunk_id)
+        return loc is not None and self._good(chunk_id, loc)
+
+    def _good(self, chunk_id: bytes, loc: ChunkLocation) -> bool:
+        return loc.pack_no not in self.missing_packs and (
+            not self.quarantined or (chunk_id, loc.pack_no) not in self.quarantined
+        )
+
     def pack_number(self, record: PackRecord) -> int:
         n = self._pack_numbers.get(record.pack_id)
         if n is None:
@@ -40,10 +57,33 @@ class ChunkIndex:
             self.packs.append(record)
         return n
 
+    def set_present_packs(self, present: set[bytes]) -> None:
+        """Mark packs the backend does not have; call before adding index objects so that
+        their entries can replace locations in missing packs."""
+        self.missing_packs = {n for n, p in enumerate(self.packs) if p.pack_id not in present}
+        self._present = set(present)
+
+    def note_written(self, pack_ids: list[bytes]) -> None:
+        """Packs this process has just written exist, whatever the last listing said."""
+        if self._present is not None:
+            self._present.update(pack_ids)
+
+    def quarantine(self, pairs: set[tuple[bytes, bytes]]) -> None:
+        """(chunk id, pack id) pairs verify found damaged."""
+        numbers = self._pack_numbers
+        self.quarantined = {(c, numbers[p]) for c, p in pairs if p in numbers}
+
     def add(self, packs: list[PackRecord], entries: list[tuple[bytes, int, int, int, int]]) -> None:
         """Add one index object's content; pack numbers are local to the object."""
         numbers = [self.pack_number(p) for p in packs]
+        present = self._present
+        if present is not None:
+            self.missing_packs |= {
+                n for n, p in zip(numbers, packs, strict=True) if p.pack_id not in present
+            }
         table = self._entries
         for chunk_id, pack_no, offset, stored, raw in entries:
-            if chunk_id not in table:
-                table[chunk_id] = ChunkLocation(numbers[pack_no], offset, stored, raw)
+            old = table.get(chunk_id)
+            new = ChunkLocation(numbers[pack_no], offset, stored, raw)
+            if old is None or (not self._good(chunk_id, old) and self._good(chunk_id, new)):
+                table[chunk_id] = new

@@ -46,6 +46,7 @@ from dedupe.format.config import (
     new_config,
     parse_config,
 )
+from dedupe.format.delta import apply_delta
 from dedupe.format.index import (
     INDEX_AAD,
     INDEX_MAGIC,
@@ -199,6 +200,9 @@ class RepositoryStore:
     async def refresh_index(self) -> int:
         """Load index objects written since the last refresh (by us or by concurrent
         backups); returns how many were loaded."""
+        # Which packs exist decides which copy of a chunk is usable (ChunkIndex.add).
+        present = {bytes.fromhex(n.rsplit("/", 1)[-1]) for n in await self.backend.list("packs/")}
+        self.index.set_present_packs(present)
         names = [
             n for n in await self.backend.list("index/") if n not in self._loaded_index_objects
         ]
@@ -238,6 +242,7 @@ class RepositoryStore:
         name = f"index/{object_id(data)}"
         await self.backend.put(name, data)
         self._loaded_index_objects.add(name)
+        self.index.note_written([p.pack_id for p in packs])
         self.index.add(
             packs,
             [(e.chunk_id, e.pack_no, e.offset, e.stored_length, e.raw_length) for e in entries],
@@ -312,8 +317,32 @@ class RepositoryStore:
         """(body meta, the generation's complete chunk table): every chunk its restore reads,
         in order, as CHUNK_RECORDs. Generations stored as a delta against a parent are
         expanded through their chain, so callers never see the difference."""
-        _header, meta, table = await self.read_manifest(gen_id)
-        return meta, table
+        # Walk up to the chain's full, then apply the deltas downwards.
+        chain: list[tuple[str, dict[str, Any], bytes]] = []
+        seen: set[str] = set()
+        current: str | None = gen_id
+        while current is not None:
+            if current in seen:
+                raise IntegrityError(f"generation {gen_id} has a cycle in its parent chain")
+            seen.add(current)
+            try:
+                _header, meta, table = await self.read_manifest(current)
+            except GenerationNotFound:
+                raise MissingObject(
+                    f"generation {current}, which {gen_id} is based on, is missing",
+                    hint="the chain is broken; restore another generation",
+                ) from None
+            chain.append((current, meta, table))
+            delta = meta.get("delta")
+            current = str(delta["parent"]) if delta else None
+        own_meta = chain[0][1]
+        _, _, expanded = chain.pop()
+        while chain:
+            gid, meta, literal = chain.pop()
+            expanded = await asyncio.to_thread(
+                apply_delta, expanded, literal, meta["delta"]["ops"], f"generation {gid}"
+            )
+        return own_meta, expanded
 
     async def _stat_generation(self, gen_id: str) -> int:
         try:

@@ -342,7 +342,7 @@ def test_human_output_of_every_command(tmp_path: Path) -> None:
     proc = ok(run_cli("generations", env=env))
     assert b"no generations" in proc.stdout
     proc = ok(run_cli("backup", str(src), "--name", "a", env=env))
-    assert proc.stdout.startswith(b"generation ")
+    assert proc.stdout.startswith(b"full generation ")
     proc = ok(run_cli("generations", env=env))
     assert b"a" in proc.stdout
     proc = ok(run_cli("restore", "latest", str(tmp_path / "b.bin"), env=env))

@@ -1,0 +1,80 @@
+"""Delta chunk tables: an incremental or differential stream generation stores only how
+its chunk list differs from its parent's (docs/FORMAT.md section 8.1).
+
+A delta is a list of ops over two tables: the parent's complete chunk table and this
+generation's own (literal) table.
+
+    [0, start, count]   copy `count` records of the parent's table from record `start`
+    [1, count]          take the next `count` records of the literal table
+
+Pure functions over CHUNK_RECORD tables; no I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dedupe.errors import IntegrityError
+from dedupe.format.manifest import CHUNK_RECORD
+
+_R = CHUNK_RECORD.size
+COPY = 0
+LITERAL = 1
+
+
+def make_delta(parent: bytes, table: bytes) -> tuple[bytes, list[list[int]]]:
+    """(literal table, ops) such that apply_delta(parent, literal, ops) == table.
+
+    Greedy and linear: follow the parent while records match; on a mismatch jump to where
+    the record first occurs in the parent (content-defined chunks re-synchronise right
+    after a change); records the parent never had become literals."""
+    first: dict[bytes, int] = {}
+    for i in range(len(parent) // _R - 1, -1, -1):
+        first[parent[i * _R : (i + 1) * _R]] = i
+    n_parent = len(parent) // _R
+    ops: list[list[int]] = []
+    literal = bytearray()
+    expect = -1  # parent index the current copy run would continue with
+    for i in range(len(table) // _R):
+        rec = table[i * _R : (i + 1) * _R]
+        if 0 <= expect < n_parent and parent[expect * _R : (expect + 1) * _R] == rec:
+            ops[-1][2] += 1
+            expect += 1
+            continue
+        pos = first.get(rec)
+        if pos is not None:
+            ops.append([COPY, pos, 1])
+            expect = pos + 1
+            continue
+        literal += rec
+        expect = -1
+        if ops and ops[-1][0] == LITERAL:
+            ops[-1][1] += 1
+        else:
+            ops.append([LITERAL, 1])
+    return bytes(literal), ops
+
+
+def apply_delta(parent: bytes, literal: bytes, ops: list[Any], what: str) -> bytes:
+    out = bytearray()
+    lit = 0
+    try:
+        for op in ops:
+            if op[0] == COPY:
+                start, count = int(op[1]), int(op[2])
+                if start < 0 or count < 0 or (start + count) * _R > len(parent):
+                    raise IntegrityError(f"{what}: a delta copies past its parent's table")
+                out += parent[start * _R : (start + count) * _R]
+            elif op[0] == LITERAL:
+                count = int(op[1])
+                if count < 0 or (lit + count) * _R > len(literal):
+                    raise IntegrityError(f"{what}: a delta reads past its literal table")
+                out += literal[lit * _R : (lit + count) * _R]
+                lit += count
+            else:
+                raise IntegrityError(f"{what}: unknown delta op {op[0]!r}")
+    except (IndexError, TypeError, ValueError) as e:
+        raise IntegrityError(f"{what}: malformed delta: {e}") from None
+    if lit * _R != len(literal):
+        raise IntegrityError(f"{what}: a delta leaves literal records unused")
+    return bytes(out)

@@ -1,0 +1,131 @@
+"""Full, incremental and differential generations of a changing stream: parents follow the
+rules, manifests hold deltas, every generation restores byte for byte on its own, and a
+full re-stores chunks whose pack went missing."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+from pathlib import Path
+
+from conftest import PASSPHRASE, make_repo
+
+from dedupe import Repository
+
+
+def _mutate(data: bytearray, rng: random.Random) -> bytearray:
+    """Scattered edits, an insertion and a deletion, like a day of database traffic."""
+    out = bytearray(data)
+    for _ in range(5):
+        at = rng.randrange(len(out) - 100)
+        out[at : at + 100] = rng.randbytes(100)
+    at = rng.randrange(len(out))
+    out[at:at] = rng.randbytes(rng.randrange(1, 5000))
+    at = rng.randrange(len(out) - 3000)
+    del out[at : at + rng.randrange(1, 3000)]
+    return out
+
+
+KINDS = [
+    "full",
+    "incremental",
+    "incremental",
+    "differential",
+    "incremental",
+    "full",
+    "differential",
+    "incremental",
+    "differential",
+    "incremental",
+    "incremental",
+    "full",
+]
+
+
+def test_chain_of_12_mixed_generations_restores_each(run, tmp_path: Path, repo_path: Path) -> None:  # type: ignore[no-untyped-def]
+    rng = random.Random(12)
+    data = bytearray(rng.randbytes(3_000_000))
+    versions: list[bytes] = []
+
+    async def go() -> None:
+        nonlocal data
+        async with await make_repo(repo_path) as repo:
+            latest_full = None
+            previous = None
+            for i, kind in enumerate(KINDS):
+                if i:
+                    data = _mutate(data, rng)
+                versions.append(bytes(data))
+                stats = await repo.backup(io.BytesIO(bytes(data)), name="db", kind=kind)
+                assert stats.kind == kind
+                expected_parent = {
+                    "full": None,
+                    "incremental": previous,
+                    "differential": latest_full,
+                }[kind]
+                assert stats.parent == expected_parent
+                # A small change stores a small part of the stream again.
+                if i:
+                    assert stats.bytes_new < len(data) // 4
+                if kind == "full":
+                    latest_full = stats.id
+                previous = stats.id
+            gens = await repo.generations("db")
+            assert [g.kind for g in gens] == KINDS
+        # A fresh open restores every generation on its own, oldest first and newest first.
+        async with await Repository.open(repo_path, PASSPHRASE) as repo:
+            gens = await repo.generations("db")
+            for gen, want in reversed(list(zip(gens, versions, strict=True))):
+                out = io.BytesIO()
+                await repo.restore(gen.id, out)
+                assert out.getvalue() == want, f"generation {gen.kind} {gen.id[:8]} differs"
+
+    run(go())
+
+
+def test_incremental_manifest_holds_only_the_delta(run_asyncio, repo_path: Path) -> None:  # type: ignore[no-untyped-def]
+    rng = random.Random(3)
+    base = bytearray(rng.randbytes(8_000_000))
+
+    async def go() -> tuple[int, int]:
+        async with await make_repo(repo_path) as repo:
+            full = await repo.backup(io.BytesIO(bytes(base)), name="s", kind="full")
+            incr = await repo.backup(io.BytesIO(bytes(_mutate(base, rng))), name="s")
+        size = {g: (repo_path / "generations" / g).stat().st_size for g in (full.id, incr.id)}
+        return size[full.id], size[incr.id]
+
+    full_manifest, incr_manifest = run_asyncio(go())
+    assert incr_manifest < full_manifest / 5, (full_manifest, incr_manifest)
+
+
+def test_first_incremental_becomes_a_full_and_says_so(run, repo_path: Path) -> None:  # type: ignore[no-untyped-def]
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            stats = await repo.backup(io.BytesIO(b"x" * 10_000), name="n", kind="differential")
+            assert stats.kind == "full" and stats.parent is None
+            assert stats.note and "full" in stats.note
+
+    run(go())
+
+
+def test_full_restores_chunks_of_a_missing_pack(run, repo_path: Path) -> None:  # type: ignore[no-untyped-def]
+    data = os.urandom(2_000_000)
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            first = await repo.backup(io.BytesIO(data), name="m", kind="full")
+        # Lose one pack.
+        victim = sorted((repo_path / "packs").rglob("*"))[-1]
+        assert victim.is_file()
+        lost = victim.stat().st_size
+        victim.unlink()
+        async with await Repository.open(repo_path, PASSPHRASE) as repo:
+            again = await repo.backup(io.BytesIO(data), name="m", kind="full")
+            assert 0 < again.bytes_new <= lost  # exactly the lost chunks were stored again
+            for gen in (first.id, again.id):  # both now restore, the old one too
+                out = io.BytesIO()
+                await repo.restore(gen, out)
+                assert out.getvalue() == data
+
+    run(go())
