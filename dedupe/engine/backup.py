@@ -22,6 +22,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from dedupe._types import BackupStats, Progress, ProgressCallback
@@ -42,23 +43,50 @@ FRAMING_IN_FLIGHT = (os.cpu_count() or 2) + 1
 PACK_QUEUE = 1
 
 
-async def run_backup(
+class FileEnd:
+    """Item in a backup's input: the current file ends here. The chunker cuts here (a
+    chunk never spans two files) and the file's digest is recorded (Ingested.marks)."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """Item in a backup's input: chunk records (CHUNK_RECORDs) copied from a parent for
+    content that was not read again (an unchanged file of an incremental)."""
+
+    records: bytes
+    size: int  # logical bytes they stand for
+
+
+FILE_END = FileEnd()
+Item = bytes | FileEnd | Reuse
+
+
+@dataclass
+class Ingested:
+    """What the pipeline produced: the chunk table in input order, the marks at each
+    FileEnd (records so far, digest of that file's bytes read), the digest of everything
+    read since the last mark, and what it added to the repository."""
+
+    table: bytearray
+    marks: list[tuple[int, str]]
+    digest: str
+    progress: Progress
+    packs: int
+    seconds: float
+
+
+async def ingest(
     store: RepositoryStore,
-    blocks: AsyncIterator[bytes],
+    items: AsyncIterator[Item],
     *,
-    name: str,
-    source_info: dict[str, Any],
     executor: Executor,
     progress: ProgressCallback | None = None,
     size_hint: int | None = None,
-    kind: str = "full",
-    parent: tuple[str, bytes] | None = None,
-) -> BackupStats:
-    """Back up one stream as a generation of `name`. `parent` is (generation id, its
-    complete chunk table) for an incremental or differential: the manifest then stores
-    only the delta against that table (dedupe.format.delta)."""
-    if (kind == "full") != (parent is None):
-        raise ValueError("a full has no parent; an incremental or differential needs one")
+) -> Ingested:
+    """Run the pipeline over `items` and store every new chunk, then the index object
+    that lists the new packs. No manifest is written: the caller commits."""
     loop = asyncio.get_running_loop()
     started = time.monotonic()
 
@@ -73,16 +101,17 @@ async def run_backup(
     digest = hasher.stream_digest()
     packer = PackWriter(store.current_epoch, store.pack_size)
 
-    table = bytearray()  # the manifest's chunk table, CHUNK_RECORD after CHUNK_RECORD
+    table = bytearray()  # CHUNK_RECORD after CHUNK_RECORD, in input order
+    marks: list[tuple[int, str]] = []
     queued: set[bytes] = set()  # new chunk ids this backup has sent to be stored
     new_packs: list[PackRecord] = []
     new_entries: list[IndexEntry] = []
     p = Progress("backup", "reading", bytes_total=size_hint)
 
-    blocks_q: asyncio.Queue[bytes | None] = asyncio.Queue(BLOCK_QUEUE)
-    hashed_q: asyncio.Queue[tuple[list[memoryview], list[bytes]] | None] = asyncio.Queue(
-        HASHED_QUEUE
-    )
+    # Between the chunk and dedupe stages: chunks with their ids, or a mark, or reused records.
+    Hashed = tuple[list[memoryview], list[bytes]] | str | Reuse
+    blocks_q: asyncio.Queue[Item | None] = asyncio.Queue(BLOCK_QUEUE)
+    hashed_q: asyncio.Queue[Hashed | None] = asyncio.Queue(HASHED_QUEUE)
     framed_q: asyncio.Queue[tuple[list[bytes], list[int], Awaitable[list[bytes]]] | None] = (
         asyncio.Queue(FRAMING_IN_FLIGHT)
     )
@@ -93,23 +122,41 @@ async def run_backup(
         return chunks, hasher.chunk_ids(chunks)
 
     async def read_stage() -> None:
-        async for block in blocks:
-            p.bytes_read += len(block)
-            await blocks_q.put(block)
+        async for item in items:
+            if isinstance(item, bytes | bytearray | memoryview):
+                if not item:
+                    continue
+                p.bytes_read += len(item)
+            await blocks_q.put(item)
         await blocks_q.put(None)
 
     async def chunk_stage() -> None:
-        while (block := await blocks_q.get()) is not None:
-            (chunks, ids), _ = await asyncio.gather(
-                run(chunk_and_hash, block), run(digest.update, block)
-            )
-            await hashed_q.put((chunks, ids))
+        nonlocal digest
+        while (item := await blocks_q.get()) is not None:
+            if isinstance(item, FileEnd):
+                await hashed_q.put(await run(chunk_and_hash, None))
+                await hashed_q.put(digest.hexdigest())
+                digest = hasher.stream_digest()
+            elif isinstance(item, Reuse):
+                await hashed_q.put(item)
+            else:
+                (chunks, ids), _ = await asyncio.gather(
+                    run(chunk_and_hash, item), run(digest.update, item)
+                )
+                await hashed_q.put((chunks, ids))
         await hashed_q.put(await run(chunk_and_hash, None))
         await hashed_q.put(None)
 
     async def dedupe_stage() -> None:
         pack_record = CHUNK_RECORD.pack
         while (item := await hashed_q.get()) is not None:
+            if isinstance(item, str):
+                marks.append((len(table) // CHUNK_RECORD.size, item))
+                continue
+            if isinstance(item, Reuse):
+                table.extend(item.records)
+                p.chunks += len(item.records) // CHUNK_RECORD.size
+                continue
             chunks, ids = item
             new_chunks: list[memoryview] = []
             new_ids: list[bytes] = []
@@ -159,30 +206,40 @@ async def run_backup(
         if progress:
             progress(p)
         await store.write_index(new_packs, new_entries)
-    seconds = time.monotonic() - started
-    chunk_count = len(table) // CHUNK_RECORD.size
-    full_table = bytes(table)
-    meta: dict[str, Any] = {"type": "stream", "digest": digest.hexdigest()}
-    if parent is not None:
-        literal, ops = await run(make_delta, parent[1], full_table)
-        meta["delta"] = {"parent": parent[0], "ops": ops}
-    else:
-        literal = full_table
-    meta["chunk_count"] = len(literal) // CHUNK_RECORD.size
+    return Ingested(table, marks, digest.hexdigest(), p, len(new_packs), time.monotonic() - started)
+
+
+async def commit(
+    store: RepositoryStore,
+    got: Ingested,
+    *,
+    name: str,
+    kind: str,
+    parent: str | None,
+    source_info: dict[str, Any],
+    meta: dict[str, Any],
+    literal: bytes,
+    size: int,
+    progress: ProgressCallback | None = None,
+) -> BackupStats:
+    """Write the manifest, the commit point of a backup. `meta` and `literal` are the
+    body (docs/FORMAT.md section 8); `size` the logical size of the generation."""
+    p = got.progress
+    chunk_count = len(got.table) // CHUNK_RECORD.size
     header = {
         "version": 1,
         "name": name,
         "kind": kind,
-        "parent": parent[0] if parent else None,
+        "parent": parent,
         "created": utc_now(),
         "source": source_info,
         "chunker": store.chunker_params.to_dict(),
-        "size": p.bytes_read,
+        "size": size,
         "chunks": chunk_count,
         "new_chunks": p.chunks_new,
         "new_bytes": p.bytes_new,
         "stored_bytes": p.bytes_stored,
-        "seconds": round(seconds, 6),
+        "seconds": round(got.seconds, 6),
     }
     p.stage = "committing"
     if progress:
@@ -200,7 +257,48 @@ async def run_backup(
         bytes_stored=p.bytes_stored,
         chunks=chunk_count,
         chunks_new=p.chunks_new,
-        packs=len(new_packs),
-        seconds=time.monotonic() - started,
+        packs=got.packs,
+        seconds=got.seconds,
+        parent=parent,
+    )
+
+
+async def run_backup(
+    store: RepositoryStore,
+    blocks: AsyncIterator[bytes],
+    *,
+    name: str,
+    source_info: dict[str, Any],
+    executor: Executor,
+    progress: ProgressCallback | None = None,
+    size_hint: int | None = None,
+    kind: str = "full",
+    parent: tuple[str, bytes] | None = None,
+) -> BackupStats:
+    """Back up one stream as a generation of `name`. `parent` is (generation id, its
+    complete chunk table) for an incremental or differential: the manifest then stores
+    only the delta against that table (dedupe.format.delta)."""
+    if (kind == "full") != (parent is None):
+        raise ValueError("a full has no parent; an incremental or differential needs one")
+    got = await ingest(store, blocks, executor=executor, progress=progress, size_hint=size_hint)
+    table = bytes(got.table)
+    meta: dict[str, Any] = {"type": "stream", "digest": got.digest}
+    if parent is not None:
+        loop = asyncio.get_running_loop()
+        literal, ops = await loop.run_in_executor(executor, make_delta, parent[1], table)
+        meta["delta"] = {"parent": parent[0], "ops": ops}
+    else:
+        literal = table
+    meta["chunk_count"] = len(literal) // CHUNK_RECORD.size
+    return await commit(
+        store,
+        got,
+        name=name,
+        kind=kind,
         parent=parent[0] if parent else None,
+        source_info=source_info,
+        meta=meta,
+        literal=literal,
+        size=got.progress.bytes_read,
+        progress=progress,
     )

@@ -84,10 +84,12 @@ async def restore_chunks(
     store: RepositoryStore,
     gen_id: str,
     table: bytes,
-    digest_hex: str,
+    digest_hex: str | None,
     executor: Executor,
 ) -> AsyncIterator[list[bytes]]:
-    """Yield the generation's bytes as lists of verified chunks, in order, window by window."""
+    """Yield the generation's bytes as lists of verified chunks, in order, window by window.
+    With `digest_hex`, the whole stream is checked against it at the end (callers that
+    check per-file digests pass None)."""
     loop = asyncio.get_running_loop()
     index = store.index
     codec = store.codec
@@ -155,9 +157,11 @@ async def restore_chunks(
         while (item := await queue.get()) is not None:
             if isinstance(item, BaseException):
                 raise item
-            await loop.run_in_executor(executor, digest.update_many, item)
+            if digest_hex is not None:
+                await loop.run_in_executor(executor, digest.update_many, item)
             yield item
-        _check_digest(digest, digest_hex, gen_id)
+        if digest_hex is not None:
+            _check_digest(digest, digest_hex, gen_id)
     finally:
         producer.cancel()
         try:
