@@ -40,7 +40,9 @@ test: venv
 	$(BIN)/ruff check dedupe tests bench
 	$(BIN)/lint-imports
 	$(BIN)/mypy
-	$(BIN)/pytest $(PYTEST_ARGS)
+	# PYTHONSAFEPATH: child `python -m dedupe` processes must import the installed package,
+	# not the unbuilt source tree in the working directory.
+	PYTHONSAFEPATH=1 $(BIN)/pytest $(PYTEST_ARGS)
 
 test-all: PYTEST_ARGS =
 test-all: test
