@@ -17,8 +17,13 @@ import sys
 from pathlib import Path
 
 
+# The installed console script, as a user runs it (not `python -m dedupe`, which would
+# import the unbuilt source tree of the checkout it runs in).
+DEDUPE = os.path.join(os.path.dirname(sys.executable), "dedupe")
+
+
 def dedupe(*args: str, env: dict[str, str], capture: bool = False) -> str:
-    cmd = [sys.executable, "-m", "dedupe", *args]
+    cmd = [DEDUPE, *args]
     print(f"$ dedupe {shlex.join(args)}", flush=True)
     out = subprocess.run(
         cmd, env=env, check=True, text=True, stdout=subprocess.PIPE if capture else None
