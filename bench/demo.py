@@ -16,7 +16,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 # The installed console script, as a user runs it (not `python -m dedupe`, which would
 # import the unbuilt source tree of the checkout it runs in).
 DEDUPE = os.path.join(os.path.dirname(sys.executable), "dedupe")

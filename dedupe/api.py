@@ -19,8 +19,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from types import TracebackType
 from typing import BinaryIO
 
@@ -29,9 +30,14 @@ from dedupe.backends import Backend, open_backend
 from dedupe.chunking import ChunkerParams
 from dedupe.crypto import KdfParams, get_passphrase
 from dedupe.engine import iter_source, restore_chunks, run_backup, write_to_fileobj, write_to_path
-from dedupe.errors import AmbiguousGeneration, GenerationNotFound
+from dedupe.engine.forget import ForgetPolicy, ForgetReport, run_forget
+from dedupe.engine.prune import PruneReport, run_prune
+from dedupe.engine.tree import backup_tree, load_tree, restore_tree
+from dedupe.engine.verify import SubsetSpec, VerifyReport, verify_repository
+from dedupe.errors import AmbiguousGeneration, GenerationNotFound, TargetError
 from dedupe.format.config import DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_SIZE
 from dedupe.store import RepositoryStore
+from dedupe.store.locks import LockInfo, RepositoryLock, list_locks, remove_locks
 
 __all__ = ["BackupStats", "Generation", "Progress", "Repository", "RestoreStats"]
 
@@ -160,7 +166,25 @@ class Repository:
             raise ValueError("name must be non-empty and contain neither '/' nor '@'")
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        # A shared lock: backups run side by side, a prune (exclusive) waits for them.
+        async with RepositoryLock(self._store.backend, exclusive=False, operation="backup") as lock:
+            return await self._backup_locked(source, name, kind, progress, label, lock)
+
+    async def _backup_locked(
+        self,
+        source: Source,
+        name: str,
+        kind: str,
+        progress: ProgressCallback | None,
+        label: str | None,
+        lock: RepositoryLock,
+    ) -> BackupStats:
         parent, note = await self._parent_for(name, kind)
+        if isinstance(source, str | os.PathLike) and os.path.isdir(source):
+            stats = await self._backup_tree(
+                os.fspath(source), name, kind, parent, progress, lock.check
+            )
+            return _with_note(stats, note)
         parent_chunks = None
         if parent is not None:
             _meta, table = await self._store.generation_chunks(parent.id)
@@ -183,8 +207,67 @@ class Repository:
             size_hint=size_hint,
             kind=kind if parent is not None else "full",
             parent=parent_chunks,
+            before_commit=lock.check,
         )
-        return dataclasses.replace(stats, note=note) if note else stats
+        return _with_note(stats, note)
+
+    # --- directory trees (engine/tree.py) --------------------------------------------------
+
+    async def _backup_tree(
+        self,
+        root: str,
+        name: str,
+        kind: str,
+        parent: Generation | None,
+        progress: ProgressCallback | None,
+        before_commit: Callable[[], None] | None = None,
+    ) -> BackupStats:
+        """Back up directory `root` as a tree generation (docs/FORMAT.md section 8.3). With
+        a tree `parent`, an incremental or differential reads only new and changed files; a
+        parent that is a stream generation makes this a full, and `note` says so."""
+        base = None
+        note = None
+        if parent is not None:
+            if parent.source.get("type") == "tree":
+                entries, _table = await load_tree(self._store, parent.id)
+                base = (parent.id, entries)
+            else:
+                note = (
+                    f"the parent {parent.id[:12]} of {name!r} is not a directory tree: "
+                    f"this {kind} was made as a full"
+                )
+        stats = await backup_tree(
+            self._store,
+            root,
+            name=name,
+            kind=kind if base is not None else "full",
+            parent=base,
+            executor=self._executor,
+            progress=progress,
+            before_commit=before_commit,
+        )
+        return _with_note(stats, note)
+
+    async def _restore_tree(
+        self,
+        gen: Generation,
+        target_dir: str,
+        overwrite: bool,
+        progress: ProgressCallback | None,
+    ) -> RestoreStats:
+        """Restore tree generation `gen` into directory `target_dir` (new or empty, else
+        replaced with `overwrite`); the tree appears there only once fully verified."""
+        await self._store.refresh_index()
+        entries, _table = await load_tree(self._store, gen.id)
+        return await restore_tree(
+            self._store,
+            gen.id,
+            entries,
+            target_dir,
+            executor=self._executor,
+            overwrite=overwrite,
+            progress=progress,
+        )
 
     async def _parent_for(self, name: str, kind: str) -> tuple[Generation | None, str | None]:
         if kind == "full":
@@ -242,8 +325,9 @@ class Repository:
     async def restore_stream(self, generation: str | Generation) -> AsyncIterator[bytes]:
         """The generation's bytes in order, verified chunk by chunk and as a whole; the
         iterator raises IntegrityError instead of yielding bad bytes."""
-        async for parts in await self._chunks(generation):
-            yield b"".join(parts)
+        async with RepositoryLock(self._store.backend, exclusive=False, operation="restore"):
+            async for parts in await self._chunks(generation):
+                yield b"".join(parts)
 
     async def restore(
         self,
@@ -255,8 +339,24 @@ class Repository:
     ) -> RestoreStats:
         """Restore to a path (written to a temporary name, renamed once verified) or to a
         binary file object."""
+        async with RepositoryLock(self._store.backend, exclusive=False, operation="restore"):
+            return await self._restore_locked(generation, target, overwrite, progress)
+
+    async def _restore_locked(
+        self,
+        generation: str | Generation,
+        target: Target,
+        overwrite: bool,
+        progress: ProgressCallback | None,
+    ) -> RestoreStats:
         started = time.monotonic()
         gen = await self.resolve(generation)
+        if gen.source.get("type") == "tree":
+            if not isinstance(target, str | os.PathLike):
+                raise TargetError(
+                    f"generation {gen.id[:12]} is a directory tree: restore it to a directory"
+                )
+            return await self._restore_tree(gen, os.fspath(target), overwrite, progress)
         stream = await self._chunks(gen)
         if progress is not None:
             stream = _report(stream, progress, gen.size)
@@ -268,13 +368,116 @@ class Repository:
 
     # --- verify (engine/verify.py) -------------------------------------------------------------
 
+    async def verify(
+        self,
+        read_data: bool = False,
+        subset: SubsetSpec | None = None,
+        progress: ProgressCallback | None = None,
+        *,
+        quarantine: bool = True,
+    ) -> VerifyReport:
+        """Check the repository and return a report naming every damaged or missing object
+        and the generations it breaks; damage is reported, not raised.
+
+        Without `read_data` only the structure is checked (index objects, pack presence and
+        lengths, manifests, every referenced chunk indexed); no pack data is read.
+        `read_data` also reads every pack and opens every blob; `subset` reads only part of
+        the packs: a fraction in (0, 1] (a random sample) or (n, t), the n-th of t fixed
+        slices (run 1/t .. t/t to cover everything). When chunk copies are damaged or
+        missing, one quarantine record is written (unless `quarantine=False`) so that the
+        next full backup stores those chunks again."""
+
+        return await verify_repository(
+            self._store,
+            self._executor,
+            read_data=read_data,
+            subset=subset,
+            progress=progress,
+            quarantine=quarantine,
+        )
+
     # --- forget and prune (engine/forget.py, engine/prune.py) ----------------------------------
+
+    async def forget(
+        self,
+        *,
+        name: str | None = None,
+        keep_last: int | None = None,
+        keep_full: int | None = None,
+        keep_within: timedelta | None = None,
+        ids: tuple[str, ...] | list[str] = (),
+        with_dependents: bool = False,
+        dry_run: bool = False,
+    ) -> ForgetReport:
+        """Remove generations (their manifests only; `prune` then frees the data), following
+        pgBackRest's rules per source name (all names, or `name`):
+
+        - `keep_last=N`: keep the N newest generations and the chains they depend on;
+        - `keep_full=N`: keep the N newest fulls and every generation depending on them;
+        - `keep_within=timedelta`: keep those created within it, and their chains;
+        - `ids`: remove these generations (ids or unique prefixes).
+        Whatever no keep rule keeps is removed. A generation a kept one depends on is never
+        removed: naming it raises ValueError unless `with_dependents=True`, which removes its
+        dependents too. No rule and no id: ValueError. Takes the exclusive lock
+        (RepositoryLocked while a backup or prune runs); `dry_run` only reports."""
+
+        policy = ForgetPolicy(
+            name=name,
+            keep_last=keep_last,
+            keep_full=keep_full,
+            keep_within=keep_within,
+            ids=tuple(ids),
+            with_dependents=with_dependents,
+        )
+        return await run_forget(self._store, policy, dry_run=dry_run)
+
+    async def prune(
+        self,
+        *,
+        repack_threshold: float = 0.5,
+        dry_run: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> PruneReport:
+        """Free the space no generation references: delete unused packs, rewrite packs whose
+        unused fraction exceeds `repack_threshold` (1.0: never), and replace the index
+        objects by one. Takes the exclusive lock; safe to kill at any moment (a re-run
+        finishes the job). `dry_run` reports what would be freed and changes nothing."""
+
+        return await run_prune(
+            self._store,
+            executor=self._executor,
+            repack_threshold=repack_threshold,
+            dry_run=dry_run,
+            progress=progress,
+        )
+
+    async def locks(self) -> list[LockInfo]:
+        """Every lock in the repository (see `LockInfo.stale_reason`)."""
+
+        return await list_locks(self._store.backend)
+
+    async def unlock(self, *, all_locks: bool = False) -> list[LockInfo]:
+        """Remove stale locks (with `all_locks`, every lock: only when no dedupe process
+        uses the repository). Returns the removed locks."""
+
+        return await remove_locks(self._store.backend, all_locks=all_locks)
 
     async def _chunks(self, generation: str | Generation) -> AsyncIterator[list[bytes]]:
         gen = await self.resolve(generation)
+        if gen.source.get("type") == "tree":
+            raise TargetError(
+                f"generation {gen.id[:12]} is a directory tree: restore it to a directory"
+            )
         await self._store.refresh_index()
         meta, table = await self._store.generation_chunks(gen.id)
         return restore_chunks(self._store, gen.id, table, meta["digest"], self._executor)
+
+
+def _with_note(stats: BackupStats, note: str | None) -> BackupStats:
+    """Add a note to the stats, keeping any the backup made itself."""
+    if not note:
+        return stats
+    return dataclasses.replace(stats, note=f"{note}; {stats.note}" if stats.note else note)
 
 
 async def _report(

@@ -257,7 +257,8 @@ def init(
 @click.pass_context
 @handle_errors
 def backup(ctx: click.Context, source: str, name: str, kind: str, as_json: bool) -> None:
-    """Back up SOURCE (a file, or - for standard input) as a new generation of NAME."""
+    """Back up SOURCE (a file, a directory tree, or - for standard input) as a new
+    generation of NAME."""
 
     async def go() -> dict[str, Any]:
         async with await open_repo(ctx) as repo:
@@ -323,12 +324,15 @@ def generations(ctx: click.Context, name: str | None, as_json: bool) -> None:
             g["name"],
             g["kind"],
             (g["parent"] or "-")[:12],
-            g["created"][:19].replace("T", " "),
+            g["created"][:16].replace("T", " "),
             human_bytes(g["size"]),
             human_bytes(g["stored_bytes"]),
             ratio,
         )
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # piped: no terminal width to fit, so do not truncate
+        console = Console(width=200)
+    console.print(table)
 
 
 @cli.command()
@@ -371,7 +375,277 @@ def restore(
 # --- verify -----------------------------------------------------------------------------------
 
 
+def _subset_option(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> float | tuple[int, int] | None:
+    from dedupe.engine.verify import parse_subset
+
+    if value is None:
+        return None
+    try:
+        return parse_subset(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+@cli.command()
+@click.option("--read-data", is_flag=True, help="Also read every pack and open every blob.")
+@click.option(
+    "--read-data-subset",
+    "subset",
+    metavar="N%|n/t",
+    callback=_subset_option,
+    help="Read only part of the packs: a random N% of them, or the n-th of t fixed slices "
+    "(run 1/t .. t/t on successive days to cover everything).",
+)
+@click.option(
+    "--no-quarantine",
+    is_flag=True,
+    help="Write no quarantine record for damaged chunks (read-only repositories).",
+)
+@json_option
+@click.pass_context
+@handle_errors
+def verify(
+    ctx: click.Context,
+    read_data: bool,
+    subset: float | tuple[int, int] | None,
+    no_quarantine: bool,
+    as_json: bool,
+) -> None:
+    """Check the repository: its structure always; with --read-data (or a subset) also the
+    data. Damaged or missing objects are named with the generations they break; the exit
+    code is 0 when all is well, else that of VerifyFailed."""
+    import dataclasses
+
+    from dedupe.errors import VerifyFailed
+
+    if read_data and subset is not None:
+        raise click.UsageError("give --read-data or --read-data-subset, not both")
+
+    async def go() -> dict[str, Any]:
+        async with await open_repo(ctx) as repo:
+            with progress_bar(not as_json, "verify") as callback:
+                # The bar shows bytes_written for anything but a backup: verify reads.
+                cb = (
+                    None
+                    if callback is None
+                    else lambda p: callback(dataclasses.replace(p, bytes_written=p.bytes_read))
+                )
+                report = await repo.verify(
+                    read_data, subset, progress=cb, quarantine=not no_quarantine
+                )
+            return report.to_dict()
+
+    r = run_async(go())
+    if as_json:
+        emit_json(r)
+    else:
+        _print_verify(r)
+    if not r["ok"]:
+        raise VerifyFailed(
+            f"{len(r['damaged'])} damaged or missing objects"
+            + (f"; quarantine record {r['quarantine']} written" if r["quarantine"] else ""),
+            hint="a full backup of each affected source stores the lost chunks again",
+        )
+
+
+def _print_verify(r: dict[str, Any]) -> None:
+    what = "structure"
+    if r["read_data"]:
+        what += " and data" if r["subset"] is None else f" and data (subset {r['subset']})"
+    click.echo(
+        f"verified {what}: {r['generations']} generations, {r['index_objects']} index "
+        f"objects, {r['packs']} packs, {r['chunks']} chunks"
+    )
+    if r["read_data"]:
+        click.echo(
+            f"read {r['packs_read']} packs ({human_bytes(r['bytes_read'])}), opened "
+            f"{r['chunks_read']} blobs in {r['seconds']:.2f} s"
+        )
+    if r["packs_unindexed"]:
+        click.echo(f"{r['packs_unindexed']} packs are in no index object (not damage)")
+    for d in r["damaged"]:
+        click.echo(f"DAMAGED {d['kind']} {d['name']}: {d['reason']}")
+        for line in d["details"][:5]:
+            click.echo(f"    {line}")
+        if d["chunk_ids"]:
+            shown = ", ".join(c[:16] for c in d["chunk_ids"][:4])
+            more = f" and {len(d['chunk_ids']) - 4} more" if len(d["chunk_ids"]) > 4 else ""
+            click.echo(f"  chunks ({len(d['chunk_ids'])}): {shown}{more}")
+        if d["generations"]:
+            click.echo(f"  affects generations: {', '.join(g[:12] for g in d['generations'])}")
+    if r["ok"]:
+        click.echo("no damage found")
+
+
 # --- forget and prune --------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("ids", nargs=-1, metavar="[ID]...")
+@click.option("--name", default=None, help="Apply the keep rules to this source only.")
+@click.option(
+    "--keep-last",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Keep the N newest generations (and the chains they need).",
+)
+@click.option(
+    "--keep-full",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Keep the N newest fulls and every generation depending on them.",
+)
+@click.option(
+    "--keep-within",
+    default=None,
+    metavar="DURATION",
+    help="Keep generations younger than this (12h, 30d, 2w, 1y), with their chains.",
+)
+@click.option(
+    "--with-dependents",
+    is_flag=True,
+    help="Removing a named ID also removes the generations that depend on it.",
+)
+@click.option("--dry-run", is_flag=True, help="Only print what would be removed.")
+@json_option
+@click.pass_context
+@handle_errors
+def forget(
+    ctx: click.Context,
+    ids: tuple[str, ...],
+    name: str | None,
+    keep_last: int | None,
+    keep_full: int | None,
+    keep_within: str | None,
+    with_dependents: bool,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Remove generations by retention rules (per source name) or by ID. Only manifests
+    are deleted; run 'dedupe prune' to free the space. A generation that a kept one
+    depends on is never removed. Without any rule or ID nothing is removed."""
+    from dedupe.engine.forget import parse_duration
+
+    try:
+        within = parse_duration(keep_within) if keep_within is not None else None
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--keep-within") from None
+    if not ids and keep_last is None and keep_full is None and within is None:
+        raise click.UsageError(
+            "give a retention rule (--keep-last, --keep-full, --keep-within) or generation "
+            "IDs; nothing is forgotten by default"
+        )
+
+    async def go() -> dict[str, Any]:
+        async with await open_repo(ctx) as repo:
+            report = await repo.forget(
+                name=name,
+                keep_last=keep_last,
+                keep_full=keep_full,
+                keep_within=within,
+                ids=ids,
+                with_dependents=with_dependents,
+                dry_run=dry_run,
+            )
+            return report.to_dict()
+
+    try:
+        r = run_async(go())
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    if as_json:
+        emit_json(r)
+        return
+    verb = "would remove" if dry_run else "removed"
+    for d in r["kept"]:
+        click.echo(
+            f"keep    {d['id'][:12]}  {d['name']:<16} {d['kind']:<12} "
+            f"{d['created'][:19].replace('T', ' ')}  {'; '.join(d['reasons'])}"
+        )
+    for d in r["removed"]:
+        click.echo(
+            f"remove  {d['id'][:12]}  {d['name']:<16} {d['kind']:<12} "
+            f"{d['created'][:19].replace('T', ' ')}  {'; '.join(d['reasons'])}"
+        )
+    click.echo(
+        f"{verb} {len(r['removed'])} generation(s), kept {len(r['kept'])}"
+        + ("" if dry_run or not r["removed"] else "; run 'dedupe prune' to free space")
+    )
+
+
+@cli.command()
+@click.option(
+    "--repack-threshold",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.5,
+    show_default=True,
+    help="Rewrite packs whose unused fraction exceeds this (1 = never repack).",
+)
+@click.option("--dry-run", is_flag=True, help="Only print what would be freed.")
+@json_option
+@click.pass_context
+@handle_errors
+def prune(ctx: click.Context, repack_threshold: float, dry_run: bool, as_json: bool) -> None:
+    """Free the space of data no generation references any more. Takes the exclusive lock;
+    safe to interrupt at any moment (running it again finishes the job)."""
+
+    async def go() -> dict[str, Any]:
+        async with await open_repo(ctx) as repo:
+            report = await repo.prune(repack_threshold=repack_threshold, dry_run=dry_run)
+            return report.to_dict()
+
+    r = run_async(go())
+    if as_json:
+        emit_json(r)
+        return
+    verb = "would free" if dry_run else "freed"
+    click.echo(
+        f"{verb} {human_bytes(r['bytes_freed'])}: {r['packs_deleted']} pack(s) deleted, "
+        f"{r['packs_repacked']} repacked into {r['packs_written']}, "
+        f"{r['chunks_removed']} chunk(s) dropped from the index; "
+        f"{human_bytes(r['bytes_after'])} in {r['packs_after']} pack(s) remain "
+        f"for {r['generations']} generation(s) ({r['seconds']:.2f} s)"
+    )
+
+
+@cli.command()
+@click.option(
+    "--all",
+    "all_locks",
+    is_flag=True,
+    help="Remove every lock, not only stale ones (only if no dedupe process runs).",
+)
+@json_option
+@click.pass_context
+@handle_errors
+def unlock(ctx: click.Context, all_locks: bool, as_json: bool) -> None:
+    """Remove stale locks (left by killed processes); --all removes every lock."""
+
+    async def go() -> dict[str, Any]:
+        async with await open_repo(ctx) as repo:
+            removed = await repo.unlock(all_locks=all_locks)
+            remaining = await repo.locks()
+            return {
+                "removed": [lk.to_dict() for lk in removed],
+                "remaining": [lk.to_dict() for lk in remaining],
+            }
+
+    r = run_async(go())
+    if as_json:
+        emit_json(r)
+        return
+    for lk in r["removed"]:
+        click.echo(f"removed {lk['name']}: {lk['operation']} by pid {lk['pid']} on {lk['host']}")
+    for lk in r["remaining"]:
+        click.echo(
+            f"still held: {lk['name']}: {lk['operation']} by pid {lk['pid']} on "
+            f"{lk['host']}, refreshed {lk['age']:.0f} s ago"
+        )
+    click.echo(f"removed {len(r['removed'])} lock(s)")
 
 
 def tune_allocator() -> None:

@@ -81,6 +81,13 @@ class MissingObject(IntegrityError):
     exit_code = 32
 
 
+class VerifyFailed(IntegrityError):
+    """`dedupe verify` found damaged or missing objects (its report names them). Raised by
+    the CLI only; the API returns the report."""
+
+    exit_code = 33
+
+
 # --- generations (40-49) --------------------------------------------------------------------
 
 

@@ -221,9 +221,12 @@ async def commit(
     literal: bytes,
     size: int,
     progress: ProgressCallback | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> BackupStats:
     """Write the manifest, the commit point of a backup. `meta` and `literal` are the
-    body (docs/FORMAT.md section 8); `size` the logical size of the generation."""
+    body (docs/FORMAT.md section 8); `size` the logical size of the generation.
+    `before_commit` runs right before the write and may raise to refuse it (the caller's
+    lock was lost, so a prune may have removed chunks this generation references)."""
     p = got.progress
     chunk_count = len(got.table) // CHUNK_RECORD.size
     header = {
@@ -244,6 +247,8 @@ async def commit(
     p.stage = "committing"
     if progress:
         progress(p)
+    if before_commit is not None:
+        before_commit()
     gen_id = await store.write_manifest(header, meta, literal)
     p.stage = "done"
     if progress:
@@ -274,6 +279,7 @@ async def run_backup(
     size_hint: int | None = None,
     kind: str = "full",
     parent: tuple[str, bytes] | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> BackupStats:
     """Back up one stream as a generation of `name`. `parent` is (generation id, its
     complete chunk table) for an incremental or differential: the manifest then stores
@@ -301,4 +307,5 @@ async def run_backup(
         literal=literal,
         size=got.progress.bytes_read,
         progress=progress,
+        before_commit=before_commit,
     )

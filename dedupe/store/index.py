@@ -28,7 +28,7 @@ class ChunkIndex:
         self._pack_numbers: dict[bytes, int] = {}
         self._entries: dict[bytes, ChunkLocation] = {}
         self.missing_packs: set[int] = set()
-        self.quarantined: set[tuple[bytes, int]] = set()  # (chunk id, pack_no)
+        self.quarantined: set[tuple[bytes, bytes]] = set()  # (chunk id, pack id)
         self._present: set[bytes] | None = None  # pack ids the backend has; None: unknown
 
     def __len__(self) -> int:
@@ -47,7 +47,8 @@ class ChunkIndex:
 
     def _good(self, chunk_id: bytes, loc: ChunkLocation) -> bool:
         return loc.pack_no not in self.missing_packs and (
-            not self.quarantined or (chunk_id, loc.pack_no) not in self.quarantined
+            not self.quarantined
+            or (chunk_id, self.packs[loc.pack_no].pack_id) not in self.quarantined
         )
 
     def pack_number(self, record: PackRecord) -> int:
@@ -69,9 +70,8 @@ class ChunkIndex:
             self._present.update(pack_ids)
 
     def quarantine(self, pairs: set[tuple[bytes, bytes]]) -> None:
-        """(chunk id, pack id) pairs verify found damaged."""
-        numbers = self._pack_numbers
-        self.quarantined = {(c, numbers[p]) for c, p in pairs if p in numbers}
+        """(chunk id, pack id) pairs verify found damaged; set before adding index objects."""
+        self.quarantined = set(pairs)
 
     def add(self, packs: list[PackRecord], entries: list[tuple[bytes, int, int, int, int]]) -> None:
         """Add one index object's content; pack numbers are local to the object."""

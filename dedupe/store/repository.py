@@ -68,6 +68,7 @@ from dedupe.format.manifest import (
 from dedupe.hashing import ChunkHasher, object_id
 from dedupe.store.blobs import BlobCodec
 from dedupe.store.index import ChunkIndex
+from dedupe.store.quarantine import read_quarantine
 
 MIN_PACK_SIZE = 4096  # tests shrink packs to a few KiB so small inputs make many packs
 
@@ -197,15 +198,22 @@ class RepositoryStore:
 
     # --- index ---------------------------------------------------------------------------------
 
-    async def refresh_index(self) -> int:
-        """Load index objects written since the last refresh (by us or by concurrent
-        backups); returns how many were loaded."""
+    async def refresh_index(self, rebuild: bool = False) -> int:
+        """Bring the in-memory index up to date with the index objects in the backend: load
+        those written since the last refresh (by us or by concurrent backups), and start
+        over when one we loaded is gone (a prune replaced it: its packs may be gone too,
+        and pack numbers change). Returns how many index objects were loaded."""
         # Which packs exist decides which copy of a chunk is usable (ChunkIndex.add).
         present = {bytes.fromhex(n.rsplit("/", 1)[-1]) for n in await self.backend.list("packs/")}
+        listed = set(await self.backend.list("index/"))
+        if rebuild or not self._loaded_index_objects <= listed:
+            self.index = ChunkIndex()
+            self._loaded_index_objects = set()
+            self._pack_keys = {}
         self.index.set_present_packs(present)
-        names = [
-            n for n in await self.backend.list("index/") if n not in self._loaded_index_objects
-        ]
+        # So are quarantine records: set them before loading, so a good copy can win.
+        self.index.quarantine(await read_quarantine(self.backend, self.keys.meta_key, strict=False))
+        names = [n for n in listed if n not in self._loaded_index_objects]
         if not names:
             return 0
         sem = asyncio.Semaphore(8)
@@ -336,6 +344,13 @@ class RepositoryStore:
             delta = meta.get("delta")
             current = str(delta["parent"]) if delta else None
         own_meta = chain[0][1]
+        if own_meta.get("type") == "tree":
+            # A tree's complete table: its files' records in entry order (section 8.3).
+            from dedupe.format.tree import expand
+
+            metas = [(meta, table) for _gid, meta, table in reversed(chain)]
+            _entries, expanded = await asyncio.to_thread(expand, metas, f"generation {gen_id}")
+            return own_meta, expanded
         _, _, expanded = chain.pop()
         while chain:
             gid, meta, literal = chain.pop()

@@ -15,6 +15,7 @@ import random
 import shlex
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -496,9 +497,16 @@ def test_source_does_not_exist(populated: tuple[Path, str], tmp_path: Path) -> N
     assert sorted(os.listdir(repo / "generations")) == before
 
 
-def test_source_is_a_directory(populated: tuple[Path, str], tmp_path: Path) -> None:
+def test_source_is_a_socket(populated: tuple[Path, str], tmp_path: Path) -> None:
+    # (A directory is a valid source: tests/integration/test_tree_cli.py.)
     repo, _ = populated
-    proc = run_cli("backup", str(tmp_path), "--name", "x", env=env_for(repo))
+    path = tmp_path / "sock"
+    server = socket.socket(socket.AF_UNIX)
+    try:
+        server.bind(str(path))
+        proc = run_cli("backup", str(path), "--name", "x", env=env_for(repo))
+    finally:
+        server.close()
     assert_fails_with(proc, SourceError)
 
 

@@ -1,0 +1,479 @@
+"""Prune: remove the data that no generation references any more.
+
+Under the exclusive repository lock (no backup runs meanwhile, so no chunk can become
+referenced while we decide), prune:
+
+1. reads every index object and lists `packs/`; a chunk is *live* when some generation's
+   complete chunk table (`generation_chunks`, chains expanded) names it;
+2. picks one copy of each live chunk (among packs that exist; preferring the pack with
+   the largest live fraction, so that a re-run after a crash settles on the copies the
+   interrupted run had just written), and classifies every pack:
+   - *unused*: no chosen copy in it -> delete;
+   - *sparse*: unused fraction of its bytes above `repack_threshold` -> repack: its live
+     blobs are read (ranged reads), opened and checked, re-framed and sealed into new
+     packs under fresh keys;
+   - *unindexed*: in `packs/` but in no index object (left by an interrupted backup or
+     prune) -> delete;
+   - otherwise kept as it is;
+3. writes, in this order:
+   a. the new packs (repacked blobs);
+   b. ONE new index object listing every chunk of the kept packs and the new packs;
+   c. then deletes every index object it read;
+   d. then deletes the unused, repacked and unindexed packs;
+   e. then deletes quarantine records (verify's list of damaged copies) whose packs are
+      all gone. Quarantined copies are never chosen as a chunk's copy, so a pack holding
+      only damaged copies of live chunks counts as unused.
+
+Why the order is crash-safe (the invariant: at every instant every chunk that some
+generation references is listed by an index object whose pack exists):
+- before (b) completes, all old index objects and all old packs are untouched; the new
+  packs are merely unindexed data;
+- after (b), the new index object alone covers every live chunk, in packs that exist (kept
+  packs are not deleted, new packs were written in (a)); deleting old index objects (c)
+  therefore loses nothing, in any order and at any point;
+- (d) starts only after (c) finished, so no remaining index object lists a deleted pack.
+  The only index object left lists none of the deleted packs.
+A prune killed at any point leaves a valid repository, in which every generation restores;
+what it leaves behind (new packs not yet indexed, an extra index object, packs not yet
+deleted) is ordinary unreferenced data or a duplicate listing, which the next prune
+cleans up. Manifests are never touched here (forget deletes them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+from dedupe._types import Progress, ProgressCallback
+from dedupe.backends.base import Backend
+from dedupe.crypto import OVERHEAD
+from dedupe.errors import MissingObject
+from dedupe.format.index import IndexEntry, PackRecord
+from dedupe.format.manifest import CHUNK_RECORD
+from dedupe.format.pack import FOOTER_SIZE, PACK_MAGIC
+from dedupe.store import PackWriter, RepositoryStore
+from dedupe.store.locks import RepositoryLock
+from dedupe.store.quarantine import QUARANTINE_PREFIX, decode_quarantine, read_quarantine
+from dedupe.store.repository import pack_name
+
+T = TypeVar("T")
+
+COALESCE_GAP = 256 * 1024  # read through gaps between live blobs smaller than this
+MAX_RANGE = 8 * 1024 * 1024
+READ_CONCURRENCY = 4
+DELETE_CONCURRENCY = 8
+TRAILER_ENTRY = 44  # docs/FORMAT.md section 6
+
+
+def pack_overhead(blobs: int) -> int:
+    """Bytes of a pack that are not blobs: magic, sealed trailer (count + one entry per
+    blob + AEAD overhead) and footer. Never counted as unused space."""
+    return len(PACK_MAGIC) + 4 + TRAILER_ENTRY * blobs + OVERHEAD + FOOTER_SIZE
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """What prune did (or, with `dry_run`, would do). Byte counts are pack bytes in the
+    backend: `bytes_freed` = bytes of deleted packs - bytes of packs written."""
+
+    dry_run: bool
+    generations: int
+    packs_before: int
+    packs_deleted: int  # packs with no live chunk (and unindexed leftovers)
+    packs_repacked: int  # sparse packs whose live blobs were rewritten
+    packs_written: int  # new packs holding the repacked blobs
+    packs_after: int
+    bytes_before: int
+    bytes_after: int
+    bytes_freed: int
+    bytes_repacked: int  # stored bytes of live blobs moved into new packs
+    chunks_live: int
+    chunks_removed: int  # chunk ids no longer listed by any index object
+    index_objects_removed: int
+    index_objects_written: int
+    unindexed_packs: int  # part of packs_deleted
+    seconds: float
+    removed_packs: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Copy:
+    pack_id: bytes
+    offset: int
+    stored: int
+    raw: int
+
+
+async def _gather_limited(jobs: list[Awaitable[T]], limit: int) -> list[T]:
+    sem = asyncio.Semaphore(limit)
+
+    async def one(job: Awaitable[T]) -> T:
+        async with sem:
+            return await job
+
+    return list(await asyncio.gather(*(one(j) for j in jobs)))
+
+
+async def reload_index(store: RepositoryStore) -> None:
+    """Forget the in-memory index and load it again from the index objects now present
+    (pack numbers change when index objects are replaced, so nothing cached survives)."""
+    await store.refresh_index(rebuild=True)
+
+
+async def run_prune(
+    store: RepositoryStore,
+    *,
+    executor: Executor | None = None,
+    repack_threshold: float = 0.5,
+    dry_run: bool = False,
+    progress: ProgressCallback | None = None,
+    lock: bool = True,
+) -> PruneReport:
+    """Delete unreferenced packs, repack sparse ones, replace all index objects by one.
+
+    `repack_threshold` in [0, 1]: a pack whose unused fraction (bytes of blobs no
+    generation needs, over the pack's length; the pack's own trailer and footer do not
+    count) exceeds it is repacked (0.0: any waste; 1.0: never, only wholly unused packs
+    are deleted). With `dry_run` nothing is
+    written or deleted and the report says what would be. Takes the exclusive lock unless
+    `lock=False` (for a caller that already holds it). Raises MissingObject, refusing to
+    change anything, if a live chunk has no copy in an existing pack."""
+    if not 0.0 <= repack_threshold <= 1.0:
+        raise ValueError("repack_threshold must be within 0..1")
+    if not lock:
+        return await _prune(store, executor, repack_threshold, dry_run, progress)
+    async with RepositoryLock(store.backend, exclusive=True, operation="prune") as held:
+        report = await _prune(store, executor, repack_threshold, dry_run, progress)
+        held.check()
+        return report
+
+
+async def _prune(
+    store: RepositoryStore,
+    executor: Executor | None,
+    threshold: float,
+    dry_run: bool,
+    progress: ProgressCallback | None,
+) -> PruneReport:
+    started = time.monotonic()
+    loop = asyncio.get_running_loop()
+    backend = store.backend
+    p = Progress("prune", "scanning")
+
+    def report_progress(stage: str) -> None:
+        p.stage = stage
+        if progress:
+            progress(p)
+
+    def run(fn: Callable[..., T], *args: Any) -> Awaitable[T]:
+        return loop.run_in_executor(executor, fn, *args)
+
+    report_progress("scanning")
+    # --- 1. what exists, what is referenced ----------------------------------------------------
+    index_names = sorted(await backend.list("index/"))
+    present = {bytes.fromhex(n.rsplit("/", 1)[-1]) for n in await backend.list("packs/")}
+
+    async def load(name: str) -> tuple[list[PackRecord], list[tuple[bytes, int, int, int, int]]]:
+        data = await backend.get(name)
+        return await run(store._decode_index_object, name, data)
+
+    loaded = await _gather_limited([load(n) for n in index_names], READ_CONCURRENCY)
+    # Copies verify found damaged or missing (docs/FORMAT.md section 12) are no copies.
+    quarantined = await read_quarantine(backend, store.keys.meta_key)
+
+    gen_ids = await store.generation_ids()
+    live: set[bytes] = set()
+
+    async def referenced(gen_id: str) -> None:
+        _meta, table = await store.generation_chunks(gen_id)
+        live.update(cid for cid, _len in CHUNK_RECORD.iter_unpack(table))
+
+    await _gather_limited([referenced(g) for g in gen_ids], READ_CONCURRENCY)
+
+    # --- 2. choose one copy per chunk, classify packs ------------------------------------------
+    records: dict[bytes, PackRecord] = {}
+    copies: dict[bytes, list[_Copy]] = defaultdict(list)
+    indexed_chunks: set[bytes] = set()
+    listed: set[tuple[bytes, bytes]] = set()  # (pack id, chunk id) pairs, for the overhead
+    for packs, entries in loaded:
+        for rec in packs:
+            records.setdefault(rec.pack_id, rec)
+        for chunk_id, pack_no, offset, stored, raw in entries:
+            indexed_chunks.add(chunk_id)
+            pack_id = packs[pack_no].pack_id
+            listed.add((pack_id, chunk_id))
+            if pack_id in present and (chunk_id, pack_id) not in quarantined:
+                copies[chunk_id].append(_Copy(pack_id, offset, stored, raw))
+
+    live_in_pack: dict[bytes, int] = defaultdict(int)  # all live copies, for the preference
+    for chunk_id in live:
+        seen: set[bytes] = set()
+        for c in copies.get(chunk_id, ()):
+            if c.pack_id not in seen:
+                seen.add(c.pack_id)
+                live_in_pack[c.pack_id] += c.stored
+    lost = [cid for cid in live if cid not in copies]
+    if lost:
+        raise MissingObject(
+            f"{len(lost)} chunk(s) referenced by generations have no copy in any existing "
+            f"pack (e.g. {lost[0].hex()[:16]}); prune changes nothing in a damaged repository",
+            hint="run 'dedupe verify' to see which generations are affected, forget them or "
+            "back the data up again as a full, then prune",
+        )
+
+    def fraction(pack_id: bytes) -> float:
+        return live_in_pack[pack_id] / max(1, records[pack_id].length)
+
+    chosen: dict[bytes, _Copy] = {}
+    used: dict[bytes, int] = defaultdict(int)
+    for chunk_id in live:
+        best = max(copies[chunk_id], key=lambda c: (fraction(c.pack_id), c.pack_id))
+        chosen[chunk_id] = best
+        used[best.pack_id] += best.stored
+
+    blobs: dict[bytes, int] = defaultdict(int)
+    for pack_id, _cid in listed:
+        blobs[pack_id] += 1
+    del listed
+
+    def unused_fraction(pid: bytes) -> float:
+        length = records[pid].length
+        return max(0, length - used[pid] - pack_overhead(blobs[pid])) / max(1, length)
+
+    unused = [pid for pid in records if used[pid] == 0]
+    sparse = [
+        pid
+        for pid in records
+        if used[pid] > 0 and pid in present and unused_fraction(pid) > threshold
+    ]
+    kept = [pid for pid in records if used[pid] > 0 and pid not in set(sparse)]
+    unindexed = sorted(present - set(records))
+    sparse_set = set(sparse)
+    kept_set = set(kept)
+
+    bytes_before = sum(records[pid].length for pid in records if pid in present)
+    unindexed_bytes = 0
+    if unindexed:
+        sizes = await _gather_limited(
+            [backend.stat(pack_name(pid)) for pid in unindexed], READ_CONCURRENCY
+        )
+        unindexed_bytes = sum(sizes)
+    bytes_before += unindexed_bytes
+    to_delete = [pid for pid in unused if pid in present] + sparse + unindexed
+    changed = bool(unused or sparse or len(index_names) > 1)
+    moving = [(cid, c) for cid, c in chosen.items() if c.pack_id in sparse_set]
+    bytes_repacked = sum(c.stored for _cid, c in moving)
+
+    # Every chunk id (live or not) that keeps a copy in a kept pack stays indexed: a later
+    # backup may still dedupe against it. Live chunks use their chosen copy.
+    keep_entries: dict[bytes, _Copy] = {}
+    for chunk_id, cs in copies.items():
+        if chunk_id in chosen:
+            if chosen[chunk_id].pack_id in kept_set:
+                keep_entries[chunk_id] = chosen[chunk_id]
+        else:
+            for c in cs:
+                if c.pack_id in kept_set:
+                    keep_entries[chunk_id] = c
+                    break
+    chunks_after = len(keep_entries) + len(moving)
+
+    def make_report(written: list[PackRecord], seconds: float) -> PruneReport:
+        written_bytes = sum(r.length for r in written) if not dry_run else bytes_repacked
+        deleted_bytes = (
+            sum(records[pid].length for pid in to_delete if pid in records) + unindexed_bytes
+        )
+        return PruneReport(
+            dry_run=dry_run,
+            generations=len(gen_ids),
+            packs_before=len(present),
+            packs_deleted=len(to_delete) - len(sparse),
+            packs_repacked=len(sparse),
+            packs_written=len(written),
+            packs_after=len(present) - len(to_delete) + len(written),
+            bytes_before=bytes_before,
+            bytes_after=bytes_before - deleted_bytes + written_bytes,
+            bytes_freed=deleted_bytes - written_bytes,
+            bytes_repacked=bytes_repacked,
+            chunks_live=len(live),
+            chunks_removed=len(indexed_chunks) - chunks_after,
+            index_objects_removed=len(index_names) if changed else 0,
+            index_objects_written=1 if changed and (kept or moving) else 0,
+            unindexed_packs=len(unindexed),
+            seconds=time.monotonic() - started,
+            removed_packs=[pid.hex() for pid in to_delete],
+        )
+
+    if dry_run:
+        report_progress("done")
+        return make_report([], 0.0)
+    if not (changed or unindexed):
+        await _drop_quarantine_records(store, present)
+        report_progress("done")
+        return make_report([], 0.0)
+
+    # --- 3a. repack: new packs with the live blobs of sparse packs -----------------------------
+    new_packs: list[PackRecord] = []
+    new_entries: list[IndexEntry] = []
+    if moving:
+        report_progress("repacking")
+        new_packs, new_entries = await _repack(store, moving, records, run, p, progress)
+
+    # --- 3b. one index object for everything that stays ----------------------------------------
+    if changed:
+        report_progress("writing index")
+        pack_list = [records[pid] for pid in kept] + new_packs
+        numbers = {rec.pack_id: n for n, rec in enumerate(pack_list)}
+        index_entries = [
+            IndexEntry(cid, numbers[c.pack_id], c.offset, c.stored, c.raw)
+            for cid, c in keep_entries.items()
+        ]
+        base = len(kept)
+        index_entries += [
+            IndexEntry(e.chunk_id, e.pack_no + base, e.offset, e.stored_length, e.raw_length)
+            for e in new_entries
+        ]
+        written_name = None
+        if pack_list:
+            written_name = await store.write_index(pack_list, index_entries)
+
+        # --- 3c. then the old index objects ------------------------------------------------------
+        report_progress("deleting index objects")
+        await _delete_all(backend, [n for n in index_names if n != written_name])
+
+    # --- 3d. then the packs nothing lists any more ------------------------------------------------
+    report_progress("deleting packs")
+    await _delete_all(backend, [pack_name(pid) for pid in to_delete])
+
+    # --- 3e. quarantine records whose packs are all gone ------------------------------------------
+    await _drop_quarantine_records(
+        store, (present - set(to_delete)) | {r.pack_id for r in new_packs}
+    )
+
+    await reload_index(store)
+    report_progress("done")
+    return make_report(new_packs, time.monotonic() - started)
+
+
+async def _repack(
+    store: RepositoryStore,
+    moving: list[tuple[bytes, _Copy]],
+    records: dict[bytes, PackRecord],
+    run: Callable[..., Awaitable[Any]],
+    p: Progress,
+    progress: ProgressCallback | None,
+) -> tuple[list[PackRecord], list[IndexEntry]]:
+    """Read, check and re-seal the live blobs of sparse packs into new packs (written to
+    the backend, not yet indexed). Returns the new packs' records and index entries
+    (pack numbers local to the returned list)."""
+    by_pack: dict[bytes, list[tuple[bytes, _Copy]]] = defaultdict(list)
+    for chunk_id, c in moving:
+        by_pack[c.pack_id].append((chunk_id, c))
+    codec = store.codec
+    packer = PackWriter(store.current_epoch, store.pack_size)
+    new_packs: list[PackRecord] = []
+    new_entries: list[IndexEntry] = []
+
+    def ranges(
+        items: list[tuple[bytes, _Copy]],
+    ) -> list[tuple[int, int, list[tuple[bytes, _Copy]]]]:
+        items.sort(key=lambda it: it[1].offset)
+        out: list[tuple[int, int, list[tuple[bytes, _Copy]]]] = []
+        for it in items:
+            off, end = it[1].offset, it[1].offset + it[1].stored
+            if out and off - out[-1][1] <= COALESCE_GAP and end - out[-1][0] <= MAX_RANGE:
+                start, prev_end, group = out[-1]
+                out[-1] = (start, max(prev_end, end), group + [it])
+            else:
+                out.append((off, end, [it]))
+        return out
+
+    async def fetch(pack_id: bytes) -> list[tuple[bytes, bytes, int]]:
+        """The pack's live chunks as (chunk id, blob plaintext, raw length), checked."""
+        rec = records[pack_id]
+        epoch = store.epochs.get(rec.epoch)
+        if epoch is None:
+            raise MissingObject(f"pack {pack_id.hex()} needs key epoch {rec.epoch}, not found")
+        key = epoch.unwrap(rec.wrapped_key)
+        out: list[tuple[bytes, bytes, int]] = []
+        for start, end, group in ranges(by_pack[pack_id]):
+            data = await store.backend.get(pack_name(pack_id), start, end - start)
+
+            def reframe(
+                data: bytes = data, start: int = start, group: list[Any] = group
+            ) -> list[tuple[bytes, bytes, int]]:
+                view = memoryview(data)
+                plain = [
+                    codec.open(
+                        key, cid, view[c.offset - start : c.offset - start + c.stored], c.raw
+                    )
+                    for cid, c in group
+                ]
+                framed = codec.frame(plain)
+                return [(cid, f, c.raw) for (cid, c), f in zip(group, framed, strict=True)]
+
+            out.extend(await run(reframe))
+            p.bytes_read += end - start
+        return out
+
+    async def write(finished: list[Any]) -> None:
+        for pack in finished:
+            pack_id = await store.write_pack(pack.data)
+            no = len(new_packs)
+            new_packs.append(PackRecord(pack_id, pack.epoch, pack.wrapped_key, len(pack.data)))
+            new_entries.extend(
+                IndexEntry(e.chunk_id, no, e.offset, e.stored_length, e.raw_length)
+                for e in pack.entries
+            )
+            p.bytes_stored += len(pack.data)
+
+    # Fetch a few packs ahead while the current one is sealed and written.
+    order = sorted(by_pack)
+    ahead: list[asyncio.Task[list[tuple[bytes, bytes, int]]]] = []
+    try:
+        for i in range(len(order)):
+            while len(ahead) < READ_CONCURRENCY and len(ahead) + i < len(order):
+                ahead.append(asyncio.ensure_future(fetch(order[len(ahead) + i])))
+            items = await ahead.pop(0)
+            p.chunks += len(items)
+            await write(await run(packer.add, items))
+            if progress:
+                progress(p)
+        last = await run(packer.flush)
+        await write([last] if last is not None else [])
+    finally:
+        for t in ahead:
+            t.cancel()
+        await asyncio.gather(*ahead, return_exceptions=True)
+    return new_packs, new_entries
+
+
+async def _delete_all(backend: Backend, names: list[str]) -> None:
+    async def delete(name: str) -> None:
+        try:
+            await backend.delete(name)
+        except MissingObject:  # gone already (an interrupted earlier prune)
+            pass
+
+    await _gather_limited([delete(n) for n in names], DELETE_CONCURRENCY)
+
+
+async def _drop_quarantine_records(store: RepositoryStore, packs_left: set[bytes]) -> None:
+    """Delete quarantine records none of whose packs exists any more: the damaged copies
+    they name are unreachable, so they no longer need honouring (docs/FORMAT.md 12)."""
+    for name in await store.backend.list(QUARANTINE_PREFIX):
+        try:
+            data = await store.backend.get(name)
+        except MissingObject:
+            continue
+        triples = await asyncio.to_thread(decode_quarantine, store.keys.meta_key, name, data)
+        if not any(pack_id in packs_left for _c, pack_id, _r in triples):
+            await _delete_all(store.backend, [name])

@@ -1,0 +1,730 @@
+"""The verify pipeline: find every damaged or missing object and the generations it breaks.
+
+Two depths, like restic's `check` and borg's `check --verify-data`:
+
+- **Structure** (always; reads no pack data): every index object is fetched and opened
+  (object id, magic, AEAD, layout); every index entry lies inside its pack; every pack the
+  index names exists and has the length its index record says; every quarantine record
+  opens; every generation manifest opens (header and body authenticated, object id equal
+  to its name, delta chains expanded through `generation_chunks`) and every chunk of it is
+  in the index.
+- **Data** (`read_data`, or a `subset` of the packs): each pack is read whole, at most
+  READ_CONCURRENCY packs at a time (memory stays at a few packs whatever the repository
+  size); its BLAKE3 must equal its name; the footer is decoded, the sealed trailer opened
+  with the pack key and compared with the index entries; every blob is opened with
+  `BlobCodec.open` (AEAD under the chunk id, decompression, keyed BLAKE3 against the id).
+  CPU work runs on the caller's executor.
+
+A generation is *affected* when a chunk of its `generation_chunks` table is not indexed, or
+when the copy the index resolves it to (the copy a restore would read) is in a damaged or
+missing place. Damaged copies are tracked as (chunk id, pack id) pairs: a chunk stored
+twice is only lost if the copy restore uses is bad.
+
+When damaged or missing chunk copies are found, one quarantine record (docs/FORMAT.md
+section 12) listing those pairs is written, so that the next full backup re-stores the
+chunks; `load_quarantine` reads the records back. Nothing is written when all is well.
+Verify never raises for damage it finds: it returns a `VerifyReport` (the CLI turns a
+failed report into `VerifyFailed`). It raises for what stops it from checking at all
+(backend failures, a key that cannot read data, RepositoryLocked while a forget or prune
+holds the exclusive lock, cancellation). It holds a shared lock throughout, as a backup
+does, so that a prune cannot delete packs under it and make them look lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from concurrent.futures import Executor
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+import zstandard
+
+from dedupe._types import Progress, ProgressCallback
+from dedupe.crypto import open_sealed
+from dedupe.errors import (
+    DedupeError,
+    GenerationNotFound,
+    IntegrityError,
+    MissingObject,
+    TruncatedObject,
+    UnsupportedFormat,
+)
+from dedupe.format.index import INDEX_AAD, INDEX_MAGIC, PackRecord, decode_index
+from dedupe.format.manifest import CHUNK_RECORD
+from dedupe.format.pack import (
+    FOOTER_SIZE,
+    PACK_MAGIC,
+    TRAILER_AAD,
+    PackEntry,
+    decode_footer,
+    decode_trailer,
+)
+from dedupe.hashing import object_id
+from dedupe.store import RepositoryStore
+from dedupe.store.locks import RepositoryLock
+from dedupe.store.quarantine import (
+    QUARANTINE_PREFIX,
+    decode_quarantine,
+    encode_quarantine,
+    read_quarantine,
+)
+from dedupe.store.repository import pack_name, utc_now
+
+T = TypeVar("T")
+
+# --- vocabulary of the report -----------------------------------------------------------------
+
+# Why an object (or a chunk copy) is damaged; most severe first (a DamagedObject's `reason`
+# is the most severe of its problems, `details` lists them all).
+MISSING = "missing"  # the object is not in the backend
+TRUNCATED = "truncated"  # shorter than its index record (or its own footer) says
+SIZE_MISMATCH = "size mismatch"  # longer than its index record says
+AUTH_FAILED = "authentication failed"  # an AEAD tag (or a wrapped key) did not open
+ID_MISMATCH = "id mismatch"  # its bytes do not hash to its name / a chunk to its id
+MALFORMED = "malformed"  # authenticated, but the layout is wrong (bad magic, bad offsets)
+TRAILER_MISMATCH = "trailer mismatch"  # the pack's trailer and the index disagree
+NOT_INDEXED = "not indexed"  # chunks generations reference that no index object lists
+REASONS = (
+    MISSING,
+    TRUNCATED,
+    SIZE_MISMATCH,
+    AUTH_FAILED,
+    ID_MISMATCH,
+    MALFORMED,
+    TRAILER_MISMATCH,
+    NOT_INDEXED,
+)
+KINDS = ("generation", "index", "pack", "quarantine")
+
+# --- tuning -----------------------------------------------------------------------------------
+
+READ_CONCURRENCY = 2  # whole packs held in memory at once while reading data
+STAT_CONCURRENCY = 16
+INDEX_CONCURRENCY = 8
+OPEN_BATCH = 1024 * 1024  # stored bytes of blobs opened per executor job
+
+SubsetSpec = float | tuple[int, int]
+"""A fraction of the packs in (0, 1], read as a random sample; or (n, t), 1 <= n <= t: the
+n-th of t deterministic slices (the packs whose id, as a big-endian integer of its first 8
+bytes, is n - 1 modulo t), so that running 1/t .. t/t reads every pack once."""
+
+_Item = tuple[bytes, int, int, int]  # chunk id, offset in pack, stored length, raw length
+
+
+@dataclass(frozen=True)
+class DamagedObject:
+    """One damaged or missing object, or (kind "index", reason "not indexed", name
+    "index") the chunks generations reference that no index object lists.
+
+    `chunk_ids` (hex) are the chunks whose copy in this object is unusable: for a pack, the
+    blobs that are missing, cut off or fail to open; for an index object, its entries that
+    point outside their pack. Empty when the object is damaged but no chunk is lost (a
+    flipped byte in a trailer). `generations` are the affected generation ids (see the
+    module docstring); for a damaged manifest, its own id."""
+
+    name: str  # "packs/ab/ab12..", "index/..", "generations/..", "quarantine/.."
+    kind: str  # one of KINDS
+    reason: str  # one of REASONS: the most severe problem
+    details: list[str]
+    chunk_ids: list[str]
+    generations: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What `verify` found. `ok` is True exactly when `damaged` is empty.
+
+    Counts: `generations`, `index_objects` and `packs` (named by the index) checked;
+    `packs_read`, `chunks_read` and `bytes_read` (pack bytes) by the data check;
+    `chunks` the index entries checked; `packs_unindexed` packs in the backend that no
+    index object names (normal after an interrupted backup; not damage). `quarantine` is
+    the name of the quarantine record this run wrote, if any."""
+
+    ok: bool
+    read_data: bool
+    subset: str | None
+    generations: int
+    index_objects: int
+    packs: int
+    packs_read: int
+    packs_unindexed: int
+    chunks: int
+    chunks_read: int
+    bytes_read: int
+    damaged: list[DamagedObject]
+    quarantine: str | None
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_subset(text: str) -> SubsetSpec:
+    """'10%' -> 0.1 (a random tenth of the packs); '2/5' -> (2, 5) (the second of five
+    deterministic slices). Raises ValueError for anything else."""
+    text = text.strip()
+    if "/" in text:
+        n_text, _, t_text = text.partition("/")
+        try:
+            n, t = int(n_text), int(t_text)
+        except ValueError:
+            raise ValueError(f"{text!r}: expected n/t with whole numbers, e.g. 1/5") from None
+        spec: SubsetSpec = (n, t)
+    elif text.endswith("%"):
+        try:
+            spec = float(text[:-1]) / 100
+        except ValueError:
+            raise ValueError(f"{text!r}: expected a percentage, e.g. 10%") from None
+    else:
+        raise ValueError(f"{text!r}: expected a percentage (10%) or a slice n/t (1/5)")
+    _check_subset(spec)
+    return spec
+
+
+def _check_subset(spec: SubsetSpec) -> None:
+    if isinstance(spec, tuple):
+        n, t = spec
+        if not 1 <= n <= t:
+            raise ValueError(f"subset {n}/{t}: need 1 <= n <= t")
+    elif not (0 < spec <= 1 and math.isfinite(spec)):
+        raise ValueError(f"subset fraction {spec!r} must be within (0, 1] (0% < x <= 100%)")
+
+
+def _describe_subset(spec: SubsetSpec) -> str:
+    if isinstance(spec, tuple):
+        return f"{spec[0]}/{spec[1]}"
+    return f"{spec * 100:g}%"
+
+
+def select_packs(pack_ids: Iterable[bytes], spec: SubsetSpec | None) -> list[bytes]:
+    """The packs a (subset) data check reads, sorted. A fraction takes a random sample of
+    ceil(fraction * count) packs (at least one when there are any)."""
+    ids = sorted(pack_ids)
+    if spec is None:
+        return ids
+    _check_subset(spec)
+    if isinstance(spec, tuple):
+        n, t = spec
+        return [p for p in ids if int.from_bytes(p[:8], "big") % t == n - 1]
+    k = min(len(ids), math.ceil(spec * len(ids)))
+    return sorted(random.SystemRandom().sample(ids, k))
+
+
+async def load_quarantine(store: RepositoryStore) -> set[tuple[bytes, bytes]]:
+    """Every (chunk id, pack id) pair the repository's quarantine records name."""
+    return await read_quarantine(store.backend, store.keys.meta_key)
+
+
+# --- the pipeline -----------------------------------------------------------------------------
+
+
+class _Bad(Exception):
+    """A problem found inside an executor job: (reason, detail)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class _Damage:
+    name: str
+    kind: str
+    reasons: set[str] = field(default_factory=set)
+    details: list[str] = field(default_factory=list)
+    chunks: set[bytes] = field(default_factory=set)
+    generations: set[str] = field(default_factory=set)
+
+    def freeze(self) -> DamagedObject:
+        return DamagedObject(
+            name=self.name,
+            kind=self.kind,
+            reason=min(self.reasons, key=REASONS.index),
+            details=list(self.details),
+            chunk_ids=sorted(c.hex() for c in self.chunks),
+            generations=sorted(self.generations),
+        )
+
+
+@dataclass
+class _Pack:
+    record: PackRecord
+    entries: set[_Item] = field(default_factory=set)
+    size: int | None = None  # actual size; None until stat'ed, or missing
+
+
+async def _each(items: Iterable[T], workers: int, fn: Callable[[T], Awaitable[None]]) -> None:
+    """Run fn over items with at most `workers` at a time (a fixed pool of tasks, not one
+    task per item: repositories have millions of objects). The first failure cancels the
+    rest and is raised."""
+    it = iter(items)
+
+    async def worker() -> None:
+        for item in it:
+            await fn(item)
+
+    # Not a TaskGroup: callers must see the error itself, not an ExceptionGroup.
+    tasks = [asyncio.create_task(worker()) for _ in range(workers)]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _batches(items: list[_Item], batch_bytes: int) -> Iterator[list[_Item]]:
+    part: list[_Item] = []
+    size = 0
+    for it in items:
+        part.append(it)
+        size += it[2]
+        if size >= batch_bytes:
+            yield part
+            part, size = [], 0
+    if part:
+        yield part
+
+
+def _open_index_object(
+    meta_key: bytes, name: str, data: bytes
+) -> tuple[list[PackRecord], list[tuple[bytes, int, int, int, int]]]:
+    what = f"index object {name}"
+    if object_id(data) != name.rsplit("/", 1)[-1]:
+        raise _Bad(ID_MISMATCH, f"{what} does not hash to its name")
+    if data[:8] != INDEX_MAGIC:
+        raise _Bad(MALFORMED, f"{what} has an unknown magic")
+    try:
+        plain = open_sealed(meta_key, memoryview(data)[8:], INDEX_AAD, what)
+    except IntegrityError as e:
+        raise _Bad(AUTH_FAILED, e.message) from None
+    try:
+        return decode_index(zstandard.ZstdDecompressor().decompress(plain), what)
+    except (IntegrityError, zstandard.ZstdError) as e:
+        raise _Bad(MALFORMED, f"{what} does not decode: {e}") from None
+
+
+class _Verifier:
+    def __init__(
+        self,
+        store: RepositoryStore,
+        executor: Executor,
+        progress: ProgressCallback | None,
+    ) -> None:
+        self.store = store
+        self.backend = store.backend
+        self.executor = executor
+        self.loop = asyncio.get_running_loop()
+        self.progress = progress
+        self.p = Progress("verify", "checking index")
+        self.damage: dict[str, _Damage] = {}
+        # Unusable chunk copies: (chunk id, pack id) -> (reason, name of the damaged object).
+        self.bad: dict[tuple[bytes, bytes], tuple[str, str]] = {}
+        self.packs: dict[bytes, _Pack] = {}
+        self.index_objects = 0
+        self.generations = 0
+        self.packs_read = 0
+        self.packs_unindexed = 0
+        self.chunks_read = 0
+        self.bytes_read = 0
+
+    # --- helpers ---
+
+    def _report(self, stage: str | None = None) -> None:
+        if stage is not None:
+            self.p.stage = stage
+        if self.progress is not None:
+            self.progress(self.p)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self.loop.run_in_executor(self.executor, fn, *args)
+
+    def _damaged(
+        self, name: str, kind: str, reason: str, detail: str, chunks: Iterable[bytes] = ()
+    ) -> _Damage:
+        d = self.damage.get(name)
+        if d is None:
+            d = self.damage[name] = _Damage(name, kind)
+        d.reasons.add(reason)
+        if detail not in d.details:
+            d.details.append(detail)
+        d.chunks.update(chunks)
+        return d
+
+    def _bad_copies(
+        self, name: str, pack_id: bytes, reason: str, detail: str, chunks: Iterable[bytes]
+    ) -> None:
+        """Chunk copies in `pack_id` that cannot be read; `name` is the object to blame."""
+        chunks = list(chunks)
+        kind = "pack" if name.startswith("packs/") else "index"
+        self._damaged(name, kind, reason, detail, chunks)
+        for c in chunks:
+            self.bad.setdefault((c, pack_id), (reason, name))
+
+    # --- structure: index objects ---
+
+    async def check_index(self) -> None:
+        self._report("checking index")
+        names = sorted(await self.backend.list("index/"))
+        self.index_objects = len(names)
+
+        async def one(name: str) -> None:
+            try:
+                data = await self.backend.get(name)
+            except MissingObject:
+                self._damaged(name, "index", MISSING, f"{name} vanished while verifying")
+                return
+            try:
+                packs, entries = await self._run(
+                    _open_index_object, self.store.keys.meta_key, name, data
+                )
+            except _Bad as e:
+                self._damaged(name, "index", e.reason, e.detail)
+                return
+            outside: dict[bytes, list[bytes]] = {}
+            for chunk_id, pack_no, offset, stored, raw in entries:
+                record = packs[pack_no]
+                info = self.packs.get(record.pack_id)
+                if info is None:
+                    info = self.packs[record.pack_id] = _Pack(record)
+                if offset < len(PACK_MAGIC) or offset + stored > record.length - FOOTER_SIZE:
+                    outside.setdefault(record.pack_id, []).append(chunk_id)
+                else:
+                    info.entries.add((chunk_id, offset, stored, raw))
+            for pack_id, chunks in outside.items():
+                self._bad_copies(
+                    name,
+                    pack_id,
+                    MALFORMED,
+                    f"{len(chunks)} entries point outside pack {pack_id.hex()}",
+                    chunks,
+                )
+
+        await _each(names, INDEX_CONCURRENCY, one)
+
+    async def check_quarantine_records(self) -> None:
+        for name in sorted(await self.backend.list(QUARANTINE_PREFIX)):
+            try:
+                data = await self.backend.get(name)
+                await self._run(decode_quarantine, self.store.keys.meta_key, name, data)
+            except MissingObject:
+                continue
+            except UnsupportedFormat as e:
+                self._damaged(name, "quarantine", MALFORMED, e.message)
+            except IntegrityError as e:
+                reason = ID_MISMATCH if "its name" in e.message else AUTH_FAILED
+                if "malformed" in e.message:
+                    reason = MALFORMED
+                self._damaged(name, "quarantine", reason, e.message)
+
+    # --- structure: packs ---
+
+    async def check_packs(self) -> None:
+        self._report("checking packs")
+        present: set[bytes] = set()
+        for n in await self.backend.list("packs/"):
+            try:
+                present.add(bytes.fromhex(n.rsplit("/", 1)[-1]))
+            except ValueError:
+                continue  # not a pack name: not ours to judge
+        self.packs_unindexed = len(present - self.packs.keys())
+
+        async def one(pack_id: bytes) -> None:
+            info = self.packs[pack_id]
+            name = pack_name(pack_id)
+            try:
+                info.size = await self.backend.stat(name)
+            except MissingObject:
+                self._bad_copies(
+                    name,
+                    pack_id,
+                    MISSING,
+                    f"pack {pack_id.hex()} is missing",
+                    (e[0] for e in info.entries),
+                )
+                return
+            expected = info.record.length
+            if info.size < expected:
+                cut = [e[0] for e in info.entries if e[1] + e[2] > info.size]
+                self._bad_copies(
+                    name,
+                    pack_id,
+                    TRUNCATED,
+                    f"pack is {info.size} bytes, the index says {expected}: "
+                    f"{len(cut)} blobs are cut off",
+                    cut,
+                )
+            elif info.size > expected:
+                self._damaged(
+                    name,
+                    "pack",
+                    SIZE_MISMATCH,
+                    f"pack is {info.size} bytes, the index says {expected}",
+                )
+
+        await _each(list(self.packs), STAT_CONCURRENCY, one)
+
+    # --- data ---
+
+    async def read_packs(self, spec: SubsetSpec | None) -> None:
+        chosen = [p for p in select_packs(self.packs, spec) if self.packs[p].size is not None]
+        self.p.bytes_total = sum(self.packs[p].size or 0 for p in chosen)
+        self._report("reading packs")
+        # READ_CONCURRENCY workers: at most that many packs are in memory at once.
+        await _each(chosen, READ_CONCURRENCY, self._read_pack)
+
+    async def _read_pack(self, pack_id: bytes) -> None:
+        info = self.packs[pack_id]
+        name = pack_name(pack_id)
+        all_chunks = [e[0] for e in info.entries]
+        try:
+            data = await self.backend.get(name)
+        except MissingObject:
+            self._bad_copies(name, pack_id, MISSING, "pack vanished while verifying", all_chunks)
+            return
+        self.packs_read += 1
+        self.bytes_read += len(data)
+        store = self.store
+        key: bytes | None
+        try:
+            key = store.pack_key(store.index.pack_number(info.record))
+        except IntegrityError as e:
+            key = None
+            self._bad_copies(name, pack_id, AUTH_FAILED, e.message, all_chunks)
+        problems, trailer = await self._run(_check_envelope, data, pack_id, key, name)
+        for reason, detail in problems:
+            self._damaged(name, "pack", reason, detail)
+        items = set(info.entries)
+        if trailer is not None:
+            in_trailer = {(e.chunk_id, e.offset, e.stored_length, e.raw_length) for e in trailer}
+            disagree = len(info.entries - in_trailer)
+            if disagree:
+                self._damaged(
+                    name,
+                    "pack",
+                    TRAILER_MISMATCH,
+                    f"{disagree} index entries are not in the pack's trailer",
+                )
+            # Blobs only the trailer lists are checked too: every blob is read.
+            items |= {it for it in in_trailer if it[1] + it[2] <= len(data)}
+        if key is not None:
+            ordered = sorted(items, key=lambda it: it[1])
+            jobs = [
+                self._run(_open_blobs, store, key, data, part)
+                for part in _batches(ordered, OPEN_BATCH)
+            ]
+            for bad in await asyncio.gather(*jobs):
+                for chunk_id, reason, detail in bad:
+                    self._bad_copies(name, pack_id, reason, detail, [chunk_id])
+            self.chunks_read += len(items)
+        del data  # before the progress callback: at most READ_CONCURRENCY packs are held
+        self.p.bytes_read = self.bytes_read
+        self.p.chunks = self.chunks_read
+        self._report()
+
+    # --- generations ---
+
+    async def check_generations(self) -> None:
+        self._report("checking generations")
+        not_indexed: dict[bytes, set[str]] = {}
+        for gen_id in sorted(await self.store.generation_ids()):
+            name = f"generations/{gen_id}"
+            try:
+                _meta, table = await self.store.generation_chunks(gen_id)
+            except GenerationNotFound:
+                continue  # forgotten meanwhile
+            except (
+                DedupeError,
+                zstandard.ZstdError,
+                UnicodeDecodeError,
+                json.JSONDecodeError,
+            ) as e:
+                self.generations += 1
+                reason, detail = await self._classify_generation(gen_id, e)
+                self._damaged(name, "generation", reason, detail).generations.add(gen_id)
+                continue
+            self.generations += 1
+            missing, hits = await self._run(self._scan, table)
+            for chunk_id in missing:
+                not_indexed.setdefault(chunk_id, set()).add(gen_id)
+            for pair in hits:
+                self.damage[self.bad[pair][1]].generations.add(gen_id)
+        if not_indexed:
+            d = self._damaged(
+                "index",
+                "index",
+                NOT_INDEXED,
+                f"{len(not_indexed)} chunks that generations reference are in no index object",
+                not_indexed,
+            )
+            for gens in not_indexed.values():
+                d.generations |= gens
+
+    def _scan(self, table: bytes) -> tuple[list[bytes], set[tuple[bytes, bytes]]]:
+        """(chunk ids not in the index, damaged copies the index resolves chunks to)."""
+        index = self.store.index
+        packs = index.packs
+        bad = self.bad
+        missing: list[bytes] = []
+        hits: set[tuple[bytes, bytes]] = set()
+        for chunk_id, _raw in CHUNK_RECORD.iter_unpack(table):
+            loc = index.get(chunk_id)
+            if loc is None:
+                missing.append(chunk_id)
+            elif bad:
+                pair = (chunk_id, packs[loc.pack_no].pack_id)
+                if pair in bad:
+                    hits.add(pair)
+        return missing, hits
+
+    async def _classify_generation(self, gen_id: str, e: Exception) -> tuple[str, str]:
+        detail = e.message if isinstance(e, DedupeError) else f"generation {gen_id}: {e}"
+        try:
+            data = await self.backend.get(f"generations/{gen_id}")
+        except MissingObject:
+            return MISSING, detail
+        if await self._run(object_id, data) != gen_id:
+            return ID_MISMATCH, detail
+        if isinstance(e, MissingObject):  # a generation its delta chain needs is missing
+            return MISSING, detail
+        if isinstance(e, TruncatedObject):
+            return TRUNCATED, detail
+        if isinstance(e, IntegrityError) and "authentication" in e.message:
+            return AUTH_FAILED, detail
+        return MALFORMED, detail
+
+    # --- quarantine ---
+
+    async def write_quarantine(self) -> str:
+        chunks = sorted((c, p, reason) for (c, p), (reason, _name) in self.bad.items())
+        data = encode_quarantine(self.store.keys.meta_key, utc_now(), chunks)
+        name = f"{QUARANTINE_PREFIX}{object_id(data)}"
+        await self.backend.put(name, data)
+        return name
+
+
+def _check_envelope(
+    data: bytes, pack_id: bytes, key: bytes | None, name: str
+) -> tuple[list[tuple[str, str]], list[PackEntry] | None]:
+    """Problems of a whole pack outside its blobs, and its trailer entries if it opens."""
+    problems: list[tuple[str, str]] = []
+    if object_id(data) != pack_id.hex():
+        problems.append((ID_MISMATCH, "the pack's bytes do not hash to its name"))
+    if data[: len(PACK_MAGIC)] != PACK_MAGIC:
+        problems.append((MALFORMED, "the pack does not start with the pack magic"))
+    try:
+        _epoch, _wrapped, trailer_length = decode_footer(
+            len(data), data[-FOOTER_SIZE:], f"pack {pack_id.hex()}"
+        )
+    except TruncatedObject as e:
+        problems.append((TRUNCATED, e.message))
+        return problems, None
+    except IntegrityError as e:
+        problems.append((MALFORMED, e.message))
+        return problems, None
+    if key is None:
+        return problems, None
+    end = len(data) - FOOTER_SIZE
+    what = f"the trailer of pack {pack_id.hex()}"
+    try:
+        plain = open_sealed(key, memoryview(data)[end - trailer_length : end], TRAILER_AAD, what)
+    except IntegrityError:
+        problems.append((AUTH_FAILED, f"{what} failed authentication"))
+        return problems, None
+    try:
+        return problems, decode_trailer(bytes(plain), what)
+    except IntegrityError as e:
+        problems.append((MALFORMED, e.message))
+        return problems, None
+
+
+def _open_blobs(
+    store: RepositoryStore, key: bytes, data: bytes, items: list[_Item]
+) -> list[tuple[bytes, str, str]]:
+    """(chunk id, reason, detail) of every blob among `items` that does not open."""
+    view = memoryview(data)
+    bad: list[tuple[bytes, str, str]] = []
+    for chunk_id, offset, stored, raw in items:
+        what = f"chunk {chunk_id.hex()}"
+        if offset + stored > len(data):
+            bad.append((chunk_id, TRUNCATED, f"{what} is cut off by the end of the pack"))
+            continue
+        blob = view[offset : offset + stored]
+        try:
+            store.codec.open(key, chunk_id, blob, raw)
+        except IntegrityError as e:
+            # Tell a failed tag from content that authenticates but does not match its id.
+            try:
+                open_sealed(key, blob, chunk_id, what)
+                reason = ID_MISMATCH
+            except IntegrityError:
+                reason = AUTH_FAILED
+            bad.append((chunk_id, reason, e.message))
+    return bad
+
+
+async def verify_repository(
+    store: RepositoryStore,
+    executor: Executor,
+    *,
+    read_data: bool = False,
+    subset: SubsetSpec | None = None,
+    progress: ProgressCallback | None = None,
+    quarantine: bool = True,
+) -> VerifyReport:
+    """Check the repository (see the module docstring) and return what was found.
+
+    `read_data` reads every pack the index names; `subset` (implies reading data) reads a
+    fraction or an n/t slice of them (SubsetSpec). `quarantine=False` writes no
+    quarantine record even when chunk copies are damaged (for read-only repositories).
+    Progress events have operation "verify" and stages "checking index", "checking
+    packs", "reading packs" (bytes_read / bytes_total are pack bytes), "checking
+    generations", "done"."""
+    if subset is not None:
+        _check_subset(subset)
+        read_data = True
+    started = time.monotonic()
+    # A shared lock, like a backup's: prune (exclusive) cannot delete packs under us, which
+    # would look like damage.
+    async with RepositoryLock(store.backend, exclusive=False, operation="verify") as held:
+        await store.refresh_index()  # so the index resolves chunks as a restore now would
+        v = _Verifier(store, executor, progress)
+        await v.check_index()
+        await v.check_quarantine_records()
+        await v.check_packs()
+        if read_data:
+            await v.read_packs(subset)
+        await v.check_generations()
+        record = None
+        if quarantine and v.bad:
+            held.check()
+            record = await v.write_quarantine()
+    damaged = sorted(
+        (d.freeze() for d in v.damage.values()), key=lambda d: (KINDS.index(d.kind), d.name)
+    )
+    v._report("done")
+    return VerifyReport(
+        ok=not damaged,
+        read_data=read_data,
+        subset=None if subset is None else _describe_subset(subset),
+        generations=v.generations,
+        index_objects=v.index_objects,
+        packs=len(v.packs),
+        packs_read=v.packs_read,
+        packs_unindexed=v.packs_unindexed,
+        chunks=sum(len(p.entries) for p in v.packs.values()),
+        chunks_read=v.chunks_read,
+        bytes_read=v.bytes_read,
+        damaged=damaged,
+        quarantine=record,
+        seconds=round(time.monotonic() - started, 3),
+    )

@@ -1,0 +1,411 @@
+"""`verify`: a clean repository passes both checks; every kind of damage is found, named
+with the chunks it loses and exactly the generations it breaks; subsets read about the
+fraction asked; damaged chunk copies are quarantined; the command's exit codes.
+
+One repository is built per module and copied per test: three generations with 64 KiB
+packs, "a" and "b" of unrelated data and "c" = a's bytes plus a tail (it shares a's chunks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import math
+import os
+import random
+import shutil
+import stat
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from conftest import PASSPHRASE, make_repo
+
+from dedupe import Repository
+from dedupe.backends import LocalBackend
+from dedupe.engine.verify import (
+    AUTH_FAILED,
+    ID_MISMATCH,
+    MISSING,
+    NOT_INDEXED,
+    TRUNCATED,
+    VerifyReport,
+    load_quarantine,
+    parse_subset,
+)
+from dedupe.errors import BackendError, IntegrityError, RepositoryLocked, VerifyFailed
+from dedupe.format.manifest import CHUNK_RECORD
+from dedupe.store.locks import RepositoryLock
+from dedupe.store.repository import pack_name
+
+T = TypeVar("T")
+Run = Callable[[Coroutine[Any, Any, T]], T]
+KiB = 1024
+
+
+@dataclass(frozen=True)
+class Place:
+    chunk_id: bytes
+    pack_id: bytes
+    offset: int
+    stored_length: int
+
+
+@dataclass(frozen=True)
+class Pristine:
+    path: Path
+    gens: dict[str, str]  # name -> generation id
+    index_of: dict[str, str]  # name -> the index object its backup wrote
+    places: dict[str, list[Place]]  # generation id -> where each of its chunks is
+
+
+def _data(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+async def _build(path: Path) -> Pristine:
+    a = _data(320 * KiB, 1)
+    sources = {"a": a, "b": _data(320 * KiB, 2), "c": a + _data(64 * KiB, 3)}
+    gens: dict[str, str] = {}
+    index_of: dict[str, str] = {}
+    async with await make_repo(path) as repo:
+        backend = repo._store.backend
+        for name, data in sources.items():
+            before = set(await backend.list("index/"))
+            gens[name] = (await repo.backup(io.BytesIO(data), name=name)).id
+            (index_of[name],) = set(await backend.list("index/")) - before
+        places = {gid: await _places(repo, gid) for gid in gens.values()}
+    return Pristine(path, gens, index_of, places)
+
+
+async def _places(repo: Repository, gen_id: str) -> list[Place]:
+    store = repo._store
+    _meta, table = await store.generation_chunks(gen_id)
+    out = []
+    for chunk_id, _length in CHUNK_RECORD.iter_unpack(table):
+        loc = store.index.get(chunk_id)
+        assert loc is not None
+        pack_id = store.index.packs[loc.pack_no].pack_id
+        out.append(Place(chunk_id, pack_id, loc.offset, loc.stored_length))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Pristine:
+    return asyncio.run(_build(tmp_path_factory.mktemp("verify") / "repo"))
+
+
+@pytest.fixture
+def repo(pristine: Pristine, tmp_path: Path) -> Pristine:
+    """A private copy of the pristine repository."""
+    path = tmp_path / "repo"
+    shutil.copytree(pristine.path, path)
+    return Pristine(path, pristine.gens, pristine.index_of, pristine.places)
+
+
+def pack_file(repo: Pristine, pack_id: bytes) -> Path:
+    return repo.path / pack_name(pack_id)
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+def users(repo: Pristine, chunk_ids: set[bytes]) -> list[str]:
+    """The generations whose chunk tables hold any of `chunk_ids`, sorted."""
+    return sorted(
+        gid for gid, places in repo.places.items() if any(p.chunk_id in chunk_ids for p in places)
+    )
+
+
+def chunks_in_pack(repo: Pristine, pack_id: bytes) -> list[Place]:
+    found = {p.chunk_id: p for ps in repo.places.values() for p in ps if p.pack_id == pack_id}
+    return sorted(found.values(), key=lambda p: p.offset)
+
+
+def all_packs(repo: Pristine) -> set[bytes]:
+    return {p.pack_id for ps in repo.places.values() for p in ps}
+
+
+async def verify(repo: Pristine, **kwargs: Any) -> VerifyReport:
+    async with await Repository.open(repo.path, PASSPHRASE) as r:
+        return await r.verify(**kwargs)
+
+
+async def quarantine_pairs(repo: Pristine) -> set[tuple[bytes, bytes]]:
+    async with await Repository.open(repo.path, PASSPHRASE) as r:
+        return await load_quarantine(r._store)
+
+
+# --- a clean repository ----------------------------------------------------------------------
+
+
+def test_clean_repository_passes_both_checks(repo: Pristine, run: Run[Any]) -> None:
+    packs = all_packs(repo)
+    structure = run(verify(repo))
+    assert structure.ok and structure.damaged == []
+    assert structure.generations == 3 and structure.index_objects == 3
+    assert structure.packs == len(packs) >= 10
+    assert structure.packs_read == structure.bytes_read == structure.chunks_read == 0
+    assert structure.chunks == len({p.chunk_id for ps in repo.places.values() for p in ps})
+
+    data = run(verify(repo, read_data=True))
+    assert data.ok and data.damaged == []
+    assert data.packs_read == len(packs)
+    assert data.chunks_read == data.chunks
+    assert data.bytes_read == sum(pack_file(repo, p).stat().st_size for p in packs)
+    assert data.quarantine is None and not (repo.path / "quarantine").exists()
+    assert json.loads(json.dumps(data.to_dict()))["ok"] is True
+
+
+def test_progress_events(repo: Pristine, run_asyncio: Run[Any]) -> None:
+    stages: list[str] = []
+    read: list[int] = []
+
+    def progress(p: Any) -> None:
+        assert p.operation == "verify"
+        stages.append(p.stage)
+        read.append(p.bytes_read)
+
+    report = run_asyncio(verify(repo, read_data=True, progress=progress))
+    assert stages[0] == "checking index" and stages[-1] == "done"
+    assert "reading packs" in stages and "checking generations" in stages
+    assert max(read) == report.bytes_read
+
+
+# --- damaged data ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["shared", "unique"])
+def test_flipped_byte_in_a_blob(repo: Pristine, which: str, run_asyncio: Run[Any]) -> None:
+    # A chunk of a that c shares, or a chunk only b has.
+    victim = repo.places[repo.gens["a"]][1] if which == "shared" else repo.places[repo.gens["b"]][2]
+    expected_gens = (
+        sorted([repo.gens["a"], repo.gens["c"]]) if which == "shared" else [repo.gens["b"]]
+    )
+    assert users(repo, {victim.chunk_id}) == expected_gens
+    flip_byte(pack_file(repo, victim.pack_id), victim.offset + victim.stored_length // 2)
+
+    # The structure check reads no pack data: it cannot see a flipped byte, and passes.
+    structure = run_asyncio(verify(repo))
+    assert structure.ok and structure.bytes_read == 0 and structure.quarantine is None
+
+    report = run_asyncio(verify(repo, read_data=True))
+    assert not report.ok
+    (damaged,) = report.damaged
+    assert damaged.kind == "pack"
+    assert damaged.name == pack_name(victim.pack_id)
+    assert damaged.reason == AUTH_FAILED
+    assert damaged.chunk_ids == [victim.chunk_id.hex()]
+    assert damaged.generations == expected_gens
+    assert any("hash to its name" in d for d in damaged.details)  # the pack id check too
+
+    # One quarantine record names exactly the damaged copy.
+    assert report.quarantine is not None
+    assert [p.name for p in (repo.path / "quarantine").iterdir()] == [
+        report.quarantine.split("/")[1]
+    ]
+    assert run_asyncio(quarantine_pairs(repo)) == {(victim.chunk_id, victim.pack_id)}
+
+
+def test_no_quarantine_record_when_asked(repo: Pristine, run_asyncio: Run[Any]) -> None:
+    victim = repo.places[repo.gens["b"]][0]
+    flip_byte(pack_file(repo, victim.pack_id), victim.offset + 30)
+    report = run_asyncio(verify(repo, read_data=True, quarantine=False))
+    assert not report.ok and report.quarantine is None
+    assert not (repo.path / "quarantine").exists()
+
+
+def test_flipped_byte_in_a_trailer_loses_no_chunk(repo: Pristine, run_asyncio: Run[Any]) -> None:
+    pack_id = repo.places[repo.gens["b"]][0].pack_id
+    path = pack_file(repo, pack_id)
+    flip_byte(path, path.stat().st_size - 96 - 20)  # inside the sealed trailer
+    report = run_asyncio(verify(repo, read_data=True))
+    (damaged,) = report.damaged
+    assert damaged.name == pack_name(pack_id) and damaged.reason == AUTH_FAILED
+    assert damaged.chunk_ids == [] and damaged.generations == []
+    assert report.quarantine is None  # no chunk copy is lost: nothing to store again
+
+
+def test_truncated_pack(repo: Pristine, run_asyncio: Run[Any]) -> None:
+    pack_id = repo.places[repo.gens["b"]][3].pack_id
+    path = pack_file(repo, pack_id)
+    new_size = path.stat().st_size // 2
+    os.truncate(path, new_size)
+    cut = {
+        p.chunk_id for p in chunks_in_pack(repo, pack_id) if p.offset + p.stored_length > new_size
+    }
+    assert cut
+
+    report = run_asyncio(verify(repo))  # the structure check alone finds it
+    assert not report.ok
+    (damaged,) = report.damaged
+    assert (damaged.name, damaged.kind, damaged.reason) == (pack_name(pack_id), "pack", TRUNCATED)
+    assert set(damaged.chunk_ids) == {c.hex() for c in cut}
+    assert damaged.generations == users(repo, cut) == [repo.gens["b"]]
+
+    # Reading the data opens the blobs before the cut and agrees on the ones after it.
+    data = run_asyncio(verify(repo, read_data=True))
+    (damaged,) = data.damaged
+    assert damaged.reason == TRUNCATED and set(damaged.chunk_ids) == {c.hex() for c in cut}
+    assert run_asyncio(quarantine_pairs(repo)) == {(c, pack_id) for c in cut}
+
+
+def test_deleted_pack(repo: Pristine, run_asyncio: Run[Any]) -> None:
+    pack_id = repo.places[repo.gens["a"]][0].pack_id  # a pack c uses too
+    pack_file(repo, pack_id).unlink()
+    lost = {p.chunk_id for p in chunks_in_pack(repo, pack_id)}
+
+    report = run_asyncio(verify(repo))
+    assert not report.ok
+    (damaged,) = report.damaged
+    assert (damaged.name, damaged.kind, damaged.reason) == (pack_name(pack_id), "pack", MISSING)
+    assert set(damaged.chunk_ids) == {c.hex() for c in lost}
+    assert damaged.generations == users(repo, lost) == sorted([repo.gens["a"], repo.gens["c"]])
+    assert run_asyncio(quarantine_pairs(repo)) == {(c, pack_id) for c in lost}
+
+    data = run_asyncio(verify(repo, read_data=True))  # a missing pack is not read
+    assert data.packs_read == len(all_packs(repo)) - 1
+    assert [d.name for d in data.damaged] == [pack_name(pack_id)]
+
+
+def test_deleted_index_object(repo: Pristine, run_asyncio: Run[Any]) -> None:
+    (repo.path / repo.index_of["b"]).unlink()
+    report = run_asyncio(verify(repo))
+    assert not report.ok
+    (damaged,) = report.damaged
+    assert (damaged.name, damaged.kind, damaged.reason) == ("index", "index", NOT_INDEXED)
+    b_chunks = {p.chunk_id for p in repo.places[repo.gens["b"]]}
+    assert set(damaged.chunk_ids) == {c.hex() for c in b_chunks}
+    assert damaged.generations == [repo.gens["b"]]
+    assert report.index_objects == 2
+    assert report.packs_unindexed == len({p.pack_id for p in repo.places[repo.gens["b"]]})
+    assert report.quarantine is None  # unindexed chunks are stored again anyway
+
+
+def test_damaged_manifest(repo: Pristine, run_asyncio: Run[Any]) -> None:
+    gen = repo.gens["c"]
+    flip_byte(repo.path / "generations" / gen, 40)
+    report = run_asyncio(verify(repo))
+    (damaged,) = report.damaged
+    assert (damaged.name, damaged.kind) == (f"generations/{gen}", "generation")
+    assert damaged.reason == ID_MISMATCH and damaged.generations == [gen]
+
+
+def test_damaged_quarantine_record(repo: Pristine, run_asyncio: Run[Any]) -> None:
+    victim = repo.places[repo.gens["b"]][0]
+    flip_byte(pack_file(repo, victim.pack_id), victim.offset + 30)
+    name = run_asyncio(verify(repo, read_data=True)).quarantine
+    assert name is not None
+    flip_byte(repo.path / name, 20)
+    with pytest.raises(IntegrityError, match="quarantine record"):
+        run_asyncio(quarantine_pairs(repo))
+    report = run_asyncio(verify(repo, quarantine=False))
+    assert [(d.kind, d.name) for d in report.damaged] == [("quarantine", name)]
+
+
+# --- subsets ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5])
+def test_subset_reads_about_the_fraction(
+    repo: Pristine, fraction: float, run_asyncio: Run[Any]
+) -> None:
+    n = len(all_packs(repo))
+    report = run_asyncio(verify(repo, subset=fraction))
+    assert report.ok and report.read_data
+    assert report.packs_read == math.ceil(fraction * n)
+    assert report.subset == f"{fraction * 100:g}%"
+
+
+def test_subset_slices_cover_every_pack_once(repo: Pristine, run_asyncio: Run[Any]) -> None:
+    reads = [run_asyncio(verify(repo, subset=(k, 3))).packs_read for k in (1, 2, 3)]
+    assert sum(reads) == len(all_packs(repo))
+    assert all(r < len(all_packs(repo)) for r in reads)
+
+
+def test_parse_subset() -> None:
+    assert parse_subset("10%") == pytest.approx(0.1)
+    assert parse_subset("100%") == 1.0
+    assert parse_subset("2/5") == (2, 5)
+    for bad in ("0%", "101%", "0/5", "6/5", "1/0", "ten%", "0.1", "a/b"):
+        with pytest.raises(ValueError):
+            parse_subset(bad)
+
+
+def test_subset_argument_is_checked(repo: Pristine, run_asyncio: Run[Any]) -> None:
+    with pytest.raises(ValueError):
+        run_asyncio(verify(repo, subset=0.0))
+    with pytest.raises(ValueError):
+        run_asyncio(verify(repo, subset=(4, 3)))
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+def test_command_exit_codes(repo: Pristine, cli: Any) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEDUPE_")}
+    env.update(DEDUPE_REPO=str(repo.path), DEDUPE_PASSWORD=PASSPHRASE)
+
+    ok = cli("verify", "--read-data", "--json", env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["ok"] is True
+
+    victim = repo.places[repo.gens["b"]][1]
+    flip_byte(pack_file(repo, victim.pack_id), victim.offset + victim.stored_length // 2)
+    bad = cli("verify", "--read-data", "--json", env=env)
+    assert bad.returncode == VerifyFailed.exit_code == 33
+    assert b"Traceback" not in bad.stderr
+    report = json.loads(bad.stdout)
+    assert report["ok"] is False
+    assert report["damaged"][0]["chunk_ids"] == [victim.chunk_id.hex()]
+    assert json.loads(bad.stderr)["error"] == "VerifyFailed"
+
+    human = cli("verify", "--read-data-subset", "100%", "--no-quarantine", env=env)
+    assert human.returncode == 33 and b"Traceback" not in human.stderr
+    assert b"DAMAGED pack" in human.stdout and repo.gens["b"][:12].encode() in human.stdout
+
+    usage = cli("verify", "--read-data-subset", "0%", env=env)
+    assert usage.returncode == 2 and b"Traceback" not in usage.stderr
+
+
+def test_takes_a_shared_lock(repo: Pristine, run_asyncio: Run[Any]) -> None:
+    async def go() -> None:
+        async with await Repository.open(repo.path, PASSPHRASE) as r:
+            backend = r._store.backend
+            async with RepositoryLock(backend, exclusive=True, operation="prune"):
+                with pytest.raises(RepositoryLocked):
+                    await r.verify()
+            assert (await r.verify()).ok
+            assert await backend.list("locks/") == []  # released
+
+    run_asyncio(go())
+
+
+class FailingReads(LocalBackend):
+    """Pack reads fail as a backend that retried and gave up would."""
+
+    async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        if name.startswith("packs/"):
+            raise BackendError(f"reading {name} failed")
+        return await super().get(name, offset, length)
+
+
+def test_a_backend_failure_is_raised_not_reported(repo: Pristine, run_asyncio: Run[Any]) -> None:
+    async def go() -> None:
+        async with await Repository.open(FailingReads(repo.path), PASSPHRASE) as r:
+            assert (await r.verify()).ok  # the structure check reads no pack
+            with pytest.raises(BackendError, match="reading packs/"):
+                await r.verify(read_data=True)
+            assert await r._store.backend.list("locks/") == []
+
+    run_asyncio(go())
+    assert not (repo.path / "quarantine").exists()

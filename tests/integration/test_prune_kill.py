@@ -1,0 +1,143 @@
+"""Prune killed with SIGKILL at random moments: the repository must stay valid, every
+generation listed before must restore byte for byte, and a second prune must finish the
+job (docs/FORMAT.md section 13, "Prune ordering").
+
+The randomness is seeded; the seed is printed (shown on failure). Re-run one with
+PRUNE_KILL_SEED=<seed>.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import PASSPHRASE, make_repo
+
+from dedupe import Repository
+
+VERSIONS = 12
+SIZE = 4_000_000
+
+
+def versions(seed: int = 11) -> list[bytes]:
+    rnd = random.Random(seed)
+    data = bytearray(rnd.randbytes(SIZE))
+    out = []
+    for _ in range(VERSIONS):
+        for _ in range(6):
+            at = rnd.randrange(0, SIZE - 100_000)
+            data[at : at + 100_000] = rnd.randbytes(100_000)
+        out.append(bytes(data))
+    return out
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes], float]:
+    """A repository after forget (most data released, nothing pruned yet), the bytes of
+    each remaining generation, and how long an uninterrupted prune command takes."""
+    path = tmp_path_factory.mktemp("prune-kill") / "template"
+
+    async def build() -> dict[str, bytes]:
+        async with await make_repo(path) as repo:
+            by_id = {}
+            for v in versions():
+                s = await repo.backup(io.BytesIO(v), name="db", kind="full")
+                by_id[s.id] = v
+            await repo.forget(keep_last=3)
+            return {g.id: by_id[g.id] for g in await repo.generations()}
+
+    kept = asyncio.run(build())
+    probe = path.parent / "probe"
+    shutil.copytree(path, probe)
+    started = time.monotonic()
+    proc = _start_prune(probe)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read() if proc.stderr else ""
+    duration = time.monotonic() - started
+    return path, kept, duration
+
+
+def _startup_seconds() -> float:
+    """How long the interpreter takes to reach the command: kills before that test nothing."""
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-m", "dedupe", "--version"], capture_output=True, check=True)
+    return time.monotonic() - started
+
+
+def _start_prune(path: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEDUPE_")}
+    env.update(DEDUPE_REPO=str(path), DEDUPE_PASSWORD=PASSPHRASE)
+    return subprocess.Popen(
+        # Threshold 0: repack every pack with any waste, so that the kill can land in
+        # each phase (repack, index, delete index objects, delete packs).
+        [sys.executable, "-m", "dedupe", "prune", "--repack-threshold", "0"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+async def _check(path: Path, kept: dict[str, bytes]) -> None:
+    async with await Repository.open(path, PASSPHRASE) as repo:
+        gens = await repo.generations()
+        assert sorted(g.id for g in gens) == sorted(kept)
+        for g in gens:
+            out = io.BytesIO()
+            await repo.restore(g.id, out)
+            assert out.getvalue() == kept[g.id], f"generation {g.id} restored wrong bytes"
+        # The lock the killed process left behind is stale (its pid is dead): no unlock.
+        report = await repo.prune(repack_threshold=0.0)
+        assert report.generations == len(kept)
+        for g in gens:
+            out = io.BytesIO()
+            await repo.restore(g.id, out)
+            assert out.getvalue() == kept[g.id]
+        again = await repo.prune(repack_threshold=0.0)
+        assert (again.packs_deleted, again.packs_repacked, again.bytes_freed) == (0, 0, 0)
+        assert len(await repo._store.backend.list("index/")) <= 1
+        assert await repo._store.backend.list("locks/") == []
+
+
+def _trials(template: tuple[Path, dict[str, bytes], float], tmp_path: Path, n: int) -> None:
+    path, kept, duration = template
+    seed = int(os.environ.get("PRUNE_KILL_SEED") or time.time_ns() % 2**32)
+    print(f"prune kill test: seed {seed}, uninterrupted prune takes {duration:.2f} s")
+    rnd = random.Random(seed)
+    startup = min(_startup_seconds(), duration * 0.8)
+    for trial in range(n):
+        repo = tmp_path / f"trial{trial}"
+        shutil.copytree(path, repo)
+        delay = rnd.uniform(startup * 0.8, duration)
+        proc = _start_prune(repo)
+        time.sleep(delay)
+        proc.kill()
+        rc = proc.wait()
+        state = {d: len(os.listdir(repo / d)) for d in ("index", "locks") if (repo / d).exists()}
+        print(f"trial {trial}: killed after {delay:.3f} s (exit {rc}), left {state}")
+        try:
+            asyncio.run(_check(repo, kept))
+        except BaseException:
+            print(
+                f"FAILED: seed {seed}, trial {trial}, delay {delay:.3f} s; "
+                f"repository kept at {repo}"
+            )
+            raise
+        shutil.rmtree(repo)
+
+
+def test_prune_survives_kill(template, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, _, duration = template
+    assert 0.2 < duration < 30, f"prune took {duration:.2f} s: resize the test repository"
+    _trials(template, tmp_path, 5)
+
+
+@pytest.mark.slow
+def test_prune_survives_kill_many(template, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _trials(template, tmp_path, 50)

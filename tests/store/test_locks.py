@@ -1,0 +1,260 @@
+"""Repository locks (dedupe/store/locks.py, docs/FORMAT.md section 13): conflicts, stale
+detection by age and by dead process, release on every exit path, refresh, races."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from dedupe.backends.local import LocalBackend
+from dedupe.errors import RepositoryLocked
+from dedupe.store.locks import LockInfo, RepositoryLock, list_locks, remove_locks
+
+
+def _record(
+    *, exclusive: bool, host: str, pid: int, age: float, operation: str = "backup"
+) -> bytes:
+    t = (datetime.now(UTC) - timedelta(seconds=age)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return json.dumps(
+        {
+            "version": 1,
+            "exclusive": exclusive,
+            "host": host,
+            "pid": pid,
+            "operation": operation,
+            "created": t,
+            "refreshed": t,
+        }
+    ).encode()
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+async def _names(backend: LocalBackend) -> list[str]:
+    return sorted(await backend.list("locks/"))
+
+
+def test_exclusive_and_shared_conflicts(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    backend = LocalBackend(tmp_path)
+
+    async def go() -> None:
+        async with RepositoryLock(backend, exclusive=False, operation="backup"):
+            async with RepositoryLock(backend, exclusive=False, operation="backup"):
+                assert len(await _names(backend)) == 2  # shared locks coexist
+                with pytest.raises(RepositoryLocked) as e:
+                    async with RepositoryLock(backend, exclusive=True, operation="prune"):
+                        pass
+                msg = str(e.value)
+                assert "backup" in msg and socket.gethostname() in msg and "unlock" in msg
+                assert len(await _names(backend)) == 2  # the refused lock left nothing
+        async with RepositoryLock(backend, exclusive=True, operation="prune"):
+            with pytest.raises(RepositoryLocked, match="exclusive lock of 'prune'"):
+                async with RepositoryLock(backend, exclusive=False, operation="backup"):
+                    pass
+            with pytest.raises(RepositoryLocked):
+                async with RepositoryLock(
+                    backend, exclusive=True, operation="forget", race_wait=0.1
+                ):
+                    pass
+        assert await _names(backend) == []
+
+    run(go())
+
+
+def test_stale_by_age_is_ignored_and_removed_by_exclusive(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    backend = LocalBackend(tmp_path)
+
+    async def go() -> None:
+        await backend.put(
+            "locks/" + "a" * 32,
+            _record(exclusive=True, host="elsewhere", pid=1, age=1000, operation="prune"),
+        )
+        fresh = _record(exclusive=False, host="elsewhere", pid=1, age=10)
+        # A shared locker ignores the stale exclusive lock but does not remove it.
+        async with RepositoryLock(backend, exclusive=False, operation="backup") as lk:
+            assert lk.removed_stale == []
+        assert await _names(backend) == ["locks/" + "a" * 32]
+        async with RepositoryLock(backend, exclusive=True, operation="prune") as lk:
+            assert [s.name for s in lk.removed_stale] == ["locks/" + "a" * 32]
+            assert "not refreshed" in (lk.removed_stale[0].stale_reason() or "")
+        assert await _names(backend) == []
+        # A fresh lock of another host blocks, whatever its pid.
+        await backend.put("locks/" + "b" * 32, fresh)
+        with pytest.raises(RepositoryLocked, match="elsewhere"):
+            async with RepositoryLock(backend, exclusive=True, operation="prune"):
+                pass
+        # The stale time is a parameter.
+        async with RepositoryLock(
+            backend, exclusive=True, operation="prune", refresh_interval=1, stale_after=5
+        ):
+            pass
+        assert await _names(backend) == []
+
+    run(go())
+
+
+def test_stale_by_dead_process_on_this_host(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    backend = LocalBackend(tmp_path)
+    host = socket.gethostname()
+
+    async def go() -> None:
+        await backend.put(
+            "locks/" + "c" * 32, _record(exclusive=False, host=host, pid=_dead_pid(), age=0)
+        )
+        async with RepositoryLock(backend, exclusive=True, operation="prune") as lk:
+            assert len(lk.removed_stale) == 1
+            assert "no longer exists" in (lk.removed_stale[0].stale_reason() or "")
+        # A live process of this host holds its lock.
+        await backend.put(
+            "locks/" + "d" * 32, _record(exclusive=False, host=host, pid=os.getpid(), age=0)
+        )
+        with pytest.raises(RepositoryLocked):
+            async with RepositoryLock(backend, exclusive=True, operation="prune"):
+                pass
+
+    run(go())
+
+
+def test_released_on_exception_and_cancellation(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    backend = LocalBackend(tmp_path)
+
+    async def go() -> None:
+        with pytest.raises(KeyError):
+            async with RepositoryLock(backend, exclusive=True, operation="prune"):
+                assert len(await _names(backend)) == 1
+                raise KeyError("boom")
+        assert await _names(backend) == []
+
+        entered = asyncio.Event()
+
+        async def holder() -> None:
+            async with RepositoryLock(
+                backend, exclusive=True, operation="prune", refresh_interval=0.01, stale_after=5
+            ):
+                entered.set()
+                await asyncio.sleep(3600)
+
+        task = asyncio.create_task(holder())
+        await entered.wait()
+        await asyncio.sleep(0.05)  # let a refresh or two run
+        assert len(await _names(backend)) == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await _names(backend) == []
+
+    run(go())
+
+
+def test_refresh_rewrites_the_timestamp_and_notices_loss(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    backend = LocalBackend(tmp_path)
+
+    async def go() -> None:
+        async with RepositoryLock(
+            backend, exclusive=False, operation="backup", refresh_interval=0.02, stale_after=1
+        ) as lk:
+            first = (await list_locks(backend))[0]
+            await asyncio.sleep(0.2)
+            second = (await list_locks(backend))[0]
+            assert second.refreshed > first.refreshed
+            assert second.created == first.created
+            lk.check()
+            for _ in range(100):
+                # Someone judged us stale. (Deleted again if a refresh that was already
+                # past its existence check wrote it back: that window cannot be closed
+                # without a conditional put.)
+                if await backend.exists(lk.name):
+                    await backend.delete(lk.name)
+                if lk.lost:
+                    break
+                await asyncio.sleep(0.02)
+            assert lk.lost
+            with pytest.raises(RepositoryLocked, match="removed by someone else"):
+                lk.check()
+            assert await _names(backend) == []  # not resurrected by the refresher
+
+    run(go())
+
+
+def test_racing_exclusive_lockers_never_both_win(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    backend = LocalBackend(tmp_path)
+
+    async def go() -> None:
+        for _ in range(10):
+            inside = 0
+            most = 0
+            outcomes: list[str] = []
+
+            async def attempt(outcomes: list[str] = outcomes) -> None:
+                nonlocal inside, most
+                try:
+                    async with RepositoryLock(
+                        backend, exclusive=True, operation="prune", race_wait=0.5
+                    ):
+                        inside += 1
+                        most = max(most, inside)
+                        await asyncio.sleep(0.01)
+                        inside -= 1
+                        outcomes.append("won")
+                except RepositoryLocked:
+                    outcomes.append("lost")
+
+            await asyncio.gather(attempt(), attempt(), attempt())
+            assert most == 1
+            assert "won" in outcomes or outcomes == ["lost"] * 3
+            assert await _names(backend) == []
+
+    run(go())
+
+
+def test_unlock_removes_stale_or_all(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    backend = LocalBackend(tmp_path)
+
+    async def go() -> None:
+        await backend.put("locks/" + "1" * 32, _record(exclusive=True, host="x", pid=5, age=10_000))
+        await backend.put("locks/" + "2" * 32, _record(exclusive=False, host="x", pid=6, age=1))
+        await backend.put("locks/" + "3" * 32, b"not json")  # damaged: counts as stale
+        removed = await remove_locks(backend)
+        assert sorted(lk.name[-1] for lk in removed) == ["1", "3"]
+        assert [lk.pid for lk in await list_locks(backend)] == [6]
+        removed = await remove_locks(backend, all_locks=True)
+        assert [lk.pid for lk in removed] == [6]
+        assert await _names(backend) == []
+
+    run(go())
+
+
+def test_lock_object_format(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    backend = LocalBackend(tmp_path)
+
+    async def go() -> None:
+        async with RepositoryLock(backend, exclusive=True, operation="prune") as lk:
+            (name,) = await _names(backend)
+            assert name == lk.name and len(name) == len("locks/") + 32
+            obj = json.loads(await backend.get(name))
+            assert set(obj) == {
+                "version",
+                "exclusive",
+                "host",
+                "pid",
+                "operation",
+                "created",
+                "refreshed",
+            }
+            assert obj["version"] == 1 and obj["exclusive"] is True
+            info = LockInfo.parse(name, await backend.get(name))
+            assert info.operation == "prune" and info.stale_reason() is None
+
+    run(go())
