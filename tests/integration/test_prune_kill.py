@@ -133,8 +133,6 @@ def _trials(template: tuple[Path, dict[str, bytes], float], tmp_path: Path, n: i
 
 
 def test_prune_survives_kill(template, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    _, _, duration = template
-    assert 0.2 < duration < 30, f"prune took {duration:.2f} s: resize the test repository"
     _trials(template, tmp_path, 5)
 
 
