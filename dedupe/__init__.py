@@ -11,16 +11,23 @@ from dedupe.api import (
     Repository,
     RestoreStats,
 )
+from dedupe.engine.forget import ForgetReport
+from dedupe.engine.prune import PruneReport
+from dedupe.engine.verify import DamagedObject, VerifyReport
 from dedupe.errors import DedupeError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackupStats",
+    "DamagedObject",
     "DedupeError",
+    "ForgetReport",
     "Generation",
     "Progress",
+    "PruneReport",
     "Repository",
     "RestoreStats",
+    "VerifyReport",
     "__version__",
 ]
