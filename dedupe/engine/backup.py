@@ -21,7 +21,7 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -37,7 +37,8 @@ from dedupe.store.repository import utc_now
 T = TypeVar("T")
 
 BLOCK_QUEUE = 2
-HASHED_QUEUE = 2
+# Batches whose ids are being hashed while the chunker moves on: keeps both cores busy.
+HASHED_QUEUE = 3
 # Compress jobs in flight: enough to keep every core busy while one batch is sealed.
 FRAMING_IN_FLIGHT = (os.cpu_count() or 2) + 1
 PACK_QUEUE = 1
@@ -108,18 +109,15 @@ async def ingest(
     new_entries: list[IndexEntry] = []
     p = Progress("backup", "reading", bytes_total=size_hint)
 
-    # Between the chunk and dedupe stages: chunks with their ids, or a mark, or reused records.
-    Hashed = tuple[list[memoryview], list[bytes]] | str | Reuse
+    # Between the chunk and dedupe stages: chunks with their ids (being hashed), the digest
+    # of a file that ended (being finalised), or reused records.
+    Hashed = tuple[list[memoryview], Awaitable[list[bytes]]] | Awaitable[str] | Reuse
     blocks_q: asyncio.Queue[Item | None] = asyncio.Queue(BLOCK_QUEUE)
     hashed_q: asyncio.Queue[Hashed | None] = asyncio.Queue(HASHED_QUEUE)
     framed_q: asyncio.Queue[tuple[list[bytes], list[int], Awaitable[list[bytes]]] | None] = (
         asyncio.Queue(FRAMING_IN_FLIGHT)
     )
     packs_q: asyncio.Queue[FinishedPack | None] = asyncio.Queue(PACK_QUEUE)
-
-    def chunk_and_hash(block: bytes | None) -> tuple[list[memoryview], list[bytes]]:
-        chunks = chunker.feed(block) if block is not None else chunker.finish()
-        return chunks, hasher.chunk_ids(chunks)
 
     async def read_stage() -> None:
         async for item in items:
@@ -130,34 +128,49 @@ async def ingest(
             await blocks_q.put(item)
         await blocks_q.put(None)
 
+    # The digest runs on a thread of its own, so that its updates stay in order while
+    # chunking and id hashing of later blocks go on beside it on the shared executor.
+    digest_thread = ThreadPoolExecutor(1, thread_name_prefix="dedupe-digest")
+
+    def digest_job(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        return loop.run_in_executor(digest_thread, fn, *args)
+
+    async def cut(final: bool, block: bytes | None = None) -> None:
+        chunks = await run(chunker.finish) if final else await run(chunker.feed, block)
+        await hashed_q.put((chunks, run(hasher.chunk_ids, chunks)))
+
     async def chunk_stage() -> None:
         nonlocal digest
+        updates: list[asyncio.Future[None]] = []
         while (item := await blocks_q.get()) is not None:
             if isinstance(item, FileEnd):
-                await hashed_q.put(await run(chunk_and_hash, None))
-                await hashed_q.put(digest.hexdigest())
+                await cut(final=True)
+                await hashed_q.put(digest_job(digest.hexdigest))
                 digest = hasher.stream_digest()
             elif isinstance(item, Reuse):
                 await hashed_q.put(item)
             else:
-                (chunks, ids), _ = await asyncio.gather(
-                    run(chunk_and_hash, item), run(digest.update, item)
-                )
-                await hashed_q.put((chunks, ids))
-        await hashed_q.put(await run(chunk_and_hash, None))
+                updates.append(digest_job(digest.update, item))
+                await cut(final=False, block=item)
+                # Collect finished updates (and raise their errors) as we go.
+                while updates and updates[0].done():
+                    updates.pop(0).result()
+        await cut(final=True)
+        await asyncio.gather(*updates)
         await hashed_q.put(None)
 
     async def dedupe_stage() -> None:
         pack_record = CHUNK_RECORD.pack
         while (item := await hashed_q.get()) is not None:
-            if isinstance(item, str):
-                marks.append((len(table) // CHUNK_RECORD.size, item))
-                continue
             if isinstance(item, Reuse):
                 table.extend(item.records)
                 p.chunks += len(item.records) // CHUNK_RECORD.size
                 continue
-            chunks, ids = item
+            if not isinstance(item, tuple):
+                marks.append((len(table) // CHUNK_RECORD.size, await item))
+                continue
+            chunks, hashing = item
+            ids = await hashing
             new_chunks: list[memoryview] = []
             new_ids: list[bytes] = []
             for chunk, chunk_id in zip(chunks, ids, strict=True):
@@ -199,14 +212,18 @@ async def ingest(
             )
             p.bytes_stored += len(pack.data)
 
-    await run_stages(read_stage, chunk_stage, dedupe_stage, seal_stage, write_stage)
+    try:
+        await run_stages(read_stage, chunk_stage, dedupe_stage, seal_stage, write_stage)
+        final_digest = await digest_job(digest.hexdigest)
+    finally:
+        digest_thread.shutdown(wait=False, cancel_futures=True)
 
     if new_packs:
         p.stage = "writing index"
         if progress:
             progress(p)
         await store.write_index(new_packs, new_entries)
-    return Ingested(table, marks, digest.hexdigest(), p, len(new_packs), time.monotonic() - started)
+    return Ingested(table, marks, final_digest, p, len(new_packs), time.monotonic() - started)
 
 
 async def commit(
