@@ -31,9 +31,16 @@ except ImportError as exc:  # no silent fallback to the 100x slower twin
 from ._pure import PyChunker
 from .gear import GEAR_CONTEXT, gear_table
 from .params import ALGORITHM, DEFAULT_PARAMS, ChunkerParams
+from .strategy import AUTO, FixedChunker, StreamChunker, make_chunker, parse_spec, sniff
 
 __all__ = [
     "ALGORITHM",
+    "AUTO",
+    "FixedChunker",
+    "StreamChunker",
+    "make_chunker",
+    "parse_spec",
+    "sniff",
     "DEFAULT_PARAMS",
     "GEAR_CONTEXT",
     "Chunker",

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from dedupe._types import BackupStats, Progress, ProgressCallback
-from dedupe.chunking import Chunker
+from dedupe.chunking import AUTO, StreamChunker, make_chunker, parse_spec, sniff
 from dedupe.engine.stages import run_stages
 from dedupe.format.delta import make_delta
 from dedupe.format.index import IndexEntry, PackRecord
@@ -35,6 +35,7 @@ from dedupe.store import FinishedPack, PackWriter, RepositoryStore
 from dedupe.store.repository import utc_now
 
 T = TypeVar("T")
+FASTCDC = "fastcdc"
 
 BLOCK_QUEUE = 2
 # Batches whose ids are being hashed while the chunker moves on: keeps both cores busy.
@@ -76,6 +77,7 @@ class Ingested:
     progress: Progress
     packs: int
     seconds: float
+    chunkers: list[dict[str, Any]]  # strategies used, in order of first use
 
 
 async def ingest(
@@ -85,9 +87,14 @@ async def ingest(
     executor: Executor,
     progress: ProgressCallback | None = None,
     size_hint: int | None = None,
+    chunker: dict[str, Any] | str = FASTCDC,
 ) -> Ingested:
     """Run the pipeline over `items` and store every new chunk, then the index object
-    that lists the new packs. No manifest is written: the caller commits."""
+    that lists the new packs. No manifest is written: the caller commits.
+
+    `chunker` is a strategy spec (dedupe.chunking.strategy), "fastcdc" (the repository's
+    parameters) or "auto", which picks one per
+    file from its first block (a SQLite database: fixed blocks of its page size)."""
     loop = asyncio.get_running_loop()
     started = time.monotonic()
 
@@ -98,7 +105,11 @@ async def ingest(
     index = store.index
     hasher = store.hasher
     codec = store.codec
-    chunker = Chunker(store.chunker_params, store.gear)
+    params, gear = store.chunker_params, store.gear
+    if chunker == FASTCDC:
+        chunker = parse_spec(FASTCDC, params)
+    current: StreamChunker | None = None  # the chunker of the file being read
+    specs: list[dict[str, Any]] = []  # strategies used, in order of first use
     digest = hasher.stream_digest()
     packer = PackWriter(store.current_epoch, store.pack_size)
 
@@ -136,7 +147,18 @@ async def ingest(
         return loop.run_in_executor(digest_thread, fn, *args)
 
     async def cut(final: bool, block: bytes | None = None) -> None:
-        chunks = await run(chunker.finish) if final else await run(chunker.feed, block)
+        nonlocal current
+        if current is None:
+            if block is None:
+                return  # a file or stream with no bytes: no chunks
+            spec = sniff(block[:64], params) if chunker == AUTO else chunker
+            assert isinstance(spec, dict)
+            if spec not in specs:
+                specs.append(spec)
+            current = make_chunker(spec, params, gear)
+        chunks = await run(current.finish) if final else await run(current.feed, block)
+        if final:
+            current = None
         await hashed_q.put((chunks, run(hasher.chunk_ids, chunks)))
 
     async def chunk_stage() -> None:
@@ -223,7 +245,9 @@ async def ingest(
         if progress:
             progress(p)
         await store.write_index(new_packs, new_entries)
-    return Ingested(table, marks, final_digest, p, len(new_packs), time.monotonic() - started)
+    return Ingested(
+        table, marks, final_digest, p, len(new_packs), time.monotonic() - started, specs
+    )
 
 
 async def commit(
@@ -253,7 +277,7 @@ async def commit(
         "parent": parent,
         "created": utc_now(),
         "source": source_info,
-        "chunker": store.chunker_params.to_dict(),
+        "chunker": got.chunkers[0] if len(got.chunkers) == 1 else got.chunkers,
         "size": size,
         "chunks": chunk_count,
         "new_chunks": p.chunks_new,
@@ -297,13 +321,16 @@ async def run_backup(
     kind: str = "full",
     parent: tuple[str, bytes] | None = None,
     before_commit: Callable[[], None] | None = None,
+    chunker: dict[str, Any] | str = FASTCDC,
 ) -> BackupStats:
     """Back up one stream as a generation of `name`. `parent` is (generation id, its
     complete chunk table) for an incremental or differential: the manifest then stores
     only the delta against that table (dedupe.format.delta)."""
     if (kind == "full") != (parent is None):
         raise ValueError("a full has no parent; an incremental or differential needs one")
-    got = await ingest(store, blocks, executor=executor, progress=progress, size_hint=size_hint)
+    got = await ingest(
+        store, blocks, executor=executor, progress=progress, size_hint=size_hint, chunker=chunker
+    )
     table = bytes(got.table)
     meta: dict[str, Any] = {"type": "stream", "digest": got.digest}
     if parent is not None:

@@ -222,6 +222,7 @@ async def backup_tree(
     executor: Executor,
     progress: ProgressCallback | None = None,
     before_commit: Callable[[], None] | None = None,
+    chunker: dict[str, Any] | str = "fastcdc",
 ) -> BackupStats:
     """Back up directory `root` as a tree generation of `name`. `parent` is (generation id,
     its expanded entries) for an incremental or differential, None for a full (which reads
@@ -249,6 +250,7 @@ async def backup_tree(
         executor=executor,
         progress=progress,
         size_hint=sum(e["size"] for e in todo),
+        chunker=chunker,
     )
     if len(got.marks) != len(todo) or len(sizes) != len(todo):
         raise RuntimeError("the backup pipeline lost a file boundary")
