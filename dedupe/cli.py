@@ -253,10 +253,19 @@ def init(
     help="incremental: delta against the latest generation of NAME; differential: "
     "against its latest full. Without a full yet, a full is made.",
 )
+@click.option(
+    "--chunker",
+    default="fastcdc",
+    show_default=True,
+    help="fastcdc; auto (SQLite databases in blocks of their page size: far smaller "
+    "incrementals, slower today); or fixed:SIZE.",
+)
 @json_option
 @click.pass_context
 @handle_errors
-def backup(ctx: click.Context, source: str, name: str, kind: str, as_json: bool) -> None:
+def backup(
+    ctx: click.Context, source: str, name: str, kind: str, chunker: str, as_json: bool
+) -> None:
     """Back up SOURCE (a file, a directory tree, or - for standard input) as a new
     generation of NAME."""
 
@@ -270,9 +279,12 @@ def backup(ctx: click.Context, source: str, name: str, kind: str, as_json: bool)
                         kind=kind,
                         progress=callback,
                         label="<stdin>",
+                        chunker=chunker,
                     )
                 else:
-                    stats = await repo.backup(source, name=name, kind=kind, progress=callback)
+                    stats = await repo.backup(
+                        source, name=name, kind=kind, progress=callback, chunker=chunker
+                    )
             return stats.to_dict()
 
     s = run_async(go())
@@ -646,6 +658,61 @@ def unlock(ctx: click.Context, all_locks: bool, as_json: bool) -> None:
             f"{lk['host']}, refreshed {lk['age']:.0f} s ago"
         )
     click.echo(f"removed {len(r['removed'])} lock(s)")
+
+
+@cli.command()
+@click.option("--data", type=click.Path(dir_okay=False), help="Benchmark on this file.")
+@click.option(
+    "--size",
+    default="256MiB",
+    show_default=True,
+    help="Bytes to generate (without --data); with --data, at most this much for the stages.",
+)
+@click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="Medians of.")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    help="Data and repositories [default: a tmp dir].",
+)
+@click.option("--compare", is_flag=True, help="Also run restic and borg when on PATH.")
+@click.option("--no-stages", is_flag=True, help="Skip the stage-by-stage table.")
+@click.option("--no-e2e", is_flag=True, help="Skip the end-to-end steps.")
+@json_option
+@handle_errors
+def bench(
+    data: str | None,
+    size: str,
+    runs: int,
+    workdir: str | None,
+    compare: bool,
+    no_stages: bool,
+    no_e2e: bool,
+    as_json: bool,
+) -> None:
+    """Measure throughput (MB/s) and peak RSS, stage by stage and end to end, in throwaway
+    repositories of its own. Medians of --runs; the machine's other load shows as spread."""
+    from dedupe.bench import format_report, parse_size, run_bench
+
+    try:
+        nbytes = parse_size(size)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--size") from None
+    report = run_async(
+        run_bench(
+            data=data,
+            size=nbytes,
+            runs=runs,
+            workdir=workdir,
+            compare=compare,
+            stages=not no_stages,
+            end_to_end=not no_e2e,
+            progress=None if as_json else lambda msg: click.echo(msg, err=True),
+        )
+    )
+    if as_json:
+        emit_json(report.to_dict())
+    else:
+        click.echo(format_report(report))
 
 
 def tune_allocator() -> None:
