@@ -49,7 +49,9 @@ def _windows(table: bytes) -> Iterator[list[tuple[bytes, int]]]:
         yield window
 
 
-def _split(items: list[_Item], batch_bytes: int) -> Iterator[list[_Item]]:
+def split_by_bytes(items: list[_Item], batch_bytes: int) -> Iterator[list[_Item]]:
+    """Consecutive runs of (chunk id, offset, stored length, raw length) items holding
+    about `batch_bytes` stored bytes each: one executor job apiece."""
     part: list[_Item] = []
     size = 0
     for it in items:
@@ -109,7 +111,7 @@ async def restore_chunks(
         # Open in slices so that every worker thread gets a share of a large range.
         jobs = [
             loop.run_in_executor(executor, open_range, key, data, start, part)
-            for part in _split(items, DECODE_BATCH)
+            for part in split_by_bytes(items, DECODE_BATCH)
         ]
         found: dict[bytes, bytes] = {}
         for part_found in await asyncio.gather(*jobs):
@@ -178,7 +180,7 @@ def _check_digest(digest: StreamDigest, expected: str, gen_id: str) -> None:
         )
 
 
-async def _finish_in_thread(fn: Callable[..., T], *args: Any) -> T:
+async def finish_in_thread(fn: Callable[..., T], *args: Any) -> T:
     """Run fn on a thread; if we are cancelled meanwhile, wait for the thread to finish
     before re-raising. Cancelling only stops the *wait*: a write still running when the
     caller closes its descriptor would land in whatever file reuses the number."""
@@ -190,7 +192,7 @@ async def _finish_in_thread(fn: Callable[..., T], *args: Any) -> T:
         raise
 
 
-def _write_all(fd: int, parts: list[bytes]) -> int:
+def write_all(fd: int, parts: list[bytes]) -> int:
     total = 0
     for part in parts:
         view = memoryview(part)
@@ -222,10 +224,10 @@ async def write_to_path(
     try:
         try:
             async for parts in stream:
-                n = await _finish_in_thread(_write_all, fd, parts)
+                n = await finish_in_thread(write_all, fd, parts)
                 _start_writeback(fd, written, n)
                 written += n
-            await _finish_in_thread(os.fsync, fd)
+            await finish_in_thread(os.fsync, fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -268,8 +270,8 @@ async def write_to_fileobj(stream: AsyncIterator[list[bytes]], f: BinaryIO) -> i
     written = 0
     try:
         async for parts in stream:
-            written += await _finish_in_thread(write, parts)
-        await _finish_in_thread(f.flush)
+            written += await finish_in_thread(write, parts)
+        await finish_in_thread(f.flush)
     except BrokenPipeError:
         raise TargetError("the reader of the restored stream went away (broken pipe)") from None
     except OSError as e:

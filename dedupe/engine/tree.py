@@ -30,11 +30,9 @@ from typing import Any
 
 from dedupe._types import BackupStats, Progress, ProgressCallback, RestoreStats
 from dedupe.engine.backup import FILE_END, Item, commit, ingest
-from dedupe.engine.restore import _finish_in_thread, restore_chunks
+from dedupe.engine.restore import finish_in_thread, restore_chunks, write_all
 from dedupe.errors import (
-    GenerationNotFound,
     IntegrityError,
-    MissingObject,
     SourceError,
     TargetError,
 )
@@ -76,23 +74,7 @@ async def load_tree(store: RepositoryStore, gen_id: str) -> tuple[list[Entry], b
     """(expanded entries in entry order, complete chunk table) of tree generation `gen_id`,
     its chain resolved from the full downwards. MissingObject when a generation of the
     chain is gone, IntegrityError when one is not a tree or the result is inconsistent."""
-    chain: list[tuple[dict[str, Any], bytes]] = []
-    seen: set[str] = set()
-    current: str | None = gen_id
-    while current is not None:
-        if current in seen:
-            raise IntegrityError(f"generation {gen_id} has a cycle in its parent chain")
-        seen.add(current)
-        try:
-            _header, meta, table = await store.read_manifest(current)
-        except GenerationNotFound:
-            raise MissingObject(
-                f"generation {current}, which {gen_id} is based on, is missing",
-                hint="the chain is broken; restore another generation",
-            ) from None
-        chain.append((meta, table))
-        delta = meta.get("delta")
-        current = str(delta["parent"]) if delta else None
+    chain = [(meta, table) for _gid, meta, table in await store.manifest_chain(gen_id)]
     chain.reverse()
     return await asyncio.to_thread(expand, chain, f"generation {gen_id}")
 
@@ -199,7 +181,7 @@ async def _read_files(root: str, files: Sequence[Entry], sizes: list[int]) -> As
         try:
             while True:
                 try:
-                    block = await _finish_in_thread(os.read, fd, READ_SIZE)
+                    block = await finish_in_thread(os.read, fd, READ_SIZE)
                 except OSError as err:
                     raise SourceError(f"reading {path} failed: {err.strerror}") from None
                 if not block:
@@ -297,14 +279,7 @@ def _join(top: str, path: str) -> str:
 
 def _write_and_hash(fd: int, parts: list[bytes], digest: StreamDigest) -> int:
     digest.update_many(parts)
-    total = 0
-    for part in parts:
-        view = memoryview(part)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-            total += n
-    return total
+    return write_all(fd, parts)
 
 
 class _FileSink:
@@ -331,7 +306,7 @@ class _FileSink:
             if self.fd < 0:
                 raise IntegrityError(f"generation {self.gen_id}: more chunks than its files hold")
             take = parts[i : i + self.left]
-            written += await _finish_in_thread(_write_and_hash, self.fd, take, self.digest)
+            written += await finish_in_thread(_write_and_hash, self.fd, take, self.digest)
             i += len(take)
             self.left -= len(take)
             if self.left == 0:
@@ -568,11 +543,11 @@ async def restore_tree(
     root = entries[0]
     try:
         try:
-            await _finish_in_thread(_make_dirs, tmp, entries)
+            await finish_in_thread(_make_dirs, tmp, entries)
             await _write_files(store, gen_id, tmp, entries, executor, p, progress)
-            await _finish_in_thread(_make_specials, tmp, entries)
-            await _finish_in_thread(_apply_metadata, tmp, entries)
-            await _finish_in_thread(os.sync)
+            await finish_in_thread(_make_specials, tmp, entries)
+            await finish_in_thread(_apply_metadata, tmp, entries)
+            await finish_in_thread(os.sync)
             old = _swap_in(tmp, target, exists)
         except OSError as e:
             raise TargetError(f"restoring into {tmp} failed: {e.strerror}") from None

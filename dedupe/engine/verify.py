@@ -37,7 +37,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
@@ -46,6 +46,7 @@ import zstandard
 
 from dedupe._types import Progress, ProgressCallback
 from dedupe.crypto import open_sealed
+from dedupe.engine.restore import split_by_bytes
 from dedupe.errors import (
     DedupeError,
     GenerationNotFound,
@@ -282,19 +283,6 @@ async def _each(items: Iterable[T], workers: int, fn: Callable[[T], Awaitable[No
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _batches(items: list[_Item], batch_bytes: int) -> Iterator[list[_Item]]:
-    part: list[_Item] = []
-    size = 0
-    for it in items:
-        part.append(it)
-        size += it[2]
-        if size >= batch_bytes:
-            yield part
-            part, size = [], 0
-    if part:
-        yield part
-
-
 def _open_index_object(
     meta_key: bytes, name: str, data: bytes
 ) -> tuple[list[PackRecord], list[tuple[bytes, int, int, int, int]]]:
@@ -520,7 +508,7 @@ class _Verifier:
             ordered = sorted(items, key=lambda it: it[1])
             jobs = [
                 self._run(_open_blobs, store, key, data, part)
-                for part in _batches(ordered, OPEN_BATCH)
+                for part in split_by_bytes(ordered, OPEN_BATCH)
             ]
             for bad in await asyncio.gather(*jobs):
                 for chunk_id, reason, detail in bad:

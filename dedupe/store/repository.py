@@ -321,11 +321,9 @@ class RepositoryStore:
         data = await self.backend.get(f"generations/{gen_id}")
         return await asyncio.to_thread(self._decode_manifest, gen_id, data)
 
-    async def generation_chunks(self, gen_id: str) -> tuple[dict[str, Any], bytes]:
-        """(body meta, the generation's complete chunk table): every chunk its restore reads,
-        in order, as CHUNK_RECORDs. Generations stored as a delta against a parent are
-        expanded through their chain, so callers never see the difference."""
-        # Walk up to the chain's full, then apply the deltas downwards.
+    async def manifest_chain(self, gen_id: str) -> list[tuple[str, dict[str, Any], bytes]]:
+        """[(id, body meta, own table)] from `gen_id` up its parent chain to the full.
+        MissingObject when a generation of the chain is gone."""
         chain: list[tuple[str, dict[str, Any], bytes]] = []
         seen: set[str] = set()
         current: str | None = gen_id
@@ -343,6 +341,13 @@ class RepositoryStore:
             chain.append((current, meta, table))
             delta = meta.get("delta")
             current = str(delta["parent"]) if delta else None
+        return chain
+
+    async def generation_chunks(self, gen_id: str) -> tuple[dict[str, Any], bytes]:
+        """(body meta, the generation's complete chunk table): every chunk its restore reads,
+        in order, as CHUNK_RECORDs. Generations stored as a delta against a parent are
+        expanded through their chain, so callers never see the difference."""
+        chain = await self.manifest_chain(gen_id)
         own_meta = chain[0][1]
         if own_meta.get("type") == "tree":
             # A tree's complete table: its files' records in entry order (section 8.3).

@@ -373,7 +373,7 @@ def test_cancelled_restore_to_path_leaves_no_file(
 
 def _restore_write_running() -> bool:
     """Whether some thread is inside the restore's blocking write of a window."""
-    code = restore_engine._write_all.__code__
+    code = restore_engine.write_all.__code__
     for frame in sys._current_frames().values():
         f: Any = frame
         while f is not None:
