@@ -42,6 +42,27 @@ def encode_index(packs: list[PackRecord], entries: list[IndexEntry]) -> bytes:
     return b"".join(parts)
 
 
+def decode_index_records(plain: bytes, what: str) -> tuple[list[PackRecord], memoryview]:
+    """-> (pack table, entry records back to back, 48 bytes each, `<32sIIII`). Callers
+    must check each record's pack_no against the pack table (the native index does)."""
+    mv = memoryview(plain)
+    try:
+        (n_packs,) = _COUNT.unpack_from(mv, 0)
+        pos = _COUNT.size
+        end = pos + n_packs * _PACK.size
+        packs = [PackRecord(*t) for t in _PACK.iter_unpack(mv[pos:end])]
+        (n_entries,) = _COUNT.unpack_from(mv, end)
+    except struct.error as e:
+        raise IntegrityError(f"{what} is malformed: {e}") from None
+    pos = end + _COUNT.size
+    if len(mv) - pos != n_entries * _ENTRY.size:
+        raise IntegrityError(f"{what}: entry table length does not match its count")
+    return packs, mv[pos:]
+
+
+ENTRY_RECORD = _ENTRY
+
+
 def decode_index(
     plain: bytes, what: str
 ) -> tuple[list[PackRecord], list[tuple[bytes, int, int, int, int]]]:

@@ -4,15 +4,20 @@ Built from every index object at open and extended by each backup. A chunk can h
 several copies (two concurrent backups stored it; a full re-stored it because its pack
 went missing or verify quarantined it). The index keeps one location per chunk and
 prefers a usable one: a location is unusable when its pack is absent from the backend or
-the (chunk, pack) pair is quarantined. A later version replaces the dict with the
-compact native table (csrc/); the interface stays.
+the (chunk, pack) pair is quarantined. The table itself is native
+(csrc/chunkindex.c): at most 64 bytes per chunk, loaded from index records in bulk.
 """
 
 from __future__ import annotations
 
+import struct
 from typing import NamedTuple
 
+from dedupe.errors import IntegrityError
 from dedupe.format.index import PackRecord
+from dedupe.store._chunkindex import ChunkTable
+
+_RECORD = struct.Struct("<32sIIII")  # an index object entry (docs/FORMAT.md section 7)
 
 
 class ChunkLocation(NamedTuple):
@@ -23,32 +28,38 @@ class ChunkLocation(NamedTuple):
 
 
 class ChunkIndex:
+    """Chunk id -> ChunkLocation, in the native compact table (csrc/chunkindex.c: at most
+    64 bytes per chunk), plus the pack table its pack numbers point into."""
+
     def __init__(self) -> None:
         self.packs: list[PackRecord] = []
         self._pack_numbers: dict[bytes, int] = {}
-        self._entries: dict[bytes, ChunkLocation] = {}
+        self._table = ChunkTable()
         self.missing_packs: set[int] = set()
         self.quarantined: set[tuple[bytes, bytes]] = set()  # (chunk id, pack id)
         self._present: set[bytes] | None = None  # pack ids the backend has; None: unknown
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._table)
 
     def __contains__(self, chunk_id: object) -> bool:
-        return chunk_id in self._entries
+        return isinstance(chunk_id, bytes) and len(chunk_id) == 32 and chunk_id in self._table
+
+    def memory_bytes(self) -> int:
+        return self._table.memory_bytes()
 
     def get(self, chunk_id: bytes) -> ChunkLocation | None:
-        return self._entries.get(chunk_id)
+        found = self._table.get(chunk_id)
+        return None if found is None else ChunkLocation(*found)
 
     def usable(self, chunk_id: bytes) -> bool:
         """True when the chunk has a copy that backups may reference without re-storing."""
-        loc = self._entries.get(chunk_id)
-        return loc is not None and self._good(chunk_id, loc)
+        found = self._table.get(chunk_id)
+        return found is not None and self._good(chunk_id, found[0])
 
-    def _good(self, chunk_id: bytes, loc: ChunkLocation) -> bool:
-        return loc.pack_no not in self.missing_packs and (
-            not self.quarantined
-            or (chunk_id, self.packs[loc.pack_no].pack_id) not in self.quarantined
+    def _good(self, chunk_id: bytes, pack_no: int) -> bool:
+        return pack_no not in self.missing_packs and (
+            not self.quarantined or (chunk_id, self.packs[pack_no].pack_id) not in self.quarantined
         )
 
     def pack_number(self, record: PackRecord) -> int:
@@ -73,17 +84,26 @@ class ChunkIndex:
         """(chunk id, pack id) pairs verify found damaged; set before adding index objects."""
         self.quarantined = set(pairs)
 
-    def add(self, packs: list[PackRecord], entries: list[tuple[bytes, int, int, int, int]]) -> None:
-        """Add one index object's content; pack numbers are local to the object."""
+    def add_records(self, packs: list[PackRecord], records: bytes | memoryview, what: str) -> None:
+        """Add one index object's content: its pack table and its entry records (48 bytes
+        each, pack numbers local to the object). The first copy of a chunk wins, unless it
+        is unusable and a later one is usable (ChunkIndex docstring)."""
         numbers = [self.pack_number(p) for p in packs]
         present = self._present
         if present is not None:
             self.missing_packs |= {
                 n for n, p in zip(numbers, packs, strict=True) if p.pack_id not in present
             }
-        table = self._entries
-        for chunk_id, pack_no, offset, stored, raw in entries:
-            old = table.get(chunk_id)
-            new = ChunkLocation(numbers[pack_no], offset, stored, raw)
-            if old is None or (not self._good(chunk_id, old) and self._good(chunk_id, new)):
-                table[chunk_id] = new
+        try:
+            duplicates = self._table.add_records(records, numbers)
+        except ValueError as e:
+            raise IntegrityError(f"{what}: {e}") from None
+        if duplicates and (self.missing_packs or self.quarantined):
+            view = memoryview(records)
+            for i in duplicates:
+                chunk_id, pack_no, offset, stored, raw = _RECORD.unpack_from(view, i * _RECORD.size)
+                old = self._table.get(chunk_id)
+                assert old is not None
+                new_no = numbers[pack_no]
+                if not self._good(chunk_id, old[0]) and self._good(chunk_id, new_no):
+                    self._table.put(chunk_id, new_no, offset, stored, raw, True)

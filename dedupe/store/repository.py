@@ -48,11 +48,12 @@ from dedupe.format.config import (
 )
 from dedupe.format.delta import apply_delta
 from dedupe.format.index import (
+    ENTRY_RECORD,
     INDEX_AAD,
     INDEX_MAGIC,
     IndexEntry,
     PackRecord,
-    decode_index,
+    decode_index_records,
     encode_index,
 )
 from dedupe.format.manifest import (
@@ -218,43 +219,50 @@ class RepositoryStore:
             return 0
         sem = asyncio.Semaphore(8)
 
-        async def load(
-            name: str,
-        ) -> tuple[str, list[PackRecord], list[tuple[bytes, int, int, int, int]]]:
+        async def load(name: str) -> tuple[str, list[PackRecord], memoryview]:
             async with sem:
                 data = await self.backend.get(name)
-            packs, entries = await asyncio.to_thread(self._decode_index_object, name, data)
-            return name, packs, entries
+            packs, records = await asyncio.to_thread(self._open_index_object, name, data)
+            return name, packs, records
 
-        for name, packs, entries in await asyncio.gather(*(load(n) for n in names)):
-            self.index.add(packs, entries)
+        for name, packs, records in await asyncio.gather(*(load(n) for n in names)):
+            self.index.add_records(packs, records, f"index object {name}")
             self._loaded_index_objects.add(name)
         return len(names)
 
-    def _decode_index_object(
-        self, name: str, data: bytes
-    ) -> tuple[list[PackRecord], list[tuple[bytes, int, int, int, int]]]:
+    def _open_index_object(self, name: str, data: bytes) -> tuple[list[PackRecord], memoryview]:
+        """(pack table, entry records) of an index object, authenticated."""
         if object_id(data) != name.rsplit("/", 1)[-1]:
             raise IntegrityError(f"index object {name} does not match its name: it is damaged")
         if data[:8] != INDEX_MAGIC:
             raise UnsupportedFormat(f"index object {name} has an unknown magic")
         plain = open_sealed(self.keys.meta_key, data[8:], INDEX_AAD, f"index object {name}")
-        return decode_index(zstandard.ZstdDecompressor().decompress(plain), f"index object {name}")
+        return decode_index_records(
+            zstandard.ZstdDecompressor().decompress(plain), f"index object {name}"
+        )
+
+    def _decode_index_object(
+        self, name: str, data: bytes
+    ) -> tuple[list[PackRecord], list[tuple[bytes, int, int, int, int]]]:
+        """As _open_index_object, with the entries as tuples (prune walks them)."""
+        packs, records = self._open_index_object(name, data)
+        return packs, list(ENTRY_RECORD.iter_unpack(records))
 
     async def write_index(self, packs: list[PackRecord], entries: list[IndexEntry]) -> str:
-        def encode() -> bytes:
-            plain = zstandard.ZstdCompressor(level=3).compress(encode_index(packs, entries))
-            return INDEX_MAGIC + seal(self.keys.meta_key, plain, INDEX_AAD)
+        def encode() -> tuple[bytes, bytes]:
+            plain = encode_index(packs, entries)
+            sealed = seal(
+                self.keys.meta_key, zstandard.ZstdCompressor(level=3).compress(plain), INDEX_AAD
+            )
+            return INDEX_MAGIC + sealed, plain
 
-        data = await asyncio.to_thread(encode)
+        data, plain = await asyncio.to_thread(encode)
         name = f"index/{object_id(data)}"
         await self.backend.put(name, data)
         self._loaded_index_objects.add(name)
         self.index.note_written([p.pack_id for p in packs])
-        self.index.add(
-            packs,
-            [(e.chunk_id, e.pack_no, e.offset, e.stored_length, e.raw_length) for e in entries],
-        )
+        _packs, records = decode_index_records(plain, name)
+        self.index.add_records(packs, records, name)
         return name
 
     def pack_key(self, pack_no: int) -> bytes:

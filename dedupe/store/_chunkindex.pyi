@@ -1,0 +1,50 @@
+"""Types of the native chunk table (built from _chunkindex.pyx + csrc/chunkindex.c)."""
+
+from collections.abc import Sequence
+
+from typing_extensions import Buffer
+
+ID_BYTES: int  # 32: a chunk id
+RECORD_BYTES: int  # 48: an index object entry, <32sIIII
+NO_PACK: int  # 0xFFFFFFFF: pack_no of an absent id in get_many(); never stored
+
+class ChunkTable:
+    """Compact chunk id -> (pack_no, offset, stored_length, raw_length) table (native).
+
+    At most 64 bytes per entry once it holds 10,000 entries, growth included (53-56 in
+    steady state). Bulk calls release the GIL; while one runs, a call that would change
+    the table raises RuntimeError. An id is any buffer of exactly 32 bytes (ValueError
+    otherwise); pack_no, offset and lengths are uint32, pack_no below NO_PACK."""
+
+    def __init__(self, expected: int = 0) -> None:
+        """An empty table with room for `expected` entries before its first growth."""
+    def __len__(self) -> int: ...
+    def __contains__(self, chunk_id: object) -> bool:
+        """chunk_id must be a 32-byte buffer (TypeError / ValueError otherwise)."""
+    def capacity(self) -> int:
+        """Entries that fit before the next growth of the slot array."""
+    def memory_bytes(self) -> int:
+        """Bytes of memory the table holds (slot array, entries, directory)."""
+    def reserve(self, n: int) -> None:
+        """Make room for n entries in all: one rebuild instead of several."""
+    def get(self, chunk_id: Buffer) -> tuple[int, int, int, int] | None:
+        """(pack_no, offset, stored_length, raw_length), or None if absent."""
+    def put(
+        self,
+        chunk_id: Buffer,
+        pack_no: int,
+        offset: int,
+        stored_length: int,
+        raw_length: int,
+        overwrite: bool = False,
+    ) -> bool:
+        """Absent: add, return True. Present: replace only if overwrite; return False."""
+    def add_records(self, records: Buffer, pack_map: Sequence[int]) -> list[int]:
+        """Insert 48-byte <32sIIII records, pack_no mapped through pack_map; the first
+        copy of an id wins. Returns the indices of the records not stored because their
+        id was present. ValueError (nothing stored) if a pack_no is outside pack_map."""
+    def contains_many(self, ids: Buffer) -> bytearray:
+        """One byte per 32-byte id of ids (back to back): 1 present, 0 absent."""
+    def get_many(self, ids: Buffer) -> bytearray:
+        """16 bytes per id: native-order uint32 pack_no, offset, stored_length,
+        raw_length (memoryview(out).cast("I")); absent: NO_PACK, 0, 0, 0."""

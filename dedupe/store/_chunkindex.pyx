@@ -1,0 +1,318 @@
+# cython: language_level=3
+"""Thin wrapper over csrc/chunkindex.c: the compact chunk table (32-byte chunk id ->
+pack_no, offset, stored_length, raw_length). Layout, memory bound and contracts are in
+csrc/chunkindex.h; the Python-visible API is typed in _chunkindex.pyi.
+
+Bulk calls (add_records, contains_many, get_many) run without the GIL. A table is not
+locked: while one of them runs in some thread, a call that would change the table (or,
+during add_records, any call) raises RuntimeError instead of racing it. Ids are any
+buffer of exactly 32 bytes; other lengths are a ValueError (a bug, never "absent")."""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
+from libc.stdint cimport uint8_t, uint32_t
+from libc.stdlib cimport free, malloc
+
+
+cdef extern from "chunkindex.h" nogil:
+    ctypedef struct ddp_idx:
+        pass
+    ctypedef struct ddp_idx_value:
+        uint32_t pack_no
+        uint32_t offset
+        uint32_t stored_length
+        uint32_t raw_length
+    size_t DDP_IDX_ID_BYTES
+    size_t DDP_IDX_RECORD_BYTES
+    size_t DDP_IDX_MAX_ENTRIES
+    uint32_t DDP_IDX_NO_PACK
+    int DDP_IDX_OK
+    int DDP_IDX_EXISTS
+    int DDP_IDX_ENOMEM
+    int DDP_IDX_EFULL
+    int DDP_IDX_EINVAL
+    ddp_idx *ddp_idx_create(size_t expected)
+    void ddp_idx_destroy(ddp_idx *t)
+    int ddp_idx_reserve(ddp_idx *t, size_t n)
+    int ddp_idx_get(const ddp_idx *t, const uint8_t *id, ddp_idx_value *out)
+    int ddp_idx_put(ddp_idx *t, const uint8_t *id, const ddp_idx_value *v, int overwrite,
+                    ddp_idx_value *old)
+    int ddp_idx_put_records(ddp_idx *t, const uint8_t *records, size_t n,
+                            const uint32_t *pack_map, size_t map_len, size_t *dups,
+                            size_t dup_cap, size_t *done, size_t *ndups)
+    size_t ddp_idx_contains_many(const ddp_idx *t, const uint8_t *ids, size_t n,
+                                 uint8_t *flags)
+    size_t ddp_idx_get_many(const ddp_idx *t, const uint8_t *ids, size_t n,
+                            ddp_idx_value *out)
+    size_t ddp_idx_count(const ddp_idx *t)
+    size_t ddp_idx_slots(const ddp_idx *t)
+    size_t ddp_idx_memory(const ddp_idx *t)
+
+
+ID_BYTES = DDP_IDX_ID_BYTES
+RECORD_BYTES = DDP_IDX_RECORD_BYTES
+NO_PACK = DDP_IDX_NO_PACK
+
+cdef size_t _DUP_CAP = 4096  # duplicate indices collected per kernel call
+
+
+cdef int _raise(int rc) except -1:
+    if rc == DDP_IDX_ENOMEM:
+        raise MemoryError()
+    if rc == DDP_IDX_EFULL:
+        raise OverflowError(f"a chunk table holds at most {DDP_IDX_MAX_ENTRIES} entries")
+    raise ValueError(f"chunk table: invalid argument (code {rc})")
+
+
+cdef int _open_key(object chunk_id, Py_buffer *view, const uint8_t **p) except -1:
+    """Point *p at the 32 bytes of chunk_id. Returns 1 when *view was filled and must be
+    released, 0 for bytes (no buffer request)."""
+    cdef Py_ssize_t n
+    if PyBytes_CheckExact(chunk_id):
+        n = PyBytes_GET_SIZE(chunk_id)
+        if n == <Py_ssize_t>DDP_IDX_ID_BYTES:
+            p[0] = <const uint8_t *>PyBytes_AS_STRING(chunk_id)
+            return 0
+    else:
+        PyObject_GetBuffer(chunk_id, view, PyBUF_SIMPLE)
+        n = view.len
+        if n == <Py_ssize_t>DDP_IDX_ID_BYTES:
+            p[0] = <const uint8_t *>view.buf
+            return 1
+        PyBuffer_Release(view)
+    raise ValueError(f"a chunk id has {DDP_IDX_ID_BYTES} bytes, not {n}")
+
+
+cdef uint32_t _u32(object x, str what) except? 0xFFFFFFFF:
+    cdef long long v = x
+    if v < 0 or v > 0xFFFFFFFF:
+        raise ValueError(f"{what} {v} is not a uint32")
+    return <uint32_t>v
+
+
+cdef class ChunkTable:
+    """Compact chunk id -> (pack_no, offset, stored_length, raw_length) table (native)."""
+
+    cdef ddp_idx *_t
+    cdef Py_ssize_t _readers   # bulk reads running without the GIL
+    cdef bint _writing         # a bulk write running without the GIL
+
+    def __cinit__(self, expected=0):
+        cdef long long n = expected
+        if n < 0 or <unsigned long long>n > DDP_IDX_MAX_ENTRIES:
+            raise ValueError(f"expected must be in [0, {DDP_IDX_MAX_ENTRIES}], not {n}")
+        self._t = ddp_idx_create(<size_t>n)
+        if self._t == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        ddp_idx_destroy(self._t)
+
+    cdef int _check_read(self) except -1:
+        if self._writing:
+            raise RuntimeError("ChunkTable: add_records is running in another thread")
+        return 0
+
+    cdef int _check_write(self) except -1:
+        if self._writing or self._readers:
+            raise RuntimeError("ChunkTable: a bulk call is running in another thread")
+        return 0
+
+    def __len__(self):
+        self._check_read()
+        return ddp_idx_count(self._t)
+
+    def capacity(self):
+        """Entries that fit before the next growth of the slot array."""
+        self._check_read()
+        return ddp_idx_slots(self._t) * 3 // 4
+
+    def memory_bytes(self):
+        """Bytes of memory the table holds (slot array, entries, directory)."""
+        self._check_read()
+        return ddp_idx_memory(self._t)
+
+    def reserve(self, n):
+        """Make room for n entries in all (one slot array rebuild instead of several)."""
+        cdef long long want = n
+        self._check_write()
+        if want < 0:
+            raise ValueError(f"cannot reserve {want} entries")
+        if <unsigned long long>want > DDP_IDX_MAX_ENTRIES:
+            _raise(DDP_IDX_EFULL)
+        rc = ddp_idx_reserve(self._t, <size_t>want)
+        if rc != DDP_IDX_OK:
+            _raise(rc)
+
+    def get(self, chunk_id):
+        """(pack_no, offset, stored_length, raw_length), or None if absent."""
+        cdef Py_buffer view
+        cdef const uint8_t *p
+        cdef ddp_idx_value v
+        cdef int found
+        self._check_read()
+        if _open_key(chunk_id, &view, &p):
+            found = ddp_idx_get(self._t, p, &v)
+            PyBuffer_Release(&view)
+        else:
+            found = ddp_idx_get(self._t, p, &v)
+        if not found:
+            return None
+        return (v.pack_no, v.offset, v.stored_length, v.raw_length)
+
+    def __contains__(self, chunk_id):
+        cdef Py_buffer view
+        cdef const uint8_t *p
+        cdef int found
+        self._check_read()
+        if _open_key(chunk_id, &view, &p):
+            found = ddp_idx_get(self._t, p, NULL)
+            PyBuffer_Release(&view)
+        else:
+            found = ddp_idx_get(self._t, p, NULL)
+        return found != 0
+
+    def put(self, chunk_id, pack_no, offset, stored_length, raw_length, overwrite=False):
+        """Store the location of chunk_id. Absent: added, returns True. Present: the old
+        location stays unless overwrite, returns False. pack_no < NO_PACK."""
+        cdef Py_buffer view
+        cdef const uint8_t *p
+        cdef ddp_idx_value v
+        cdef int rc, ow = 1 if overwrite else 0
+        self._check_write()
+        v.pack_no = _u32(pack_no, "pack_no")
+        v.offset = _u32(offset, "offset")
+        v.stored_length = _u32(stored_length, "stored_length")
+        v.raw_length = _u32(raw_length, "raw_length")
+        if v.pack_no == DDP_IDX_NO_PACK:
+            raise ValueError(f"pack_no {v.pack_no} is reserved (NO_PACK)")
+        if _open_key(chunk_id, &view, &p):
+            rc = ddp_idx_put(self._t, p, &v, ow, NULL)
+            PyBuffer_Release(&view)
+        else:
+            rc = ddp_idx_put(self._t, p, &v, ow, NULL)
+        if rc < 0:
+            _raise(rc)
+        return rc == DDP_IDX_OK
+
+    def add_records(self, records, pack_map):
+        """Bulk insert of index object entries: records is a buffer of 48-byte <32sIIII
+        records (chunk id, local pack_no, offset, stored_length, raw_length), the local
+        pack_no translated through pack_map (local -> global pack number). A record whose
+        id is already present (or earlier in records) is not stored: the first copy
+        wins. Returns the indices of those records, in order, for the caller's rule.
+        A local pack_no outside pack_map is a ValueError raised before anything is
+        stored."""
+        cdef Py_buffer rv
+        cdef size_t n, map_len, k, done = 0, nd = 0, base = 0
+        cdef uint32_t *pmap = NULL
+        cdef size_t *dups = NULL
+        cdef const uint8_t *rec
+        cdef int rc = DDP_IDX_OK
+        cdef list out = []
+        self._check_write()
+        map_len = len(pack_map)
+        pmap = <uint32_t *>malloc((map_len if map_len else 1) * sizeof(uint32_t))
+        dups = <size_t *>malloc(_DUP_CAP * sizeof(size_t))
+        try:
+            if pmap == NULL or dups == NULL:
+                raise MemoryError()
+            for k in range(map_len):
+                pmap[k] = _u32(pack_map[k], "pack number")
+                if pmap[k] == DDP_IDX_NO_PACK:
+                    raise ValueError(f"pack number {pmap[k]} is reserved (NO_PACK)")
+            PyObject_GetBuffer(records, &rv, PyBUF_SIMPLE)
+            try:
+                if <size_t>rv.len % DDP_IDX_RECORD_BYTES:
+                    raise ValueError(
+                        f"index records are {DDP_IDX_RECORD_BYTES} bytes each; "
+                        f"{rv.len} bytes is not a whole number of them")
+                n = <size_t>rv.len // DDP_IDX_RECORD_BYTES
+                rec = <const uint8_t *>rv.buf
+                self._writing = True
+                try:
+                    while True:
+                        with nogil:
+                            rc = ddp_idx_put_records(
+                                self._t, rec + base * DDP_IDX_RECORD_BYTES, n - base,
+                                pmap, map_len, dups, _DUP_CAP, &done, &nd)
+                        for k in range(nd):
+                            out.append(base + dups[k])
+                        if rc != DDP_IDX_OK:
+                            break
+                        base += done
+                        if base == n:
+                            break
+                finally:
+                    self._writing = False
+                if rc == DDP_IDX_EINVAL:
+                    k = base + done
+                    local = int.from_bytes(
+                        (<const char *>rec)[k * DDP_IDX_RECORD_BYTES + 32:
+                                            k * DDP_IDX_RECORD_BYTES + 36], "little")
+                    raise ValueError(f"record {k} names pack {local} of {map_len}")
+                if rc != DDP_IDX_OK:
+                    _raise(rc)
+            finally:
+                PyBuffer_Release(&rv)
+        finally:
+            free(pmap)
+            free(dups)
+        return out
+
+    def contains_many(self, ids):
+        """ids: 32-byte chunk ids back to back (one buffer). Returns a bytearray with one
+        byte per id: 1 if present, else 0."""
+        cdef Py_buffer iv
+        cdef size_t n
+        cdef bytearray flags
+        cdef uint8_t *fp
+        self._check_read()
+        PyObject_GetBuffer(ids, &iv, PyBUF_SIMPLE)
+        try:
+            n = _id_count(iv.len)
+            flags = PyByteArray_FromStringAndSize(NULL, <Py_ssize_t>n)
+            fp = <uint8_t *>PyByteArray_AS_STRING(flags)
+            self._readers += 1
+            try:
+                with nogil:
+                    ddp_idx_contains_many(self._t, <const uint8_t *>iv.buf, n, fp)
+            finally:
+                self._readers -= 1
+        finally:
+            PyBuffer_Release(&iv)
+        return flags
+
+    def get_many(self, ids):
+        """ids: 32-byte chunk ids back to back (one buffer). Returns a bytearray of 16
+        bytes per id, four native-order uint32 (pack_no, offset, stored_length,
+        raw_length; memoryview(result).cast("I") reads them); an absent id has pack_no
+        NO_PACK and zeros."""
+        cdef Py_buffer iv
+        cdef size_t n
+        cdef bytearray out
+        cdef ddp_idx_value *op
+        self._check_read()
+        PyObject_GetBuffer(ids, &iv, PyBUF_SIMPLE)
+        try:
+            n = _id_count(iv.len)
+            out = PyByteArray_FromStringAndSize(NULL, <Py_ssize_t>(n * sizeof(ddp_idx_value)))
+            op = <ddp_idx_value *>PyByteArray_AS_STRING(out)
+            self._readers += 1
+            try:
+                with nogil:
+                    ddp_idx_get_many(self._t, <const uint8_t *>iv.buf, n, op)
+            finally:
+                self._readers -= 1
+        finally:
+            PyBuffer_Release(&iv)
+        return out
+
+
+cdef size_t _id_count(Py_ssize_t length) except? 0:
+    if <size_t>length % DDP_IDX_ID_BYTES:
+        raise ValueError(
+            f"chunk ids are {DDP_IDX_ID_BYTES} bytes each; {length} bytes is not a "
+            "whole number of them")
+    return <size_t>length // DDP_IDX_ID_BYTES
