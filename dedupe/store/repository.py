@@ -217,17 +217,19 @@ class RepositoryStore:
         names = [n for n in listed if n not in self._loaded_index_objects]
         if not names:
             return 0
-        sem = asyncio.Semaphore(8)
+        sem = asyncio.Semaphore(4)
 
-        async def load(name: str) -> tuple[str, list[PackRecord], memoryview]:
+        async def load(name: str) -> None:
+            # Each object goes into the table as soon as it is decoded, so at most a few
+            # decoded objects are in memory at once, not the whole index twice.
             async with sem:
                 data = await self.backend.get(name)
-            packs, records = await asyncio.to_thread(self._open_index_object, name, data)
-            return name, packs, records
-
-        for name, packs, records in await asyncio.gather(*(load(n) for n in names)):
-            self.index.add_records(packs, records, f"index object {name}")
+                packs, records = await asyncio.to_thread(self._open_index_object, name, data)
+                del data
+                self.index.add_records(packs, records, f"index object {name}")
             self._loaded_index_objects.add(name)
+
+        await asyncio.gather(*(load(n) for n in names))
         return len(names)
 
     def _open_index_object(self, name: str, data: bytes) -> tuple[list[PackRecord], memoryview]:
