@@ -111,9 +111,12 @@ def test_prune_frees_what_forget_released(run_asyncio, repo_path: Path) -> None:
             assert again.index_objects_written == 0 and again.chunks_removed == 0
             assert await pack_bytes(repo) == after
 
-        # A fresh process sees the same, restorable repository.
+        # A fresh process sees the same, restorable repository, and it verifies.
         async with await Repository.open(repo_path, PASSPHRASE) as repo:
             await check_restores(repo, kept)
+            report = await repo.verify(read_data=True)
+            assert report.ok, report.to_dict()
+            assert report.generations == 4 and report.packs_read == len(after)
 
     run_asyncio(go())
 
