@@ -123,9 +123,12 @@ async def restore_chunks(
         for chunk_id, _length in window:
             loc = index.get(chunk_id)
             if loc is None:
+                damaged = sorted(store.damaged_index_objects)
                 raise MissingObject(
                     f"chunk {chunk_id.hex()[:16]} of generation {gen_id} is in no index object",
-                    hint="the repository lost data; run 'dedupe verify' to see what is affected",
+                    hint=f"index object(s) {', '.join(damaged)} are damaged; run 'dedupe verify'"
+                    if damaged
+                    else "the repository lost data; run 'dedupe verify' to see what is affected",
                 )
             by_pack.setdefault(loc.pack_no, {})[chunk_id] = (
                 chunk_id,

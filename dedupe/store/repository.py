@@ -103,6 +103,7 @@ class RepositoryStore:
         self.codec = BlobCodec(int(config["compression"]["level"]), self.hasher)
         self.index = ChunkIndex()
         self._loaded_index_objects: set[str] = set()
+        self.damaged_index_objects: dict[str, str] = {}  # name -> what is wrong
         self._pack_keys: dict[int, bytes] = {}
 
     @property
@@ -210,6 +211,7 @@ class RepositoryStore:
         if rebuild or not self._loaded_index_objects <= listed:
             self.index = ChunkIndex()
             self._loaded_index_objects = set()
+            self.damaged_index_objects = {}
             self._pack_keys = {}
         self.index.set_present_packs(present)
         # So are quarantine records: set them before loading, so a good copy can win.
@@ -224,7 +226,14 @@ class RepositoryStore:
             # decoded objects are in memory at once, not the whole index twice.
             async with sem:
                 data = await self.backend.get(name)
-                packs, records = await asyncio.to_thread(self._open_index_object, name, data)
+                try:
+                    packs, records = await asyncio.to_thread(self._open_index_object, name, data)
+                except (IntegrityError, UnsupportedFormat) as e:
+                    # One damaged index object must not make the whole repository
+                    # unreadable: its chunks count as not indexed (restores that need
+                    # them fail and name them; verify reports the object).
+                    self.damaged_index_objects[name] = e.message
+                    return
                 del data
                 self.index.add_records(packs, records, f"index object {name}")
             self._loaded_index_objects.add(name)

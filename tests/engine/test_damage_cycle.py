@@ -59,3 +59,35 @@ def test_flip_verify_full_prune_verify(run, repo_path: Path) -> None:  # type: i
             assert report.ok, report.to_dict()
 
     run(go())
+
+
+def test_a_damaged_index_object_does_not_lock_everyone_out(run, repo_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from dedupe.errors import MissingObject
+
+    data_a, data_b = os.urandom(300_000), os.urandom(300_000)
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            a = await repo.backup(io.BytesIO(data_a), name="a", kind="full")
+            b = await repo.backup(io.BytesIO(data_b), name="b", kind="full")
+        # Flip a byte in the index object written by the second backup.
+        objects = sorted((repo_path / "index").iterdir(), key=lambda p: p.stat().st_mtime_ns)
+        victim = objects[-1]
+        raw = bytearray(victim.read_bytes())
+        raw[len(raw) // 2] ^= 1
+        victim.write_bytes(bytes(raw))
+        async with await Repository.open(repo_path, PASSPHRASE) as repo:
+            out = io.BytesIO()
+            await repo.restore(a.id, out)  # untouched by the damage
+            assert out.getvalue() == data_a
+            try:
+                await repo.restore(b.id, io.BytesIO())
+            except MissingObject as e:
+                assert victim.name in str(e)
+            else:
+                raise AssertionError("restore of b must fail: its chunks lost their index")
+            report = await repo.verify()
+            assert not report.ok
+            assert any(victim.name in d.name for d in report.damaged)
+
+    run(go())
