@@ -8,9 +8,11 @@ import io
 import os
 from pathlib import Path
 
+import pytest
 from conftest import PASSPHRASE, make_repo
 
 from dedupe import Repository
+from dedupe.errors import IntegrityError
 from dedupe.format.manifest import CHUNK_RECORD
 
 
@@ -89,5 +91,10 @@ def test_a_damaged_index_object_does_not_lock_everyone_out(run, repo_path: Path)
             report = await repo.verify()
             assert not report.ok
             assert any(victim.name in d.name for d in report.damaged)
+            # Prune must not take the packs only the damaged object lists for garbage.
+            packs_before = sorted(p.name for p in (repo_path / "packs").rglob("*"))
+            with pytest.raises(IntegrityError):
+                await repo.prune()
+            assert sorted(p.name for p in (repo_path / "packs").rglob("*")) == packs_before
 
     run(go())
