@@ -66,21 +66,11 @@ ENTRY_RECORD = _ENTRY
 def decode_index(
     plain: bytes, what: str
 ) -> tuple[list[PackRecord], list[tuple[bytes, int, int, int, int]]]:
-    """-> (pack table, entries as tuples in IndexEntry field order); tuples keep loading fast."""
-    mv = memoryview(plain)
-    try:
-        (n_packs,) = _COUNT.unpack_from(mv, 0)
-        pos = _COUNT.size
-        end = pos + n_packs * _PACK.size
-        packs = [PackRecord(*t) for t in _PACK.iter_unpack(mv[pos:end])]
-        (n_entries,) = _COUNT.unpack_from(mv, end)
-        pos = end + _COUNT.size
-        if len(mv) - pos != n_entries * _ENTRY.size:
-            raise IntegrityError(f"{what}: entry table length does not match its count")
-        entries = list(_ENTRY.iter_unpack(mv[pos:]))
-    except struct.error as e:
-        raise IntegrityError(f"{what} is malformed: {e}") from None
+    """-> (pack table, entries as tuples in IndexEntry field order), every entry's pack
+    number checked against the pack table."""
+    packs, records = decode_index_records(plain, what)
+    entries = list(_ENTRY.iter_unpack(records))
     highest = max((entry[1] for entry in entries), default=-1)
-    if highest >= n_packs:
-        raise IntegrityError(f"{what}: an entry names pack {highest} of {n_packs}")
+    if highest >= len(packs):
+        raise IntegrityError(f"{what}: an entry names pack {highest} of {len(packs)}")
     return packs, entries
