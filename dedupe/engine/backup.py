@@ -225,13 +225,7 @@ async def ingest(
 
     async def write_stage() -> None:
         while (pack := await packs_q.get()) is not None:
-            pack_id = await store.write_pack(pack.data)
-            pack_no = len(new_packs)
-            new_packs.append(PackRecord(pack_id, pack.epoch, pack.wrapped_key, len(pack.data)))
-            new_entries.extend(
-                IndexEntry(e.chunk_id, pack_no, e.offset, e.stored_length, e.raw_length)
-                for e in pack.entries
-            )
+            await store.write_finished_pack(pack, new_packs, new_entries)
             p.bytes_stored += len(pack.data)
 
     try:

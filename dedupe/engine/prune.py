@@ -426,13 +426,7 @@ async def _repack(
 
     async def write(finished: list[Any]) -> None:
         for pack in finished:
-            pack_id = await store.write_pack(pack.data)
-            no = len(new_packs)
-            new_packs.append(PackRecord(pack_id, pack.epoch, pack.wrapped_key, len(pack.data)))
-            new_entries.extend(
-                IndexEntry(e.chunk_id, no, e.offset, e.stored_length, e.raw_length)
-                for e in pack.entries
-            )
+            await store.write_finished_pack(pack, new_packs, new_entries)
             p.bytes_stored += len(pack.data)
 
     # Fetch a few packs ahead while the current one is sealed and written.

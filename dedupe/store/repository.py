@@ -69,6 +69,7 @@ from dedupe.format.manifest import (
 from dedupe.hashing import ChunkHasher, object_id
 from dedupe.store.blobs import BlobCodec
 from dedupe.store.index import ChunkIndex
+from dedupe.store.packer import FinishedPack
 from dedupe.store.quarantine import read_quarantine
 
 MIN_PACK_SIZE = 4096  # tests shrink packs to a few KiB so small inputs make many packs
@@ -296,6 +297,19 @@ class RepositoryStore:
         pack_id = bytes.fromhex(await asyncio.to_thread(object_id, data))
         await self.backend.put(pack_name(pack_id), data)
         return pack_id
+
+    async def write_finished_pack(
+        self, pack: FinishedPack, packs: list[PackRecord], entries: list[IndexEntry]
+    ) -> None:
+        """Write a pack from a PackWriter and append its pack record and index entries to
+        `packs`/`entries`, the tables of the index object that will list it."""
+        pack_id = await self.write_pack(pack.data)
+        pack_no = len(packs)
+        packs.append(PackRecord(pack_id, pack.epoch, pack.wrapped_key, len(pack.data)))
+        entries.extend(
+            IndexEntry(e.chunk_id, pack_no, e.offset, e.stored_length, e.raw_length)
+            for e in pack.entries
+        )
 
     async def read_pack_range(self, pack_no: int, offset: int, length: int) -> bytes:
         return await self.backend.get(pack_name(self.index.packs[pack_no].pack_id), offset, length)
