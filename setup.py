@@ -44,6 +44,7 @@ def kernel(module: str, pyx: str, name: str) -> Extension:
 extensions = [
     kernel("dedupe.chunking._fastcdc", "dedupe/chunking/_fastcdc.pyx", "fastcdc"),
     kernel("dedupe.store._chunkindex", "dedupe/store/_chunkindex.pyx", "chunkindex"),
+    kernel("dedupe.store._blobcodec", "dedupe/store/_blobcodec.pyx", "blobcodec"),
 ]
 
 setup(

@@ -37,6 +37,7 @@ from dedupe.engine.verify import SubsetSpec, VerifyReport, verify_repository
 from dedupe.errors import AmbiguousGeneration, GenerationNotFound, TargetError
 from dedupe.format.config import DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_SIZE
 from dedupe.store import RepositoryStore
+from dedupe.store.blobs import Buffer
 from dedupe.store.locks import LockInfo, RepositoryLock, list_locks, remove_locks
 
 __all__ = ["BackupStats", "Generation", "Progress", "Repository", "RestoreStats"]
@@ -473,7 +474,7 @@ class Repository:
 
         return await remove_locks(self._store.backend, all_locks=all_locks)
 
-    async def _chunks(self, generation: str | Generation) -> AsyncIterator[list[bytes]]:
+    async def _chunks(self, generation: str | Generation) -> AsyncIterator[list[Buffer]]:
         gen = await self.resolve(generation)
         if gen.source.get("type") == "tree":
             raise TargetError(
@@ -492,8 +493,8 @@ def _with_note(stats: BackupStats, note: str | None) -> BackupStats:
 
 
 async def _report(
-    stream: AsyncIterator[list[bytes]], progress: ProgressCallback, total: int
-) -> AsyncIterator[list[bytes]]:
+    stream: AsyncIterator[list[Buffer]], progress: ProgressCallback, total: int
+) -> AsyncIterator[list[Buffer]]:
     p = Progress("restore", "restoring", bytes_total=total)
     async for parts in stream:
         p.bytes_written += sum(len(x) for x in parts)

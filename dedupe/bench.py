@@ -76,13 +76,12 @@ import blake3
 import dedupe
 from dedupe.api import Repository
 from dedupe.chunking import DEFAULT_PARAMS, Chunker, gear_table
-from dedupe.crypto import OVERHEAD, KdfParams, new_key
-from dedupe.crypto.aead import seal_into
+from dedupe.crypto import KdfParams, new_key
 from dedupe.engine.sources import READ_SIZE
 from dedupe.errors import DedupeError, IntegrityError
 from dedupe.format.config import DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_SIZE
 from dedupe.hashing import ChunkHasher
-from dedupe.store.blobs import BlobCodec
+from dedupe.store.blobs import BlobCodec, seal_batch
 
 __all__ = [
     "BenchProgress",
@@ -348,6 +347,7 @@ def _measure_stages(
     codec = BlobCodec(DEFAULT_COMPRESSION_LEVEL, hasher)
     pack_key = new_key()
     pack = bytearray(DEFAULT_PACK_SIZE + 64 * 1024)
+    records = bytearray()
     wdir = workdir / "stage-write"
     wdir.mkdir(parents=True, exist_ok=True)
     n_packs = max(1, round(total / DEFAULT_PACK_SIZE))
@@ -374,20 +374,21 @@ def _measure_stages(
             t1 = clock()
             ids = hasher.chunk_ids(cs)
             t2 = clock()
-            frames = codec.frame(cs)
+            batch = codec.frame(cs, ids)
             t3 = clock()
-            for chunk_id, frame in zip(ids, frames, strict=True):
-                if pos + len(frame) + OVERHEAD > len(pack):
+            framed += batch.framed_bytes
+            while batch.pending:
+                pos = seal_batch(pack_key, batch, pack, pos, len(pack), records)
+                if batch.pending:
                     pos = 0  # the pack is full: start the next one in the same buffer
-                pos = seal_into(pack_key, frame, chunk_id, pack, pos)
+                    records.clear()
             t4 = clock()
             t["chunk"] += t1 - t0
             t["hash"] += t2 - t1
             t["compress"] += t3 - t2
             t["seal"] += t4 - t3
             chunks += len(cs)
-            framed += sum(len(x) for x in frames)
-            del cs, ids, frames
+            del cs, ids, batch
         os.sync()  # earlier writes are not billed to this stage
         for k in range(n_packs):
             name = wdir / f"pack-{k}"

@@ -32,7 +32,7 @@ class ChunkHasher:
     def chunk_id(self, data: bytes | memoryview) -> bytes:
         return blake3.blake3(data, key=self._id_key).digest()
 
-    def chunk_ids(self, chunks: Iterable[bytes | memoryview]) -> list[bytes]:
+    def chunk_ids(self, chunks: Iterable[bytes | bytearray | memoryview]) -> list[bytes]:
         """Ids of a batch of chunks; called from a worker thread, one call per batch."""
         key = self._id_key
         new = blake3.blake3
@@ -53,7 +53,7 @@ class StreamDigest:
     def update(self, data: bytes | memoryview) -> None:
         self._h.update(data)
 
-    def update_many(self, parts: Sequence[bytes | memoryview]) -> None:
+    def update_many(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
         for p in parts:
             self._h.update(p)
 

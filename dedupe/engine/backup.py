@@ -32,6 +32,7 @@ from dedupe.format.delta import make_delta
 from dedupe.format.index import IndexEntry, PackRecord
 from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.store import FinishedPack, PackWriter, RepositoryStore
+from dedupe.store.blobs import FramedBatch
 from dedupe.store.repository import utc_now
 
 T = TypeVar("T")
@@ -125,9 +126,7 @@ async def ingest(
     Hashed = tuple[list[memoryview], Awaitable[list[bytes]]] | Awaitable[str] | Reuse
     blocks_q: asyncio.Queue[Item | None] = asyncio.Queue(BLOCK_QUEUE)
     hashed_q: asyncio.Queue[Hashed | None] = asyncio.Queue(HASHED_QUEUE)
-    framed_q: asyncio.Queue[tuple[list[bytes], list[int], Awaitable[list[bytes]]] | None] = (
-        asyncio.Queue(FRAMING_IN_FLIGHT)
-    )
+    framed_q: asyncio.Queue[Awaitable[FramedBatch] | None] = asyncio.Queue(FRAMING_IN_FLIGHT)
     packs_q: asyncio.Queue[FinishedPack | None] = asyncio.Queue(PACK_QUEUE)
 
     async def read_stage() -> None:
@@ -204,19 +203,16 @@ async def ingest(
                 new_ids.append(chunk_id)
             p.chunks += len(chunks)
             if new_chunks:
-                lengths = [len(c) for c in new_chunks]
                 p.chunks_new += len(new_chunks)
-                p.bytes_new += sum(lengths)
-                await framed_q.put((new_ids, lengths, run(codec.frame, new_chunks)))
+                p.bytes_new += sum(map(len, new_chunks))
+                await framed_q.put(run(codec.frame, new_chunks, new_ids))
             if progress:
                 progress(p)
         await framed_q.put(None)
 
     async def seal_stage() -> None:
-        while (item := await framed_q.get()) is not None:
-            ids, lengths, framing = item
-            framed = await framing
-            for pack in await run(packer.add, list(zip(ids, framed, lengths, strict=True))):
+        while (framing := await framed_q.get()) is not None:
+            for pack in await run(packer.add, await framing):
                 await packs_q.put(pack)
         last = await run(packer.flush)
         if last is not None:
@@ -227,6 +223,7 @@ async def ingest(
         while (pack := await packs_q.get()) is not None:
             await store.write_finished_pack(pack, new_packs, new_entries)
             p.bytes_stored += len(pack.data)
+            packer.recycle(pack)
 
     try:
         await run_stages(read_stage, chunk_stage, dedupe_stage, seal_stage, write_stage)

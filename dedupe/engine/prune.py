@@ -57,6 +57,7 @@ from dedupe.format.index import IndexEntry, PackRecord
 from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.format.pack import FOOTER_SIZE, PACK_MAGIC
 from dedupe.store import PackWriter, RepositoryStore
+from dedupe.store.blobs import FramedBatch
 from dedupe.store.locks import RepositoryLock
 from dedupe.store.quarantine import QUARANTINE_PREFIX, decode_quarantine, read_quarantine
 from dedupe.store.repository import pack_name
@@ -396,31 +397,25 @@ async def _repack(
                 out.append((off, end, [it]))
         return out
 
-    async def fetch(pack_id: bytes) -> list[tuple[bytes, bytes, int]]:
-        """The pack's live chunks as (chunk id, blob plaintext, raw length), checked."""
+    async def fetch(pack_id: bytes) -> list[FramedBatch]:
+        """The pack's live chunks, checked and framed again for sealing."""
         rec = records[pack_id]
         epoch = store.epochs.get(rec.epoch)
         if epoch is None:
             raise MissingObject(f"pack {pack_id.hex()} needs key epoch {rec.epoch}, not found")
         key = epoch.unwrap(rec.wrapped_key)
-        out: list[tuple[bytes, bytes, int]] = []
+        out: list[FramedBatch] = []
         for start, end, group in ranges(by_pack[pack_id]):
             data = await store.backend.get(pack_name(pack_id), start, end - start)
 
             def reframe(
                 data: bytes = data, start: int = start, group: list[Any] = group
-            ) -> list[tuple[bytes, bytes, int]]:
-                view = memoryview(data)
-                plain = [
-                    codec.open(
-                        key, cid, view[c.offset - start : c.offset - start + c.stored], c.raw
-                    )
-                    for cid, c in group
-                ]
-                framed = codec.frame(plain)
-                return [(cid, f, c.raw) for (cid, c), f in zip(group, framed, strict=True)]
+            ) -> FramedBatch:
+                items = [(cid, c.offset, c.stored, c.raw) for cid, c in group]
+                plain = codec.open_many(key, data, start, items)
+                return codec.frame(plain, [cid for cid, _c in group])
 
-            out.extend(await run(reframe))
+            out.append(await run(reframe))
             p.bytes_read += end - start
         return out
 
@@ -428,17 +423,18 @@ async def _repack(
         for pack in finished:
             await store.write_finished_pack(pack, new_packs, new_entries)
             p.bytes_stored += len(pack.data)
+            packer.recycle(pack)
 
     # Fetch a few packs ahead while the current one is sealed and written.
     order = sorted(by_pack)
-    ahead: list[asyncio.Task[list[tuple[bytes, bytes, int]]]] = []
+    ahead: list[asyncio.Task[list[FramedBatch]]] = []
     try:
         for i in range(len(order)):
             while len(ahead) < READ_CONCURRENCY and len(ahead) + i < len(order):
                 ahead.append(asyncio.ensure_future(fetch(order[len(ahead) + i])))
-            items = await ahead.pop(0)
-            p.chunks += len(items)
-            await write(await run(packer.add, items))
+            for batch in await ahead.pop(0):
+                p.chunks += batch.pending
+                await write(await run(packer.add, batch))
             if progress:
                 progress(p)
         last = await run(packer.flush)

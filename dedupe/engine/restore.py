@@ -22,6 +22,7 @@ from dedupe.errors import IntegrityError, MissingObject, TargetError
 from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.hashing import StreamDigest
 from dedupe.store import RepositoryStore
+from dedupe.store.blobs import Buffer
 
 T = TypeVar("T")
 
@@ -88,7 +89,7 @@ async def restore_chunks(
     table: bytes,
     digest_hex: str | None,
     executor: Executor,
-) -> AsyncIterator[list[bytes]]:
+) -> AsyncIterator[list[Buffer]]:
     """Yield the generation's bytes as lists of verified chunks, in order, window by window.
     With `digest_hex`, the whole stream is checked against it at the end (callers that
     check per-file digests pass None)."""
@@ -97,14 +98,11 @@ async def restore_chunks(
     codec = store.codec
     sem = asyncio.Semaphore(FETCH_CONCURRENCY)
 
-    def open_range(key: bytes, data: bytes, start: int, items: list[_Item]) -> dict[bytes, bytes]:
-        view = memoryview(data)
-        return {
-            cid: codec.open(key, cid, view[off - start : off - start + stored], raw)
-            for cid, off, stored, raw in items
-        }
+    def open_range(key: bytes, data: bytes, start: int, items: list[_Item]) -> dict[bytes, Buffer]:
+        chunks = codec.open_many(key, data, start, items)
+        return {item[0]: chunk for item, chunk in zip(items, chunks, strict=True)}
 
-    async def fetch(pack_no: int, start: int, end: int, items: list[_Item]) -> dict[bytes, bytes]:
+    async def fetch(pack_no: int, start: int, end: int, items: list[_Item]) -> dict[bytes, Buffer]:
         async with sem:
             data = await store.read_pack_range(pack_no, start, end - start)
         key = store.pack_key(pack_no)
@@ -113,12 +111,12 @@ async def restore_chunks(
             loop.run_in_executor(executor, open_range, key, data, start, part)
             for part in split_by_bytes(items, DECODE_BATCH)
         ]
-        found: dict[bytes, bytes] = {}
+        found: dict[bytes, Buffer] = {}
         for part_found in await asyncio.gather(*jobs):
             found.update(part_found)
         return found
 
-    async def fetch_window(window: list[tuple[bytes, int]]) -> list[bytes]:
+    async def fetch_window(window: list[tuple[bytes, int]]) -> list[Buffer]:
         by_pack: dict[int, dict[bytes, _Item]] = {}
         for chunk_id, _length in window:
             loc = index.get(chunk_id)
@@ -141,12 +139,12 @@ async def restore_chunks(
             for pack_no, items in by_pack.items()
             for start, end, group in _ranges(list(items.values()))
         ]
-        found: dict[bytes, bytes] = {}
+        found: dict[bytes, Buffer] = {}
         for part in await asyncio.gather(*jobs):
             found.update(part)
         return [found[chunk_id] for chunk_id, _ in window]
 
-    queue: asyncio.Queue[list[bytes] | BaseException | None] = asyncio.Queue(WINDOWS_AHEAD)
+    queue: asyncio.Queue[list[Buffer] | BaseException | None] = asyncio.Queue(WINDOWS_AHEAD)
 
     async def produce() -> None:
         try:
@@ -195,7 +193,7 @@ async def finish_in_thread(fn: Callable[..., T], *args: Any) -> T:
         raise
 
 
-def write_all(fd: int, parts: list[bytes]) -> int:
+def write_all(fd: int, parts: list[Buffer]) -> int:
     total = 0
     for part in parts:
         view = memoryview(part)
@@ -207,7 +205,7 @@ def write_all(fd: int, parts: list[bytes]) -> int:
 
 
 async def write_to_path(
-    stream: AsyncIterator[list[bytes]], path: str, overwrite: bool = False
+    stream: AsyncIterator[list[Buffer]], path: str, overwrite: bool = False
 ) -> int:
     """Write to a temporary file beside `path`, fsync, and rename it into place only after
     the whole stream was verified: a failed restore never leaves a plausible-looking file."""
@@ -262,8 +260,8 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
-async def write_to_fileobj(stream: AsyncIterator[list[bytes]], f: BinaryIO) -> int:
-    def write(parts: list[bytes]) -> int:
+async def write_to_fileobj(stream: AsyncIterator[list[Buffer]], f: BinaryIO) -> int:
+    def write(parts: list[Buffer]) -> int:
         n = 0
         for part in parts:
             f.write(part)

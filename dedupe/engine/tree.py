@@ -48,6 +48,7 @@ from dedupe.format.tree import (
 )
 from dedupe.hashing import StreamDigest
 from dedupe.store import RepositoryStore
+from dedupe.store.blobs import Buffer
 
 READ_SIZE = 4 * 1024 * 1024
 _R = CHUNK_RECORD.size
@@ -277,7 +278,7 @@ def _join(top: str, path: str) -> str:
     return top if path == ROOT else os.path.join(top, *path.split("/"))
 
 
-def _write_and_hash(fd: int, parts: list[bytes], digest: StreamDigest) -> int:
+def _write_and_hash(fd: int, parts: list[Buffer], digest: StreamDigest) -> int:
     digest.update_many(parts)
     return write_all(fd, parts)
 
@@ -299,7 +300,7 @@ class _FileSink:
     async def begin(self) -> None:
         await self._open_next()
 
-    async def feed(self, parts: list[bytes]) -> int:
+    async def feed(self, parts: list[Buffer]) -> int:
         written = 0
         i = 0
         while i < len(parts):

@@ -19,7 +19,8 @@ MAX_PACK_SIZE = (1 << 32) - 1
 COMPRESSION_NONE = 0
 COMPRESSION_ZSTD = 1
 
-_ENTRY = struct.Struct("<32sIII")  # chunk_id, offset, stored_length, raw_length
+TRAILER_RECORD = "<32sIII"  # chunk_id, offset, stored_length, raw_length
+_ENTRY = struct.Struct(TRAILER_RECORD)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,9 +32,16 @@ class PackEntry:
 
 
 def encode_trailer(entries: list[PackEntry]) -> bytes:
-    parts = [struct.pack("<I", len(entries))]
-    parts += [_ENTRY.pack(e.chunk_id, e.offset, e.stored_length, e.raw_length) for e in entries]
-    return b"".join(parts)
+    return encode_trailer_records(
+        b"".join(_ENTRY.pack(e.chunk_id, e.offset, e.stored_length, e.raw_length) for e in entries)
+    )
+
+
+def encode_trailer_records(records: bytes | bytearray) -> bytes:
+    """The trailer plaintext for entry records already packed back to back."""
+    if len(records) % _ENTRY.size:
+        raise ValueError("trailer records must be whole entries")
+    return struct.pack("<I", len(records) // _ENTRY.size) + records
 
 
 def decode_trailer(plain: bytes, what: str) -> list[PackEntry]:

@@ -1,28 +1,148 @@
 """Chunks <-> blobs: compress (or not), seal under the pack key with the chunk id as
-associated data; and the reverse, which checks both the AEAD tag and the chunk id."""
+associated data; and the reverse, which checks both the AEAD tag and the chunk id.
+
+Batches go through the native kernels of `_blobcodec` (csrc/blobcodec.c): one call per
+batch, without the GIL, so per-chunk work costs no interpreter time and both cores run.
+The kernels reach zstd and libsodium through the cffi modules that the zstandard and
+PyNaCl packages ship. Should either be missing, the pure-Python twin below does the same
+work with the same bytes on disk (it is also what the tests compare the kernels with).
+"""
 
 from __future__ import annotations
 
+import struct
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import zstandard
 
-from dedupe.crypto import open_sealed
+from dedupe.crypto import OVERHEAD, open_sealed
+from dedupe.crypto.aead import seal_into
 from dedupe.errors import IntegrityError
-from dedupe.format.pack import COMPRESSION_NONE, COMPRESSION_ZSTD
+from dedupe.format.pack import COMPRESSION_NONE, COMPRESSION_ZSTD, TRAILER_RECORD
 from dedupe.hashing import ChunkHasher
+
+try:
+    from dedupe.store import _blobcodec
+except ImportError:  # pragma: no cover - an install without the compiled kernels
+    _blobcodec = None  # type: ignore[assignment]
 
 _RAW = bytes([COMPRESSION_NONE])
 _ZSTD = bytes([COMPRESSION_ZSTD])
+Buffer = bytes | bytearray | memoryview
+
+
+def _library_functions() -> dict[str, int] | None:
+    """Addresses of the zstd and libsodium functions the kernels call, taken from the
+    compiled cffi modules of zstandard and PyNaCl; None when either is unavailable."""
+    try:
+        from nacl._sodium import ffi as nacl_ffi
+        from nacl._sodium import lib as nacl_lib
+        from zstandard import _cffi as zstd_cffi  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+
+    def address(ffi: Any, lib: Any, name: str) -> int:
+        return int(ffi.cast("uintptr_t", ffi.addressof(lib, name)))
+
+    try:
+        zstd = {
+            key: address(zstd_cffi.ffi, zstd_cffi.lib, name)
+            for key, name in (
+                ("compress", "ZSTD_compressCCtx"),
+                ("decompress", "ZSTD_decompressDCtx"),
+                ("is_error", "ZSTD_isError"),
+                ("create_cctx", "ZSTD_createCCtx"),
+                ("free_cctx", "ZSTD_freeCCtx"),
+                ("create_dctx", "ZSTD_createDCtx"),
+                ("free_dctx", "ZSTD_freeDCtx"),
+            )
+        }
+        sodium = {
+            "seal": address(nacl_ffi, nacl_lib, "crypto_aead_xchacha20poly1305_ietf_encrypt"),
+            "open": address(nacl_ffi, nacl_lib, "crypto_aead_xchacha20poly1305_ietf_decrypt"),
+        }
+    except (AttributeError, TypeError):  # a renamed or missing symbol
+        return None
+    return zstd | sodium
+
+
+def _configure_native() -> bool:
+    if _blobcodec is None:
+        return False
+    functions = _library_functions()
+    if functions is None:
+        return False
+    _blobcodec.configure(functions)
+    return True
+
+
+NATIVE_AVAILABLE = _configure_native()
+
+
+class PyFramedBatch:
+    """Framed blobs of a batch, waiting to be sealed (pure-Python twin of the native
+    FramedBatch: the same contract)."""
+
+    __slots__ = ("ids", "blobs", "raw_lengths", "next")
+
+    def __init__(self, ids: list[bytes], blobs: list[bytes], raw_lengths: list[int]) -> None:
+        self.ids, self.blobs, self.raw_lengths = ids, blobs, raw_lengths
+        self.next = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self.blobs) - self.next
+
+    def next_sealed_size(self) -> int:
+        return len(self.blobs[self.next]) + OVERHEAD if self.pending else 0
+
+    @property
+    def framed_bytes(self) -> int:
+        return sum(map(len, self.blobs))
+
+
+FramedBatch = Any  # PyFramedBatch, or the native _blobcodec.FramedBatch
+_TRAILER_RECORD = struct.Struct(TRAILER_RECORD)
+
+
+def seal_batch(
+    key: bytes,
+    batch: FramedBatch,
+    dst: bytearray,
+    pos: int,
+    target: int,
+    records: bytearray,
+) -> int:
+    """Seal the batch's pending blobs into `dst` (a pack being built) from `pos`, until
+    `pos` reaches `target` or the next blob does not fit in `dst`; append a trailer record
+    per blob to `records`. Returns the new position (batch.pending tells what is left)."""
+    if not isinstance(batch, PyFramedBatch):
+        return int(_blobcodec.seal(key, batch, dst, pos, target, records))
+    while batch.pending and pos < target:
+        blob = batch.blobs[batch.next]
+        if pos + len(blob) + OVERHEAD > len(dst):
+            break
+        end = seal_into(key, blob, batch.ids[batch.next], dst, pos)
+        records += _TRAILER_RECORD.pack(
+            batch.ids[batch.next], pos, end - pos, batch.raw_lengths[batch.next]
+        )
+        pos = end
+        batch.next += 1
+    return pos
 
 
 class BlobCodec:
-    """Thread-safe: each worker thread gets its own zstd contexts."""
+    """Thread-safe: each worker thread gets its own zstd contexts (and native codec).
+    `native=None` uses the kernels when they are available; False forces the twin."""
 
-    def __init__(self, level: int, hasher: ChunkHasher) -> None:
+    def __init__(self, level: int, hasher: ChunkHasher, native: bool | None = None) -> None:
+        if native and not NATIVE_AVAILABLE:
+            raise RuntimeError("the native blob codec is not available in this install")
         self.level = level
         self.hasher = hasher
+        self.native = NATIVE_AVAILABLE if native is None else native
         self._local = threading.local()
 
     def _cctx(self) -> zstandard.ZstdCompressor:
@@ -37,18 +157,25 @@ class BlobCodec:
             d = self._local.dctx = zstandard.ZstdDecompressor()
         return d
 
-    def frame(self, chunks: Sequence[bytes | memoryview]) -> list[bytes]:
-        """Blob plaintexts for a batch of chunks: zstd when it is smaller, raw otherwise."""
+    def _kernel(self) -> Any:
+        k = getattr(self._local, "kernel", None)
+        if k is None:
+            k = self._local.kernel = _blobcodec.BatchCodec(self.level)
+        return k
+
+    def frame(self, chunks: Sequence[Buffer], ids: Sequence[bytes]) -> FramedBatch:
+        """Blob plaintexts for a batch of chunks (zstd when it is smaller, raw otherwise),
+        ready for seal_batch. `ids` are the chunks' ids, in the same order."""
+        if self.native:
+            return self._kernel().frame(list(chunks), list(ids))
         compress = self._cctx().compress
-        out = []
+        blobs = []
         for c in chunks:
             z = compress(c)
-            out.append(_ZSTD + z if len(z) < len(c) else _RAW + bytes(c))
-        return out
+            blobs.append(_ZSTD + z if len(z) < len(c) else _RAW + bytes(c))
+        return PyFramedBatch(list(ids), blobs, [len(c) for c in chunks])
 
-    def open(
-        self, key: bytes, chunk_id: bytes, sealed: bytes | memoryview, raw_length: int
-    ) -> bytes:
+    def open(self, key: bytes, chunk_id: bytes, sealed: Buffer, raw_length: int) -> bytes:
         """The chunk's bytes, checked twice: AEAD under its id, then its keyed BLAKE3."""
         what = f"chunk {chunk_id.hex()[:16]}"
         plain = open_sealed(key, sealed, chunk_id, what)
@@ -67,3 +194,33 @@ class BlobCodec:
         if len(data) != raw_length or self.hasher.chunk_id(data) != chunk_id:
             raise IntegrityError(f"{what} does not match its id: its content is wrong")
         return data
+
+    def open_many(
+        self, key: bytes, data: Buffer, base: int, items: Sequence[tuple[bytes, int, int, int]]
+    ) -> list[Buffer]:
+        """The raw bytes of several blobs of one pack, each checked like open(). `items`
+        are (chunk id, offset in the pack, stored length, raw length); `data` holds the
+        pack's bytes from offset `base` on and covers every item."""
+        if not self.native:
+            view = memoryview(data)
+            return [
+                self.open(key, cid, view[off - base : off - base + stored], raw)
+                for cid, off, stored, raw in items
+            ]
+        try:
+            out = self._kernel().open_into(key, data, list(items), base)
+        except _blobcodec.OpenError as e:
+            cid = items[e.index][0]
+            raise IntegrityError(f"chunk {cid.hex()[:16]} {e}") from None
+        view = memoryview(out).toreadonly()
+        chunks: list[Buffer] = []
+        pos = 0
+        for _cid, _off, _stored, raw in items:
+            chunks.append(view[pos : pos + raw])
+            pos += raw
+        for (cid, *_), got in zip(items, self.hasher.chunk_ids(chunks), strict=True):
+            if got != cid:
+                raise IntegrityError(
+                    f"chunk {cid.hex()[:16]} does not match its id: its content is wrong"
+                )
+        return chunks

@@ -307,8 +307,8 @@ class RepositoryStore:
         pack_no = len(packs)
         packs.append(PackRecord(pack_id, pack.epoch, pack.wrapped_key, len(pack.data)))
         entries.extend(
-            IndexEntry(e.chunk_id, pack_no, e.offset, e.stored_length, e.raw_length)
-            for e in pack.entries
+            IndexEntry(chunk_id, pack_no, offset, stored, raw)
+            for chunk_id, offset, stored, raw in pack.entries()
         )
 
     async def read_pack_range(self, pack_no: int, offset: int, length: int) -> bytes:

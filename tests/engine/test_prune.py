@@ -206,7 +206,7 @@ def test_unindexed_packs_are_removed_and_nothing_live_is(run, repo_path: Path) -
             store = repo._store
             # A pack an interrupted backup wrote but never indexed.
             writer = PackWriter(store.current_epoch, store.pack_size)
-            writer.add([(os.urandom(32), b"\x00" + os.urandom(1000), 1000)])
+            writer.add(store.codec.frame([os.urandom(1000)], [os.urandom(32)]))
             stray = writer.flush()
             assert stray is not None
             stray_id = await store.write_pack(stray.data)

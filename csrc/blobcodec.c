@@ -1,0 +1,120 @@
+/* blobcodec.c - see blobcodec.h for the contracts. */
+#include "blobcodec.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+static void put_u32le(uint8_t *p, uint32_t v) {
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+    p[2] = (uint8_t)(v >> 16);
+    p[3] = (uint8_t)(v >> 24);
+}
+
+void ddp_codec_frame(const ddp_codec_api *api, void *cctx, int level, size_t n,
+                     const uint8_t *const *src, const size_t *len, uint8_t *out,
+                     size_t *framed_len) {
+    for (size_t i = 0; i < n; i++) {
+        size_t z = 0;
+        int compressed = 0;
+        if (len[i] > 1) {
+            z = api->compress(cctx, out + 1, len[i] - 1, src[i], len[i], level);
+            /* An error here is almost always "does not fit": the chunk does not
+             * compress. Any other failure is treated the same way: storing the
+             * chunk as is is always correct. */
+            compressed = !api->is_error(z) && z < len[i];
+        }
+        if (compressed) {
+            out[0] = DDP_CODEC_ZSTD;
+            framed_len[i] = z + 1;
+        } else {
+            out[0] = DDP_CODEC_NONE;
+            memcpy(out + 1, src[i], len[i]);
+            framed_len[i] = len[i] + 1;
+        }
+        out += framed_len[i];
+    }
+}
+
+long ddp_codec_seal(const ddp_codec_api *api, const uint8_t *key, size_t n,
+                    const uint8_t *framed, const size_t *framed_len, const uint8_t *ids,
+                    const uint32_t *raw_len, const uint8_t *nonces, uint8_t *dst,
+                    size_t dst_cap, size_t *pos, size_t target, uint8_t *records) {
+    size_t p = *pos;
+    size_t i = 0;
+    while (i < n && p < target) {
+        size_t sealed = framed_len[i] + DDP_CODEC_OVERHEAD;
+        if (sealed > dst_cap - p || sealed > UINT32_MAX || p > UINT32_MAX) break;
+        const uint8_t *nonce = nonces + i * DDP_CODEC_NONCE_BYTES;
+        const uint8_t *id = ids + i * DDP_CODEC_ID_BYTES;
+        memcpy(dst + p, nonce, DDP_CODEC_NONCE_BYTES);
+        if (api->seal(dst + p + DDP_CODEC_NONCE_BYTES, NULL, framed, framed_len[i], id,
+                      DDP_CODEC_ID_BYTES, NULL, nonce, key) != 0)
+            return -1;
+        uint8_t *r = records + i * DDP_CODEC_TRAILER_RECORD;
+        memcpy(r, id, DDP_CODEC_ID_BYTES);
+        put_u32le(r + 32, (uint32_t)p);
+        put_u32le(r + 36, (uint32_t)sealed);
+        put_u32le(r + 40, raw_len[i]);
+        p += sealed;
+        framed += framed_len[i];
+        i++;
+    }
+    *pos = p;
+    return (long)i;
+}
+
+int ddp_codec_open(const ddp_codec_api *api, void *dctx, const uint8_t *key, size_t n,
+                   const uint8_t *src, const size_t *offset, const uint32_t *stored_len,
+                   const uint32_t *raw_len, const uint8_t *ids, uint8_t *out,
+                   size_t *failed) {
+    size_t scratch_size = 0;
+    for (size_t i = 0; i < n; i++)
+        if (stored_len[i] > scratch_size) scratch_size = stored_len[i];
+    uint8_t *plain = malloc(scratch_size ? scratch_size : 1);
+    if (!plain) {
+        *failed = 0;
+        return DDP_CODEC_ENOMEM;
+    }
+    int rc = DDP_CODEC_OK;
+    size_t i;
+    for (i = 0; i < n; i++) {
+        /* The smallest blob is a tag, a nonce and the compression byte. */
+        if (stored_len[i] < DDP_CODEC_OVERHEAD + 1) {
+            rc = DDP_CODEC_EFORMAT;
+            break;
+        }
+        const uint8_t *sealed = src + offset[i];
+        size_t plain_len = stored_len[i] - DDP_CODEC_OVERHEAD;
+        if (api->open(plain, NULL, NULL, sealed + DDP_CODEC_NONCE_BYTES,
+                      stored_len[i] - DDP_CODEC_NONCE_BYTES, ids + i * DDP_CODEC_ID_BYTES,
+                      DDP_CODEC_ID_BYTES, sealed, key) != 0) {
+            rc = DDP_CODEC_EAUTH;
+            break;
+        }
+        if (plain[0] == DDP_CODEC_ZSTD) {
+            size_t got = api->decompress(dctx, out, raw_len[i], plain + 1, plain_len - 1);
+            if (api->is_error(got)) {
+                rc = DDP_CODEC_EDECOMPRESS;
+                break;
+            }
+            if (got != raw_len[i]) {
+                rc = DDP_CODEC_ELENGTH;
+                break;
+            }
+        } else if (plain[0] == DDP_CODEC_NONE) {
+            if (plain_len - 1 != raw_len[i]) {
+                rc = DDP_CODEC_ELENGTH;
+                break;
+            }
+            memcpy(out, plain + 1, raw_len[i]);
+        } else {
+            rc = DDP_CODEC_EFORMAT;
+            break;
+        }
+        out += raw_len[i];
+    }
+    free(plain);
+    *failed = i;
+    return rc;
+}

@@ -1,0 +1,99 @@
+/*
+ * blobcodec.h - batch kernels that turn chunks into sealed blobs and back (the hot path
+ * of backup and restore), one call per batch of chunks, without the GIL.
+ *
+ * Plain C99, no Python.h, no zstd or libsodium headers: the kernels call those libraries
+ * through function pointers (ddp_codec_api) that the caller fills in from libraries
+ * already loaded in the process. In dedupe they come from the compiled cffi modules of
+ * the zstandard and PyNaCl packages, so building dedupe needs neither library's headers
+ * and runs the very zstd and libsodium builds that the pure-Python path uses.
+ *
+ * Blob format (docs/FORMAT.md section 6): a blob's plaintext is one compression byte
+ * (0 = stored as is, 1 = a zstd frame) followed by the payload; it is sealed with
+ * XChaCha20-Poly1305-IETF as nonce(24) || ciphertext || tag(16), the chunk id (32 bytes)
+ * as associated data.
+ *
+ * Thread safety: the api struct is read only; a zstd context belongs to one thread at a
+ * time. Nothing here allocates except ddp_codec_open (one scratch buffer per call).
+ */
+#ifndef DEDUPE_BLOBCODEC_H
+#define DEDUPE_BLOBCODEC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define DDP_CODEC_ID_BYTES 32
+#define DDP_CODEC_KEY_BYTES 32
+#define DDP_CODEC_NONCE_BYTES 24
+#define DDP_CODEC_TAG_BYTES 16
+#define DDP_CODEC_OVERHEAD (DDP_CODEC_NONCE_BYTES + DDP_CODEC_TAG_BYTES)
+/* A pack trailer entry: chunk_id, offset, stored_length, raw_length (<32sIII). */
+#define DDP_CODEC_TRAILER_RECORD 44
+
+#define DDP_CODEC_NONE 0
+#define DDP_CODEC_ZSTD 1
+
+/* Errors of ddp_codec_open, for the chunk at *failed. */
+#define DDP_CODEC_OK 0
+#define DDP_CODEC_EAUTH 1       /* the AEAD tag does not verify */
+#define DDP_CODEC_EFORMAT 2     /* too short, or an unknown compression byte */
+#define DDP_CODEC_EDECOMPRESS 3 /* the zstd frame is invalid */
+#define DDP_CODEC_ELENGTH 4     /* the payload is not raw_length bytes long */
+#define DDP_CODEC_ENOMEM 5
+#define DDP_CODEC_ESEAL 6 /* libsodium refused to seal (absurd lengths only) */
+
+typedef struct {
+    /* zstd (stable API, zstd.h) */
+    size_t (*compress)(void *cctx, void *dst, size_t cap, const void *src, size_t n,
+                       int level);                      /* ZSTD_compressCCtx */
+    size_t (*decompress)(void *dctx, void *dst, size_t cap, const void *src,
+                         size_t n);                     /* ZSTD_decompressDCtx */
+    unsigned (*is_error)(size_t code);                  /* ZSTD_isError */
+    /* libsodium (crypto_aead_xchacha20poly1305.h) */
+    int (*seal)(unsigned char *c, unsigned long long *clen, const unsigned char *m,
+                unsigned long long mlen, const unsigned char *ad, unsigned long long adlen,
+                const unsigned char *nsec, const unsigned char *npub,
+                const unsigned char *k); /* crypto_aead_xchacha20poly1305_ietf_encrypt */
+    int (*open)(unsigned char *m, unsigned long long *mlen, unsigned char *nsec,
+                const unsigned char *c, unsigned long long clen, const unsigned char *ad,
+                unsigned long long adlen, const unsigned char *npub,
+                const unsigned char *k); /* crypto_aead_xchacha20poly1305_ietf_decrypt */
+} ddp_codec_api;
+
+/*
+ * Frame n chunks: framed blob i is written to out, back to back, and its length to
+ * framed_len[i]. A chunk is stored as a zstd frame (compressed at `level`) only when
+ * that is smaller than the chunk itself, else as is: zstd is given exactly len - 1 bytes
+ * of room, so an incompressible chunk costs one failed attempt and never more than its
+ * own size plus the compression byte. out must hold sum(len[i] + 1) bytes.
+ */
+void ddp_codec_frame(const ddp_codec_api *api, void *cctx, int level, size_t n,
+                     const uint8_t *const *src, const size_t *len, uint8_t *out,
+                     size_t *framed_len);
+
+/*
+ * Seal framed blobs (as ddp_codec_frame wrote them) into a pack being built, from
+ * dst[*pos]: blob i is sealed under key with ids[32 i..] as associated data and
+ * nonces[24 i..] as nonce, and a trailer record (id, offset, stored length, raw_len[i],
+ * little endian) goes to records[44 i..]. Sealing stops after the blob that takes *pos
+ * to `target` or beyond, or before a blob that would not fit in dst_cap. Returns the
+ * number of blobs sealed (*pos advanced past them), or -1 if libsodium failed.
+ */
+long ddp_codec_seal(const ddp_codec_api *api, const uint8_t *key, size_t n,
+                    const uint8_t *framed, const size_t *framed_len, const uint8_t *ids,
+                    const uint32_t *raw_len, const uint8_t *nonces, uint8_t *dst,
+                    size_t dst_cap, size_t *pos, size_t target, uint8_t *records);
+
+/*
+ * Open n sealed blobs of one pack: blob i is src[offset[i] .. + stored_len[i]], its id
+ * ids[32 i..]; its raw bytes (exactly raw_len[i] of them) go to out, back to back. On
+ * failure returns a DDP_CODEC_E* code and the blob's number in *failed; what was written
+ * to out is then garbage. The chunk id hash is not checked here (the caller does, with
+ * BLAKE3): this kernel guarantees authenticity (AEAD) and exact length only.
+ */
+int ddp_codec_open(const ddp_codec_api *api, void *dctx, const uint8_t *key, size_t n,
+                   const uint8_t *src, const size_t *offset, const uint32_t *stored_len,
+                   const uint32_t *raw_len, const uint8_t *ids, uint8_t *out,
+                   size_t *failed);
+
+#endif

@@ -1,0 +1,40 @@
+"""Types of the native blob codec (built from _blobcodec.pyx + csrc/blobcodec.c)."""
+
+from collections.abc import Sequence
+
+from typing_extensions import Buffer
+
+OVERHEAD: int  # 40: nonce and tag of a sealed blob
+TRAILER_RECORD: int  # 44: a pack trailer entry, <32sIII
+OPEN_ERRORS: dict[int, str]
+
+class OpenError(Exception):
+    """A blob of a batch failed to open: .index is its position, .code the reason."""
+
+    code: int
+    index: int
+
+def configure(functions: dict[str, int]) -> None:
+    """Install the zstd and libsodium function addresses; once, before any other use."""
+
+class FramedBatch:
+    """Framed blobs of a batch, waiting to be sealed; `pending` counts those not sealed."""
+
+    @property
+    def pending(self) -> int: ...
+    @property
+    def framed_bytes(self) -> int: ...
+    def next_sealed_size(self) -> int: ...
+
+class BatchCodec:
+    """One thread's codec (zstd contexts at `level`); the kernels run without the GIL."""
+
+    def __init__(self, level: int) -> None: ...
+    def frame(self, chunks: list[Buffer], ids: list[bytes]) -> FramedBatch: ...
+    def open_into(
+        self, key: bytes, data: Buffer, items: Sequence[tuple[bytes, int, int, int]], base: int
+    ) -> bytearray: ...
+
+def seal(
+    key: bytes, batch: FramedBatch, dst: bytearray, pos: int, target: int, records: bytearray
+) -> int: ...

@@ -1,0 +1,350 @@
+# cython: language_level=3
+"""Thin wrapper over csrc/blobcodec.c: batches of chunks -> sealed blobs and back, one
+call per batch without the GIL. Contracts are in csrc/blobcodec.h; the Python-visible API
+is typed in _blobcodec.pyi; dedupe.store.blobs chooses between this and its pure-Python
+twin.
+
+zstd and libsodium are reached through function pointers handed to configure() (the
+caller takes them from the cffi modules of zstandard and PyNaCl), so this module links
+against neither library."""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdint cimport uint8_t, uint32_t, uintptr_t
+from libc.stdlib cimport free, malloc
+
+import os
+
+
+cdef extern from "blobcodec.h" nogil:
+    ctypedef struct ddp_codec_api:
+        size_t (*compress)(void *, void *, size_t, const void *, size_t, int)
+        size_t (*decompress)(void *, void *, size_t, const void *, size_t)
+        unsigned (*is_error)(size_t)
+        int (*seal)(unsigned char *, unsigned long long *, const unsigned char *,
+                    unsigned long long, const unsigned char *, unsigned long long,
+                    const unsigned char *, const unsigned char *, const unsigned char *)
+        int (*open)(unsigned char *, unsigned long long *, unsigned char *,
+                    const unsigned char *, unsigned long long, const unsigned char *,
+                    unsigned long long, const unsigned char *, const unsigned char *)
+    size_t DDP_CODEC_ID_BYTES
+    size_t DDP_CODEC_KEY_BYTES
+    size_t DDP_CODEC_NONCE_BYTES
+    size_t DDP_CODEC_OVERHEAD
+    size_t DDP_CODEC_TRAILER_RECORD
+    int DDP_CODEC_OK
+    int DDP_CODEC_EAUTH
+    int DDP_CODEC_EFORMAT
+    int DDP_CODEC_EDECOMPRESS
+    int DDP_CODEC_ELENGTH
+    int DDP_CODEC_ENOMEM
+    void ddp_codec_frame(const ddp_codec_api *api, void *cctx, int level, size_t n,
+                         const uint8_t *const *src, const size_t *len, uint8_t *out,
+                         size_t *framed_len)
+    long ddp_codec_seal(const ddp_codec_api *api, const uint8_t *key, size_t n,
+                        const uint8_t *framed, const size_t *framed_len, const uint8_t *ids,
+                        const uint32_t *raw_len, const uint8_t *nonces, uint8_t *dst,
+                        size_t dst_cap, size_t *pos, size_t target, uint8_t *records)
+    int ddp_codec_open(const ddp_codec_api *api, void *dctx, const uint8_t *key, size_t n,
+                       const uint8_t *src, const size_t *offset, const uint32_t *stored_len,
+                       const uint32_t *raw_len, const uint8_t *ids, uint8_t *out,
+                       size_t *failed)
+
+
+ctypedef void *(*create_fn)() noexcept nogil
+ctypedef size_t (*free_fn)(void *) noexcept nogil
+
+cdef ddp_codec_api _api
+cdef create_fn _create_cctx = NULL
+cdef create_fn _create_dctx = NULL
+cdef free_fn _free_cctx = NULL
+cdef free_fn _free_dctx = NULL
+cdef bint _configured = False
+
+OVERHEAD = DDP_CODEC_OVERHEAD
+TRAILER_RECORD = DDP_CODEC_TRAILER_RECORD
+
+# Why open_into failed, by code: (what is wrong with the blob).
+OPEN_ERRORS = {
+    DDP_CODEC_EAUTH: "does not authenticate: it was damaged or does not belong here",
+    DDP_CODEC_EFORMAT: "is malformed (too short, or an unknown compression byte)",
+    DDP_CODEC_EDECOMPRESS: "does not decompress",
+    DDP_CODEC_ELENGTH: "does not have its recorded length",
+}
+
+
+class OpenError(Exception):
+    """A blob of a batch failed to open: .index is its position, .code the reason."""
+
+    def __init__(self, int code, Py_ssize_t index):
+        super().__init__(OPEN_ERRORS.get(code, f"failed (code {code})"))
+        self.code = code
+        self.index = index
+
+
+cdef void *_address(object value) except NULL:
+    cdef uintptr_t a = <uintptr_t>value  # the integer's value, not the object's address
+    if a == 0:
+        raise ValueError("configure: a function address is 0")
+    return <void *>a
+
+
+def configure(dict functions):
+    """Install the library functions, as addresses: compress, decompress, is_error,
+    create_cctx, free_cctx, create_dctx, free_dctx (zstd) and seal, open (libsodium's
+    XChaCha20-Poly1305-IETF encrypt / decrypt). Called once, before any other use."""
+    global _create_cctx, _create_dctx, _free_cctx, _free_dctx, _configured
+    cdef dict f = {k: int(v) for k, v in functions.items()}
+    for name in ("compress", "decompress", "is_error", "seal", "open", "create_cctx",
+                 "free_cctx", "create_dctx", "free_dctx"):
+        if not f.get(name):
+            raise ValueError(f"configure: no address for {name}")
+    _api.compress = <size_t (*)(void *, void *, size_t, const void *, size_t, int) noexcept nogil>_address(f["compress"])
+    _api.decompress = <size_t (*)(void *, void *, size_t, const void *, size_t) noexcept nogil>_address(f["decompress"])
+    _api.is_error = <unsigned (*)(size_t) noexcept nogil>_address(f["is_error"])
+    _api.seal = <int (*)(unsigned char *, unsigned long long *, const unsigned char *, unsigned long long, const unsigned char *, unsigned long long, const unsigned char *, const unsigned char *, const unsigned char *) noexcept nogil>_address(f["seal"])
+    _api.open = <int (*)(unsigned char *, unsigned long long *, unsigned char *, const unsigned char *, unsigned long long, const unsigned char *, unsigned long long, const unsigned char *, const unsigned char *) noexcept nogil>_address(f["open"])
+    _create_cctx = <create_fn>_address(f["create_cctx"])
+    _free_cctx = <free_fn>_address(f["free_cctx"])
+    _create_dctx = <create_fn>_address(f["create_dctx"])
+    _free_dctx = <free_fn>_address(f["free_dctx"])
+    _configured = True
+
+
+cdef const uint8_t *_key_ptr(bytes key) except NULL:
+    if PyBytes_GET_SIZE(key) != <Py_ssize_t>DDP_CODEC_KEY_BYTES:
+        raise ValueError("a key is 32 bytes")
+    return <const uint8_t *>PyBytes_AS_STRING(key)
+
+
+# Framing buffers (a few MiB each) are recycled: a fresh allocation per batch costs a
+# page fault per 4 KiB page, more than the copy into it. At most _SPARE_MAX wait here;
+# both ends run with the GIL held, which is the lock.
+cdef enum:
+    _SPARE_MAX = 4
+cdef uint8_t *_spare[_SPARE_MAX]
+cdef size_t _spare_cap[_SPARE_MAX]
+cdef int _spares = 0
+
+
+cdef uint8_t *_take_buffer(size_t need, size_t *cap):
+    """A buffer of at least `need` bytes (NULL if out of memory); *cap is its size."""
+    global _spares
+    cdef uint8_t *p
+    cdef int i
+    for i in range(_spares):
+        if _spare_cap[i] >= need:
+            p = _spare[i]
+            cap[0] = _spare_cap[i]
+            _spares -= 1
+            _spare[i] = _spare[_spares]
+            _spare_cap[i] = _spare_cap[_spares]
+            return p
+    cap[0] = need if need > 0 else 1
+    return <uint8_t *>malloc(cap[0])
+
+
+cdef void _give_buffer(uint8_t *p, size_t cap):
+    global _spares
+    if p == NULL:
+        return
+    if _spares < _SPARE_MAX:
+        _spare[_spares] = p
+        _spare_cap[_spares] = cap
+        _spares += 1
+    else:
+        free(p)
+
+
+cdef class FramedBatch:
+    """Framed blobs of a batch of chunks, waiting to be sealed; sealing may take several
+    calls (a pack fills up), `pending` counts the blobs not sealed yet."""
+
+    cdef uint8_t *_framed
+    cdef size_t _framed_cap
+    cdef size_t _framed_size
+    cdef bytes _ids
+    cdef size_t *_len
+    cdef uint32_t *_raw
+    cdef size_t _n
+    cdef size_t _next
+    cdef size_t _offset  # of blob _next in _framed
+
+    def __dealloc__(self):
+        free(self._len)
+        free(self._raw)
+        _give_buffer(self._framed, self._framed_cap)
+
+    @property
+    def pending(self):
+        return self._n - self._next
+
+    @property
+    def framed_bytes(self):
+        """Bytes of all its framed blobs (before sealing)."""
+        return self._framed_size
+
+    def next_sealed_size(self):
+        """Bytes the next blob takes once sealed (0 when none is left)."""
+        if self._next >= self._n:
+            return 0
+        return self._len[self._next] + DDP_CODEC_OVERHEAD
+
+
+cdef class BatchCodec:
+    """One thread's codec: a zstd compression and decompression context. Use one per
+    thread (contexts are not shared); the kernels run without the GIL."""
+
+    cdef void *_cctx
+    cdef void *_dctx
+    cdef int _level
+
+    def __cinit__(self, int level):
+        if not _configured:
+            raise RuntimeError("dedupe.store._blobcodec.configure() was not called")
+        self._level = level
+        self._cctx = _create_cctx()
+        self._dctx = _create_dctx()
+        if self._cctx == NULL or self._dctx == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        if self._cctx != NULL:
+            _free_cctx(self._cctx)
+        if self._dctx != NULL:
+            _free_dctx(self._dctx)
+
+    def frame(self, list chunks, list ids):
+        """Frame chunks (buffers; ids: their 32-byte ids, same order) for sealing."""
+        cdef Py_ssize_t n = len(chunks), i, got = 0
+        cdef size_t total = 0
+        cdef uint8_t *out_p
+        if len(ids) != n:
+            raise ValueError("frame: as many ids as chunks are needed")
+        cdef FramedBatch b = FramedBatch.__new__(FramedBatch)
+        b._ids = b"".join(ids)
+        if PyBytes_GET_SIZE(b._ids) != n * <Py_ssize_t>DDP_CODEC_ID_BYTES:
+            raise ValueError("frame: every id is 32 bytes")
+        b._n = n
+        b._len = <size_t *>malloc((n or 1) * sizeof(size_t))
+        b._raw = <uint32_t *>malloc((n or 1) * sizeof(uint32_t))
+        cdef Py_buffer *views = <Py_buffer *>malloc((n or 1) * sizeof(Py_buffer))
+        cdef const uint8_t **src = <const uint8_t **>malloc((n or 1) * sizeof(uint8_t *))
+        cdef size_t *lens = <size_t *>malloc((n or 1) * sizeof(size_t))
+        try:
+            if not (b._len and b._raw and views and src and lens):
+                raise MemoryError()
+            for i in range(n):
+                PyObject_GetBuffer(chunks[i], &views[i], PyBUF_SIMPLE)
+                got += 1
+                if <size_t>views[i].len > 0xFFFFFFFF:
+                    raise ValueError("frame: a chunk is larger than 4 GiB")
+                src[i] = <const uint8_t *>views[i].buf
+                lens[i] = <size_t>views[i].len
+                b._raw[i] = <uint32_t>views[i].len
+                total += lens[i] + 1
+            b._framed = _take_buffer(total, &b._framed_cap)
+            if b._framed == NULL:
+                raise MemoryError()
+            out_p = b._framed
+            with nogil:
+                ddp_codec_frame(&_api, self._cctx, self._level, n, src, lens, out_p, b._len)
+            for i in range(n):
+                b._framed_size += b._len[i]
+        finally:
+            for i in range(got):
+                PyBuffer_Release(&views[i])
+            free(views)
+            free(<void *>src)
+            free(lens)
+        return b
+
+    def open_into(self, bytes key, data, list items, Py_ssize_t base):
+        """Open blobs of one pack: items are (chunk id, offset in pack, stored length, raw
+        length); `data` holds the pack's bytes from offset `base`. Returns their raw bytes
+        back to back (checked: AEAD and length). Raises OpenError naming the first blob
+        that fails."""
+        cdef Py_ssize_t n = len(items), i
+        cdef const uint8_t *k = _key_ptr(key)
+        cdef size_t total = 0, failed = 0, end
+        cdef int rc
+        cdef Py_buffer view
+        cdef bytes ids
+        cdef const uint8_t *ids_p
+        cdef uint8_t *out_p
+        cdef size_t *offset = <size_t *>malloc((n or 1) * sizeof(size_t))
+        cdef uint32_t *stored = <uint32_t *>malloc((n or 1) * sizeof(uint32_t))
+        cdef uint32_t *raw = <uint32_t *>malloc((n or 1) * sizeof(uint32_t))
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            if not (offset and stored and raw):
+                raise MemoryError()
+            id_list = []
+            for i in range(n):
+                cid, off, st, rl = items[i]
+                if len(cid) != 32:
+                    raise ValueError("open_into: a chunk id is 32 bytes")
+                id_list.append(cid)
+                if off < base:
+                    raise ValueError("open_into: a blob starts before the data")
+                offset[i] = <size_t>(off - base)
+                stored[i] = <uint32_t>st
+                raw[i] = <uint32_t>rl
+                end = offset[i] + stored[i]
+                if end > <size_t>view.len:
+                    raise ValueError("open_into: a blob ends after the data")
+                total += raw[i]
+            ids = b"".join(id_list)
+            ids_p = <const uint8_t *>PyBytes_AS_STRING(ids)
+            out = bytearray(total)
+            out_p = <uint8_t *>PyByteArray_AS_STRING(out)
+            with nogil:
+                rc = ddp_codec_open(&_api, self._dctx, k, n, <const uint8_t *>view.buf,
+                                    offset, stored, raw, ids_p, out_p, &failed)
+            if rc == DDP_CODEC_ENOMEM:
+                raise MemoryError()
+            if rc != DDP_CODEC_OK:
+                raise OpenError(rc, <Py_ssize_t>failed)
+            return out
+        finally:
+            PyBuffer_Release(&view)
+            free(offset)
+            free(stored)
+            free(raw)
+
+
+def seal(bytes key, FramedBatch batch, bytearray dst, size_t pos, size_t target,
+         bytearray records):
+    """Seal the batch's pending blobs into dst from `pos` until `pos` reaches `target` or
+    the next blob does not fit in dst; their trailer records are appended to `records`.
+    Returns the new position. dst and records must not be resized meanwhile by others."""
+    cdef const uint8_t *k = _key_ptr(key)
+    cdef size_t todo = batch._n - batch._next
+    if todo == 0:
+        return pos
+    cdef size_t cap = <size_t>PyByteArray_GET_SIZE(dst)
+    if pos > cap:
+        raise ValueError("seal: position beyond the buffer")
+    cdef bytes nonces = os.urandom(todo * DDP_CODEC_NONCE_BYTES)
+    cdef size_t first = batch._next
+    cdef Py_ssize_t rec_start = PyByteArray_GET_SIZE(records)
+    records.extend(bytes(todo * DDP_CODEC_TRAILER_RECORD))  # room; cut back below
+    cdef uint8_t *rec = <uint8_t *>PyByteArray_AS_STRING(records) + rec_start
+    cdef uint8_t *d = <uint8_t *>PyByteArray_AS_STRING(dst)
+    cdef const uint8_t *framed = batch._framed + batch._offset
+    cdef const uint8_t *ids = <const uint8_t *>PyBytes_AS_STRING(batch._ids) + first * DDP_CODEC_ID_BYTES
+    cdef const uint8_t *nonce_p = <const uint8_t *>PyBytes_AS_STRING(nonces)
+    cdef long done
+    with nogil:
+        done = ddp_codec_seal(&_api, k, todo, framed, batch._len + first, ids,
+                              batch._raw + first, nonce_p, d, cap, &pos, target, rec)
+    if done < 0:
+        del records[rec_start:]
+        raise ValueError("sealing failed")
+    del records[rec_start + done * DDP_CODEC_TRAILER_RECORD:]
+    cdef size_t i
+    for i in range(first, first + <size_t>done):
+        batch._offset += batch._len[i]
+    batch._next += <size_t>done
+    return pos

@@ -1,0 +1,224 @@
+"""The native blob codec (csrc/blobcodec.c) and its pure-Python twin write the same
+format: each opens what the other sealed, both refuse every kind of damage, and packs
+built from either carry trailers that describe their blobs exactly."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import zlib
+from pathlib import Path
+
+import pytest
+from conftest import make_repo
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dedupe.crypto import OVERHEAD, new_epoch, new_key
+from dedupe.crypto.aead import open_sealed, seal_into
+from dedupe.errors import IntegrityError
+from dedupe.format.pack import COMPRESSION_NONE, COMPRESSION_ZSTD, decode_trailer
+from dedupe.hashing import ChunkHasher
+from dedupe.store import PackWriter
+from dedupe.store.blobs import NATIVE_AVAILABLE, BlobCodec, seal_batch
+
+HASHER = ChunkHasher(bytes(range(32)))
+
+
+def test_native_codec_is_built_and_used(tmp_path: Path, run) -> None:  # type: ignore[no-untyped-def]
+    """`pip install .` builds the kernels and the zstandard and PyNaCl wheels carry their
+    cffi modules: an install where the fast path silently fell back fails here."""
+    assert NATIVE_AVAILABLE
+
+    async def go() -> None:
+        async with await make_repo(tmp_path / "repo") as repo:
+            assert repo._store.codec.native
+
+    run(go())
+
+
+def codecs() -> tuple[BlobCodec, BlobCodec]:
+    return BlobCodec(1, HASHER, native=True), BlobCodec(1, HASHER, native=False)
+
+
+def sample_chunks(rnd: random.Random) -> list[bytes]:
+    """Compressible text, random bytes (stored raw), zeros, one byte, and a mix."""
+    text = b"".join(b"row %d: %s\n" % (i, b"x" * (i % 17)) for i in range(2000))
+    return [
+        text[: rnd.randrange(1, len(text))],
+        rnd.randbytes(rnd.randrange(1, 70_000)),
+        bytes(rnd.randrange(1, 70_000)),
+        b"\x07",
+        rnd.randbytes(3000) + bytes(30_000),
+    ]
+
+
+def seal_all(codec: BlobCodec, chunks: list[bytes], key: bytes) -> tuple[bytearray, list]:
+    """Frame and seal chunks into one buffer; -> (buffer, trailer entries)."""
+    batch = codec.frame(chunks, HASHER.chunk_ids(chunks))
+    dst = bytearray(sum(len(c) + 1 + OVERHEAD for c in chunks))
+    records = bytearray()
+    pos = seal_batch(key, batch, dst, 0, len(dst), records)
+    assert batch.pending == 0 and pos <= len(dst)
+    entries = decode_trailer(len(chunks).to_bytes(4, "little") + records, "t")
+    return dst, entries
+
+
+@pytest.mark.parametrize("seal_native", [True, False])
+def test_each_codec_opens_what_the_other_sealed(seal_native: bool) -> None:
+    native, pure = codecs()
+    sealer, opener = (native, pure) if seal_native else (pure, native)
+    rnd = random.Random(1)
+    chunks = sample_chunks(rnd)
+    key = new_key()
+    dst, entries = seal_all(sealer, chunks, key)
+    items = [(e.chunk_id, e.offset, e.stored_length, e.raw_length) for e in entries]
+    assert [bytes(c) for c in opener.open_many(key, dst, 0, items)] == chunks
+    # One at a time too, and from a slice of the pack that starts at an offset.
+    for e, chunk in zip(entries, chunks, strict=True):
+        assert (
+            opener.open(key, e.chunk_id, dst[e.offset : e.offset + e.stored_length], len(chunk))
+            == chunk
+        )
+    base = entries[1].offset
+    tail = items[1:]
+    assert [bytes(c) for c in opener.open_many(key, dst[base:], base, tail)] == chunks[1:]
+
+
+def test_frames_are_compressed_only_when_smaller() -> None:
+    native, pure = codecs()
+    rnd = random.Random(2)
+    chunks = sample_chunks(rnd)
+    key = new_key()
+    for codec in (native, pure):
+        dst, entries = seal_all(codec, chunks, key)
+        kinds = []
+        for e in entries:
+            plain = open_sealed(key, dst[e.offset : e.offset + e.stored_length], e.chunk_id, "c")
+            kinds.append(plain[0])
+            assert len(plain) <= e.raw_length + 1
+        # text and zeros compress; random bytes and a single byte do not
+        assert kinds == [
+            COMPRESSION_ZSTD,
+            COMPRESSION_NONE,
+            COMPRESSION_ZSTD,
+            COMPRESSION_NONE,
+            COMPRESSION_ZSTD,
+        ]
+        assert entries[1].stored_length == len(chunks[1]) + 1 + OVERHEAD
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=5000), min_size=1, max_size=30), st.data())
+def test_round_trip_any_batch(chunks: list[bytes], data: st.DataObject) -> None:
+    native, pure = codecs()
+    key = new_key()
+    sealer = data.draw(st.sampled_from([native, pure]))
+    opener = data.draw(st.sampled_from([native, pure]))
+    dst, entries = seal_all(sealer, chunks, key)
+    items = [(e.chunk_id, e.offset, e.stored_length, e.raw_length) for e in entries]
+    assert [bytes(c) for c in opener.open_many(key, dst, 0, items)] == chunks
+
+
+def damaged_cases(key: bytes) -> list[tuple[str, bytes, bytes, int]]:
+    """(what, sealed blob, chunk id, raw length) for blobs that must not open."""
+    chunk = b"hello world " * 400
+    cid = HASHER.chunk_id(chunk)
+    dst, entries = seal_all(BlobCodec(1, HASHER, native=False), [chunk], key)
+    good = bytes(dst[: entries[0].stored_length])
+
+    def sealed(plaintext: bytes, aad: bytes = cid) -> bytes:
+        out = bytearray(len(plaintext) + OVERHEAD)
+        seal_into(key, plaintext, aad, out, 0)
+        return bytes(out)
+
+    flipped = bytearray(good)
+    flipped[len(flipped) // 2] ^= 0x01
+    other = b"other content " * 300
+    return [
+        ("flipped byte", bytes(flipped), cid, len(chunk)),
+        ("wrong key", _reseal(chunk, cid), cid, len(chunk)),
+        ("cut short", good[:30], cid, len(chunk)),
+        ("unknown compression byte", sealed(b"\x07" + chunk), cid, len(chunk)),
+        ("no compression byte", sealed(b""), cid, 0),
+        ("not zstd", sealed(b"\x01" + zlib.compress(chunk)), cid, len(chunk)),
+        ("raw length too long", good, cid, len(chunk) + 1),
+        ("raw length too short", good, cid, len(chunk) - 1),
+        ("stored raw, wrong length", sealed(b"\x00" + chunk[:-1]), cid, len(chunk)),
+        ("authentic but wrong content", sealed(b"\x00" + other[: len(chunk)]), cid, len(chunk)),
+    ]
+
+
+def _reseal(chunk: bytes, cid: bytes) -> bytes:
+    out = bytearray(len(chunk) + 1 + OVERHEAD)
+    seal_into(new_key(), b"\x00" + chunk, cid, out, 0)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_damage_is_refused_and_named(native: bool) -> None:
+    key = new_key()
+    codec = BlobCodec(1, HASHER, native=native)
+    good_chunk = os.urandom(2000)
+    good_id = HASHER.chunk_id(good_chunk)
+    good_dst, good_entries = seal_all(codec, [good_chunk], key)
+    good = bytes(good_dst[: good_entries[0].stored_length])
+    for what, blob, cid, raw in damaged_cases(key):
+        # The damaged blob sits after a good one: the error names the damaged chunk.
+        data = good + blob
+        items = [(good_id, 0, len(good), len(good_chunk)), (cid, len(good), len(blob), raw)]
+        with pytest.raises(IntegrityError) as info:
+            codec.open_many(key, data, 0, items)
+        assert cid.hex()[:16] in str(info.value), what
+        with pytest.raises(IntegrityError):
+            codec.open(key, cid, blob, raw)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_packs_list_exactly_their_blobs(native: bool) -> None:
+    """Small packs, chunks larger than a pack's buffer, several batches: every blob is in
+    exactly one pack's trailer, at the offset where it opens."""
+    codec = BlobCodec(1, HASHER, native=native)
+    _record, epoch = new_epoch(1, new_key(), new_key())
+    writer = PackWriter(epoch, 4096)
+    rnd = random.Random(3)
+    batches = [[rnd.randbytes(rnd.randrange(1, 300_000)) for _ in range(4)] for _ in range(3)]
+    batches.append([b"small" * 10, b"tail"])  # leaves a partly filled pack for flush()
+    packs = []
+    for chunks in batches:
+        packs += writer.add(codec.frame(chunks, HASHER.chunk_ids(chunks)))
+    last = writer.flush()
+    assert last is not None and writer.flush() is None
+    packs.append(last)
+    seen = []
+    for pack in packs:
+        key = epoch.unwrap(pack.wrapped_key)
+        entries = list(pack.entries())
+        assert pack.data[:8] == b"DDPACK01"
+        for cid, offset, stored, raw in entries:
+            chunk = codec.open(key, cid, pack.data[offset : offset + stored], raw)
+            seen.append(chunk)
+        writer.recycle(pack)
+    assert seen == [c for chunks in batches for c in chunks]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_repository_works_with_either_codec(run, tmp_path: Path, native: bool) -> None:  # type: ignore[no-untyped-def]
+    """Back up with one codec and restore and verify with the other."""
+    rnd = random.Random(4)
+    data = b"".join(rnd.randbytes(5000) + bytes(rnd.randrange(1, 20_000)) for _ in range(60))
+
+    async def go() -> None:
+        async with await make_repo(tmp_path / "repo") as repo:
+            store = repo._store
+            store.codec = BlobCodec(store.codec.level, store.hasher, native=native)
+            stats = await repo.backup(io.BytesIO(data), name="db", kind="full")
+            store.codec = BlobCodec(store.codec.level, store.hasher, native=not native)
+            out = io.BytesIO()
+            await repo.restore(stats.id, out)
+            assert out.getvalue() == data
+            report = await repo.verify(read_data=True)
+            assert report.ok
+
+    run(go())
