@@ -42,7 +42,7 @@ import dedupe
 from dedupe import Repository
 from dedupe.bench import Measured, generate_data, measure_command, parse_size
 from dedupe.crypto import KdfParams
-from dedupe.format.index import IndexEntry, PackRecord
+from dedupe.format.index import IndexEntry, PackRecord, encode_entry_records
 from dedupe.store.index import ChunkIndex
 from dedupe.store.repository import pack_name
 
@@ -184,7 +184,7 @@ async def build_index(repo: Path, entries: int) -> tuple[float, list[str]]:
                 )
                 for i in range(n)
             ]
-            await store.write_index(packs, batch)
+            await store.write_index(packs, encode_entry_records(batch))
             store.index = ChunkIndex()  # the builder need not hold what it wrote
             sample += [e.chunk_id.hex() for e in batch[:per_object]]
             done += n

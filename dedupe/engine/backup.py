@@ -11,8 +11,9 @@
 - One task (dedupe) owns the lookup: it consults the repository index and the set of
   chunks this backup has already queued, and it alone appends to the chunk table.
 - Packs are written before the index object that lists them, and that before the
-  manifest, the commit point (docs/FORMAT.md section 9). Cancelling at any moment leaves
-  only unreferenced packs behind; the repository stays valid.
+  manifest, the commit point (docs/FORMAT.md section 9). A large backup writes an index
+  object every INDEX_FLUSH_ENTRIES new chunks. Cancelling at any moment leaves only
+  unreferenced packs and chunks behind (prune removes them); the repository stays valid.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from dedupe._types import BackupStats, Progress, ProgressCallback
 from dedupe.chunking import AUTO, StreamChunker, make_chunker, parse_spec, sniff
 from dedupe.engine.stages import run_stages
 from dedupe.format.delta import make_delta
-from dedupe.format.index import IndexEntry, PackRecord
+from dedupe.format.index import ENTRY_RECORD, PackRecord
 from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.store import FinishedPack, PackWriter, RepositoryStore
-from dedupe.store.blobs import FramedBatch
+from dedupe.store.blobs import FramedBatch, release_buffers
 from dedupe.store.repository import utc_now
 
 T = TypeVar("T")
@@ -44,6 +45,11 @@ HASHED_QUEUE = 3
 # Compress jobs in flight: enough to keep every core busy while one batch is sealed.
 FRAMING_IN_FLIGHT = (os.cpu_count() or 2) + 1
 PACK_QUEUE = 1
+# New chunks listed per index object. A backup writes one each time this many new chunks
+# are in written packs (and one at the end): what it holds for chunks it has stored is
+# then bounded (~100 bytes each, so ~3 MiB), whatever the size of the snapshot; the rest
+# is in the repository's native index, at most 64 bytes per chunk.
+INDEX_FLUSH_ENTRIES = 32768
 
 
 class FileEnd:
@@ -116,9 +122,12 @@ async def ingest(
 
     table = bytearray()  # CHUNK_RECORD after CHUNK_RECORD, in input order
     marks: list[tuple[int, str]] = []
-    queued: set[bytes] = set()  # new chunk ids this backup has sent to be stored
+    # New chunk ids this backup has sent to be stored and no index object lists yet.
+    queued: set[bytes] = set()
+    # Packs written since the last index object, and their entries (ENTRY_RECORDs).
     new_packs: list[PackRecord] = []
-    new_entries: list[IndexEntry] = []
+    new_entries = bytearray()
+    packs_written = 0
     p = Progress("backup", "reading", bytes_total=size_hint)
 
     # Between the chunk and dedupe stages: chunks with their ids (being hashed), the digest
@@ -219,26 +228,36 @@ async def ingest(
             await packs_q.put(last)
         await packs_q.put(None)
 
+    async def write_index() -> None:
+        nonlocal new_packs, new_entries
+        await store.write_index(new_packs, new_entries)
+        # The index has them now: usable() answers for them from here on.
+        queued.difference_update(cid for cid, *_ in ENTRY_RECORD.iter_unpack(new_entries))
+        new_packs, new_entries = [], bytearray()
+
     async def write_stage() -> None:
+        nonlocal packs_written
         while (pack := await packs_q.get()) is not None:
             await store.write_finished_pack(pack, new_packs, new_entries)
+            packs_written += 1
             p.bytes_stored += len(pack.data)
             packer.recycle(pack)
+            if len(new_entries) >= INDEX_FLUSH_ENTRIES * ENTRY_RECORD.size:
+                await write_index()
 
     try:
         await run_stages(read_stage, chunk_stage, dedupe_stage, seal_stage, write_stage)
         final_digest = await digest_job(digest.hexdigest)
     finally:
         digest_thread.shutdown(wait=False, cancel_futures=True)
+        release_buffers()
 
     if new_packs:
         p.stage = "writing index"
         if progress:
             progress(p)
-        await store.write_index(new_packs, new_entries)
-    return Ingested(
-        table, marks, final_digest, p, len(new_packs), time.monotonic() - started, specs
-    )
+        await write_index()
+    return Ingested(table, marks, final_digest, p, packs_written, time.monotonic() - started, specs)
 
 
 async def commit(
@@ -250,7 +269,7 @@ async def commit(
     parent: str | None,
     source_info: dict[str, Any],
     meta: dict[str, Any],
-    literal: bytes,
+    literal: bytes | bytearray,
     size: int,
     progress: ProgressCallback | None = None,
     before_commit: Callable[[], None] | None = None,
@@ -322,14 +341,15 @@ async def run_backup(
     got = await ingest(
         store, blocks, executor=executor, progress=progress, size_hint=size_hint, chunker=chunker
     )
-    table = bytes(got.table)
     meta: dict[str, Any] = {"type": "stream", "digest": got.digest}
+    literal: bytes | bytearray
     if parent is not None:
         loop = asyncio.get_running_loop()
+        table = bytes(got.table)
         literal, ops = await loop.run_in_executor(executor, make_delta, parent[1], table)
         meta["delta"] = {"parent": parent[0], "ops": ops}
     else:
-        literal = table
+        literal = got.table  # no copy: it is the largest thing a backup holds at the end
     meta["chunk_count"] = len(literal) // CHUNK_RECORD.size
     return await commit(
         store,

@@ -53,7 +53,7 @@ from dedupe._types import Progress, ProgressCallback
 from dedupe.backends.base import Backend
 from dedupe.crypto import OVERHEAD
 from dedupe.errors import MissingObject
-from dedupe.format.index import IndexEntry, PackRecord
+from dedupe.format.index import ENTRY_RECORD, PackRecord
 from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.format.pack import FOOTER_SIZE, PACK_MAGIC
 from dedupe.store import PackWriter, RepositoryStore
@@ -323,7 +323,7 @@ async def _prune(
 
     # --- 3a. repack: new packs with the live blobs of sparse packs -----------------------------
     new_packs: list[PackRecord] = []
-    new_entries: list[IndexEntry] = []
+    new_entries = bytearray()  # ENTRY_RECORDs, pack numbers local to new_packs
     if moving:
         report_progress("repacking")
         new_packs, new_entries = await _repack(store, moving, records, run, p, progress)
@@ -333,15 +333,13 @@ async def _prune(
         report_progress("writing index")
         pack_list = [records[pid] for pid in kept] + new_packs
         numbers = {rec.pack_id: n for n, rec in enumerate(pack_list)}
-        index_entries = [
-            IndexEntry(cid, numbers[c.pack_id], c.offset, c.stored, c.raw)
-            for cid, c in keep_entries.items()
-        ]
+        entry = ENTRY_RECORD.pack
+        index_entries = bytearray()
+        for cid, c in keep_entries.items():
+            index_entries += entry(cid, numbers[c.pack_id], c.offset, c.stored, c.raw)
         base = len(kept)
-        index_entries += [
-            IndexEntry(e.chunk_id, e.pack_no + base, e.offset, e.stored_length, e.raw_length)
-            for e in new_entries
-        ]
+        for cid, pack_no, offset, stored, raw in ENTRY_RECORD.iter_unpack(new_entries):
+            index_entries += entry(cid, pack_no + base, offset, stored, raw)
         written_name = None
         if pack_list:
             written_name = await store.write_index(pack_list, index_entries)
@@ -371,7 +369,7 @@ async def _repack(
     run: Callable[..., Awaitable[Any]],
     p: Progress,
     progress: ProgressCallback | None,
-) -> tuple[list[PackRecord], list[IndexEntry]]:
+) -> tuple[list[PackRecord], bytearray]:
     """Read, check and re-seal the live blobs of sparse packs into new packs (written to
     the backend, not yet indexed). Returns the new packs' records and index entries
     (pack numbers local to the returned list)."""
@@ -381,7 +379,7 @@ async def _repack(
     codec = store.codec
     packer = PackWriter(store.current_epoch, store.pack_size)
     new_packs: list[PackRecord] = []
-    new_entries: list[IndexEntry] = []
+    new_entries = bytearray()
 
     def ranges(
         items: list[tuple[bytes, _Copy]],

@@ -155,14 +155,22 @@ async def restore_chunks(
             await queue.put(e)
 
     digest = store.hasher.stream_digest()
+    # The digest of a window is computed while the caller writes it (both only read its
+    # bytes); updates stay in stream order, each starting once the previous one is done.
+    updating: asyncio.Future[None] | None = None
     producer = asyncio.create_task(produce())
     try:
         while (item := await queue.get()) is not None:
             if isinstance(item, BaseException):
                 raise item
             if digest_hex is not None:
-                await loop.run_in_executor(executor, digest.update_many, item)
+                if updating is not None:
+                    await updating
+                updating = loop.run_in_executor(executor, digest.update_many, item)
             yield item
+        if updating is not None:
+            await updating
+            updating = None
         if digest_hex is not None:
             _check_digest(digest, digest_hex, gen_id)
     finally:
@@ -171,6 +179,8 @@ async def restore_chunks(
             await producer
         except asyncio.CancelledError:
             pass
+        if updating is not None:  # never leave a thread reading buffers we drop
+            await asyncio.wait([updating])
 
 
 def _check_digest(digest: StreamDigest, expected: str, gen_id: str) -> None:
@@ -225,9 +235,7 @@ async def write_to_path(
     try:
         try:
             async for parts in stream:
-                n = await finish_in_thread(write_all, fd, parts)
-                _start_writeback(fd, written, n)
-                written += n
+                written += await finish_in_thread(_write_window, fd, parts, written)
             await finish_in_thread(os.fsync, fd)
         finally:
             os.close(fd)
@@ -239,6 +247,12 @@ async def write_to_path(
         _unlink_quietly(tmp)
         raise
     return written
+
+
+def _write_window(fd: int, parts: list[Buffer], offset: int) -> int:
+    n = write_all(fd, parts)
+    _start_writeback(fd, offset, n)
+    return n
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:

@@ -11,7 +11,7 @@ import aiofiles
 
 from dedupe.errors import SourceError
 
-READ_SIZE = 4 * 1024 * 1024
+READ_SIZE = 2 * 1024 * 1024
 
 Source = str | os.PathLike[str] | BinaryIO | AsyncIterable[bytes]
 

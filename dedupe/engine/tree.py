@@ -31,6 +31,7 @@ from typing import Any
 from dedupe._types import BackupStats, Progress, ProgressCallback, RestoreStats
 from dedupe.engine.backup import FILE_END, Item, commit, ingest
 from dedupe.engine.restore import finish_in_thread, restore_chunks, write_all
+from dedupe.engine.sources import READ_SIZE
 from dedupe.errors import (
     IntegrityError,
     SourceError,
@@ -50,7 +51,6 @@ from dedupe.hashing import StreamDigest
 from dedupe.store import RepositoryStore
 from dedupe.store.blobs import Buffer
 
-READ_SIZE = 4 * 1024 * 1024
 _R = CHUNK_RECORD.size
 _NAMED_SKIPS = 5  # skipped paths named in a backup's note
 # A file changed this close before its backup began may change again with the same

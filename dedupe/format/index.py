@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from dedupe.errors import IntegrityError
@@ -32,13 +33,22 @@ class IndexEntry:
     raw_length: int
 
 
-def encode_index(packs: list[PackRecord], entries: list[IndexEntry]) -> bytes:
+def encode_entry_records(entries: Iterable[IndexEntry]) -> bytes:
+    """Entries packed back to back as an index object stores them (ENTRY_RECORD)."""
+    return b"".join(
+        _ENTRY.pack(e.chunk_id, e.pack_no, e.offset, e.stored_length, e.raw_length) for e in entries
+    )
+
+
+def encode_index(packs: list[PackRecord], records: bytes | bytearray) -> bytes:
+    """An index object's plaintext: the pack table, then `records` (ENTRY_RECORDs whose
+    pack numbers index `packs`)."""
+    if len(records) % _ENTRY.size:
+        raise ValueError("index entry records must be whole entries")
     parts = [_COUNT.pack(len(packs))]
     parts += [_PACK.pack(p.pack_id, p.epoch, p.wrapped_key, p.length) for p in packs]
-    parts.append(_COUNT.pack(len(entries)))
-    parts += [
-        _ENTRY.pack(e.chunk_id, e.pack_no, e.offset, e.stored_length, e.raw_length) for e in entries
-    ]
+    parts.append(_COUNT.pack(len(records) // _ENTRY.size))
+    parts.append(bytes(records))
     return b"".join(parts)
 
 

@@ -55,8 +55,15 @@ def split_manifest(data: bytes, what: str) -> tuple[bytes, int, bytes, bytes]:
 
 def encode_body(meta: dict[str, Any], chunk_table: bytes | bytearray) -> bytes:
     """meta must hold "chunk_count"; chunk_table is that many CHUNK_RECORDs back to back."""
+    return b"".join(encode_body_parts(meta, chunk_table))
+
+
+def encode_body_parts(
+    meta: dict[str, Any], chunk_table: bytes | bytearray
+) -> list[bytes | bytearray]:
+    """The body as consecutive parts (the table is not copied): encode_body, joined."""
     meta_json = json.dumps(meta, sort_keys=True).encode()
-    return b"".join([struct.pack("<I", len(meta_json)), meta_json, chunk_table])
+    return [struct.pack("<I", len(meta_json)) + meta_json, chunk_table]
 
 
 def decode_body(plain: bytes, what: str) -> tuple[dict[str, Any], bytes]:

@@ -17,6 +17,9 @@ class OpenError(Exception):
 def configure(functions: dict[str, int]) -> None:
     """Install the zstd and libsodium function addresses; once, before any other use."""
 
+def release_spares() -> None:
+    """Free the framing buffers kept for reuse (a backup calls this when it is done)."""
+
 class FramedBatch:
     """Framed blobs of a batch, waiting to be sealed; `pending` counts those not sealed."""
 

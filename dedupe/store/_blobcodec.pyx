@@ -9,7 +9,11 @@ caller takes them from the cffi modules of zstandard and PyNaCl), so this module
 against neither library."""
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from cpython.bytearray cimport (
+    PyByteArray_AS_STRING,
+    PyByteArray_FromStringAndSize,
+    PyByteArray_GET_SIZE,
+)
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport uint8_t, uint32_t, uintptr_t
 from libc.stdlib cimport free, malloc
@@ -157,6 +161,14 @@ cdef void _give_buffer(uint8_t *p, size_t cap):
         free(p)
 
 
+def release_spares():
+    """Free the framing buffers kept for reuse (a backup calls this when it is done)."""
+    global _spares
+    while _spares > 0:
+        _spares -= 1
+        free(_spare[_spares])
+
+
 cdef class FramedBatch:
     """Framed blobs of a batch of chunks, waiting to be sealed; sealing may take several
     calls (a pack fills up), `pending` counts the blobs not sealed yet."""
@@ -297,7 +309,7 @@ cdef class BatchCodec:
                 total += raw[i]
             ids = b"".join(id_list)
             ids_p = <const uint8_t *>PyBytes_AS_STRING(ids)
-            out = bytearray(total)
+            out = PyByteArray_FromStringAndSize(NULL, total)  # not zeroed: all written
             out_p = <uint8_t *>PyByteArray_AS_STRING(out)
             with nogil:
                 rc = ddp_codec_open(&_api, self._dctx, k, n, <const uint8_t *>view.buf,

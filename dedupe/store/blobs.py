@@ -81,6 +81,12 @@ def _configure_native() -> bool:
 NATIVE_AVAILABLE = _configure_native()
 
 
+def release_buffers() -> None:
+    """Free the buffers the native codec keeps for reuse between batches (a few MiB)."""
+    if NATIVE_AVAILABLE:
+        _blobcodec.release_spares()
+
+
 class PyFramedBatch:
     """Framed blobs of a batch, waiting to be sealed (pure-Python twin of the native
     FramedBatch: the same contract)."""

@@ -18,6 +18,7 @@ import zstandard
 from dedupe.backends.base import Backend
 from dedupe.chunking import DEFAULT_PARAMS, ChunkerParams, gear_table
 from dedupe.crypto import (
+    OVERHEAD,
     EpochKeys,
     KdfParams,
     RepositoryKeys,
@@ -31,6 +32,7 @@ from dedupe.crypto import (
     seal,
     verify_mac,
 )
+from dedupe.crypto.aead import seal_into
 from dedupe.errors import (
     GenerationNotFound,
     IntegrityError,
@@ -51,7 +53,6 @@ from dedupe.format.index import (
     ENTRY_RECORD,
     INDEX_AAD,
     INDEX_MAGIC,
-    IndexEntry,
     PackRecord,
     decode_index_records,
     encode_index,
@@ -61,7 +62,7 @@ from dedupe.format.manifest import (
     HEADER_AAD,
     HEADER_PROBE,
     decode_body,
-    encode_body,
+    encode_body_parts,
     encode_manifest,
     header_span,
     split_manifest,
@@ -260,20 +261,23 @@ class RepositoryStore:
         packs, records = self._open_index_object(name, data)
         return packs, list(ENTRY_RECORD.iter_unpack(records))
 
-    async def write_index(self, packs: list[PackRecord], entries: list[IndexEntry]) -> str:
-        def encode() -> tuple[bytes, bytes]:
-            plain = encode_index(packs, entries)
+    async def write_index(self, packs: list[PackRecord], records: bytes | bytearray) -> str:
+        """Seal and store an index object listing `packs` and the entries `records`
+        (ENTRY_RECORDs, pack numbers local to `packs`); then add them to the index."""
+        records = bytes(records)  # the caller may go on changing its buffer
+
+        def encode() -> bytes:
+            plain = encode_index(packs, records)
             sealed = seal(
                 self.keys.meta_key, zstandard.ZstdCompressor(level=3).compress(plain), INDEX_AAD
             )
-            return INDEX_MAGIC + sealed, plain
+            return INDEX_MAGIC + sealed
 
-        data, plain = await asyncio.to_thread(encode)
+        data = await asyncio.to_thread(encode)
         name = f"index/{object_id(data)}"
         await self.backend.put(name, data)
         self._loaded_index_objects.add(name)
         self.index.note_written([p.pack_id for p in packs])
-        _packs, records = decode_index_records(plain, name)
         self.index.add_records(packs, records, name)
         return name
 
@@ -299,17 +303,17 @@ class RepositoryStore:
         return pack_id
 
     async def write_finished_pack(
-        self, pack: FinishedPack, packs: list[PackRecord], entries: list[IndexEntry]
+        self, pack: FinishedPack, packs: list[PackRecord], records: bytearray
     ) -> None:
-        """Write a pack from a PackWriter and append its pack record and index entries to
-        `packs`/`entries`, the tables of the index object that will list it."""
+        """Write a pack from a PackWriter and append its pack record to `packs` and its
+        entries to `records` (ENTRY_RECORDs): the tables of the index object that will list
+        it."""
         pack_id = await self.write_pack(pack.data)
         pack_no = len(packs)
         packs.append(PackRecord(pack_id, pack.epoch, pack.wrapped_key, len(pack.data)))
-        entries.extend(
-            IndexEntry(chunk_id, pack_no, offset, stored, raw)
-            for chunk_id, offset, stored, raw in pack.entries()
-        )
+        pack_entry = ENTRY_RECORD.pack
+        for chunk_id, offset, stored, raw in pack.entries():
+            records += pack_entry(chunk_id, pack_no, offset, stored, raw)
 
     async def read_pack_range(self, pack_no: int, offset: int, length: int) -> bytes:
         return await self.backend.get(pack_name(self.index.packs[pack_no].pack_id), offset, length)
@@ -317,19 +321,27 @@ class RepositoryStore:
     # --- manifests -----------------------------------------------------------------------------
 
     async def write_manifest(
-        self, header: dict[str, Any], meta: dict[str, Any], chunk_table: bytes
+        self, header: dict[str, Any], meta: dict[str, Any], chunk_table: bytes | bytearray
     ) -> str:
         """Seal and store a manifest: the commit point of a backup. Returns its id."""
         epoch = self.current_epoch
 
-        def encode() -> bytes:
+        def encode() -> bytearray:
+            # The chunk table is the one part that grows with the snapshot (36 bytes per
+            # chunk): it is compressed from the caller's buffer, and the compressed body is
+            # sealed straight into the manifest, so at most two copies exist at a time.
             header_sealed = seal(self.keys.meta_key, json.dumps(header).encode(), HEADER_AAD)
             data_key = new_key()
-            body = zstandard.ZstdCompressor(level=3).compress(encode_body(meta, chunk_table))
+            parts = encode_body_parts(meta, chunk_table)
+            # The frame records its content size, as readers expect (one-shot decompress).
+            compress = zstandard.ZstdCompressor(level=3).compressobj(size=sum(map(len, parts)))
+            body = b"".join([compress.compress(part) for part in parts] + [compress.flush()])
             aad = BODY_AAD_PREFIX + bytes.fromhex(object_id(header_sealed))
-            return encode_manifest(
-                header_sealed, epoch.number, epoch.wrap(data_key), seal(data_key, body, aad)
-            )
+            prefix = encode_manifest(header_sealed, epoch.number, epoch.wrap(data_key), b"")
+            out = bytearray(len(prefix) + len(body) + OVERHEAD)
+            out[: len(prefix)] = prefix
+            seal_into(data_key, body, aad, out, len(prefix))
+            return out
 
         data = await asyncio.to_thread(encode)
         gen_id = object_id(data)

@@ -133,3 +133,32 @@ def test_same_256mib_twice_stores_under_1mib(run_asyncio, tmp_path: Path, repo_p
     grown, restored = run_asyncio(go())
     assert grown < 1024 * 1024, f"second backup grew the repository by {grown} bytes"
     assert restored == 256 * 1024 * 1024
+
+
+def test_a_large_backup_writes_several_index_objects(
+    run, repo_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """What a backup holds for the chunks it stored is bounded: it writes an index object
+    every INDEX_FLUSH_ENTRIES new chunks (here 8). Chunks listed by an earlier index object
+    of the same backup are not stored twice, and everything restores from a fresh open."""
+    import dedupe.engine.backup as backup_module
+
+    monkeypatch.setattr(backup_module, "INDEX_FLUSH_ENTRIES", 8)
+    rnd = os.urandom(600_000)
+    data = rnd + rnd[:300_000] + os.urandom(200_000)  # repeats within the one backup
+
+    async def go() -> None:
+        async with await make_repo(repo_path, chunker=ChunkerParams(1024, 4096, 16384, 2)) as repo:
+            stats = await repo.backup(io.BytesIO(data), name="db", kind="full")
+            objects = await repo._store.backend.list("index/")
+            assert len(objects) > 1
+            assert stats.bytes_new <= len(data) - 300_000 + 2 * 16384  # the repeat is deduped
+            again = await repo.backup(io.BytesIO(data), name="db", kind="full")
+            assert again.bytes_new == 0
+        async with await Repository.open(repo_path, PASSPHRASE) as repo:
+            out = io.BytesIO()
+            await repo.restore(stats.id, out)
+            assert out.getvalue() == data
+            assert (await repo.verify(read_data=True)).ok
+
+    run(go())

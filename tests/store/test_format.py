@@ -7,7 +7,13 @@ import os
 import pytest
 
 from dedupe.errors import IntegrityError, TruncatedObject
-from dedupe.format.index import IndexEntry, PackRecord, decode_index, encode_index
+from dedupe.format.index import (
+    IndexEntry,
+    PackRecord,
+    decode_index,
+    encode_entry_records,
+    encode_index,
+)
 from dedupe.format.manifest import CHUNK_RECORD, decode_body, encode_body
 from dedupe.format.pack import (
     FOOTER_SIZE,
@@ -32,12 +38,12 @@ def test_pack_trailer_and_footer() -> None:
 def test_index_round_trip_and_bad_pack_number() -> None:
     packs = [PackRecord(os.urandom(32), 1, os.urandom(80), 123456) for _ in range(3)]
     entries = [IndexEntry(os.urandom(32), i % 3, i * 10, 10, 20) for i in range(50)]
-    got_packs, got_entries = decode_index(encode_index(packs, entries), "i")
+    got_packs, got_entries = decode_index(encode_index(packs, encode_entry_records(entries)), "i")
     assert got_packs == packs
     assert got_entries == [
         (e.chunk_id, e.pack_no, e.offset, e.stored_length, e.raw_length) for e in entries
     ]
-    bad = encode_index(packs[:1], entries)
+    bad = encode_index(packs[:1], encode_entry_records(entries))
     with pytest.raises(IntegrityError):
         decode_index(bad, "i")
 
