@@ -18,6 +18,9 @@ What it measures, for every tool and every run (fresh repository each run):
                figure is flagged with "*" (and ``metadata_skip`` in the JSON).
 ``incr``       back up day 2 after day 1; ``incr new bytes`` is the growth of the
                repository directory (apparent bytes of its files, as ``du -sb``)
+``check``      right after ``new``: read and check every stored byte of the repository
+               (``dedupe verify --read-data``, ``restic check --read-data``,
+               ``borg check --verify-data``); MB/s is of day 1's size, the data it covers
 ``restore``    restore the day-1 generation to a file, then check its SHA-256 against
                the original: a wrong restore is reported as a failure, never as a number
 
@@ -76,7 +79,7 @@ DEFAULT_GEN = REPO_ROOT.parent / "shared" / "data" / "gen_snapshot.py"
 PASSWORD = "bench-e2e-password"  # throwaway repositories only
 STAGE_NAME = "snapshot.db"  # every day is backed up under this one name (like a real DB file)
 
-STEPS = ("new", "unchanged", "incr", "restore")
+STEPS = ("new", "check", "unchanged", "incr", "restore")
 # Families as given to --tools, and the variants each one expands to by default.
 FAMILIES = {
     "dedupe": ["dedupe"],
@@ -234,6 +237,10 @@ class Tool(ABC):
     def restore(self, snapshot: str, target_dir: Path) -> ProcResult:
         """Restore ``snapshot`` somewhere under ``target_dir`` (empty before)."""
 
+    @abstractmethod
+    def check(self) -> ProcResult:
+        """Read and verify every stored byte of the repository."""
+
     def run(self, argv: Sequence[str], **kw: Any) -> ProcResult:
         kw.setdefault("cwd", self.src)
         return run_measured(argv, env=self.env, **kw)
@@ -310,6 +317,9 @@ class Restic(Tool):
     def restore(self, snapshot: str, target_dir: Path) -> ProcResult:
         return self.run(["restic", "restore", snapshot, "--target", str(target_dir)])
 
+    def check(self) -> ProcResult:
+        return self.run(["restic", "check", "--read-data"])
+
 
 class ResticStdin(Restic):
     name = "restic-stdin"
@@ -376,6 +386,9 @@ class Borg(Tool):
 
     def restore(self, snapshot: str, target_dir: Path) -> ProcResult:
         return self.run(["borg", "extract", f"{self.repo}::{snapshot}"], cwd=target_dir)
+
+    def check(self) -> ProcResult:
+        return self.run(["borg", "check", "--verify-data", str(self.repo)])
 
 
 class Dedupe(Tool):
@@ -494,6 +507,9 @@ class Dedupe(Tool):
 
     def restore(self, snapshot: str, target_dir: Path) -> ProcResult:
         return self.run(self.cmd("restore", snapshot, str(target_dir / STAGE_NAME)))
+
+    def check(self) -> ProcResult:
+        return self.run(self.cmd("verify", "--read-data"))
 
 
 class DedupeStdin(Dedupe):
@@ -615,6 +631,12 @@ def run_tool_once(
             if step == "new":
                 day1_snapshot = backup.snapshot
             log(f" {steps[step]['mb_s']:8.1f} MB/s  +{steps[step]['repo_growth']:,} B")
+            if step == "new":
+                settle()
+                log(f"  run {run + 1} {cls.name:13s} {'check':9s} ...", end="")
+                res = tool.check()
+                steps["check"] = step_record("check", res, day1.size, repo, tree_bytes(tool.repo))
+                log(f" {steps['check']['mb_s']:8.1f} MB/s")
 
         target = rundir / "restore"
         target.mkdir()
@@ -755,9 +777,10 @@ def render(report: dict[str, Any]) -> str:
         "incr MB/s",
         "restore MB/s",
         "+fsync",
+        "check MB/s",
         "repo B after day1",
         "incr new B",
-        "peak RSS MiB new/unch/incr/rest",
+        "peak RSS MiB " + "/".join(STEPS),
     ]
     rows: list[list[str]] = []
     for t in report["tools"]:
@@ -775,6 +798,7 @@ def render(report: dict[str, Any]) -> str:
                     mbs(t, "incr"),
                     mbs(t, "restore"),
                     durable(t),
+                    mbs(t, "check"),
                     num(t, "new", "repo_bytes"),
                     num(t, "incr", "repo_growth"),
                     "/".join(rss(t, s) for s in STEPS),
@@ -852,11 +876,8 @@ def render(report: dict[str, Any]) -> str:
                 fmt_table(
                     [
                         "vs",
-                        "new",
-                        "unchanged",
-                        "incr",
-                        "restore",
-                        "+fsync",
+                        *STEPS,
+                        "restore+fsync",
                         "repo B day1",
                         "incr new B",
                         "peak RSS",
