@@ -257,8 +257,8 @@ def init(
     "--chunker",
     default="fastcdc",
     show_default=True,
-    help="fastcdc; auto (SQLite databases in blocks of their page size: far smaller "
-    "incrementals, slower today); or fixed:SIZE.",
+    help="fastcdc; auto (SQLite databases in blocks of their page size: a third of the "
+    "incremental, a slightly larger and slower first full); or fixed:SIZE.",
 )
 @json_option
 @click.pass_context

@@ -18,9 +18,15 @@ from hypothesis import strategies as st
 from dedupe.crypto import OVERHEAD, new_epoch, new_key
 from dedupe.crypto.aead import open_sealed, seal_into
 from dedupe.errors import IntegrityError
-from dedupe.format.pack import COMPRESSION_NONE, COMPRESSION_ZSTD, decode_trailer
+from dedupe.format.pack import (
+    COMPRESSION_NONE,
+    COMPRESSION_ZSTD,
+    FOOTER_SIZE,
+    decode_footer,
+    decode_trailer,
+)
 from dedupe.hashing import ChunkHasher
-from dedupe.store import PackWriter
+from dedupe.store import FinishedPack, PackWriter
 from dedupe.store.blobs import NATIVE_AVAILABLE, BlobCodec, seal_batch
 
 HASHER = ChunkHasher(bytes(range(32)))
@@ -177,29 +183,37 @@ def test_damage_is_refused_and_named(native: bool) -> None:
 
 @pytest.mark.parametrize("native", [True, False])
 def test_packs_list_exactly_their_blobs(native: bool) -> None:
-    """Small packs, chunks larger than a pack's buffer, several batches: every blob is in
-    exactly one pack's trailer, at the offset where it opens."""
+    """Small packs, chunks larger than a pack's buffer, several batches, buffers recycled
+    as a backup does: every blob is in exactly one pack's trailer, at the offset where it
+    opens, and each pack is exactly magic, blobs, trailer and footer (no stale bytes)."""
     codec = BlobCodec(1, HASHER, native=native)
     _record, epoch = new_epoch(1, new_key(), new_key())
     writer = PackWriter(epoch, 4096)
     rnd = random.Random(3)
     batches = [[rnd.randbytes(rnd.randrange(1, 300_000)) for _ in range(4)] for _ in range(3)]
     batches.append([b"small" * 10, b"tail"])  # leaves a partly filled pack for flush()
-    packs = []
+    seen = []
+
+    def check(pack: FinishedPack) -> None:
+        key = epoch.unwrap(pack.wrapped_key)
+        assert pack.data[:8] == b"DDPACK01"
+        end = 8
+        for cid, offset, stored, raw in pack.entries():
+            assert offset == end  # blobs back to back from the magic on
+            seen.append(codec.open(key, cid, pack.data[offset : offset + stored], raw))
+            end = offset + stored
+        epoch_no, _wrapped, trailer_length = decode_footer(
+            len(pack.data), bytes(pack.data[-FOOTER_SIZE:]), "p"
+        )
+        assert epoch_no == 1 and end + trailer_length + FOOTER_SIZE == len(pack.data)
+        writer.recycle(pack)  # its buffer holds the next pack
+
     for chunks in batches:
-        packs += writer.add(codec.frame(chunks, HASHER.chunk_ids(chunks)))
+        for pack in writer.add(codec.frame(chunks, HASHER.chunk_ids(chunks))):
+            check(pack)
     last = writer.flush()
     assert last is not None and writer.flush() is None
-    packs.append(last)
-    seen = []
-    for pack in packs:
-        key = epoch.unwrap(pack.wrapped_key)
-        entries = list(pack.entries())
-        assert pack.data[:8] == b"DDPACK01"
-        for cid, offset, stored, raw in entries:
-            chunk = codec.open(key, cid, pack.data[offset : offset + stored], raw)
-            seen.append(chunk)
-        writer.recycle(pack)
+    check(last)
     assert seen == [c for chunks in batches for c in chunks]
 
 
