@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from dedupe._types import BackupStats, Progress, ProgressCallback
-from dedupe.chunking import AUTO, StreamChunker, make_chunker, parse_spec, sniff
+from dedupe.chunking import AUTO, Block, StreamChunker, make_chunker, parse_spec, sniff
 from dedupe.engine.stages import run_stages
 from dedupe.format.delta import make_delta
 from dedupe.format.index import ENTRY_RECORD, PackRecord
@@ -69,7 +69,7 @@ class Reuse:
 
 
 FILE_END = FileEnd()
-Item = bytes | FileEnd | Reuse
+Item = bytes | Block | FileEnd | Reuse
 
 
 @dataclass
@@ -140,8 +140,8 @@ async def ingest(
 
     async def read_stage() -> None:
         async for item in items:
-            if isinstance(item, bytes | bytearray | memoryview):
-                if not item:
+            if isinstance(item, bytes | Block):
+                if not len(item):
                     continue
                 p.bytes_read += len(item)
             await blocks_q.put(item)
@@ -154,12 +154,13 @@ async def ingest(
     def digest_job(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         return loop.run_in_executor(digest_thread, fn, *args)
 
-    async def cut(final: bool, block: bytes | None = None) -> None:
+    async def cut(final: bool, block: bytes | Block | None = None) -> None:
         nonlocal current
         if current is None:
             if block is None:
                 return  # a file or stream with no bytes: no chunks
-            spec = sniff(block[:64], params) if chunker == AUTO else chunker
+            first = bytes(memoryview(block)[:64])
+            spec = sniff(first, params) if chunker == AUTO else chunker
             assert isinstance(spec, dict)
             if spec not in specs:
                 specs.append(spec)
@@ -321,7 +322,7 @@ async def commit(
 
 async def run_backup(
     store: RepositoryStore,
-    blocks: AsyncIterator[bytes],
+    blocks: AsyncIterator[bytes | Block],
     *,
     name: str,
     source_info: dict[str, Any],

@@ -1,4 +1,8 @@
-"""Turn what the caller hands to backup() into an async iterator of large byte blocks."""
+"""Turn what the caller hands to backup() into an async iterator of large byte blocks.
+
+A file is read into reusable read-only blocks (dedupe.chunking.BlockReader): the chunker
+slices them without a copy, and a block is read into again only once no chunk, digest
+or queue refers to it; a fresh buffer per read would cost a page fault per 4 KiB."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from typing import BinaryIO
 
 import aiofiles
 
+from dedupe.chunking import Block, BlockReader
 from dedupe.errors import SourceError
 
 READ_SIZE = 2 * 1024 * 1024
@@ -16,7 +21,7 @@ READ_SIZE = 2 * 1024 * 1024
 Source = str | os.PathLike[str] | BinaryIO | AsyncIterable[bytes]
 
 
-def iter_source(source: Source, read_size: int = READ_SIZE) -> AsyncIterator[bytes]:
+def iter_source(source: Source, read_size: int = READ_SIZE) -> AsyncIterator[bytes | Block]:
     if isinstance(source, str | os.PathLike):
         return _iter_path(os.fspath(source), read_size)
     if hasattr(source, "__aiter__"):
@@ -29,20 +34,21 @@ def iter_source(source: Source, read_size: int = READ_SIZE) -> AsyncIterator[byt
     )
 
 
-async def _iter_path(path: str, read_size: int) -> AsyncIterator[bytes]:
+async def _iter_path(path: str, read_size: int) -> AsyncIterator[Block]:
     try:
         if os.path.isdir(path):
             raise SourceError(f"{path} is a directory; this version backs up files and streams")
         f = await aiofiles.open(path, "rb", buffering=0)
     except OSError as e:
         raise SourceError(f"cannot open {path}: {e.strerror}") from None
+    reader = BlockReader(read_size)
     try:
         while True:
             try:
-                block = await f.read(read_size)
+                block = await asyncio.to_thread(reader.read, f.fileno())
             except OSError as e:
                 raise SourceError(f"reading {path} failed: {e.strerror}") from None
-            if not block:
+            if block is None:
                 return
             yield block
     finally:

@@ -29,6 +29,7 @@ from concurrent.futures import Executor
 from typing import Any
 
 from dedupe._types import BackupStats, Progress, ProgressCallback, RestoreStats
+from dedupe.chunking import BlockReader
 from dedupe.engine.backup import FILE_END, Item, commit, ingest
 from dedupe.engine.restore import finish_in_thread, restore_chunks, write_all
 from dedupe.engine.sources import READ_SIZE
@@ -175,6 +176,7 @@ def _open_regular(path: str) -> int:
 async def _read_files(root: str, files: Sequence[Entry], sizes: list[int]) -> AsyncIterator[Item]:
     """The bytes of `files` in order, each followed by FILE_END; appends each file's length
     as read to `sizes`."""
+    reader = BlockReader(READ_SIZE)  # reused blocks, sliced by the chunker in place
     for e in files:
         path = os.path.join(root, e["path"])
         fd = await asyncio.to_thread(_open_regular, path)
@@ -182,10 +184,10 @@ async def _read_files(root: str, files: Sequence[Entry], sizes: list[int]) -> As
         try:
             while True:
                 try:
-                    block = await finish_in_thread(os.read, fd, READ_SIZE)
+                    block = await finish_in_thread(reader.read, fd)
                 except OSError as err:
                     raise SourceError(f"reading {path} failed: {err.strerror}") from None
-                if not block:
+                if block is None:
                     break
                 n += len(block)
                 yield block
