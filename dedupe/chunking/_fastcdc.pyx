@@ -50,15 +50,12 @@ cdef Py_ssize_t _POOL_MAX = 4  # blocks a Chunker keeps for reuse between feed()
 
 
 cdef class _Block:
-    """Read-only copy of one feed() of a mutable buffer; chunks are memoryview slices of
-    it. A Chunker reuses a block only when nothing else refers to it (no chunk, no
-    memoryview, no .obj holder), so no one can see its bytes change. Reusing warm memory
-    instead of a fresh allocation per feed avoids page-faulting a few MiB of new pages
-    per feed, which cost more than the copy itself."""
-
-    cdef char *data
-    cdef Py_ssize_t size
-    cdef Py_ssize_t cap
+    """Read-only memory that chunks (memoryview slices) refer to: a Chunker's copy of one
+    feed() of a mutable buffer, a BlockReader's block, or chunks opened by the blob codec
+    (dedupe.store._blobcodec). Its pool reuses a block only when nothing else refers to
+    it (no chunk, no memoryview, no .obj holder), so no one can see its bytes change.
+    Reusing warm memory instead of a fresh allocation avoids page-faulting a few MiB of
+    new pages per use, which costs more than the copy itself. Fields: _fastcdc.pxd."""
 
     def __dealloc__(self):
         free(self.data)
@@ -87,7 +84,7 @@ cdef _Block _new_block(Py_ssize_t size):
 
 cdef _Block _free_block(list pool, Py_ssize_t size, Py_ssize_t keep):
     """A block of at least size bytes from `pool` that no one but the pool refers to, or a
-    new one (added to the pool, which keeps at most `keep`)."""
+    new one (added to the pool while it holds fewer than `keep`). The caller sets .size."""
     cdef _Block b
     cdef char *grown
     for b in pool:

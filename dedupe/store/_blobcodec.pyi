@@ -4,6 +4,8 @@ from collections.abc import Sequence
 
 from typing_extensions import Buffer
 
+from dedupe.chunking import Block
+
 OVERHEAD: int  # 40: nonce and tag of a sealed blob
 TRAILER_RECORD: int  # 44: a pack trailer entry, <32sIII
 OPEN_ERRORS: dict[int, str]
@@ -36,7 +38,7 @@ class BatchCodec:
     def frame(self, chunks: list[Buffer], ids: list[bytes]) -> FramedBatch: ...
     def open_into(
         self, key: bytes, data: Buffer, items: Sequence[tuple[bytes, int, int, int]], base: int
-    ) -> bytearray: ...
+    ) -> Block: ...
 
 def seal(
     key: bytes, batch: FramedBatch, dst: bytearray, pos: int, target: int, records: bytearray

@@ -11,12 +11,13 @@ against neither library."""
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport (
     PyByteArray_AS_STRING,
-    PyByteArray_FromStringAndSize,
     PyByteArray_GET_SIZE,
 )
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport uint8_t, uint32_t, uintptr_t
 from libc.stdlib cimport free, malloc
+
+from dedupe.chunking._fastcdc cimport _Block, _free_block
 
 import os
 
@@ -204,6 +205,10 @@ cdef class FramedBatch:
         return self._len[self._next] + DDP_CODEC_OVERHEAD
 
 
+cdef enum:
+    _OPENED_KEEP = 16  # blocks of opened chunks a codec keeps for reuse (~1-2 MiB each)
+
+
 cdef class BatchCodec:
     """One thread's codec: a zstd compression and decompression context. Use one per
     thread (contexts are not shared); the kernels run without the GIL."""
@@ -211,10 +216,12 @@ cdef class BatchCodec:
     cdef void *_cctx
     cdef void *_dctx
     cdef int _level
+    cdef list _opened  # blocks of opened chunks, reused once unreferenced (_free_block)
 
     def __cinit__(self, int level):
         if not _configured:
             raise RuntimeError("dedupe.store._blobcodec.configure() was not called")
+        self._opened = []
         self._level = level
         self._cctx = _create_cctx()
         self._dctx = _create_dctx()
@@ -275,7 +282,8 @@ cdef class BatchCodec:
     def open_into(self, bytes key, data, list items, Py_ssize_t base):
         """Open blobs of one pack: items are (chunk id, offset in pack, stored length, raw
         length); `data` holds the pack's bytes from offset `base`. Returns their raw bytes
-        back to back (checked: AEAD and length). Raises OpenError naming the first blob
+        back to back in a read-only block (dedupe.chunking.Block; checked: AEAD and
+        length), whose memory is reused only once nothing refers to it. Raises OpenError naming the first blob
         that fails."""
         cdef Py_ssize_t n = len(items), i
         cdef const uint8_t *k = _key_ptr(key)
@@ -285,6 +293,7 @@ cdef class BatchCodec:
         cdef bytes ids
         cdef const uint8_t *ids_p
         cdef uint8_t *out_p
+        cdef _Block out
         cdef size_t *offset = <size_t *>malloc((n or 1) * sizeof(size_t))
         cdef uint32_t *stored = <uint32_t *>malloc((n or 1) * sizeof(uint32_t))
         cdef uint32_t *raw = <uint32_t *>malloc((n or 1) * sizeof(uint32_t))
@@ -309,8 +318,9 @@ cdef class BatchCodec:
                 total += raw[i]
             ids = b"".join(id_list)
             ids_p = <const uint8_t *>PyBytes_AS_STRING(ids)
-            out = PyByteArray_FromStringAndSize(NULL, total)  # not zeroed: all written
-            out_p = <uint8_t *>PyByteArray_AS_STRING(out)
+            out = _free_block(self._opened, total, _OPENED_KEEP)
+            out.size = total  # every byte is written below
+            out_p = <uint8_t *>out.data
             with nogil:
                 rc = ddp_codec_open(&_api, self._dctx, k, n, <const uint8_t *>view.buf,
                                     offset, stored, raw, ids_p, out_p, &failed)

@@ -236,3 +236,25 @@ def test_repository_works_with_either_codec(run, tmp_path: Path, native: bool) -
             assert report.ok
 
     run(go())
+
+
+def test_opened_chunks_never_change_while_referenced() -> None:
+    """The native codec reuses the memory of opened batches: only once nothing refers to
+    it, so chunks a reader still holds keep their bytes while later batches are opened."""
+    codec = BlobCodec(1, HASHER, native=True)
+    rnd = random.Random(5)
+    key = new_key()
+    batches = []
+    for _ in range(40):
+        chunks = [rnd.randbytes(rnd.randrange(1, 40_000)) for _ in range(3)]
+        dst, entries = seal_all(codec, chunks, key)
+        items = [(e.chunk_id, e.offset, e.stored_length, e.raw_length) for e in entries]
+        batches.append((bytes(dst), items, chunks))
+    held = []
+    for i, (dst, items, chunks) in enumerate(batches):
+        opened = codec.open_many(key, dst, 0, items)
+        assert [bytes(c) for c in opened] == chunks
+        if i % 3 == 0:
+            held.append((opened, chunks))  # kept: its buffer must not be reused
+    for opened, chunks in held:
+        assert [bytes(c) for c in opened] == chunks
