@@ -29,6 +29,7 @@ from dedupe._types import BackupStats, Generation, Progress, ProgressCallback, R
 from dedupe.backends import Backend, open_backend
 from dedupe.chunking import ChunkerParams, parse_spec
 from dedupe.crypto import KdfParams, get_passphrase
+from dedupe.crypto.aead import Buffer
 from dedupe.engine import iter_source, restore_chunks, run_backup, write_to_fileobj, write_to_path
 from dedupe.engine.forget import ForgetPolicy, ForgetReport, run_forget
 from dedupe.engine.prune import PruneReport, run_prune
@@ -37,7 +38,6 @@ from dedupe.engine.verify import SubsetSpec, VerifyReport, verify_repository
 from dedupe.errors import AmbiguousGeneration, GenerationNotFound, TargetError
 from dedupe.format.config import DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_SIZE
 from dedupe.store import RepositoryStore
-from dedupe.store.blobs import Buffer
 from dedupe.store.locks import LockInfo, RepositoryLock, list_locks, remove_locks
 
 __all__ = ["BackupStats", "Generation", "Progress", "Repository", "RestoreStats"]

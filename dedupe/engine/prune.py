@@ -57,7 +57,7 @@ from dedupe.format.index import ENTRY_RECORD, PackRecord
 from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.format.pack import FOOTER_SIZE, PACK_MAGIC
 from dedupe.store import PackWriter, RepositoryStore
-from dedupe.store.blobs import FramedBatch
+from dedupe.store.blobs import FramedBatch, release_buffers
 from dedupe.store.locks import RepositoryLock
 from dedupe.store.quarantine import QUARANTINE_PREFIX, decode_quarantine, read_quarantine
 from dedupe.store.repository import pack_name
@@ -441,6 +441,7 @@ async def _repack(
         for t in ahead:
             t.cancel()
         await asyncio.gather(*ahead, return_exceptions=True)
+        release_buffers()
     return new_packs, new_entries
 
 

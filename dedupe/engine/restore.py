@@ -18,11 +18,12 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
 from typing import Any, BinaryIO, TypeVar
 
+from dedupe.crypto.aead import Buffer
 from dedupe.errors import IntegrityError, MissingObject, TargetError
 from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.hashing import StreamDigest
 from dedupe.store import RepositoryStore
-from dedupe.store.blobs import Buffer
+from dedupe.store.blobs import release_buffers
 
 T = TypeVar("T")
 
@@ -181,6 +182,7 @@ async def restore_chunks(
             pass
         if updating is not None:  # never leave a thread reading buffers we drop
             await asyncio.wait([updating])
+        release_buffers()
 
 
 def _check_digest(digest: StreamDigest, expected: str, gen_id: str) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 
 from dedupe._types import BackupStats, Progress, ProgressCallback, RestoreStats
 from dedupe.chunking import BlockReader
+from dedupe.crypto.aead import Buffer
 from dedupe.engine.backup import FILE_END, Item, commit, ingest
 from dedupe.engine.restore import finish_in_thread, restore_chunks, write_all
 from dedupe.engine.sources import READ_SIZE
@@ -50,7 +51,6 @@ from dedupe.format.tree import (
 )
 from dedupe.hashing import StreamDigest
 from dedupe.store import RepositoryStore
-from dedupe.store.blobs import Buffer
 
 _R = CHUNK_RECORD.size
 _NAMED_SKIPS = 5  # skipped paths named in a backup's note

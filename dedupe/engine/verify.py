@@ -67,6 +67,7 @@ from dedupe.format.pack import (
 )
 from dedupe.hashing import object_id
 from dedupe.store import RepositoryStore
+from dedupe.store.blobs import release_buffers
 from dedupe.store.locks import RepositoryLock
 from dedupe.store.quarantine import (
     QUARANTINE_PREFIX,
@@ -468,7 +469,10 @@ class _Verifier:
         self.p.bytes_total = sum(self.packs[p].size or 0 for p in chosen)
         self._report("reading packs")
         # READ_CONCURRENCY workers: at most that many packs are in memory at once.
-        await _each(chosen, READ_CONCURRENCY, self._read_pack)
+        try:
+            await _each(chosen, READ_CONCURRENCY, self._read_pack)
+        finally:
+            release_buffers()
 
     async def _read_pack(self, pack_id: bytes) -> None:
         info = self.packs[pack_id]

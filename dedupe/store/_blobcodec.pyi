@@ -19,8 +19,8 @@ class OpenError(Exception):
 def configure(functions: dict[str, int]) -> None:
     """Install the zstd and libsodium function addresses; once, before any other use."""
 
-def release_spares() -> None:
-    """Free the framing buffers kept for reuse (a backup calls this when it is done)."""
+def release_pools() -> None:
+    """Let go of the buffers kept for reuse (an operation calls this when it is done)."""
 
 class FramedBatch:
     """Framed blobs of a batch, waiting to be sealed; `pending` counts those not sealed."""

@@ -123,60 +123,29 @@ cdef const uint8_t *_key_ptr(bytes key) except NULL:
     return <const uint8_t *>PyBytes_AS_STRING(key)
 
 
-# Framing buffers (a few MiB each) are recycled: a fresh allocation per batch costs a
-# page fault per 4 KiB page, more than the copy into it. At most _SPARE_MAX wait here;
-# both ends run with the GIL held, which is the lock.
+# Framing buffers and blocks of opened chunks are recycled through _free_block (the
+# chunker's pool rule: reused only once nothing refers to them): a fresh allocation per
+# batch costs a page fault per 4 KiB page, more than the work done in it. The pools are
+# shared by every thread (the GIL guards them) and emptied when an operation ends.
 cdef enum:
-    _SPARE_MAX = 4
-cdef uint8_t *_spare[_SPARE_MAX]
-cdef size_t _spare_cap[_SPARE_MAX]
-cdef int _spares = 0
+    _FRAMING_KEEP = 4  # framing buffers kept for reuse (~2 MiB each)
+    _OPENED_KEEP = 16  # blocks of opened chunks kept for reuse (~1-2 MiB each)
+cdef list _framing_pool = []
+cdef list _opened_pool = []
 
 
-cdef uint8_t *_take_buffer(size_t need, size_t *cap):
-    """A buffer of at least `need` bytes (NULL if out of memory); *cap is its size."""
-    global _spares
-    cdef uint8_t *p
-    cdef int i
-    for i in range(_spares):
-        if _spare_cap[i] >= need:
-            p = _spare[i]
-            cap[0] = _spare_cap[i]
-            _spares -= 1
-            _spare[i] = _spare[_spares]
-            _spare_cap[i] = _spare_cap[_spares]
-            return p
-    cap[0] = need if need > 0 else 1
-    return <uint8_t *>malloc(cap[0])
-
-
-cdef void _give_buffer(uint8_t *p, size_t cap):
-    global _spares
-    if p == NULL:
-        return
-    if _spares < _SPARE_MAX:
-        _spare[_spares] = p
-        _spare_cap[_spares] = cap
-        _spares += 1
-    else:
-        free(p)
-
-
-def release_spares():
-    """Free the framing buffers kept for reuse (a backup calls this when it is done)."""
-    global _spares
-    while _spares > 0:
-        _spares -= 1
-        free(_spare[_spares])
+def release_pools():
+    """Let go of the buffers kept for reuse (an operation calls this when it is done);
+    those still in use are freed once unreferenced."""
+    del _framing_pool[:]
+    del _opened_pool[:]
 
 
 cdef class FramedBatch:
     """Framed blobs of a batch of chunks, waiting to be sealed; sealing may take several
     calls (a pack fills up), `pending` counts the blobs not sealed yet."""
 
-    cdef uint8_t *_framed
-    cdef size_t _framed_cap
-    cdef size_t _framed_size
+    cdef _Block _framed  # the framed blobs back to back (.size of them)
     cdef bytes _ids
     cdef size_t *_len
     cdef uint32_t *_raw
@@ -187,7 +156,6 @@ cdef class FramedBatch:
     def __dealloc__(self):
         free(self._len)
         free(self._raw)
-        _give_buffer(self._framed, self._framed_cap)
 
     @property
     def pending(self):
@@ -196,17 +164,13 @@ cdef class FramedBatch:
     @property
     def framed_bytes(self):
         """Bytes of all its framed blobs (before sealing)."""
-        return self._framed_size
+        return self._framed.size if self._framed is not None else 0
 
     def next_sealed_size(self):
         """Bytes the next blob takes once sealed (0 when none is left)."""
         if self._next >= self._n:
             return 0
         return self._len[self._next] + DDP_CODEC_OVERHEAD
-
-
-cdef enum:
-    _OPENED_KEEP = 16  # blocks of opened chunks a codec keeps for reuse (~1-2 MiB each)
 
 
 cdef class BatchCodec:
@@ -216,12 +180,10 @@ cdef class BatchCodec:
     cdef void *_cctx
     cdef void *_dctx
     cdef int _level
-    cdef list _opened  # blocks of opened chunks, reused once unreferenced (_free_block)
 
     def __cinit__(self, int level):
         if not _configured:
             raise RuntimeError("dedupe.store._blobcodec.configure() was not called")
-        self._opened = []
         self._level = level
         self._cctx = _create_cctx()
         self._dctx = _create_dctx()
@@ -263,14 +225,13 @@ cdef class BatchCodec:
                 lens[i] = <size_t>views[i].len
                 b._raw[i] = <uint32_t>views[i].len
                 total += lens[i] + 1
-            b._framed = _take_buffer(total, &b._framed_cap)
-            if b._framed == NULL:
-                raise MemoryError()
-            out_p = b._framed
+            b._framed = _free_block(_framing_pool, total, _FRAMING_KEEP)
+            out_p = <uint8_t *>b._framed.data
             with nogil:
                 ddp_codec_frame(&_api, self._cctx, self._level, n, src, lens, out_p, b._len)
+            b._framed.size = 0
             for i in range(n):
-                b._framed_size += b._len[i]
+                b._framed.size += b._len[i]
         finally:
             for i in range(got):
                 PyBuffer_Release(&views[i])
@@ -318,7 +279,7 @@ cdef class BatchCodec:
                 total += raw[i]
             ids = b"".join(id_list)
             ids_p = <const uint8_t *>PyBytes_AS_STRING(ids)
-            out = _free_block(self._opened, total, _OPENED_KEEP)
+            out = _free_block(_opened_pool, total, _OPENED_KEEP)
             out.size = total  # every byte is written below
             out_p = <uint8_t *>out.data
             with nogil:
@@ -354,7 +315,7 @@ def seal(bytes key, FramedBatch batch, bytearray dst, size_t pos, size_t target,
     records.extend(bytes(todo * DDP_CODEC_TRAILER_RECORD))  # room; cut back below
     cdef uint8_t *rec = <uint8_t *>PyByteArray_AS_STRING(records) + rec_start
     cdef uint8_t *d = <uint8_t *>PyByteArray_AS_STRING(dst)
-    cdef const uint8_t *framed = batch._framed + batch._offset
+    cdef const uint8_t *framed = <const uint8_t *>batch._framed.data + batch._offset
     cdef const uint8_t *ids = <const uint8_t *>PyBytes_AS_STRING(batch._ids) + first * DDP_CODEC_ID_BYTES
     cdef const uint8_t *nonce_p = <const uint8_t *>PyBytes_AS_STRING(nonces)
     cdef long done

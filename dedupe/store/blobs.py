@@ -18,7 +18,7 @@ from typing import Any
 import zstandard
 
 from dedupe.crypto import OVERHEAD, open_sealed
-from dedupe.crypto.aead import seal_into
+from dedupe.crypto.aead import Buffer, seal_into
 from dedupe.errors import IntegrityError
 from dedupe.format.pack import COMPRESSION_NONE, COMPRESSION_ZSTD, TRAILER_RECORD
 from dedupe.hashing import ChunkHasher
@@ -30,7 +30,6 @@ except ImportError:  # pragma: no cover - an install without the compiled kernel
 
 _RAW = bytes([COMPRESSION_NONE])
 _ZSTD = bytes([COMPRESSION_ZSTD])
-Buffer = bytes | bytearray | memoryview
 
 
 def _library_functions() -> dict[str, int] | None:
@@ -82,9 +81,11 @@ NATIVE_AVAILABLE = _configure_native()
 
 
 def release_buffers() -> None:
-    """Free the buffers the native codec keeps for reuse between batches (a few MiB)."""
+    """Let go of the buffers the native codec keeps for reuse between batches (framing,
+    opened chunks: up to ~40 MiB); an operation that framed or opened blobs calls this
+    when it ends, so that an embedding process does not hold them while idle."""
     if NATIVE_AVAILABLE:
-        _blobcodec.release_spares()
+        _blobcodec.release_pools()
 
 
 class PyFramedBatch:
