@@ -10,6 +10,11 @@ Names are '/'-separated relative paths ("packs/ab/ab12..."). Semantics:
 - `get(name, offset=0, length=None)`: exactly `length` bytes from `offset` (to the end
   when `length` is None). Raises `MissingObject` when there is no such object and
   `TruncatedObject` when it ends before `offset + length`.
+- `read_into(name, offset, into)`: fills the writable buffer `into` with exactly
+  `len(into)` bytes from `offset`, with get()'s errors. Readers that go through many
+  large ranges (restore, verify) reuse one buffer rather than a fresh `bytes` per range,
+  whose pages the kernel must fault in and zero one by one. A backend that can read in
+  place overrides it; the default copies what get() returns.
 - `list(prefix)`: names of all complete objects whose name starts with `prefix`
   (a directory-like prefix ending in "/"), in no particular order.
 - `stat(name)`: the size in bytes; `MissingObject` if absent.
@@ -32,6 +37,10 @@ class Backend(ABC):
 
     @abstractmethod
     async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes: ...
+
+    async def read_into(self, name: str, offset: int, into: memoryview) -> None:
+        data = await self.get(name, offset, len(into))
+        into[:] = data
 
     @abstractmethod
     async def list(self, prefix: str) -> list[str]: ...

@@ -37,6 +37,13 @@ def _backend_error(e: OSError, action: str, path: str) -> BackendError:
     return BackendError(f"{action} {path} failed: {e.strerror or e}")
 
 
+def _truncated(name: str, offset: int, length: int, ends: int) -> TruncatedObject:
+    return TruncatedObject(
+        f"object {name} is truncated: wanted bytes {offset}..{offset + length}, it ends at {ends}",
+        hint="run 'dedupe verify' to see which generations are affected",
+    )
+
+
 class LocalBackend(Backend):
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.path.abspath(os.fspath(root))
@@ -79,10 +86,10 @@ class LocalBackend(Backend):
                 pass
             raise
 
-    def _get_sync(self, name: str, offset: int, length: int | None) -> bytes:
+    def _open_for_reading(self, name: str) -> tuple[int, str]:
         path = self._path(name)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            return os.open(path, os.O_RDONLY), path
         except FileNotFoundError:
             raise MissingObject(
                 f"object {name} is missing from the repository",
@@ -90,24 +97,38 @@ class LocalBackend(Backend):
             ) from None
         except OSError as e:
             raise _backend_error(e, "opening", path) from None
+
+    def _get_sync(self, name: str, offset: int, length: int | None) -> bytes:
+        fd, path = self._open_for_reading(name)
         try:
             if length is None:
                 size = os.fstat(fd).st_size
                 if offset > size:
-                    raise TruncatedObject(f"object {name} is shorter than offset {offset}")
+                    raise _truncated(name, offset, 0, size)
                 length = size - offset
             data = os.pread(fd, length, offset)
             # pread may return less than asked for on some filesystems; keep reading.
             while len(data) < length:
                 more = os.pread(fd, length - len(data), offset + len(data))
                 if not more:
-                    raise TruncatedObject(
-                        f"object {name} is truncated: wanted bytes {offset}..{offset + length}, "
-                        f"it ends at {offset + len(data)}",
-                        hint="run 'dedupe verify' to see which generations are affected",
-                    )
+                    raise _truncated(name, offset, length, offset + len(data))
                 data += more
             return data
+        except OSError as e:
+            raise _backend_error(e, "reading", path) from None
+        finally:
+            os.close(fd)
+
+    def _read_into_sync(self, name: str, offset: int, into: memoryview) -> None:
+        fd, path = self._open_for_reading(name)
+        try:
+            view = memoryview(into).cast("B")
+            got = 0
+            while got < len(view):
+                n = os.preadv(fd, [view[got:]], offset + got)
+                if n == 0:
+                    raise _truncated(name, offset, len(view), offset + got)
+                got += n
         except OSError as e:
             raise _backend_error(e, "reading", path) from None
         finally:
@@ -148,6 +169,9 @@ class LocalBackend(Backend):
 
     async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         return await asyncio.to_thread(self._get_sync, name, offset, length)
+
+    async def read_into(self, name: str, offset: int, into: memoryview) -> None:
+        await asyncio.to_thread(self._read_into_sync, name, offset, into)
 
     async def list(self, prefix: str) -> list[str]:
         return await asyncio.to_thread(self._list_sync, prefix)

@@ -84,20 +84,32 @@ cdef _Block _new_block(Py_ssize_t size):
 
 cdef _Block _free_block(list pool, Py_ssize_t size, Py_ssize_t keep):
     """A block of at least size bytes from `pool` that no one but the pool refers to, or a
-    new one (added to the pool while it holds fewer than `keep`). The caller sets .size."""
+    new one (added to the pool while it holds fewer than `keep`). The caller sets .size
+    and overwrites the contents."""
     cdef _Block b
-    cdef char *grown
+    cdef _Block small = None
+    cdef char *fresh
+    cdef Py_ssize_t cap
     for b in pool:
         # References: the pool's and the loop variable's. More means a chunk, a
         # memoryview, a pending stream or a hash still in progress uses it.
         if Py_REFCNT(b) == 2:
-            if b.cap < size:
-                grown = <char *>realloc(b.data, size)
-                if grown == NULL:
-                    raise MemoryError()
-                b.data = grown
-                b.cap = size
-            return b
+            if b.cap >= size:
+                return b
+            if small is None:
+                small = b
+    if small is not None:
+        # Grow a free block that is too small, with headroom so that sizes that vary from
+        # call to call do not grow it again and again. Its bytes are about to be
+        # overwritten: free and allocate rather than realloc, which would copy them.
+        cap = size + (size >> 3)
+        fresh = <char *>malloc(cap)
+        if fresh == NULL:
+            raise MemoryError()
+        free(small.data)
+        small.data = fresh
+        small.cap = cap
+        return small
     b = _new_block(size)
     if len(pool) < keep:
         pool.append(b)

@@ -24,6 +24,7 @@ from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.hashing import StreamDigest
 from dedupe.store import RepositoryStore
 from dedupe.store.blobs import release_buffers
+from dedupe.store.readbuffers import ReadBuffers
 
 T = TypeVar("T")
 
@@ -31,6 +32,7 @@ WINDOW_BYTES = 16 * 1024 * 1024
 COALESCE_GAP = 256 * 1024
 MAX_RANGE = 8 * 1024 * 1024
 FETCH_CONCURRENCY = 4
+OPENING_RANGES = 2  # ranges read and waiting to be opened, beside those being read
 DECODE_BATCH = 1024 * 1024  # stored bytes opened per executor job
 WINDOWS_AHEAD = 2
 
@@ -99,23 +101,27 @@ async def restore_chunks(
     codec = store.codec
     sem = asyncio.Semaphore(FETCH_CONCURRENCY)
 
-    def open_range(key: bytes, data: bytes, start: int, items: list[_Item]) -> dict[bytes, Buffer]:
+    # A range holds its buffer from its read until its chunks are opened (out of it).
+    buffers = ReadBuffers(FETCH_CONCURRENCY + OPENING_RANGES)
+
+    def open_range(key: bytes, data: Buffer, start: int, items: list[_Item]) -> dict[bytes, Buffer]:
         chunks = codec.open_many(key, data, start, items)
         return {item[0]: chunk for item, chunk in zip(items, chunks, strict=True)}
 
     async def fetch(pack_no: int, start: int, end: int, items: list[_Item]) -> dict[bytes, Buffer]:
-        async with sem:
-            data = await store.read_pack_range(pack_no, start, end - start)
-        key = store.pack_key(pack_no)
-        # Open in slices so that every worker thread gets a share of a large range.
-        jobs = [
-            loop.run_in_executor(executor, open_range, key, data, start, part)
-            for part in split_by_bytes(items, DECODE_BATCH)
-        ]
-        found: dict[bytes, Buffer] = {}
-        for part_found in await asyncio.gather(*jobs):
-            found.update(part_found)
-        return found
+        async with buffers.take(end - start) as data:
+            async with sem:
+                await store.read_pack_range(pack_no, start, data)
+            key = store.pack_key(pack_no)
+            # Open in slices so that every worker thread gets a share of a large range.
+            jobs = [
+                loop.run_in_executor(executor, open_range, key, data, start, part)
+                for part in split_by_bytes(items, DECODE_BATCH)
+            ]
+            found: dict[bytes, Buffer] = {}
+            for part_found in await asyncio.gather(*jobs):
+                found.update(part_found)
+            return found
 
     async def fetch_window(window: list[tuple[bytes, int]]) -> list[Buffer]:
         by_pack: dict[int, dict[bytes, _Item]] = {}

@@ -46,6 +46,7 @@ import zstandard
 
 from dedupe._types import Progress, ProgressCallback
 from dedupe.crypto import open_sealed
+from dedupe.crypto.aead import Buffer
 from dedupe.engine.restore import split_by_bytes
 from dedupe.errors import (
     DedupeError,
@@ -75,6 +76,7 @@ from dedupe.store.quarantine import (
     encode_quarantine,
     read_quarantine,
 )
+from dedupe.store.readbuffers import ReadBuffers
 from dedupe.store.repository import pack_name, utc_now
 
 T = TypeVar("T")
@@ -325,6 +327,8 @@ class _Verifier:
         self.packs_unindexed = 0
         self.chunks_read = 0
         self.bytes_read = 0
+        # Whole packs held in memory at once while reading data, one per reader.
+        self.read_buffers = ReadBuffers(READ_CONCURRENCY)
 
     # --- helpers ---
 
@@ -476,13 +480,26 @@ class _Verifier:
 
     async def _read_pack(self, pack_id: bytes) -> None:
         info = self.packs[pack_id]
+        assert info.size is not None  # read_packs chooses only packs that stat'ed
         name = pack_name(pack_id)
-        all_chunks = [e[0] for e in info.entries]
-        try:
-            data = await self.backend.get(name)
-        except MissingObject:
-            self._bad_copies(name, pack_id, MISSING, "pack vanished while verifying", all_chunks)
-            return
+        async with self.read_buffers.take(info.size) as data:
+            try:
+                await self.backend.read_into(name, 0, data)
+            except (MissingObject, TruncatedObject) as e:
+                reason, what = (
+                    (MISSING, "vanished") if isinstance(e, MissingObject) else (TRUNCATED, "shrank")
+                )
+                all_chunks = [e[0] for e in info.entries]
+                self._bad_copies(name, pack_id, reason, f"pack {what} while verifying", all_chunks)
+                return
+            await self._check_pack(pack_id, name, data)
+        self.p.bytes_read = self.bytes_read
+        self.p.chunks = self.chunks_read
+        self._report()
+
+    async def _check_pack(self, pack_id: bytes, name: str, data: memoryview) -> None:
+        """Everything about a pack that needs its bytes (`data`, only until this returns)."""
+        info = self.packs[pack_id]
         self.packs_read += 1
         self.bytes_read += len(data)
         store = self.store
@@ -491,7 +508,7 @@ class _Verifier:
             key = store.pack_key(store.index.pack_number(info.record))
         except IntegrityError as e:
             key = None
-            self._bad_copies(name, pack_id, AUTH_FAILED, e.message, all_chunks)
+            self._bad_copies(name, pack_id, AUTH_FAILED, e.message, [e[0] for e in info.entries])
         problems, trailer = await self._run(_check_envelope, data, pack_id, key, name)
         for reason, detail in problems:
             self._damaged(name, "pack", reason, detail)
@@ -518,10 +535,6 @@ class _Verifier:
                 for chunk_id, reason, detail in bad:
                     self._bad_copies(name, pack_id, reason, detail, [chunk_id])
             self.chunks_read += len(items)
-        del data  # before the progress callback: at most READ_CONCURRENCY packs are held
-        self.p.bytes_read = self.bytes_read
-        self.p.chunks = self.chunks_read
-        self._report()
 
     # --- generations ---
 
@@ -605,7 +618,7 @@ class _Verifier:
 
 
 def _check_envelope(
-    data: bytes, pack_id: bytes, key: bytes | None, name: str
+    data: Buffer, pack_id: bytes, key: bytes | None, name: str
 ) -> tuple[list[tuple[str, str]], list[PackEntry] | None]:
     """Problems of a whole pack outside its blobs, and its trailer entries if it opens."""
     problems: list[tuple[str, str]] = []
@@ -640,7 +653,7 @@ def _check_envelope(
 
 
 def _open_blobs(
-    store: RepositoryStore, key: bytes, data: bytes, items: list[_Item]
+    store: RepositoryStore, key: bytes, data: Buffer, items: list[_Item]
 ) -> list[tuple[bytes, str, str]]:
     """(chunk id, reason, detail) of every blob among `items` that does not open."""
     if all(offset + stored <= len(data) for _, offset, stored, _ in items):

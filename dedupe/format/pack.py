@@ -57,7 +57,9 @@ def encode_footer(epoch: int, wrapped_key: bytes, trailer_length: int) -> bytes:
     return _FOOTER.pack(epoch, wrapped_key, trailer_length, FOOTER_MAGIC)
 
 
-def decode_footer(pack_length: int, footer: bytes, what: str) -> tuple[int, bytes, int]:
+def decode_footer(
+    pack_length: int, footer: bytes | bytearray | memoryview, what: str
+) -> tuple[int, bytes, int]:
     """-> (epoch, wrapped_key, trailer_length)."""
     if len(footer) != FOOTER_SIZE or pack_length < len(PACK_MAGIC) + FOOTER_SIZE:
         raise TruncatedObject(f"{what} is too short to be a pack ({pack_length} bytes)")

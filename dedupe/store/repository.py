@@ -315,8 +315,9 @@ class RepositoryStore:
         for chunk_id, offset, stored, raw in pack.entries():
             records += pack_entry(chunk_id, pack_no, offset, stored, raw)
 
-    async def read_pack_range(self, pack_no: int, offset: int, length: int) -> bytes:
-        return await self.backend.get(pack_name(self.index.packs[pack_no].pack_id), offset, length)
+    async def read_pack_range(self, pack_no: int, offset: int, into: memoryview) -> None:
+        """Read len(into) bytes of pack `pack_no` from `offset` into `into`."""
+        await self.backend.read_into(pack_name(self.index.packs[pack_no].pack_id), offset, into)
 
     # --- manifests -----------------------------------------------------------------------------
 

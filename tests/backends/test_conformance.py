@@ -12,10 +12,18 @@ from dedupe.backends import Backend, LocalBackend
 from dedupe.errors import MissingObject, TruncatedObject
 
 
-@pytest.fixture(params=["local"])
+class ReadIntoViaGet(LocalBackend):
+    """A backend that keeps the contract's default read_into (a copy of what get returns)."""
+
+    read_into = Backend.read_into
+
+
+@pytest.fixture(params=["local", "read_into-default"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     if request.param == "local":
         yield LocalBackend(tmp_path / "store")
+    elif request.param == "read_into-default":
+        yield ReadIntoViaGet(tmp_path / "store")
 
 
 def test_put_get_ranges(run: Callable, backend: Backend) -> None:  # type: ignore[type-arg]
@@ -35,6 +43,30 @@ def test_put_get_ranges(run: Callable, backend: Backend) -> None:  # type: ignor
             await backend.stat("packs/ab/nope")
         await backend.put("packs/ab/abcd", b"replaced")
         assert await backend.get("packs/ab/abcd") == b"replaced"
+
+    run(go())
+
+
+def test_read_into(run: Callable, backend: Backend) -> None:  # type: ignore[type-arg]
+    data = os.urandom(100_000)
+
+    async def go() -> None:
+        await backend.put("packs/ab/abcd", data)
+        buf = bytearray(b"\xee" * 200)
+        view = memoryview(buf)
+        await backend.read_into("packs/ab/abcd", 10, view[:100])
+        assert buf[:100] == data[10:110]
+        assert buf[100:] == b"\xee" * 100  # nothing past the view is touched
+        await backend.read_into("packs/ab/abcd", 99_900, view[50:150])
+        assert buf[50:150] == data[99_900:]
+        await backend.read_into("packs/ab/abcd", 0, view[:0])
+        whole = bytearray(len(data))
+        await backend.read_into("packs/ab/abcd", 0, memoryview(whole))
+        assert whole == data
+        with pytest.raises(TruncatedObject, match="packs/ab/abcd"):
+            await backend.read_into("packs/ab/abcd", 99_990, view[:100])
+        with pytest.raises(MissingObject):
+            await backend.read_into("packs/ab/nope", 0, view[:10])
 
     run(go())
 

@@ -394,9 +394,17 @@ class FailingReads(LocalBackend):
     """Pack reads fail as a backend that retried and gave up would."""
 
     async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        self._fail_packs(name)
+        return await super().get(name, offset, length)
+
+    async def read_into(self, name: str, offset: int, into: memoryview) -> None:
+        self._fail_packs(name)
+        await super().read_into(name, offset, into)
+
+    @staticmethod
+    def _fail_packs(name: str) -> None:
         if name.startswith("packs/"):
             raise BackendError(f"reading {name} failed")
-        return await super().get(name, offset, length)
 
 
 def test_a_backend_failure_is_raised_not_reported(repo: Pristine, run_asyncio: Run[Any]) -> None:
