@@ -61,6 +61,7 @@ from dedupe.store.blobs import FramedBatch, release_buffers
 from dedupe.store.locks import RepositoryLock
 from dedupe.store.quarantine import QUARANTINE_PREFIX, decode_quarantine, read_quarantine
 from dedupe.store.repository import pack_name
+from dedupe.store.tables import each_generation_table
 
 T = TypeVar("T")
 
@@ -192,12 +193,10 @@ async def _prune(
 
     gen_ids = await store.generation_ids()
     live: set[bytes] = set()
-
-    async def referenced(gen_id: str) -> None:
-        _meta, table = await store.generation_chunks(gen_id)
-        live.update(cid for cid, _len in CHUNK_RECORD.iter_unpack(table))
-
-    await _gather_limited([referenced(g) for g in gen_ids], READ_CONCURRENCY)
+    async for _gen_id, got in each_generation_table(store, gen_ids):
+        if isinstance(got, Exception):
+            raise got  # a chunk it references might be deleted: prune nothing
+        live.update(cid for cid, _len in CHUNK_RECORD.iter_unpack(got[1]))
 
     # --- 2. choose one copy per chunk, classify packs ------------------------------------------
     records: dict[bytes, PackRecord] = {}

@@ -78,6 +78,7 @@ from dedupe.store.quarantine import (
 )
 from dedupe.store.readbuffers import ReadBuffers
 from dedupe.store.repository import pack_name, utc_now
+from dedupe.store.tables import each_generation_table
 
 T = TypeVar("T")
 
@@ -541,22 +542,21 @@ class _Verifier:
     async def check_generations(self) -> None:
         self._report("checking generations")
         not_indexed: dict[bytes, set[str]] = {}
-        for gen_id in sorted(await self.store.generation_ids()):
+        gen_ids = sorted(await self.store.generation_ids())
+        async for gen_id, got in each_generation_table(self.store, gen_ids):
             name = f"generations/{gen_id}"
-            try:
-                _meta, table = await self.store.generation_chunks(gen_id)
-            except GenerationNotFound:
+            if isinstance(got, GenerationNotFound):
                 continue  # forgotten meanwhile
-            except (
-                DedupeError,
-                zstandard.ZstdError,
-                UnicodeDecodeError,
-                json.JSONDecodeError,
-            ) as e:
+            if isinstance(
+                got, DedupeError | zstandard.ZstdError | UnicodeDecodeError | json.JSONDecodeError
+            ):
                 self.generations += 1
-                reason, detail = await self._classify_generation(gen_id, e)
+                reason, detail = await self._classify_generation(gen_id, got)
                 self._damaged(name, "generation", reason, detail).generations.add(gen_id)
                 continue
+            if isinstance(got, Exception):
+                raise got
+            _meta, table = got
             self.generations += 1
             missing, hits = await self._run(self._scan, table)
             for chunk_id in missing:

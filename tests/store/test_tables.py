@@ -1,0 +1,109 @@
+"""each_generation_table: every generation's complete table, as generation_chunks gives it,
+with each manifest read once however long the chains (verify and prune use it)."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+from typing import Any
+
+from conftest import PASSPHRASE, make_repo
+
+from dedupe import Repository
+from dedupe.backends import LocalBackend
+from dedupe.errors import DedupeError
+from dedupe.store.tables import each_generation_table
+
+# Two chains of one source and a second source: a differential and incrementals hang
+# off the first full, more incrementals off the second.
+KINDS = (
+    ["full"] + ["incremental"] * 7 + ["differential", "incremental", "full"] + ["incremental"] * 4
+)
+
+
+class CountingReads(LocalBackend):
+    """Counts whole-object reads of manifests (header probes are ranged reads)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.manifest_reads: list[str] = []
+
+    async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        if name.startswith("generations/") and length is None:
+            self.manifest_reads.append(name)
+        return await super().get(name, offset, length)
+
+
+async def _backups(repo_path: Path) -> list[str]:
+    rng = random.Random(7)
+    data = bytearray(rng.randbytes(400_000))
+    ids = []
+    async with await make_repo(repo_path) as repo:
+        for kind in KINDS:
+            at = rng.randrange(len(data) - 64)
+            data[at : at + 64] = rng.randbytes(64)
+            ids.append((await repo.backup(io.BytesIO(bytes(data)), name="db", kind=kind)).id)
+        ids.append((await repo.backup(io.BytesIO(b"other" * 999), name="other")).id)
+    return ids
+
+
+def test_tables_match_generation_chunks_each_manifest_read_once(run: Any, repo_path: Path) -> None:
+    async def go() -> None:
+        ids = await _backups(repo_path)
+        backend = CountingReads(repo_path)
+        async with await Repository.open(backend, PASSPHRASE) as repo:
+            store = repo._store
+            order = []
+            got = {}
+            async for gen_id, outcome in each_generation_table(store, sorted(ids)):
+                assert not isinstance(outcome, Exception)
+                order.append(gen_id)
+                got[gen_id] = outcome
+            reads = list(backend.manifest_reads)
+            assert sorted(order) == sorted(ids)
+            assert sorted(reads) == sorted(f"generations/{g}" for g in ids)  # once each
+            # Parents first: every generation after the one it is based on.
+            for gen_id in ids:
+                parent = (await store.read_manifest_header(gen_id)).get("parent")
+                if parent:
+                    assert order.index(parent) < order.index(gen_id)
+            # The same tables, bytes for bytes, as expanding each chain on its own, which
+            # reads far more manifests.
+            backend.manifest_reads.clear()
+            for gen_id in ids:
+                assert got[gen_id] == await store.generation_chunks(gen_id)
+            assert len(backend.manifest_reads) > 3 * len(ids)
+
+    run(go())
+
+
+def test_a_damaged_manifest_fails_itself_and_what_is_based_on_it(run: Any, repo_path: Path) -> None:
+    async def go() -> None:
+        ids = await _backups(repo_path)
+        broken = ids[3]  # the third incremental of the first chain
+        path = repo_path / "generations" / broken
+        damaged = bytearray(path.read_bytes())
+        damaged[len(damaged) // 2] ^= 0x01
+        path.write_bytes(bytes(damaged))
+        async with await Repository.open(repo_path, PASSPHRASE) as repo:
+            store = repo._store
+            outcomes = {g: o async for g, o in each_generation_table(store, ids)}
+            failed = {g for g, o in outcomes.items() if isinstance(o, Exception)}
+            # Itself and the incrementals after it in its chain; the differential hangs
+            # off the full, the second full starts a new chain.
+            assert failed == {broken, *ids[4:8]}
+            for gen_id in ids:
+                outcome = outcomes[gen_id]
+                if gen_id in failed:
+                    assert isinstance(outcome, DedupeError)
+                    try:
+                        await store.generation_chunks(gen_id)
+                    except DedupeError as e:  # the same failure as on its own
+                        assert type(e) is type(outcome) and e.message == outcome.message
+                    else:
+                        raise AssertionError(f"{gen_id} expanded on its own")
+                else:
+                    assert outcome == await store.generation_chunks(gen_id)
+
+    run(go())
