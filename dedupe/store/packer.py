@@ -32,6 +32,15 @@ from dedupe.store.blobs import FramedBatch, seal_batch
 
 _RECORD = struct.Struct(TRAILER_RECORD)
 _SPARE_BUFFERS = 1
+# Room past the target size in a pack buffer: the blob that crosses the target (at most a
+# max-size chunk, stored raw, and its overhead) and the trailer. The trailer takes
+# TRAILER_RECORD (44 bytes) per blob: ~80 KiB for 16 MiB of 9 KiB blobs, and target/32
+# holds it for blobs of 1.4 KiB on average. Packs of smaller blobs grow their buffer.
+_BLOB_ROOM = 64 * 1024 + 1024
+
+
+def _buffer_size(target: int) -> int:
+    return target + _BLOB_ROOM + target // 32
 
 
 @dataclass
@@ -65,7 +74,7 @@ class PackWriter:
     def _start(self) -> None:
         self._key = new_key()
         # Blobs are sealed in place into one buffer: no per-blob copies, no final join.
-        size = self.target_size + 64 * 1024
+        size = _buffer_size(self.target_size)
         try:
             self._buf = self._spares.pop()
             if len(self._buf) < size:
@@ -77,8 +86,10 @@ class PackWriter:
         self._records = bytearray()
 
     def _reserve(self, n: int) -> None:
+        # Rare (packs of many small blobs): grow by a little, as every byte added is
+        # written (zeroed) and so resident, in each buffer this writer keeps.
         if self._size + n > len(self._buf):
-            self._buf.extend(bytes(max(n, len(self._buf) // 2)))
+            self._buf.extend(bytes(max(n, len(self._buf) // 16)))
 
     def add(self, batch: FramedBatch) -> list[FinishedPack]:
         """Seal a framed batch (BlobCodec.frame) under the pack key; returns the packs it

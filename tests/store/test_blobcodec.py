@@ -218,6 +218,37 @@ def test_packs_list_exactly_their_blobs(native: bool) -> None:
 
 
 @pytest.mark.parametrize("native", [True, False])
+def test_packs_of_2_kib_blobs_never_grow_their_buffer(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The buffer holds the blob that crosses the target and the trailer of small blobs:
+    every byte a pack buffer grows by is zeroed, and so resident, in each buffer kept."""
+    codec = BlobCodec(1, HASHER, native=native)
+    _record, epoch = new_epoch(1, new_key(), new_key())
+    grew = []
+    reserve = PackWriter._reserve
+
+    def spy(self: PackWriter, n: int) -> None:
+        before = len(self._buf)
+        reserve(self, n)
+        if len(self._buf) != before:
+            grew.append(n)
+
+    monkeypatch.setattr(PackWriter, "_reserve", spy)
+    writer = PackWriter(epoch, 4 << 20)
+    rnd = random.Random(5)
+    # Blobs of ~2 KiB (half random, half zeros): ~2000 per pack, an 88 KB trailer.
+    chunks = [rnd.randbytes(2048) + bytes(rnd.randrange(1, 4000)) for _ in range(4200)]
+    packs = []
+    for start in range(0, len(chunks), 500):
+        part = chunks[start : start + 500]
+        for pack in writer.add(codec.frame(part, HASHER.chunk_ids(part))):
+            packs.append(len(pack.data))
+            writer.recycle(pack)
+    assert len(packs) >= 2 and not grew
+
+
+@pytest.mark.parametrize("native", [True, False])
 def test_repository_works_with_either_codec(run, tmp_path: Path, native: bool) -> None:  # type: ignore[no-untyped-def]
     """Back up with one codec and restore and verify with the other."""
     rnd = random.Random(4)
