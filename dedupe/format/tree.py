@@ -161,9 +161,16 @@ def expand(chain: Sequence[tuple[dict[str, Any], bytes]], what: str) -> tuple[li
     for meta, literal in chain:
         entries, deleted = decode_tree(meta, literal, what)
         apply_tree_delta(tree, entries, deleted)
+    ordered = ordered_entries(tree, what)
+    return ordered, complete_table(ordered)
+
+
+def ordered_entries(tree: dict[str, Entry], what: str) -> list[Entry]:
+    """The entries of an expanded tree (path -> entry) in entry order, checked as `expand`
+    checks them."""
     ordered = [tree[p] for p in sorted(tree, key=sort_key)]
     check_tree(ordered, what)
-    return ordered, complete_table(ordered)
+    return ordered
 
 
 def check_tree(entries: Sequence[Entry], what: str) -> None:

@@ -8,9 +8,11 @@ Here generations are visited parents first, and an expanded table is kept only u
 last generation based on it has been expanded: for a chain of incrementals, one table
 beside the one being built.
 
-Directory trees, and generations whose parent is unknown (a manifest that does not open,
-a parent forgotten meanwhile), go through `generation_chunks` on their own, so that they
-fail, or succeed, exactly as they would there.
+A directory tree keeps its expanded tree (path -> entry) for the generations based on it,
+as its deltas apply to entries, not to chunk records. Generations whose parent is unknown
+(a manifest that does not open, a parent forgotten meanwhile) go through
+`generation_chunks` on their own, so that they fail, or succeed, exactly as they would
+there.
 """
 
 from __future__ import annotations
@@ -20,6 +22,13 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from dedupe.format.delta import apply_delta
+from dedupe.format.tree import (
+    Entry,
+    apply_tree_delta,
+    complete_table,
+    decode_tree,
+    ordered_entries,
+)
 from dedupe.store.repository import RepositoryStore
 
 HEADER_CONCURRENCY = 16
@@ -40,18 +49,19 @@ async def each_generation_table(
     for based_on in parents.values():
         if based_on in waiting:
             waiting[based_on] += 1
-    expanded: dict[str, bytes] = {}
+    # What the generations still to come are based on: a stream's complete table, a
+    # tree's expanded tree.
+    expanded: dict[str, bytes | dict[str, Entry]] = {}
 
     for gen_id in _parents_first(ids, parents):
         parent = parents.get(gen_id)
         outcome: Outcome
         try:
-            outcome = await _expand(store, gen_id, parent, expanded)
+            outcome, kept = await _expand(store, gen_id, parent, expanded)
         except Exception as e:  # noqa: BLE001 - handed to the caller with its generation
-            outcome = e
-        if waiting[gen_id] and not isinstance(outcome, Exception):
-            if outcome[0].get("type") == "stream":  # trees expand their own way
-                expanded[gen_id] = outcome[1]
+            outcome, kept = e, None
+        if waiting[gen_id] and kept is not None:
+            expanded[gen_id] = kept
         if parent in waiting:
             waiting[parent] -= 1
             if not waiting[parent]:
@@ -60,20 +70,39 @@ async def each_generation_table(
 
 
 async def _expand(
-    store: RepositoryStore, gen_id: str, parent: str | None, expanded: dict[str, bytes]
-) -> tuple[dict[str, Any], bytes]:
+    store: RepositoryStore,
+    gen_id: str,
+    parent: str | None,
+    expanded: dict[str, bytes | dict[str, Entry]],
+) -> tuple[tuple[dict[str, Any], bytes], bytes | dict[str, Entry] | None]:
+    """(meta, complete table) of a generation, and what to keep for those based on it."""
     _header, meta, own = await store.read_manifest(gen_id)
     delta = meta.get("delta")
+    what = f"generation {gen_id}"
+    # The delta names its parent; the header's (which ordered the walk) must agree.
+    base = None
+    if delta is not None and parent is not None and delta["parent"] == parent:
+        base = expanded.get(parent)
     if meta.get("type") == "stream":
         if delta is None:
-            return meta, own
-        # The delta names its parent; the header's (which ordered the walk) must agree.
-        if delta["parent"] == parent and parent in expanded:
-            table = await asyncio.to_thread(
-                apply_delta, expanded[parent], own, delta["ops"], f"generation {gen_id}"
-            )
-            return meta, table
-    return await store.generation_chunks(gen_id)
+            return (meta, own), own
+        if isinstance(base, bytes):
+            table = await asyncio.to_thread(apply_delta, base, own, delta["ops"], what)
+            return (meta, table), table
+    elif meta.get("type") == "tree" and (delta is None or isinstance(base, dict)):
+        tree_base = base if isinstance(base, dict) else None
+        tree, table = await asyncio.to_thread(_tree_step, tree_base, meta, own, what)
+        return (meta, table), tree
+    return await store.generation_chunks(gen_id), None
+
+
+def _tree_step(
+    base: dict[str, Entry] | None, meta: dict[str, Any], own: bytes, what: str
+) -> tuple[dict[str, Entry], bytes]:
+    tree = dict(base) if base is not None else {}  # `base` may serve other generations
+    entries, deleted = decode_tree(meta, own, what)
+    apply_tree_delta(tree, entries, deleted)
+    return tree, complete_table(ordered_entries(tree, what))
 
 
 async def _parents(store: RepositoryStore, ids: list[str]) -> dict[str, str]:

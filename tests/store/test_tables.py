@@ -36,6 +36,9 @@ class CountingReads(LocalBackend):
 
 
 async def _backups(repo_path: Path) -> list[str]:
+    """Ids of: KINDS of a stream ("db"), a one-off stream, and a directory tree ("dir")
+    backed up as a full, then incrementals and a differential as files change, appear
+    and go."""
     rng = random.Random(7)
     data = bytearray(rng.randbytes(400_000))
     ids = []
@@ -45,6 +48,16 @@ async def _backups(repo_path: Path) -> list[str]:
             data[at : at + 64] = rng.randbytes(64)
             ids.append((await repo.backup(io.BytesIO(bytes(data)), name="db", kind=kind)).id)
         ids.append((await repo.backup(io.BytesIO(b"other" * 999), name="other")).id)
+        tree = repo_path.parent / "tree"
+        (tree / "sub").mkdir(parents=True)
+        for i in range(5):
+            (tree / f"f{i}").write_bytes(rng.randbytes(30_000))
+        for step, kind in enumerate(["full", "incremental", "incremental", "differential"]):
+            if step:
+                (tree / f"f{step}").write_bytes(rng.randbytes(20_000))
+                (tree / "sub" / f"new{step}").write_bytes(rng.randbytes(5_000))
+                (tree / f"f{step + 1}").unlink()
+            ids.append((await repo.backup(tree, name="dir", kind=kind)).id)
     return ids
 
 
