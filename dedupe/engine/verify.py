@@ -490,7 +490,7 @@ class _Verifier:
                 reason, what = (
                     (MISSING, "vanished") if isinstance(e, MissingObject) else (TRUNCATED, "shrank")
                 )
-                all_chunks = [e[0] for e in info.entries]
+                all_chunks = [entry[0] for entry in info.entries]
                 self._bad_copies(name, pack_id, reason, f"pack {what} while verifying", all_chunks)
                 return
             await self._check_pack(pack_id, name, data)
@@ -509,7 +509,8 @@ class _Verifier:
             key = store.pack_key(store.index.pack_number(info.record))
         except IntegrityError as e:
             key = None
-            self._bad_copies(name, pack_id, AUTH_FAILED, e.message, [e[0] for e in info.entries])
+            all_chunks = [entry[0] for entry in info.entries]
+            self._bad_copies(name, pack_id, AUTH_FAILED, e.message, all_chunks)
         problems, trailer = await self._run(_check_envelope, data, pack_id, key, name)
         for reason, detail in problems:
             self._damaged(name, "pack", reason, detail)

@@ -407,6 +407,44 @@ class FailingReads(LocalBackend):
             raise BackendError(f"reading {name} failed")
 
 
+class PackGoesWhileRead(LocalBackend):
+    """Deletes, or cuts in half, one pack between verify's stat of it and its read, as a
+    concurrent prune or a failing disk would."""
+
+    def __init__(self, root: Path, pack: str, how: str) -> None:
+        super().__init__(root)
+        self.pack, self.how = pack, how
+
+    async def read_into(self, name: str, offset: int, into: memoryview) -> None:
+        if name == self.pack:
+            path = Path(self.root) / name
+            if self.how == "delete":
+                path.unlink()
+            else:
+                os.truncate(path, path.stat().st_size // 2)
+        await super().read_into(name, offset, into)
+
+
+@pytest.mark.parametrize(("how", "reason"), [("delete", MISSING), ("truncate", TRUNCATED)])
+def test_a_pack_that_goes_while_being_read_is_reported(
+    repo: Pristine, run_asyncio: Run[Any], how: str, reason: str
+) -> None:
+    pack_id = repo.places[repo.gens["a"]][0].pack_id
+    lost = {p.chunk_id for p in chunks_in_pack(repo, pack_id)}
+
+    async def go() -> VerifyReport:
+        backend = PackGoesWhileRead(repo.path, pack_name(pack_id), how)
+        async with await Repository.open(backend, PASSPHRASE) as r:
+            return await r.verify(read_data=True)
+
+    report = run_asyncio(go())
+    (damaged,) = report.damaged
+    assert (damaged.name, damaged.reason) == (pack_name(pack_id), reason)
+    assert "while verifying" in damaged.details[0]
+    assert set(damaged.chunk_ids) == {c.hex() for c in lost}
+    assert damaged.generations == users(repo, lost)
+
+
 def test_a_backend_failure_is_raised_not_reported(repo: Pristine, run_asyncio: Run[Any]) -> None:
     async def go() -> None:
         async with await Repository.open(FailingReads(repo.path), PASSPHRASE) as r:
