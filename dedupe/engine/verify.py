@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import operator
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -62,9 +63,8 @@ from dedupe.format.pack import (
     FOOTER_SIZE,
     PACK_MAGIC,
     TRAILER_AAD,
-    PackEntry,
     decode_footer,
-    decode_trailer,
+    decode_trailer_items,
 )
 from dedupe.hashing import object_id
 from dedupe.store import RepositoryStore
@@ -119,6 +119,7 @@ n-th of t deterministic slices (the packs whose id, as a big-endian integer of i
 bytes, is n - 1 modulo t), so that running 1/t .. t/t reads every pack once."""
 
 _Item = tuple[bytes, int, int, int]  # chunk id, offset in pack, stored length, raw length
+_OFFSET = operator.itemgetter(1)
 
 
 @dataclass(frozen=True)
@@ -514,9 +515,10 @@ class _Verifier:
         problems, trailer = await self._run(_check_envelope, data, pack_id, key, name)
         for reason, detail in problems:
             self._damaged(name, "pack", reason, detail)
-        items = set(info.entries)
-        if trailer is not None:
-            in_trailer = {(e.chunk_id, e.offset, e.stored_length, e.raw_length) for e in trailer}
+        ordered = sorted(info.entries, key=_OFFSET)
+        if trailer is not None and ordered != trailer:
+            # Index and trailer disagree (the common case, equal lists, needs no sets).
+            in_trailer = set(trailer)
             disagree = len(info.entries - in_trailer)
             if disagree:
                 self._damaged(
@@ -526,9 +528,9 @@ class _Verifier:
                     f"{disagree} index entries are not in the pack's trailer",
                 )
             # Blobs only the trailer lists are checked too: every blob is read.
-            items |= {it for it in in_trailer if it[1] + it[2] <= len(data)}
+            items = info.entries | {it for it in in_trailer if it[1] + it[2] <= len(data)}
+            ordered = sorted(items, key=_OFFSET)
         if key is not None:
-            ordered = sorted(items, key=lambda it: it[1])
             jobs = [
                 self._run(_open_blobs, store, key, data, part)
                 for part in split_by_bytes(ordered, OPEN_BATCH)
@@ -536,7 +538,7 @@ class _Verifier:
             for bad in await asyncio.gather(*jobs):
                 for chunk_id, reason, detail in bad:
                     self._bad_copies(name, pack_id, reason, detail, [chunk_id])
-            self.chunks_read += len(items)
+            self.chunks_read += len(ordered)
 
     # --- generations ---
 
@@ -620,7 +622,7 @@ class _Verifier:
 
 def _check_envelope(
     data: Buffer, pack_id: bytes, key: bytes | None, name: str
-) -> tuple[list[tuple[str, str]], list[PackEntry] | None]:
+) -> tuple[list[tuple[str, str]], list[_Item] | None]:
     """Problems of a whole pack outside its blobs, and its trailer entries if it opens."""
     problems: list[tuple[str, str]] = []
     if object_id(data) != pack_id.hex():
@@ -647,7 +649,7 @@ def _check_envelope(
         problems.append((AUTH_FAILED, f"{what} failed authentication"))
         return problems, None
     try:
-        return problems, decode_trailer(bytes(plain), what)
+        return problems, decode_trailer_items(bytes(plain), what)
     except IntegrityError as e:
         problems.append((MALFORMED, e.message))
         return problems, None

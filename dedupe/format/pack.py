@@ -45,12 +45,18 @@ def encode_trailer_records(records: bytes | bytearray) -> bytes:
 
 
 def decode_trailer(plain: bytes, what: str) -> list[PackEntry]:
+    return [PackEntry(*t) for t in decode_trailer_items(plain, what)]
+
+
+def decode_trailer_items(plain: bytes, what: str) -> list[tuple[bytes, int, int, int]]:
+    """The trailer's entries as (chunk id, offset, stored length, raw length) tuples, in
+    pack order, unpacked without a Python object per field (verify reads every pack's)."""
     if len(plain) < 4:
         raise IntegrityError(f"{what}: trailer is empty")
     (count,) = struct.unpack_from("<I", plain)
     if len(plain) != 4 + count * _ENTRY.size:
         raise IntegrityError(f"{what}: trailer length does not match its entry count")
-    return [PackEntry(*t) for t in _ENTRY.iter_unpack(memoryview(plain)[4:])]
+    return list(_ENTRY.iter_unpack(memoryview(plain)[4:]))
 
 
 def encode_footer(epoch: int, wrapped_key: bytes, trailer_length: int) -> bytes:

@@ -37,6 +37,7 @@ from dedupe.engine.verify import (
     parse_subset,
 )
 from dedupe.errors import BackendError, IntegrityError, RepositoryLocked, VerifyFailed
+from dedupe.format.index import ENTRY_RECORD
 from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.store.locks import RepositoryLock
 from dedupe.store.repository import pack_name
@@ -405,6 +406,35 @@ class FailingReads(LocalBackend):
     def _fail_packs(name: str) -> None:
         if name.startswith("packs/"):
             raise BackendError(f"reading {name} failed")
+
+
+def test_an_index_entry_the_trailer_lacks_is_reported(
+    repo: Pristine, run_asyncio: Run[Any]
+) -> None:
+    place = repo.places[repo.gens["b"]][0]
+
+    async def go() -> VerifyReport:
+        async with await Repository.open(repo.path, PASSPHRASE) as r:
+            store = r._store
+            loc = store.index.get(place.chunk_id)
+            assert loc is not None
+            # A second index object lists the pack's first blob with a raw length its
+            # trailer does not have (as a buggy writer, or a forged index, might).
+            wrong = ENTRY_RECORD.pack(
+                place.chunk_id, 0, loc.offset, loc.stored_length, loc.raw_length + 1
+            )
+            await store.write_index([store.index.packs[loc.pack_no]], wrong)
+            return await r.verify(read_data=True)
+
+    report = run_asyncio(go())
+    (damaged,) = [d for d in report.damaged if d.name == pack_name(place.pack_id)]
+    assert damaged.kind == "pack"
+    assert damaged.details[0] == "1 index entries are not in the pack's trailer"
+    # The wrong entry fails to open: the copy it points to cannot be trusted, so the
+    # chunk is reported (and the next full stores it again) with what it breaks.
+    assert damaged.reason == ID_MISMATCH
+    assert damaged.chunk_ids == [place.chunk_id.hex()]
+    assert damaged.generations == users(repo, {place.chunk_id})
 
 
 class PackGoesWhileRead(LocalBackend):
