@@ -267,6 +267,10 @@ class _Pack:
     entries: set[_Item] = field(default_factory=set)
     size: int | None = None  # actual size; None until stat'ed, or missing
 
+    def chunk_ids(self) -> list[bytes]:
+        """The chunks the index puts in this pack: all lost with it."""
+        return [entry[0] for entry in self.entries]
+
 
 async def _each(items: Iterable[T], workers: int, fn: Callable[[T], Awaitable[None]]) -> None:
     """Run fn over items with at most `workers` at a time (a fixed pool of tasks, not one
@@ -444,7 +448,7 @@ class _Verifier:
                     pack_id,
                     MISSING,
                     f"pack {pack_id.hex()} is missing",
-                    (e[0] for e in info.entries),
+                    info.chunk_ids(),
                 )
                 return
             expected = info.record.length
@@ -491,8 +495,9 @@ class _Verifier:
                 reason, what = (
                     (MISSING, "vanished") if isinstance(e, MissingObject) else (TRUNCATED, "shrank")
                 )
-                all_chunks = [entry[0] for entry in info.entries]
-                self._bad_copies(name, pack_id, reason, f"pack {what} while verifying", all_chunks)
+                self._bad_copies(
+                    name, pack_id, reason, f"pack {what} while verifying", info.chunk_ids()
+                )
                 return
             await self._check_pack(pack_id, name, data)
         self.p.bytes_read = self.bytes_read
@@ -510,8 +515,7 @@ class _Verifier:
             key = store.pack_key(store.index.pack_number(info.record))
         except IntegrityError as e:
             key = None
-            all_chunks = [entry[0] for entry in info.entries]
-            self._bad_copies(name, pack_id, AUTH_FAILED, e.message, all_chunks)
+            self._bad_copies(name, pack_id, AUTH_FAILED, e.message, info.chunk_ids())
         problems, trailer = await self._run(_check_envelope, data, pack_id, key, name)
         for reason, detail in problems:
             self._damaged(name, "pack", reason, detail)
