@@ -29,20 +29,20 @@ def link_args() -> list[str]:
     return ["-fsanitize=address,undefined"] if os.environ.get("DEDUPE_SANITIZE") else []
 
 
-def kernel(module: str, pyx: str, name: str) -> Extension:
-    """One native kernel: csrc/NAME.{c,h} plus its thin Cython wrapper."""
+def kernel(module: str, pyx: str, *names: str) -> Extension:
+    """One native module: csrc/NAME.{c,h} for each name plus its thin Cython wrapper."""
     return Extension(
         module,
-        sources=[pyx, f"csrc/{name}.c"],
+        sources=[pyx, *(f"csrc/{name}.c" for name in names)],
         include_dirs=["csrc"],
-        depends=[f"csrc/{name}.h"],
+        depends=[f"csrc/{name}.h" for name in names],
         extra_compile_args=compile_args(),
         extra_link_args=link_args(),
     )
 
 
 extensions = [
-    kernel("dedupe.chunking._fastcdc", "dedupe/chunking/_fastcdc.pyx", "fastcdc"),
+    kernel("dedupe.chunking._fastcdc", "dedupe/chunking/_fastcdc.pyx", "fastcdc", "mapread"),
     kernel("dedupe.store._chunkindex", "dedupe/store/_chunkindex.pyx", "chunkindex"),
     kernel("dedupe.store._blobcodec", "dedupe/store/_blobcodec.pyx", "blobcodec"),
 ]

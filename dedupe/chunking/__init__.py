@@ -10,10 +10,11 @@ on-disk format ("fastcdc-2020" in the repository config; spec in docs/CHUNKING.m
 
 Cut points do not depend on how the stream is split into feed() calls. Chunks are
 read-only memoryview slices, valid (and unchanging) for as long as they are referenced:
-`bytes` fed in, and the blocks of a `BlockReader`, are sliced in place (only the chunk
-that straddles two feeds, at most max_size bytes, is copied); any other buffer is copied
-once, since its owner may change it. A chunker holds one stream: do not feed one from
-two threads at once (different chunkers run in parallel; the kernel releases the GIL).
+`bytes` fed in, and the blocks of a `BlockReader` or a `MapReader`, are sliced in place
+(only the chunk that straddles two feeds, at most max_size bytes, is copied); any other
+buffer is copied once, since its owner may change it. A chunker holds one stream: do not
+feed one from two threads at once (different chunkers run in parallel; the kernel
+releases the GIL).
 `Chunker` is native (csrc/fastcdc.c, GIL released while scanning) and required: this
 package does not import without it. `PyChunker` is its slow pure-Python twin and spec.
 """
@@ -21,7 +22,7 @@ package does not import without it. `PyChunker` is its slow pure-Python twin and
 from __future__ import annotations
 
 try:
-    from ._fastcdc import Block, BlockReader, Chunker
+    from ._fastcdc import Block, BlockReader, Chunker, MapReader
 except ImportError as exc:  # no silent fallback to the 100x slower twin
     raise ImportError(
         "dedupe's native chunker (dedupe.chunking._fastcdc) is not built: install dedupe "
@@ -38,6 +39,7 @@ __all__ = [
     "AUTO",
     "Block",
     "BlockReader",
+    "MapReader",
     "FixedChunker",
     "StreamChunker",
     "make_chunker",

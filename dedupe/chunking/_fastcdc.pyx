@@ -23,8 +23,18 @@ from libc.stdint cimport uint8_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
 from posix.unistd cimport read
+from posix.stat cimport S_ISREG, fstat, struct_stat
+from posix.types cimport off_t
+from posix.unistd cimport pread
 
 import os
+
+
+cdef extern from "mapread.h" nogil:
+    int ddp_map_install()
+    void *ddp_map_window(int fd, uint64_t offset, size_t len, int *torn, int *err)
+    void ddp_map_release(void *addr, size_t len)
+    size_t ddp_map_page_size()
 
 
 cdef extern from "fastcdc.h" nogil:
@@ -58,7 +68,10 @@ cdef class _Block:
     new pages per use, which costs more than the copy itself. Fields: _fastcdc.pxd."""
 
     def __dealloc__(self):
-        free(self.data)
+        if self.map_len:
+            ddp_map_release(self.data, self.map_len)
+        else:
+            free(self.data)
 
     def __getbuffer__(self, Py_buffer *view, int flags):
         if flags & PyBUF_WRITABLE:
@@ -118,6 +131,31 @@ cdef _Block _free_block(list pool, Py_ssize_t size, Py_ssize_t keep):
     return b
 
 
+cdef Py_ssize_t _read_full(int fd, char *dst, Py_ssize_t want, off_t offset) except -1:
+    """Read up to `want` bytes into dst, short only at end of file: from the descriptor's
+    position if offset < 0, else from offset (pread). The GIL is released while reading;
+    raises OSError as os.read would."""
+    cdef Py_ssize_t got = 0, n = 0
+    cdef int err = 0
+    with nogil:
+        while got < want:
+            if offset < 0:
+                n = read(fd, dst + got, <size_t>(want - got))
+            else:
+                n = pread(fd, dst + got, <size_t>(want - got), offset + got)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                err = errno
+                break
+            if n == 0:
+                break
+            got += n
+    if err:
+        raise OSError(err, os.strerror(err))
+    return got
+
+
 cdef class BlockReader:
     """Reads a file into read-only blocks that Chunker.feed() slices without a copy.
 
@@ -141,26 +179,78 @@ cdef class BlockReader:
         """The next block of fd: `size` bytes, fewer only at end of file; None at end of
         file. Raises OSError as os.read would. The GIL is released while reading."""
         cdef _Block b = _free_block(self._pool, self._size, self._keep)
-        cdef Py_ssize_t got = 0, n = 0
-        cdef int err = 0
-        cdef char *dst = b.data
-        cdef Py_ssize_t want = self._size
-        with nogil:
-            while got < want:
-                n = read(fd, dst + got, <size_t>(want - got))
-                if n < 0:
-                    if errno == EINTR:
-                        continue
-                    err = errno
-                    break
-                if n == 0:
-                    break
-                got += n
-        if err:
-            raise OSError(err, os.strerror(err))
+        cdef Py_ssize_t got = _read_full(fd, b.data, self._size, -1)
         if got == 0:
             return None
         b.size = got
+        return b
+
+
+cdef class MapReader:
+    """Reads a regular file as read-only mapped windows (csrc/mapread.h): the chunker and
+    the hashes read the page cache's own pages, so no byte is copied into the process.
+
+    A window is unmapped once nothing refers to it (no chunk, no memoryview, no hash in
+    progress), like a BlockReader block. Should the file shrink while one of its windows
+    is in use, the bytes cut off read as zeros instead of killing the process with SIGBUS,
+    and `torn` turns true for good: whatever was read must then be discarded. A window
+    that cannot be mapped (no free slot, a file system without mmap) is read with pread
+    instead. Reads from offset 0 and ignores the descriptor's position; use from one
+    thread at a time."""
+
+    cdef Py_ssize_t _size
+    cdef uint64_t _off
+    cdef int _torn  # written by the SIGBUS handler (csrc/mapread.c) of any thread
+
+    def __init__(self, Py_ssize_t size):
+        if size <= 0 or size % <Py_ssize_t>ddp_map_page_size():
+            raise ValueError("MapReader: size must be a positive multiple of the page size")
+        cdef int err = ddp_map_install()
+        if err:
+            raise OSError(err, os.strerror(err))
+        self._size = size
+        self._off = 0
+        self._torn = 0
+
+    @property
+    def torn(self):
+        """True once bytes of a window were found cut off the end of the file."""
+        return self._torn != 0
+
+    def read(self, int fd):
+        """The next window of fd: `size` bytes, fewer only at the end of the file (its
+        size now); None at the end. Raises OSError as os.pread would."""
+        cdef struct_stat st
+        cdef void *addr
+        cdef size_t n
+        cdef int err = 0
+        if fstat(fd, &st) != 0:
+            err = errno
+            raise OSError(err, os.strerror(err))
+        if not S_ISREG(st.st_mode):
+            raise ValueError("MapReader reads regular files only")
+        if <uint64_t>st.st_size <= self._off:
+            return None
+        n = <size_t>self._size
+        if <uint64_t>st.st_size - self._off < n:
+            n = <size_t>(<uint64_t>st.st_size - self._off)
+        with nogil:
+            addr = ddp_map_window(fd, self._off, n, &self._torn, &err)
+        cdef _Block b
+        if addr == NULL:
+            b = self._read_copy(fd, n)
+        else:
+            b = _Block.__new__(_Block)
+            b.data = <char *>addr
+            b.size = b.cap = <Py_ssize_t>n
+            b.map_len = n
+            b.reader = self
+        self._off += <uint64_t>b.size
+        return b if b.size else None
+
+    cdef _Block _read_copy(self, int fd, size_t n):
+        cdef _Block b = _new_block(<Py_ssize_t>n)
+        b.size = _read_full(fd, b.data, <Py_ssize_t>n, <off_t>self._off)
         return b
 
 

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from dedupe._types import BackupStats, Progress, ProgressCallback
 from dedupe.chunking import AUTO, Block, StreamChunker, make_chunker, parse_spec, sniff
 from dedupe.engine.stages import run_stages
+from dedupe.errors import SourceError
 from dedupe.format.delta import make_delta
 from dedupe.format.index import ENTRY_RECORD, PackRecord
 from dedupe.format.manifest import CHUNK_RECORD
@@ -138,12 +139,18 @@ async def ingest(
     framed_q: asyncio.Queue[Awaitable[FramedBatch] | None] = asyncio.Queue(FRAMING_IN_FLIGHT)
     packs_q: asyncio.Queue[FinishedPack | None] = asyncio.Queue(PACK_QUEUE)
 
+    # Readers of mapped windows (MapReader): a source file that shrank under one of them
+    # read zeros in place of its lost bytes, so the backup must not commit.
+    mappers: set[Any] = set()
+
     async def read_stage() -> None:
         async for item in items:
             if isinstance(item, bytes | Block):
                 if not len(item):
                     continue
                 p.bytes_read += len(item)
+                if type(item) is Block and item.reader is not None:
+                    mappers.add(item.reader)
             await blocks_q.put(item)
         await blocks_q.put(None)
 
@@ -252,6 +259,13 @@ async def ingest(
     finally:
         digest_thread.shutdown(wait=False, cancel_futures=True)
         release_buffers()
+    if any(reader.torn for reader in mappers):
+        # Every stage is done with the windows, so no later fault can go unnoticed. The
+        # packs written hold correct chunks of what was read; no manifest refers to them.
+        raise SourceError(
+            "the source file shrank while it was being read (another process truncated "
+            "it); nothing was committed. Back up a stable copy or a snapshot of it"
+        )
 
     if new_packs:
         p.stage = "writing index"

@@ -1,19 +1,23 @@
 """Turn what the caller hands to backup() into an async iterator of large byte blocks.
 
-A file is read into reusable read-only blocks (dedupe.chunking.BlockReader): the chunker
-slices them without a copy, and a block is read into again only once no chunk, digest
-or queue refers to it; a fresh buffer per read would cost a page fault per 4 KiB."""
+A regular file is mapped window by window (dedupe.chunking.MapReader): the chunker and
+the hashes read the page cache's pages in place, with no copy. If the file shrinks under
+a window in use, the backup fails before its commit (dedupe.engine.backup.ingest checks
+the reader's `torn`). Other files (pipes, devices) are read into reusable read-only blocks
+(BlockReader), read into again only once no chunk, digest or queue refers to them; a
+fresh buffer per read would cost a page fault per 4 KiB."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import stat
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import BinaryIO
 
 import aiofiles
 
-from dedupe.chunking import Block, BlockReader
+from dedupe.chunking import Block, BlockReader, MapReader
 from dedupe.errors import SourceError
 
 READ_SIZE = 2 * 1024 * 1024
@@ -41,7 +45,9 @@ async def _iter_path(path: str, read_size: int) -> AsyncIterator[Block]:
         f = await aiofiles.open(path, "rb", buffering=0)
     except OSError as e:
         raise SourceError(f"cannot open {path}: {e.strerror}") from None
-    reader = BlockReader(read_size)
+    # A regular file is mapped, not copied in (MapReader); pipes and devices are read.
+    regular = stat.S_ISREG(os.fstat(f.fileno()).st_mode)
+    reader = MapReader(read_size) if regular else BlockReader(read_size)
     try:
         while True:
             try:

@@ -161,6 +161,50 @@ def test_source_failing_after_a_failed_backup_then_reopen_and_backup(
     run(go())
 
 
+def test_source_file_truncated_while_mapped_fails_without_a_commit(
+    run: Run[None], repo_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file is read as mapped windows (MapReader). Another process truncates it after
+    the reader handed out a window but before the pipeline read that window's bytes: they
+    read as zeros, so the backup must fail with SourceError and commit nothing."""
+    from dedupe.chunking import MapReader
+    from dedupe.engine import sources
+    from dedupe.errors import SourceError
+
+    window = 256 * KiB
+    data = random_bytes(6 * window, seed=6)
+    path = tmp_path / "db"
+    path.write_bytes(data)
+
+    class TruncatedAfterSecondWindow(MapReader):
+        reads = 0
+
+        def __init__(self, size: int) -> None:
+            super().__init__(window)
+
+        def read(self, fd: int) -> Any:
+            block = super().read(fd)
+            self.reads += 1
+            if self.reads == 2:  # the second window is mapped and not yet read by anyone
+                os.truncate(path, window)
+            return block
+
+    monkeypatch.setattr(sources, "MapReader", TruncatedAfterSecondWindow)
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            with pytest.raises(SourceError, match="shrank while it was being read"):
+                await repo.backup(str(path), name="db")
+            assert await repo.generations() == []
+            assert (await repo.verify(read_data=True)).ok
+            # the file, stable again (and shorter), backs up and restores exactly
+            again = (await repo.backup(str(path), name="db")).id
+            assert await restored(repo, again) == data[:window]
+
+    run(go())
+    assert leftovers(repo_path) == []
+
+
 # --- a failing backend --------------------------------------------------------------------------
 
 
