@@ -9,8 +9,8 @@
  * the page-cache pages themselves; nothing is copied.
  *
  * The price of a mapping: touching a page that lies wholly past the end of the file
- * raises SIGBUS, and a database file may be truncated by its owner while a backup reads
- * it. A process-wide SIGBUS handler (installed by ddp_map_install) looks the faulting
+ * raises SIGBUS (so does a page the storage fails to read), and a database file may be
+ * truncated by its owner while a backup reads it. A process-wide SIGBUS handler (installed by ddp_map_install) looks the faulting
  * address up among the windows mapped here. If it lies in one, the handler maps zero
  * pages over the rest of that window (MAP_FIXED, anonymous, read-only), sets the
  * window's `torn` flag and returns, so the faulting load is retried and reads zeros.

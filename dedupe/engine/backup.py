@@ -264,7 +264,8 @@ async def ingest(
         # packs written hold correct chunks of what was read; no manifest refers to them.
         raise SourceError(
             "the source file shrank while it was being read (another process truncated "
-            "it); nothing was committed. Back up a stable copy or a snapshot of it"
+            "it, or its storage failed to return some pages); nothing was committed. "
+            "Back up a stable copy or a snapshot of it"
         )
 
     if new_packs:
