@@ -19,6 +19,7 @@ from concurrent.futures import Executor
 from typing import Any, BinaryIO, TypeVar
 
 from dedupe.crypto.aead import Buffer
+from dedupe.engine.outfile import OutputFile
 from dedupe.errors import IntegrityError, MissingObject, TargetError
 from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.hashing import StreamDigest
@@ -211,17 +212,6 @@ async def finish_in_thread(fn: Callable[..., T], *args: Any) -> T:
         raise
 
 
-def write_all(fd: int, parts: list[Buffer]) -> int:
-    total = 0
-    for part in parts:
-        view = memoryview(part)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-            total += n
-    return total
-
-
 async def write_to_path(
     stream: AsyncIterator[list[Buffer]], path: str, overwrite: bool = False
 ) -> int:
@@ -241,11 +231,13 @@ async def write_to_path(
         raise TargetError(f"cannot create {tmp}: {e.strerror}") from None
     written = 0
     try:
+        out = OutputFile(fd)
         try:
             async for parts in stream:
-                written += await finish_in_thread(_write_window, fd, parts, written)
-            await finish_in_thread(os.fsync, fd)
+                written += await finish_in_thread(out.write, parts)
+            await finish_in_thread(out.finish)
         finally:
+            out.close()
             os.close(fd)
         os.replace(tmp, path)
     except OSError as e:
@@ -255,24 +247,6 @@ async def write_to_path(
         _unlink_quietly(tmp)
         raise
     return written
-
-
-def _write_window(fd: int, parts: list[Buffer], offset: int) -> int:
-    n = write_all(fd, parts)
-    _start_writeback(fd, offset, n)
-    return n
-
-
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start writing this range to disk now (Linux: FADV_DONTNEED on
-    dirty pages starts asynchronous writeback), so the final fsync has little left to do
-    and the restored file does not fill the page cache."""
-    advise = getattr(os, "posix_fadvise", None)
-    if advise is not None:
-        try:
-            advise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-        except OSError:
-            pass
 
 
 def _unlink_quietly(path: str) -> None:

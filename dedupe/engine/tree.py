@@ -32,7 +32,8 @@ from dedupe._types import BackupStats, Progress, ProgressCallback, RestoreStats
 from dedupe.chunking import BlockReader
 from dedupe.crypto.aead import Buffer
 from dedupe.engine.backup import FILE_END, Item, commit, ingest
-from dedupe.engine.restore import finish_in_thread, restore_chunks, write_all
+from dedupe.engine.outfile import write_all
+from dedupe.engine.restore import finish_in_thread, restore_chunks
 from dedupe.engine.sources import READ_SIZE
 from dedupe.errors import (
     IntegrityError,

@@ -25,7 +25,7 @@ from conftest import PASSPHRASE, SMALL_PACK, make_repo
 from dedupe import Repository
 from dedupe.backends import LocalBackend
 from dedupe.crypto import KdfParams
-from dedupe.engine import restore as restore_engine
+from dedupe.engine.outfile import OutputFile
 from dedupe.errors import BackendError, DedupeError
 
 T = TypeVar("T")
@@ -417,7 +417,7 @@ def test_cancelled_restore_to_path_leaves_no_file(
 
 def _restore_write_running() -> bool:
     """Whether some thread is inside the restore's blocking write of a window."""
-    code = restore_engine.write_all.__code__
+    code = OutputFile.write.__code__
     for frame in sys._current_frames().values():
         f: Any = frame
         while f is not None:

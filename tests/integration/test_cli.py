@@ -526,6 +526,32 @@ def test_restore_target_in_a_missing_directory(populated: tuple[Path, str], tmp_
     assert_fails_with(proc, TargetError)
 
 
+def test_restore_into_a_file_that_cannot_grow(populated: tuple[Path, str], tmp_path: Path) -> None:
+    """The target's file system fills up (here: a file size limit, RLIMIT_FSIZE, which fails
+    writes past it with EFBIG as a full disk fails them with ENOSPC): a clear TargetError,
+    and neither the target nor the temporary file is left behind."""
+    import resource
+
+    repo, gen = populated
+    target = tmp_path / "out.bin"
+    limit = (len(SOURCE) // 2) & ~0xFFFF  # half the stream, on a 64 KiB boundary
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "dedupe", "restore", gen, str(target)],
+        env=env_for(repo),
+        input=b"",
+        capture_output=True,
+        timeout=600,
+        preexec_fn=limit_file_size,
+    )
+    message = assert_fails_with(proc, TargetError)
+    assert "too large" in message.lower(), message  # EFBIG's own words reach the user
+    assert sorted(os.listdir(tmp_path)) == ["repo"]
+
+
 def test_init_on_an_existing_repository(populated: tuple[Path, str]) -> None:
     repo, gen = populated
     config = (repo / "config").read_bytes()

@@ -1,0 +1,167 @@
+"""Write a restored stream into a file without copying it through the page cache.
+
+A buffered write copies every byte into the kernel's page cache, and the final fsync then
+writes those pages out; on a two-vCPU VM that copy alone was ~15% of a 1 GiB restore's CPU
+(`copy_folio_from_iter_atomic`), and the restore was short of CPU, not of disk. With
+O_DIRECT the device reads the bytes straight from our memory: the stream's pieces are
+gathered into one page-aligned staging buffer (a memcpy in user space, several times
+cheaper) and written in whole blocks. The last, partial block is written padded with
+zeros and the file is then cut to its exact length.
+
+Where O_DIRECT is refused (tmpfs and some other file systems answer EINVAL, at open or at
+the first write) the file is written the ordinary way, and the kernel is asked to start
+writing back each range at once, so the final fsync has little left to do.
+
+One writer per file, used from one thread at a time (restore hands it to a worker
+thread window after window)."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+from collections.abc import Sequence
+
+from dedupe.crypto.aead import Buffer
+
+# O_DIRECT wants the buffer address, the file offset and the length aligned to the
+# device's logical block size: 512 or 4096 bytes. A page is a multiple of both.
+ALIGN = mmap.PAGESIZE
+STAGING = 4 * 1024 * 1024  # one write per 4 MiB: large for the device, small for RSS
+O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+def write_all(fd: int, parts: Sequence[Buffer]) -> int:
+    """os.write every part whole, in order; the number of bytes written."""
+    total = 0
+    for part in parts:
+        view = memoryview(part)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+            total += n
+    return total
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data = data[n:]
+        offset += n
+
+
+class OutputFile:
+    """Appends to a new, empty file opened for writing, then makes it durable."""
+
+    def __init__(self, fd: int, staging: int = STAGING) -> None:
+        if staging <= 0 or staging % ALIGN:
+            raise ValueError("staging must be a positive multiple of the page size")
+        self.fd = fd
+        self.written = 0  # bytes of the stream accepted so far
+        self._buf: mmap.mmap | None = None
+        self._view: memoryview | None = None
+        self._fill = 0  # bytes staged, not yet written
+        self._flushed = 0  # file offset where the staged bytes belong
+        if O_DIRECT and _set_direct(fd, True):
+            self._buf = mmap.mmap(-1, staging)  # anonymous: page-aligned
+            self._view = memoryview(self._buf)
+
+    @property
+    def direct(self) -> bool:
+        """True while the file is written with O_DIRECT."""
+        return self._view is not None
+
+    def write(self, parts: Sequence[Buffer]) -> int:
+        """Append the parts; returns their total length."""
+        n = sum(memoryview(part).nbytes for part in parts)
+        if self._view is None:
+            write_all(self.fd, parts)
+            _start_writeback(self.fd, self.written, n)
+        else:
+            self._stage(parts)
+        self.written += n
+        return n
+
+    def _stage(self, parts: Sequence[Buffer]) -> None:
+        for i, part in enumerate(parts):
+            src = memoryview(part).cast("B")
+            while src and self._view is not None:
+                take = min(len(src), len(self._view) - self._fill)
+                self._view[self._fill : self._fill + take] = src[:take]
+                self._fill += take
+                src = src[take:]
+                if self._fill == len(self._view):
+                    self._write_staged(self._fill)
+            if self._view is None:  # O_DIRECT was refused: the rest goes buffered
+                write_all(self.fd, [src, *parts[i + 1 :]])
+                return
+
+    def finish(self) -> None:
+        """Write what is staged and make the file durable (fsync)."""
+        if self._view is not None and self._fill:
+            tail = self._fill
+            padded = -(-tail // ALIGN) * ALIGN
+            self._view[tail:padded] = bytes(padded - tail)
+            end = self._flushed + tail
+            self._write_staged(padded)
+            os.ftruncate(self.fd, end)
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        """Release the staging buffer (the caller closes the descriptor)."""
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        if self._buf is not None:
+            try:
+                self._buf.close()
+            except BufferError:
+                pass  # a slice is still held by a traceback: freed with it
+            self._buf = None
+
+    def _write_staged(self, length: int) -> None:
+        assert self._view is not None
+        data = self._view[:length]
+        refused = False
+        try:
+            _pwrite_all(self.fd, data, self._flushed)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            # The file system took O_DIRECT at open but refuses it for writes: write
+            # these bytes, and all later ones, the ordinary way.
+            refused = True
+            _set_direct(self.fd, False)
+            os.lseek(self.fd, self._flushed, os.SEEK_SET)
+            write_all(self.fd, [data[: self._fill]])
+        finally:
+            data.release()  # the staging buffer cannot be closed while a slice exists
+        self._flushed += self._fill
+        self._fill = 0
+        if refused:
+            self.close()
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    """Turn O_DIRECT on or off for fd; False if the file system refuses it."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, (flags | O_DIRECT) if on else (flags & ~O_DIRECT))
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return False
+        raise
+    return True
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing this range to disk now (Linux: FADV_DONTNEED on
+    dirty pages starts asynchronous writeback), so the final fsync has little left to do
+    and the restored file does not fill the page cache."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is not None:
+        try:
+            advise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass

@@ -1,0 +1,114 @@
+"""OutputFile: a restored stream written with O_DIRECT through an aligned staging buffer,
+or the ordinary way where the file system refuses O_DIRECT. Either way the file must hold
+exactly the stream's bytes, whatever the sizes of the pieces."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from dedupe.engine import outfile
+from dedupe.engine.outfile import ALIGN, OutputFile
+
+
+def pieces(seed: int, total: int) -> list[bytes]:
+    """Pieces of awkward sizes: empty, one byte, a page and a byte, several stagings."""
+    rnd = random.Random(seed)
+    sizes = [0, 1, ALIGN + 1, 3 * ALIGN, 7]
+    out, n = [], 0
+    while n < total:
+        size = sizes.pop() if sizes else rnd.randrange(1, 5 * ALIGN)
+        out.append(rnd.randbytes(size))
+        n += size
+    return out
+
+
+def write_file(path: Path, windows: list[list[bytes]], staging: int) -> OutputFile:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    out = OutputFile(fd, staging)
+    try:
+        for window in windows:
+            assert out.write(window) == sum(map(len, window))
+        out.finish()
+    finally:
+        out.close()
+        os.close(fd)
+    return out
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "buffered"])
+@pytest.mark.parametrize("total", [0, 1, ALIGN, 2 * ALIGN + 5, 20 * ALIGN + 3])
+def test_the_file_holds_exactly_the_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool, total: int
+) -> None:
+    if not direct:
+        monkeypatch.setattr(outfile, "O_DIRECT", 0)  # as on a system without it
+    data = pieces(total, total)
+    windows = [data[i : i + 3] for i in range(0, len(data), 3)]
+    path = tmp_path / "out"
+    out = write_file(path, windows, staging=2 * ALIGN)
+    assert path.read_bytes() == b"".join(data)
+    assert out.written == len(b"".join(data))
+    if not direct:
+        assert not out.direct
+
+
+def test_o_direct_refused_in_the_middle_goes_on_buffered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system that accepts O_DIRECT at open but answers EINVAL to a write: the
+    staged bytes and everything after them are written the ordinary way."""
+    path = tmp_path / "out"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    out = OutputFile(fd, staging=2 * ALIGN)
+    if not out.direct:
+        out.close()
+        os.close(fd)
+        pytest.skip("this file system refuses O_DIRECT at open: nothing to fall back from")
+    real_pwrite = os.pwrite
+    calls = []
+
+    def pwrite_refusing_the_second(fd: int, data: memoryview, offset: int) -> int:
+        calls.append(offset)
+        if len(calls) == 2:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite_refusing_the_second)
+    data = pieces(7, 9 * ALIGN + 11)
+    try:
+        for i in range(0, len(data), 2):
+            out.write(data[i : i + 2])
+        out.finish()
+    finally:
+        out.close()
+        os.close(fd)
+    assert len(calls) == 2  # one O_DIRECT write went through, then buffered only
+    assert not out.direct
+    assert path.read_bytes() == b"".join(data)
+
+
+def test_a_write_error_is_raised_not_swallowed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "out"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    out = OutputFile(fd, staging=ALIGN)
+
+    def disk_full(*_args: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", disk_full)
+    monkeypatch.setattr(os, "write", disk_full)
+    try:
+        with pytest.raises(OSError) as info:
+            out.write([bytes(3 * ALIGN)])
+            out.finish()
+        assert info.value.errno == errno.ENOSPC
+    finally:
+        out.close()
+        os.close(fd)
