@@ -231,13 +231,15 @@ async def write_to_path(
         raise TargetError(f"cannot create {tmp}: {e.strerror}") from None
     written = 0
     try:
-        out = OutputFile(fd)
+        out: OutputFile | None = None
         try:
+            out = OutputFile(fd)
             async for parts in stream:
                 written += await finish_in_thread(out.write, parts)
             await finish_in_thread(out.finish)
         finally:
-            out.close()
+            if out is not None:
+                out.close()
             os.close(fd)
         os.replace(tmp, path)
     except OSError as e:

@@ -10,6 +10,7 @@ fresh buffer per read would cost a page fault per 4 KiB."""
 from __future__ import annotations
 
 import asyncio
+import mmap
 import os
 import stat
 from collections.abc import AsyncIterable, AsyncIterator
@@ -45,10 +46,10 @@ async def _iter_path(path: str, read_size: int) -> AsyncIterator[Block]:
         f = await aiofiles.open(path, "rb", buffering=0)
     except OSError as e:
         raise SourceError(f"cannot open {path}: {e.strerror}") from None
-    # A regular file is mapped, not copied in (MapReader); pipes and devices are read.
-    regular = stat.S_ISREG(os.fstat(f.fileno()).st_mode)
-    reader = MapReader(read_size) if regular else BlockReader(read_size)
     try:
+        # A regular file is mapped, not copied in (MapReader); pipes and devices are read.
+        mappable = stat.S_ISREG(os.fstat(f.fileno()).st_mode) and read_size % mmap.PAGESIZE == 0
+        reader = MapReader(read_size) if mappable else BlockReader(read_size)
         while True:
             try:
                 block = await asyncio.to_thread(reader.read, f.fileno())
