@@ -3,13 +3,15 @@
 A regular file is mapped window by window (dedupe.chunking.MapReader): the chunker and
 the hashes read the page cache's pages in place, with no copy. If the file shrinks under
 a window in use, the backup fails before its commit (dedupe.engine.backup.ingest checks
-the reader's `torn`). Other files (pipes, devices) are read into reusable read-only blocks
-(BlockReader), read into again only once no chunk, digest or queue refers to them; a
-fresh buffer per read would cost a page fault per 4 KiB."""
+the reader's `torn`). Other files (pipes, devices), and file objects over a descriptor
+(stdin, a pipe from pg_dump), are read into reusable read-only blocks (BlockReader), read
+into again only once no chunk, digest or queue refers to them; a fresh buffer per read
+would cost a page fault per 4 KiB. Any other file object is read with its own read()."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import mmap
 import os
 import stat
@@ -62,15 +64,52 @@ async def _iter_path(path: str, read_size: int) -> AsyncIterator[Block]:
         await f.close()
 
 
-async def _iter_fileobj(f: BinaryIO, read_size: int) -> AsyncIterator[bytes]:
+async def _iter_fileobj(f: BinaryIO, read_size: int) -> AsyncIterator[bytes | Block]:
+    try:
+        direct = await asyncio.to_thread(_descriptor_after_buffer, f)
+    except OSError as e:
+        raise SourceError(f"reading the source failed: {e.strerror or e}") from None
+    if direct is not None:
+        # A file object over a descriptor (stdin, a pipe from pg_dump, an open file):
+        # what it had buffered, then the descriptor read into reusable blocks. A fresh
+        # bytes object per read would page-fault its megabytes in every time.
+        fd, buffered = direct
+        if buffered:
+            yield buffered
+        reader = BlockReader(read_size)
+        while True:
+            try:
+                block = await asyncio.to_thread(reader.read, fd)
+            except OSError as e:
+                raise SourceError(f"reading the source failed: {e.strerror}") from None
+            if block is None:
+                return
+            yield block
     while True:
         try:
-            block = await asyncio.to_thread(f.read, read_size)
+            data = await asyncio.to_thread(f.read, read_size)
         except OSError as e:
             raise SourceError(f"reading the source failed: {e.strerror or e}") from None
-        if not block:
+        if not data:
             return
-        yield bytes(block)
+        yield bytes(data)
+
+
+def _descriptor_after_buffer(f: BinaryIO) -> tuple[int, bytes] | None:
+    """(descriptor, the bytes f has already buffered from it) when the rest of f can be
+    read straight from its descriptor; None for any other file object. Takes the
+    buffered bytes out of f (one read of the descriptor if it had none)."""
+    if type(f) is io.FileIO:
+        return f.fileno(), b""
+    if type(f) is io.BufferedReader:
+        try:
+            fd = f.fileno()
+        except (OSError, ValueError, io.UnsupportedOperation):
+            return None
+        # peek() returns what is buffered, or does one read of the descriptor if nothing
+        # is; read() of exactly that many bytes then empties the buffer without reading.
+        return fd, f.read(len(f.peek(1)))
+    return None
 
 
 async def _iter_async(source: AsyncIterable[bytes]) -> AsyncIterator[bytes]:

@@ -109,6 +109,48 @@ def test_sources_and_targets(run, tmp_path: Path, repo_path: Path) -> None:  # t
     run(go())
 
 
+@pytest.mark.parametrize("kind", ["pipe, buffered", "file, unbuffered"])
+def test_a_file_object_is_read_from_where_its_reader_stands(
+    run, tmp_path: Path, repo_path: Path, kind: str
+) -> None:  # type: ignore[no-untyped-def]
+    """A file object over a descriptor (stdin, a pipe from a dump) is read straight from
+    the descriptor into reusable blocks: the bytes its buffer already held come first,
+    and what its owner read before the backup is not backed up again."""
+    import threading
+
+    data = os.urandom(3_000_000)
+    skip = 1000  # read by the caller before handing the file over
+
+    async def go(f: io.RawIOBase | io.BufferedReader) -> bytes:
+        async with await make_repo(repo_path) as repo:
+            assert f.read(skip) == data[:skip]
+            gen = (await repo.backup(f, name="s")).id
+            out = io.BytesIO()
+            await repo.restore(gen, out)
+            return out.getvalue()
+
+    if kind.startswith("pipe"):
+        r, w = os.pipe()
+
+        def feed() -> None:
+            with open(w, "wb") as sink:
+                sink.write(data)
+
+        writer = threading.Thread(target=feed)
+        writer.start()
+        with open(r, "rb") as f:  # a BufferedReader: it buffers past the caller's read
+            assert isinstance(f, io.BufferedReader)
+            got = run(go(f))
+        writer.join()
+    else:
+        src = tmp_path / "src.bin"
+        src.write_bytes(data)
+        with open(src, "rb", buffering=0) as raw:
+            assert isinstance(raw, io.FileIO)
+            got = run(go(raw))
+    assert got == data[skip:]
+
+
 def test_same_256mib_twice_stores_under_1mib(run_asyncio, tmp_path: Path, repo_path: Path) -> None:  # type: ignore[no-untyped-def]
     src = tmp_path / "big.bin"
     with open(src, "wb") as f:
