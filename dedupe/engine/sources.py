@@ -52,16 +52,22 @@ async def _iter_path(path: str, read_size: int) -> AsyncIterator[Block]:
         # A regular file is mapped, not copied in (MapReader); pipes and devices are read.
         mappable = stat.S_ISREG(os.fstat(f.fileno()).st_mode) and read_size % mmap.PAGESIZE == 0
         reader = MapReader(read_size) if mappable else BlockReader(read_size)
-        while True:
-            try:
-                block = await asyncio.to_thread(reader.read, f.fileno())
-            except OSError as e:
-                raise SourceError(f"reading {path} failed: {e.strerror}") from None
-            if block is None:
-                return
+        async for block in _blocks(reader, f.fileno(), path):
             yield block
     finally:
         await f.close()
+
+
+async def _blocks(reader: MapReader | BlockReader, fd: int, what: str) -> AsyncIterator[Block]:
+    """The blocks of fd, read on a worker thread; SourceError if a read fails."""
+    while True:
+        try:
+            block = await asyncio.to_thread(reader.read, fd)
+        except OSError as e:
+            raise SourceError(f"reading {what} failed: {e.strerror}") from None
+        if block is None:
+            return
+        yield block
 
 
 async def _iter_fileobj(f: BinaryIO, read_size: int) -> AsyncIterator[bytes | Block]:
@@ -76,15 +82,9 @@ async def _iter_fileobj(f: BinaryIO, read_size: int) -> AsyncIterator[bytes | Bl
         fd, buffered = direct
         if buffered:
             yield buffered
-        reader = BlockReader(read_size)
-        while True:
-            try:
-                block = await asyncio.to_thread(reader.read, fd)
-            except OSError as e:
-                raise SourceError(f"reading the source failed: {e.strerror}") from None
-            if block is None:
-                return
+        async for block in _blocks(BlockReader(read_size), fd, "the source"):
             yield block
+        return
     while True:
         try:
             data = await asyncio.to_thread(f.read, read_size)
