@@ -44,6 +44,25 @@ def write_all(fd: int, parts: Sequence[Buffer]) -> int:
     return total
 
 
+IOV_MAX = 1024  # iovecs per writev (POSIX guarantees at least 16; Linux allows 1024)
+
+
+def writev_all(fd: int, parts: Sequence[Buffer]) -> int:
+    """Write every part whole, in order, with as few writev calls as the kernel allows
+    (a pipe takes what fits and blocks for the rest); the number of bytes written."""
+    views = [memoryview(part).cast("B") for part in parts if len(part)]
+    total = sum(len(v) for v in views)
+    i = 0
+    while i < len(views):
+        n = os.writev(fd, views[i : i + IOV_MAX])
+        while n and n >= len(views[i]):  # whole parts written
+            n -= len(views[i])
+            i += 1
+        if n:  # a part written in part: the rest of it goes first next time
+            views[i] = views[i][n:]
+    return total
+
+
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while data:
         n = os.pwrite(fd, data, offset)

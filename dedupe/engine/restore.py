@@ -12,6 +12,7 @@ fails any check raises before a byte of it is handed out.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -19,7 +20,7 @@ from concurrent.futures import Executor
 from typing import Any, BinaryIO, TypeVar
 
 from dedupe.crypto.aead import Buffer
-from dedupe.engine.outfile import OutputFile
+from dedupe.engine.outfile import OutputFile, writev_all
 from dedupe.errors import IntegrityError, MissingObject, TargetError
 from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.hashing import StreamDigest
@@ -251,6 +252,17 @@ async def write_to_path(
     return written
 
 
+def _descriptor(f: BinaryIO) -> int | None:
+    """The descriptor behind a plain binary file (stdout, an open file, a pipe), to write
+    to directly once f is flushed; None for any other file object."""
+    if type(f) not in (io.FileIO, io.BufferedWriter):
+        return None
+    try:
+        return f.fileno()
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return None
+
+
 def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
@@ -259,7 +271,11 @@ def _unlink_quietly(path: str) -> None:
 
 
 async def write_to_fileobj(stream: AsyncIterator[list[Buffer]], f: BinaryIO) -> int:
+    fd = _descriptor(f)
+
     def write(parts: list[Buffer]) -> int:
+        if fd is not None:  # a window's parts in a few writev calls, not one write each
+            return writev_all(fd, parts)
         n = 0
         for part in parts:
             f.write(part)
@@ -268,6 +284,8 @@ async def write_to_fileobj(stream: AsyncIterator[list[Buffer]], f: BinaryIO) -> 
 
     written = 0
     try:
+        if fd is not None:
+            await finish_in_thread(f.flush)  # what f buffered goes first
         async for parts in stream:
             written += await finish_in_thread(write, parts)
         await finish_in_thread(f.flush)

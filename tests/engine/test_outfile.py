@@ -112,3 +112,71 @@ def test_a_write_error_is_raised_not_swallowed(
     finally:
         out.close()
         os.close(fd)
+
+
+def test_writev_all_survives_short_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """writev may write less than asked (a signal, a socket, a disk filling up), often
+    ending inside a part: every byte must still be written once, in order."""
+    parts = pieces(13, 2 * 1024 * 1024)
+    rnd = random.Random(14)
+    real_writev = os.writev
+    calls = []
+
+    def short_writev(fd: int, views: list[memoryview]) -> int:
+        budget = rnd.randrange(1, sum(map(len, views)) + 1)
+        cut = []
+        for v in views:
+            if budget <= 0:
+                break
+            cut.append(v[:budget])
+            budget -= len(cut[-1])
+        calls.append(len(cut))
+        return real_writev(fd, cut)
+
+    monkeypatch.setattr(os, "writev", short_writev)
+    path = tmp_path / "out"
+    with open(path, "wb", buffering=0) as f:
+        assert outfile.writev_all(f.fileno(), parts) == sum(map(len, parts))
+    assert len(calls) > 1
+    assert path.read_bytes() == b"".join(parts)
+
+
+def test_writev_all_into_a_pipe_read_in_small_pieces() -> None:
+    import threading
+
+    parts = pieces(11, 3 * 1024 * 1024)
+    r, w = os.pipe()
+    got = bytearray()
+
+    def drain() -> None:
+        while chunk := os.read(r, 10_000):
+            got.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        assert outfile.writev_all(w, parts) == sum(map(len, parts))
+    finally:
+        os.close(w)
+        reader.join()
+        os.close(r)
+    assert bytes(got) == b"".join(parts)
+
+
+def test_a_restore_to_a_file_object_keeps_what_it_had_buffered_first(tmp_path: Path) -> None:
+    import asyncio
+
+    from dedupe.engine.restore import write_to_fileobj
+
+    parts = pieces(12, 200_000)
+
+    async def stream():  # type: ignore[no-untyped-def]
+        for i in range(0, len(parts), 5):
+            yield parts[i : i + 5]
+
+    path = tmp_path / "out"
+    with open(path, "wb") as f:  # a BufferedWriter: written straight to its descriptor
+        f.write(b"header:")  # still in f's buffer when the restore starts
+        n = asyncio.run(write_to_fileobj(stream(), f))
+    assert n == sum(map(len, parts))
+    assert path.read_bytes() == b"header:" + b"".join(parts)
