@@ -8,12 +8,13 @@ gathered into one page-aligned staging buffer (a memcpy in user space, several t
 cheaper) and written in whole blocks. The last, partial block is written padded with
 zeros and the file is then cut to its exact length.
 
-Where O_DIRECT is refused (tmpfs and some other file systems answer EINVAL, at open or at
-the first write) the file is written the ordinary way, and the kernel is asked to start
+Where O_DIRECT is refused (some file systems answer EINVAL, at open or at the first
+write) the file is written the ordinary way, and the kernel is asked to start
 writing back each range at once, so the final fsync has little left to do.
 
 One writer per file, used from one thread at a time (restore hands it to a worker
-thread window after window)."""
+thread window after window). A stream restored to a file object (stdout, a pipe) goes
+through writev_all instead: a window's pieces in a few system calls."""
 
 from __future__ import annotations
 
