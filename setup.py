@@ -45,6 +45,7 @@ extensions = [
     kernel("dedupe.chunking._fastcdc", "dedupe/chunking/_fastcdc.pyx", "fastcdc", "mapread"),
     kernel("dedupe.store._chunkindex", "dedupe/store/_chunkindex.pyx", "chunkindex"),
     kernel("dedupe.store._blobcodec", "dedupe/store/_blobcodec.pyx", "blobcodec"),
+    kernel("dedupe.format._delta", "dedupe/format/_delta.pyx", "delta"),
 ]
 
 setup(

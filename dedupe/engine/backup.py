@@ -361,8 +361,7 @@ async def run_backup(
     literal: bytes | bytearray
     if parent is not None:
         loop = asyncio.get_running_loop()
-        table = bytes(got.table)
-        literal, ops = await loop.run_in_executor(executor, make_delta, parent[1], table)
+        literal, ops = await loop.run_in_executor(executor, make_delta, parent[1], got.table)
         meta["delta"] = {"parent": parent[0], "ops": ops}
     else:
         literal = got.table  # no copy: it is the largest thing a backup holds at the end

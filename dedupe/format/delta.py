@@ -7,23 +7,36 @@ generation's own (literal) table.
     [0, start, count]   copy `count` records of the parent's table from record `start`
     [1, count]          take the next `count` records of the literal table
 
-Pure functions over CHUNK_RECORD tables; no I/O.
+Pure functions over CHUNK_RECORD tables; no I/O. make_delta is native (dedupe.format._delta,
+csrc/delta.c) and required, like the chunker; make_delta_py is its spec and twin.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dedupe.errors import IntegrityError
+from dedupe.format import _delta as _native
 from dedupe.format.manifest import CHUNK_RECORD
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12
 
 _R = CHUNK_RECORD.size
 COPY = 0
 LITERAL = 1
 
 
-def make_delta(parent: bytes, table: bytes) -> tuple[bytes, list[list[int]]]:
+def make_delta(parent: Buffer, table: Buffer) -> tuple[bytes, list[list[Any]]]:
     """(literal table, ops) such that apply_delta(parent, literal, ops) == table.
+
+    The native kernel (csrc/delta.c): a lookup table of 8 bytes per parent record at
+    most, where make_delta_py's dict costs ~140, and no Python per record."""
+    return _native.make_delta(parent, table)
+
+
+def make_delta_py(parent: bytes, table: bytes) -> tuple[bytes, list[list[int]]]:
+    """The spec of make_delta, in Python.
 
     Greedy and linear: follow the parent while records match; on a mismatch jump to where
     the record first occurs in the parent (content-defined chunks re-synchronise right
