@@ -27,7 +27,15 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from dedupe._types import BackupStats, Progress, ProgressCallback
-from dedupe.chunking import AUTO, Block, StreamChunker, make_chunker, parse_spec, sniff
+from dedupe.chunking import (
+    AUTO,
+    Block,
+    MapReader,
+    StreamChunker,
+    make_chunker,
+    parse_spec,
+    sniff,
+)
 from dedupe.engine.stages import run_stages
 from dedupe.errors import SourceError
 from dedupe.format.delta import make_delta
@@ -141,7 +149,7 @@ async def ingest(
 
     # Readers of mapped windows (MapReader): a source file that shrank under one of them
     # read zeros in place of its lost bytes, so the backup must not commit.
-    mappers: set[Any] = set()
+    mappers: set[MapReader] = set()
 
     async def read_stage() -> None:
         async for item in items:

@@ -13,8 +13,9 @@ write) the file is written the ordinary way, and the kernel is asked to start
 writing back each range at once, so the final fsync has little left to do.
 
 One writer per file, used from one thread at a time (restore hands it to a worker
-thread window after window). A stream restored to a file object (stdout, a pipe) goes
-through writev_all instead: a window's pieces in a few system calls."""
+thread window after window). Buffered writes, here and for a stream restored to a file
+object (stdout, a pipe) or a tree's files, go through writev_all: a window's pieces in a
+few system calls."""
 
 from __future__ import annotations
 
@@ -31,18 +32,6 @@ from dedupe.crypto.aead import Buffer
 ALIGN = mmap.PAGESIZE
 STAGING = 4 * 1024 * 1024  # one write per 4 MiB: large for the device, small for RSS
 O_DIRECT = getattr(os, "O_DIRECT", 0)
-
-
-def write_all(fd: int, parts: Sequence[Buffer]) -> int:
-    """os.write every part whole, in order; the number of bytes written."""
-    total = 0
-    for part in parts:
-        view = memoryview(part)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-            total += n
-    return total
 
 
 IOV_MAX = 1024  # iovecs per writev (POSIX guarantees at least 16; Linux allows 1024)
@@ -96,7 +85,7 @@ class OutputFile:
         """Append the parts; returns their total length."""
         n = sum(memoryview(part).nbytes for part in parts)
         if self._view is None:
-            write_all(self.fd, parts)
+            writev_all(self.fd, parts)
             _start_writeback(self.fd, self.written, n)
         else:
             self._stage(parts)
@@ -114,7 +103,7 @@ class OutputFile:
                 if self._fill == len(self._view):
                     self._write_staged(self._fill)
             if self._view is None:  # O_DIRECT was refused: the rest goes buffered
-                write_all(self.fd, [src, *parts[i + 1 :]])
+                writev_all(self.fd, [src, *parts[i + 1 :]])
                 return
 
     def finish(self) -> None:
@@ -154,7 +143,7 @@ class OutputFile:
             refused = True
             _set_direct(self.fd, False)
             os.lseek(self.fd, self._flushed, os.SEEK_SET)
-            write_all(self.fd, [data[: self._fill]])
+            writev_all(self.fd, [data[: self._fill]])
         finally:
             data.release()  # the staging buffer cannot be closed while a slice exists
         self._flushed += self._fill

@@ -32,7 +32,7 @@ from dedupe._types import BackupStats, Progress, ProgressCallback, RestoreStats
 from dedupe.chunking import BlockReader
 from dedupe.crypto.aead import Buffer
 from dedupe.engine.backup import FILE_END, Item, commit, ingest
-from dedupe.engine.outfile import write_all
+from dedupe.engine.outfile import writev_all
 from dedupe.engine.restore import finish_in_thread, restore_chunks
 from dedupe.engine.sources import READ_SIZE
 from dedupe.errors import (
@@ -283,7 +283,7 @@ def _join(top: str, path: str) -> str:
 
 def _write_and_hash(fd: int, parts: list[Buffer], digest: StreamDigest) -> int:
     digest.update_many(parts)
-    return write_all(fd, parts)
+    return writev_all(fd, parts)
 
 
 class _FileSink:

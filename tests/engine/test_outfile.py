@@ -103,7 +103,7 @@ def test_a_write_error_is_raised_not_swallowed(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "pwrite", disk_full)
-    monkeypatch.setattr(os, "write", disk_full)
+    monkeypatch.setattr(os, "writev", disk_full)
     try:
         with pytest.raises(OSError) as info:
             out.write([bytes(3 * ALIGN)])
