@@ -114,6 +114,12 @@ class TargetError(DedupeError):
     exit_code = 51
 
 
+class ScratchError(DedupeError):
+    """A temporary file dedupe needs (in TMPDIR) could not be written (disk full)."""
+
+    exit_code = 52
+
+
 # --- backends (60-69) -----------------------------------------------------------------------
 
 

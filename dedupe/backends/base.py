@@ -7,6 +7,11 @@ Names are '/'-separated relative paths ("packs/ab/ab12..."). Semantics:
   under `name` in full; readers never see a partial object, a crash never leaves one
   under `name`. Putting an existing name replaces it atomically (objects are
   content-addressed, so in practice the bytes are the same).
+- `put_stream(name, parts)`: put() of the concatenation of `parts`, an iterable of
+  bytes-like pieces that may block (it reads a temporary file) and is consumed on a worker
+  thread. A backend that can store an object piece by piece overrides it, so that an
+  object larger than memory (a manifest spilled to disk) is never held whole; the default
+  joins the pieces and calls put().
 - `get(name, offset=0, length=None)`: exactly `length` bytes from `offset` (to the end
   when `length` is None). Raises `MissingObject` when there is no such object and
   `TruncatedObject` when it ends before `offset + length`.
@@ -26,14 +31,22 @@ retries) raise `BackendError` with what happened and where.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
+
+Buffer = bytes | bytearray | memoryview
 
 
 class Backend(ABC):
     location: str
 
     @abstractmethod
-    async def put(self, name: str, data: bytes | bytearray | memoryview) -> None: ...
+    async def put(self, name: str, data: Buffer) -> None: ...
+
+    async def put_stream(self, name: str, parts: Iterable[Buffer]) -> None:
+        data = await asyncio.to_thread(b"".join, parts)
+        await self.put(name, data)
 
     @abstractmethod
     async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes: ...

@@ -11,8 +11,9 @@ import asyncio
 import errno
 import os
 import secrets
+from collections.abc import Iterable
 
-from dedupe.backends.base import Backend
+from dedupe.backends.base import Backend, Buffer
 from dedupe.errors import BackendError, MissingObject, TruncatedObject
 
 TMP_PREFIX = ".tmp-"
@@ -56,7 +57,7 @@ class LocalBackend(Backend):
 
     # --- blocking halves, run on threads ---------------------------------------------------
 
-    def _put_sync(self, name: str, data: bytes | bytearray | memoryview) -> None:
+    def _put_sync(self, name: str, parts: Iterable[Buffer]) -> None:
         path = self._path(name)
         directory = os.path.dirname(path)
         tmp = os.path.join(directory, TMP_PREFIX + secrets.token_hex(8))
@@ -64,10 +65,11 @@ class LocalBackend(Backend):
             os.makedirs(directory, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                for part in parts:
+                    view = memoryview(part)
+                    while view:
+                        written = os.write(fd, view)
+                        view = view[written:]
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -164,8 +166,11 @@ class LocalBackend(Backend):
 
     # --- async interface --------------------------------------------------------------------
 
-    async def put(self, name: str, data: bytes | bytearray | memoryview) -> None:
-        await asyncio.to_thread(self._put_sync, name, data)
+    async def put(self, name: str, data: Buffer) -> None:
+        await asyncio.to_thread(self._put_sync, name, (data,))
+
+    async def put_stream(self, name: str, parts: Iterable[Buffer]) -> None:
+        await asyncio.to_thread(self._put_sync, name, parts)
 
     async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         return await asyncio.to_thread(self._get_sync, name, offset, length)

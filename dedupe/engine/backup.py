@@ -9,7 +9,9 @@
 - CPU work runs on the executor in batches of one read block (~4 MiB): the C chunker,
   BLAKE3, zstd and libsodium all release the GIL, so the cores work in parallel.
 - One task (dedupe) owns the lookup: it consults the repository index and the set of
-  chunks this backup has already queued, and it alone appends to the chunk table.
+  chunks this backup has already queued, and it alone appends to the chunk table. A
+  stream full hands the table straight to its manifest writer, which seals and spills it
+  frame by frame (dedupe.store.manifests), so the table is never held whole.
 - Packs are written before the index object that lists them, and that before the
   manifest, the commit point (docs/FORMAT.md section 9). A large backup writes an index
   object every INDEX_FLUSH_ENTRIES new chunks. Cancelling at any moment leaves only
@@ -43,6 +45,7 @@ from dedupe.format.index import ENTRY_RECORD, PackRecord
 from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.store import FinishedPack, PackWriter, RepositoryStore
 from dedupe.store.blobs import FramedBatch, release_buffers
+from dedupe.store.manifests import ManifestWriter
 from dedupe.store.repository import utc_now
 
 T = TypeVar("T")
@@ -83,9 +86,10 @@ Item = bytes | Block | FileEnd | Reuse
 
 @dataclass
 class Ingested:
-    """What the pipeline produced: the chunk table in input order, the marks at each
-    FileEnd (records so far, digest of that file's bytes read), the digest of everything
-    read since the last mark, and what it added to the repository."""
+    """What the pipeline produced: the chunk table in input order (empty when it went to
+    a manifest writer), the marks at each FileEnd (records so far, digest of that file's
+    bytes read), the digest of everything read since the last mark, and what it added to
+    the repository. `progress.chunks` counts the table's records."""
 
     table: bytearray
     marks: list[tuple[int, str]]
@@ -104,9 +108,11 @@ async def ingest(
     progress: ProgressCallback | None = None,
     size_hint: int | None = None,
     chunker: dict[str, Any] | str = FASTCDC,
+    table_out: ManifestWriter | None = None,
 ) -> Ingested:
     """Run the pipeline over `items` and store every new chunk, then the index object
-    that lists the new packs. No manifest is written: the caller commits.
+    that lists the new packs. No manifest is written: the caller commits. The chunk
+    table goes to `table_out` when given, else into `Ingested.table`.
 
     `chunker` is a strategy spec (dedupe.chunking.strategy), "fastcdc" (the repository's
     parameters) or "auto", which picks one per
@@ -130,6 +136,7 @@ async def ingest(
     packer = PackWriter(store.current_epoch, store.pack_size)
 
     table = bytearray()  # CHUNK_RECORD after CHUNK_RECORD, in input order
+    add_records = table.extend if table_out is None else table_out.add
     marks: list[tuple[int, str]] = []
     # New chunk ids this backup has sent to be stored and no index object lists yet.
     queued: set[bytes] = set()
@@ -209,23 +216,25 @@ async def ingest(
         pack_record = CHUNK_RECORD.pack
         while (item := await hashed_q.get()) is not None:
             if isinstance(item, Reuse):
-                table.extend(item.records)
+                add_records(item.records)
                 p.chunks += len(item.records) // CHUNK_RECORD.size
                 continue
             if not isinstance(item, tuple):
-                marks.append((len(table) // CHUNK_RECORD.size, await item))
+                marks.append((p.chunks, await item))
                 continue
             chunks, hashing = item
             ids = await hashing
             new_chunks: list[memoryview] = []
             new_ids: list[bytes] = []
+            records = bytearray()
             for chunk, chunk_id in zip(chunks, ids, strict=True):
-                table.extend(pack_record(chunk_id, len(chunk)))
+                records += pack_record(chunk_id, len(chunk))
                 if chunk_id in queued or index.usable(chunk_id):
                     continue
                 queued.add(chunk_id)
                 new_chunks.append(chunk)
                 new_ids.append(chunk_id)
+            add_records(records)
             p.chunks += len(chunks)
             if new_chunks:
                 p.chunks_new += len(new_chunks)
@@ -293,17 +302,18 @@ async def commit(
     parent: str | None,
     source_info: dict[str, Any],
     meta: dict[str, Any],
-    literal: bytes | bytearray,
+    body: ManifestWriter,
+    chunk_count: int,
     size: int,
     progress: ProgressCallback | None = None,
     before_commit: Callable[[], None] | None = None,
 ) -> BackupStats:
-    """Write the manifest, the commit point of a backup. `meta` and `literal` are the
-    body (docs/FORMAT.md section 8); `size` the logical size of the generation.
-    `before_commit` runs right before the write and may raise to refuse it (the caller's
-    lock was lost, so a prune may have removed chunks this generation references)."""
+    """Write the manifest, the commit point of a backup. `meta` and the records `body`
+    holds are its body (docs/FORMAT.md section 8); `chunk_count` counts the records of
+    the generation's complete table and `size` its logical size. `before_commit` runs
+    right before the write and may raise to refuse it (the caller's lock was lost, so a
+    prune may have removed chunks this generation references)."""
     p = got.progress
-    chunk_count = len(got.table) // CHUNK_RECORD.size
     header = {
         "version": 1,
         "name": name,
@@ -324,7 +334,7 @@ async def commit(
         progress(p)
     if before_commit is not None:
         before_commit()
-    gen_id = await store.write_manifest(header, meta, literal)
+    gen_id = await store.commit_manifest(body, header, meta)
     p.stage = "done"
     if progress:
         progress(p)
@@ -362,28 +372,37 @@ async def run_backup(
     only the delta against that table (dedupe.format.delta)."""
     if (kind == "full") != (parent is None):
         raise ValueError("a full has no parent; an incremental or differential needs one")
-    got = await ingest(
-        store, blocks, executor=executor, progress=progress, size_hint=size_hint, chunker=chunker
-    )
-    meta: dict[str, Any] = {"type": "stream", "digest": got.digest}
-    literal: bytes | bytearray
-    if parent is not None:
-        loop = asyncio.get_running_loop()
-        literal, ops = await loop.run_in_executor(executor, make_delta, parent[1], got.table)
-        meta["delta"] = {"parent": parent[0], "ops": ops}
-    else:
-        literal = got.table  # no copy: it is the largest thing a backup holds at the end
-    meta["chunk_count"] = len(literal) // CHUNK_RECORD.size
-    return await commit(
-        store,
-        got,
-        name=name,
-        kind=kind,
-        parent=parent[0] if parent else None,
-        source_info=source_info,
-        meta=meta,
-        literal=literal,
-        size=got.progress.bytes_read,
-        progress=progress,
-        before_commit=before_commit,
-    )
+    with store.manifest_writer() as body:
+        # A full's table goes to the manifest as it is produced. An incremental's is
+        # compared with its parent's once complete, so it is held until then.
+        got = await ingest(
+            store,
+            blocks,
+            executor=executor,
+            progress=progress,
+            size_hint=size_hint,
+            chunker=chunker,
+            table_out=body if parent is None else None,
+        )
+        meta: dict[str, Any] = {"type": "stream", "digest": got.digest}
+        if parent is not None:
+            loop = asyncio.get_running_loop()
+            literal, ops = await loop.run_in_executor(executor, make_delta, parent[1], got.table)
+            meta["delta"] = {"parent": parent[0], "ops": ops}
+            await loop.run_in_executor(executor, body.add, literal)
+            del literal
+        meta["chunk_count"] = body.records
+        return await commit(
+            store,
+            got,
+            name=name,
+            kind=kind,
+            parent=parent[0] if parent else None,
+            source_info=source_info,
+            meta=meta,
+            body=body,
+            chunk_count=got.progress.chunks,
+            size=got.progress.bytes_read,
+            progress=progress,
+            before_commit=before_commit,
+        )

@@ -253,20 +253,23 @@ async def backup_tree(
         changed, deleted = diff(parent[1], entries)
         meta, literal = encode_tree(changed, deleted, parent[0])
     # The header counts the chunks of the complete tree, as a stream generation's does.
-    got = dataclasses.replace(got, table=bytearray(complete_table(entries)))
-    stats = await commit(
-        store,
-        got,
-        name=name,
-        kind=kind,
-        parent=parent[0] if parent is not None else None,
-        source_info={"type": "tree", "label": root},
-        meta=meta,
-        literal=literal,
-        size=sum(e["size"] for e in entries if e["type"] == "file"),
-        progress=progress,
-        before_commit=before_commit,
-    )
+    chunk_count = sum(len(e["records"]) for e in entries if e["type"] == "file") // _R
+    with store.manifest_writer() as body:
+        await asyncio.to_thread(body.add, literal)
+        stats = await commit(
+            store,
+            got,
+            name=name,
+            kind=kind,
+            parent=parent[0] if parent is not None else None,
+            source_info={"type": "tree", "label": root},
+            meta=meta,
+            body=body,
+            chunk_count=chunk_count,
+            size=sum(e["size"] for e in entries if e["type"] == "file"),
+            progress=progress,
+            before_commit=before_commit,
+        )
     if skipped:
         named = ", ".join(skipped[:_NAMED_SKIPS]) + (", ..." if len(skipped) > _NAMED_SKIPS else "")
         note = f"skipped {len(skipped)} socket(s) or other unsupported entries: {named}"

@@ -18,21 +18,18 @@ import zstandard
 from dedupe.backends.base import Backend
 from dedupe.chunking import DEFAULT_PARAMS, ChunkerParams, gear_table
 from dedupe.crypto import (
-    OVERHEAD,
     EpochKeys,
     KdfParams,
     RepositoryKeys,
     create_key_file,
     mac_hex,
     new_epoch,
-    new_key,
     open_key_file,
     open_sealed,
     read_epoch_record,
     seal,
     verify_mac,
 )
-from dedupe.crypto.aead import seal_into
 from dedupe.errors import (
     GenerationNotFound,
     IntegrityError,
@@ -59,17 +56,21 @@ from dedupe.format.index import (
 )
 from dedupe.format.manifest import (
     BODY_AAD_PREFIX,
+    CHUNK_RECORD,
     HEADER_AAD,
     HEADER_PROBE,
-    decode_body,
-    encode_body_parts,
-    encode_manifest,
+    decode_body_v1,
+    decode_meta,
+    frame_aad,
     header_span,
-    split_manifest,
+    manifest_version,
+    split_frames,
+    split_manifest_v1,
 )
 from dedupe.hashing import ChunkHasher, object_id
 from dedupe.store.blobs import BlobCodec
 from dedupe.store.index import ChunkIndex
+from dedupe.store.manifests import ManifestWriter
 from dedupe.store.packer import FinishedPack
 from dedupe.store.quarantine import read_quarantine
 
@@ -321,33 +322,31 @@ class RepositoryStore:
 
     # --- manifests -----------------------------------------------------------------------------
 
+    def manifest_writer(self) -> ManifestWriter:
+        """A writer for the next manifest, its body sealed under the current epoch. The
+        caller adds the chunk table as it is produced and ends with commit_manifest."""
+        return ManifestWriter(self.current_epoch, self.keys.meta_key)
+
+    async def commit_manifest(
+        self, writer: ManifestWriter, header: dict[str, Any], meta: dict[str, Any]
+    ) -> str:
+        """Seal and store a manifest: the commit point of a backup. Returns its id."""
+
+        def finish() -> str:
+            writer.finish(header, meta)
+            return writer.object_id()
+
+        gen_id = await asyncio.to_thread(finish)
+        await self.backend.put_stream(f"generations/{gen_id}", writer.parts())
+        return gen_id
+
     async def write_manifest(
         self, header: dict[str, Any], meta: dict[str, Any], chunk_table: bytes | bytearray
     ) -> str:
-        """Seal and store a manifest: the commit point of a backup. Returns its id."""
-        epoch = self.current_epoch
-
-        def encode() -> bytearray:
-            # The chunk table is the one part that grows with the snapshot (36 bytes per
-            # chunk): it is compressed from the caller's buffer, and the compressed body is
-            # sealed straight into the manifest, so at most two copies exist at a time.
-            header_sealed = seal(self.keys.meta_key, json.dumps(header).encode(), HEADER_AAD)
-            data_key = new_key()
-            parts = encode_body_parts(meta, chunk_table)
-            # The frame records its content size, as readers expect (one-shot decompress).
-            compress = zstandard.ZstdCompressor(level=3).compressobj(size=sum(map(len, parts)))
-            body = b"".join([compress.compress(part) for part in parts] + [compress.flush()])
-            aad = BODY_AAD_PREFIX + bytes.fromhex(object_id(header_sealed))
-            prefix = encode_manifest(header_sealed, epoch.number, epoch.wrap(data_key), b"")
-            out = bytearray(len(prefix) + len(body) + OVERHEAD)
-            out[: len(prefix)] = prefix
-            seal_into(data_key, body, aad, out, len(prefix))
-            return out
-
-        data = await asyncio.to_thread(encode)
-        gen_id = object_id(data)
-        await self.backend.put(f"generations/{gen_id}", data)
-        return gen_id
+        """commit_manifest for a chunk table held in memory."""
+        with self.manifest_writer() as writer:
+            await asyncio.to_thread(writer.add, chunk_table)
+            return await self.commit_manifest(writer, header, meta)
 
     async def generation_ids(self) -> list[str]:
         return [n.rsplit("/", 1)[-1] for n in await self.backend.list("generations/")]
@@ -430,15 +429,44 @@ class RepositoryStore:
         what = f"generation {gen_id}"
         if object_id(data) != gen_id:
             raise IntegrityError(f"{what} does not match its id: the manifest is damaged")
-        header_sealed, epoch_no, wrapped, body_sealed = split_manifest(data, what)
+        if manifest_version(data, what) == 1:
+            return self._decode_manifest_v1(gen_id, data)
+        start, end = header_span(data, what)
+        header = self._open_header(data[start:end], gen_id)
+        body = memoryview(data)[end:]
+        if object_id(body) != header.get("body"):
+            raise IntegrityError(f"{what}: its body does not belong to its header")
+        epoch_no, wrapped, frames = split_frames(body, what)
+        data_key = self._epoch(epoch_no, what).unwrap(wrapped)
+        decompress = zstandard.ZstdDecompressor().decompress
+        plains = [
+            decompress(open_sealed(data_key, sealed, frame_aad(i), f"{what}, frame {i}"))
+            for i, sealed in enumerate(frames)
+        ]
+        meta = decode_meta(plains.pop(), what)
+        if any(not p or len(p) % CHUNK_RECORD.size for p in plains):
+            raise IntegrityError(f"{what}: a table frame does not hold whole chunk records")
+        table = b"".join(plains)
+        if len(table) != int(meta["chunk_count"]) * CHUNK_RECORD.size:
+            raise IntegrityError(f"{what}: chunk table does not match its count")
+        return header, meta, table
+
+    def _decode_manifest_v1(
+        self, gen_id: str, data: bytes
+    ) -> tuple[dict[str, Any], dict[str, Any], bytes]:
+        what = f"generation {gen_id}"
+        header_sealed, epoch_no, wrapped, body_sealed = split_manifest_v1(data, what)
         header = self._open_header(header_sealed, gen_id)
-        epoch = self.epochs.get(epoch_no)
-        if epoch is None:
-            raise IntegrityError(f"{what} names key epoch {epoch_no}, which is unknown")
-        data_key = epoch.unwrap(wrapped)
+        data_key = self._epoch(epoch_no, what).unwrap(wrapped)
         aad = BODY_AAD_PREFIX + bytes.fromhex(object_id(header_sealed))
         body = zstandard.ZstdDecompressor().decompress(
             open_sealed(data_key, body_sealed, aad, what)
         )
-        meta, table = decode_body(body, what)
+        meta, table = decode_body_v1(body, what)
         return header, meta, table
+
+    def _epoch(self, number: int, what: str) -> EpochKeys:
+        epoch = self.epochs.get(number)
+        if epoch is None:
+            raise IntegrityError(f"{what} names key epoch {number}, which is unknown")
+        return epoch

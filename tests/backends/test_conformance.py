@@ -9,20 +9,22 @@ from pathlib import Path
 import pytest
 
 from dedupe.backends import Backend, LocalBackend
-from dedupe.errors import MissingObject, TruncatedObject
+from dedupe.errors import MissingObject, ScratchError, TruncatedObject
 
 
 class ReadIntoViaGet(LocalBackend):
-    """A backend that keeps the contract's default read_into (a copy of what get returns)."""
+    """A backend that keeps the contract's default read_into (a copy of what get returns)
+    and put_stream (the pieces joined, then put)."""
 
     read_into = Backend.read_into
+    put_stream = Backend.put_stream
 
 
-@pytest.fixture(params=["local", "read_into-default"])
+@pytest.fixture(params=["local", "defaults"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     if request.param == "local":
         yield LocalBackend(tmp_path / "store")
-    elif request.param == "read_into-default":
+    elif request.param == "defaults":
         yield ReadIntoViaGet(tmp_path / "store")
 
 
@@ -85,6 +87,28 @@ def test_list_exists_delete(run: Callable, backend: Backend) -> None:  # type: i
             await backend.delete("index/1")
 
     run(go())
+
+
+def test_put_stream(run: Callable, backend: Backend, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    pieces = [os.urandom(n) for n in (0, 1, 70_000, 5, 1 << 20)]
+
+    def failing() -> Iterator[bytes]:
+        yield pieces[2]
+        raise ScratchError("the spill could not be read")
+
+    async def go() -> None:
+        await backend.put_stream(
+            "generations/g",
+            iter([pieces[0], bytearray(pieces[1]), memoryview(pieces[2]), *pieces[3:]]),
+        )
+        assert await backend.get("generations/g") == b"".join(pieces)
+        with pytest.raises(ScratchError, match="could not be read"):
+            await backend.put_stream("generations/h", failing())
+        assert await backend.list("generations/") == ["generations/g"]
+        assert not await backend.exists("generations/h")
+
+    run(go())
+    assert sorted(os.listdir(tmp_path / "store" / "generations")) == ["g"]  # no temporary
 
 
 def test_local_put_leaves_no_temp_files(run: Callable, tmp_path: Path) -> None:  # type: ignore[type-arg]

@@ -15,7 +15,7 @@ import io
 import os
 import random
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,6 +24,7 @@ from conftest import PASSPHRASE, SMALL_PACK, make_repo
 
 from dedupe import Repository
 from dedupe.backends import LocalBackend
+from dedupe.backends.base import Buffer
 from dedupe.crypto import KdfParams
 from dedupe.engine.outfile import OutputFile
 from dedupe.errors import BackendError, DedupeError
@@ -222,13 +223,20 @@ class FlakyBackend(LocalBackend):
     def arm(self, fail_on: int | None, prefix: str = "") -> None:
         self.fail_on, self.prefix, self.puts = fail_on, prefix, 0
 
-    async def put(self, name: str, data: bytes | memoryview) -> None:
+    def count_put(self, name: str) -> None:
         if self.fail_on is not None and name.startswith(self.prefix):
             self.puts += 1
             if self.puts == self.fail_on:
                 self.failed.append(name)
                 raise BackendError(f"injected failure writing {name}")
+
+    async def put(self, name: str, data: bytes | memoryview) -> None:
+        self.count_put(name)
         await super().put(name, data)
+
+    async def put_stream(self, name: str, parts: Iterable[Buffer]) -> None:
+        self.count_put(name)  # manifests are stored from their spilled frames
+        await super().put_stream(name, parts)
 
 
 @pytest.mark.parametrize(
@@ -280,10 +288,9 @@ def test_backend_failing_every_put_after_a_point_leaves_earlier_generations(
     old = random_bytes(200 * KiB, seed=7)
 
     class Full(FlakyBackend):
-        async def put(self, name: str, data: bytes | memoryview) -> None:
+        def count_put(self, name: str) -> None:
             if self.fail_on is not None:
                 raise BackendError(f"injected: no space left writing {name}")
-            await super().put(name, data)
 
     async def go() -> None:
         backend = Full(repo_path)

@@ -1,0 +1,175 @@
+"""Writing a generation manifest (docs/FORMAT.md section 8) without holding its table.
+
+A backup's chunk table is the one thing it produces that grows with the snapshot: 36
+bytes per chunk, so 2.3 MiB per GiB at the default chunk size, and more for a snapshot
+whose chunks repeat (a large run of zeros is one chunk in the repository but a record per
+chunk in the table). A `ManifestWriter` takes the records as the pipeline produces them,
+compresses and seals each 16,384 of them as a frame, and spills the sealed frames to an
+unnamed temporary file (`TMPDIR`; nothing is left if the process dies). At the commit it
+seals the meta frame and the header, which carries the statistics and the body's hash,
+and the backend stores the object from the spilled frames. What it holds in memory is
+one frame of records and its sealed copy, whatever the size of the snapshot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+import blake3
+import zstandard
+
+from dedupe.crypto import EpochKeys, new_key, seal
+from dedupe.errors import ScratchError
+from dedupe.format.manifest import (
+    CHUNK_RECORD,
+    FRAME_LENGTH,
+    FRAME_RECORDS,
+    HEADER_AAD,
+    encode_body_prefix,
+    encode_prefix,
+    frame_aad,
+)
+
+FRAME_BYTES = FRAME_RECORDS * CHUNK_RECORD.size
+# Pieces in which the spilled body is read back (to hash it, to store it).
+READ_PIECE = 1 << 20
+COMPRESSION_LEVEL = 3
+
+Buffer = bytes | bytearray | memoryview
+
+
+class ManifestWriter:
+    """One manifest being written: `add` the table's records in order, then `finish` with
+    the header and meta, then store `parts()` under `generations/<object_id()>`. `close`
+    removes the spill; use it as a context manager."""
+
+    def __init__(self, epoch: EpochKeys, meta_key: bytes) -> None:
+        self._meta_key = meta_key
+        self._data_key = new_key()
+        self._compressor = zstandard.ZstdCompressor(level=COMPRESSION_LEVEL)
+        self._body_hash = blake3.blake3()
+        self._pending = bytearray()  # fewer than FRAME_RECORDS records
+        self._frames = 0
+        self._prefix: bytes | None = None
+        self._body_size = 0
+        self.records = 0
+        try:
+            self._spill = self._open_spill()
+        except OSError as e:
+            raise _scratch_error(e, "creating") from None
+        self._write(encode_body_prefix(epoch.number, epoch.wrap(self._data_key)))
+
+    @staticmethod
+    def _open_spill() -> BinaryIO:
+        # Unnamed where the OS allows (O_TMPFILE), else unlinked at once: never left behind.
+        return tempfile.TemporaryFile(prefix="dedupe-manifest-")
+
+    def __enter__(self) -> ManifestWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        # Whatever is still buffered is discarded with the file: a full disk that failed
+        # the backup must not fail its clean-up too.
+        with contextlib.suppress(OSError):
+            self._spill.close()
+
+    def add(self, records: Buffer) -> None:
+        """Append CHUNK_RECORDs (a whole number of them) to the table."""
+        if self._prefix is not None:
+            raise ValueError("the manifest is already finished")
+        view = memoryview(records).cast("B")
+        if len(view) % CHUNK_RECORD.size:
+            raise ValueError("a chunk table holds whole CHUNK_RECORDs")
+        self.records += len(view) // CHUNK_RECORD.size
+        if self._pending:
+            take = min(len(view), FRAME_BYTES - len(self._pending))
+            self._pending += view[:take]
+            view = view[take:]
+            if len(self._pending) < FRAME_BYTES:
+                return
+            self._seal_frame(self._pending)
+            self._pending = bytearray()
+        while len(view) >= FRAME_BYTES:
+            self._seal_frame(view[:FRAME_BYTES])
+            view = view[FRAME_BYTES:]
+        self._pending += view
+
+    def finish(self, header: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Seal the last table frame, the meta frame and the header. `meta["chunk_count"]`
+        must be the number of records added; the header gets the body's hash."""
+        if int(meta["chunk_count"]) != self.records:
+            raise ValueError(
+                f"meta says {meta['chunk_count']} records, the table has {self.records}"
+            )
+        if self._pending:
+            self._seal_frame(self._pending)
+            self._pending = bytearray()
+        self._seal_frame(json.dumps(meta, sort_keys=True).encode())
+        try:
+            self._spill.flush()
+        except OSError as e:
+            raise _scratch_error(e, "writing") from None
+        sealed = seal(
+            self._meta_key,
+            json.dumps(dict(header, body=self._body_hash.hexdigest())).encode(),
+            HEADER_AAD,
+        )
+        self._prefix = encode_prefix(sealed)
+
+    def object_id(self) -> str:
+        """The manifest's id: BLAKE3 of all its bytes (read back from the spill)."""
+        h = blake3.blake3()
+        for part in self.parts():
+            h.update(part)
+        return str(h.hexdigest())
+
+    def parts(self) -> Iterator[bytes]:
+        """The manifest's bytes, in order, in pieces of at most 1 MiB (blocking reads)."""
+        if self._prefix is None:
+            raise ValueError("finish() the manifest first")
+        yield self._prefix
+        fd = self._spill.fileno()
+        pos = 0
+        while pos < self._body_size:
+            try:
+                piece = os.pread(fd, min(READ_PIECE, self._body_size - pos), pos)
+            except OSError as e:
+                raise _scratch_error(e, "reading") from None
+            if not piece:
+                raise ScratchError(
+                    f"the manifest's temporary file ended at {pos} of {self._body_size} bytes"
+                )
+            pos += len(piece)
+            yield piece
+
+    def _seal_frame(self, payload: Buffer) -> None:
+        # One zstd frame that records its content size, as readers decompress in one shot.
+        sealed = seal(self._data_key, self._compressor.compress(payload), frame_aad(self._frames))
+        self._frames += 1
+        self._write(FRAME_LENGTH.pack(len(sealed)))
+        self._write(sealed)
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self._spill.write(data)
+        except OSError as e:
+            raise _scratch_error(e, "writing") from None
+        self._body_hash.update(data)
+        self._body_size += len(data)
+
+
+def _scratch_error(e: OSError, action: str) -> ScratchError:
+    where = tempfile.gettempdir()
+    return ScratchError(
+        f"{action} the manifest's temporary file in {where} failed: {e.strerror or e}",
+        hint="set TMPDIR to a directory with room (about 2.5 MiB per GiB of snapshot); "
+        "nothing was committed",
+    )

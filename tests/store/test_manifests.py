@@ -1,0 +1,314 @@
+"""Generation manifests in frames (docs/FORMAT.md section 8): written from a spill without
+holding the table, read back exactly, and every way of cutting or mixing frames refused."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import tempfile
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pytest
+import zstandard
+from conftest import make_repo
+
+from dedupe.crypto import new_key, seal
+from dedupe.errors import IntegrityError, ScratchError, TruncatedObject
+from dedupe.format.manifest import (
+    BODY_AAD_PREFIX,
+    CHUNK_RECORD,
+    FRAME_LENGTH,
+    FRAME_RECORDS,
+    HEADER_AAD,
+    encode_body_v1,
+    encode_manifest_v1,
+    encode_prefix,
+    header_span,
+    split_frames,
+)
+from dedupe.hashing import object_id
+from dedupe.store import RepositoryStore
+from dedupe.store.manifests import ManifestWriter
+
+R = CHUNK_RECORD.size
+HEADER = {"version": 1, "name": "db", "kind": "full", "parent": None, "created": "x"}
+
+
+def records(n: int, seed: int = 0) -> bytes:
+    rng = random.Random(seed)
+    return b"".join(
+        CHUNK_RECORD.pack(rng.randbytes(32), rng.randrange(1, 1 << 20)) for _ in range(n)
+    )
+
+
+def meta_for(table: bytes) -> dict[str, Any]:
+    return {"type": "stream", "digest": "ab" * 32, "chunk_count": len(table) // R}
+
+
+def frames_of(data: bytes) -> tuple[int, list[memoryview]]:
+    """(where the body starts, its sealed frames) of a stored manifest."""
+    _start, end = header_span(data, "g")
+    _epoch, _wrapped, frames = split_frames(memoryview(data)[end:], "g")
+    return end, frames
+
+
+def with_frames(store: RepositoryStore, data: bytes, frames: list[bytes | memoryview]) -> bytes:
+    """`data` with its frames replaced, under a header sealed again with the body's new
+    hash, as a holder of the meta key (any writer key) could: only the frames' own
+    authentication stands in the way."""
+    end, _ = frames_of(data)
+    body = data[end : end + 84] + b"".join(FRAME_LENGTH.pack(len(f)) + f for f in frames)
+    header = json.dumps(dict(HEADER, body=object_id(body))).encode()
+    return encode_prefix(seal(store.keys.meta_key, header, HEADER_AAD)) + body
+
+
+async def put_as_is(store: RepositoryStore, data: bytes) -> str:
+    """Store bytes under their own id, as anyone with write access to the storage could."""
+    gen_id = object_id(data)
+    await store.backend.put(f"generations/{gen_id}", data)
+    return gen_id
+
+
+def test_a_table_of_many_frames_round_trips(run: Callable[..., Any], repo_path: Path) -> None:
+    n = 2 * FRAME_RECORDS + 7232
+    table = records(n)
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            store = repo._store
+            with store.manifest_writer() as writer:
+                # pieces that end inside, exactly at and across frame boundaries
+                for lo, hi in [
+                    (0, 1),
+                    (1, FRAME_RECORDS),
+                    (FRAME_RECORDS, FRAME_RECORDS + 5),
+                    (FRAME_RECORDS + 5, n),
+                ]:
+                    writer.add(table[lo * R : hi * R])
+                gen_id = await store.commit_manifest(writer, HEADER, meta_for(table))
+            header, meta, got = await store.read_manifest(gen_id)
+            assert got == table
+            assert meta == meta_for(table)
+            assert header["name"] == "db" and len(header["body"]) == 64
+            data = await store.backend.get(f"generations/{gen_id}")
+            assert object_id(data) == gen_id
+            assert len(frames_of(data)[1]) == 3 + 1  # three table frames, the meta frame
+
+            empty = await store.write_manifest(HEADER, meta_for(b""), b"")
+            assert (await store.read_manifest(empty))[2] == b""
+            assert len(frames_of(await store.backend.get(f"generations/{empty}"))[1]) == 1
+
+    run(go())
+
+
+def _drop_second(fs: list[memoryview]) -> list[bytes | memoryview]:
+    return [fs[0], *fs[2:]]
+
+
+def _swap_first_two(fs: list[memoryview]) -> list[bytes | memoryview]:
+    return [fs[1], fs[0], *fs[2:]]
+
+
+def _without_meta(fs: list[memoryview]) -> list[bytes | memoryview]:
+    return list(fs[:-1])
+
+
+def _meta_twice(fs: list[memoryview]) -> list[bytes | memoryview]:
+    return [*fs, fs[-1]]
+
+
+def _flip_a_bit(fs: list[memoryview]) -> list[bytes | memoryview]:
+    damaged = bytearray(fs[1])
+    damaged[100] ^= 1
+    return [fs[0], bytes(damaged), *fs[2:]]
+
+
+@pytest.mark.parametrize(
+    "tamper", [_drop_second, _swap_first_two, _without_meta, _meta_twice, _flip_a_bit]
+)
+def test_frames_cut_reordered_or_damaged_are_refused(
+    run: Callable[..., Any], repo_path: Path, tamper: Callable[[list[memoryview]], list[Any]]
+) -> None:
+    table = records(3 * FRAME_RECORDS)
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            store = repo._store
+            gen_id = await store.write_manifest(HEADER, meta_for(table), table)
+            data = await store.backend.get(f"generations/{gen_id}")
+            _end, frames = frames_of(data)
+            bad = await put_as_is(store, with_frames(store, data, tamper(frames)))
+            with pytest.raises(IntegrityError, match=f"generation {bad}"):
+                await store.read_manifest(bad)
+            assert (await store.read_manifest(gen_id))[2] == table  # the original is intact
+            # the helper itself makes readable manifests: the same frames, sealed again
+            same = await put_as_is(store, with_frames(store, data, list(frames)))
+            assert (await store.read_manifest(same))[2] == table
+
+    run(go())
+
+
+def test_a_body_under_another_manifests_header_is_refused(
+    run: Callable[..., Any], repo_path: Path
+) -> None:
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            store = repo._store
+            stored = []
+            for table in (records(5), records(9, 1)):
+                gen_id = await store.write_manifest(HEADER, meta_for(table), table)
+                stored.append(await store.backend.get(f"generations/{gen_id}"))
+            a, b = stored
+            (a_end, _), (b_end, _) = frames_of(a), frames_of(b)
+            mixed = await put_as_is(store, a[:a_end] + b[b_end:])
+            with pytest.raises(IntegrityError, match="does not belong to its header"):
+                await store.read_manifest(mixed)
+            cut = await put_as_is(store, a[: a_end + 50])
+            with pytest.raises(IntegrityError):
+                await store.read_manifest(cut)
+            with pytest.raises(TruncatedObject):
+                split_frames(memoryview(a)[a_end : a_end + 90], "g")
+
+    run(go())
+
+
+def test_a_version_1_manifest_is_still_read(run: Callable[..., Any], repo_path: Path) -> None:
+    """Repositories written before frames keep working: the v1 layout, sealed by hand."""
+    table = records(1000)
+    meta = meta_for(table)
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            store = repo._store
+            epoch = store.current_epoch
+            header_sealed = seal(store.keys.meta_key, json.dumps(HEADER).encode(), HEADER_AAD)
+            data_key = new_key()
+            body = zstandard.ZstdCompressor(level=3).compress(encode_body_v1(meta, table))
+            aad = BODY_AAD_PREFIX + bytes.fromhex(object_id(header_sealed))
+            data = encode_manifest_v1(
+                header_sealed, epoch.number, epoch.wrap(data_key), seal(data_key, body, aad)
+            )
+            gen_id = await put_as_is(store, data)
+            header, got_meta, got = await store.read_manifest(gen_id)
+            assert (got_meta, got) == (meta, table)
+            assert header["name"] == "db"
+            assert (await store.read_manifest_header(gen_id))["name"] == "db"
+
+    run(go())
+
+
+def test_the_writer_holds_about_one_frame_whatever_the_table(
+    run: Callable[..., Any], repo_path: Path
+) -> None:
+    """The bound the backup relies on: adding 12 MB of records in small batches (as the
+    pipeline does) allocates a few frames' worth at most, not the table."""
+    batches, per_batch = 330, 1000  # 330,000 records: 20 frames, 11.9 MB of table
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            store = repo._store
+            with store.manifest_writer() as writer:
+                tracemalloc.start()
+                try:
+                    for i in range(batches):
+                        writer.add(os.urandom(per_batch * R))
+                        if i == 0:
+                            tracemalloc.reset_peak()
+                    _now, peak = tracemalloc.get_traced_memory()
+                finally:
+                    tracemalloc.stop()
+                table_bytes = batches * per_batch * R
+                assert peak < 3 * 1024 * 1024 and 4 * peak < table_bytes, (peak, table_bytes)
+                meta = {"type": "stream", "digest": "", "chunk_count": batches * per_batch}
+                gen_id = await store.commit_manifest(writer, HEADER, meta)
+            assert len((await store.read_manifest(gen_id))[2]) == table_bytes
+
+    run(go())
+
+
+class OnAFullDisk(ManifestWriter):
+    """The spill on /dev/full, a real device whose every write fails with ENOSPC."""
+
+    @staticmethod
+    def _open_spill() -> BinaryIO:
+        return open("/dev/full", "w+b")  # noqa: SIM115 - closed by ManifestWriter.close
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_scratch_disk_fails_the_backup_and_commits_nothing(
+    run: Callable[..., Any], repo_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = os.urandom(200_000)
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            first = (await repo.backup(io.BytesIO(source), name="db")).id
+            with monkeypatch.context() as m:
+                m.setattr(ManifestWriter, "_open_spill", staticmethod(OnAFullDisk._open_spill))
+                with pytest.raises(ScratchError, match="No space left") as err:
+                    await repo.backup(io.BytesIO(os.urandom(300_000)), name="db")
+                assert err.value.hint and "TMPDIR" in err.value.hint
+            assert [g.id for g in await repo.generations()] == [first]
+            assert (await repo.verify(read_data=True)).ok
+            again = (await repo.backup(io.BytesIO(source + b"more"), name="db")).id
+            out = io.BytesIO()
+            await repo.restore(again, out)
+            assert out.getvalue() == source + b"more"
+
+    run(go())
+
+
+def test_a_scratch_directory_that_is_gone_is_a_clear_error_and_nothing_is_left(
+    run: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+
+    async def failing() -> Any:
+        yield os.urandom(100_000)
+        raise OSError(5, "Input/output error")
+
+    async def go() -> None:
+        async with await make_repo(tmp_path / "repo") as repo:
+            await repo.backup(io.BytesIO(os.urandom(100_000)), name="db")
+            with pytest.raises(Exception, match="Input/output error"):
+                await repo.backup(failing(), name="db")
+            assert os.listdir(scratch) == []  # the spill never had a name, or lost it
+            scratch.rmdir()
+            with pytest.raises(ScratchError, match=str(scratch)):
+                await repo.backup(io.BytesIO(b"x" * 1000), name="db")
+            assert len(await repo.generations()) == 1
+
+    run(go())
+
+
+def test_an_incremental_and_a_full_are_stored_in_frames(
+    run: Callable[..., Any], repo_path: Path
+) -> None:
+    """Both kinds of backup produce version 2 manifests whose tables read back as the
+    chunks restore uses."""
+    base = os.urandom(600_000)
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            full = await repo.backup(io.BytesIO(base), name="db", kind="full")
+            incr = await repo.backup(
+                io.BytesIO(base[:300_000] + os.urandom(5000) + base[300_000:]),
+                name="db",
+                kind="incremental",
+            )
+            store = repo._store
+            for g in (full, incr):
+                data = await store.backend.get(f"generations/{g.id}")
+                assert data[:8] == b"DDPGEN02"
+            _h, meta, own = await store.read_manifest(incr.id)
+            assert meta["delta"]["parent"] == full.id
+            assert 0 < len(own) // R < incr.chunks  # only the changed records are its own
+
+    run(go())
