@@ -1,110 +1,257 @@
 /*
  * delta.c - see delta.h for the contract and the spec it follows.
  */
+#define _POSIX_C_SOURCE 200809L
 #include "delta.h"
 
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
+#define R DDP_DELTA_RECORD
 #define EMPTY UINT32_MAX
+/* 1,820 records: the largest whole number of records in 64 KiB. */
+#define WINDOW_RECORDS (65536 / R)
 
-static uint64_t record_hash(const uint8_t *rec)
+typedef struct {
+    uint32_t tag; /* high half of the record's hash; the slot index is its low bits */
+    uint32_t pos; /* first occurrence in the parent, or EMPTY */
+} slot_t;
+
+struct ddp_delta {
+    const uint8_t *mem; /* the parent in memory, or NULL */
+    int fd;             /* else read from here */
+    uint64_t n_parent;
+    slot_t *slots;
+    size_t cap; /* a power of two */
+    size_t count;
+    uint8_t *window; /* parent records win_start .. win_start + win_n (file mode) */
+    uint64_t win_start, win_n;
+    int64_t expect; /* parent record the current copy op would continue with, or -1 */
+    ddp_delta_op *ops;
+    size_t n_ops, ops_cap;
+};
+
+static uint32_t record_tag(const uint8_t *rec)
 {
     uint64_t h;
     memcpy(&h, rec, sizeof h); /* the chunk id's first bytes: already uniformly random */
-    return h * 0x9E3779B97F4A7C15ull; /* mixes them for ids that are not (tests) */
+    h *= 0x9E3779B97F4A7C15ull; /* mixes them for ids that are not (tests) */
+    return (uint32_t)(h >> 32);
 }
 
-/* Grow a malloc'd array to hold at least `need` items of `size` bytes. */
-static int reserve(void **items, size_t *cap, size_t need, size_t size)
+/* Read n records from the parent file at record `pos` into `out`. */
+static int read_records(const ddp_delta *d, uint64_t pos, uint64_t n, uint8_t *out)
 {
-    if (need <= *cap)
-        return 0;
-    size_t grown = *cap ? *cap : 64;
-    while (grown < need)
-        grown += grown / 2 + 1;
-    void *p = realloc(*items, grown * size);
-    if (p == NULL)
-        return -1;
-    *items = p;
-    *cap = grown;
+    size_t want = (size_t)(n * R), got = 0;
+    while (got < want) {
+        ssize_t k = pread(d->fd, out + got, want - got, (off_t)(pos * R + got));
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        if (k == 0) {
+            errno = EIO; /* the file is shorter than n_parent records */
+            return -1;
+        }
+        got += (size_t)k;
+    }
     return 0;
 }
 
-int ddp_delta_make(const uint8_t *parent, size_t n_parent, const uint8_t *table,
-                   size_t n_table, ddp_delta_result *out)
+/* Parent record `pos` (< n_parent): in memory, or through the window, which then starts
+ * there, so that a copy run found at `pos` continues inside it. NULL on a read error. */
+static const uint8_t *parent_at(ddp_delta *d, uint64_t pos)
 {
-    const size_t R = DDP_DELTA_RECORD;
-    size_t lit_cap = 0, ops_cap = 0;
-    out->literal = NULL;
-    out->ops = NULL;
-    out->n_literal = out->n_ops = 0;
+    if (d->mem != NULL)
+        return d->mem + pos * R;
+    if (pos < d->win_start || pos >= d->win_start + d->win_n) {
+        uint64_t n = d->n_parent - pos < WINDOW_RECORDS ? d->n_parent - pos : WINDOW_RECORDS;
+        d->win_n = 0;
+        if (read_records(d, pos, n, d->window) != 0)
+            return NULL;
+        d->win_start = pos;
+        d->win_n = n;
+    }
+    return d->window + (pos - d->win_start) * R;
+}
 
-    /* First occurrences: slot -> parent record number. Inserting in parent order and
-     * never replacing keeps the first. Capacity: a power of two, at least 2 n_parent. */
-    size_t cap = 16;
-    while (cap < 2 * n_parent)
-        cap <<= 1;
-    uint32_t *first = malloc(cap * sizeof *first);
-    if (first == NULL)
+/* The slot holding `rec`'s first occurrence, or the empty slot where it would go.
+ * `scan`/`scan_start`/`scan_n`: records being indexed, to compare with in place. Returns
+ * -1 on a read error. */
+static int64_t find_slot(ddp_delta *d, const uint8_t *rec, uint32_t tag, const uint8_t *scan,
+                         uint64_t scan_start, uint64_t scan_n)
+{
+    size_t mask = d->cap - 1;
+    size_t i = (size_t)tag & mask;
+    while (d->slots[i].pos != EMPTY) {
+        if (d->slots[i].tag == tag) {
+            uint64_t p = d->slots[i].pos;
+            const uint8_t *other = (scan != NULL && p >= scan_start && p < scan_start + scan_n)
+                                       ? scan + (p - scan_start) * R
+                                       : parent_at(d, p);
+            if (other == NULL)
+                return -1;
+            if (memcmp(other, rec, R) == 0)
+                return (int64_t)i;
+        }
+        i = (i + 1) & mask;
+    }
+    return (int64_t)i;
+}
+
+static int grow_slots(ddp_delta *d)
+{
+    size_t cap = d->cap * 2, mask = cap - 1;
+    slot_t *slots = malloc(cap * sizeof *slots);
+    if (slots == NULL)
         return -1;
     for (size_t i = 0; i < cap; i++)
-        first[i] = EMPTY;
-    const size_t mask = cap - 1;
-    for (size_t i = 0; i < n_parent; i++) {
-        const uint8_t *rec = parent + i * R;
-        size_t slot = (size_t)(record_hash(rec) & mask);
-        while (first[slot] != EMPTY && memcmp(parent + (size_t)first[slot] * R, rec, R) != 0)
-            slot = (slot + 1) & mask;
-        if (first[slot] == EMPTY)
-            first[slot] = (uint32_t)i;
-    }
-
-    int64_t expect = -1; /* parent record the current copy op would continue with */
-    for (size_t i = 0; i < n_table; i++) {
-        const uint8_t *rec = table + i * R;
-        ddp_delta_op *last = out->n_ops ? &out->ops[out->n_ops - 1] : NULL;
-        if (expect >= 0 && (size_t)expect < n_parent &&
-            memcmp(parent + (size_t)expect * R, rec, R) == 0) {
-            last->b += 1; /* a copy op is current whenever expect >= 0 */
-            expect += 1;
+        slots[i].pos = EMPTY;
+    for (size_t j = 0; j < d->cap; j++) {
+        if (d->slots[j].pos == EMPTY)
             continue;
-        }
-        size_t slot = (size_t)(record_hash(rec) & mask);
-        while (first[slot] != EMPTY && memcmp(parent + (size_t)first[slot] * R, rec, R) != 0)
-            slot = (slot + 1) & mask;
-        if (first[slot] != EMPTY) {
-            if (reserve((void **)&out->ops, &ops_cap, out->n_ops + 1, sizeof *out->ops))
-                goto oom;
-            out->ops[out->n_ops++] = (ddp_delta_op){DDP_DELTA_COPY, first[slot], 1};
-            expect = (int64_t)first[slot] + 1;
-            continue;
-        }
-        if (reserve((void **)&out->literal, &lit_cap, out->n_literal + 1, R))
-            goto oom;
-        memcpy(out->literal + out->n_literal * R, rec, R);
-        out->n_literal += 1;
-        expect = -1;
-        if (last != NULL && last->kind == DDP_DELTA_LITERAL) {
-            last->a += 1;
-        } else {
-            if (reserve((void **)&out->ops, &ops_cap, out->n_ops + 1, sizeof *out->ops))
-                goto oom;
-            out->ops[out->n_ops++] = (ddp_delta_op){DDP_DELTA_LITERAL, 1, 0};
-        }
+        size_t i = (size_t)d->slots[j].tag & mask; /* distinct records: no compare */
+        while (slots[i].pos != EMPTY)
+            i = (i + 1) & mask;
+        slots[i] = d->slots[j];
     }
-    free(first);
+    free(d->slots);
+    d->slots = slots;
+    d->cap = cap;
     return 0;
-oom:
-    free(first);
-    return -1;
 }
 
-void ddp_delta_free(ddp_delta_result *out)
+static int push_op(ddp_delta *d, ddp_delta_op op)
 {
-    free(out->literal);
-    free(out->ops);
-    out->literal = NULL;
-    out->ops = NULL;
-    out->n_literal = out->n_ops = 0;
+    if (d->n_ops == d->ops_cap) {
+        size_t cap = d->ops_cap ? d->ops_cap * 2 : 64;
+        ddp_delta_op *ops = realloc(d->ops, cap * sizeof *ops);
+        if (ops == NULL)
+            return -1;
+        d->ops = ops;
+        d->ops_cap = cap;
+    }
+    d->ops[d->n_ops++] = op;
+    return 0;
+}
+
+ddp_delta *ddp_delta_open(const uint8_t *parent, int fd, uint64_t n_parent)
+{
+    if (n_parent > DDP_DELTA_MAX_PARENT) {
+        errno = EINVAL;
+        return NULL;
+    }
+    ddp_delta *d = calloc(1, sizeof *d);
+    uint8_t *scan = NULL;
+    if (d == NULL)
+        return NULL;
+    d->mem = parent;
+    d->fd = fd;
+    d->n_parent = n_parent;
+    d->expect = -1;
+    d->cap = 1024;
+    d->slots = malloc(d->cap * sizeof *d->slots);
+    if (parent == NULL) {
+        d->window = malloc(WINDOW_RECORDS * R);
+        scan = malloc(WINDOW_RECORDS * R);
+        if (d->window == NULL || scan == NULL)
+            goto fail;
+    }
+    if (d->slots == NULL)
+        goto fail;
+    for (size_t i = 0; i < d->cap; i++)
+        d->slots[i].pos = EMPTY;
+
+    /* Index first occurrences, in parent order, never replacing one. */
+    for (uint64_t start = 0; start < n_parent; start += WINDOW_RECORDS) {
+        uint64_t n = n_parent - start < WINDOW_RECORDS ? n_parent - start : WINDOW_RECORDS;
+        const uint8_t *block = parent != NULL ? parent + start * R : scan;
+        if (parent == NULL && read_records(d, start, n, scan) != 0)
+            goto fail;
+        for (uint64_t j = 0; j < n; j++) {
+            const uint8_t *rec = block + j * R;
+            uint32_t tag = record_tag(rec);
+            int64_t i = find_slot(d, rec, tag, block, start, j);
+            if (i < 0)
+                goto fail;
+            if (d->slots[i].pos != EMPTY)
+                continue; /* a repeat: the first occurrence stays */
+            d->slots[i].tag = tag;
+            d->slots[i].pos = (uint32_t)(start + j);
+            if (++d->count * 2 > d->cap && grow_slots(d) != 0)
+                goto fail;
+        }
+    }
+    free(scan);
+    return d;
+fail: {
+    int saved = errno;
+    free(scan);
+    ddp_delta_close(d);
+    errno = saved;
+    return NULL;
+}
+}
+
+int ddp_delta_feed(ddp_delta *d, const uint8_t *table, size_t n, uint8_t *literal,
+                   size_t *n_literal)
+{
+    *n_literal = 0;
+    for (size_t k = 0; k < n; k++) {
+        const uint8_t *rec = table + k * R;
+        if (d->expect >= 0 && (uint64_t)d->expect < d->n_parent) {
+            const uint8_t *p = parent_at(d, (uint64_t)d->expect);
+            if (p == NULL)
+                return -1;
+            if (memcmp(p, rec, R) == 0) {
+                d->ops[d->n_ops - 1].b += 1; /* a copy op is current whenever expect >= 0 */
+                d->expect += 1;
+                continue;
+            }
+        }
+        int64_t i = find_slot(d, rec, record_tag(rec), NULL, 0, 0);
+        if (i < 0)
+            return -1;
+        if (d->slots[i].pos != EMPTY) {
+            uint64_t pos = d->slots[i].pos;
+            if (push_op(d, (ddp_delta_op){DDP_DELTA_COPY, pos, 1}) != 0)
+                return -1;
+            d->expect = (int64_t)pos + 1;
+            continue;
+        }
+        memcpy(literal + *n_literal * R, rec, R);
+        *n_literal += 1;
+        d->expect = -1;
+        if (d->n_ops && d->ops[d->n_ops - 1].kind == DDP_DELTA_LITERAL) {
+            d->ops[d->n_ops - 1].a += 1;
+        } else if (push_op(d, (ddp_delta_op){DDP_DELTA_LITERAL, 1, 0}) != 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+const ddp_delta_op *ddp_delta_ops(const ddp_delta *d, size_t *n_ops)
+{
+    *n_ops = d->n_ops;
+    return d->ops;
+}
+
+size_t ddp_delta_memory(const ddp_delta *d)
+{
+    return d->cap * sizeof *d->slots + (d->window ? WINDOW_RECORDS * R : 0) +
+           d->ops_cap * sizeof *d->ops;
+}
+
+void ddp_delta_close(ddp_delta *d)
+{
+    if (d == NULL)
+        return;
+    free(d->slots);
+    free(d->window);
+    free(d->ops);
+    free(d);
 }

@@ -1,20 +1,25 @@
 /*
  * delta.h - the delta of a chunk table against its parent's (docs/FORMAT.md section 8.1),
- * computed natively. Plain C99, no Python.h. Every symbol is prefixed ddp_delta_.
+ * computed natively and fed in pieces. Plain C99 plus POSIX pread, no Python.h. Every
+ * symbol is prefixed ddp_delta_.
  *
- * The pure-Python dedupe.format.delta.make_delta is the spec; this kernel must produce
- * exactly its output (tests/format/test_delta.py compares them):
+ * The pure-Python dedupe.format.delta.make_delta_py is the spec; this kernel must produce
+ * exactly its output (tests/store/test_delta.py compares them):
  *
- *   for each record of `table`, in order:
+ *   for each record of the table, in order:
  *     - if it equals parent[expect] (0 <= expect < n_parent), the current copy op grows by
  *       one and expect advances;
  *     - else if it occurs in the parent, a new copy op starts at its FIRST occurrence;
  *     - else it is appended to the literal table, expect becomes -1, and the current
  *       literal op grows by one (or a new one starts).
  *
- * Records are 36 bytes (chunk id, raw length). The lookup of first occurrences is an
- * open-addressing table of 32-bit record numbers, 8 bytes per parent record at most,
- * hashed on the chunk id's first 8 bytes (keyed BLAKE3 output: uniformly random).
+ * Records are 36 bytes (chunk id, raw length). The parent is either in memory or in a
+ * file read with pread through a 64 KiB window, so that a backup need not hold its
+ * parent's table: what the kernel holds is a table of first occurrences with one slot
+ * per DISTINCT parent record (8 bytes each, at most half full), the window, and the ops.
+ * A slot keeps the record's position and a 32-bit tag of its hash; the slot index comes
+ * from the tag, so the table grows without reading the parent again, and a tag match is
+ * confirmed by comparing the parent's record itself.
  */
 #ifndef DDP_DELTA_H
 #define DDP_DELTA_H
@@ -25,6 +30,8 @@
 #define DDP_DELTA_RECORD 36
 #define DDP_DELTA_COPY 0
 #define DDP_DELTA_LITERAL 1
+/* Positions are 32-bit; one value marks an empty slot. */
+#define DDP_DELTA_MAX_PARENT 0xFFFFFFFEull
 
 /* One op: kind COPY (start, count) or LITERAL (count, unused). */
 typedef struct {
@@ -33,19 +40,26 @@ typedef struct {
     uint64_t b;
 } ddp_delta_op;
 
-typedef struct {
-    uint8_t *literal;   /* n_literal records (malloc'd) */
-    size_t n_literal;
-    ddp_delta_op *ops;  /* n_ops ops (malloc'd) */
-    size_t n_ops;
-} ddp_delta_result;
+typedef struct ddp_delta ddp_delta;
 
-/* Compute the delta of `table` (n_table records) against `parent` (n_parent records,
- * fewer than 2^32) into *out, whose buffers the caller releases with ddp_delta_free
- * (also after a failure). Returns 0, or -1 when memory ran out. */
-int ddp_delta_make(const uint8_t *parent, size_t n_parent, const uint8_t *table,
-                   size_t n_table, ddp_delta_result *out);
+/* Index the parent's n_parent records: in memory at `parent` when it is not NULL, else
+ * read from descriptor `fd` at offsets 0 .. n_parent*36 (the caller keeps both valid
+ * until ddp_delta_close). Returns NULL with errno set (ENOMEM, EINVAL, EIO for a file
+ * shorter than n_parent records, or pread's error). */
+ddp_delta *ddp_delta_open(const uint8_t *parent, int fd, uint64_t n_parent);
 
-void ddp_delta_free(ddp_delta_result *out);
+/* Feed the next n records of the table. The ones the parent lacks are copied to
+ * `literal` (room for n records) and counted in *n_literal. Returns 0, or -1 with errno
+ * set (ENOMEM, or a read error of the parent file); the delta is unusable then. */
+int ddp_delta_feed(ddp_delta *d, const uint8_t *table, size_t n, uint8_t *literal,
+                   size_t *n_literal);
+
+/* The ops so far (valid until the next feed or close). */
+const ddp_delta_op *ddp_delta_ops(const ddp_delta *d, size_t *n_ops);
+
+/* Bytes the kernel holds (slots, window, ops): what tests and benchmarks report. */
+size_t ddp_delta_memory(const ddp_delta *d);
+
+void ddp_delta_close(ddp_delta *d);
 
 #endif

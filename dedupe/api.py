@@ -39,6 +39,7 @@ from dedupe.errors import AmbiguousGeneration, GenerationNotFound, TargetError
 from dedupe.format.config import DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_SIZE
 from dedupe.store import RepositoryStore
 from dedupe.store.locks import LockInfo, RepositoryLock, list_locks, remove_locks
+from dedupe.store.tables import spill_complete_table
 
 __all__ = ["BackupStats", "Generation", "Progress", "Repository", "RestoreStats"]
 
@@ -194,10 +195,6 @@ class Repository:
                 os.fspath(source), name, kind, parent, progress, lock.check, spec
             )
             return _with_note(stats, note)
-        parent_chunks = None
-        if parent is not None:
-            _meta, table = await self._store.generation_chunks(parent.id)
-            parent_chunks = (parent.id, table)
         size_hint = None
         if isinstance(source, str | os.PathLike):
             label = label or os.fspath(source)
@@ -206,19 +203,28 @@ class Repository:
             except OSError:
                 pass
         info = {"type": "stream", "label": label or ""}
-        stats = await run_backup(
-            self._store,
-            iter_source(source),
-            name=name,
-            source_info=info,
-            executor=self._executor,
-            progress=progress,
-            size_hint=size_hint,
-            kind=kind if parent is not None else "full",
-            parent=parent_chunks,
-            before_commit=lock.check,
-            chunker=spec,
-        )
+        parent_table = None
+        if parent is not None:
+            # The parent's complete table, in a file: the delta reads it from there.
+            parent_file, n_parent = await spill_complete_table(self._store, parent.id)
+            parent_table = (parent.id, parent_file, n_parent)
+        try:
+            stats = await run_backup(
+                self._store,
+                iter_source(source),
+                name=name,
+                source_info=info,
+                executor=self._executor,
+                progress=progress,
+                size_hint=size_hint,
+                kind=kind if parent is not None else "full",
+                parent=parent_table,
+                before_commit=lock.check,
+                chunker=spec,
+            )
+        finally:
+            if parent_table is not None:
+                parent_table[1].close()
         return _with_note(stats, note)
 
     # --- directory trees (engine/tree.py) --------------------------------------------------

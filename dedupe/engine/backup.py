@@ -26,7 +26,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 from dedupe._types import BackupStats, Progress, ProgressCallback
 from dedupe.chunking import (
@@ -40,12 +40,12 @@ from dedupe.chunking import (
 )
 from dedupe.engine.stages import run_stages
 from dedupe.errors import SourceError
-from dedupe.format.delta import make_delta
+from dedupe.format.delta import DeltaBuilder
 from dedupe.format.index import ENTRY_RECORD, PackRecord
 from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.store import FinishedPack, PackWriter, RepositoryStore
 from dedupe.store.blobs import FramedBatch, release_buffers
-from dedupe.store.manifests import ManifestWriter
+from dedupe.store.manifests import Buffer, ManifestWriter, scratch_error
 from dedupe.store.repository import utc_now
 
 T = TypeVar("T")
@@ -84,6 +84,28 @@ FILE_END = FileEnd()
 Item = bytes | Block | FileEnd | Reuse
 
 
+class TableSink(Protocol):
+    """Where a backup's chunk table goes as it is produced (a ManifestWriter)."""
+
+    def add(self, records: Buffer) -> None: ...
+
+
+class _DeltaSink:
+    """An incremental's table: records go through the delta against the parent's, and
+    only those the parent lacks (the literal table) reach the manifest."""
+
+    def __init__(self, builder: DeltaBuilder, body: ManifestWriter) -> None:
+        self._builder, self._body = builder, body
+
+    def add(self, records: Buffer) -> None:
+        try:
+            literal = self._builder.feed(records)
+        except OSError as e:
+            raise scratch_error(e, "reading", "the parent table's") from None
+        if literal:
+            self._body.add(literal)
+
+
 @dataclass
 class Ingested:
     """What the pipeline produced: the chunk table in input order (empty when it went to
@@ -108,7 +130,7 @@ async def ingest(
     progress: ProgressCallback | None = None,
     size_hint: int | None = None,
     chunker: dict[str, Any] | str = FASTCDC,
-    table_out: ManifestWriter | None = None,
+    table_out: TableSink | None = None,
 ) -> Ingested:
     """Run the pipeline over `items` and store every new chunk, then the index object
     that lists the new packs. No manifest is written: the caller commits. The chunk
@@ -363,18 +385,29 @@ async def run_backup(
     progress: ProgressCallback | None = None,
     size_hint: int | None = None,
     kind: str = "full",
-    parent: tuple[str, bytes] | None = None,
+    parent: tuple[str, BinaryIO, int] | None = None,
     before_commit: Callable[[], None] | None = None,
     chunker: dict[str, Any] | str = FASTCDC,
 ) -> BackupStats:
-    """Back up one stream as a generation of `name`. `parent` is (generation id, its
-    complete chunk table) for an incremental or differential: the manifest then stores
+    """Back up one stream as a generation of `name`. `parent` is (generation id, a file
+    holding its complete chunk table, its record count) for an incremental or
+    differential (dedupe.store.tables.spill_complete_table): the manifest then stores
     only the delta against that table (dedupe.format.delta)."""
     if (kind == "full") != (parent is None):
         raise ValueError("a full has no parent; an incremental or differential needs one")
+    loop = asyncio.get_running_loop()
     with store.manifest_writer() as body:
-        # A full's table goes to the manifest as it is produced. An incremental's is
-        # compared with its parent's once complete, so it is held until then.
+        # The table goes to the manifest as it is produced: a full's as it is, an
+        # incremental's through the delta against its parent's, which is read from its
+        # file, so neither table is held whole.
+        table_out: TableSink = body
+        builder = None
+        if parent is not None:
+            parent_id, parent_file, n_parent = parent
+            builder = await loop.run_in_executor(
+                executor, lambda: DeltaBuilder(fd=parent_file.fileno(), n_parent=n_parent)
+            )
+            table_out = _DeltaSink(builder, body)
         got = await ingest(
             store,
             blocks,
@@ -382,15 +415,11 @@ async def run_backup(
             progress=progress,
             size_hint=size_hint,
             chunker=chunker,
-            table_out=body if parent is None else None,
+            table_out=table_out,
         )
         meta: dict[str, Any] = {"type": "stream", "digest": got.digest}
-        if parent is not None:
-            loop = asyncio.get_running_loop()
-            literal, ops = await loop.run_in_executor(executor, make_delta, parent[1], got.table)
-            meta["delta"] = {"parent": parent[0], "ops": ops}
-            await loop.run_in_executor(executor, body.add, literal)
-            del literal
+        if builder is not None:
+            meta["delta"] = {"parent": parent_id, "ops": builder.ops()}
         meta["chunk_count"] = body.records
         return await commit(
             store,

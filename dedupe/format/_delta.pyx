@@ -1,11 +1,14 @@
 # cython: language_level=3
-"""Thin wrapper over csrc/delta.c: one kernel call, without the GIL, per delta. The
-contract is in csrc/delta.h; the spec is dedupe.format.delta.make_delta_py, which this
-must match op for op. Typed in _delta.pyi."""
+"""Thin wrapper over csrc/delta.c: a delta fed in pieces, each piece one kernel call
+without the GIL. The contract is in csrc/delta.h; the spec is
+dedupe.format.delta.make_delta_py, which this must match op for op. Typed in _delta.pyi."""
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from libc.errno cimport errno
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
+
+import os
 
 
 cdef extern from "delta.h" nogil:
@@ -13,54 +16,108 @@ cdef extern from "delta.h" nogil:
         uint32_t kind
         uint64_t a
         uint64_t b
-    ctypedef struct ddp_delta_result:
-        uint8_t *literal
-        size_t n_literal
-        ddp_delta_op *ops
-        size_t n_ops
+    ctypedef struct ddp_delta:
+        pass
     int DDP_DELTA_RECORD
     int DDP_DELTA_COPY
-    int ddp_delta_make(const uint8_t *parent, size_t n_parent, const uint8_t *table,
-                       size_t n_table, ddp_delta_result *out)
-    void ddp_delta_free(ddp_delta_result *out)
+    unsigned long long DDP_DELTA_MAX_PARENT
+    ddp_delta *ddp_delta_open(const uint8_t *parent, int fd, uint64_t n_parent)
+    int ddp_delta_feed(ddp_delta *d, const uint8_t *table, size_t n, uint8_t *literal,
+                       size_t *n_literal)
+    const ddp_delta_op *ddp_delta_ops(const ddp_delta *d, size_t *n_ops)
+    size_t ddp_delta_memory(const ddp_delta *d)
+    void ddp_delta_close(ddp_delta *d)
 
 
-MAX_PARENT_RECORDS = 0xFFFFFFFE  # record numbers are uint32, one value is the empty mark
+MAX_PARENT_RECORDS = DDP_DELTA_MAX_PARENT
 
 
-def make_delta(parent, table):
-    """(literal table, ops) of `table` against `parent`, both CHUNK_RECORD buffers."""
-    cdef Py_buffer pv, tv
-    cdef ddp_delta_result res
-    cdef int rc
-    cdef size_t i, n_parent, n_table
-    PyObject_GetBuffer(parent, &pv, PyBUF_SIMPLE)
-    try:
+cdef _raise(int err):
+    if err == 12:  # ENOMEM
+        raise MemoryError()
+    raise OSError(err, os.strerror(err))
+
+
+cdef class DeltaBuilder:
+    """The delta of a chunk table fed in order against a parent's complete table, held
+    in `parent` (a buffer) or read from descriptor `fd` (`n_parent` records from offset
+    0; the caller keeps it open). Indexing the parent happens here, without the GIL."""
+
+    cdef ddp_delta *_d
+    cdef Py_buffer _pv
+    cdef bint _has_pv
+
+    def __cinit__(self, parent=None, int fd=-1, n_parent=None):
+        cdef uint64_t n
+        cdef const uint8_t *mem = NULL
+        cdef int err
+        if parent is not None:
+            PyObject_GetBuffer(parent, &self._pv, PyBUF_SIMPLE)
+            self._has_pv = True
+            n = <uint64_t>self._pv.len // DDP_DELTA_RECORD
+            mem = <const uint8_t *>self._pv.buf
+        elif fd >= 0 and n_parent is not None:
+            n = n_parent
+        else:
+            raise ValueError("a parent buffer, or a descriptor and its record count")
+        if n > DDP_DELTA_MAX_PARENT:
+            raise ValueError("a parent table of 2**32 records or more")
+        with nogil:
+            self._d = ddp_delta_open(mem, fd, n)
+            err = errno
+        if self._d == NULL:
+            _raise(err)
+
+    def __dealloc__(self):
+        ddp_delta_close(self._d)
+        self._d = NULL
+        if self._has_pv:
+            PyBuffer_Release(&self._pv)
+            self._has_pv = False
+
+    def feed(self, table):
+        """Feed the next CHUNK_RECORDs of the table; returns those the parent lacks (the
+        literal records this piece adds), in order."""
+        cdef Py_buffer tv
+        cdef uint8_t *dest
+        cdef size_t n, n_literal = 0
+        cdef int rc, err
+        if self._d == NULL:
+            raise ValueError("the delta failed earlier and cannot go on")
         PyObject_GetBuffer(table, &tv, PyBUF_SIMPLE)
         try:
-            n_parent = <size_t>pv.len // DDP_DELTA_RECORD
-            n_table = <size_t>tv.len // DDP_DELTA_RECORD
-            if n_parent > MAX_PARENT_RECORDS:
-                raise ValueError("a parent table of 2**32 records or more")
+            if tv.len % DDP_DELTA_RECORD:
+                raise ValueError("a chunk table holds whole CHUNK_RECORDs")
+            n = <size_t>tv.len // DDP_DELTA_RECORD
+            out = PyBytes_FromStringAndSize(NULL, n * DDP_DELTA_RECORD)
+            dest = <uint8_t *>PyBytes_AS_STRING(out)
             with nogil:
-                rc = ddp_delta_make(<const uint8_t *>pv.buf, n_parent,
-                                    <const uint8_t *>tv.buf, n_table, &res)
-            try:
-                if rc != 0:
-                    raise MemoryError()
-                literal = PyBytes_FromStringAndSize(
-                    <const char *>res.literal, res.n_literal * DDP_DELTA_RECORD
-                )
-                ops = []
-                for i in range(res.n_ops):
-                    if res.ops[i].kind == DDP_DELTA_COPY:
-                        ops.append([0, res.ops[i].a, res.ops[i].b])
-                    else:
-                        ops.append([1, res.ops[i].a])
-                return literal, ops
-            finally:
-                ddp_delta_free(&res)
+                rc = ddp_delta_feed(self._d, <const uint8_t *>tv.buf, n, dest, &n_literal)
+                err = errno
         finally:
             PyBuffer_Release(&tv)
-    finally:
-        PyBuffer_Release(&pv)
+        if rc != 0:
+            ddp_delta_close(self._d)
+            self._d = NULL
+            _raise(err)
+        return out if n_literal == n else out[: n_literal * DDP_DELTA_RECORD]
+
+    def ops(self):
+        """The delta's ops so far: [0, start, count] and [1, count] (FORMAT.md 8.1)."""
+        cdef size_t i, n_ops
+        cdef const ddp_delta_op *ops
+        if self._d == NULL:
+            raise ValueError("the delta failed earlier and cannot go on")
+        ops = ddp_delta_ops(self._d, &n_ops)
+        out = []
+        for i in range(n_ops):
+            if ops[i].kind == DDP_DELTA_COPY:
+                out.append([0, ops[i].a, ops[i].b])
+            else:
+                out.append([1, ops[i].a])
+        return out
+
+    def memory_bytes(self):
+        """What the kernel holds: one 8-byte slot per distinct parent record at most
+        half full, the read window, the ops."""
+        return 0 if self._d == NULL else ddp_delta_memory(self._d)

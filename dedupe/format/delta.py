@@ -13,6 +13,7 @@ csrc/delta.c) and required, like the chunker; make_delta_py is its spec and twin
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from dedupe.errors import IntegrityError
@@ -27,12 +28,19 @@ COPY = 0
 LITERAL = 1
 
 
+DeltaBuilder = _native.DeltaBuilder
+
+
 def make_delta(parent: Buffer, table: Buffer) -> tuple[bytes, list[list[Any]]]:
     """(literal table, ops) such that apply_delta(parent, literal, ops) == table.
 
-    The native kernel (csrc/delta.c): a lookup table of 8 bytes per parent record at
-    most, where make_delta_py's dict costs ~140, and no Python per record."""
-    return _native.make_delta(parent, table)
+    The native kernel (csrc/delta.c) with both tables in memory. A backup uses
+    DeltaBuilder directly: the parent's table in a file, its own table fed as the
+    pipeline produces it. The kernel keeps 8-byte slots of distinct parent records
+    (make_delta_py's dict costs ~140 bytes per record) and runs no Python per record."""
+    builder = DeltaBuilder(parent)
+    literal = builder.feed(table)
+    return literal, builder.ops()
 
 
 def make_delta_py(parent: bytes, table: bytes) -> tuple[bytes, list[list[int]]]:
@@ -68,26 +76,37 @@ def make_delta_py(parent: bytes, table: bytes) -> tuple[bytes, list[list[int]]]:
     return bytes(literal), ops
 
 
-def apply_delta(parent: bytes, literal: bytes, ops: list[Any], what: str) -> bytes:
-    out = bytearray()
+def delta_ranges(
+    ops: list[Any], n_parent: int, n_literal: int, what: str
+) -> Iterator[tuple[int, int, int]]:
+    """The ops as validated ranges (kind, start record, count), in order: COPY ranges of
+    the parent's table, LITERAL ranges of the literal table. IntegrityError on a range
+    outside either table, an unknown op, or literal records left unused at the end."""
     lit = 0
     try:
         for op in ops:
             if op[0] == COPY:
                 start, count = int(op[1]), int(op[2])
-                if start < 0 or count < 0 or (start + count) * _R > len(parent):
+                if start < 0 or count < 0 or start + count > n_parent:
                     raise IntegrityError(f"{what}: a delta copies past its parent's table")
-                out += parent[start * _R : (start + count) * _R]
+                yield COPY, start, count
             elif op[0] == LITERAL:
                 count = int(op[1])
-                if count < 0 or (lit + count) * _R > len(literal):
+                if count < 0 or lit + count > n_literal:
                     raise IntegrityError(f"{what}: a delta reads past its literal table")
-                out += literal[lit * _R : (lit + count) * _R]
+                yield LITERAL, lit, count
                 lit += count
             else:
                 raise IntegrityError(f"{what}: unknown delta op {op[0]!r}")
     except (IndexError, TypeError, ValueError) as e:
         raise IntegrityError(f"{what}: malformed delta: {e}") from None
-    if lit * _R != len(literal):
+    if lit != n_literal:
         raise IntegrityError(f"{what}: a delta leaves literal records unused")
+
+
+def apply_delta(parent: bytes, literal: bytes, ops: list[Any], what: str) -> bytes:
+    out = bytearray()
+    for kind, start, count in delta_ranges(ops, len(parent) // _R, len(literal) // _R, what):
+        source = parent if kind == COPY else literal
+        out += source[start * _R : (start + count) * _R]
     return bytes(out)

@@ -43,13 +43,18 @@ def encode_body_prefix(epoch: int, wrapped_key: bytes) -> bytes:
     return _EPOCH.pack(epoch) + wrapped_key
 
 
-def split_frames(body: memoryview, what: str) -> tuple[int, bytes, list[memoryview]]:
-    """A version 2 body -> (epoch, wrapped key, sealed frames in order); the last one is
-    the meta frame. Checks only the lengths: each frame is authenticated when opened."""
+def decode_body_prefix(body: bytes | bytearray | memoryview, what: str) -> tuple[int, bytes]:
+    """(epoch, wrapped data key) from the first bytes of a version 2 body."""
     if len(body) < BODY_PREFIX_SIZE:
         raise TruncatedObject(f"{what} is truncated")
     (epoch,) = _EPOCH.unpack_from(body)
-    wrapped = bytes(body[_EPOCH.size : BODY_PREFIX_SIZE])
+    return epoch, bytes(body[_EPOCH.size : BODY_PREFIX_SIZE])
+
+
+def split_frames(body: memoryview, what: str) -> tuple[int, bytes, list[memoryview]]:
+    """A version 2 body -> (epoch, wrapped key, sealed frames in order); the last one is
+    the meta frame. Checks only the lengths: each frame is authenticated when opened."""
+    epoch, wrapped = decode_body_prefix(body, what)
     frames: list[memoryview] = []
     pos = BODY_PREFIX_SIZE
     while pos < len(body):

@@ -61,12 +61,11 @@ class ManifestWriter:
         try:
             self._spill = self._open_spill()
         except OSError as e:
-            raise _scratch_error(e, "creating") from None
+            raise scratch_error(e, "creating", "the manifest's") from None
         self._write(encode_body_prefix(epoch.number, epoch.wrap(self._data_key)))
 
     @staticmethod
     def _open_spill() -> BinaryIO:
-        # Unnamed where the OS allows (O_TMPFILE), else unlinked at once: never left behind.
         return tempfile.TemporaryFile(prefix="dedupe-manifest-")
 
     def __enter__(self) -> ManifestWriter:
@@ -116,7 +115,7 @@ class ManifestWriter:
         try:
             self._spill.flush()
         except OSError as e:
-            raise _scratch_error(e, "writing") from None
+            raise scratch_error(e, "writing", "the manifest's") from None
         sealed = seal(
             self._meta_key,
             json.dumps(dict(header, body=self._body_hash.hexdigest())).encode(),
@@ -142,7 +141,7 @@ class ManifestWriter:
             try:
                 piece = os.pread(fd, min(READ_PIECE, self._body_size - pos), pos)
             except OSError as e:
-                raise _scratch_error(e, "reading") from None
+                raise scratch_error(e, "reading", "the manifest's") from None
             if not piece:
                 raise ScratchError(
                     f"the manifest's temporary file ended at {pos} of {self._body_size} bytes"
@@ -161,15 +160,31 @@ class ManifestWriter:
         try:
             self._spill.write(data)
         except OSError as e:
-            raise _scratch_error(e, "writing") from None
+            raise scratch_error(e, "writing", "the manifest's") from None
         self._body_hash.update(data)
         self._body_size += len(data)
 
 
-def _scratch_error(e: OSError, action: str) -> ScratchError:
+def open_scratch() -> BinaryIO:
+    """An unnamed temporary file in TMPDIR (O_TMPFILE where the OS has it, else unlinked
+    at once), so nothing is left behind when the process dies. ScratchError on failure."""
+    try:
+        return tempfile.TemporaryFile(prefix="dedupe-")
+    except OSError as e:
+        raise scratch_error(e, "creating", "a") from None
+
+
+def write_scratch(f: BinaryIO, data: Buffer) -> None:
+    try:
+        f.write(data)
+    except OSError as e:
+        raise scratch_error(e, "writing", "a") from None
+
+
+def scratch_error(e: OSError, action: str, whose: str) -> ScratchError:
     where = tempfile.gettempdir()
     return ScratchError(
-        f"{action} the manifest's temporary file in {where} failed: {e.strerror or e}",
+        f"{action} {whose} temporary file in {where} failed: {e.strerror or e}",
         hint="set TMPDIR to a directory with room (about 2.5 MiB per GiB of snapshot); "
         "nothing was committed",
     )

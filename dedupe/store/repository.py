@@ -11,8 +11,9 @@ import asyncio
 import json
 import os
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, BinaryIO
 
+import blake3
 import zstandard
 
 from dedupe.backends.base import Backend
@@ -36,6 +37,7 @@ from dedupe.errors import (
     MissingObject,
     RepositoryExists,
     RepositoryNotFound,
+    TruncatedObject,
     UnsupportedFormat,
     WrongPassphrase,
 )
@@ -56,9 +58,12 @@ from dedupe.format.index import (
 )
 from dedupe.format.manifest import (
     BODY_AAD_PREFIX,
+    BODY_PREFIX_SIZE,
     CHUNK_RECORD,
+    FRAME_LENGTH,
     HEADER_AAD,
     HEADER_PROBE,
+    decode_body_prefix,
     decode_body_v1,
     decode_meta,
     frame_aad,
@@ -70,10 +75,12 @@ from dedupe.format.manifest import (
 from dedupe.hashing import ChunkHasher, object_id
 from dedupe.store.blobs import BlobCodec
 from dedupe.store.index import ChunkIndex
-from dedupe.store.manifests import ManifestWriter
+from dedupe.store.manifests import ManifestWriter, write_scratch
 from dedupe.store.packer import FinishedPack
 from dedupe.store.quarantine import read_quarantine
 
+# Pieces in which spill_manifest reads a manifest.
+SPILL_PIECE = 1 << 20
 MIN_PACK_SIZE = 4096  # tests shrink packs to a few KiB so small inputs make many packs
 
 
@@ -365,6 +372,74 @@ class RepositoryStore:
         await self._stat_generation(gen_id)
         data = await self.backend.get(f"generations/{gen_id}")
         return await asyncio.to_thread(self._decode_manifest, gen_id, data)
+
+    async def spill_manifest(
+        self, gen_id: str, sink: BinaryIO
+    ) -> tuple[dict[str, Any], dict[str, Any], int]:
+        """(header, body meta, record count) of a generation, its own chunk table written
+        to `sink` (plain CHUNK_RECORDs) frame by frame as the object is read in pieces:
+        at most a frame and a piece are in memory, however large the table. Everything
+        read_manifest checks is checked, the object's id and the body's hash once all of
+        it is read, so `sink` holds trustworthy records only when this returns."""
+        what = f"generation {gen_id}"
+        name = f"generations/{gen_id}"
+        size = await self._stat_generation(gen_id)
+        head = await self.backend.get(name, 0, min(size, HEADER_PROBE))
+        if manifest_version(head, what) == 1:  # one sealed body: read it whole
+            v1_header, v1_meta, table = await self.read_manifest(gen_id)
+            await asyncio.to_thread(write_scratch, sink, table)
+            return v1_header, v1_meta, len(table) // CHUNK_RECORD.size
+        start, end = header_span(head, what)
+        if end > len(head):
+            head = await self.backend.get(name, 0, end)
+        header = self._open_header(head[start:end], gen_id)
+        whole, body = blake3.blake3(head[:end]), blake3.blake3()
+        buf = bytearray()  # body bytes read and not yet taken as a frame
+        pos = end
+        data_key: bytes | None = None
+        frame_no = records = 0
+        meta: dict[str, Any] | None = None
+        decompress = zstandard.ZstdDecompressor().decompress
+        while pos < size:
+            piece = await self.backend.get(name, pos, min(SPILL_PIECE, size - pos))
+            pos += len(piece)
+            whole.update(piece)
+            body.update(piece)
+            buf += piece
+            if data_key is None:
+                if len(buf) < BODY_PREFIX_SIZE:
+                    continue
+                epoch_no, wrapped = decode_body_prefix(buf, what)
+                data_key = self._epoch(epoch_no, what).unwrap(wrapped)
+                del buf[:BODY_PREFIX_SIZE]
+            while len(buf) >= FRAME_LENGTH.size:
+                (n,) = FRAME_LENGTH.unpack_from(buf)
+                if len(buf) < FRAME_LENGTH.size + n:
+                    break
+                if meta is not None:
+                    raise IntegrityError(f"{what}: a frame follows its meta frame")
+                sealed = bytes(buf[FRAME_LENGTH.size : FRAME_LENGTH.size + n])
+                del buf[: FRAME_LENGTH.size + n]
+                plain = decompress(
+                    open_sealed(data_key, sealed, frame_aad(frame_no), f"{what}, frame {frame_no}")
+                )
+                frame_no += 1
+                if pos == size and not buf:  # the object ends here: the meta frame
+                    meta = decode_meta(plain, what)
+                elif not plain or len(plain) % CHUNK_RECORD.size:
+                    raise IntegrityError(f"{what}: a table frame does not hold whole chunk records")
+                else:
+                    await asyncio.to_thread(write_scratch, sink, plain)
+                    records += len(plain) // CHUNK_RECORD.size
+        if whole.hexdigest() != gen_id:
+            raise IntegrityError(f"{what} does not match its id: the manifest is damaged")
+        if body.hexdigest() != header.get("body"):
+            raise IntegrityError(f"{what}: its body does not belong to its header")
+        if meta is None or buf:
+            raise TruncatedObject(f"{what} is truncated: it ends inside a frame or has no meta")
+        if records != int(meta["chunk_count"]):
+            raise IntegrityError(f"{what}: chunk table does not match its count")
+        return header, meta, records
 
     async def manifest_chain(self, gen_id: str) -> list[tuple[str, dict[str, Any], bytes]]:
         """[(id, body meta, own table)] from `gen_id` up its parent chain to the full.

@@ -18,10 +18,13 @@ there.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Iterable
-from typing import Any
+from typing import Any, BinaryIO
 
-from dedupe.format.delta import apply_delta
+from dedupe.errors import GenerationNotFound, IntegrityError, MissingObject
+from dedupe.format.delta import COPY, apply_delta, delta_ranges
+from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.format.tree import (
     Entry,
     apply_tree_delta,
@@ -29,9 +32,13 @@ from dedupe.format.tree import (
     decode_tree,
     ordered_entries,
 )
+from dedupe.store.manifests import open_scratch, scratch_error
 from dedupe.store.repository import RepositoryStore
 
 HEADER_CONCURRENCY = 16
+# Records copied per read while a delta is applied from file to file (~1 MiB).
+COPY_RECORDS = 29127
+_R = CHUNK_RECORD.size
 
 # (body meta, complete chunk table), or the exception expanding that generation raised.
 Outcome = tuple[dict[str, Any], bytes] | Exception
@@ -149,3 +156,97 @@ def _parents_first(ids: list[str], parents: dict[str, str]) -> list[str]:
         stack.extend(reversed(children.get(g, [])))
     order.extend(g for g in ids if g not in seen)
     return order
+
+
+# --- a stream generation's complete table in a file -------------------------------------
+
+
+async def spill_complete_table(store: RepositoryStore, gen_id: str) -> tuple[BinaryIO, int]:
+    """(unnamed temporary file, record count): the complete chunk table of stream
+    generation `gen_id`, its chain expanded from the full down, file to file. What is
+    held in memory is a frame, a copy buffer and the ops of the chain's deltas, however
+    large the tables: an incremental backup compares its own table with this file
+    (dedupe.format.delta.DeltaBuilder). The caller closes the file."""
+    levels: list[tuple[str, dict[str, Any], BinaryIO, int]] = []  # gen_id up to its full
+    try:
+        current: str | None = gen_id
+        while current is not None:
+            if any(current == g for g, *_ in levels):
+                raise IntegrityError(f"generation {gen_id} has a cycle in its parent chain")
+            own = open_scratch()
+            levels.append((current, {}, own, 0))
+            try:
+                _header, meta, n = await store.spill_manifest(current, own)
+            except GenerationNotFound:
+                raise MissingObject(
+                    f"generation {current}, which {gen_id} is based on, is missing",
+                    hint="the chain is broken; back up a full",
+                ) from None
+            if meta.get("type") != "stream":
+                raise IntegrityError(f"generation {current} is not a stream generation")
+            levels[-1] = (current, meta, own, n)
+            delta = meta.get("delta")
+            current = str(delta["parent"]) if delta else None
+        _gid, _meta, table, n_table = levels.pop()
+    except BaseException:
+        for _g, _m, f, _n in levels:
+            f.close()
+        raise
+    try:  # from the full down: each delta applied to the table above it
+        while levels:
+            gid, meta, own, n_own = levels.pop()
+            try:
+                out = open_scratch()
+                try:
+                    n_out = await asyncio.to_thread(
+                        _apply_delta_files,
+                        table,
+                        n_table,
+                        own,
+                        n_own,
+                        meta["delta"]["ops"],
+                        out,
+                        f"generation {gid}",
+                    )
+                except BaseException:
+                    out.close()
+                    raise
+            finally:
+                own.close()
+            table.close()
+            table, n_table = out, n_out
+        table.flush()
+    except BaseException:
+        table.close()
+        for _g, _m, f, _n in levels:
+            f.close()
+        raise
+    return table, n_table
+
+
+def _apply_delta_files(
+    parent: BinaryIO,
+    n_parent: int,
+    literal: BinaryIO,
+    n_literal: int,
+    ops: list[Any],
+    out: BinaryIO,
+    what: str,
+) -> int:
+    """apply_delta from file to file; returns the records written."""
+    parent.flush()
+    literal.flush()
+    written = 0
+    try:
+        for kind, start, count in delta_ranges(ops, n_parent, n_literal, what):
+            fd = (parent if kind == COPY else literal).fileno()
+            while count:
+                n = min(count, COPY_RECORDS)
+                data = os.pread(fd, n * _R, start * _R)
+                if len(data) != n * _R:
+                    raise IntegrityError(f"{what}: a temporary table file ended early")
+                out.write(data)
+                start, count, written = start + n, count - n, written + n
+    except OSError as e:
+        raise scratch_error(e, "using", "a") from None
+    return written

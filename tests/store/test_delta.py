@@ -4,16 +4,21 @@ make_delta_py, computes."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
+import tempfile
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from dedupe.errors import IntegrityError
-from dedupe.format.delta import apply_delta, make_delta, make_delta_py
+from dedupe.format.delta import DeltaBuilder, apply_delta, make_delta, make_delta_py
 from dedupe.format.manifest import CHUNK_RECORD
+
+R = CHUNK_RECORD.size
 
 POOL = [CHUNK_RECORD.pack(os.urandom(32), n) for n in range(1, 40)]
 
@@ -83,3 +88,80 @@ def test_damaged_delta_is_an_integrity_error() -> None:
         apply_delta(p, POOL[4], [[0, 0, 1]], "g")  # literal left unused
     with pytest.raises(IntegrityError):
         apply_delta(p, b"", [[7, 0, 1]], "g")
+
+
+# --- the kernel over a parent in a file, fed in pieces, as a backup uses it -------------
+
+
+def _from_file(parent: bytes, table: bytes, cuts: list[int]) -> tuple[bytes, list[list[Any]]]:
+    """The delta with the parent read from a file and the table fed in pieces cut at
+    record positions `cuts`."""
+    with tempfile.TemporaryFile() as f:
+        f.write(parent)
+        f.flush()
+        builder = DeltaBuilder(fd=f.fileno(), n_parent=len(parent) // R)
+        literal = bytearray()
+        bounds = [0, *sorted(c for c in cuts if 0 < c < len(table) // R), len(table) // R]
+        for lo, hi in itertools.pairwise(bounds):
+            literal += builder.feed(table[lo * R : hi * R])
+        return bytes(literal), builder.ops()
+
+
+@given(
+    parent=st.lists(st.sampled_from(POOL), max_size=80),
+    table=st.lists(st.sampled_from(POOL), max_size=80),
+    cuts=st.lists(st.integers(0, 80), max_size=6),
+)
+def test_the_file_kernel_fed_in_pieces_matches_the_spec(
+    parent: list[bytes], table: list[bytes], cuts: list[int]
+) -> None:
+    p, t = b"".join(parent), b"".join(table)
+    assert _from_file(p, t, cuts) == make_delta_py(p, t)
+
+
+def test_the_file_kernel_on_a_day_of_changes_across_many_windows() -> None:
+    """50,000 parent records are 27 read windows: copy runs start, continue and end in
+    windows other than the one the last lookup loaded."""
+    rnd = random.Random(11)
+    parent = [CHUNK_RECORD.pack(rnd.randbytes(32), rnd.randrange(1, 65536)) for _ in range(50_000)]
+    parent[40_000:40_000] = parent[100:2100]  # repeats the kernel must not index twice
+    child = list(parent)
+    for _ in range(300):
+        i = rnd.randrange(len(child))
+        if rnd.random() < 0.5:
+            child[i] = CHUNK_RECORD.pack(rnd.randbytes(32), 7)
+        else:
+            del child[i]
+    child[9000:9000] = child[45_000:47_000]
+    p, t = b"".join(parent), b"".join(child)
+    cuts = [rnd.randrange(len(child)) for _ in range(40)]
+    got = _from_file(p, t, cuts)
+    assert got == make_delta_py(p, t)
+    assert apply_delta(p, got[0], got[1], "g") == t
+
+
+def test_the_kernel_holds_slots_for_distinct_records_not_for_records() -> None:
+    """What lets an incremental's memory not grow with its snapshot: a parent of 300,000
+    records that repeat 50 distinct ones costs the kernel a few KiB, where 300,000
+    distinct records cost 8 bytes each, twice over at most."""
+    distinct = [CHUNK_RECORD.pack(os.urandom(32), 65536) for _ in range(50)]
+    repeating = b"".join(distinct[i % 50] for i in range(300_000))
+    unique = b"".join(CHUNK_RECORD.pack(os.urandom(32), 1) for _ in range(300_000))
+    with tempfile.TemporaryFile() as f:
+        f.write(repeating)
+        f.flush()
+        small = DeltaBuilder(fd=f.fileno(), n_parent=300_000).memory_bytes()
+    big = DeltaBuilder(unique).memory_bytes()
+    assert small < 80 * 1024 < 8 * 300_000 <= big <= 4 * 8 * 300_000
+
+
+def test_a_parent_file_shorter_than_its_count_is_an_error() -> None:
+    with tempfile.TemporaryFile() as f:
+        f.write(b"".join(POOL[:10]))
+        f.flush()
+        with pytest.raises(OSError, match="Input/output"):
+            DeltaBuilder(fd=f.fileno(), n_parent=11)
+        with pytest.raises(ValueError):
+            DeltaBuilder(fd=f.fileno())
+        with pytest.raises(ValueError, match="whole"):
+            DeltaBuilder(fd=f.fileno(), n_parent=10).feed(b"x" * 35)

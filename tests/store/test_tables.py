@@ -4,16 +4,19 @@ with each manifest read once however long the chains (verify and prune use it)."
 from __future__ import annotations
 
 import io
+import os
 import random
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import PASSPHRASE, make_repo
 
 from dedupe import Repository
 from dedupe.backends import LocalBackend
-from dedupe.errors import DedupeError
-from dedupe.store.tables import each_generation_table
+from dedupe.errors import DedupeError, IntegrityError, MissingObject
+from dedupe.format.manifest import CHUNK_RECORD
+from dedupe.store.tables import each_generation_table, spill_complete_table
 
 # Two chains of one source and a second source: a differential and incrementals hang
 # off the first full, more incrementals off the second.
@@ -118,5 +121,45 @@ def test_a_damaged_manifest_fails_itself_and_what_is_based_on_it(run: Any, repo_
                         raise AssertionError(f"{gen_id} expanded on its own")
                 else:
                     assert outcome == await store.generation_chunks(gen_id)
+
+    run(go())
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_spilled_complete_tables_match_generation_chunks(run: Any, repo_path: Path) -> None:
+    """What an incremental backup compares itself with: every stream generation's
+    complete table, expanded file to file through its chain (up to seven incrementals
+    deep), equals generation_chunks' in memory; a broken chain fails as it would there,
+    and no temporary file stays open either way."""
+
+    async def go() -> None:
+        ids = await _backups(repo_path)
+        async with await Repository.open(repo_path, PASSPHRASE) as repo:
+            store = repo._store
+            before = _open_descriptors()
+            streams = ids[: len(KINDS) + 1]  # the chains of "db" and the one-off stream
+            for gen_id in streams:
+                f, n = await spill_complete_table(store, gen_id)
+                with f:
+                    f.seek(0)
+                    got = f.read()
+                _meta, table = await store.generation_chunks(gen_id)
+                assert got == table and n == len(table) // CHUNK_RECORD.size
+            assert _open_descriptors() == before
+            (repo_path / "generations" / ids[3]).unlink()  # a link in the first chain
+            with pytest.raises(MissingObject, match=ids[3]):
+                await spill_complete_table(store, ids[6])
+            damaged = repo_path / "generations" / ids[5]
+            data = bytearray(damaged.read_bytes())
+            data[-10] ^= 1
+            damaged.write_bytes(bytes(data))
+            with pytest.raises(IntegrityError, match=ids[5]):
+                await spill_complete_table(store, ids[5])
+            assert _open_descriptors() == before
+            with pytest.raises(IntegrityError, match="not a stream"):
+                await spill_complete_table(store, ids[-1])
 
     run(go())
