@@ -8,9 +8,14 @@ what does a large index cost to open and to back up against?
 
 1. Snapshot size: back up S and 4*S bytes of generated database-like data (the generator
    of `dedupe bench`) into fresh repositories, each backup its own `python -m dedupe`
-   process, and print the ratio of wall times (4.0 is linear) and of peak RSS (1.0 is
-   flat memory).
-2. Repository size: a repository holding N synthetic index entries (default 5 million),
+   process, and print the ratio of wall times (4.0 is linear) and of peak RSS. A fresh
+   repository's index grows with what is stored (~54 B per chunk, allowed), so this
+   ratio mixes snapshot size and repository size.
+2. Snapshot size alone: one repository holding the chunks of both snapshots (each backed
+   up once), then `--runs` full and incremental backups of each, alternating: the index
+   is the same for all of them and nothing new is stored, so any growth of the peak RSS
+   from S to 4*S is what a backup holds per chunk of its snapshot (DESIGN.md: none).
+3. Repository size: a repository holding N synthetic index entries (default 5 million),
    written as real, sealed index objects through RepositoryStore.write_index with
    random chunk ids in empty pack files. They are *synthetic*: no pack holds their data,
    so `verify --read-data` would fail there; only the open and lookup paths are
@@ -32,6 +37,7 @@ import asyncio
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -97,12 +103,21 @@ async def new_repo(path: Path) -> None:
     await repo.close()
 
 
-async def measured_backup(repo: Path, source: Path, env: dict[str, str], scratch: Path) -> Measured:
+async def measured_backup(
+    repo: Path,
+    source: Path,
+    env: dict[str, str],
+    scratch: Path,
+    *,
+    name: str = "scale",
+    kind: str = "incremental",
+) -> Measured:
     os.sync()
     with open(source, "rb", buffering=0) as f:  # warm the page cache, as dedupe bench does
         while f.read(4 * MiB):
             pass
-    argv = [sys.executable, "-m", "dedupe", "backup", str(source), "--name", "scale", "--json"]
+    argv = [sys.executable, "-m", "dedupe", "backup", str(source), "--name", name, "--json"]
+    argv += ["--type", kind]
     m = await measure_command(
         argv, env={**env, "DEDUPE_REPO": str(repo)}, cwd=scratch, scratch=scratch
     )
@@ -141,7 +156,6 @@ async def snapshot_scaling(
             }
         )
         shutil.rmtree(repo)
-        source.unlink()  # 4 GiB of scratch is enough to keep at a time
     a, b = rows
     return {
         "runs": rows,
@@ -150,6 +164,36 @@ async def snapshot_scaling(
         "rss_ratio": b["maxrss_bytes"] / a["maxrss_bytes"],
         "size_ratio": b["bytes"] / a["bytes"],
     }
+
+
+async def same_repository_scaling(
+    workdir: Path, small: int, env: dict[str, str], scratch: Path, runs: int
+) -> dict[str, Any]:
+    sources = [data_file(workdir, size) for size in (small, 4 * small)]
+    repo = workdir / "repo-both"
+    await new_repo(repo)
+    for source in sources:
+        log(f"storing the chunks of {source.name} ...")
+        await measured_backup(repo, source, env, scratch, name=source.name, kind="full")
+    peaks: dict[str, dict[int, list[int]]] = {"full": {}, "incremental": {}}
+    for run in range(runs):
+        for kind in ("full", "incremental"):
+            for size, source in zip((small, 4 * small), sources, strict=True):
+                log(f"run {run + 1}/{runs}: {kind} of {size / MiB:.0f} MiB, nothing new ...")
+                m = await measured_backup(repo, source, env, scratch, name=source.name, kind=kind)
+                peaks[kind].setdefault(size, []).append(m.maxrss_bytes)
+    shutil.rmtree(repo)
+    result: dict[str, Any] = {"runs": runs}
+    for kind, by_size in peaks.items():
+        a, b = (statistics.median(by_size[size]) for size in (small, 4 * small))
+        result[kind] = {
+            "maxrss_bytes": {str(size): v for size, v in by_size.items()},
+            "median_small": a,
+            "median_large": b,
+            "rss_ratio": b / a,
+            "growth_bytes": b - a,
+        }
+    return result
 
 
 async def build_index(repo: Path, entries: int) -> tuple[float, list[str]]:
@@ -260,6 +304,20 @@ def render(r: dict[str, Any]) -> str:
         f"  peak RSS x{s['rss_ratio']:.2f}: "
         + ("flat (within 15%)" if flat else "GROWS with the snapshot")
     )
+    same = r.get("same_repository")
+    if same:
+        out += [
+            "",
+            f"Snapshot size alone (one repository holding both; nothing new stored; "
+            f"median of {same['runs']} runs):",
+            f"  {'backup':>11}  {'small MiB':>9}  {'4x MiB':>7}  {'growth MiB':>10}  ratio",
+        ]
+        for kind in ("full", "incremental"):
+            v = same[kind]
+            out.append(
+                f"  {kind:>11}  {v['median_small'] * mib:>9.1f}  {v['median_large'] * mib:>7.1f}"
+                f"  {v['growth_bytes'] * mib:>10.1f}  x{v['rss_ratio']:.3f}"
+            )
     x = r.get("index")
     if x:
         out.append("")
@@ -303,6 +361,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "cpus": os.cpu_count(),
             "snapshot": await snapshot_scaling(workdir, small, env, scratch),
         }
+        if args.runs > 0:
+            report["same_repository"] = await same_repository_scaling(
+                workdir, small, env, scratch, args.runs
+            )
         if args.entries > 0:
             report["index"] = await index_scaling(workdir, args.entries, env, scratch)
         return report
@@ -318,6 +380,7 @@ def main() -> int:
     p.add_argument(
         "--entries", type=int, default=5_000_000, help="synthetic index entries (0: skip)"
     )
+    p.add_argument("--runs", type=int, default=3, help="runs of the same-repository test (0: skip)")
     p.add_argument("--workdir", type=Path, help="where data and repositories go [a tmp dir]")
     p.add_argument("--keep", action="store_true", help="keep the temporary work directory")
     p.add_argument("--json", action="store_true", help="print JSON on stdout, the table on stderr")
