@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from types import TracebackType
@@ -39,7 +39,7 @@ from dedupe.errors import AmbiguousGeneration, GenerationNotFound, TargetError
 from dedupe.format.config import DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_SIZE
 from dedupe.store import RepositoryStore
 from dedupe.store.locks import LockInfo, RepositoryLock, list_locks, remove_locks
-from dedupe.store.tables import spill_complete_table
+from dedupe.store.tables import iter_table_file, spill_complete_table
 
 __all__ = ["BackupStats", "Generation", "Progress", "Repository", "RestoreStats"]
 
@@ -206,7 +206,7 @@ class Repository:
         parent_table = None
         if parent is not None:
             # The parent's complete table, in a file: the delta reads it from there.
-            parent_file, n_parent = await spill_complete_table(self._store, parent.id)
+            parent_file, n_parent, _meta = await spill_complete_table(self._store, parent.id)
             parent_table = (parent.id, parent_file, n_parent)
         try:
             stats = await run_backup(
@@ -487,8 +487,29 @@ class Repository:
                 f"generation {gen.id[:12]} is a directory tree: restore it to a directory"
             )
         await self._store.refresh_index()
-        meta, table = await self._store.generation_chunks(gen.id)
-        return restore_chunks(self._store, gen.id, table, meta["digest"], self._executor)
+        # The complete table in a file, read piece by piece: a restore's memory does not
+        # grow with the generation's size.
+        table_file, n_records, meta = await spill_complete_table(self._store, gen.id)
+        stream = restore_chunks(
+            self._store,
+            gen.id,
+            iter_table_file(table_file, n_records),
+            meta["digest"],
+            self._executor,
+        )
+        return _closing(stream, table_file)
+
+
+async def _closing(
+    stream: AsyncGenerator[list[Buffer], None], table_file: BinaryIO
+) -> AsyncIterator[list[Buffer]]:
+    """`stream`, then the table file it reads from closed, however the stream ends."""
+    try:
+        async for parts in stream:
+            yield parts
+    finally:
+        await stream.aclose()
+        table_file.close()
 
 
 def _with_note(stats: BackupStats, note: str | None) -> BackupStats:

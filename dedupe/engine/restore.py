@@ -1,6 +1,7 @@
 """The restore pipeline.
 
-The generation's chunk table is cut into windows of about WINDOW_BYTES of output. For each
+The generation's chunk table, read piece by piece (from a file: it is never held whole),
+is cut into windows of about WINDOW_BYTES of output. For each
 window the chunks are grouped by pack, neighbouring blobs are read with one ranged get
 (gaps under COALESCE_GAP are read through), ranges are fetched concurrently, and each
 range is opened on the executor: AEAD under the chunk id, decompression, keyed BLAKE3
@@ -15,7 +16,7 @@ import asyncio
 import io
 import os
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from typing import Any, BinaryIO, TypeVar
 
@@ -42,15 +43,16 @@ WINDOWS_AHEAD = 2
 _Item = tuple[bytes, int, int, int]
 
 
-def _windows(table: bytes) -> Iterator[list[tuple[bytes, int]]]:
+def _windows(table: Iterable[Buffer]) -> Iterator[list[tuple[bytes, int]]]:
     window: list[tuple[bytes, int]] = []
     size = 0
-    for chunk_id, length in CHUNK_RECORD.iter_unpack(table):
-        window.append((chunk_id, length))
-        size += length
-        if size >= WINDOW_BYTES:
-            yield window
-            window, size = [], 0
+    for piece in table:
+        for chunk_id, length in CHUNK_RECORD.iter_unpack(piece):
+            window.append((chunk_id, length))
+            size += length
+            if size >= WINDOW_BYTES:
+                yield window
+                window, size = [], 0
     if window:
         yield window
 
@@ -91,11 +93,13 @@ def _ranges(items: list[_Item]) -> Iterator[tuple[int, int, list[_Item]]]:
 async def restore_chunks(
     store: RepositoryStore,
     gen_id: str,
-    table: bytes,
+    table: Iterable[Buffer],
     digest_hex: str | None,
     executor: Executor,
-) -> AsyncIterator[list[Buffer]]:
+) -> AsyncGenerator[list[Buffer], None]:
     """Yield the generation's bytes as lists of verified chunks, in order, window by window.
+    `table` is its complete chunk table in pieces of whole CHUNK_RECORDs, read as the
+    windows are needed.
     With `digest_hex`, the whole stream is checked against it at the end (callers that
     check per-file digests pass None)."""
     loop = asyncio.get_running_loop()

@@ -475,7 +475,7 @@ async def _name_damaged_file(
     this reads little; if nothing fails now, the caller re-raises the original error."""
     for e in files:
         try:
-            async for _parts in restore_chunks(store, gen_id, e["records"], None, executor):
+            async for _parts in restore_chunks(store, gen_id, [e["records"]], None, executor):
                 pass
         except IntegrityError as again:
             raise type(again)(
@@ -494,7 +494,7 @@ async def _write_files(
 ) -> None:
     files = [e for e in entries if e["type"] == "file"]
     sink = _FileSink(top, files, store, gen_id)
-    stream = restore_chunks(store, gen_id, complete_table(files), None, executor)
+    stream = restore_chunks(store, gen_id, [complete_table(files)], None, executor)
     try:
         await sink.begin()
         while True:

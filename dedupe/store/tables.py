@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any, BinaryIO
 
 from dedupe.errors import GenerationNotFound, IntegrityError, MissingObject
@@ -161,12 +161,15 @@ def _parents_first(ids: list[str], parents: dict[str, str]) -> list[str]:
 # --- a stream generation's complete table in a file -------------------------------------
 
 
-async def spill_complete_table(store: RepositoryStore, gen_id: str) -> tuple[BinaryIO, int]:
-    """(unnamed temporary file, record count): the complete chunk table of stream
-    generation `gen_id`, its chain expanded from the full down, file to file. What is
-    held in memory is a frame, a copy buffer and the ops of the chain's deltas, however
-    large the tables: an incremental backup compares its own table with this file
-    (dedupe.format.delta.DeltaBuilder). The caller closes the file."""
+async def spill_complete_table(
+    store: RepositoryStore, gen_id: str
+) -> tuple[BinaryIO, int, dict[str, Any]]:
+    """(unnamed temporary file, record count, body meta): the complete chunk table of
+    stream generation `gen_id`, its chain expanded from the full down, file to file, and
+    its own meta. What is held in memory is a frame, a copy buffer and the ops of the
+    chain's deltas, however large the tables: an incremental backup compares its own
+    table with this file (dedupe.format.delta.DeltaBuilder), a restore reads it piece by
+    piece (iter_table_file). The caller closes the file."""
     levels: list[tuple[str, dict[str, Any], BinaryIO, int]] = []  # gen_id up to its full
     try:
         current: str | None = gen_id
@@ -180,13 +183,14 @@ async def spill_complete_table(store: RepositoryStore, gen_id: str) -> tuple[Bin
             except GenerationNotFound:
                 raise MissingObject(
                     f"generation {current}, which {gen_id} is based on, is missing",
-                    hint="the chain is broken; back up a full",
+                    hint="the chain is broken: restore another generation, back up a full",
                 ) from None
             if meta.get("type") != "stream":
                 raise IntegrityError(f"generation {current} is not a stream generation")
             levels[-1] = (current, meta, own, n)
             delta = meta.get("delta")
             current = str(delta["parent"]) if delta else None
+        own_meta = levels[0][1]
         _gid, _meta, table, n_table = levels.pop()
     except BaseException:
         for _g, _m, f, _n in levels:
@@ -221,7 +225,22 @@ async def spill_complete_table(store: RepositoryStore, gen_id: str) -> tuple[Bin
         for _g, _m, f, _n in levels:
             f.close()
         raise
-    return table, n_table
+    return table, n_table, own_meta
+
+
+def iter_table_file(f: BinaryIO, n_records: int) -> Iterator[bytes]:
+    """The records of a spilled table, in pieces of COPY_RECORDS (~1 MiB)."""
+    fd = f.fileno()
+    pos, end = 0, n_records * _R
+    while pos < end:
+        try:
+            piece = os.pread(fd, min(COPY_RECORDS * _R, end - pos), pos)
+        except OSError as e:
+            raise scratch_error(e, "reading", "a") from None
+        if not piece or len(piece) % _R:
+            raise IntegrityError("a temporary table file ended early")
+        pos += len(piece)
+        yield piece
 
 
 def _apply_delta_files(

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from dedupe import Repository
 from dedupe.chunking import ChunkerParams
+from dedupe.errors import DedupeError
 
 
 def _params() -> st.SearchStrategy[ChunkerParams]:
@@ -205,4 +206,46 @@ def test_a_large_backup_writes_several_index_objects(
             assert out.getvalue() == data
             assert (await repo.verify(read_data=True)).ok
 
+    run(go())
+
+
+def test_restores_read_the_table_from_a_file_they_close(
+    run, repo_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A restore reads its generation's complete table from a temporary file, piece by
+    piece (an incremental's expanded through its chain): the bytes come back exactly, in
+    several windows, and the file is closed whether the restore succeeds, fails at a
+    damaged chunk, or is abandoned half way."""
+    import dedupe.engine.restore as restore_module
+
+    rng = random.Random(9)
+    base = bytearray(rng.randbytes(3_000_000))
+
+    def open_descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            full = await repo.backup(io.BytesIO(bytes(base)), name="db", kind="full")
+            base[1_000_000:1_000_100] = rng.randbytes(100)
+            incr = await repo.backup(io.BytesIO(bytes(base)), name="db", kind="incremental")
+            before = open_descriptors()
+            out = io.BytesIO()
+            await repo.restore(incr.id, out)
+            assert out.getvalue() == base
+            assert open_descriptors() == before
+            stream = repo.restore_stream(full.id)
+            await stream.__anext__()  # abandoned after the first window
+            await stream.aclose()
+            assert open_descriptors() == before
+            packs = sorted((repo_path / "packs").rglob("*"))
+            victim = next(p for p in packs if p.is_file())
+            data = bytearray(victim.read_bytes())
+            data[100] ^= 1
+            victim.write_bytes(bytes(data))
+            with pytest.raises(DedupeError):
+                await repo.restore(incr.id, io.BytesIO())
+            assert open_descriptors() == before
+
+    monkeypatch.setattr(restore_module, "WINDOW_BYTES", 256 * 1024)
     run(go())
