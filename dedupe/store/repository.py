@@ -75,7 +75,7 @@ from dedupe.format.manifest import (
 from dedupe.hashing import ChunkHasher, object_id
 from dedupe.store.blobs import BlobCodec
 from dedupe.store.index import ChunkIndex
-from dedupe.store.manifests import ManifestWriter, write_scratch
+from dedupe.store.manifests import Buffer, ManifestWriter, write_scratch
 from dedupe.store.packer import FinishedPack
 from dedupe.store.quarantine import read_quarantine
 
@@ -86,6 +86,17 @@ MIN_PACK_SIZE = 4096  # tests shrink packs to a few KiB so small inputs make man
 
 def utc_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _open_frame(data_key: bytes, sealed: Buffer, i: int, last: bool, what: str) -> bytes:
+    """The payload of frame `i` of a version 2 manifest body; a table frame (all but the
+    last) must hold whole chunk records."""
+    plain: bytes = zstandard.ZstdDecompressor().decompress(
+        open_sealed(data_key, sealed, frame_aad(i), f"{what}, frame {i}")
+    )
+    if not last and (not plain or len(plain) % CHUNK_RECORD.size):
+        raise IntegrityError(f"{what}: a table frame does not hold whole chunk records")
+    return plain
 
 
 def pack_name(pack_id: bytes) -> str:
@@ -399,7 +410,6 @@ class RepositoryStore:
         data_key: bytes | None = None
         frame_no = records = 0
         meta: dict[str, Any] | None = None
-        decompress = zstandard.ZstdDecompressor().decompress
         while pos < size:
             piece = await self.backend.get(name, pos, min(SPILL_PIECE, size - pos))
             pos += len(piece)
@@ -416,18 +426,13 @@ class RepositoryStore:
                 (n,) = FRAME_LENGTH.unpack_from(buf)
                 if len(buf) < FRAME_LENGTH.size + n:
                     break
-                if meta is not None:
-                    raise IntegrityError(f"{what}: a frame follows its meta frame")
                 sealed = bytes(buf[FRAME_LENGTH.size : FRAME_LENGTH.size + n])
                 del buf[: FRAME_LENGTH.size + n]
-                plain = decompress(
-                    open_sealed(data_key, sealed, frame_aad(frame_no), f"{what}, frame {frame_no}")
-                )
+                last = pos == size and not buf  # the object ends here: the meta frame
+                plain = _open_frame(data_key, sealed, frame_no, last, what)
                 frame_no += 1
-                if pos == size and not buf:  # the object ends here: the meta frame
+                if last:
                     meta = decode_meta(plain, what)
-                elif not plain or len(plain) % CHUNK_RECORD.size:
-                    raise IntegrityError(f"{what}: a table frame does not hold whole chunk records")
                 else:
                     await asyncio.to_thread(write_scratch, sink, plain)
                     records += len(plain) // CHUNK_RECORD.size
@@ -513,14 +518,11 @@ class RepositoryStore:
             raise IntegrityError(f"{what}: its body does not belong to its header")
         epoch_no, wrapped, frames = split_frames(body, what)
         data_key = self._epoch(epoch_no, what).unwrap(wrapped)
-        decompress = zstandard.ZstdDecompressor().decompress
         plains = [
-            decompress(open_sealed(data_key, sealed, frame_aad(i), f"{what}, frame {i}"))
+            _open_frame(data_key, sealed, i, i == len(frames) - 1, what)
             for i, sealed in enumerate(frames)
         ]
         meta = decode_meta(plains.pop(), what)
-        if any(not p or len(p) % CHUNK_RECORD.size for p in plains):
-            raise IntegrityError(f"{what}: a table frame does not hold whole chunk records")
         table = b"".join(plains)
         if len(table) != int(meta["chunk_count"]) * CHUNK_RECORD.size:
             raise IntegrityError(f"{what}: chunk table does not match its count")
