@@ -16,6 +16,7 @@ returned as objects; failures are `DedupeError` subclasses (dedupe.errors).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -39,7 +40,7 @@ from dedupe.errors import AmbiguousGeneration, GenerationNotFound, TargetError
 from dedupe.format.config import DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_SIZE
 from dedupe.store import RepositoryStore
 from dedupe.store.locks import LockInfo, RepositoryLock, list_locks, remove_locks
-from dedupe.store.tables import iter_table_file, spill_complete_table
+from dedupe.store.tables import spill_complete_table
 
 __all__ = ["BackupStats", "Generation", "Progress", "Repository", "RestoreStats"]
 
@@ -203,11 +204,8 @@ class Repository:
             except OSError:
                 pass
         info = {"type": "stream", "label": label or ""}
-        parent_table = None
-        if parent is not None:
-            # The parent's complete table, in a file: the delta reads it from there.
-            parent_file, n_parent, _meta = await spill_complete_table(self._store, parent.id)
-            parent_table = (parent.id, parent_file, n_parent)
+        # The parent's complete table, in a file: the delta reads it from there.
+        spilled = await spill_complete_table(self._store, parent.id) if parent else None
         try:
             stats = await run_backup(
                 self._store,
@@ -218,13 +216,15 @@ class Repository:
                 progress=progress,
                 size_hint=size_hint,
                 kind=kind if parent is not None else "full",
-                parent=parent_table,
+                parent=(parent.id, spilled.file, spilled.records)
+                if parent is not None and spilled is not None
+                else None,
                 before_commit=lock.check,
                 chunker=spec,
             )
         finally:
-            if parent_table is not None:
-                parent_table[1].close()
+            if spilled is not None:
+                spilled.close()
         return _with_note(stats, note)
 
     # --- directory trees (engine/tree.py) --------------------------------------------------
@@ -375,13 +375,14 @@ class Repository:
                     f"generation {gen.id[:12]} is a directory tree: restore it to a directory"
                 )
             return await self._restore_tree(gen, os.fspath(target), overwrite, progress)
-        stream = await self._chunks(gen)
-        if progress is not None:
-            stream = _report(stream, progress, gen.size)
-        if isinstance(target, str | os.PathLike):
-            written = await write_to_path(stream, os.fspath(target), overwrite)
-        else:
-            written = await write_to_fileobj(stream, target)
+        # Closed here, however the writing ends: the pipeline's tasks and its table file
+        # go now, not whenever the event loop finalises an abandoned generator.
+        async with contextlib.aclosing(await self._chunks(gen)) as chunks:
+            stream = chunks if progress is None else _report(chunks, progress, gen.size)
+            if isinstance(target, str | os.PathLike):
+                written = await write_to_path(stream, os.fspath(target), overwrite)
+            else:
+                written = await write_to_fileobj(stream, target)
         return RestoreStats(gen.id, written, gen.chunks, time.monotonic() - started)
 
     # --- verify (engine/verify.py) -------------------------------------------------------------
@@ -480,36 +481,17 @@ class Repository:
 
         return await remove_locks(self._store.backend, all_locks=all_locks)
 
-    async def _chunks(self, generation: str | Generation) -> AsyncIterator[list[Buffer]]:
+    async def _chunks(self, generation: str | Generation) -> AsyncGenerator[list[Buffer], None]:
         gen = await self.resolve(generation)
         if gen.source.get("type") == "tree":
             raise TargetError(
                 f"generation {gen.id[:12]} is a directory tree: restore it to a directory"
             )
         await self._store.refresh_index()
-        # The complete table in a file, read piece by piece: a restore's memory does not
-        # grow with the generation's size.
-        table_file, n_records, meta = await spill_complete_table(self._store, gen.id)
-        stream = restore_chunks(
-            self._store,
-            gen.id,
-            iter_table_file(table_file, n_records),
-            meta["digest"],
-            self._executor,
-        )
-        return _closing(stream, table_file)
-
-
-async def _closing(
-    stream: AsyncGenerator[list[Buffer], None], table_file: BinaryIO
-) -> AsyncIterator[list[Buffer]]:
-    """`stream`, then the table file it reads from closed, however the stream ends."""
-    try:
-        async for parts in stream:
-            yield parts
-    finally:
-        await stream.aclose()
-        table_file.close()
+        # The complete table in a file, read piece by piece (restore_chunks closes it):
+        # a restore's memory does not grow with the generation's size.
+        table = await spill_complete_table(self._store, gen.id)
+        return restore_chunks(self._store, gen.id, table, table.meta["digest"], self._executor)
 
 
 def _with_note(stats: BackupStats, note: str | None) -> BackupStats:

@@ -99,7 +99,8 @@ async def restore_chunks(
 ) -> AsyncGenerator[list[Buffer], None]:
     """Yield the generation's bytes as lists of verified chunks, in order, window by window.
     `table` is its complete chunk table in pieces of whole CHUNK_RECORDs, read as the
-    windows are needed.
+    windows are needed; when it has a close() (a SpilledTable), it is closed however
+    the stream ends.
     With `digest_hex`, the whole stream is checked against it at the end (callers that
     check per-file digests pass None)."""
     loop = asyncio.get_running_loop()
@@ -195,6 +196,9 @@ async def restore_chunks(
         if updating is not None:  # never leave a thread reading buffers we drop
             await asyncio.wait([updating])
         release_buffers()
+        close = getattr(table, "close", None)
+        if close is not None:
+            close()
 
 
 def _check_digest(digest: StreamDigest, expected: str, gen_id: str) -> None:

@@ -161,15 +161,43 @@ def _parents_first(ids: list[str], parents: dict[str, str]) -> list[str]:
 # --- a stream generation's complete table in a file -------------------------------------
 
 
-async def spill_complete_table(
-    store: RepositoryStore, gen_id: str
-) -> tuple[BinaryIO, int, dict[str, Any]]:
-    """(unnamed temporary file, record count, body meta): the complete chunk table of
-    stream generation `gen_id`, its chain expanded from the full down, file to file, and
-    its own meta. What is held in memory is a frame, a copy buffer and the ops of the
-    chain's deltas, however large the tables: an incremental backup compares its own
-    table with this file (dedupe.format.delta.DeltaBuilder), a restore reads it piece by
-    piece (iter_table_file). The caller closes the file."""
+class SpilledTable:
+    """A complete chunk table in an unnamed temporary file: `records` CHUNK_RECORDs,
+    iterated in pieces of COPY_RECORDS (~1 MiB), and the body meta of its generation.
+    Close it when done (it is a context manager)."""
+
+    def __init__(self, file: BinaryIO, records: int, meta: dict[str, Any]) -> None:
+        self.file, self.records, self.meta = file, records, meta
+
+    def __iter__(self) -> Iterator[bytes]:
+        fd = self.file.fileno()
+        pos, end = 0, self.records * _R
+        while pos < end:
+            try:
+                piece = os.pread(fd, min(COPY_RECORDS * _R, end - pos), pos)
+            except OSError as e:
+                raise scratch_error(e, "reading", "a") from None
+            if not piece or len(piece) % _R:
+                raise IntegrityError("a temporary table file ended early")
+            pos += len(piece)
+            yield piece
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> SpilledTable:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+async def spill_complete_table(store: RepositoryStore, gen_id: str) -> SpilledTable:
+    """The complete chunk table of stream generation `gen_id`, its chain expanded from
+    the full down, file to file, with its own meta. What is held in memory is a frame, a
+    copy buffer and the ops of the chain's deltas, however large the tables: an
+    incremental backup compares its own table with the file
+    (dedupe.format.delta.DeltaBuilder), a restore reads it piece by piece."""
     levels: list[tuple[str, dict[str, Any], BinaryIO, int]] = []  # gen_id up to its full
     try:
         current: str | None = gen_id
@@ -225,22 +253,7 @@ async def spill_complete_table(
         for _g, _m, f, _n in levels:
             f.close()
         raise
-    return table, n_table, own_meta
-
-
-def iter_table_file(f: BinaryIO, n_records: int) -> Iterator[bytes]:
-    """The records of a spilled table, in pieces of COPY_RECORDS (~1 MiB)."""
-    fd = f.fileno()
-    pos, end = 0, n_records * _R
-    while pos < end:
-        try:
-            piece = os.pread(fd, min(COPY_RECORDS * _R, end - pos), pos)
-        except OSError as e:
-            raise scratch_error(e, "reading", "a") from None
-        if not piece or len(piece) % _R:
-            raise IntegrityError("a temporary table file ended early")
-        pos += len(piece)
-        yield piece
+    return SpilledTable(table, n_table, own_meta)
 
 
 def _apply_delta_files(

@@ -8,6 +8,7 @@ import os
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import PASSPHRASE, make_repo
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 
 from dedupe import Repository
 from dedupe.chunking import ChunkerParams
-from dedupe.errors import DedupeError
+from dedupe.errors import DedupeError, TargetError
 
 
 def _params() -> st.SearchStrategy[ChunkerParams]:
@@ -209,13 +210,30 @@ def test_a_large_backup_writes_several_index_objects(
     run(go())
 
 
+class GoneAfter(io.RawIOBase):
+    """A target whose reader goes away once `limit` bytes were written."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        if self.left <= 0:
+            raise OSError(32, "the reader went away")
+        n = min(len(b), self.left)
+        self.left -= n
+        return n
+
+
 def test_restores_read_the_table_from_a_file_they_close(
     run, repo_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
     """A restore reads its generation's complete table from a temporary file, piece by
     piece (an incremental's expanded through its chain): the bytes come back exactly, in
     several windows, and the file is closed whether the restore succeeds, fails at a
-    damaged chunk, or is abandoned half way."""
+    damaged chunk, or stops at a target that fails half way."""
     import dedupe.engine.restore as restore_module
 
     rng = random.Random(9)
@@ -234,9 +252,8 @@ def test_restores_read_the_table_from_a_file_they_close(
             await repo.restore(incr.id, out)
             assert out.getvalue() == base
             assert open_descriptors() == before
-            stream = repo.restore_stream(full.id)
-            await stream.__anext__()  # abandoned after the first window
-            await stream.aclose()
+            with pytest.raises(TargetError, match="went away"):  # after the first window
+                await repo.restore(full.id, GoneAfter(300_000))
             assert open_descriptors() == before
             packs = sorted((repo_path / "packs").rglob("*"))
             victim = next(p for p in packs if p.is_file())

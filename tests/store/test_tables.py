@@ -16,7 +16,7 @@ from dedupe import Repository
 from dedupe.backends import LocalBackend
 from dedupe.errors import DedupeError, IntegrityError, MissingObject
 from dedupe.format.manifest import CHUNK_RECORD
-from dedupe.store.tables import each_generation_table, iter_table_file, spill_complete_table
+from dedupe.store.tables import each_generation_table, spill_complete_table
 
 # Two chains of one source and a second source: a differential and incrementals hang
 # off the first full, more incrementals off the second.
@@ -142,12 +142,11 @@ def test_spilled_complete_tables_match_generation_chunks(run: Any, repo_path: Pa
             before = _open_descriptors()
             streams = ids[: len(KINDS) + 1]  # the chains of "db" and the one-off stream
             for gen_id in streams:
-                f, n, meta = await spill_complete_table(store, gen_id)
-                with f:
-                    got = b"".join(iter_table_file(f, n))
+                with await spill_complete_table(store, gen_id) as spilled:
+                    got = b"".join(spilled)
                 want_meta, table = await store.generation_chunks(gen_id)
-                assert got == table and n == len(table) // CHUNK_RECORD.size
-                assert meta == want_meta
+                assert got == table and spilled.records == len(table) // CHUNK_RECORD.size
+                assert spilled.meta == want_meta
             assert _open_descriptors() == before
             (repo_path / "generations" / ids[3]).unlink()  # a link in the first chain
             with pytest.raises(MissingObject, match=ids[3]):
