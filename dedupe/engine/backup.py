@@ -404,9 +404,12 @@ async def run_backup(
         builder = None
         if parent is not None:
             parent_id, parent_file, n_parent = parent
-            builder = await loop.run_in_executor(
-                executor, lambda: DeltaBuilder(fd=parent_file.fileno(), n_parent=n_parent)
-            )
+            try:
+                builder = await loop.run_in_executor(
+                    executor, lambda: DeltaBuilder(fd=parent_file.fileno(), n_parent=n_parent)
+                )
+            except OSError as e:
+                raise scratch_error(e, "reading", "the parent table's") from None
             table_out = _DeltaSink(builder, body)
         got = await ingest(
             store,

@@ -18,6 +18,7 @@ import zstandard
 from conftest import make_repo
 
 from dedupe.crypto import new_key, seal
+from dedupe.engine import run_backup
 from dedupe.errors import IntegrityError, ScratchError, TruncatedObject
 from dedupe.format.manifest import (
     BODY_AAD_PREFIX,
@@ -310,5 +311,35 @@ def test_an_incremental_and_a_full_are_stored_in_frames(
             _h, meta, own = await store.read_manifest(incr.id)
             assert meta["delta"]["parent"] == full.id
             assert 0 < len(own) // R < incr.chunks  # only the changed records are its own
+
+    run(go())
+
+
+def test_a_parent_table_that_cannot_be_read_is_a_scratch_error(
+    run: Callable[..., Any], repo_path: Path
+) -> None:
+    """The parent's spilled table shorter than its count (a scratch disk that lost
+    data): the incremental fails with ScratchError and commits nothing."""
+
+    async def source() -> Any:
+        yield os.urandom(100_000)
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            full = await repo.backup(io.BytesIO(os.urandom(100_000)), name="db", kind="full")
+            with tempfile.TemporaryFile() as short:
+                short.write(records(2))
+                short.flush()
+                with pytest.raises(ScratchError, match="parent table"):
+                    await run_backup(
+                        repo._store,
+                        source(),
+                        name="db",
+                        source_info={"type": "stream", "label": ""},
+                        executor=repo._executor,
+                        kind="incremental",
+                        parent=(full.id, short, 5),
+                    )
+            assert [g.id for g in await repo.generations()] == [full.id]
 
     run(go())
