@@ -216,9 +216,7 @@ class Repository:
                 progress=progress,
                 size_hint=size_hint,
                 kind=kind if parent is not None else "full",
-                parent=(parent.id, spilled.file, spilled.records)
-                if parent is not None and spilled is not None
-                else None,
+                parent=(parent.id, spilled) if parent is not None and spilled is not None else None,
                 before_commit=lock.check,
                 chunker=spec,
             )

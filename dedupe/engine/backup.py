@@ -26,7 +26,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from dedupe._types import BackupStats, Progress, ProgressCallback
 from dedupe.chunking import (
@@ -47,6 +47,7 @@ from dedupe.store import FinishedPack, PackWriter, RepositoryStore
 from dedupe.store.blobs import FramedBatch, release_buffers
 from dedupe.store.manifests import Buffer, ManifestWriter, scratch_error
 from dedupe.store.repository import utc_now
+from dedupe.store.tables import SpilledTable
 
 T = TypeVar("T")
 FASTCDC = "fastcdc"
@@ -385,14 +386,14 @@ async def run_backup(
     progress: ProgressCallback | None = None,
     size_hint: int | None = None,
     kind: str = "full",
-    parent: tuple[str, BinaryIO, int] | None = None,
+    parent: tuple[str, SpilledTable] | None = None,
     before_commit: Callable[[], None] | None = None,
     chunker: dict[str, Any] | str = FASTCDC,
 ) -> BackupStats:
-    """Back up one stream as a generation of `name`. `parent` is (generation id, a file
-    holding its complete chunk table, its record count) for an incremental or
-    differential (dedupe.store.tables.spill_complete_table): the manifest then stores
-    only the delta against that table (dedupe.format.delta)."""
+    """Back up one stream as a generation of `name`. `parent` is (generation id, its
+    complete chunk table in a file, from dedupe.store.tables.spill_complete_table) for
+    an incremental or differential: the manifest then stores only the delta against that
+    table (dedupe.format.delta)."""
     if (kind == "full") != (parent is None):
         raise ValueError("a full has no parent; an incremental or differential needs one")
     loop = asyncio.get_running_loop()
@@ -403,10 +404,13 @@ async def run_backup(
         table_out: TableSink = body
         builder = None
         if parent is not None:
-            parent_id, parent_file, n_parent = parent
+            parent_id, parent_table = parent
             try:
                 builder = await loop.run_in_executor(
-                    executor, lambda: DeltaBuilder(fd=parent_file.fileno(), n_parent=n_parent)
+                    executor,
+                    lambda: DeltaBuilder(
+                        fd=parent_table.file.fileno(), n_parent=parent_table.records
+                    ),
                 )
             except OSError as e:
                 raise scratch_error(e, "reading", "the parent table's") from None

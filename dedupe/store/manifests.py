@@ -135,19 +135,7 @@ class ManifestWriter:
         if self._prefix is None:
             raise ValueError("finish() the manifest first")
         yield self._prefix
-        fd = self._spill.fileno()
-        pos = 0
-        while pos < self._body_size:
-            try:
-                piece = os.pread(fd, min(READ_PIECE, self._body_size - pos), pos)
-            except OSError as e:
-                raise scratch_error(e, "reading", "the manifest's") from None
-            if not piece:
-                raise ScratchError(
-                    f"the manifest's temporary file ended at {pos} of {self._body_size} bytes"
-                )
-            pos += len(piece)
-            yield piece
+        yield from read_scratch(self._spill, 0, self._body_size, READ_PIECE)
 
     def _seal_frame(self, payload: Buffer) -> None:
         # One zstd frame that records its content size, as readers decompress in one shot.
@@ -172,6 +160,29 @@ def open_scratch() -> BinaryIO:
         return tempfile.TemporaryFile(prefix="dedupe-")
     except OSError as e:
         raise scratch_error(e, "creating", "a") from None
+
+
+def read_scratch(f: BinaryIO, start: int, end: int, piece: int) -> Iterator[bytes]:
+    """Bytes `start`..`end` of a scratch file, in pieces of `piece` bytes (the last may
+    be shorter), with pread: the file's position is left alone. ScratchError when it
+    cannot be read or ends early."""
+    fd = f.fileno()
+    pos = start
+    while pos < end:
+        want = min(piece, end - pos)
+        try:
+            data = os.pread(fd, want, pos)
+            while 0 < len(data) < want:  # a short read: go on from where it stopped
+                more = os.pread(fd, want - len(data), pos + len(data))
+                if not more:
+                    break
+                data += more
+        except OSError as e:
+            raise scratch_error(e, "reading", "a") from None
+        if len(data) != want:
+            raise ScratchError(f"a temporary file ended at {pos + len(data)} of {end} bytes")
+        pos += want
+        yield data
 
 
 def write_scratch(f: BinaryIO, data: Buffer) -> None:

@@ -18,7 +18,6 @@ there.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any, BinaryIO
 
@@ -32,7 +31,7 @@ from dedupe.format.tree import (
     decode_tree,
     ordered_entries,
 )
-from dedupe.store.manifests import open_scratch, scratch_error
+from dedupe.store.manifests import open_scratch, read_scratch, write_scratch
 from dedupe.store.repository import RepositoryStore
 
 HEADER_CONCURRENCY = 16
@@ -170,17 +169,7 @@ class SpilledTable:
         self.file, self.records, self.meta = file, records, meta
 
     def __iter__(self) -> Iterator[bytes]:
-        fd = self.file.fileno()
-        pos, end = 0, self.records * _R
-        while pos < end:
-            try:
-                piece = os.pread(fd, min(COPY_RECORDS * _R, end - pos), pos)
-            except OSError as e:
-                raise scratch_error(e, "reading", "a") from None
-            if not piece or len(piece) % _R:
-                raise IntegrityError("a temporary table file ended early")
-            pos += len(piece)
-            yield piece
+        return read_scratch(self.file, 0, self.records * _R, COPY_RECORDS * _R)
 
     def close(self) -> None:
         self.file.close()
@@ -269,16 +258,9 @@ def _apply_delta_files(
     parent.flush()
     literal.flush()
     written = 0
-    try:
-        for kind, start, count in delta_ranges(ops, n_parent, n_literal, what):
-            fd = (parent if kind == COPY else literal).fileno()
-            while count:
-                n = min(count, COPY_RECORDS)
-                data = os.pread(fd, n * _R, start * _R)
-                if len(data) != n * _R:
-                    raise IntegrityError(f"{what}: a temporary table file ended early")
-                out.write(data)
-                start, count, written = start + n, count - n, written + n
-    except OSError as e:
-        raise scratch_error(e, "using", "a") from None
+    for kind, start, count in delta_ranges(ops, n_parent, n_literal, what):
+        source = parent if kind == COPY else literal
+        for piece in read_scratch(source, start * _R, (start + count) * _R, COPY_RECORDS * _R):
+            write_scratch(out, piece)
+        written += count
     return written

@@ -35,6 +35,7 @@ from dedupe.format.manifest import (
 from dedupe.hashing import object_id
 from dedupe.store import RepositoryStore
 from dedupe.store.manifests import ManifestWriter
+from dedupe.store.tables import SpilledTable
 
 R = CHUNK_RECORD.size
 HEADER = {"version": 1, "name": "db", "kind": "full", "parent": None, "created": "x"}
@@ -338,7 +339,7 @@ def test_a_parent_table_that_cannot_be_read_is_a_scratch_error(
                         source_info={"type": "stream", "label": ""},
                         executor=repo._executor,
                         kind="incremental",
-                        parent=(full.id, short, 5),
+                        parent=(full.id, SpilledTable(short, 5, {})),
                     )
             assert [g.id for g in await repo.generations()] == [full.id]
 
