@@ -202,7 +202,6 @@ async def build_index(repo: Path, entries: int) -> tuple[float, list[str]]:
     t0 = time.perf_counter()
     r = await Repository.open(repo, PASSPHRASE)
     store = r._store  # the storage layer: the only way to write index objects directly
-    epoch = store.current_epoch.number
     sample: list[str] = []
     per_object = -(-(LOOKUPS // 2) // -(-entries // ENTRIES_PER_OBJECT))  # ids kept per object
     done = 0
@@ -210,9 +209,8 @@ async def build_index(repo: Path, entries: int) -> tuple[float, list[str]]:
         while done < entries:
             n = min(ENTRIES_PER_OBJECT, entries - done)
             n_packs = -(-n // ENTRIES_PER_PACK)
-            packs = [
-                PackRecord(os.urandom(32), epoch, os.urandom(80), 16 * MiB) for _ in range(n_packs)
-            ]
+            packs = [PackRecord(os.urandom(32), 16 * MiB) for _ in range(n_packs)]
+            keys = [store.keymaps.pack_entry(p.pack_id, os.urandom(32)) for p in packs]
             for p in packs:  # empty files: the packs are "present", their content is not
                 path = repo.joinpath(*pack_name(p.pack_id).split("/"))
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -228,7 +226,7 @@ async def build_index(repo: Path, entries: int) -> tuple[float, list[str]]:
                 )
                 for i in range(n)
             ]
-            await store.write_index(packs, encode_entry_records(batch))
+            await store.write_index(packs, encode_entry_records(batch), keys)
             store.index = ChunkIndex()  # the builder need not hold what it wrote
             sample += [e.chunk_id.hex() for e in batch[:per_object]]
             done += n

@@ -12,6 +12,10 @@
 
 Everything is async and cancellable; progress arrives through a callback; statistics are
 returned as objects; failures are `DedupeError` subclasses (dedupe.errors).
+
+What a handle may do follows the role of the key it was opened with (docs/FORMAT.md 4.4):
+`admin` everything, `reader` list/restore/verify, `writer` list/back up. Anything else
+raises `RoleNotPermitted` before it changes or reads anything.
 """
 
 from __future__ import annotations
@@ -32,22 +36,54 @@ from dedupe.chunking import ChunkerParams, parse_spec
 from dedupe.crypto import KdfParams, get_passphrase
 from dedupe.crypto.aead import Buffer
 from dedupe.engine import iter_source, restore_chunks, run_backup, write_to_fileobj, write_to_path
+from dedupe.engine import keys as key_ops
 from dedupe.engine.forget import ForgetPolicy, ForgetReport, run_forget
+from dedupe.engine.keys import KeyInfo, KeyStatus, RotateReport
 from dedupe.engine.prune import PruneReport, run_prune
 from dedupe.engine.tree import backup_tree, load_tree, restore_tree
 from dedupe.engine.verify import SubsetSpec, VerifyReport, verify_repository
-from dedupe.errors import AmbiguousGeneration, GenerationNotFound, TargetError
+from dedupe.errors import (
+    AmbiguousGeneration,
+    GenerationNotFound,
+    IntegrityError,
+    RoleNotPermitted,
+    TargetError,
+    UnsupportedFormat,
+)
 from dedupe.format.config import DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_SIZE
 from dedupe.store import RepositoryStore
 from dedupe.store.locks import LockInfo, RepositoryLock, list_locks, remove_locks
 from dedupe.store.tables import spill_complete_table
 
-__all__ = ["BackupStats", "Generation", "Progress", "Repository", "RestoreStats"]
+__all__ = [
+    "BackupStats",
+    "Generation",
+    "KeyInfo",
+    "KeyManager",
+    "KeyStatus",
+    "Progress",
+    "Repository",
+    "RestoreStats",
+    "RotateReport",
+]
 
 Location = str | os.PathLike[str] | Backend
 Source = str | os.PathLike[str] | BinaryIO | AsyncIterable[bytes]
 Target = str | os.PathLike[str] | BinaryIO
 KINDS = ("full", "incremental", "differential")
+# Which roles may do what (docs/FORMAT.md 4.4); listing generations and locks is open to all.
+PERMITTED = {
+    "back up": ("admin", "writer"),
+    "restore": ("admin", "reader"),
+    "verify": ("admin", "reader"),
+    "forget": ("admin",),
+    "prune": ("admin",),
+    "unlock": ("admin",),
+}
+_ROLE_HINT = {
+    "writer": "a writer key backs up and lists, and opens no data: use a reader or admin key",
+    "reader": "a reader key lists, restores and verifies: use an admin key",
+}
 
 
 def _backend(location: Location) -> Backend:
@@ -73,6 +109,17 @@ class Repository:
         self._executor = ThreadPoolExecutor(
             max_workers=workers or os.cpu_count() or 2, thread_name_prefix="dedupe"
         )
+        self.keys = KeyManager(self)
+
+    def _require_key_admin(self, what: str) -> None:
+        """RoleNotPermitted unless this handle's key is an admin's (the CLI asks before it
+        prompts for a new key's passphrase)."""
+        key_ops.require_admin(self._store, what)
+
+    def _require(self, what: str) -> None:
+        role = self._store.role
+        if role not in PERMITTED[what]:
+            raise RoleNotPermitted(f"a {role} key may not {what}", hint=_ROLE_HINT.get(role))
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -142,8 +189,24 @@ class Repository:
 
     @property
     def config(self) -> dict[str, object]:
-        """The repository config record (docs/FORMAT.md section 5), without its MAC."""
-        return {k: v for k, v in self._store.config.items() if k != "mac"}
+        """The repository config record (docs/FORMAT.md section 5), without its signature."""
+        return {k: v for k, v in self._store.config.items() if k != "signature"}
+
+    @property
+    def role(self) -> str:
+        """The role of the key this handle was opened with: admin, reader or writer."""
+        return self._store.role
+
+    @property
+    def key_id(self) -> str:
+        return self._store.holder.key_id.hex()
+
+    @property
+    def problems(self) -> list[str]:
+        """Problems met on the way that did not stop an operation (a damaged keyring copy,
+        a refused key map, an object that is not authenticated), oldest first. They are
+        also logged as warnings on the "dedupe" logger."""
+        return list(self._store.problems)
 
     # --- backup --------------------------------------------------------------------------------
 
@@ -175,6 +238,7 @@ class Repository:
             raise ValueError("name must be non-empty and contain neither '/' nor '@'")
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        self._require("back up")
         spec = parse_spec(chunker, self._store.chunker_params)
         # A shared lock: backups run side by side, a prune (exclusive) waits for them.
         async with RepositoryLock(self._store.backend, exclusive=False, operation="backup") as lock:
@@ -293,16 +357,31 @@ class Repository:
             gens = [g for g in gens if g.kind == "full"]
         if not any(g.kind == "full" for g in gens):
             return None, f"no full generation of {name!r} yet: this {kind} was made as a full"
-        return gens[-1], None
+        parent = gens[-1]
+        if not self._store.can_open_body(parent.id):
+            return None, (
+                f"this writer key cannot read generation {parent.id[:12]} of {name!r}, which "
+                f"another key wrote: this {kind} was made as a full (it still stores only "
+                "the chunks the repository lacks)"
+            )
+        return parent, None
 
     # --- generations ---------------------------------------------------------------------------
 
     async def generations(self, name: str | None = None) -> list[Generation]:
-        """Every generation (of `name`, if given), oldest first."""
-        gens = [
-            Generation.from_header(await self._store.read_manifest_header(gen_id))
-            for gen_id in await self._store.generation_ids()
-        ]
+        """Every generation (of `name`, if given), oldest first. A manifest that is not
+        authenticated, or is damaged, is left out and reported (`problems`), never listed:
+        so it is never `NAME@latest` and never the parent of a backup."""
+        store = self._store
+        await store.refresh_keys()
+        gens = []
+        for gen_id in await store.generation_ids():
+            try:
+                gens.append(Generation.from_header(await store.read_manifest_header(gen_id)))
+            except GenerationNotFound:
+                continue  # forgotten meanwhile
+            except (IntegrityError, UnsupportedFormat) as e:
+                store.report(f"{e.message}; it is not listed")
         if name is not None:
             gens = [g for g in gens if g.name == name]
         return sorted(gens, key=lambda g: (g.created, g.id))
@@ -341,6 +420,7 @@ class Repository:
     async def restore_stream(self, generation: str | Generation) -> AsyncIterator[bytes]:
         """The generation's bytes in order, verified chunk by chunk and as a whole; the
         iterator raises IntegrityError instead of yielding bad bytes."""
+        self._require("restore")
         async with RepositoryLock(self._store.backend, exclusive=False, operation="restore"):
             async for parts in await self._chunks(generation):
                 yield b"".join(parts)
@@ -355,6 +435,7 @@ class Repository:
     ) -> RestoreStats:
         """Restore to a path (written to a temporary name, renamed once verified) or to a
         binary file object."""
+        self._require("restore")
         async with RepositoryLock(self._store.backend, exclusive=False, operation="restore"):
             return await self._restore_locked(generation, target, overwrite, progress)
 
@@ -403,7 +484,7 @@ class Repository:
         slices (run 1/t .. t/t to cover everything). When chunk copies are damaged or
         missing, one quarantine record is written (unless `quarantine=False`) so that the
         next full backup stores those chunks again."""
-
+        self._require("verify")
         return await verify_repository(
             self._store,
             self._executor,
@@ -437,7 +518,7 @@ class Repository:
         removed: naming it raises ValueError unless `with_dependents=True`, which removes its
         dependents too. No rule and no id: ValueError. Takes the exclusive lock
         (RepositoryLocked while a backup or prune runs); `dry_run` only reports."""
-
+        self._require("forget")
         policy = ForgetPolicy(
             name=name,
             keep_last=keep_last,
@@ -459,7 +540,7 @@ class Repository:
         unused fraction exceeds `repack_threshold` (1.0: never), and replace the index
         objects by one. Takes the exclusive lock; safe to kill at any moment (a re-run
         finishes the job). `dry_run` reports what would be freed and changes nothing."""
-
+        self._require("prune")
         return await run_prune(
             self._store,
             executor=self._executor,
@@ -476,7 +557,7 @@ class Repository:
     async def unlock(self, *, all_locks: bool = False) -> list[LockInfo]:
         """Remove stale locks (with `all_locks`, every lock: only when no dedupe process
         uses the repository). Returns the removed locks."""
-
+        self._require("unlock")
         return await remove_locks(self._store.backend, all_locks=all_locks)
 
     async def _chunks(self, generation: str | Generation) -> AsyncGenerator[list[Buffer], None]:
@@ -490,6 +571,72 @@ class Repository:
         # a restore's memory does not grow with the generation's size.
         table = await spill_complete_table(self._store, gen.id)
         return restore_chunks(self._store, gen.id, table, table.meta["digest"], self._executor)
+
+
+class KeyManager:
+    """`repo.keys`: the repository's key holders and key epochs (docs/FORMAT.md 4, 10).
+
+    Changes (add, remove, rotate) need an admin key and take the exclusive lock, as prune
+    does: they wait for no one and fail with RepositoryLocked while a backup runs. Every
+    one of them can be killed at any point and run again."""
+
+    def __init__(self, repo: Repository) -> None:
+        self._repo = repo
+
+    @property
+    def _store(self) -> RepositoryStore:
+        return self._repo._store
+
+    async def list(self) -> list[KeyInfo]:
+        """Every key holder: id, name, role, created, whether it is this handle's key."""
+        return await key_ops.list_keys(self._store)
+
+    async def status(self) -> KeyStatus:
+        """Each epoch with the packs and generations whose keys are wrapped for it, and any
+        unfinished rotation or re-encryption."""
+        return await key_ops.key_status(self._store)
+
+    async def add(
+        self,
+        passphrase: str | bytes,
+        *,
+        role: str,
+        name: str,
+        kdf: KdfParams | None = None,
+    ) -> KeyInfo:
+        """A new key file opened by `passphrase`, with `role` (admin, reader, writer)."""
+        key_ops.require_admin(self._store, "add keys")
+        async with RepositoryLock(self._store.backend, exclusive=True, operation="key add"):
+            return await key_ops.add_key(
+                self._store, _passphrase(passphrase, False), role=role, name=name, kdf=kdf
+            )
+
+    async def remove(self, key: str) -> KeyInfo:
+        """Remove a key holder (by id, unique id prefix or name). It keeps what it could
+        open until `rotate()` runs; afterwards it opens nothing written."""
+        key_ops.require_admin(self._store, "remove keys")
+        async with RepositoryLock(self._store.backend, exclusive=True, operation="key remove"):
+            return await key_ops.remove_key(self._store, key)
+
+    async def passwd(self, new_passphrase: str | bytes, kdf: KdfParams | None = None) -> KeyInfo:
+        """A new passphrase for this handle's key (its old key file goes once the new one
+        opened)."""
+        return await key_ops.change_passphrase(self._store, _passphrase(new_passphrase, False), kdf)
+
+    async def rotate(
+        self, *, reencrypt: bool = False, progress: ProgressCallback | None = None
+    ) -> RotateReport:
+        """A new key epoch; every data key re-wrapped for it (no pack is rewritten); the
+        old epochs retired. `reencrypt`: also rewrite every pack under fresh data keys
+        (for a leaked data key), resumable. Finishes an interrupted rotation first."""
+        key_ops.require_admin(self._store, "rotate keys")
+        async with RepositoryLock(self._store.backend, exclusive=True, operation="key rotate"):
+            return await key_ops.rotate(
+                self._store,
+                reencrypt=reencrypt,
+                executor=self._repo._executor,
+                progress=progress,
+            )
 
 
 def _with_note(stats: BackupStats, note: str | None) -> BackupStats:

@@ -660,6 +660,210 @@ def unlock(ctx: click.Context, all_locks: bool, as_json: bool) -> None:
     click.echo(f"removed {len(r['removed'])} lock(s)")
 
 
+# --- keys ---------------------------------------------------------------------------------------
+
+
+@cli.group()
+def key() -> None:
+    """Key holders and key epochs: list, add, remove, passwd, rotate, status.
+
+    A new key's passphrase (add, passwd) comes from DEDUPE_NEW_PASSWORD,
+    DEDUPE_NEW_PASSWORD_FILE, DEDUPE_NEW_PASSWORD_COMMAND, or a prompt on a terminal."""
+
+
+def _print_keys(keys: list[dict[str, Any]]) -> None:
+    for k in keys:
+        mark = "*" if k["current"] else " "
+        files = "" if k["key_files"] == 1 else f"  ({k['key_files']} key files)"
+        click.echo(f"{mark} {k['id']}  {k['role']:<7} {k['name']:<20} {k['created'][:19]}{files}")
+
+
+@key.command("list")
+@json_option
+@click.pass_context
+@handle_errors
+def key_list(ctx: click.Context, as_json: bool) -> None:
+    """List the key holders (* marks the key in use)."""
+
+    async def go() -> list[dict[str, Any]]:
+        async with await open_repo(ctx.find_root()) as repo:
+            return [k.to_dict() for k in await repo.keys.list()]
+
+    keys = run_async(go())
+    if as_json:
+        emit_json(keys)
+    else:
+        _print_keys(keys)
+
+
+@key.command("add")
+@click.option(
+    "--role",
+    type=click.Choice(["admin", "reader", "writer"]),
+    required=True,
+    help="admin: everything; reader: list, restore, verify; writer: back up only.",
+)
+@click.option("--name", required=True, help="A unique name for the key (who holds it).")
+@click.option(
+    "--kdf-memlimit",
+    type=int,
+    default=KdfParams().memlimit // MiB,
+    show_default=True,
+    help="Argon2id memory in MiB for the new key file.",
+)
+@click.option(
+    "--kdf-opslimit",
+    type=int,
+    default=KdfParams().opslimit,
+    show_default=True,
+    help="Argon2id passes for the new key file.",
+)
+@json_option
+@click.pass_context
+@handle_errors
+def key_add(
+    ctx: click.Context, role: str, name: str, kdf_memlimit: int, kdf_opslimit: int, as_json: bool
+) -> None:
+    """Add a key holder with its own key file and passphrase (admin keys only)."""
+    from dedupe.crypto.passphrase import get_new_passphrase
+
+    try:
+        kdf = KdfParams(kdf_opslimit, kdf_memlimit * MiB)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+    async def go() -> dict[str, Any]:
+        async with await open_repo(ctx.find_root()) as repo:
+            repo._require_key_admin("add keys")
+            new = get_new_passphrase()
+            try:
+                return (await repo.keys.add(new, role=role, name=name, kdf=kdf)).to_dict()
+            except ValueError as e:
+                raise click.UsageError(str(e)) from None
+
+    k = run_async(go())
+    if as_json:
+        emit_json(k)
+    else:
+        click.echo(f"added {k['role']} key {k['id']} ({k['name']})")
+
+
+@key.command("remove")
+@click.argument("key_ref", metavar="KEY")
+@json_option
+@click.pass_context
+@handle_errors
+def key_remove(ctx: click.Context, key_ref: str, as_json: bool) -> None:
+    """Remove the key holder KEY (an id, a unique id prefix, or a name). Run
+    'dedupe key rotate' next, so that it cannot open anything written afterwards."""
+
+    async def go() -> dict[str, Any]:
+        async with await open_repo(ctx.find_root()) as repo:
+            try:
+                return (await repo.keys.remove(key_ref)).to_dict()
+            except ValueError as e:
+                raise click.UsageError(str(e)) from None
+
+    k = run_async(go())
+    if as_json:
+        emit_json(k)
+        return
+    click.echo(f"removed {k['role']} key {k['id']} ({k['name']})")
+    click.echo("  it still knows the current epoch: run 'dedupe key rotate' to lock it out")
+
+
+@key.command("passwd")
+@json_option
+@click.pass_context
+@handle_errors
+def key_passwd(ctx: click.Context, as_json: bool) -> None:
+    """Change the passphrase of the key in use."""
+    from dedupe.crypto.passphrase import get_new_passphrase
+
+    async def go() -> dict[str, Any]:
+        async with await open_repo(ctx.find_root()) as repo:
+            new = get_new_passphrase()
+            return (await repo.keys.passwd(new)).to_dict()
+
+    k = run_async(go())
+    if as_json:
+        emit_json(k)
+    else:
+        click.echo(f"changed the passphrase of key {k['id']} ({k['name']})")
+
+
+@key.command("rotate")
+@click.option(
+    "--reencrypt",
+    is_flag=True,
+    help="Also rewrite every pack under fresh data keys (a data key leaked). Resumable.",
+)
+@json_option
+@click.pass_context
+@handle_errors
+def key_rotate(ctx: click.Context, reencrypt: bool, as_json: bool) -> None:
+    """Start a new key epoch, re-wrap every data key for it and retire the old ones (admin
+    keys only). Pack data is not rewritten unless --reencrypt. Safe to interrupt: running
+    it again finishes the job."""
+
+    async def go() -> dict[str, Any]:
+        async with await open_repo(ctx.find_root()) as repo:
+            return (await repo.keys.rotate(reencrypt=reencrypt)).to_dict()
+
+    r = run_async(go())
+    if as_json:
+        emit_json(r)
+        return
+    how = "finished an interrupted rotation to" if r["resumed"] else "rotated to"
+    retired = ", ".join(map(str, r["retired"])) or "none"
+    click.echo(
+        f"{how} key epoch {r['epoch']}: {r['entries']} data keys re-wrapped in "
+        f"{r['key_maps_written']} key map(s); retired epoch(s) {retired} ({r['seconds']:.2f} s)"
+    )
+    if r["entries_dropped"]:
+        click.echo(f"  {r['entries_dropped']} entries whose keys no longer open were dropped")
+    p = r["reencrypted"]
+    if p:
+        click.echo(
+            f"re-encrypted: {p['packs_repacked']} packs rewritten into {p['packs_written']} "
+            f"under fresh data keys, {p['packs_deleted']} unused packs deleted"
+        )
+
+
+@key.command("status")
+@json_option
+@click.pass_context
+@handle_errors
+def key_status(ctx: click.Context, as_json: bool) -> None:
+    """Each key epoch and what depends on it; any unfinished rotation or re-encryption."""
+
+    async def go() -> dict[str, Any]:
+        async with await open_repo(ctx.find_root()) as repo:
+            return (await repo.keys.status()).to_dict()
+
+    s = run_async(go())
+    if as_json:
+        emit_json(s)
+        return
+    click.echo(f"keyring serial {s['serial']}, current epoch {s['current_epoch']}")
+    for e in s["epochs"]:
+        mark = "*" if e["current"] else " "
+        click.echo(
+            f"{mark} epoch {e['number']:>3} {e['state']:<8} created {e['created'][:19]}: "
+            f"{e['packs']} packs, {e['generations']} generations, {e['index_objects']} index "
+            f"objects, {e['quarantine_records']} quarantine records in {e['key_maps']} key "
+            f"map(s); {e['packs_born']} pack keys made in it"
+        )
+    if s["rotation_unfinished"]:
+        click.echo("a rotation is unfinished: run 'dedupe key rotate' to finish it")
+    if s["reencrypt_below"] is not None:
+        click.echo(
+            f"a re-encryption is unfinished (packs with keys from before epoch "
+            f"{s['reencrypt_below']}): run 'dedupe key rotate --reencrypt' to finish it"
+        )
+    _print_keys(s["keys"])
+
+
 @cli.command()
 @click.option("--data", type=click.Path(dir_okay=False), help="Benchmark on this file.")
 @click.option(
@@ -735,8 +939,22 @@ def tune_allocator() -> None:
         pass
 
 
+def show_warnings() -> None:
+    """The library reports problems that do not stop an operation as warnings on the
+    "dedupe" logger (a damaged keyring copy, a refused key map, a forged object left out):
+    the command prints them on stderr."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("dedupe: warning: %(message)s"))
+    logger = logging.getLogger("dedupe")
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+
+
 def main() -> None:
     tune_allocator()
+    show_warnings()
     cli(prog_name="dedupe")
 
 

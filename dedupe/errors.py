@@ -60,6 +60,18 @@ class KeyNotAvailable(DedupeError):
     exit_code = 22
 
 
+class RoleNotPermitted(DedupeError):
+    """The key's role may not run this command (a writer restoring, a reader pruning)."""
+
+    exit_code = 23
+
+
+class KeyRevoked(DedupeError):
+    """The key file opened, but the repository's keyring no longer lists the key."""
+
+    exit_code = 24
+
+
 # --- stored objects (30-39) -----------------------------------------------------------------
 
 
@@ -79,6 +91,12 @@ class MissingObject(IntegrityError):
     """An object the repository refers to is not in the backend."""
 
     exit_code = 32
+
+
+class RollbackDetected(IntegrityError):
+    """The repository's keyring is older than one this client has already seen."""
+
+    exit_code = 34
 
 
 class VerifyFailed(IntegrityError):

@@ -27,6 +27,26 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _make_dirs(directory: str) -> None:
+    """Create `directory` and any missing parents, fsyncing the parent of each directory
+    created: a new `packs/ab/` is only durable once `packs/` records it (and a crash must
+    not lose an object whose rename was fsynced into a directory that itself was not)."""
+    missing: list[str] = []
+    d = directory
+    while not os.path.isdir(d):
+        missing.append(d)
+        parent = os.path.dirname(d)
+        if parent == d:
+            break
+        d = parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:  # a concurrent writer made it; fsync its parent anyway
+            pass
+        _fsync_dir(os.path.dirname(d))
+
+
 def _backend_error(e: OSError, action: str, path: str) -> BackendError:
     if e.errno == errno.ENOSPC:
         return BackendError(
@@ -62,7 +82,7 @@ class LocalBackend(Backend):
         directory = os.path.dirname(path)
         tmp = os.path.join(directory, TMP_PREFIX + secrets.token_hex(8))
         try:
-            os.makedirs(directory, exist_ok=True)
+            _make_dirs(directory)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 for part in parts:

@@ -1,7 +1,10 @@
 """Passphrase-protected key files (docs/FORMAT.md 4.2).
 
-A key file holds the repository keys sealed under a key-encryption key derived from a
-passphrase with Argon2id. Several key files can open one repository; each carries a role.
+A key file holds one key holder's secrets, sealed under a key-encryption key derived from
+a passphrase with Argon2id: the repository's id and chunker keys, the holder's own X25519
+box key (to open its grants) and Ed25519 signing key (to sign its key maps), the admin
+signing key for admins, and the admin verify key pinned for everyone. Each key file
+carries a role; several key files open one repository.
 """
 
 from __future__ import annotations
@@ -9,16 +12,24 @@ from __future__ import annotations
 import base64
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import nacl.pwhash
 
 from dedupe.crypto.aead import new_key, open_sealed, seal
+from dedupe.crypto.epochs import box_public_of, new_box_secret
+from dedupe.crypto.signing import new_signing_seed, verify_key_of
 from dedupe.errors import IntegrityError, UnsupportedFormat, WrongPassphrase
 
 ROLES = ("admin", "reader", "writer")
+KEY_ID_SIZE = 16
+KEY_FILE_VERSION = 2
+# Bounds on the KDF cost a key file may ask for (docs/FORMAT.md 4.2): a key file is read
+# before anything in it can be trusted, so a planted one must not exhaust memory or time.
+OPSLIMIT_RANGE = (nacl.pwhash.argon2id.OPSLIMIT_MIN, 16)
+MEMLIMIT_RANGE = (nacl.pwhash.argon2id.MEMLIMIT_MIN, 1 << 30)
 
 
 @dataclass(frozen=True)
@@ -29,29 +40,99 @@ class KdfParams:
     opslimit: int = 3
     memlimit: int = 64 * 1024 * 1024
 
+    def __post_init__(self) -> None:
+        if not OPSLIMIT_RANGE[0] <= self.opslimit <= OPSLIMIT_RANGE[1]:
+            raise ValueError(
+                f"KDF opslimit must be within {OPSLIMIT_RANGE[0]}..{OPSLIMIT_RANGE[1]}"
+            )
+        if not MEMLIMIT_RANGE[0] <= self.memlimit <= MEMLIMIT_RANGE[1]:
+            raise ValueError(
+                f"KDF memlimit must be within {MEMLIMIT_RANGE[0]}..{MEMLIMIT_RANGE[1]} bytes"
+            )
+
     @classmethod
     def weakest(cls) -> KdfParams:
         """For tests only: the smallest cost libsodium accepts."""
-        return cls(nacl.pwhash.argon2id.OPSLIMIT_MIN, nacl.pwhash.argon2id.MEMLIMIT_MIN)
+        return cls(OPSLIMIT_RANGE[0], MEMLIMIT_RANGE[0])
 
 
 @dataclass(frozen=True)
-class RepositoryKeys:
-    """The keys a key file opens. `epoch_master` is None for the writer role."""
+class HolderSecrets:
+    """What one key file opens: the repository-wide id and chunker keys, this holder's own
+    key pairs, the admin signing key (admins only) and the pinned admin verify key."""
 
+    repository_id: bytes
+    key_id: bytes
+    role: str
     id_key: bytes
     chunker_key: bytes
-    meta_key: bytes
-    epoch_master: bytes | None
-    role: str = "admin"
+    box_secret: bytes
+    sign_secret: bytes
+    admin_verify_key: bytes
+    admin_sign: bytes | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"unknown role {self.role!r}")
+        if (self.admin_sign is not None) != (self.role == "admin"):
+            raise ValueError("exactly the admin role holds the admin signing key")
+
+    @property
+    def box_public(self) -> bytes:
+        return box_public_of(self.box_secret)
+
+    @property
+    def sign_public(self) -> bytes:
+        return verify_key_of(self.sign_secret)
 
     @classmethod
-    def generate(cls) -> RepositoryKeys:
-        return cls(new_key(), new_key(), new_key(), new_key(), "admin")
+    def first_admin(cls, repository_id: bytes) -> HolderSecrets:
+        """The key holder `init` makes: a fresh admin of a fresh repository."""
+        admin_sign = new_signing_seed()
+        return cls(
+            repository_id=repository_id,
+            key_id=os.urandom(KEY_ID_SIZE),
+            role="admin",
+            id_key=new_key(),
+            chunker_key=new_key(),
+            box_secret=new_box_secret(),
+            sign_secret=new_signing_seed(),
+            admin_verify_key=verify_key_of(admin_sign),
+            admin_sign=admin_sign,
+        )
+
+    def new_holder(self, role: str) -> HolderSecrets:
+        """Another key holder of the same repository (`key add`): its own key id and key
+        pairs; the repository keys; the admin signing key if `role` is admin. Only an
+        admin can make one (it gives away the admin signing key)."""
+        if self.admin_sign is None:
+            raise ValueError("only an admin key can make new key holders")
+        return HolderSecrets(
+            repository_id=self.repository_id,
+            key_id=os.urandom(KEY_ID_SIZE),
+            role=role,
+            id_key=self.id_key,
+            chunker_key=self.chunker_key,
+            box_secret=new_box_secret(),
+            sign_secret=new_signing_seed(),
+            admin_verify_key=self.admin_verify_key,
+            admin_sign=self.admin_sign if role == "admin" else None,
+        )
 
 
-def _aad(repository_id: bytes, role: str) -> bytes:
-    return b"dedupe-key v1\x00" + repository_id + role.encode("ascii")
+@dataclass(frozen=True)
+class KeyFileInfo:
+    """The plain (unauthenticated) fields of a key file: enough to choose which to try."""
+
+    key_id: bytes
+    name: str
+    role: str
+    created: str
+    kdf: KdfParams
+
+
+def _aad(repository_id: bytes, key_id: bytes, role: str) -> bytes:
+    return b"dedupe-key v2\x00" + repository_id + key_id + role.encode("ascii")
 
 
 def _kek(passphrase: bytes, salt: bytes, kdf: KdfParams) -> bytes:
@@ -65,30 +146,27 @@ def _b64(b: bytes) -> str:
 
 
 def create_key_file(
-    keys: RepositoryKeys,
-    repository_id: bytes,
-    passphrase: bytes,
-    name: str = "default",
-    kdf: KdfParams | None = None,
+    holder: HolderSecrets, passphrase: bytes, name: str, kdf: KdfParams | None = None
 ) -> bytes:
-    if keys.role not in ROLES:
-        raise ValueError(f"unknown role {keys.role!r}")
     kdf = kdf or KdfParams()
     salt = os.urandom(nacl.pwhash.argon2id.SALTBYTES)
     payload = json.dumps(
         {
-            "id_key": _b64(keys.id_key),
-            "chunker_key": _b64(keys.chunker_key),
-            "meta_key": _b64(keys.meta_key),
-            "epoch_master": _b64(keys.epoch_master) if keys.epoch_master else None,
+            "admin_verify_key": _b64(holder.admin_verify_key),
+            "id_key": _b64(holder.id_key),
+            "chunker_key": _b64(holder.chunker_key),
+            "box_secret": _b64(holder.box_secret),
+            "sign_secret": _b64(holder.sign_secret),
+            "admin_sign": _b64(holder.admin_sign) if holder.admin_sign else None,
         }
     ).encode()
     record = {
         "format": "dedupe-key",
-        "version": 1,
-        "repository": repository_id.hex(),
+        "version": KEY_FILE_VERSION,
+        "repository": holder.repository_id.hex(),
+        "id": holder.key_id.hex(),
         "name": name,
-        "role": keys.role,
+        "role": holder.role,
         "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "kdf": {
             "algorithm": "argon2id13",
@@ -96,41 +174,80 @@ def create_key_file(
             "memlimit": kdf.memlimit,
             "salt": _b64(salt),
         },
-        "sealed": _b64(seal(_kek(passphrase, salt, kdf), payload, _aad(repository_id, keys.role))),
+        "sealed": _b64(
+            seal(
+                _kek(passphrase, salt, kdf),
+                payload,
+                _aad(holder.repository_id, holder.key_id, holder.role),
+            )
+        ),
     }
     return json.dumps(record, indent=2).encode() + b"\n"
 
 
-def open_key_file(data: bytes, repository_id: bytes, passphrase: bytes) -> RepositoryKeys:
-    """Open a key file; a wrong passphrase raises WrongPassphrase, nothing else is returned."""
+def _parse(data: bytes) -> tuple[dict[str, Any], KeyFileInfo, bytes, bytes]:
+    """(record, info, salt, sealed) of a key file; nothing in it is trusted yet."""
     try:
         record: dict[str, Any] = json.loads(data)
+        if not isinstance(record, dict) or record.get("format") != "dedupe-key":
+            raise UnsupportedFormat("this is not a dedupe key file")
+        if record.get("version") != KEY_FILE_VERSION:
+            raise UnsupportedFormat(
+                f"key file version {record.get('version')} is not supported "
+                f"(this dedupe reads version {KEY_FILE_VERSION})"
+            )
         kdf_rec = record["kdf"]
-        if record.get("format") != "dedupe-key" or kdf_rec.get("algorithm") != "argon2id13":
-            raise UnsupportedFormat("the key file has an unknown format")
-        if record.get("version") != 1:
-            raise UnsupportedFormat(f"key file version {record.get('version')} is not supported")
+        if kdf_rec.get("algorithm") != "argon2id13":
+            raise UnsupportedFormat(f"unknown key derivation {kdf_rec.get('algorithm')!r}")
+        try:
+            kdf = KdfParams(int(kdf_rec["opslimit"]), int(kdf_rec["memlimit"]))
+        except ValueError as e:
+            raise IntegrityError(f"the key file asks for an unacceptable KDF cost: {e}") from None
+        key_id = bytes.fromhex(record["id"])
+        if len(key_id) != KEY_ID_SIZE:
+            raise ValueError("key id of the wrong length")
         role = str(record["role"])
-        kdf = KdfParams(int(kdf_rec["opslimit"]), int(kdf_rec["memlimit"]))
-        salt = base64.b64decode(kdf_rec["salt"])
-        sealed = base64.b64decode(record["sealed"])
-    except (ValueError, KeyError, TypeError) as e:
+        if role not in ROLES:
+            raise IntegrityError(f"the key file names an unknown role {role!r}")
+        info = KeyFileInfo(key_id, str(record["name"]), role, str(record["created"]), kdf)
+        salt = base64.b64decode(kdf_rec["salt"], validate=True)
+        sealed = base64.b64decode(record["sealed"], validate=True)
+        if len(salt) != nacl.pwhash.argon2id.SALTBYTES:
+            raise ValueError("salt of the wrong length")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise IntegrityError(f"the key file is damaged: {e}") from None
-    if role not in ROLES:
-        raise IntegrityError(f"the key file names an unknown role {role!r}")
-    kek = _kek(passphrase, salt, kdf)
+    return record, info, salt, sealed
+
+
+def key_file_info(data: bytes) -> KeyFileInfo:
+    """The key file's id, name, role and KDF cost, unauthenticated (no KDF is run)."""
+    return _parse(data)[1]
+
+
+def open_key_file(data: bytes, repository_id: bytes, passphrase: bytes) -> HolderSecrets:
+    """Open a key file; a wrong passphrase raises WrongPassphrase, nothing else is returned."""
+    _record, info, salt, sealed = _parse(data)
+    kek = _kek(passphrase, salt, info.kdf)
     try:
-        payload = json.loads(open_sealed(kek, sealed, _aad(repository_id, role), "key file"))
+        plain = open_sealed(kek, sealed, _aad(repository_id, info.key_id, info.role), "key file")
     except IntegrityError:
         raise WrongPassphrase(
             "wrong passphrase: no key file of this repository opens with it",
             hint="check DEDUPE_PASSWORD / DEDUPE_PASSWORD_FILE / DEDUPE_PASSWORD_COMMAND",
         ) from None
-    master = payload.get("epoch_master")
-    return RepositoryKeys(
-        id_key=base64.b64decode(payload["id_key"]),
-        chunker_key=base64.b64decode(payload["chunker_key"]),
-        meta_key=base64.b64decode(payload["meta_key"]),
-        epoch_master=base64.b64decode(master) if master else None,
-        role=role,
-    )
+    try:
+        payload = json.loads(plain)
+        admin_sign = payload["admin_sign"]
+        return HolderSecrets(
+            repository_id=repository_id,
+            key_id=info.key_id,
+            role=info.role,
+            id_key=base64.b64decode(payload["id_key"]),
+            chunker_key=base64.b64decode(payload["chunker_key"]),
+            box_secret=base64.b64decode(payload["box_secret"]),
+            sign_secret=base64.b64decode(payload["sign_secret"]),
+            admin_verify_key=base64.b64decode(payload["admin_verify_key"]),
+            admin_sign=base64.b64decode(admin_sign) if admin_sign else None,
+        )
+    except (ValueError, KeyError, TypeError) as e:  # authentic but wrong: a bug that wrote it
+        raise IntegrityError(f"the key file opened but its content is malformed: {e}") from None

@@ -12,10 +12,12 @@
   chunks this backup has already queued, and it alone appends to the chunk table. A
   stream full hands the table straight to its manifest writer, which seals and spills it
   frame by frame (dedupe.store.manifests), so the table is never held whole.
-- Packs are written before the index object that lists them, and that before the
-  manifest, the commit point (docs/FORMAT.md section 9). A large backup writes an index
-  object every INDEX_FLUSH_ENTRIES new chunks. Cancelling at any moment leaves only
-  unreferenced packs and chunks behind (prune removes them); the repository stays valid.
+- Packs are written before the key map and the index object that list them, and those
+  before the manifest, the commit point (docs/FORMAT.md section 9). A large backup writes
+  an index object (after its key map) every INDEX_FLUSH_ENTRIES new chunks; the last
+  packs are indexed at the commit, in one key map with the manifest. Cancelling at any
+  moment leaves only unreferenced packs and chunks behind (prune removes them); the
+  repository stays valid.
 """
 
 from __future__ import annotations
@@ -41,12 +43,12 @@ from dedupe.chunking import (
 from dedupe.engine.stages import run_stages
 from dedupe.errors import SourceError
 from dedupe.format.delta import DeltaBuilder
-from dedupe.format.index import ENTRY_RECORD, PackRecord
+from dedupe.format.index import ENTRY_RECORD
 from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.store import FinishedPack, PackWriter, RepositoryStore
 from dedupe.store.blobs import FramedBatch, release_buffers
 from dedupe.store.manifests import Buffer, ManifestWriter, scratch_error
-from dedupe.store.repository import utc_now
+from dedupe.store.repository import IndexBatch, utc_now
 from dedupe.store.tables import SpilledTable
 
 T = TypeVar("T")
@@ -111,8 +113,9 @@ class _DeltaSink:
 class Ingested:
     """What the pipeline produced: the chunk table in input order (empty when it went to
     a manifest writer), the marks at each FileEnd (records so far, digest of that file's
-    bytes read), the digest of everything read since the last mark, and what it added to
-    the repository. `progress.chunks` counts the table's records."""
+    bytes read), the digest of everything read since the last mark, what it added to
+    the repository, and the packs it wrote that no index object lists yet (`pending`:
+    the commit indexes them). `progress.chunks` counts the table's records."""
 
     table: bytearray
     marks: list[tuple[int, str]]
@@ -121,6 +124,7 @@ class Ingested:
     packs: int
     seconds: float
     chunkers: list[dict[str, Any]]  # strategies used, in order of first use
+    pending: IndexBatch
 
 
 async def ingest(
@@ -133,9 +137,10 @@ async def ingest(
     chunker: dict[str, Any] | str = FASTCDC,
     table_out: TableSink | None = None,
 ) -> Ingested:
-    """Run the pipeline over `items` and store every new chunk, then the index object
-    that lists the new packs. No manifest is written: the caller commits. The chunk
-    table goes to `table_out` when given, else into `Ingested.table`.
+    """Run the pipeline over `items` and store every new chunk. The packs written since
+    the last index object are returned unindexed (`Ingested.pending`) and no manifest is
+    written: the caller commits both. The chunk table goes to `table_out` when given,
+    else into `Ingested.table`.
 
     `chunker` is a strategy spec (dedupe.chunking.strategy), "fastcdc" (the repository's
     parameters) or "auto", which picks one per
@@ -156,16 +161,15 @@ async def ingest(
     current: StreamChunker | None = None  # the chunker of the file being read
     specs: list[dict[str, Any]] = []  # strategies used, in order of first use
     digest = hasher.stream_digest()
-    packer = PackWriter(store.current_epoch, store.pack_size)
+    packer = PackWriter(store.pack_size)
 
     table = bytearray()  # CHUNK_RECORD after CHUNK_RECORD, in input order
     add_records = table.extend if table_out is None else table_out.add
     marks: list[tuple[int, str]] = []
     # New chunk ids this backup has sent to be stored and no index object lists yet.
     queued: set[bytes] = set()
-    # Packs written since the last index object, and their entries (ENTRY_RECORDs).
-    new_packs: list[PackRecord] = []
-    new_entries = bytearray()
+    # Packs written since the last index object, their entries and their key map entries.
+    batch = IndexBatch()
     packs_written = 0
     p = Progress("backup", "reading", bytes_total=size_hint)
 
@@ -277,20 +281,20 @@ async def ingest(
         await packs_q.put(None)
 
     async def write_index() -> None:
-        nonlocal new_packs, new_entries
-        await store.write_index(new_packs, new_entries)
+        nonlocal batch
+        await store.write_batch(batch)
         # The index has them now: usable() answers for them from here on.
-        queued.difference_update(cid for cid, *_ in ENTRY_RECORD.iter_unpack(new_entries))
-        new_packs, new_entries = [], bytearray()
+        queued.difference_update(cid for cid, *_ in ENTRY_RECORD.iter_unpack(batch.records))
+        batch = IndexBatch()
 
     async def write_stage() -> None:
         nonlocal packs_written
         while (pack := await packs_q.get()) is not None:
-            await store.write_finished_pack(pack, new_packs, new_entries)
+            await store.write_finished_pack(pack, batch)
             packs_written += 1
             p.bytes_stored += len(pack.data)
             packer.recycle(pack)
-            if len(new_entries) >= INDEX_FLUSH_ENTRIES * ENTRY_RECORD.size:
+            if len(batch.records) >= INDEX_FLUSH_ENTRIES * ENTRY_RECORD.size:
                 await write_index()
 
     try:
@@ -308,12 +312,9 @@ async def ingest(
             "Back up a stable copy or a snapshot of it"
         )
 
-    if new_packs:
-        p.stage = "writing index"
-        if progress:
-            progress(p)
-        await write_index()
-    return Ingested(table, marks, final_digest, p, packs_written, time.monotonic() - started, specs)
+    return Ingested(
+        table, marks, final_digest, p, packs_written, time.monotonic() - started, specs, batch
+    )
 
 
 async def commit(
@@ -331,11 +332,12 @@ async def commit(
     progress: ProgressCallback | None = None,
     before_commit: Callable[[], None] | None = None,
 ) -> BackupStats:
-    """Write the manifest, the commit point of a backup. `meta` and the records `body`
-    holds are its body (docs/FORMAT.md section 8); `chunk_count` counts the records of
-    the generation's complete table and `size` its logical size. `before_commit` runs
-    right before the write and may raise to refuse it (the caller's lock was lost, so a
-    prune may have removed chunks this generation references)."""
+    """Write the last index object and the manifest, the commit point of a backup, after
+    the key map that authenticates both. `meta` and the records `body` holds are its body
+    (docs/FORMAT.md section 8); `chunk_count` counts the records of the generation's
+    complete table and `size` its logical size. `before_commit` runs right before the
+    writes and may raise to refuse them (the caller's lock was lost, so a prune may have
+    removed chunks this generation references)."""
     p = got.progress
     header = {
         "version": 1,
@@ -357,7 +359,7 @@ async def commit(
         progress(p)
     if before_commit is not None:
         before_commit()
-    gen_id = await store.commit_manifest(body, header, meta)
+    gen_id = await store.commit_manifest(body, header, meta, got.pending)
     p.stage = "done"
     if progress:
         progress(p)

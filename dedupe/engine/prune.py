@@ -22,7 +22,13 @@ referenced while we decide), prune:
    d. then deletes the unused, repacked and unindexed packs;
    e. then deletes quarantine records (verify's list of damaged copies) whose packs are
       all gone. Quarantined copies are never chosen as a chunk's copy, so a pack holding
-      only damaged copies of live chunks counts as unused.
+      only damaged copies of live chunks counts as unused;
+   f. then consolidates the key maps (docs/FORMAT.md 4.6): one set of admin-signed key
+      maps holding the entries of the objects that remain; only then the old ones go.
+
+Index objects that are not authenticated (no key map entry: planted, or left by a key
+holder since removed) are not trusted: their packs count as unindexed, and they are
+deleted with the others in (c).
 
 Why the order is crash-safe (the invariant: at every instant every chunk that some
 generation references is listed by an index object whose pack exists):
@@ -44,7 +50,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
@@ -54,13 +60,14 @@ from dedupe.backends.base import Backend
 from dedupe.crypto import OVERHEAD
 from dedupe.errors import MissingObject
 from dedupe.format.index import ENTRY_RECORD, PackRecord
+from dedupe.format.keymap import GENERATION, INDEX, PACK, QUARANTINE
 from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.format.pack import FOOTER_SIZE, PACK_MAGIC
 from dedupe.store import PackWriter, RepositoryStore
 from dedupe.store.blobs import FramedBatch, release_buffers
 from dedupe.store.locks import RepositoryLock
 from dedupe.store.quarantine import QUARANTINE_PREFIX, decode_quarantine, read_quarantine
-from dedupe.store.repository import pack_name
+from dedupe.store.repository import IndexBatch, pack_name
 from dedupe.store.tables import each_generation_table
 
 T = TypeVar("T")
@@ -69,6 +76,7 @@ COALESCE_GAP = 256 * 1024  # read through gaps between live blobs smaller than t
 MAX_RANGE = 8 * 1024 * 1024
 READ_CONCURRENCY = 4
 DELETE_CONCURRENCY = 8
+REENCRYPT_FLUSH = 256  # new packs per index object while re-encrypting (~4 GiB)
 TRAILER_ENTRY = 44  # docs/FORMAT.md section 6
 
 
@@ -138,8 +146,14 @@ async def run_prune(
     dry_run: bool = False,
     progress: ProgressCallback | None = None,
     lock: bool = True,
+    reencrypt_below: int | None = None,
 ) -> PruneReport:
     """Delete unreferenced packs, repack sparse ones, replace all index objects by one.
+
+    `reencrypt_below` (`key rotate --reencrypt`, docs/FORMAT.md 10.2): every pack whose
+    data key was made in an epoch below it is repacked as well, whatever its waste, and a
+    copy in any other pack is preferred; the new packs are indexed every REENCRYPT_FLUSH
+    packs, so that a run killed half way leaves what it rewrote for the next one.
 
     `repack_threshold` in [0, 1]: a pack whose unused fraction (bytes of blobs no
     generation needs, over the pack's length; the pack's own trailer and footer do not
@@ -151,11 +165,21 @@ async def run_prune(
     if not 0.0 <= repack_threshold <= 1.0:
         raise ValueError("repack_threshold must be within 0..1")
     if not lock:
-        return await _prune(store, executor, repack_threshold, dry_run, progress)
+        return await _prune(store, executor, repack_threshold, dry_run, progress, reencrypt_below)
     async with RepositoryLock(store.backend, exclusive=True, operation="prune") as held:
-        report = await _prune(store, executor, repack_threshold, dry_run, progress)
+        report = await _prune(store, executor, repack_threshold, dry_run, progress, reencrypt_below)
         held.check()
         return report
+
+
+def stale_key_packs(store: RepositoryStore, pack_ids: Iterable[bytes], below: int) -> set[bytes]:
+    """The packs among `pack_ids` whose data key was made in an epoch below `below`."""
+    stale = set()
+    for pid in pack_ids:
+        found = store.keymaps.get(PACK, pid)
+        if found is not None and found.entry.born < below:
+            stale.add(pid)
+    return stale
 
 
 async def _prune(
@@ -164,6 +188,7 @@ async def _prune(
     threshold: float,
     dry_run: bool,
     progress: ProgressCallback | None,
+    reencrypt_below: int | None = None,
 ) -> PruneReport:
     started = time.monotonic()
     loop = asyncio.get_running_loop()
@@ -182,14 +207,16 @@ async def _prune(
     # --- 1. what exists, what is referenced ----------------------------------------------------
     index_names = sorted(await backend.list("index/"))
     present = {bytes.fromhex(n.rsplit("/", 1)[-1]) for n in await backend.list("packs/")}
+    await store.refresh_keys()  # after listing: every listed index object's key map is in
+    trusted = [n for n in index_names if store.keymaps.get(INDEX, _oid(n)) is not None]
 
     async def load(name: str) -> tuple[list[PackRecord], list[tuple[bytes, int, int, int, int]]]:
         data = await backend.get(name)
-        return await run(store._decode_index_object, name, data)
+        return await store.decode_index_object(name, data)
 
-    loaded = await _gather_limited([load(n) for n in index_names], READ_CONCURRENCY)
-    # Copies verify found damaged or missing (docs/FORMAT.md section 12) are no copies.
-    quarantined = await read_quarantine(backend, store.keys.meta_key)
+    loaded = await _gather_limited([load(n) for n in trusted], READ_CONCURRENCY)
+    # Copies verify found damaged or missing (docs/FORMAT.md section 13) are no copies.
+    quarantined = await read_quarantine(backend, store.quarantine_key)
 
     gen_ids = await store.generation_ids()
     live: set[bytes] = set()
@@ -229,13 +256,20 @@ async def _prune(
             "back the data up again as a full, then prune",
         )
 
+    stale = (
+        stale_key_packs(store, records, reencrypt_below) if reencrypt_below is not None else set()
+    )
+
     def fraction(pack_id: bytes) -> float:
         return live_in_pack[pack_id] / max(1, records[pack_id].length)
 
     chosen: dict[bytes, _Copy] = {}
     used: dict[bytes, int] = defaultdict(int)
     for chunk_id in live:
-        best = max(copies[chunk_id], key=lambda c: (fraction(c.pack_id), c.pack_id))
+        best = max(
+            copies[chunk_id],
+            key=lambda c: (c.pack_id not in stale, fraction(c.pack_id), c.pack_id),
+        )
         chosen[chunk_id] = best
         used[best.pack_id] += best.stored
 
@@ -252,7 +286,7 @@ async def _prune(
     sparse = [
         pid
         for pid in records
-        if used[pid] > 0 and pid in present and unused_fraction(pid) > threshold
+        if used[pid] > 0 and pid in present and (unused_fraction(pid) > threshold or pid in stale)
     ]
     kept = [pid for pid in records if used[pid] > 0 and pid not in set(sparse)]
     unindexed = sorted(present - set(records))
@@ -316,18 +350,23 @@ async def _prune(
         report_progress("done")
         return make_report([], 0.0)
     if not (changed or unindexed):
-        await _drop_quarantine_records(store, present)
+        left = await _drop_quarantine_records(store, present)
+        await _consolidate_keymaps(store, present, set(index_names), set(gen_ids), left)
         report_progress("done")
         return make_report([], 0.0)
 
     # --- 3a. repack: new packs with the live blobs of sparse packs -----------------------------
-    new_packs: list[PackRecord] = []
-    new_entries = bytearray()  # ENTRY_RECORDs, pack numbers local to new_packs
+    new = IndexBatch()  # the new packs: records, ENTRY_RECORDs (local numbers), key entries
+    flushed: list[str] = []  # index objects written along the way (re-encryption)
     if moving:
         report_progress("repacking")
-        new_packs, new_entries = await _repack(store, moving, records, run, p, progress)
+        new, flushed = await _repack(
+            store, moving, records, run, p, progress, REENCRYPT_FLUSH if stale else None
+        )
+    new_packs, new_entries = new.packs, new.records
 
     # --- 3b. one index object for everything that stays ----------------------------------------
+    written_name = None
     if changed:
         report_progress("writing index")
         pack_list = [records[pid] for pid in kept] + new_packs
@@ -339,22 +378,27 @@ async def _prune(
         base = len(kept)
         for cid, pack_no, offset, stored, raw in ENTRY_RECORD.iter_unpack(new_entries):
             index_entries += entry(cid, pack_no + base, offset, stored, raw)
-        written_name = None
         if pack_list:
-            written_name = await store.write_index(pack_list, index_entries)
+            written_name = await store.write_index(pack_list, index_entries, new.keys)
 
         # --- 3c. then the old index objects ------------------------------------------------------
         report_progress("deleting index objects")
-        await _delete_all(backend, [n for n in index_names if n != written_name])
+        await _delete_all(backend, [n for n in index_names + flushed if n != written_name])
 
     # --- 3d. then the packs nothing lists any more ------------------------------------------------
     report_progress("deleting packs")
     await _delete_all(backend, [pack_name(pid) for pid in to_delete])
 
     # --- 3e. quarantine records whose packs are all gone ------------------------------------------
-    await _drop_quarantine_records(
-        store, (present - set(to_delete)) | {r.pack_id for r in new_packs}
-    )
+    packs_left = (present - set(to_delete)) | {r.pack_id for r in new_packs}
+    left = await _drop_quarantine_records(store, packs_left)
+
+    # --- 3f. key maps: one consolidated set for what remains ------------------------------------
+    report_progress("consolidating key maps")
+    index_left = set(trusted)
+    if changed:
+        index_left = {written_name} if written_name else set()
+    await _consolidate_keymaps(store, packs_left, index_left, set(gen_ids), left)
 
     await reload_index(store)
     report_progress("done")
@@ -368,17 +412,22 @@ async def _repack(
     run: Callable[..., Awaitable[Any]],
     p: Progress,
     progress: ProgressCallback | None,
-) -> tuple[list[PackRecord], bytearray]:
+    flush_every: int | None = None,
+) -> tuple[IndexBatch, list[str]]:
     """Read, check and re-seal the live blobs of sparse packs into new packs (written to
-    the backend, not yet indexed). Returns the new packs' records and index entries
-    (pack numbers local to the returned list)."""
+    the backend). Returns the new packs' batch: records, index entries (pack numbers local
+    to it) and key map entries, and the names of the index objects written on the way:
+    with `flush_every`, each time that many new packs are written they are indexed (after
+    their key map), so that a killed run leaves them usable (the batch still lists them,
+    for the one index object prune then writes)."""
     by_pack: dict[bytes, list[tuple[bytes, _Copy]]] = defaultdict(list)
     for chunk_id, c in moving:
         by_pack[c.pack_id].append((chunk_id, c))
     codec = store.codec
-    packer = PackWriter(store.current_epoch, store.pack_size)
-    new_packs: list[PackRecord] = []
-    new_entries = bytearray()
+    packer = PackWriter(store.pack_size)
+    done = IndexBatch()  # every new pack, for the index object prune writes
+    flushed: list[str] = []
+    since_flush = IndexBatch()
 
     def ranges(
         items: list[tuple[bytes, _Copy]],
@@ -396,11 +445,9 @@ async def _repack(
 
     async def fetch(pack_id: bytes) -> list[FramedBatch]:
         """The pack's live chunks, checked and framed again for sealing."""
-        rec = records[pack_id]
-        epoch = store.epochs.get(rec.epoch)
-        if epoch is None:
-            raise MissingObject(f"pack {pack_id.hex()} needs key epoch {rec.epoch}, not found")
-        key = epoch.unwrap(rec.wrapped_key)
+        what = f"pack {pack_id.hex()}"
+        found = await store.keymaps.find(PACK, pack_id, what)
+        key = store.keymaps.read_key(found, what)
         out: list[FramedBatch] = []
         for start, end, group in ranges(by_pack[pack_id]):
             data = await store.backend.get(pack_name(pack_id), start, end - start)
@@ -418,9 +465,23 @@ async def _repack(
 
     async def write(finished: list[Any]) -> None:
         for pack in finished:
-            await store.write_finished_pack(pack, new_packs, new_entries)
+            await store.write_finished_pack(pack, since_flush)
             p.bytes_stored += len(pack.data)
             packer.recycle(pack)
+            if flush_every is not None and len(since_flush.packs) >= flush_every:
+                await flush()
+
+    async def flush() -> None:
+        nonlocal since_flush
+        if flush_every is not None and since_flush:
+            flushed.append(await store.write_batch(since_flush))
+        # Into the batch for prune's index object, pack numbers moved past what it holds.
+        base = len(done.packs)
+        done.packs.extend(since_flush.packs)
+        done.keys.extend(since_flush.keys)
+        for cid, pack_no, offset, stored, raw in ENTRY_RECORD.iter_unpack(since_flush.records):
+            done.records += ENTRY_RECORD.pack(cid, pack_no + base, offset, stored, raw)
+        since_flush = IndexBatch()
 
     # Fetch a few packs ahead while the current one is sealed and written.
     order = sorted(by_pack)
@@ -436,12 +497,13 @@ async def _repack(
                 progress(p)
         last = await run(packer.flush)
         await write([last] if last is not None else [])
+        await flush()
     finally:
         for t in ahead:
             t.cancel()
         await asyncio.gather(*ahead, return_exceptions=True)
         release_buffers()
-    return new_packs, new_entries
+    return done, flushed
 
 
 async def _delete_all(backend: Backend, names: list[str]) -> None:
@@ -454,14 +516,43 @@ async def _delete_all(backend: Backend, names: list[str]) -> None:
     await _gather_limited([delete(n) for n in names], DELETE_CONCURRENCY)
 
 
-async def _drop_quarantine_records(store: RepositoryStore, packs_left: set[bytes]) -> None:
+async def _drop_quarantine_records(store: RepositoryStore, packs_left: set[bytes]) -> set[str]:
     """Delete quarantine records none of whose packs exists any more: the damaged copies
-    they name are unreachable, so they no longer need honouring (docs/FORMAT.md 12)."""
+    they name are unreachable, so they no longer need honouring (docs/FORMAT.md 13).
+    Returns the names of the records that remain."""
+    left: set[str] = set()
     for name in await store.backend.list(QUARANTINE_PREFIX):
         try:
             data = await store.backend.get(name)
         except MissingObject:
             continue
-        triples = await asyncio.to_thread(decode_quarantine, store.keys.meta_key, name, data)
-        if not any(pack_id in packs_left for _c, pack_id, _r in triples):
+        key = await store.quarantine_key(name)
+        triples = await asyncio.to_thread(decode_quarantine, key, name, data)
+        if any(pack_id in packs_left for _c, pack_id, _r in triples):
+            left.add(name)
+        else:
             await _delete_all(store.backend, [name])
+    return left
+
+
+def _oid(name: str) -> bytes:
+    return bytes.fromhex(name.rsplit("/", 1)[-1])
+
+
+async def _consolidate_keymaps(
+    store: RepositoryStore,
+    packs: set[bytes],
+    index_names: set[str],
+    gen_ids: set[str],
+    quarantine_names: set[str],
+) -> None:
+    """Step f: the key maps rewritten as one set holding the entries of what remains."""
+    keep = {
+        PACK: packs,
+        INDEX: {_oid(n) for n in index_names},
+        GENERATION: {bytes.fromhex(g) for g in gen_ids},
+        QUARANTINE: {_oid(n) for n in quarantine_names},
+    }
+    await store.keymaps.consolidate(
+        store.holder, store.current_epoch, lambda kind, oid: oid in keep[kind]
+    )

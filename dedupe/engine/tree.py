@@ -77,7 +77,7 @@ async def load_tree(store: RepositoryStore, gen_id: str) -> tuple[list[Entry], b
     """(expanded entries in entry order, complete chunk table) of tree generation `gen_id`,
     its chain resolved from the full downwards. MissingObject when a generation of the
     chain is gone, IntegrityError when one is not a tree or the result is inconsistent."""
-    chain = [(meta, table) for _gid, meta, table in await store.manifest_chain(gen_id)]
+    chain = [(meta, table) for _gid, meta, table, _header in await store.manifest_chain(gen_id)]
     chain.reverse()
     return await asyncio.to_thread(expand, chain, f"generation {gen_id}")
 

@@ -2,6 +2,10 @@
 
 Two depths, like restic's `check` and borg's `check --verify-data`:
 
+- **Trust** (always): both keyring copies verify under the admin key and agree; every
+  key map under keymaps/ is accepted (docs/FORMAT.md 4.5); every index object, manifest,
+  pack and quarantine record has an accepted key map entry. An object that has none is
+  reported as "not authenticated": planted, forged, or of a retired epoch.
 - **Structure** (always; reads no pack data): every index object is fetched and opened
   (object id, magic, AEAD, layout); every index entry lies inside its pack; every pack the
   index names exists and has the length its index record says; every quarantine record
@@ -43,6 +47,7 @@ from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
+import blake3
 import zstandard
 
 from dedupe._types import Progress, ProgressCallback
@@ -57,8 +62,9 @@ from dedupe.errors import (
     TruncatedObject,
     UnsupportedFormat,
 )
-from dedupe.format.index import INDEX_AAD, INDEX_MAGIC, PackRecord, decode_index
-from dedupe.format.manifest import CHUNK_RECORD
+from dedupe.format.index import PackRecord
+from dedupe.format.keyring import KEYRING_NAMES
+from dedupe.format.manifest import CHUNK_RECORD, header_span
 from dedupe.format.pack import (
     FOOTER_SIZE,
     PACK_MAGIC,
@@ -69,15 +75,15 @@ from dedupe.format.pack import (
 from dedupe.hashing import object_id
 from dedupe.store import RepositoryStore
 from dedupe.store.blobs import release_buffers
+from dedupe.store.keyring import decode_keyring
 from dedupe.store.locks import RepositoryLock
 from dedupe.store.quarantine import (
     QUARANTINE_PREFIX,
     decode_quarantine,
-    encode_quarantine,
     read_quarantine,
 )
 from dedupe.store.readbuffers import ReadBuffers
-from dedupe.store.repository import pack_name, utc_now
+from dedupe.store.repository import pack_name
 from dedupe.store.tables import each_generation_table
 
 T = TypeVar("T")
@@ -87,6 +93,7 @@ T = TypeVar("T")
 # Why an object (or a chunk copy) is damaged; most severe first (a DamagedObject's `reason`
 # is the most severe of its problems, `details` lists them all).
 MISSING = "missing"  # the object is not in the backend
+NOT_AUTHENTICATED = "not authenticated"  # no accepted key map vouches for it (or signature)
 TRUNCATED = "truncated"  # shorter than its index record (or its own footer) says
 SIZE_MISMATCH = "size mismatch"  # longer than its index record says
 AUTH_FAILED = "authentication failed"  # an AEAD tag (or a wrapped key) did not open
@@ -94,8 +101,10 @@ ID_MISMATCH = "id mismatch"  # its bytes do not hash to its name / a chunk to it
 MALFORMED = "malformed"  # authenticated, but the layout is wrong (bad magic, bad offsets)
 TRAILER_MISMATCH = "trailer mismatch"  # the pack's trailer and the index disagree
 NOT_INDEXED = "not indexed"  # chunks generations reference that no index object lists
+STALE = "stale"  # a keyring copy behind the other (an interrupted key change, or a rollback)
 REASONS = (
     MISSING,
+    NOT_AUTHENTICATED,
     TRUNCATED,
     SIZE_MISMATCH,
     AUTH_FAILED,
@@ -103,8 +112,9 @@ REASONS = (
     MALFORMED,
     TRAILER_MISMATCH,
     NOT_INDEXED,
+    STALE,
 )
-KINDS = ("generation", "index", "pack", "quarantine")
+KINDS = ("keyring", "keymap", "generation", "index", "pack", "quarantine")
 
 # --- tuning -----------------------------------------------------------------------------------
 
@@ -226,19 +236,10 @@ def select_packs(pack_ids: Iterable[bytes], spec: SubsetSpec | None) -> list[byt
 
 async def load_quarantine(store: RepositoryStore) -> set[tuple[bytes, bytes]]:
     """Every (chunk id, pack id) pair the repository's quarantine records name."""
-    return await read_quarantine(store.backend, store.keys.meta_key)
+    return await read_quarantine(store.backend, store.quarantine_key)
 
 
 # --- the pipeline -----------------------------------------------------------------------------
-
-
-class _Bad(Exception):
-    """A problem found inside an executor job: (reason, detail)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass
@@ -292,22 +293,19 @@ async def _each(items: Iterable[T], workers: int, fn: Callable[[T], Awaitable[No
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _open_index_object(
-    meta_key: bytes, name: str, data: bytes
-) -> tuple[list[PackRecord], list[tuple[bytes, int, int, int, int]]]:
-    what = f"index object {name}"
-    if object_id(data) != name.rsplit("/", 1)[-1]:
-        raise _Bad(ID_MISMATCH, f"{what} does not hash to its name")
-    if data[:8] != INDEX_MAGIC:
-        raise _Bad(MALFORMED, f"{what} has an unknown magic")
-    try:
-        plain = open_sealed(meta_key, memoryview(data)[8:], INDEX_AAD, what)
-    except IntegrityError as e:
-        raise _Bad(AUTH_FAILED, e.message) from None
-    try:
-        return decode_index(zstandard.ZstdDecompressor().decompress(plain), what)
-    except (IntegrityError, zstandard.ZstdError) as e:
-        raise _Bad(MALFORMED, f"{what} does not decode: {e}") from None
+def _reason_of(e: DedupeError) -> str:
+    """The report's reason for an error a store check raised."""
+    if isinstance(e, MissingObject):
+        return MISSING
+    if isinstance(e, TruncatedObject):
+        return TRUNCATED
+    if "not authenticated" in e.message or "signature" in e.message:
+        return NOT_AUTHENTICATED
+    if "hash to its name" in e.message or "match its name" in e.message or "its id" in e.message:
+        return ID_MISMATCH
+    if "authentication" in e.message or "does not open" in e.message:
+        return AUTH_FAILED
+    return MALFORMED
 
 
 class _Verifier:
@@ -383,11 +381,9 @@ class _Verifier:
                 self._damaged(name, "index", MISSING, f"{name} vanished while verifying")
                 return
             try:
-                packs, entries = await self._run(
-                    _open_index_object, self.store.keys.meta_key, name, data
-                )
-            except _Bad as e:
-                self._damaged(name, "index", e.reason, e.detail)
+                packs, entries = await self.store.decode_index_object(name, data)
+            except (IntegrityError, UnsupportedFormat) as e:
+                self._damaged(name, "index", _reason_of(e), e.message)
                 return
             outside: dict[bytes, list[bytes]] = {}
             for chunk_id, pack_no, offset, stored, raw in entries:
@@ -414,16 +410,60 @@ class _Verifier:
         for name in sorted(await self.backend.list(QUARANTINE_PREFIX)):
             try:
                 data = await self.backend.get(name)
-                await self._run(decode_quarantine, self.store.keys.meta_key, name, data)
+                key = await self.store.quarantine_key(name)
+                await self._run(decode_quarantine, key, name, data)
             except MissingObject:
                 continue
             except UnsupportedFormat as e:
                 self._damaged(name, "quarantine", MALFORMED, e.message)
             except IntegrityError as e:
-                reason = ID_MISMATCH if "its name" in e.message else AUTH_FAILED
-                if "malformed" in e.message:
-                    reason = MALFORMED
-                self._damaged(name, "quarantine", reason, e.message)
+                self._damaged(name, "quarantine", _reason_of(e), e.message)
+
+    # --- trust: keyring copies and key maps ---
+
+    async def check_keyring(self) -> None:
+        """Both copies must verify and be at the serial the store uses."""
+        store = self.store
+        for name in KEYRING_NAMES:
+            try:
+                ring = decode_keyring(
+                    await self.backend.get(name),
+                    store.holder.admin_verify_key,
+                    store.repository_id,
+                    name,
+                )
+            except MissingObject:
+                self._damaged(name, "keyring", MISSING, f"{name} is missing")
+                continue
+            except (IntegrityError, UnsupportedFormat) as e:
+                self._damaged(name, "keyring", _reason_of(e), e.message)
+                continue
+            if ring.serial < store.keyring.serial:
+                self._damaged(
+                    name,
+                    "keyring",
+                    STALE,
+                    f"{name} is at serial {ring.serial}, behind {store.keyring.serial}: an "
+                    "interrupted key change, or an old copy put back",
+                )
+
+    async def check_keymaps(self) -> None:
+        """Every object under keymaps/ must be an accepted key map (of an active epoch)."""
+        keymaps = self.store.keymaps
+        await keymaps.refresh()
+        for name in sorted(await keymaps.names(every_epoch=True)):
+            if name in keymaps.loaded:
+                continue
+            reason = keymaps.rejected.get(name)
+            if reason is None:  # not an active epoch's: find out why it was not loaded
+                try:
+                    keymaps.accept(name, await self.backend.get(name))
+                    continue  # (written since the refresh)
+                except MissingObject:
+                    continue
+                except (IntegrityError, UnsupportedFormat) as e:
+                    reason = e.message
+            self._damaged(name, "keymap", NOT_AUTHENTICATED, reason)
 
     # --- structure: packs ---
 
@@ -515,7 +555,7 @@ class _Verifier:
             key = store.pack_key(store.index.pack_number(info.record))
         except IntegrityError as e:
             key = None
-            self._bad_copies(name, pack_id, AUTH_FAILED, e.message, info.chunk_ids())
+            self._bad_copies(name, pack_id, _reason_of(e), e.message, info.chunk_ids())
         problems, trailer = await self._run(_check_envelope, data, pack_id, key, name)
         for reason, detail in problems:
             self._damaged(name, "pack", reason, detail)
@@ -604,24 +644,21 @@ class _Verifier:
             data = await self.backend.get(f"generations/{gen_id}")
         except MissingObject:
             return MISSING, detail
-        if await self._run(object_id, data) != gen_id:
+        try:
+            _start, end = header_span(data, f"generation {gen_id}")
+        except DedupeError:
+            return MALFORMED, detail
+        if end > len(data) or blake3.blake3(data[:end]).hexdigest() != gen_id:
             return ID_MISMATCH, detail
-        if isinstance(e, MissingObject):  # a generation its delta chain needs is missing
-            return MISSING, detail
-        if isinstance(e, TruncatedObject):
-            return TRUNCATED, detail
-        if isinstance(e, IntegrityError) and "authentication" in e.message:
-            return AUTH_FAILED, detail
+        if isinstance(e, DedupeError):
+            return _reason_of(e), detail
         return MALFORMED, detail
 
     # --- quarantine ---
 
     async def write_quarantine(self) -> str:
         chunks = sorted((c, p, reason) for (c, p), (reason, _name) in self.bad.items())
-        data = encode_quarantine(self.store.keys.meta_key, utc_now(), chunks)
-        name = f"{QUARANTINE_PREFIX}{object_id(data)}"
-        await self.backend.put(name, data)
-        return name
+        return await self.store.write_quarantine(chunks)
 
 
 def _check_envelope(
@@ -634,9 +671,7 @@ def _check_envelope(
     if data[: len(PACK_MAGIC)] != PACK_MAGIC:
         problems.append((MALFORMED, "the pack does not start with the pack magic"))
     try:
-        _epoch, _wrapped, trailer_length = decode_footer(
-            len(data), data[-FOOTER_SIZE:], f"pack {pack_id.hex()}"
-        )
+        trailer_length = decode_footer(len(data), data[-FOOTER_SIZE:], f"pack {pack_id.hex()}")
     except TruncatedObject as e:
         problems.append((TRUNCATED, e.message))
         return problems, None
@@ -716,6 +751,8 @@ async def verify_repository(
     async with RepositoryLock(store.backend, exclusive=False, operation="verify") as held:
         await store.refresh_index()  # so the index resolves chunks as a restore now would
         v = _Verifier(store, executor, progress)
+        await v.check_keyring()
+        await v.check_keymaps()
         await v.check_index()
         await v.check_quarantine_records()
         await v.check_packs()

@@ -7,9 +7,17 @@ from typing import Any
 
 from dedupe.errors import IntegrityError, UnsupportedFormat
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DEFAULT_PACK_SIZE = 16 * 1024 * 1024
 DEFAULT_COMPRESSION_LEVEL = 1
+
+_ALGORITHMS = {
+    "chunk_id": "blake3-keyed",
+    "object_id": "blake3",
+    "aead": "xchacha20poly1305-ietf",
+    "key_wrap": "x25519-sealedbox",
+    "signature_algorithm": "ed25519",
+}
 
 
 def new_config(
@@ -19,22 +27,22 @@ def new_config(
     pack_size: int,
     compression_level: int,
 ) -> dict[str, Any]:
+    """The config record without its signature (the store signs it)."""
     return {
         "format": "dedupe-repository",
         "version": FORMAT_VERSION,
         "id": repository_id.hex(),
         "created": created,
         "chunker": chunker,
-        "chunk_id": "blake3-keyed",
-        "object_id": "blake3",
         "compression": {"algorithm": "zstd", "level": compression_level},
-        "aead": "xchacha20poly1305-ietf",
-        "key_wrap": "x25519-sealedbox",
         "pack_size": pack_size,
+        **_ALGORITHMS,
     }
 
 
 def parse_config(data: bytes) -> dict[str, Any]:
+    """The config's fields, checked for version and algorithms; its signature is the
+    caller's to check once a key file has opened (it pins the admin verify key)."""
     try:
         cfg: dict[str, Any] = json.loads(data)
     except ValueError:
@@ -45,17 +53,19 @@ def parse_config(data: bytes) -> dict[str, Any]:
         raise UnsupportedFormat(
             f"repository format version {cfg.get('version')} is not supported by this dedupe "
             f"(it reads version {FORMAT_VERSION})",
-            hint="upgrade dedupe",
+            hint="this dedupe reads no older repository: make a new one with 'dedupe init'"
+            if isinstance(cfg.get("version"), int) and cfg["version"] < FORMAT_VERSION
+            else "upgrade dedupe",
         )
-    expected = {
-        "chunk_id": "blake3-keyed",
-        "object_id": "blake3",
-        "aead": "xchacha20poly1305-ietf",
-        "key_wrap": "x25519-sealedbox",
-    }
-    for field, value in expected.items():
+    for field, value in _ALGORITHMS.items():
         if cfg.get(field) != value:
             raise UnsupportedFormat(f"unsupported {field} {cfg.get(field)!r} in repository config")
     if cfg.get("compression", {}).get("algorithm") != "zstd":
         raise UnsupportedFormat("unsupported compression in repository config")
+    try:
+        bytes.fromhex(cfg["id"])
+        int(cfg["pack_size"])
+        int(cfg["compression"]["level"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise IntegrityError(f"the repository config is malformed: {e}") from None
     return cfg

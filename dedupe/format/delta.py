@@ -13,7 +13,6 @@ csrc/delta.c) and required, like the chunker; make_delta_py is its spec and twin
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from dedupe.errors import IntegrityError
@@ -77,36 +76,48 @@ def make_delta_py(parent: bytes, table: bytes) -> tuple[bytes, list[list[int]]]:
 
 
 def delta_ranges(
-    ops: list[Any], n_parent: int, n_literal: int, what: str
-) -> Iterator[tuple[int, int, int]]:
+    ops: list[Any], n_parent: int, n_literal: int, what: str, expected: int | None = None
+) -> list[tuple[int, int, int]]:
     """The ops as validated ranges (kind, start record, count), in order: COPY ranges of
     the parent's table, LITERAL ranges of the literal table. IntegrityError on a range
-    outside either table, an unknown op, or literal records left unused at the end."""
-    lit = 0
+    outside either table, an unknown op, literal records left unused at the end, or (with
+    `expected`, the complete table's record count from the authenticated header) counts
+    that do not add up to it. Everything is checked before anything is expanded: copy ops
+    cannot make a table larger than its header says (docs/FORMAT.md 8.1)."""
+    ranges: list[tuple[int, int, int]] = []
+    lit = total = 0
     try:
         for op in ops:
             if op[0] == COPY:
                 start, count = int(op[1]), int(op[2])
                 if start < 0 or count < 0 or start + count > n_parent:
                     raise IntegrityError(f"{what}: a delta copies past its parent's table")
-                yield COPY, start, count
+                ranges.append((COPY, start, count))
             elif op[0] == LITERAL:
                 count = int(op[1])
                 if count < 0 or lit + count > n_literal:
                     raise IntegrityError(f"{what}: a delta reads past its literal table")
-                yield LITERAL, lit, count
+                ranges.append((LITERAL, lit, count))
                 lit += count
             else:
                 raise IntegrityError(f"{what}: unknown delta op {op[0]!r}")
+            total += count
     except (IndexError, TypeError, ValueError) as e:
         raise IntegrityError(f"{what}: malformed delta: {e}") from None
     if lit != n_literal:
         raise IntegrityError(f"{what}: a delta leaves literal records unused")
+    if expected is not None and total != expected:
+        raise IntegrityError(f"{what}: its delta makes {total} records, its header says {expected}")
+    return ranges
 
 
-def apply_delta(parent: bytes, literal: bytes, ops: list[Any], what: str) -> bytes:
+def apply_delta(
+    parent: bytes, literal: bytes, ops: list[Any], what: str, expected: int | None = None
+) -> bytes:
     out = bytearray()
-    for kind, start, count in delta_ranges(ops, len(parent) // _R, len(literal) // _R, what):
+    for kind, start, count in delta_ranges(
+        ops, len(parent) // _R, len(literal) // _R, what, expected
+    ):
         source = parent if kind == COPY else literal
         out += source[start * _R : (start + count) * _R]
     return bytes(out)

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 from dedupe.errors import IntegrityError
 
-INDEX_MAGIC = b"DDPIDX01"
-INDEX_AAD = b"dedupe-index v1"
+INDEX_MAGIC = b"DDPIDX02"
+INDEX_AAD = b"dedupe-index v2"
 
-_PACK = struct.Struct("<32sI80sQ")  # pack_id, epoch, wrapped key, pack length
+_PACK = struct.Struct("<32sQ")  # pack_id, pack length (its key is in a key map)
 _ENTRY = struct.Struct("<32sIIII")  # chunk_id, pack_no, offset, stored_length, raw_length
 _COUNT = struct.Struct("<Q")
 
@@ -19,8 +19,6 @@ _COUNT = struct.Struct("<Q")
 @dataclass(frozen=True, slots=True)
 class PackRecord:
     pack_id: bytes
-    epoch: int
-    wrapped_key: bytes
     length: int
 
 
@@ -46,7 +44,7 @@ def encode_index(packs: list[PackRecord], records: bytes | bytearray) -> bytes:
     if len(records) % _ENTRY.size:
         raise ValueError("index entry records must be whole entries")
     parts = [_COUNT.pack(len(packs))]
-    parts += [_PACK.pack(p.pack_id, p.epoch, p.wrapped_key, p.length) for p in packs]
+    parts += [_PACK.pack(p.pack_id, p.length) for p in packs]
     parts.append(_COUNT.pack(len(records) // _ENTRY.size))
     parts.append(bytes(records))
     return b"".join(parts)
@@ -71,6 +69,13 @@ def decode_index_records(plain: bytes, what: str) -> tuple[list[PackRecord], mem
 
 
 ENTRY_RECORD = _ENTRY
+
+
+def max_plaintext(sealed_length: int) -> int:
+    """The largest plaintext a reader accepts from an index object whose sealed part has
+    `sealed_length` bytes (docs/FORMAT.md section 7): ids do not compress, so anything
+    larger is a decompression bomb."""
+    return 4 * sealed_length + 4096
 
 
 def decode_index(

@@ -1,6 +1,6 @@
-"""Generation manifests (docs/FORMAT.md section 8): a sealed JSON header readable with the
-meta key, and a body (chunk table, then the meta JSON) sealed frame by frame under a
-wrapped data key. Version 1 manifests (one sealed body) are still read."""
+"""Generation manifests (docs/FORMAT.md section 8): a prefix (magic, length, the header
+sealed under its own key) whose BLAKE3 is the generation id, then a body (chunk table,
+then the meta JSON) sealed frame by frame under another key. No key is in the bytes."""
 
 from __future__ import annotations
 
@@ -8,24 +8,24 @@ import json
 import struct
 from typing import Any
 
-from dedupe.errors import IntegrityError, TruncatedObject
+from dedupe.errors import IntegrityError, TruncatedObject, UnsupportedFormat
 
-GEN_MAGIC = b"DDPGEN02"
-GEN_MAGIC_V1 = b"DDPGEN01"
-HEADER_AAD = b"dedupe-generation-header v1"
-BODY_AAD_PREFIX = b"dedupe-generation-body v1"  # version 1 only
-FRAME_AAD_PREFIX = b"dedupe-generation-frame v2"
-WRAPPED_KEY_SIZE = 80
+GEN_MAGIC = b"DDPGEN03"
+HEADER_AAD = b"dedupe-generation-header v3"
+FRAME_AAD_PREFIX = b"dedupe-generation-frame v3"
+HEADER_VERSION = 3
 # Enough to hold the magic, the header length and any realistic header in one read.
 HEADER_PROBE = 64 * 1024
+MAX_HEADER = 1 << 20
 
 # One record of a manifest's chunk table: chunk id, raw length.
 CHUNK_RECORD = struct.Struct("<32sI")
-# Records per table frame, as writers make them (readers take any whole number).
+# Records per table frame, as writers make them, and the most a reader accepts.
 FRAME_RECORDS = 16384
+MAX_TABLE_FRAME = FRAME_RECORDS * CHUNK_RECORD.size
+MAX_META_FRAME = 256 << 20
 FRAME_LENGTH = struct.Struct("<I")
-_EPOCH = struct.Struct("<I")
-BODY_PREFIX_SIZE = _EPOCH.size + WRAPPED_KEY_SIZE
+_PREFIX = struct.Struct("<8sI")
 
 
 def frame_aad(frame_no: int) -> bytes:
@@ -33,30 +33,34 @@ def frame_aad(frame_no: int) -> bytes:
 
 
 def encode_prefix(header_sealed: bytes) -> bytes:
-    """What comes before a version 2 body: magic, header length, sealed header."""
-    return GEN_MAGIC + struct.pack("<I", len(header_sealed)) + header_sealed
+    """What comes before the body: magic, header length, sealed header. Its BLAKE3 is the
+    generation id."""
+    return _PREFIX.pack(GEN_MAGIC, len(header_sealed)) + header_sealed
 
 
-def encode_body_prefix(epoch: int, wrapped_key: bytes) -> bytes:
-    """The first bytes of a version 2 body: the epoch and the wrapped data key."""
-    assert len(wrapped_key) == WRAPPED_KEY_SIZE
-    return _EPOCH.pack(epoch) + wrapped_key
-
-
-def decode_body_prefix(body: bytes | bytearray | memoryview, what: str) -> tuple[int, bytes]:
-    """(epoch, wrapped data key) from the first bytes of a version 2 body."""
-    if len(body) < BODY_PREFIX_SIZE:
+def header_span(prefix: bytes | bytearray | memoryview, what: str) -> tuple[int, int]:
+    """(start, end) of the sealed header, from the first bytes of a manifest; `end` is
+    where the prefix (and the id's input) ends."""
+    if len(prefix) < _PREFIX.size:
         raise TruncatedObject(f"{what} is truncated")
-    (epoch,) = _EPOCH.unpack_from(body)
-    return epoch, bytes(body[_EPOCH.size : BODY_PREFIX_SIZE])
+    magic, n = _PREFIX.unpack_from(prefix)
+    if magic != GEN_MAGIC:
+        if bytes(magic[:6]) == b"DDPGEN" and bytes(magic[6:]).isdigit():
+            raise UnsupportedFormat(
+                f"{what} is a manifest of another format version ({bytes(magic)!r}); this "
+                f"dedupe reads {GEN_MAGIC!r} only"
+            )
+        raise IntegrityError(f"{what} is not a generation manifest (bad magic)")
+    if n > MAX_HEADER:
+        raise IntegrityError(f"{what} claims a header of {n} bytes (at most {MAX_HEADER})")
+    return _PREFIX.size, _PREFIX.size + n
 
 
-def split_frames(body: memoryview, what: str) -> tuple[int, bytes, list[memoryview]]:
-    """A version 2 body -> (epoch, wrapped key, sealed frames in order); the last one is
-    the meta frame. Checks only the lengths: each frame is authenticated when opened."""
-    epoch, wrapped = decode_body_prefix(body, what)
+def split_frames(body: memoryview, what: str) -> list[memoryview]:
+    """A body -> its sealed frames in order; the last one is the meta frame. Checks only
+    the lengths: each frame is authenticated when opened."""
     frames: list[memoryview] = []
-    pos = BODY_PREFIX_SIZE
+    pos = 0
     while pos < len(body):
         if pos + FRAME_LENGTH.size > len(body):
             raise TruncatedObject(f"{what} is truncated inside a frame length")
@@ -68,7 +72,7 @@ def split_frames(body: memoryview, what: str) -> tuple[int, bytes, list[memoryvi
         pos += n
     if not frames:
         raise TruncatedObject(f"{what} has no meta frame")
-    return epoch, wrapped, frames
+    return frames
 
 
 def decode_meta(plain: bytes, what: str) -> dict[str, Any]:
@@ -82,66 +86,18 @@ def decode_meta(plain: bytes, what: str) -> dict[str, Any]:
         raise IntegrityError(f"{what}: manifest meta is malformed: {e}") from None
 
 
-def encode_manifest_v1(
-    header_sealed: bytes, epoch: int, wrapped_key: bytes, body_sealed: bytes
-) -> bytes:
-    """A version 1 manifest (tests write them to check that they are still read)."""
-    return b"".join(
-        [
-            GEN_MAGIC_V1,
-            struct.pack("<I", len(header_sealed)),
-            header_sealed,
-            struct.pack("<I", epoch),
-            wrapped_key,
-            body_sealed,
-        ]
-    )
-
-
-def manifest_version(prefix: bytes, what: str) -> int:
-    magic = bytes(prefix[:8])
-    if magic == GEN_MAGIC:
-        return 2
-    if magic == GEN_MAGIC_V1:
-        return 1
-    raise IntegrityError(f"{what} is not a generation manifest (bad magic)")
-
-
-def header_span(prefix: bytes, what: str) -> tuple[int, int]:
-    """(start, end) of the sealed header, from the first bytes of a manifest (either
-    version: they agree up to the end of the header)."""
-    manifest_version(prefix, what)
-    if len(prefix) < 12:
-        raise TruncatedObject(f"{what} is truncated")
-    (n,) = struct.unpack_from("<I", prefix, 8)
-    return 12, 12 + n
-
-
-def split_manifest_v1(data: bytes, what: str) -> tuple[bytes, int, bytes, bytes]:
-    """A version 1 manifest -> (header_sealed, epoch, wrapped_key, body_sealed)."""
-    start, end = header_span(data, what)
-    if len(data) < end + 4 + WRAPPED_KEY_SIZE:
-        raise TruncatedObject(f"{what} is truncated")
-    (epoch,) = struct.unpack_from("<I", data, end)
-    wrapped = data[end + 4 : end + 4 + WRAPPED_KEY_SIZE]
-    return data[start:end], epoch, wrapped, data[end + 4 + WRAPPED_KEY_SIZE :]
-
-
-def encode_body_v1(meta: dict[str, Any], chunk_table: bytes | bytearray) -> bytes:
-    """A version 1 body plaintext: meta must hold "chunk_count"; chunk_table is that many
-    CHUNK_RECORDs back to back."""
-    meta_json = json.dumps(meta, sort_keys=True).encode()
-    return struct.pack("<I", len(meta_json)) + meta_json + chunk_table
-
-
-def decode_body_v1(plain: bytes, what: str) -> tuple[dict[str, Any], bytes]:
-    """-> (meta, chunk table bytes); iterate the table with CHUNK_RECORD.iter_unpack."""
+def decode_header(plain: bytes, what: str) -> dict[str, Any]:
+    """The header JSON, checked for the fields every reader relies on."""
     try:
-        (n,) = struct.unpack_from("<I", plain)
-        meta: dict[str, Any] = json.loads(plain[4 : 4 + n])
-        table = plain[4 + n :]
-        if len(table) != int(meta["chunk_count"]) * CHUNK_RECORD.size:
-            raise IntegrityError(f"{what}: chunk table does not match its count")
-        return meta, table
-    except (struct.error, ValueError, KeyError) as e:
-        raise IntegrityError(f"{what}: manifest body is malformed: {e}") from None
+        header = json.loads(plain)
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+        if header.get("version") != HEADER_VERSION:
+            raise ValueError(f"header version {header.get('version')}")
+        for field in ("name", "kind", "created", "body"):
+            str(header[field])
+        int(header["size"])
+        int(header["chunks"])
+        return header
+    except (ValueError, KeyError, TypeError) as e:
+        raise IntegrityError(f"{what}: manifest header is malformed: {e}") from None

@@ -5,14 +5,13 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from dedupe.errors import IntegrityError, TruncatedObject
+from dedupe.errors import IntegrityError, TruncatedObject, UnsupportedFormat
 
-PACK_MAGIC = b"DDPACK01"
-FOOTER_MAGIC = b"DDPKEND1"
-WRAPPED_KEY_SIZE = 80
-_FOOTER = struct.Struct(f"<I{WRAPPED_KEY_SIZE}sI8s")
-FOOTER_SIZE = _FOOTER.size  # 96
-TRAILER_AAD = b"dedupe-pack-trailer v1"
+PACK_MAGIC = b"DDPACK02"
+FOOTER_MAGIC = b"DDPKEND2"
+_FOOTER = struct.Struct("<I8s")  # trailer length, magic: no key is in a pack's bytes
+FOOTER_SIZE = _FOOTER.size  # 12
+TRAILER_AAD = b"dedupe-pack-trailer v2"
 MAX_PACK_SIZE = (1 << 32) - 1
 
 # First byte of a blob's plaintext.
@@ -59,19 +58,19 @@ def decode_trailer_items(plain: bytes, what: str) -> list[tuple[bytes, int, int,
     return list(_ENTRY.iter_unpack(memoryview(plain)[4:]))
 
 
-def encode_footer(epoch: int, wrapped_key: bytes, trailer_length: int) -> bytes:
-    return _FOOTER.pack(epoch, wrapped_key, trailer_length, FOOTER_MAGIC)
+def encode_footer(trailer_length: int) -> bytes:
+    return _FOOTER.pack(trailer_length, FOOTER_MAGIC)
 
 
-def decode_footer(
-    pack_length: int, footer: bytes | bytearray | memoryview, what: str
-) -> tuple[int, bytes, int]:
-    """-> (epoch, wrapped_key, trailer_length)."""
+def decode_footer(pack_length: int, footer: bytes | bytearray | memoryview, what: str) -> int:
+    """-> the trailer's length."""
     if len(footer) != FOOTER_SIZE or pack_length < len(PACK_MAGIC) + FOOTER_SIZE:
         raise TruncatedObject(f"{what} is too short to be a pack ({pack_length} bytes)")
-    epoch, wrapped, trailer_length, magic = _FOOTER.unpack(footer)
+    trailer_length, magic = _FOOTER.unpack(footer)
     if magic != FOOTER_MAGIC:
+        if bytes(magic[:7]) == b"DDPKEND" and bytes(magic[7:]).isdigit():
+            raise UnsupportedFormat(f"{what} is a pack of another format version")
         raise TruncatedObject(f"{what} has no pack footer: it is truncated or damaged")
     if trailer_length > pack_length - FOOTER_SIZE - len(PACK_MAGIC):
         raise IntegrityError(f"{what}: footer names a trailer longer than the pack")
-    return epoch, wrapped, trailer_length
+    return int(trailer_length)

@@ -7,7 +7,8 @@ chunk in the table). A `ManifestWriter` takes the records as the pipeline produc
 compresses and seals each 16,384 of them as a frame, and spills the sealed frames to an
 unnamed temporary file (`TMPDIR`; nothing is left if the process dies). At the commit it
 seals the meta frame and the header, which carries the statistics and the body's hash,
-and the backend stores the object from the spilled frames. What it holds in memory is
+and the backend stores the object from the spilled frames. The header and the body have
+keys of their own (writers read every header, readers every body). What it holds in memory is
 one frame of records and its sealed copy, whatever the size of the snapshot.
 """
 
@@ -23,14 +24,15 @@ from typing import Any, BinaryIO
 import blake3
 import zstandard
 
-from dedupe.crypto import EpochKeys, new_key, seal
+from dedupe.crypto import new_key, seal
 from dedupe.errors import ScratchError
 from dedupe.format.manifest import (
     CHUNK_RECORD,
     FRAME_LENGTH,
     FRAME_RECORDS,
     HEADER_AAD,
-    encode_body_prefix,
+    HEADER_VERSION,
+    MAX_META_FRAME,
     encode_prefix,
     frame_aad,
 )
@@ -45,12 +47,13 @@ Buffer = bytes | bytearray | memoryview
 
 class ManifestWriter:
     """One manifest being written: `add` the table's records in order, then `finish` with
-    the header and meta, then store `parts()` under `generations/<object_id()>`. `close`
-    removes the spill; use it as a context manager."""
+    the header and meta, then store `parts()` under `generations/<gen_id>`, after a key
+    map entry made from `header_key` and `body_key`. `close` removes the spill; use it as
+    a context manager. No key is written into the manifest's bytes."""
 
-    def __init__(self, epoch: EpochKeys, meta_key: bytes) -> None:
-        self._meta_key = meta_key
-        self._data_key = new_key()
+    def __init__(self) -> None:
+        self.header_key = new_key()
+        self.body_key = new_key()
         self._compressor = zstandard.ZstdCompressor(level=COMPRESSION_LEVEL)
         self._body_hash = blake3.blake3()
         self._pending = bytearray()  # fewer than FRAME_RECORDS records
@@ -62,7 +65,6 @@ class ManifestWriter:
             self._spill = self._open_spill()
         except OSError as e:
             raise scratch_error(e, "creating", "the manifest's") from None
-        self._write(encode_body_prefix(epoch.number, epoch.wrap(self._data_key)))
 
     @staticmethod
     def _open_spill() -> BinaryIO:
@@ -101,9 +103,10 @@ class ManifestWriter:
             view = view[FRAME_BYTES:]
         self._pending += view
 
-    def finish(self, header: dict[str, Any], meta: dict[str, Any]) -> None:
+    def finish(self, header: dict[str, Any], meta: dict[str, Any]) -> str:
         """Seal the last table frame, the meta frame and the header. `meta["chunk_count"]`
-        must be the number of records added; the header gets the body's hash."""
+        must be the number of records added; the header gets the body's hash. Returns the
+        generation id: the BLAKE3 of the prefix (magic, length, sealed header)."""
         if int(meta["chunk_count"]) != self.records:
             raise ValueError(
                 f"meta says {meta['chunk_count']} records, the table has {self.records}"
@@ -111,24 +114,20 @@ class ManifestWriter:
         if self._pending:
             self._seal_frame(self._pending)
             self._pending = bytearray()
-        self._seal_frame(json.dumps(meta, sort_keys=True).encode())
+        meta_json = json.dumps(meta, sort_keys=True).encode()
+        if len(meta_json) > MAX_META_FRAME:
+            raise ValueError(
+                f"the manifest's meta is {len(meta_json)} bytes, over {MAX_META_FRAME}"
+            )
+        self._seal_frame(meta_json)
         try:
             self._spill.flush()
         except OSError as e:
             raise scratch_error(e, "writing", "the manifest's") from None
-        sealed = seal(
-            self._meta_key,
-            json.dumps(dict(header, body=self._body_hash.hexdigest())).encode(),
-            HEADER_AAD,
-        )
+        header = dict(header, version=HEADER_VERSION, body=self._body_hash.hexdigest())
+        sealed = seal(self.header_key, json.dumps(header).encode(), HEADER_AAD)
         self._prefix = encode_prefix(sealed)
-
-    def object_id(self) -> str:
-        """The manifest's id: BLAKE3 of all its bytes (read back from the spill)."""
-        h = blake3.blake3()
-        for part in self.parts():
-            h.update(part)
-        return str(h.hexdigest())
+        return str(blake3.blake3(self._prefix).hexdigest())
 
     def parts(self) -> Iterator[bytes]:
         """The manifest's bytes, in order, in pieces of at most 1 MiB (blocking reads)."""
@@ -139,7 +138,7 @@ class ManifestWriter:
 
     def _seal_frame(self, payload: Buffer) -> None:
         # One zstd frame that records its content size, as readers decompress in one shot.
-        sealed = seal(self._data_key, self._compressor.compress(payload), frame_aad(self._frames))
+        sealed = seal(self.body_key, self._compressor.compress(payload), frame_aad(self._frames))
         self._frames += 1
         self._write(FRAME_LENGTH.pack(len(sealed)))
         self._write(sealed)

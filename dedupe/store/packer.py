@@ -2,7 +2,8 @@
 
 Contract: one owner calls `add()` and `flush()`, one call at a time (they may run on a
 worker thread; there is no internal locking). Each pack gets a fresh random data key,
-wrapped for the epoch given at construction. `add()` returns the packs it completed;
+handed out with the finished pack: its writer wraps it into a key map (no key is in the
+pack's bytes). `add()` returns the packs it completed;
 `flush()` is the barrier that completes the last, partly filled pack. A PackWriter that
 raised stays failed: later calls raise too, so a half-built pack is never written.
 
@@ -17,7 +18,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from dedupe.crypto import OVERHEAD, EpochKeys, new_key
+from dedupe.crypto import OVERHEAD, new_key
 from dedupe.crypto.aead import seal_into
 from dedupe.format.pack import (
     FOOTER_SIZE,
@@ -47,8 +48,7 @@ def _buffer_size(target: int) -> int:
 class FinishedPack:
     data: bytearray
     records: bytes  # its trailer entries, back to back (format.pack.TRAILER_RECORD)
-    epoch: int
-    wrapped_key: bytes
+    key: bytes  # its data key, to be wrapped in a key map
 
     def entries(self) -> Iterator[tuple[bytes, int, int, int]]:
         """(chunk id, offset, stored length, raw length) of every blob, in pack order."""
@@ -56,10 +56,9 @@ class FinishedPack:
 
 
 class PackWriter:
-    def __init__(self, epoch: EpochKeys, target_size: int) -> None:
+    def __init__(self, target_size: int) -> None:
         if not 1024 <= target_size < MAX_PACK_SIZE // 2:
             raise ValueError(f"pack size {target_size} out of range")
-        self.epoch = epoch
         self.target_size = target_size
         self._failed: BaseException | None = None
         self._spares: deque[bytearray] = deque()  # append and pop are atomic
@@ -121,11 +120,10 @@ class PackWriter:
         self._reserve(len(trailer) + OVERHEAD + FOOTER_SIZE)
         trailer_start = self._size
         self._size = seal_into(self._key, trailer, TRAILER_AAD, self._buf, trailer_start)
-        wrapped = self.epoch.wrap(self._key)
-        footer = encode_footer(self.epoch.number, wrapped, self._size - trailer_start)
+        footer = encode_footer(self._size - trailer_start)
         self._buf[self._size : self._size + FOOTER_SIZE] = footer
         self._size += FOOTER_SIZE
         del self._buf[self._size :]
-        pack = FinishedPack(self._buf, bytes(self._records), self.epoch.number, wrapped)
+        pack = FinishedPack(self._buf, bytes(self._records), self._key)
         self._start()
         return pack

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from dedupe.crypto import open_sealed, seal
@@ -18,15 +19,15 @@ if TYPE_CHECKING:
 # --- record constants -------------------------------------------------------------
 
 QUARANTINE_PREFIX = "quarantine/"
-QUARANTINE_MAGIC = b"DDPQUA01"
-QUARANTINE_AAD = b"dedupe-quarantine v1"
+QUARANTINE_MAGIC = b"DDPQUA02"
+QUARANTINE_AAD = b"dedupe-quarantine v2"
 QUARANTINE_VERSION = 1
 
 # --- records -----------------------------------------------------------------------
 
 
 def encode_quarantine(
-    meta_key: bytes, created: str, chunks: list[tuple[bytes, bytes, str]]
+    data_key: bytes, created: str, chunks: list[tuple[bytes, bytes, str]]
 ) -> bytes:
     """The bytes of a quarantine record listing (chunk id, pack id, reason) triples."""
     record = {
@@ -35,18 +36,19 @@ def encode_quarantine(
         "chunks": [{"id": c.hex(), "pack": p.hex(), "reason": r} for c, p, r in chunks],
     }
     plain = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
-    return QUARANTINE_MAGIC + seal(meta_key, plain, QUARANTINE_AAD)
+    return QUARANTINE_MAGIC + seal(data_key, plain, QUARANTINE_AAD)
 
 
-def decode_quarantine(meta_key: bytes, name: str, data: bytes) -> list[tuple[bytes, bytes, str]]:
-    """(chunk id, pack id, reason) triples of a quarantine record; IntegrityError when it is
-    damaged, UnsupportedFormat for a magic or version this code does not know."""
+def decode_quarantine(data_key: bytes, name: str, data: bytes) -> list[tuple[bytes, bytes, str]]:
+    """(chunk id, pack id, reason) triples of a quarantine record whose key map entry gave
+    `data_key`; IntegrityError when it is damaged, UnsupportedFormat for a magic or version
+    this code does not know."""
     what = f"quarantine record {name}"
     if object_id(data) != name.rsplit("/", 1)[-1]:
         raise IntegrityError(f"{what} does not match its name: it is damaged")
     if data[:8] != QUARANTINE_MAGIC:
         raise UnsupportedFormat(f"{what} has an unknown magic")
-    plain = open_sealed(meta_key, memoryview(data)[8:], QUARANTINE_AAD, what)
+    plain = open_sealed(data_key, memoryview(data)[8:], QUARANTINE_AAD, what)
     try:
         record = json.loads(plain)
         if int(record["version"]) != QUARANTINE_VERSION:
@@ -59,12 +61,21 @@ def decode_quarantine(meta_key: bytes, name: str, data: bytes) -> list[tuple[byt
         raise IntegrityError(f"{what} is malformed: {e}") from None
 
 
+KeyFor = Callable[[str], Awaitable[bytes]]
+
+
 async def read_quarantine(
-    backend: Backend, meta_key: bytes, strict: bool = True
+    backend: Backend,
+    key_for: KeyFor,
+    strict: bool = True,
+    report: Callable[[str], None] | None = None,
 ) -> set[tuple[bytes, bytes]]:
     """Every (chunk id, pack id) pair that quarantine records name: chunk copies verify
     found damaged or missing. A backup must not reference such a copy; it stores the chunk
-    again. Raises IntegrityError naming a damaged record (delete it and run verify again)."""
+    again. `key_for(name)` gives a record's data key from its key map entry (and raises
+    IntegrityError when it has none). A record that cannot be read raises IntegrityError
+    naming it when `strict` (prune, which deletes); otherwise it is passed to `report` and
+    left out (a backup goes on: verify lists it, and a new verify recreates what it held)."""
     pairs: set[tuple[bytes, bytes]] = set()
     for name in sorted(await backend.list(QUARANTINE_PREFIX)):
         try:
@@ -72,11 +83,13 @@ async def read_quarantine(
         except MissingObject:  # removed meanwhile (prune): nothing to honour
             continue
         try:
-            triples = await asyncio.to_thread(decode_quarantine, meta_key, name, data)
-        except (IntegrityError, UnsupportedFormat):
+            key = await key_for(name)
+            triples = await asyncio.to_thread(decode_quarantine, key, name, data)
+        except (IntegrityError, UnsupportedFormat) as e:
             if strict:
                 raise
-            continue  # verify reports it; a damaged record must not block backups
-
+            if report is not None:
+                report(f"{e.message}; its quarantined chunk copies are not honoured")
+            continue
         pairs.update((c, p) for c, p, _ in triples)
     return pairs

@@ -1,15 +1,25 @@
 """RepositoryStore: a repository's objects on a backend, opened with a key.
 
-It owns the config, the opened keys and epochs, the in-memory chunk index and the cache of
-unwrapped pack keys, and it reads and writes packs, index objects and manifests in the
-order docs/FORMAT.md section 9 requires. It runs no pipelines: the engine does.
+It owns the config, the key holder's secrets, the keyring and the key directory (which
+objects are authenticated, and with which data key they open), the in-memory chunk index
+and the cache of unwrapped pack keys, and it reads and writes packs, index objects, key
+maps and manifests in the order docs/FORMAT.md section 9 requires. It runs no pipelines:
+the engine does.
+
+Trust, in one line: the key file pins the admin verify key, which verifies the config and
+the keyring, which lists the key holders, whose signatures make key maps acceptable, whose
+entries name the objects a reader may use and wrap their keys. Anything else is refused by
+name (docs/FORMAT.md section 4).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import secrets
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
@@ -20,17 +30,20 @@ from dedupe.backends.base import Backend
 from dedupe.chunking import DEFAULT_PARAMS, ChunkerParams, gear_table
 from dedupe.crypto import (
     EpochKeys,
+    EpochSecrets,
+    HolderSecrets,
     KdfParams,
-    RepositoryKeys,
     create_key_file,
-    mac_hex,
-    new_epoch,
+    meta_check,
+    new_key,
     open_key_file,
     open_sealed,
-    read_epoch_record,
     seal,
-    verify_mac,
+    seal_grant,
+    sign_record,
+    verify_record,
 )
+from dedupe.crypto.signing import CONFIG_DOMAIN
 from dedupe.errors import (
     GenerationNotFound,
     IntegrityError,
@@ -55,48 +68,98 @@ from dedupe.format.index import (
     PackRecord,
     decode_index_records,
     encode_index,
+    max_plaintext,
 )
+from dedupe.format.keymap import GENERATION, INDEX, PACK, QUARANTINE, KeyMapEntry
+from dedupe.format.keyring import ACTIVE, EpochRecord, KeyHolder, Keyring
 from dedupe.format.manifest import (
-    BODY_AAD_PREFIX,
-    BODY_PREFIX_SIZE,
     CHUNK_RECORD,
     FRAME_LENGTH,
     HEADER_AAD,
     HEADER_PROBE,
-    decode_body_prefix,
-    decode_body_v1,
+    MAX_META_FRAME,
+    MAX_TABLE_FRAME,
+    decode_header,
     decode_meta,
     frame_aad,
     header_span,
-    manifest_version,
     split_frames,
-    split_manifest_v1,
 )
 from dedupe.hashing import ChunkHasher, object_id
 from dedupe.store.blobs import BlobCodec
 from dedupe.store.index import ChunkIndex
+from dedupe.store.keymaps import KeyDirectory, not_authenticated
+from dedupe.store.keyring import (
+    check_and_record_serial,
+    open_epochs,
+    read_keyring,
+    unverified_key_ids,
+    write_keyring,
+)
 from dedupe.store.manifests import Buffer, ManifestWriter, write_scratch
 from dedupe.store.packer import FinishedPack
-from dedupe.store.quarantine import read_quarantine
+from dedupe.store.quarantine import QUARANTINE_PREFIX, encode_quarantine, read_quarantine
+
+log = logging.getLogger("dedupe")
 
 # Pieces in which spill_manifest reads a manifest.
 SPILL_PIECE = 1 << 20
 MIN_PACK_SIZE = 4096  # tests shrink packs to a few KiB so small inputs make many packs
+KEYS_PREFIX = "keys/"
 
 
 def utc_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def key_file_name(key_id: bytes) -> str:
+    """A new name for a key file of `key_id` (docs/FORMAT.md section 3)."""
+    return f"{KEYS_PREFIX}{key_id.hex()}-{secrets.token_hex(4)}"
+
+
+def key_id_of(name: str) -> str:
+    """The key id (hex) a key file's name carries."""
+    return name.rsplit("/", 1)[-1].split("-", 1)[0]
+
+
+def decompress_capped(data: Buffer, cap: int, what: str) -> bytes:
+    """One zstd frame whose recorded content size is at most `cap` bytes. The cap is
+    checked before anything is decompressed: zstd trusts the recorded size."""
+    try:
+        size = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as e:
+        raise IntegrityError(f"{what} is not a zstd frame: {e}") from None
+    if size < 0:
+        raise IntegrityError(f"{what} does not record its size")
+    if size > cap:
+        raise IntegrityError(f"{what} would decompress to {size} bytes, more than {cap}")
+    try:
+        out: bytes = zstandard.ZstdDecompressor().decompress(data, max_output_size=cap)
+    except zstandard.ZstdError as e:
+        raise IntegrityError(f"{what} does not decompress: {e}") from None
+    return out
+
+
 def _open_frame(data_key: bytes, sealed: Buffer, i: int, last: bool, what: str) -> bytes:
-    """The payload of frame `i` of a version 2 manifest body; a table frame (all but the
-    last) must hold whole chunk records."""
-    plain: bytes = zstandard.ZstdDecompressor().decompress(
-        open_sealed(data_key, sealed, frame_aad(i), f"{what}, frame {i}")
+    """The payload of frame `i` of a manifest body; a table frame (all but the last) must
+    hold whole chunk records, and no more than FRAME_RECORDS of them."""
+    where = f"{what}, frame {i}"
+    plain = decompress_capped(
+        open_sealed(data_key, sealed, frame_aad(i), where),
+        MAX_META_FRAME if last else MAX_TABLE_FRAME,
+        where,
     )
     if not last and (not plain or len(plain) % CHUNK_RECORD.size):
         raise IntegrityError(f"{what}: a table frame does not hold whole chunk records")
     return plain
+
+
+def _check_meta(header: dict[str, Any], meta: dict[str, Any], what: str) -> None:
+    """The body's delta must name the parent its header names."""
+    delta = meta.get("delta")
+    parent = delta.get("parent") if isinstance(delta, dict) else None
+    if parent != header.get("parent"):
+        raise IntegrityError(f"{what}: its body and its header name different parents")
 
 
 def pack_name(pack_id: bytes) -> str:
@@ -104,22 +167,44 @@ def pack_name(pack_id: bytes) -> str:
     return f"packs/{h[:2]}/{h}"
 
 
+@dataclass
+class IndexBatch:
+    """Packs written and not yet listed by an index object: their records, their entries
+    (ENTRY_RECORDs, pack numbers local to `packs`) and their key map entries."""
+
+    packs: list[PackRecord] = field(default_factory=list)
+    records: bytearray = field(default_factory=bytearray)
+    keys: list[KeyMapEntry] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.packs)
+
+
+@dataclass(frozen=True)
+class SealedIndex:
+    name: str
+    data: bytes
+    entry: KeyMapEntry
+
+
 class RepositoryStore:
     def __init__(
         self,
         backend: Backend,
         config: dict[str, Any],
-        keys: RepositoryKeys,
+        holder: HolderSecrets,
+        keyring: Keyring,
         epochs: dict[int, EpochKeys],
     ) -> None:
         self.backend = backend
         self.config = config
-        self.keys = keys
-        self.epochs = epochs
+        self.holder = holder
+        self.problems: list[str] = []
+        self.keymaps = KeyDirectory(backend, holder, keyring, epochs, self.report)
         self.repository_id = bytes.fromhex(config["id"])
-        self.hasher = ChunkHasher(keys.id_key)
+        self.hasher = ChunkHasher(holder.id_key)
         self.chunker_params = ChunkerParams.from_dict(config["chunker"])
-        self.gear = gear_table(keys.chunker_key)
+        self.gear = gear_table(holder.chunker_key)
         self.pack_size = int(config["pack_size"])
         self.codec = BlobCodec(int(config["compression"]["level"]), self.hasher)
         self.index = ChunkIndex()
@@ -128,8 +213,28 @@ class RepositoryStore:
         self._pack_keys: dict[int, bytes] = {}
 
     @property
+    def keyring(self) -> Keyring:
+        return self.keymaps.keyring
+
+    @property
+    def epochs(self) -> dict[int, EpochKeys]:
+        return self.keymaps.epochs
+
+    @property
+    def role(self) -> str:
+        return self.holder.role
+
+    @property
     def current_epoch(self) -> EpochKeys:
-        return self.epochs[max(self.epochs)]
+        return self.keymaps.current
+
+    def report(self, message: str) -> None:
+        """A problem found on the way that does not stop the operation (a damaged copy of
+        the keyring, a refused key map, an unreadable quarantine record): logged once and
+        kept in `problems`, which the API and the CLI show."""
+        if message not in self.problems:
+            self.problems.append(message)
+            log.warning("%s", message)
 
     # --- creating and opening -----------------------------------------------------------------
 
@@ -153,26 +258,55 @@ class RepositoryStore:
                 f"a repository already exists at {backend.location}",
                 hint="choose another location, or use the existing repository",
             )
-        keys = RepositoryKeys.generate()
         repository_id = os.urandom(32)
-        config = new_config(
-            repository_id,
-            utc_now(),
-            (chunker or DEFAULT_PARAMS).to_dict(),
-            pack_size,
-            compression_level,
+        holder = HolderSecrets.first_admin(repository_id)
+        assert holder.admin_sign is not None
+        now = utc_now()
+        epoch = EpochSecrets.generate(1)
+        keyring = Keyring(
+            repository_id=repository_id,
+            serial=1,
+            updated=now,
+            keys=(
+                KeyHolder(
+                    holder.key_id, "default", "admin", now, holder.box_public, holder.sign_public
+                ),
+            ),
+            epochs=(
+                EpochRecord(
+                    1,
+                    now,
+                    ACTIVE,
+                    epoch.read_public,
+                    meta_check(epoch.meta),
+                    {
+                        holder.key_id: seal_grant(
+                            holder.box_public, repository_id, holder.key_id, epoch, True
+                        )
+                    },
+                ),
+            ),
+            current_epoch=1,
         )
-        config["mac"] = mac_hex(keys.meta_key, config)
-        assert keys.epoch_master is not None
-        record, epoch = new_epoch(1, keys.epoch_master, keys.meta_key)
-        key_file = await asyncio.to_thread(
-            create_key_file, keys, repository_id, passphrase, "default", kdf
+        config = sign_record(
+            holder.admin_sign,
+            CONFIG_DOMAIN,
+            new_config(
+                repository_id,
+                now,
+                (chunker or DEFAULT_PARAMS).to_dict(),
+                pack_size,
+                compression_level,
+            ),
         )
+        key_file = await asyncio.to_thread(create_key_file, holder, passphrase, "default", kdf)
         # The config is written last: until it exists there is no repository here.
-        await backend.put("keys/default", key_file)
-        await backend.put("epochs/00000001", json.dumps(record, indent=2).encode())
+        await backend.put(key_file_name(holder.key_id), key_file)
+        await write_keyring(backend, keyring, holder.admin_sign)
         await backend.put("config", json.dumps(config, indent=2).encode() + b"\n")
-        return cls(backend, config, keys, {1: epoch})
+        check_and_record_serial(repository_id, keyring)
+        store = cls(backend, config, holder, keyring, {1: epoch.keys()})
+        return store
 
     @classmethod
     async def open(cls, backend: Backend, passphrase: bytes) -> RepositoryStore:
@@ -185,58 +319,98 @@ class RepositoryStore:
             ) from None
         config = parse_config(raw_config)
         repository_id = bytes.fromhex(config["id"])
-        key_names = sorted(await backend.list("keys/"))
-        if not key_names:
-            raise IntegrityError("the repository has no key files: it cannot be opened")
-        keys = None
-        for name in key_names:
-            data = await backend.get(name)
-            try:
-                keys = await asyncio.to_thread(open_key_file, data, repository_id, passphrase)
-                break
-            except WrongPassphrase:
-                continue
-        if keys is None:
-            raise WrongPassphrase(
-                "wrong passphrase: no key file of this repository opens with it",
-                hint="check DEDUPE_PASSWORD / DEDUPE_PASSWORD_FILE / DEDUPE_PASSWORD_COMMAND",
-            )
-        if not verify_mac(keys.meta_key, config):
+        holder = await cls._open_key_file(backend, repository_id, passphrase)
+        problems: list[str] = []
+        if not verify_record(holder.admin_verify_key, CONFIG_DOMAIN, config):
             raise IntegrityError(
-                "the repository config failed its MAC: it was damaged or tampered with"
+                "the repository config fails its admin signature: it was damaged or tampered "
+                "with (someone may have changed the chunker or compression)",
+                hint="restore the config object from a copy of the repository",
             )
-        epochs = {}
-        for name in sorted(await backend.list("epochs/")):
-            try:
-                record = json.loads(await backend.get(name))
-            except ValueError:
-                raise IntegrityError(f"epoch record {name} is not valid JSON") from None
-            epoch = read_epoch_record(record, keys.meta_key, keys.epoch_master)
-            epochs[epoch.number] = epoch
-        if not epochs:
-            raise IntegrityError("the repository has no key epochs: it cannot be used")
-        store = cls(backend, config, keys, epochs)
+        keyring = await read_keyring(
+            backend, holder.admin_verify_key, repository_id, problems.append
+        )
+        check_and_record_serial(repository_id, keyring)
+        epochs = open_epochs(holder, keyring, problems.append)
+        store = cls(backend, config, holder, keyring, epochs)
+        for p in problems:
+            store.report(p)
         await store.refresh_index()
         return store
 
+    @staticmethod
+    async def _open_key_file(
+        backend: Backend, repository_id: bytes, passphrase: bytes
+    ) -> HolderSecrets:
+        """The first key file (of those the keyring names) that opens with `passphrase`."""
+        names = sorted(await backend.list(KEYS_PREFIX))
+        candidates = await unverified_key_ids(backend)
+        if candidates is not None:
+            names = [n for n in names if key_id_of(n) in candidates]
+        if not names:
+            raise IntegrityError("the repository has no key files: it cannot be opened")
+        damaged: list[str] = []
+        for name in names:
+            data = await backend.get(name)
+            try:
+                return await asyncio.to_thread(open_key_file, data, repository_id, passphrase)
+            except WrongPassphrase:
+                continue
+            except (IntegrityError, UnsupportedFormat) as e:
+                damaged.append(f"{name}: {e.message}")
+        raise WrongPassphrase(
+            "wrong passphrase: no key file of this repository opens with it",
+            hint=(f"key files that could not be tried: {'; '.join(damaged)}; " if damaged else "")
+            + "check DEDUPE_PASSWORD / DEDUPE_PASSWORD_FILE / DEDUPE_PASSWORD_COMMAND",
+        )
+
+    async def refresh_keys(self) -> bool:
+        """Re-read the keyring; when another process changed it (a rotation, a key added
+        or removed), open this holder's grants again and start the key directory and the
+        index over. Then load the key maps written meanwhile. True if the keyring changed."""
+        keyring = await read_keyring(
+            self.backend, self.holder.admin_verify_key, self.repository_id, self.report
+        )
+        changed = keyring.serial != self.keyring.serial
+        if changed:
+            check_and_record_serial(self.repository_id, keyring)
+            self.keymaps.reset(keyring, open_epochs(self.holder, keyring, self.report))
+            self._forget_index()
+        await self.keymaps.refresh()
+        return changed
+
+    def use_keyring(self, keyring: Keyring, epochs: dict[int, EpochKeys]) -> None:
+        """Adopt a keyring this process has just written (key commands)."""
+        check_and_record_serial(self.repository_id, keyring)
+        self.keymaps.keyring = keyring
+        self.keymaps.epochs = epochs
+
     # --- index ---------------------------------------------------------------------------------
+
+    def _forget_index(self) -> None:
+        self.index = ChunkIndex()
+        self._loaded_index_objects = set()
+        self.damaged_index_objects = {}
+        self._pack_keys = {}
 
     async def refresh_index(self, rebuild: bool = False) -> int:
         """Bring the in-memory index up to date with the index objects in the backend: load
         those written since the last refresh (by us or by concurrent backups), and start
         over when one we loaded is gone (a prune replaced it: its packs may be gone too,
-        and pack numbers change). Returns how many index objects were loaded."""
-        # Which packs exist decides which copy of a chunk is usable (ChunkIndex.add).
-        present = {bytes.fromhex(n.rsplit("/", 1)[-1]) for n in await self.backend.list("packs/")}
+        and pack numbers change). Index objects that are not authenticated or do not open
+        are skipped and reported. Returns how many index objects were loaded."""
+        # Listed before the key maps are: a writer stores an index object's key map first,
+        # so every index object listed here has its entry in the key maps loaded below.
         listed = set(await self.backend.list("index/"))
+        present = {bytes.fromhex(n.rsplit("/", 1)[-1]) for n in await self.backend.list("packs/")}
+        await self.refresh_keys()
         if rebuild or not self._loaded_index_objects <= listed:
-            self.index = ChunkIndex()
-            self._loaded_index_objects = set()
-            self.damaged_index_objects = {}
-            self._pack_keys = {}
+            self._forget_index()
         self.index.set_present_packs(present)
         # So are quarantine records: set them before loading, so a good copy can win.
-        self.index.quarantine(await read_quarantine(self.backend, self.keys.meta_key, strict=False))
+        self.index.quarantine(
+            await read_quarantine(self.backend, self.quarantine_key, False, self.report)
+        )
         names = [n for n in listed if n not in self._loaded_index_objects]
         if not names:
             return 0
@@ -246,73 +420,125 @@ class RepositoryStore:
             # Each object goes into the table as soon as it is decoded, so at most a few
             # decoded objects are in memory at once, not the whole index twice.
             async with sem:
-                data = await self.backend.get(name)
                 try:
-                    packs, records = await asyncio.to_thread(self._open_index_object, name, data)
+                    data = await self.backend.get(name)
+                except MissingObject:
+                    return  # replaced by a prune meanwhile
+                try:
+                    packs, records = await self.open_index_object(name, data)
                 except (IntegrityError, UnsupportedFormat) as e:
-                    # One damaged index object must not make the whole repository
-                    # unreadable: its chunks count as not indexed (restores that need
-                    # them fail and name them; verify reports the object).
+                    # One bad index object must not make the whole repository unreadable:
+                    # its chunks count as not indexed (restores that need them fail and
+                    # name them; verify reports the object).
+                    if self.damaged_index_objects.get(name) != e.message:
+                        self.report(e.message)
                     self.damaged_index_objects[name] = e.message
                     return
                 del data
                 self.index.add_records(packs, records, f"index object {name}")
+            self.damaged_index_objects.pop(name, None)
             self._loaded_index_objects.add(name)
 
         await asyncio.gather(*(load(n) for n in names))
         return len(names)
 
-    def _open_index_object(self, name: str, data: bytes) -> tuple[list[PackRecord], memoryview]:
-        """(pack table, entry records) of an index object, authenticated."""
-        if object_id(data) != name.rsplit("/", 1)[-1]:
-            raise IntegrityError(f"index object {name} does not match its name: it is damaged")
+    async def open_index_object(
+        self, name: str, data: bytes
+    ) -> tuple[list[PackRecord], memoryview]:
+        """(pack table, entry records) of an index object: its bytes checked against its
+        name, its key map entry found, its key unwrapped, opened and decompressed (capped)."""
+        what = f"index object {name}"
+        oid = name.rsplit("/", 1)[-1]
+        if await asyncio.to_thread(object_id, data) != oid:
+            raise IntegrityError(f"{what} does not match its name: it is damaged")
         if data[:8] != INDEX_MAGIC:
-            raise UnsupportedFormat(f"index object {name} has an unknown magic")
-        plain = open_sealed(self.keys.meta_key, data[8:], INDEX_AAD, f"index object {name}")
-        return decode_index_records(
-            zstandard.ZstdDecompressor().decompress(plain), f"index object {name}"
-        )
+            if data[:7] == INDEX_MAGIC[:7]:
+                raise UnsupportedFormat(f"{what} is of another format version ({data[:8]!r})")
+            raise IntegrityError(f"{what} has an unknown magic")
+        found = await self.keymaps.find(INDEX, bytes.fromhex(oid), what)
+        key = self.keymaps.meta_key(found, what)
 
-    def _decode_index_object(
+        def decode() -> tuple[list[PackRecord], memoryview]:
+            sealed = memoryview(data)[8:]
+            plain = decompress_capped(
+                open_sealed(key, sealed, INDEX_AAD, what), max_plaintext(len(sealed)), what
+            )
+            return decode_index_records(plain, what)
+
+        return await asyncio.to_thread(decode)
+
+    async def decode_index_object(
         self, name: str, data: bytes
     ) -> tuple[list[PackRecord], list[tuple[bytes, int, int, int, int]]]:
-        """As _open_index_object, with the entries as tuples (prune walks them)."""
-        packs, records = self._open_index_object(name, data)
+        """As open_index_object, with the entries as tuples (prune walks them)."""
+        packs, records = await self.open_index_object(name, data)
         return packs, list(ENTRY_RECORD.iter_unpack(records))
 
-    async def write_index(self, packs: list[PackRecord], records: bytes | bytearray) -> str:
-        """Seal and store an index object listing `packs` and the entries `records`
-        (ENTRY_RECORDs, pack numbers local to `packs`); then add them to the index."""
+    def seal_index(self, packs: list[PackRecord], records: bytes | bytearray) -> SealedIndex:
+        """An index object listing `packs` and `records`, sealed under a fresh key, and the
+        key map entry that will authenticate it."""
+        key = new_key()
+        plain = encode_index(packs, records)
+        data = INDEX_MAGIC + seal(key, zstandard.ZstdCompressor(level=3).compress(plain), INDEX_AAD)
+        oid = object_id(data)
+        return SealedIndex(
+            f"index/{oid}", data, self.keymaps.meta_entry(INDEX, bytes.fromhex(oid), key)
+        )
+
+    async def write_index(
+        self, packs: list[PackRecord], records: Buffer, keys: list[KeyMapEntry] | None = None
+    ) -> str:
+        """Store an index object listing `packs` and the entries `records` (ENTRY_RECORDs,
+        pack numbers local to `packs`), after the key map that authenticates it and the
+        packs whose key map entries are `keys`; then add them to the in-memory index."""
         records = bytes(records)  # the caller may go on changing its buffer
+        sealed = await asyncio.to_thread(self.seal_index, packs, records)
+        await self.keymaps.write([*(keys or []), sealed.entry])
+        await self._put_index(sealed, packs, records)
+        return sealed.name
 
-        def encode() -> bytes:
-            plain = encode_index(packs, records)
-            sealed = seal(
-                self.keys.meta_key, zstandard.ZstdCompressor(level=3).compress(plain), INDEX_AAD
-            )
-            return INDEX_MAGIC + sealed
+    async def write_batch(self, batch: IndexBatch) -> str:
+        return await self.write_index(batch.packs, batch.records, batch.keys)
 
-        data = await asyncio.to_thread(encode)
-        name = f"index/{object_id(data)}"
-        await self.backend.put(name, data)
-        self._loaded_index_objects.add(name)
+    async def _put_index(
+        self, sealed: SealedIndex, packs: list[PackRecord], records: bytes
+    ) -> None:
+        await self.backend.put(sealed.name, sealed.data)
+        self._loaded_index_objects.add(sealed.name)
         self.index.note_written([p.pack_id for p in packs])
-        self.index.add_records(packs, records, name)
-        return name
+        self.index.add_records(packs, records, sealed.name)
 
     def pack_key(self, pack_no: int) -> bytes:
-        """The data key of a pack, unwrapped once and cached."""
+        """The data key of a pack, from its key map entry, unwrapped once and cached."""
         key = self._pack_keys.get(pack_no)
         if key is None:
-            record = self.index.packs[pack_no]
-            epoch = self.epochs.get(record.epoch)
-            if epoch is None:
-                raise IntegrityError(
-                    f"pack {record.pack_id.hex()} names key epoch {record.epoch}, which this "
-                    "repository does not have"
-                )
-            key = self._pack_keys[pack_no] = epoch.unwrap(record.wrapped_key)
+            pack_id = self.index.packs[pack_no].pack_id
+            what = f"pack {pack_id.hex()}"
+            found = self.keymaps.get(PACK, pack_id)
+            if found is None:
+                raise not_authenticated(what)
+            key = self._pack_keys[pack_no] = self.keymaps.read_key(found, what)
         return key
+
+    async def quarantine_key(self, name: str) -> bytes:
+        what = f"quarantine record {name}"
+        try:
+            oid = bytes.fromhex(name.rsplit("/", 1)[-1])
+        except ValueError:
+            raise IntegrityError(f"{what} is not named by an object id") from None
+        found = await self.keymaps.find(QUARANTINE, oid, what)
+        return self.keymaps.meta_key(found, what)
+
+    async def write_quarantine(self, chunks: list[tuple[bytes, bytes, str]]) -> str:
+        """Store a quarantine record of (chunk id, pack id, reason) triples under a fresh
+        key, after the key map entry that authenticates it. Returns its name."""
+        key = new_key()
+        data = encode_quarantine(key, utc_now(), chunks)
+        oid = object_id(data)
+        await self.keymaps.write([self.keymaps.meta_entry(QUARANTINE, bytes.fromhex(oid), key)])
+        name = f"{QUARANTINE_PREFIX}{oid}"
+        await self.backend.put(name, data)
+        return name
 
     # --- packs ---------------------------------------------------------------------------------
 
@@ -321,15 +547,14 @@ class RepositoryStore:
         await self.backend.put(pack_name(pack_id), data)
         return pack_id
 
-    async def write_finished_pack(
-        self, pack: FinishedPack, packs: list[PackRecord], records: bytearray
-    ) -> None:
-        """Write a pack from a PackWriter and append its pack record to `packs` and its
-        entries to `records` (ENTRY_RECORDs): the tables of the index object that will list
-        it."""
+    async def write_finished_pack(self, pack: FinishedPack, batch: IndexBatch) -> None:
+        """Write a pack from a PackWriter and add it to `batch`: its record, its entries
+        and its key map entry, for the index object that will list it."""
         pack_id = await self.write_pack(pack.data)
-        pack_no = len(packs)
-        packs.append(PackRecord(pack_id, pack.epoch, pack.wrapped_key, len(pack.data)))
+        pack_no = len(batch.packs)
+        batch.packs.append(PackRecord(pack_id, len(pack.data)))
+        batch.keys.append(self.keymaps.pack_entry(pack_id, pack.key))
+        records = batch.records
         pack_entry = ENTRY_RECORD.pack
         for chunk_id, offset, stored, raw in pack.entries():
             records += pack_entry(chunk_id, pack_no, offset, stored, raw)
@@ -341,20 +566,33 @@ class RepositoryStore:
     # --- manifests -----------------------------------------------------------------------------
 
     def manifest_writer(self) -> ManifestWriter:
-        """A writer for the next manifest, its body sealed under the current epoch. The
-        caller adds the chunk table as it is produced and ends with commit_manifest."""
-        return ManifestWriter(self.current_epoch, self.keys.meta_key)
+        """A writer for the next manifest. The caller adds the chunk table as it is
+        produced and ends with commit_manifest."""
+        return ManifestWriter()
 
     async def commit_manifest(
-        self, writer: ManifestWriter, header: dict[str, Any], meta: dict[str, Any]
+        self,
+        writer: ManifestWriter,
+        header: dict[str, Any],
+        meta: dict[str, Any],
+        batch: IndexBatch | None = None,
     ) -> str:
-        """Seal and store a manifest: the commit point of a backup. Returns its id."""
-
-        def finish() -> str:
-            writer.finish(header, meta)
-            return writer.object_id()
-
-        gen_id = await asyncio.to_thread(finish)
+        """Seal and store a manifest: the commit point of a backup. The packs of `batch`
+        (written, not yet indexed) get their index object; one key map authenticates them,
+        that index object and the manifest, and is stored first. Returns the id."""
+        gen_id = await asyncio.to_thread(writer.finish, header, meta)
+        entries = list(batch.keys) if batch else []
+        sealed = None
+        if batch:
+            records = bytes(batch.records)
+            sealed = await asyncio.to_thread(self.seal_index, batch.packs, records)
+            entries.append(sealed.entry)
+        entries.append(
+            self.keymaps.generation_entry(bytes.fromhex(gen_id), writer.header_key, writer.body_key)
+        )
+        await self.keymaps.write(entries)
+        if sealed is not None and batch is not None:
+            await self._put_index(sealed, batch.packs, records)
         await self.backend.put_stream(f"generations/{gen_id}", writer.parts())
         return gen_id
 
@@ -369,20 +607,82 @@ class RepositoryStore:
     async def generation_ids(self) -> list[str]:
         return [n.rsplit("/", 1)[-1] for n in await self.backend.list("generations/")]
 
-    async def read_manifest_header(self, gen_id: str) -> dict[str, Any]:
+    async def _prefix(self, gen_id: str, size: int) -> tuple[bytes, int, int]:
+        """(prefix, header start, header end) of a manifest, checked against its id."""
+        what = f"generation {gen_id}"
         name = f"generations/{gen_id}"
+        head = await self.backend.get(name, 0, min(size, HEADER_PROBE))
+        start, end = header_span(head, what)
+        if end > size:
+            raise TruncatedObject(f"{what} is truncated inside its header")
+        if end > len(head):
+            head = await self.backend.get(name, 0, end)
+        if blake3.blake3(memoryview(head)[:end]).hexdigest() != gen_id:
+            raise IntegrityError(f"{what} does not match its id: the manifest is damaged")
+        return head, start, end
+
+    async def _open_header(self, gen_id: str, sealed: Buffer) -> dict[str, Any]:
+        what = f"generation {gen_id}"
+        found = await self.keymaps.find(GENERATION, bytes.fromhex(gen_id), what)
+        key = self.keymaps.meta_key(found, what)
+        header = decode_header(
+            bytes(open_sealed(key, sealed, HEADER_AAD, f"header of {what}")), what
+        )
+        header["id"] = gen_id
+        return header
+
+    def can_open_body(self, gen_id: str) -> bool:
+        """Whether this key can open the generation's body (readers and admins always; a
+        writer only for the generations it wrote itself)."""
+        found = self.keymaps.get(GENERATION, bytes.fromhex(gen_id))
+        if found is None or found.epoch not in self.epochs:
+            return False
+        if self.epochs[found.epoch].read_secret is not None:
+            return True
+        return found.entry.self_key == self.holder.key_id
+
+    def _body_key(self, gen_id: str) -> bytes:
+        what = f"generation {gen_id}"
+        found = self.keymaps.get(GENERATION, bytes.fromhex(gen_id))
+        if found is None:  # _open_header found it first
+            raise not_authenticated(what)
+        return self.keymaps.read_key(found, what)
+
+    async def read_manifest_header(self, gen_id: str) -> dict[str, Any]:
+        """The authenticated header of a generation, from one short read."""
         size = await self._stat_generation(gen_id)
-        prefix = await self.backend.get(name, 0, min(size, HEADER_PROBE))
-        start, end = header_span(prefix, f"generation {gen_id}")
-        if end > len(prefix):
-            prefix = await self.backend.get(name, 0, end)
-        return self._open_header(prefix[start:end], gen_id)
+        head, start, end = await self._prefix(gen_id, size)
+        return await self._open_header(gen_id, memoryview(head)[start:end])
 
     async def read_manifest(self, gen_id: str) -> tuple[dict[str, Any], dict[str, Any], bytes]:
         """-> (header, body meta, chunk table) of a generation, all authenticated."""
-        await self._stat_generation(gen_id)
+        size = await self._stat_generation(gen_id)
+        head, start, end = await self._prefix(gen_id, size)
+        header = await self._open_header(gen_id, memoryview(head)[start:end])
+        key = self._body_key(gen_id)
         data = await self.backend.get(f"generations/{gen_id}")
-        return await asyncio.to_thread(self._decode_manifest, gen_id, data)
+        return await asyncio.to_thread(self._decode_body, gen_id, header, key, data, end)
+
+    def _decode_body(
+        self, gen_id: str, header: dict[str, Any], key: bytes, data: bytes, end: int
+    ) -> tuple[dict[str, Any], dict[str, Any], bytes]:
+        what = f"generation {gen_id}"
+        if blake3.blake3(memoryview(data)[:end]).hexdigest() != gen_id:
+            raise IntegrityError(f"{what} changed while it was read")
+        body = memoryview(data)[end:]
+        if object_id(body) != header.get("body"):
+            raise IntegrityError(f"{what}: its body does not belong to its header")
+        frames = split_frames(body, what)
+        plains = [
+            _open_frame(key, sealed, i, i == len(frames) - 1, what)
+            for i, sealed in enumerate(frames)
+        ]
+        meta = decode_meta(plains.pop(), what)
+        table = b"".join(plains)
+        if len(table) != int(meta["chunk_count"]) * CHUNK_RECORD.size:
+            raise IntegrityError(f"{what}: chunk table does not match its count")
+        _check_meta(header, meta, what)
+        return header, meta, table
 
     async def spill_manifest(
         self, gen_id: str, sink: BinaryIO
@@ -390,38 +690,21 @@ class RepositoryStore:
         """(header, body meta, record count) of a generation, its own chunk table written
         to `sink` (plain CHUNK_RECORDs) frame by frame as the object is read in pieces:
         at most a frame and a piece are in memory, however large the table. Everything
-        read_manifest checks is checked, the object's id and the body's hash once all of
-        it is read, so `sink` holds trustworthy records only when this returns."""
+        read_manifest checks is checked, the body's hash once all of it is read, so `sink`
+        holds trustworthy records only when this returns."""
         what = f"generation {gen_id}"
         name = f"generations/{gen_id}"
         size = await self._stat_generation(gen_id)
-        head = await self.backend.get(name, 0, min(size, HEADER_PROBE))
-        if manifest_version(head, what) == 1:  # one sealed body: read it whole
-            v1_header, v1_meta, table = await self.read_manifest(gen_id)
-            await asyncio.to_thread(write_scratch, sink, table)
-            return v1_header, v1_meta, len(table) // CHUNK_RECORD.size
-        start, end = header_span(head, what)
-        if end > len(head):
-            head = await self.backend.get(name, 0, end)
-        header = self._open_header(head[start:end], gen_id)
-        whole, body = blake3.blake3(head[:end]), blake3.blake3()
-        buf = bytearray()  # body bytes read and not yet taken as a frame
-        pos = end
-        data_key: bytes | None = None
+        head, start, end = await self._prefix(gen_id, size)
+        header = await self._open_header(gen_id, memoryview(head)[start:end])
+        data_key = self._body_key(gen_id)
+        body = blake3.blake3()
+        buf = bytearray(memoryview(head)[end:])  # body bytes read and not yet taken as a frame
+        body.update(buf)
+        pos = len(head)
         frame_no = records = 0
         meta: dict[str, Any] | None = None
-        while pos < size:
-            piece = await self.backend.get(name, pos, min(SPILL_PIECE, size - pos))
-            pos += len(piece)
-            whole.update(piece)
-            body.update(piece)
-            buf += piece
-            if data_key is None:
-                if len(buf) < BODY_PREFIX_SIZE:
-                    continue
-                epoch_no, wrapped = decode_body_prefix(buf, what)
-                data_key = self._epoch(epoch_no, what).unwrap(wrapped)
-                del buf[:BODY_PREFIX_SIZE]
+        while True:
             while len(buf) >= FRAME_LENGTH.size:
                 (n,) = FRAME_LENGTH.unpack_from(buf)
                 if len(buf) < FRAME_LENGTH.size + n:
@@ -429,27 +712,34 @@ class RepositoryStore:
                 sealed = bytes(buf[FRAME_LENGTH.size : FRAME_LENGTH.size + n])
                 del buf[: FRAME_LENGTH.size + n]
                 last = pos == size and not buf  # the object ends here: the meta frame
-                plain = _open_frame(data_key, sealed, frame_no, last, what)
+                plain = await asyncio.to_thread(_open_frame, data_key, sealed, frame_no, last, what)
                 frame_no += 1
                 if last:
                     meta = decode_meta(plain, what)
                 else:
                     await asyncio.to_thread(write_scratch, sink, plain)
                     records += len(plain) // CHUNK_RECORD.size
-        if whole.hexdigest() != gen_id:
-            raise IntegrityError(f"{what} does not match its id: the manifest is damaged")
+            if pos >= size:
+                break
+            piece = await self.backend.get(name, pos, min(SPILL_PIECE, size - pos))
+            pos += len(piece)
+            body.update(piece)
+            buf += piece
         if body.hexdigest() != header.get("body"):
             raise IntegrityError(f"{what}: its body does not belong to its header")
         if meta is None or buf:
             raise TruncatedObject(f"{what} is truncated: it ends inside a frame or has no meta")
         if records != int(meta["chunk_count"]):
             raise IntegrityError(f"{what}: chunk table does not match its count")
+        _check_meta(header, meta, what)
         return header, meta, records
 
-    async def manifest_chain(self, gen_id: str) -> list[tuple[str, dict[str, Any], bytes]]:
-        """[(id, body meta, own table)] from `gen_id` up its parent chain to the full.
-        MissingObject when a generation of the chain is gone."""
-        chain: list[tuple[str, dict[str, Any], bytes]] = []
+    async def manifest_chain(
+        self, gen_id: str
+    ) -> list[tuple[str, dict[str, Any], bytes, dict[str, Any]]]:
+        """[(id, body meta, own table, header)] from `gen_id` up its parent chain to the
+        full. MissingObject when a generation of the chain is gone."""
+        chain: list[tuple[str, dict[str, Any], bytes, dict[str, Any]]] = []
         seen: set[str] = set()
         current: str | None = gen_id
         while current is not None:
@@ -457,13 +747,13 @@ class RepositoryStore:
                 raise IntegrityError(f"generation {gen_id} has a cycle in its parent chain")
             seen.add(current)
             try:
-                _header, meta, table = await self.read_manifest(current)
+                header, meta, table = await self.read_manifest(current)
             except GenerationNotFound:
                 raise MissingObject(
                     f"generation {current}, which {gen_id} is based on, is missing",
                     hint="the chain is broken; restore another generation",
                 ) from None
-            chain.append((current, meta, table))
+            chain.append((current, meta, table, header))
             delta = meta.get("delta")
             current = str(delta["parent"]) if delta else None
         return chain
@@ -478,72 +768,28 @@ class RepositoryStore:
             # A tree's complete table: its files' records in entry order (section 8.3).
             from dedupe.format.tree import expand
 
-            metas = [(meta, table) for _gid, meta, table in reversed(chain)]
+            metas = [(meta, table) for _gid, meta, table, _h in reversed(chain)]
             _entries, expanded = await asyncio.to_thread(expand, metas, f"generation {gen_id}")
             return own_meta, expanded
-        _, _, expanded = chain.pop()
+        _, _, expanded, _ = chain.pop()
         while chain:
-            gid, meta, literal = chain.pop()
+            gid, meta, literal, header = chain.pop()
             expanded = await asyncio.to_thread(
-                apply_delta, expanded, literal, meta["delta"]["ops"], f"generation {gid}"
+                apply_delta,
+                expanded,
+                literal,
+                meta["delta"]["ops"],
+                f"generation {gid}",
+                int(header["chunks"]),
             )
         return own_meta, expanded
 
     async def _stat_generation(self, gen_id: str) -> int:
         try:
+            bytes.fromhex(gen_id)
+        except ValueError:
+            raise GenerationNotFound(f"{gen_id!r} is not a generation id") from None
+        try:
             return await self.backend.stat(f"generations/{gen_id}")
         except MissingObject:
             raise GenerationNotFound(f"generation {gen_id} does not exist") from None
-
-    def _open_header(self, sealed: bytes, gen_id: str) -> dict[str, Any]:
-        plain = open_sealed(
-            self.keys.meta_key, sealed, HEADER_AAD, f"header of generation {gen_id}"
-        )
-        header: dict[str, Any] = json.loads(plain)
-        header["id"] = gen_id
-        return header
-
-    def _decode_manifest(
-        self, gen_id: str, data: bytes
-    ) -> tuple[dict[str, Any], dict[str, Any], bytes]:
-        what = f"generation {gen_id}"
-        if object_id(data) != gen_id:
-            raise IntegrityError(f"{what} does not match its id: the manifest is damaged")
-        if manifest_version(data, what) == 1:
-            return self._decode_manifest_v1(gen_id, data)
-        start, end = header_span(data, what)
-        header = self._open_header(data[start:end], gen_id)
-        body = memoryview(data)[end:]
-        if object_id(body) != header.get("body"):
-            raise IntegrityError(f"{what}: its body does not belong to its header")
-        epoch_no, wrapped, frames = split_frames(body, what)
-        data_key = self._epoch(epoch_no, what).unwrap(wrapped)
-        plains = [
-            _open_frame(data_key, sealed, i, i == len(frames) - 1, what)
-            for i, sealed in enumerate(frames)
-        ]
-        meta = decode_meta(plains.pop(), what)
-        table = b"".join(plains)
-        if len(table) != int(meta["chunk_count"]) * CHUNK_RECORD.size:
-            raise IntegrityError(f"{what}: chunk table does not match its count")
-        return header, meta, table
-
-    def _decode_manifest_v1(
-        self, gen_id: str, data: bytes
-    ) -> tuple[dict[str, Any], dict[str, Any], bytes]:
-        what = f"generation {gen_id}"
-        header_sealed, epoch_no, wrapped, body_sealed = split_manifest_v1(data, what)
-        header = self._open_header(header_sealed, gen_id)
-        data_key = self._epoch(epoch_no, what).unwrap(wrapped)
-        aad = BODY_AAD_PREFIX + bytes.fromhex(object_id(header_sealed))
-        body = zstandard.ZstdDecompressor().decompress(
-            open_sealed(data_key, body_sealed, aad, what)
-        )
-        meta, table = decode_body_v1(body, what)
-        return header, meta, table
-
-    def _epoch(self, number: int, what: str) -> EpochKeys:
-        epoch = self.epochs.get(number)
-        if epoch is None:
-            raise IntegrityError(f"{what} names key epoch {number}, which is unknown")
-        return epoch

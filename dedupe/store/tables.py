@@ -82,7 +82,7 @@ async def _expand(
     expanded: dict[str, bytes | dict[str, Entry]],
 ) -> tuple[tuple[dict[str, Any], bytes], bytes | dict[str, Entry] | None]:
     """(meta, complete table) of a generation, and what to keep for those based on it."""
-    _header, meta, own = await store.read_manifest(gen_id)
+    header, meta, own = await store.read_manifest(gen_id)
     delta = meta.get("delta")
     what = f"generation {gen_id}"
     # The delta names its parent; the header's (which ordered the walk) must agree.
@@ -93,7 +93,9 @@ async def _expand(
         if delta is None:
             return (meta, own), own
         if isinstance(base, bytes):
-            table = await asyncio.to_thread(apply_delta, base, own, delta["ops"], what)
+            table = await asyncio.to_thread(
+                apply_delta, base, own, delta["ops"], what, int(header["chunks"])
+            )
             return (meta, table), table
     elif meta.get("type") == "tree" and (delta is None or isinstance(base, dict)):
         tree_base = base if isinstance(base, dict) else None
@@ -187,16 +189,17 @@ async def spill_complete_table(store: RepositoryStore, gen_id: str) -> SpilledTa
     copy buffer and the ops of the chain's deltas, however large the tables: an
     incremental backup compares its own table with the file
     (dedupe.format.delta.DeltaBuilder), a restore reads it piece by piece."""
-    levels: list[tuple[str, dict[str, Any], BinaryIO, int]] = []  # gen_id up to its full
+    # (gen id, meta, own table, its records, its complete table's records), up to the full
+    levels: list[tuple[str, dict[str, Any], BinaryIO, int, int]] = []
     try:
         current: str | None = gen_id
         while current is not None:
             if any(current == g for g, *_ in levels):
                 raise IntegrityError(f"generation {gen_id} has a cycle in its parent chain")
             own = open_scratch()
-            levels.append((current, {}, own, 0))
+            levels.append((current, {}, own, 0, 0))
             try:
-                _header, meta, n = await store.spill_manifest(current, own)
+                header, meta, n = await store.spill_manifest(current, own)
             except GenerationNotFound:
                 raise MissingObject(
                     f"generation {current}, which {gen_id} is based on, is missing",
@@ -204,18 +207,18 @@ async def spill_complete_table(store: RepositoryStore, gen_id: str) -> SpilledTa
                 ) from None
             if meta.get("type") != "stream":
                 raise IntegrityError(f"generation {current} is not a stream generation")
-            levels[-1] = (current, meta, own, n)
+            levels[-1] = (current, meta, own, n, int(header["chunks"]))
             delta = meta.get("delta")
             current = str(delta["parent"]) if delta else None
         own_meta = levels[0][1]
-        _gid, _meta, table, n_table = levels.pop()
+        _gid, _meta, table, n_table, _c = levels.pop()
     except BaseException:
-        for _g, _m, f, _n in levels:
+        for _g, _m, f, _n, _c in levels:
             f.close()
         raise
     try:  # from the full down: each delta applied to the table above it
         while levels:
-            gid, meta, own, n_own = levels.pop()
+            gid, meta, own, n_own, n_complete = levels.pop()
             try:
                 out = open_scratch()
                 try:
@@ -228,6 +231,7 @@ async def spill_complete_table(store: RepositoryStore, gen_id: str) -> SpilledTa
                         meta["delta"]["ops"],
                         out,
                         f"generation {gid}",
+                        n_complete,
                     )
                 except BaseException:
                     out.close()
@@ -239,7 +243,7 @@ async def spill_complete_table(store: RepositoryStore, gen_id: str) -> SpilledTa
         table.flush()
     except BaseException:
         table.close()
-        for _g, _m, f, _n in levels:
+        for _g, _m, f, _n, _c in levels:
             f.close()
         raise
     return SpilledTable(table, n_table, own_meta)
@@ -253,12 +257,14 @@ def _apply_delta_files(
     ops: list[Any],
     out: BinaryIO,
     what: str,
+    expected: int,
 ) -> int:
-    """apply_delta from file to file; returns the records written."""
+    """apply_delta from file to file; returns the records written (checked against
+    `expected`, the header's count, before any is written)."""
     parent.flush()
     literal.flush()
     written = 0
-    for kind, start, count in delta_ranges(ops, n_parent, n_literal, what):
+    for kind, start, count in delta_ranges(ops, n_parent, n_literal, what, expected):
         source = parent if kind == COPY else literal
         for piece in read_scratch(source, start * _R, (start + count) * _R, COPY_RECORDS * _R):
             write_scratch(out, piece)

@@ -1,66 +1,178 @@
-"""Key files, epochs, passphrase sources and AEAD behaviour."""
+"""Key files, epochs, grants, signatures, passphrase sources and AEAD behaviour."""
 
 from __future__ import annotations
 
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
 
 from dedupe.crypto import (
+    EpochSecrets,
+    HolderSecrets,
     KdfParams,
-    RepositoryKeys,
     create_key_file,
-    new_epoch,
+    key_file_info,
+    meta_check,
+    open_grant,
     open_key_file,
     open_sealed,
-    read_epoch_record,
     seal,
+    seal_grant,
+    sign,
+    sign_record,
+    verify,
+    verify_record,
 )
-from dedupe.crypto.passphrase import get_passphrase
-from dedupe.errors import IntegrityError, PassphraseMissing, WrongPassphrase
+from dedupe.crypto.passphrase import get_new_passphrase, get_passphrase
+from dedupe.crypto.signing import CONFIG_DOMAIN, KEYMAP_DOMAIN, KEYRING_DOMAIN, verify_key_of
+from dedupe.errors import IntegrityError, KeyNotAvailable, PassphraseMissing, WrongPassphrase
 
 REPO_ID = bytes(range(32))
+WEAK = KdfParams.weakest()
+
+
+def _secrets_in(blob: bytes, holder: HolderSecrets) -> list[bytes]:
+    return [
+        s
+        for s in (holder.id_key, holder.chunker_key, holder.box_secret, holder.sign_secret)
+        if s in blob or s.hex().encode() in blob
+    ]
 
 
 def test_key_file_opens_with_its_passphrase_only() -> None:
-    keys = RepositoryKeys.generate()
-    blob = create_key_file(keys, REPO_ID, b"pw", kdf=KdfParams.weakest())
-    assert open_key_file(blob, REPO_ID, b"pw") == keys
+    admin = HolderSecrets.first_admin(REPO_ID)
+    blob = create_key_file(admin, b"pw", "default", kdf=WEAK)
+    assert open_key_file(blob, REPO_ID, b"pw") == admin
     with pytest.raises(WrongPassphrase):
         open_key_file(blob, REPO_ID, b"pw ")
     # The key file is bound to its repository id.
     with pytest.raises(WrongPassphrase):
         open_key_file(blob, bytes(32), b"pw")
     # No key material is readable in the file.
-    for key in (keys.id_key, keys.meta_key, keys.chunker_key):
-        assert key.hex() not in blob.decode() and key not in blob
+    assert not _secrets_in(blob, admin)
+    info = key_file_info(blob)
+    assert (info.key_id, info.role, info.name) == (admin.key_id, "admin", "default")
+
+
+def test_a_key_file_is_bound_to_its_key_id_and_role() -> None:
+    """Editing the plain fields (to pose as another key, or as an admin) breaks it."""
+    writer = HolderSecrets.first_admin(REPO_ID).new_holder("writer")
+    record = json.loads(create_key_file(writer, b"pw", "w", kdf=WEAK))
+    for field, value in (("role", "admin"), ("id", os.urandom(16).hex())):
+        forged = json.dumps(dict(record, **{field: value})).encode()
+        with pytest.raises(WrongPassphrase):
+            open_key_file(forged, REPO_ID, b"pw")
+
+
+def test_roles_hold_what_they_should() -> None:
+    admin = HolderSecrets.first_admin(REPO_ID)
+    assert admin.admin_sign is not None
+    for role in ("reader", "writer"):
+        other = admin.new_holder(role)
+        assert other.admin_sign is None and other.role == role
+        assert other.admin_verify_key == admin.admin_verify_key
+        assert (other.id_key, other.chunker_key) == (admin.id_key, admin.chunker_key)
+        assert other.box_secret != admin.box_secret and other.key_id != admin.key_id
+        with pytest.raises(ValueError):
+            other.new_holder("writer")  # only an admin makes key holders
+    assert admin.new_holder("admin").admin_sign == admin.admin_sign
 
 
 def test_damaged_key_file_is_not_a_wrong_passphrase() -> None:
-    blob = create_key_file(RepositoryKeys.generate(), REPO_ID, b"pw", kdf=KdfParams.weakest())
+    blob = create_key_file(HolderSecrets.first_admin(REPO_ID), b"pw", "d", kdf=WEAK)
     with pytest.raises(IntegrityError):
         open_key_file(blob[: len(blob) // 2], REPO_ID, b"pw")
 
 
-def test_epoch_record_round_trip_and_tamper() -> None:
-    keys = RepositoryKeys.generate()
-    assert keys.epoch_master is not None
-    record, epoch = new_epoch(1, keys.epoch_master, keys.meta_key)
-    opened = read_epoch_record(json.loads(json.dumps(record)), keys.meta_key, keys.epoch_master)
-    assert opened == epoch
-    data_key = os.urandom(32)
-    assert opened.unwrap(epoch.wrap(data_key)) == data_key
-    # A writer (no epoch_master) sees the public key only.
-    writer_view = read_epoch_record(record, keys.meta_key, None)
-    assert writer_view.secret_key is None
-    # Swapping in another public key breaks the MAC.
-    other, _ = new_epoch(1, keys.epoch_master, keys.meta_key)
-    forged = dict(record, public_key=other["public_key"])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("memlimit", 4 << 40), ("memlimit", 1024), ("opslimit", 1 << 30), ("opslimit", 0)],
+)
+def test_a_planted_key_file_cannot_ask_for_any_kdf_cost(field: str, value: int) -> None:
+    """Refused before the KDF runs: 4 TiB of memory or a billion passes would otherwise
+    be spent by every open that tries the file."""
+    record = json.loads(create_key_file(HolderSecrets.first_admin(REPO_ID), b"pw", "d", WEAK))
+    record["kdf"][field] = value
+    started = time.monotonic()
+    with pytest.raises(IntegrityError, match="KDF cost"):
+        open_key_file(json.dumps(record).encode(), REPO_ID, b"pw")
+    assert time.monotonic() - started < 5  # a bound on a failure, not a benchmark
+    with pytest.raises(ValueError):
+        KdfParams(**{"opslimit": 3, "memlimit": 64 << 20, field: value})
+
+
+def test_epoch_wraps() -> None:
+    secrets = EpochSecrets.generate(4)
+    keys = secrets.keys()
+    data_key, oid = os.urandom(32), os.urandom(32)
+    assert keys.unwrap_read(keys.wrap_read(data_key), "x") == data_key
+    meta = keys.wrap_meta(data_key, 2, oid)
+    assert len(meta) == 72 and keys.unwrap_meta(meta, 2, oid, "x") == data_key
+    # A meta wrap is bound to the kind and id it was made for.
+    for kind, other in ((3, oid), (2, os.urandom(32))):
+        with pytest.raises(IntegrityError):
+            keys.unwrap_meta(meta, kind, other, "x")
+    # Another epoch's keys open nothing of this one.
+    stranger = EpochSecrets.generate(4).keys()
     with pytest.raises(IntegrityError):
-        read_epoch_record(forged, keys.meta_key, keys.epoch_master)
+        stranger.unwrap_read(keys.wrap_read(data_key), "x")
+    with pytest.raises(IntegrityError):
+        stranger.unwrap_meta(meta, 2, oid, "x")
+    # A writer's view has no read secret.
+    writer_view = secrets.keys(with_read=False)
+    with pytest.raises(KeyNotAvailable):
+        writer_view.unwrap_read(keys.wrap_read(data_key), "x")
+    assert writer_view.unwrap_meta(meta, 2, oid, "x") == data_key
+    assert secrets.read_secret.hex() not in repr(keys) and secrets.meta.hex() not in repr(keys)
+
+
+def test_grants_are_bound_and_checked() -> None:
+    admin = HolderSecrets.first_admin(REPO_ID)
+    writer = admin.new_holder("writer")
+    secrets = EpochSecrets.generate(2)
+    check = meta_check(secrets.meta)
+    grant = seal_grant(writer.box_public, REPO_ID, writer.key_id, secrets, with_read=False)
+    keys = open_grant(
+        writer.box_secret, grant, REPO_ID, writer.key_id, 2, secrets.read_public, check
+    )
+    assert keys.read_secret is None and keys.meta == secrets.meta
+    # The admin cannot open the writer's grant; the grant names its key and epoch.
+    with pytest.raises(IntegrityError):
+        open_grant(admin.box_secret, grant, REPO_ID, admin.key_id, 2, secrets.read_public, check)
+    with pytest.raises(IntegrityError, match="names another"):
+        open_grant(writer.box_secret, grant, REPO_ID, writer.key_id, 3, secrets.read_public, check)
+    # A grant with secrets the keyring does not know is refused.
+    other = EpochSecrets.generate(2)
+    planted = seal_grant(writer.box_public, REPO_ID, writer.key_id, other, with_read=True)
+    with pytest.raises(IntegrityError, match="meta secret"):
+        open_grant(
+            writer.box_secret, planted, REPO_ID, writer.key_id, 2, secrets.read_public, check
+        )
+    mixed = EpochSecrets(2, other.read_secret, secrets.meta)
+    planted = seal_grant(writer.box_public, REPO_ID, writer.key_id, mixed, with_read=True)
+    with pytest.raises(IntegrityError, match="read secret"):
+        open_grant(
+            writer.box_secret, planted, REPO_ID, writer.key_id, 2, secrets.read_public, check
+        )
+
+
+def test_signatures_are_bound_to_their_domain_and_key() -> None:
+    seed, other = os.urandom(32), os.urandom(32)
+    public = verify_key_of(seed)
+    sig = sign(seed, KEYMAP_DOMAIN, b"data")
+    assert verify(public, KEYMAP_DOMAIN, b"data", sig)
+    assert not verify(public, KEYRING_DOMAIN, b"data", sig)
+    assert not verify(public, KEYMAP_DOMAIN, b"datA", sig)
+    assert not verify(verify_key_of(other), KEYMAP_DOMAIN, b"data", sig)
+    record = sign_record(seed, CONFIG_DOMAIN, {"a": 1, "b": [1, 2]})
+    assert verify_record(public, CONFIG_DOMAIN, record)
+    assert not verify_record(public, KEYRING_DOMAIN, record)
+    assert not verify_record(public, CONFIG_DOMAIN, dict(record, a=2))
+    assert not verify_record(public, CONFIG_DOMAIN, dict(record, signature="!!"))
 
 
 def test_aead_binds_associated_data() -> None:
@@ -88,3 +200,7 @@ def test_passphrase_sources(tmp_path: Path) -> None:
         get_passphrase(env={"DEDUPE_PASSWORD_COMMAND": "false"})
     with pytest.raises(PassphraseMissing):
         get_passphrase(env={"DEDUPE_PASSWORD_FILE": str(tmp_path / "absent")})
+    # A new key's passphrase has its own variables, never the repository's.
+    assert get_new_passphrase(env={"DEDUPE_NEW_PASSWORD": "n", "DEDUPE_PASSWORD": "a"}) == b"n"
+    with pytest.raises(PassphraseMissing, match="DEDUPE_NEW_PASSWORD"):
+        get_new_passphrase(env={"DEDUPE_PASSWORD": "a"})

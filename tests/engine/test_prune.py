@@ -205,7 +205,7 @@ def test_unindexed_packs_are_removed_and_nothing_live_is(run, repo_path: Path) -
             data = await fill(repo, evolving(5, 2))
             store = repo._store
             # A pack an interrupted backup wrote but never indexed.
-            writer = PackWriter(store.current_epoch, store.pack_size)
+            writer = PackWriter(store.pack_size)
             writer.add(store.codec.frame([os.urandom(1000)], [os.urandom(32)]))
             stray = writer.flush()
             assert stray is not None
@@ -262,8 +262,6 @@ def test_prune_command(run_asyncio, repo_path: Path, cli_env: dict[str, str]) ->
 
 def test_quarantine_records(run_asyncio, repo_path: Path) -> None:  # type: ignore[no-untyped-def]
     from dedupe.errors import MissingObject
-    from dedupe.hashing import object_id
-    from dedupe.store.quarantine import encode_quarantine
 
     async def go() -> None:
         async with await make_repo(repo_path) as repo:
@@ -276,12 +274,7 @@ def test_quarantine_records(run_asyncio, repo_path: Path) -> None:  # type: igno
                 _meta, table = await store.generation_chunks(gen_id)
                 cid = next(CHUNK_RECORD.iter_unpack(table))[0]
                 pack = store.index.packs[store.index.get(cid).pack_no].pack_id  # type: ignore[union-attr]
-                data = encode_quarantine(
-                    store.keys.meta_key, "2026-12-01T00:00:00.000000Z", [(cid, pack, "id mismatch")]
-                )
-                name = f"quarantine/{object_id(data)}"
-                await store.backend.put(name, data)
-                return name
+                return await store.write_quarantine([(cid, pack, "id mismatch")])
 
             # A live chunk whose only copy is quarantined: prune refuses, changes nothing.
             bad = await quarantine(new.id)

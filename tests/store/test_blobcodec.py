@@ -15,7 +15,7 @@ from conftest import make_repo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dedupe.crypto import OVERHEAD, new_epoch, new_key
+from dedupe.crypto import OVERHEAD, new_key
 from dedupe.crypto.aead import open_sealed, seal_into
 from dedupe.errors import IntegrityError
 from dedupe.format.pack import (
@@ -187,25 +187,23 @@ def test_packs_list_exactly_their_blobs(native: bool) -> None:
     as a backup does: every blob is in exactly one pack's trailer, at the offset where it
     opens, and each pack is exactly magic, blobs, trailer and footer (no stale bytes)."""
     codec = BlobCodec(1, HASHER, native=native)
-    _record, epoch = new_epoch(1, new_key(), new_key())
-    writer = PackWriter(epoch, 4096)
+    writer = PackWriter(4096)
     rnd = random.Random(3)
     batches = [[rnd.randbytes(rnd.randrange(1, 300_000)) for _ in range(4)] for _ in range(3)]
     batches.append([b"small" * 10, b"tail"])  # leaves a partly filled pack for flush()
     seen = []
 
     def check(pack: FinishedPack) -> None:
-        key = epoch.unwrap(pack.wrapped_key)
-        assert pack.data[:8] == b"DDPACK01"
+        key = pack.key
+        assert pack.data[:8] == b"DDPACK02"
         end = 8
         for cid, offset, stored, raw in pack.entries():
             assert offset == end  # blobs back to back from the magic on
             seen.append(codec.open(key, cid, pack.data[offset : offset + stored], raw))
             end = offset + stored
-        epoch_no, _wrapped, trailer_length = decode_footer(
-            len(pack.data), bytes(pack.data[-FOOTER_SIZE:]), "p"
-        )
-        assert epoch_no == 1 and end + trailer_length + FOOTER_SIZE == len(pack.data)
+        trailer_length = decode_footer(len(pack.data), bytes(pack.data[-FOOTER_SIZE:]), "p")
+        assert end + trailer_length + FOOTER_SIZE == len(pack.data)
+        assert pack.key not in pack.data  # no key is in a pack's bytes
         writer.recycle(pack)  # its buffer holds the next pack
 
     for chunks in batches:
@@ -224,7 +222,6 @@ def test_packs_of_2_kib_blobs_never_grow_their_buffer(
     """The buffer holds the blob that crosses the target and the trailer of small blobs:
     every byte a pack buffer grows by is zeroed, and so resident, in each buffer kept."""
     codec = BlobCodec(1, HASHER, native=native)
-    _record, epoch = new_epoch(1, new_key(), new_key())
     grew = []
     reserve = PackWriter._reserve
 
@@ -235,7 +232,7 @@ def test_packs_of_2_kib_blobs_never_grow_their_buffer(
             grew.append(n)
 
     monkeypatch.setattr(PackWriter, "_reserve", spy)
-    writer = PackWriter(epoch, 4 << 20)
+    writer = PackWriter(4 << 20)
     rnd = random.Random(5)
     # Blobs of ~2 KiB (half random, half zeros): ~2000 per pack, an 88 KB trailer.
     chunks = [rnd.randbytes(2048) + bytes(rnd.randrange(1, 4000)) for _ in range(4200)]

@@ -13,21 +13,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import blake3
 import pytest
-import zstandard
 from conftest import make_repo
 
 from dedupe.crypto import new_key, seal
 from dedupe.engine import run_backup
-from dedupe.errors import IntegrityError, ScratchError, TruncatedObject
+from dedupe.errors import IntegrityError, ScratchError, TruncatedObject, UnsupportedFormat
+from dedupe.format.keymap import GENERATION, KeyMapEntry
 from dedupe.format.manifest import (
-    BODY_AAD_PREFIX,
     CHUNK_RECORD,
     FRAME_LENGTH,
     FRAME_RECORDS,
     HEADER_AAD,
-    encode_body_v1,
-    encode_manifest_v1,
     encode_prefix,
     header_span,
     split_frames,
@@ -38,7 +36,7 @@ from dedupe.store.manifests import ManifestWriter
 from dedupe.store.tables import SpilledTable
 
 R = CHUNK_RECORD.size
-HEADER = {"version": 1, "name": "db", "kind": "full", "parent": None, "created": "x"}
+HEADER = {"name": "db", "kind": "full", "parent": None, "created": "x", "size": 0, "chunks": 0}
 
 
 def records(n: int, seed: int = 0) -> bytes:
@@ -55,23 +53,45 @@ def meta_for(table: bytes) -> dict[str, Any]:
 def frames_of(data: bytes) -> tuple[int, list[memoryview]]:
     """(where the body starts, its sealed frames) of a stored manifest."""
     _start, end = header_span(data, "g")
-    _epoch, _wrapped, frames = split_frames(memoryview(data)[end:], "g")
-    return end, frames
+    return end, split_frames(memoryview(data)[end:], "g")
 
 
-def with_frames(store: RepositoryStore, data: bytes, frames: list[bytes | memoryview]) -> bytes:
-    """`data` with its frames replaced, under a header sealed again with the body's new
-    hash, as a holder of the meta key (any writer key) could: only the frames' own
-    authentication stands in the way."""
+def gen_id_of(data: bytes) -> str:
+    """A manifest's id: BLAKE3 of its prefix (magic, length, sealed header)."""
+    _start, end = header_span(data, "g")
+    return str(blake3.blake3(data[:end]).hexdigest())
+
+
+async def with_frames(
+    store: RepositoryStore, gen_id: str, data: bytes, frames: list[bytes | memoryview]
+) -> str:
+    """A new generation whose body is `frames` (sealed under `gen_id`'s body key) under a
+    new header, authenticated by a key map entry that copies `gen_id`'s read-wrapped body
+    key: what a writer key holder can make (it can sign entries and copy wrapped keys,
+    but never open a body key). Only the frames' own authentication stands in the way."""
     end, _ = frames_of(data)
-    body = data[end : end + 84] + b"".join(FRAME_LENGTH.pack(len(f)) + f for f in frames)
-    header = json.dumps(dict(HEADER, body=object_id(body))).encode()
-    return encode_prefix(seal(store.keys.meta_key, header, HEADER_AAD)) + body
+    body = b"".join(FRAME_LENGTH.pack(len(f)) + f for f in frames)
+    header_key = new_key()
+    header = json.dumps(dict(HEADER, version=3, body=object_id(body))).encode()
+    prefix = encode_prefix(seal(header_key, header, HEADER_AAD))
+    new_id = bytes.fromhex(str(blake3.blake3(prefix).hexdigest()))
+    found = store.keymaps.get(GENERATION, bytes.fromhex(gen_id))
+    assert found is not None
+    current = store.current_epoch
+    entry = KeyMapEntry(
+        GENERATION,
+        new_id,
+        current.number,
+        read_wrap=found.entry.read_wrap,
+        meta_wrap=current.wrap_meta(header_key, GENERATION, new_id),
+    )
+    await store.keymaps.write([entry])
+    return await put_as_is(store, prefix + body)
 
 
 async def put_as_is(store: RepositoryStore, data: bytes) -> str:
-    """Store bytes under their own id, as anyone with write access to the storage could."""
-    gen_id = object_id(data)
+    """Store bytes under the id of their prefix, as anyone with write access could."""
+    gen_id = gen_id_of(data)
     await store.backend.put(f"generations/{gen_id}", data)
     return gen_id
 
@@ -98,7 +118,7 @@ def test_a_table_of_many_frames_round_trips(run: Callable[..., Any], repo_path: 
             assert meta == meta_for(table)
             assert header["name"] == "db" and len(header["body"]) == 64
             data = await store.backend.get(f"generations/{gen_id}")
-            assert object_id(data) == gen_id
+            assert gen_id_of(data) == gen_id
             assert len(frames_of(data)[1]) == 3 + 1  # three table frames, the meta frame
 
             empty = await store.write_manifest(HEADER, meta_for(b""), b"")
@@ -144,12 +164,12 @@ def test_frames_cut_reordered_or_damaged_are_refused(
             gen_id = await store.write_manifest(HEADER, meta_for(table), table)
             data = await store.backend.get(f"generations/{gen_id}")
             _end, frames = frames_of(data)
-            bad = await put_as_is(store, with_frames(store, data, tamper(frames)))
+            bad = await with_frames(store, gen_id, data, tamper(frames))
             with pytest.raises(IntegrityError, match=f"generation {bad}"):
                 await store.read_manifest(bad)
             assert (await store.read_manifest(gen_id))[2] == table  # the original is intact
             # the helper itself makes readable manifests: the same frames, sealed again
-            same = await put_as_is(store, with_frames(store, data, list(frames)))
+            same = await with_frames(store, gen_id, data, list(frames))
             assert (await store.read_manifest(same))[2] == table
 
     run(go())
@@ -167,39 +187,38 @@ def test_a_body_under_another_manifests_header_is_refused(
                 stored.append(await store.backend.get(f"generations/{gen_id}"))
             a, b = stored
             (a_end, _), (b_end, _) = frames_of(a), frames_of(b)
-            mixed = await put_as_is(store, a[:a_end] + b[b_end:])
+            # a real header (and so a real, authenticated id) with another body
+            a_id = await put_as_is(store, a[:a_end] + b[b_end:])
             with pytest.raises(IntegrityError, match="does not belong to its header"):
-                await store.read_manifest(mixed)
-            cut = await put_as_is(store, a[: a_end + 50])
+                await store.read_manifest(a_id)
+            await put_as_is(store, a[: a_end + 50])  # cut short
             with pytest.raises(IntegrityError):
-                await store.read_manifest(cut)
+                await store.read_manifest(a_id)
             with pytest.raises(TruncatedObject):
-                split_frames(memoryview(a)[a_end : a_end + 90], "g")
+                split_frames(memoryview(a)[a_end : a_end + 6], "g")
+            await put_as_is(store, a)
+            assert (await store.read_manifest(a_id))[2] == records(5)
 
     run(go())
 
 
-def test_a_version_1_manifest_is_still_read(run: Callable[..., Any], repo_path: Path) -> None:
-    """Repositories written before frames keep working: the v1 layout, sealed by hand."""
-    table = records(1000)
-    meta = meta_for(table)
+def test_a_manifest_of_an_earlier_format_version_is_refused_by_name(
+    run: Callable[..., Any], repo_path: Path
+) -> None:
+    """No released repository holds version 1 or 2 manifests: none is read (FORMAT 12)."""
 
     async def go() -> None:
         async with await make_repo(repo_path) as repo:
             store = repo._store
-            epoch = store.current_epoch
-            header_sealed = seal(store.keys.meta_key, json.dumps(HEADER).encode(), HEADER_AAD)
-            data_key = new_key()
-            body = zstandard.ZstdCompressor(level=3).compress(encode_body_v1(meta, table))
-            aad = BODY_AAD_PREFIX + bytes.fromhex(object_id(header_sealed))
-            data = encode_manifest_v1(
-                header_sealed, epoch.number, epoch.wrap(data_key), seal(data_key, body, aad)
-            )
-            gen_id = await put_as_is(store, data)
-            header, got_meta, got = await store.read_manifest(gen_id)
-            assert (got_meta, got) == (meta, table)
-            assert header["name"] == "db"
-            assert (await store.read_manifest_header(gen_id))["name"] == "db"
+            table = records(10)
+            gen_id = await store.write_manifest(HEADER, meta_for(table), table)
+            data = await store.backend.get(f"generations/{gen_id}")
+            # an old manifest under the name of an authenticated one
+            await store.backend.put(f"generations/{gen_id}", b"DDPGEN02" + data[8:])
+            for read in (store.read_manifest, store.read_manifest_header):
+                with pytest.raises((UnsupportedFormat, IntegrityError), match=gen_id):
+                    await read(gen_id)
+            assert gen_id not in [g.id for g in await repo.generations()]
 
     run(go())
 
@@ -293,7 +312,7 @@ def test_a_scratch_directory_that_is_gone_is_a_clear_error_and_nothing_is_left(
 def test_an_incremental_and_a_full_are_stored_in_frames(
     run: Callable[..., Any], repo_path: Path
 ) -> None:
-    """Both kinds of backup produce version 2 manifests whose tables read back as the
+    """Both kinds of backup produce version 3 manifests whose tables read back as the
     chunks restore uses."""
     base = os.urandom(600_000)
 
@@ -308,7 +327,7 @@ def test_an_incremental_and_a_full_are_stored_in_frames(
             store = repo._store
             for g in (full, incr):
                 data = await store.backend.get(f"generations/{g.id}")
-                assert data[:8] == b"DDPGEN02"
+                assert data[:8] == b"DDPGEN03"
             _h, meta, own = await store.read_manifest(incr.id)
             assert meta["delta"]["parent"] == full.id
             assert 0 < len(own) // R < incr.chunks  # only the changed records are its own
