@@ -25,11 +25,26 @@ PASSPHRASE = "correct horse battery staple"
 SMALL_PACK = 64 * 1024
 
 
+@pytest.fixture(autouse=True, scope="session")
+def client_state_for_the_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Module- and session-scoped fixtures open repositories too: their client state (the
+    keyring serials seen) goes to a directory of the test run, never to ~/.local/state."""
+    old = os.environ.get("DEDUPE_STATE_DIR")
+    os.environ["DEDUPE_STATE_DIR"] = str(tmp_path_factory.mktemp("session-client-state"))
+    yield
+    if old is None:
+        del os.environ["DEDUPE_STATE_DIR"]
+    else:
+        os.environ["DEDUPE_STATE_DIR"] = old
+
+
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     for key in list(os.environ):
         if key.startswith("DEDUPE_"):
             monkeypatch.delenv(key)
+    # The keyring serials this "machine" has seen (rollback detection) stay in the test.
+    monkeypatch.setenv("DEDUPE_STATE_DIR", str(tmp_path_factory.mktemp("client-state")))
 
 
 def _loop_factories() -> list[Any]:
@@ -75,7 +90,11 @@ def repo_path(tmp_path: Path) -> Path:
 def cli_env(tmp_path: Path, repo_path: Path) -> dict[str, str]:
     """Environment for running the `dedupe` command against repo_path."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEDUPE_")}
-    env.update(DEDUPE_REPO=str(repo_path), DEDUPE_PASSWORD=PASSPHRASE)
+    env.update(
+        DEDUPE_REPO=str(repo_path),
+        DEDUPE_PASSWORD=PASSPHRASE,
+        DEDUPE_STATE_DIR=os.environ["DEDUPE_STATE_DIR"],
+    )
     return env
 
 

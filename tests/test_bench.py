@@ -108,7 +108,11 @@ def test_wrong_restore_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_cli_bench_json(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEDUPE_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("DEDUPE_") or k == "DEDUPE_STATE_DIR"
+    }
     root = str(Path(dedupe.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run(

@@ -23,7 +23,8 @@ referenced while we decide), prune:
    e. then deletes quarantine records (verify's list of damaged copies) whose packs are
       all gone. Quarantined copies are never chosen as a chunk's copy, so a pack holding
       only damaged copies of live chunks counts as unused;
-   f. then consolidates the key maps (docs/FORMAT.md 4.6): one set of admin-signed key
+   f. then deletes key files the keyring does not list (left by an interrupted `key add`);
+   g. then consolidates the key maps (docs/FORMAT.md 4.6): one set of admin-signed key
       maps holding the entries of the objects that remain; only then the old ones go.
 
 Index objects that are not authenticated (no key map entry: planted, or left by a key
@@ -67,7 +68,7 @@ from dedupe.store import PackWriter, RepositoryStore
 from dedupe.store.blobs import FramedBatch, release_buffers
 from dedupe.store.locks import RepositoryLock
 from dedupe.store.quarantine import QUARANTINE_PREFIX, decode_quarantine, read_quarantine
-from dedupe.store.repository import IndexBatch, pack_name
+from dedupe.store.repository import KEYS_PREFIX, IndexBatch, key_id_of, pack_name
 from dedupe.store.tables import each_generation_table
 
 T = TypeVar("T")
@@ -351,6 +352,7 @@ async def _prune(
         return make_report([], 0.0)
     if not (changed or unindexed):
         left = await _drop_quarantine_records(store, present)
+        await _drop_orphan_key_files(store)
         await _consolidate_keymaps(store, present, set(index_names), set(gen_ids), left)
         report_progress("done")
         return make_report([], 0.0)
@@ -393,7 +395,10 @@ async def _prune(
     packs_left = (present - set(to_delete)) | {r.pack_id for r in new_packs}
     left = await _drop_quarantine_records(store, packs_left)
 
-    # --- 3f. key maps: one consolidated set for what remains ------------------------------------
+    # --- 3f. key files the keyring does not list (an interrupted `key add`) ---------------------
+    await _drop_orphan_key_files(store)
+
+    # --- 3g. key maps: one consolidated set for what remains ------------------------------------
     report_progress("consolidating key maps")
     index_left = set(trusted)
     if changed:
@@ -533,6 +538,15 @@ async def _drop_quarantine_records(store: RepositoryStore, packs_left: set[bytes
         else:
             await _delete_all(store.backend, [name])
     return left
+
+
+async def _drop_orphan_key_files(store: RepositoryStore) -> None:
+    """Key files whose key id the keyring does not list open nothing (docs/FORMAT.md 4.2);
+    an interrupted `key add` leaves one. Key commands take the same exclusive lock, so
+    none is being added now."""
+    listed = {k.key_id.hex() for k in store.keyring.keys}
+    orphans = [n for n in await store.backend.list(KEYS_PREFIX) if key_id_of(n) not in listed]
+    await _delete_all(store.backend, orphans)
 
 
 def _oid(name: str) -> bytes:

@@ -94,10 +94,19 @@ def decode_header(plain: bytes, what: str) -> dict[str, Any]:
             raise ValueError("not an object")
         if header.get("version") != HEADER_VERSION:
             raise ValueError(f"header version {header.get('version')}")
-        for field in ("name", "kind", "created", "body"):
-            str(header[field])
-        int(header["size"])
-        int(header["chunks"])
+        for field in ("name", "created", "body"):
+            if not isinstance(header[field], str):
+                raise ValueError(f"{field} is not a string")
+        if header["kind"] not in ("full", "incremental", "differential"):
+            raise ValueError(f"unknown kind {header['kind']!r}")
+        if header["parent"] is not None and not isinstance(header["parent"], str):
+            raise ValueError("parent is neither null nor an id")
+        for field in ("size", "chunks", "new_chunks", "new_bytes", "stored_bytes"):
+            if not isinstance(header[field], int) or header[field] < 0:
+                raise ValueError(f"{field} is not a count")
+        float(header["seconds"])
+        if not isinstance(header.get("source", {}), dict):
+            raise ValueError("source is not an object")
         return header
     except (ValueError, KeyError, TypeError) as e:
         raise IntegrityError(f"{what}: manifest header is malformed: {e}") from None

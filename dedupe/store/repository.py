@@ -342,7 +342,10 @@ class RepositoryStore:
     async def _open_key_file(
         backend: Backend, repository_id: bytes, passphrase: bytes
     ) -> HolderSecrets:
-        """The first key file (of those the keyring names) that opens with `passphrase`."""
+        """The first key file that opens with `passphrase`, among those whose key id the
+        keyring lists (read before it is verified, only to choose): a key file planted
+        under another id, or left by an interrupted `key add`, costs no key derivation and
+        is never used (docs/FORMAT.md 4.2). Every key file when no keyring copy parses."""
         names = sorted(await backend.list(KEYS_PREFIX))
         candidates = await unverified_key_ids(backend)
         if candidates is not None:

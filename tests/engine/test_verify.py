@@ -353,7 +353,11 @@ def test_subset_argument_is_checked(repo: Pristine, run_asyncio: Run[Any]) -> No
 
 
 def test_command_exit_codes(repo: Pristine, cli: Any) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEDUPE_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("DEDUPE_") or k == "DEDUPE_STATE_DIR"
+    }
     env.update(DEDUPE_REPO=str(repo.path), DEDUPE_PASSWORD=PASSPHRASE)
 
     ok = cli("verify", "--read-data", "--json", env=env)

@@ -57,7 +57,11 @@ def template(
 
 
 def _start_backup(path: Path, source: Path) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEDUPE_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("DEDUPE_") or k == "DEDUPE_STATE_DIR"
+    }
     env.update(DEDUPE_REPO=str(path), DEDUPE_PASSWORD=PASSPHRASE)
     return subprocess.Popen(
         [sys.executable, "-m", "dedupe", "backup", str(source), "--name", "new"],

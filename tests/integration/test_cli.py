@@ -96,7 +96,11 @@ def random_bytes(n: int, seed: int) -> bytes:
 def env_for(repo: Path | None, passphrase: str | None = PASSPHRASE, **extra: str) -> dict[str, str]:
     """A hermetic environment for the command: no DEDUPE_* but what is given here, and the
     work tree on the import path whatever the current directory is."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEDUPE_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("DEDUPE_") or k == "DEDUPE_STATE_DIR"
+    }
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p
     )

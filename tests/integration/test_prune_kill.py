@@ -72,7 +72,11 @@ def _startup_seconds() -> float:
 
 
 def _start_prune(path: Path) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEDUPE_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("DEDUPE_") or k == "DEDUPE_STATE_DIR"
+    }
     env.update(DEDUPE_REPO=str(path), DEDUPE_PASSWORD=PASSPHRASE)
     return subprocess.Popen(
         # Threshold 0: repack every pack with any waste, so that the kill can land in

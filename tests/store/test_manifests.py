@@ -36,7 +36,15 @@ from dedupe.store.manifests import ManifestWriter
 from dedupe.store.tables import SpilledTable
 
 R = CHUNK_RECORD.size
-HEADER = {"name": "db", "kind": "full", "parent": None, "created": "x", "size": 0, "chunks": 0}
+HEADER = {
+    "name": "db",
+    "kind": "full",
+    "parent": None,
+    "created": "x",
+    "size": 0,
+    "chunks": 0,
+    **{"new_chunks": 0, "new_bytes": 0, "stored_bytes": 0, "seconds": 0.0, "source": {}},
+}
 
 
 def records(n: int, seed: int = 0) -> bytes:
