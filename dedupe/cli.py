@@ -458,8 +458,22 @@ def verify(
         raise VerifyFailed(
             f"{len(r['damaged'])} damaged or missing objects"
             + (f"; quarantine record {r['quarantine']} written" if r["quarantine"] else ""),
-            hint="a full backup of each affected source stores the lost chunks again",
+            hint=_verify_hint({d["kind"] for d in r["damaged"]}),
         )
+
+
+def _verify_hint(kinds: set[str]) -> str:
+    hints = []
+    if kinds & {"pack", "index", "generation"}:
+        hints.append("a full backup of each affected source stores the lost chunks again")
+    if "keyring" in kinds:
+        hints.append("an admin's 'dedupe prune' rewrites a damaged keyring copy from the good one")
+    if kinds & {"keymap", "quarantine"}:
+        hints.append(
+            "objects no key map vouches for were not written by a key of this repository: "
+            "an admin's 'dedupe prune' removes them"
+        )
+    return "; ".join(hints)
 
 
 def _print_verify(r: dict[str, Any]) -> None:
@@ -487,6 +501,8 @@ def _print_verify(r: dict[str, Any]) -> None:
             click.echo(f"  chunks ({len(d['chunk_ids'])}): {shown}{more}")
         if d["generations"]:
             click.echo(f"  affects generations: {', '.join(g[:12] for g in d['generations'])}")
+    for note in r["notes"]:
+        click.echo(f"note: {note}")
     if r["ok"]:
         click.echo("no damage found")
 

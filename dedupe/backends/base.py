@@ -25,6 +25,9 @@ Names are '/'-separated relative paths ("packs/ab/ab12..."). Semantics:
 - `stat(name)`: the size in bytes; `MissingObject` if absent.
 - `delete(name)`: removes the object; `MissingObject` if absent.
 - `exists(name)`: whether an object is there.
+- `remove_leftovers()`: delete what interrupted puts left behind (temporary files, a
+  store's incomplete uploads); returns how many. Only called under the repository's
+  exclusive lock, when no put of a dedupe process is in flight.
 Operational failures of the store (disk full, permission denied, network down after
 retries) raise `BackendError` with what happened and where.
 """
@@ -72,6 +75,10 @@ class Backend(ABC):
         except MissingObject:
             return False
         return True
+
+    async def remove_leftovers(self) -> int:
+        """Delete what interrupted puts left; the default has nothing to delete."""
+        return 0
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the default has nothing to release."""

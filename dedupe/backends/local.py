@@ -169,6 +169,21 @@ class LocalBackend(Backend):
                     names.append(name)
         return names
 
+    def _remove_leftovers_sync(self) -> int:
+        """Temporary files of puts that were killed before their rename."""
+        removed = 0
+        for dirpath, _dirs, files in os.walk(self.root):
+            for f in files:
+                if f.startswith(TMP_PREFIX):
+                    try:
+                        os.unlink(os.path.join(dirpath, f))
+                        removed += 1
+                    except FileNotFoundError:
+                        pass
+                    except OSError as e:
+                        raise _backend_error(e, "deleting", os.path.join(dirpath, f)) from None
+        return removed
+
     def _stat_sync(self, name: str) -> int:
         try:
             return os.stat(self._path(name)).st_size
@@ -206,3 +221,6 @@ class LocalBackend(Backend):
 
     async def delete(self, name: str) -> None:
         await asyncio.to_thread(self._delete_sync, name)
+
+    async def remove_leftovers(self) -> int:
+        return await asyncio.to_thread(self._remove_leftovers_sync)

@@ -357,16 +357,17 @@ async def rotate(
     # 3. the other epochs retired: their grants, and so their secrets, leave the repository.
     now = utc_now()
     retired = [e.number for e in ring.epochs if e.active and e.number != current.number]
-    ring = bump(
-        ring,
-        now,
-        epochs=tuple(
-            replace(e, state=RETIRED, retired=now, grants={}) if e.number in retired else e
-            for e in ring.epochs
-        ),
-    )
-    await write_keyring(store.backend, ring, sign)
-    store.use_keyring(ring, {current.number: current})
+    if retired:
+        ring = bump(
+            ring,
+            now,
+            epochs=tuple(
+                replace(e, state=RETIRED, retired=now, grants={}) if e.number in retired else e
+                for e in ring.epochs
+            ),
+        )
+        await write_keyring(store.backend, ring, sign)
+        store.use_keyring(ring, {current.number: current})
     report = None
     if ring.reencrypt_below is not None:
         report = await reencrypt_packs(store, executor=executor, progress=progress)

@@ -23,7 +23,8 @@ referenced while we decide), prune:
    e. then deletes quarantine records (verify's list of damaged copies) whose packs are
       all gone. Quarantined copies are never chosen as a chunk's copy, so a pack holding
       only damaged copies of live chunks counts as unused;
-   f. then deletes key files the keyring does not list (left by an interrupted `key add`);
+   f. then removes what interrupted writers left: key files the keyring does not list (an
+      interrupted `key add`), temporary files of killed puts, a stale keyring copy;
    g. then consolidates the key maps (docs/FORMAT.md 4.6): one set of admin-signed key
       maps holding the entries of the objects that remain; only then the old ones go.
 
@@ -352,7 +353,7 @@ async def _prune(
         return make_report([], 0.0)
     if not (changed or unindexed):
         left = await _drop_quarantine_records(store, present)
-        await _drop_orphan_key_files(store)
+        await _tidy(store)
         await _consolidate_keymaps(store, present, set(index_names), set(gen_ids), left)
         report_progress("done")
         return make_report([], 0.0)
@@ -395,8 +396,9 @@ async def _prune(
     packs_left = (present - set(to_delete)) | {r.pack_id for r in new_packs}
     left = await _drop_quarantine_records(store, packs_left)
 
-    # --- 3f. key files the keyring does not list (an interrupted `key add`) ---------------------
-    await _drop_orphan_key_files(store)
+    # --- 3f. what interrupted writers left: key files the keyring does not list (a `key
+    # add`), temporary files of killed puts, a keyring copy left behind -----------------------
+    await _tidy(store)
 
     # --- 3g. key maps: one consolidated set for what remains ------------------------------------
     report_progress("consolidating key maps")
@@ -540,13 +542,17 @@ async def _drop_quarantine_records(store: RepositoryStore, packs_left: set[bytes
     return left
 
 
-async def _drop_orphan_key_files(store: RepositoryStore) -> None:
-    """Key files whose key id the keyring does not list open nothing (docs/FORMAT.md 4.2);
-    an interrupted `key add` leaves one. Key commands take the same exclusive lock, so
-    none is being added now."""
+async def _tidy(store: RepositoryStore) -> None:
+    """Remove what interrupted writers left, which no lock-holder can be writing now (key
+    commands and backups exclude prune): key files the keyring does not list (an
+    interrupted `key add`; they open nothing, docs/FORMAT.md 4.2), temporary files of
+    killed puts, and a keyring copy left behind by an interrupted key change (both copies
+    get the verified newest one's bytes)."""
     listed = {k.key_id.hex() for k in store.keyring.keys}
     orphans = [n for n in await store.backend.list(KEYS_PREFIX) if key_id_of(n) not in listed]
     await _delete_all(store.backend, orphans)
+    await store.backend.remove_leftovers()
+    await store.heal_keyring()
 
 
 def _oid(name: str) -> bytes:

@@ -101,7 +101,6 @@ ID_MISMATCH = "id mismatch"  # its bytes do not hash to its name / a chunk to it
 MALFORMED = "malformed"  # authenticated, but the layout is wrong (bad magic, bad offsets)
 TRAILER_MISMATCH = "trailer mismatch"  # the pack's trailer and the index disagree
 NOT_INDEXED = "not indexed"  # chunks generations reference that no index object lists
-STALE = "stale"  # a keyring copy behind the other (an interrupted key change, or a rollback)
 REASONS = (
     MISSING,
     NOT_AUTHENTICATED,
@@ -112,7 +111,6 @@ REASONS = (
     MALFORMED,
     TRAILER_MISMATCH,
     NOT_INDEXED,
-    STALE,
 )
 KINDS = ("keyring", "keymap", "generation", "index", "pack", "quarantine")
 
@@ -178,6 +176,7 @@ class VerifyReport:
     damaged: list[DamagedObject]
     quarantine: str | None
     seconds: float
+    notes: list[str] = field(default_factory=list)  # findings that are not damage
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -331,6 +330,7 @@ class _Verifier:
         self.packs_unindexed = 0
         self.chunks_read = 0
         self.bytes_read = 0
+        self.notes: list[str] = []
         # Whole packs held in memory at once while reading data, one per reader.
         self.read_buffers = ReadBuffers(READ_CONCURRENCY)
 
@@ -439,12 +439,12 @@ class _Verifier:
                 self._damaged(name, "keyring", _reason_of(e), e.message)
                 continue
             if ring.serial < store.keyring.serial:
-                self._damaged(
-                    name,
-                    "keyring",
-                    STALE,
-                    f"{name} is at serial {ring.serial}, behind {store.keyring.serial}: an "
-                    "interrupted key change, or an old copy put back",
+                # Not damage: the newer copy is in effect (docs/FORMAT.md 4.3).
+                self.notes.append(
+                    f"{name} is at serial {ring.serial}, behind the other copy at "
+                    f"{store.keyring.serial} (an interrupted key change, or an old copy put "
+                    "back); the newer one is in effect, and the next prune or key change "
+                    "rewrites it"
                 )
 
     async def check_keymaps(self) -> None:
@@ -782,4 +782,5 @@ async def verify_repository(
         damaged=damaged,
         quarantine=record,
         seconds=round(time.monotonic() - started, 3),
+        notes=v.notes,
     )

@@ -71,7 +71,7 @@ from dedupe.format.index import (
     max_plaintext,
 )
 from dedupe.format.keymap import GENERATION, INDEX, PACK, QUARANTINE, KeyMapEntry
-from dedupe.format.keyring import ACTIVE, EpochRecord, KeyHolder, Keyring
+from dedupe.format.keyring import ACTIVE, KEYRING_NAMES, EpochRecord, KeyHolder, Keyring
 from dedupe.format.manifest import (
     CHUNK_RECORD,
     FRAME_LENGTH,
@@ -91,6 +91,7 @@ from dedupe.store.index import ChunkIndex
 from dedupe.store.keymaps import KeyDirectory, not_authenticated
 from dedupe.store.keyring import (
     check_and_record_serial,
+    decode_keyring,
     open_epochs,
     read_keyring,
     unverified_key_ids,
@@ -381,6 +382,35 @@ class RepositoryStore:
             self._forget_index()
         await self.keymaps.refresh()
         return changed
+
+    async def heal_keyring(self) -> bool:
+        """Make both keyring copies the verified newest one (after an interrupted key
+        change or a damaged copy): its bytes are copied as they are, signature and all.
+        Callers hold the exclusive lock. True if a copy was rewritten."""
+        copies: dict[str, bytes | None] = {}
+        for name in KEYRING_NAMES:
+            try:
+                copies[name] = await self.backend.get(name)
+            except MissingObject:
+                copies[name] = None
+        best = None
+        for name, data in copies.items():
+            if data is None:
+                continue
+            try:
+                ring = decode_keyring(data, self.holder.admin_verify_key, self.repository_id, name)
+            except (IntegrityError, UnsupportedFormat):
+                continue
+            if best is None or ring.serial > best[0]:
+                best = (ring.serial, data)
+        if best is None or best[0] != self.keyring.serial:
+            return False  # nothing to copy, or the keyring changed under us: leave it
+        healed = False
+        for name, data in copies.items():
+            if data != best[1]:
+                await self.backend.put(name, best[1])
+                healed = True
+        return healed
 
     def use_keyring(self, keyring: Keyring, epochs: dict[int, EpochKeys]) -> None:
         """Adopt a keyring this process has just written (key commands)."""

@@ -115,3 +115,20 @@ def test_local_put_leaves_no_temp_files(run: Callable, tmp_path: Path) -> None: 
     backend = LocalBackend(tmp_path / "store")
     run(backend.put("a/b", b"x" * 1000))
     assert [p.name for p in (tmp_path / "store" / "a").iterdir()] == ["b"]
+
+
+def test_leftovers_of_killed_puts_are_removed(run: Callable, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    """A put killed before its rename leaves a temporary file that no listing shows; the
+    backend removes it when asked (prune does, under its exclusive lock)."""
+
+    async def go() -> None:
+        backend = LocalBackend(tmp_path / "store")
+        await backend.put("packs/ab/abcd", b"kept")
+        left = tmp_path / "store" / "packs" / "ab" / ".tmp-0123456789abcdef"
+        left.write_bytes(b"half a pack")
+        assert await backend.list("packs/") == ["packs/ab/abcd"]
+        assert await backend.remove_leftovers() == 1
+        assert not left.exists() and await backend.get("packs/ab/abcd") == b"kept"
+        assert await backend.remove_leftovers() == 0
+
+    run(go())
