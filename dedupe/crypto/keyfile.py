@@ -124,6 +124,7 @@ class HolderSecrets:
 class KeyFileInfo:
     """The plain (unauthenticated) fields of a key file: enough to choose which to try."""
 
+    repository: bytes
     key_id: bytes
     name: str
     role: str
@@ -209,7 +210,14 @@ def _parse(data: bytes) -> tuple[dict[str, Any], KeyFileInfo, bytes, bytes]:
         role = str(record["role"])
         if role not in ROLES:
             raise IntegrityError(f"the key file names an unknown role {role!r}")
-        info = KeyFileInfo(key_id, str(record["name"]), role, str(record["created"]), kdf)
+        info = KeyFileInfo(
+            bytes.fromhex(record["repository"]),
+            key_id,
+            str(record["name"]),
+            role,
+            str(record["created"]),
+            kdf,
+        )
         salt = base64.b64decode(kdf_rec["salt"], validate=True)
         sealed = base64.b64decode(record["sealed"], validate=True)
         if len(salt) != nacl.pwhash.argon2id.SALTBYTES:

@@ -42,7 +42,7 @@ from dedupe.format.keymap import GENERATION, INDEX, KIND_NAMES, PACK, QUARANTINE
 from dedupe.format.keyring import ACTIVE, RETIRED, EpochRecord, KeyHolder, Keyring
 from dedupe.store import RepositoryStore
 from dedupe.store.keyring import bump, write_keyring
-from dedupe.store.repository import KEYS_PREFIX, key_file_name, key_id_of, utc_now
+from dedupe.store.repository import KEYS_PREFIX, key_file_name, key_id_of, named_ids, utc_now
 
 
 @dataclass(frozen=True)
@@ -245,13 +245,7 @@ async def _existing(store: RepositoryStore) -> Callable[[int, bytes], bool]:
     }
     present: dict[int, set[bytes]] = {}
     for kind, prefix in listed.items():
-        ids = set()
-        for n in await store.backend.list(prefix):
-            try:
-                ids.add(bytes.fromhex(n.rsplit("/", 1)[-1]))
-            except ValueError:
-                continue
-        present[kind] = ids
+        present[kind] = set(named_ids(await store.backend.list(prefix)))
     return lambda kind, oid: oid in present[kind]
 
 
@@ -397,7 +391,7 @@ async def reencrypt_packs(
         store, executor=executor, progress=progress, lock=False, reencrypt_below=below
     )
     left = stale_key_packs(store, store.keymaps.ids(PACK), below)
-    present = {bytes.fromhex(n.rsplit("/", 1)[-1]) for n in await store.backend.list("packs/")}
+    present = set(named_ids(await store.backend.list("packs/")))
     if left & present:
         raise RuntimeError(f"{len(left & present)} packs still have keys of an earlier epoch")
     ring = bump(store.keyring, utc_now(), reencrypt_below=None)

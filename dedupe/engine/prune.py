@@ -23,8 +23,9 @@ referenced while we decide), prune:
    e. then deletes quarantine records (verify's list of damaged copies) whose packs are
       all gone. Quarantined copies are never chosen as a chunk's copy, so a pack holding
       only damaged copies of live chunks counts as unused;
-   f. then removes what interrupted writers left: key files the keyring does not list (an
-      interrupted `key add`), temporary files of killed puts, a stale keyring copy;
+   f. then removes what interrupted writers left, or someone planted: manifests no key map
+      vouches for, key files the keyring does not list (an interrupted `key add`),
+      temporary files of killed puts, a stale keyring copy;
    g. then consolidates the key maps (docs/FORMAT.md 4.6): one set of admin-signed key
       maps holding the entries of the objects that remain; only then the old ones go.
 
@@ -69,7 +70,7 @@ from dedupe.store import PackWriter, RepositoryStore
 from dedupe.store.blobs import FramedBatch, release_buffers
 from dedupe.store.locks import RepositoryLock
 from dedupe.store.quarantine import QUARANTINE_PREFIX, decode_quarantine, read_quarantine
-from dedupe.store.repository import KEYS_PREFIX, IndexBatch, key_id_of, pack_name
+from dedupe.store.repository import KEYS_PREFIX, IndexBatch, key_id_of, named_ids, pack_name
 from dedupe.store.tables import each_generation_table
 
 T = TypeVar("T")
@@ -207,8 +208,8 @@ async def _prune(
 
     report_progress("scanning")
     # --- 1. what exists, what is referenced ----------------------------------------------------
-    index_names = sorted(await backend.list("index/"))
-    present = {bytes.fromhex(n.rsplit("/", 1)[-1]) for n in await backend.list("packs/")}
+    index_names = sorted(named_ids(await backend.list("index/")).values())
+    present = set(named_ids(await backend.list("packs/")))
     await store.refresh_keys()  # after listing: every listed index object's key map is in
     trusted = [n for n in index_names if store.keymaps.get(INDEX, _oid(n)) is not None]
 
@@ -220,7 +221,16 @@ async def _prune(
     # Copies verify found damaged or missing (docs/FORMAT.md section 13) are no copies.
     quarantined = await read_quarantine(backend, store.quarantine_key)
 
-    gen_ids = await store.generation_ids()
+    # A manifest no key map vouches for is no generation (its key map would have been
+    # written first): planted, or left by a key since removed. It holds nothing live, and
+    # goes with the other leftovers (3f). One that is authenticated but fails to expand
+    # stops prune: a chunk it references might otherwise be deleted.
+    gen_ids, planted = [], []
+    for gen_id in await store.generation_ids():
+        if store.keymaps.get(GENERATION, bytes.fromhex(gen_id)) is None:
+            planted.append(f"generations/{gen_id}")
+        else:
+            gen_ids.append(gen_id)
     live: set[bytes] = set()
     async for _gen_id, got in each_generation_table(store, gen_ids):
         if isinstance(got, Exception):
@@ -353,7 +363,7 @@ async def _prune(
         return make_report([], 0.0)
     if not (changed or unindexed):
         left = await _drop_quarantine_records(store, present)
-        await _tidy(store)
+        await _tidy(store, planted)
         await _consolidate_keymaps(store, present, set(index_names), set(gen_ids), left)
         report_progress("done")
         return make_report([], 0.0)
@@ -398,7 +408,7 @@ async def _prune(
 
     # --- 3f. what interrupted writers left: key files the keyring does not list (a `key
     # add`), temporary files of killed puts, a keyring copy left behind -----------------------
-    await _tidy(store)
+    await _tidy(store, planted)
 
     # --- 3g. key maps: one consolidated set for what remains ------------------------------------
     report_progress("consolidating key maps")
@@ -542,15 +552,15 @@ async def _drop_quarantine_records(store: RepositoryStore, packs_left: set[bytes
     return left
 
 
-async def _tidy(store: RepositoryStore) -> None:
+async def _tidy(store: RepositoryStore, planted: list[str]) -> None:
     """Remove what interrupted writers left, which no lock-holder can be writing now (key
-    commands and backups exclude prune): key files the keyring does not list (an
-    interrupted `key add`; they open nothing, docs/FORMAT.md 4.2), temporary files of
-    killed puts, and a keyring copy left behind by an interrupted key change (both copies
-    get the verified newest one's bytes)."""
+    commands and backups exclude prune): manifests no key map vouches for (`planted`),
+    key files the keyring does not list (an interrupted `key add`; they open nothing,
+    docs/FORMAT.md 4.2), temporary files of killed puts, and a keyring copy left behind by
+    an interrupted key change (both copies get the verified newest one's bytes)."""
     listed = {k.key_id.hex() for k in store.keyring.keys}
     orphans = [n for n in await store.backend.list(KEYS_PREFIX) if key_id_of(n) not in listed]
-    await _delete_all(store.backend, orphans)
+    await _delete_all(store.backend, orphans + planted)
     await store.backend.remove_leftovers()
     await store.heal_keyring()
 

@@ -2,10 +2,13 @@
 
 Two depths, like restic's `check` and borg's `check --verify-data`:
 
-- **Trust** (always): both keyring copies verify under the admin key and agree; every
-  key map under keymaps/ is accepted (docs/FORMAT.md 4.5); every index object, manifest,
-  pack and quarantine record has an accepted key map entry. An object that has none is
-  reported as "not authenticated": planted, forged, or of a retired epoch.
+- **Trust** (always): both keyring copies verify under the admin key (a copy behind the
+  other is a note, not damage); every key map under keymaps/ is accepted (docs/FORMAT.md
+  4.5); every index object, manifest and quarantine record, and every pack an index
+  object names, has an accepted key map entry. An object that has none is reported as
+  "not authenticated": planted, forged, or of a retired epoch. Packs no authenticated
+  index object names are counted (`packs_unindexed`), not judged: an interrupted backup
+  leaves them, and prune removes them whoever put them there.
 - **Structure** (always; reads no pack data): every index object is fetched and opened
   (object id, magic, AEAD, layout); every index entry lies inside its pack; every pack the
   index names exists and has the length its index record says; every quarantine record
@@ -83,7 +86,7 @@ from dedupe.store.quarantine import (
     read_quarantine,
 )
 from dedupe.store.readbuffers import ReadBuffers
-from dedupe.store.repository import pack_name
+from dedupe.store.repository import named_ids, pack_name
 from dedupe.store.tables import each_generation_table
 
 T = TypeVar("T")
@@ -342,6 +345,15 @@ class _Verifier:
         if self.progress is not None:
             self.progress(self.p)
 
+    async def _objects(self, prefix: str) -> list[str]:
+        """The names under `prefix` that are named as objects; anything else there is
+        noted (it is no object of a dedupe repository, and nothing reads it)."""
+        names = await self.backend.list(prefix)
+        objects = list(named_ids(names).values())
+        for stray in sorted(set(names) - set(objects)):
+            self.notes.append(f"{stray} is not named as an object: ignored (remove it)")
+        return objects
+
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await self.loop.run_in_executor(self.executor, fn, *args)
 
@@ -371,7 +383,7 @@ class _Verifier:
 
     async def check_index(self) -> None:
         self._report("checking index")
-        names = sorted(await self.backend.list("index/"))
+        names = sorted(await self._objects("index/"))
         self.index_objects = len(names)
 
         async def one(name: str) -> None:
@@ -407,7 +419,7 @@ class _Verifier:
         await _each(names, INDEX_CONCURRENCY, one)
 
     async def check_quarantine_records(self) -> None:
-        for name in sorted(await self.backend.list(QUARANTINE_PREFIX)):
+        for name in sorted(await self._objects(QUARANTINE_PREFIX)):
             try:
                 data = await self.backend.get(name)
                 key = await self.store.quarantine_key(name)
@@ -675,7 +687,7 @@ def _check_envelope(
     except TruncatedObject as e:
         problems.append((TRUNCATED, e.message))
         return problems, None
-    except IntegrityError as e:
+    except (IntegrityError, UnsupportedFormat) as e:  # a foreign or older pack footer
         problems.append((MALFORMED, e.message))
         return problems, None
     if key is None:

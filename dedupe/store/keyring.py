@@ -59,12 +59,13 @@ def decode_keyring(data: bytes, verify_key: bytes, repository_id: bytes, name: s
         raise IntegrityError(f"{name} is not valid JSON: it is damaged") from None
     if not isinstance(record, dict):
         raise IntegrityError(f"{name} is not a keyring")
-    ring = Keyring.from_record(record, name)
+    # The signature first: whatever else is wrong with a forged copy, that is the news.
     if not verify_record(verify_key, KEYRING_DOMAIN, record):
         raise IntegrityError(
             f"{name} fails its admin signature: it was damaged or forged",
             hint="only an admin key can change the keyring",
         )
+    ring = Keyring.from_record(record, name)
     if ring.repository_id != repository_id:
         raise IntegrityError(f"{name} belongs to another repository")
     return ring
@@ -103,17 +104,18 @@ async def read_keyring(
     return best
 
 
-async def unverified_key_ids(backend: Backend) -> set[str] | None:
-    """Key ids (hex) the keyring lists, read without verifying it: only a hint of which
-    key files to try (docs/FORMAT.md 4.2), so that a key file planted under another id
-    costs no key derivation. None when no copy parses."""
+async def unverified_key_ids(backend: Backend) -> list[set[str]]:
+    """The key ids (hex) each keyring copy that parses lists, read without verifying them:
+    only a hint of which key files to try (docs/FORMAT.md 4.2), so that a key file planted
+    under another id costs no key derivation. Empty when no copy parses."""
+    found = []
     for name in KEYRING_NAMES:
         try:
             record = json.loads(await backend.get(name))
-            return {str(k["id"]) for k in record["keys"]}
+            found.append({str(k["id"]) for k in record["keys"]})
         except (MissingObject, ValueError, KeyError, TypeError):
             continue
-    return None
+    return found
 
 
 def open_epochs(holder: HolderSecrets, keyring: Keyring, report: Report) -> dict[int, EpochKeys]:

@@ -34,6 +34,7 @@ from dedupe.crypto import (
     HolderSecrets,
     KdfParams,
     create_key_file,
+    key_file_info,
     meta_check,
     new_key,
     open_key_file,
@@ -121,6 +122,22 @@ def key_file_name(key_id: bytes) -> str:
 def key_id_of(name: str) -> str:
     """The key id (hex) a key file's name carries."""
     return name.rsplit("/", 1)[-1].split("-", 1)[0]
+
+
+def is_object_id(text: str) -> bool:
+    """64 lowercase hex digits: how every object is named (docs/FORMAT.md section 3)."""
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+def named_ids(names: list[str]) -> dict[bytes, str]:
+    """Object id -> name, for the names whose last component is an object id; anything
+    else under an object prefix (a planted `packs/zz/x`) is no object of ours."""
+    out = {}
+    for n in names:
+        last = n.rsplit("/", 1)[-1]
+        if is_object_id(last):
+            out[bytes.fromhex(last)] = n
+    return out
 
 
 def decompress_capped(data: Buffer, cap: int, what: str) -> bytes:
@@ -348,20 +365,35 @@ class RepositoryStore:
         under another id, or left by an interrupted `key add`, costs no key derivation and
         is never used (docs/FORMAT.md 4.2). Every key file when no keyring copy parses."""
         names = sorted(await backend.list(KEYS_PREFIX))
-        candidates = await unverified_key_ids(backend)
-        if candidates is not None:
-            names = [n for n in names if key_id_of(n) in candidates]
+        listings = await unverified_key_ids(backend)
+        if listings:  # ids both copies list first: one forged copy must not block the other
+            every, some = set.intersection(*listings), set.union(*listings)
+            names = [n for n in names if key_id_of(n) in every] + [
+                n for n in names if key_id_of(n) in some - every
+            ]
         if not names:
             raise IntegrityError("the repository has no key files: it cannot be opened")
         damaged: list[str] = []
+        other_repository = 0
         for name in names:
             data = await backend.get(name)
+            try:
+                if key_file_info(data).repository != repository_id:
+                    other_repository += 1
+            except (IntegrityError, UnsupportedFormat):
+                pass
             try:
                 return await asyncio.to_thread(open_key_file, data, repository_id, passphrase)
             except WrongPassphrase:
                 continue
             except (IntegrityError, UnsupportedFormat) as e:
                 damaged.append(f"{name}: {e.message}")
+        if other_repository == len(names):
+            raise IntegrityError(
+                f"the config names repository {repository_id.hex()}, but every key file "
+                "belongs to another: the config was replaced",
+                hint="restore the config object from a copy of the repository",
+            )
         raise WrongPassphrase(
             "wrong passphrase: no key file of this repository opens with it",
             hint=(f"key files that could not be tried: {'; '.join(damaged)}; " if damaged else "")
@@ -434,8 +466,8 @@ class RepositoryStore:
         are skipped and reported. Returns how many index objects were loaded."""
         # Listed before the key maps are: a writer stores an index object's key map first,
         # so every index object listed here has its entry in the key maps loaded below.
-        listed = set(await self.backend.list("index/"))
-        present = {bytes.fromhex(n.rsplit("/", 1)[-1]) for n in await self.backend.list("packs/")}
+        listed = set(named_ids(await self.backend.list("index/")).values())
+        present = set(named_ids(await self.backend.list("packs/")))
         await self.refresh_keys()
         if rebuild or not self._loaded_index_objects <= listed:
             self._forget_index()
@@ -638,7 +670,7 @@ class RepositoryStore:
             return await self.commit_manifest(writer, header, meta)
 
     async def generation_ids(self) -> list[str]:
-        return [n.rsplit("/", 1)[-1] for n in await self.backend.list("generations/")]
+        return [oid.hex() for oid in named_ids(await self.backend.list("generations/"))]
 
     async def _prefix(self, gen_id: str, size: int) -> tuple[bytes, int, int]:
         """(prefix, header start, header end) of a manifest, checked against its id."""

@@ -333,3 +333,43 @@ def test_a_new_directory_is_made_durable_in_its_parent(
         assert synced == ["packs/ab"]
 
     run_asyncio(go())
+
+
+def test_prune_clears_what_was_planted_instead_of_stopping(
+    run_asyncio: Run, repo_path: Path
+) -> None:
+    """A manifest no key map vouches for is no generation: prune deletes it rather than
+    refusing to run (it would otherwise block the one command that cleans up); names
+    that are no object ids are ignored everywhere."""
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            data = await _two_generations(repo)
+            real = next(iter(data))
+            planted = repo_path / "generations" / ("ab" * 32)
+            planted.write_bytes((repo_path / "generations" / real).read_bytes()[:200])
+            for odd in ("packs/zz/not-a-pack", "index/not-hex", "generations/not-hex"):
+                (repo_path / odd).parent.mkdir(exist_ok=True)
+                (repo_path / odd).write_bytes(b"x")
+        async with await Repository.open(repo_path, PASSPHRASE) as repo:
+            assert sorted(g.id for g in await repo.generations()) == sorted(data)
+            await repo.prune()
+            assert not planted.exists()
+            await _restores(repo, data)
+            assert (await repo.verify(read_data=True)).ok
+
+    run_asyncio(go())
+
+
+def test_a_replaced_config_id_is_named_not_a_wrong_passphrase(
+    run_asyncio: Run, repo_path: Path
+) -> None:
+    async def go() -> None:
+        await (await make_repo(repo_path)).close()
+        config = json.loads((repo_path / "config").read_bytes())
+        config["id"] = os.urandom(32).hex()
+        (repo_path / "config").write_text(json.dumps(config))
+        with pytest.raises(IntegrityError, match="the config was replaced"):
+            await Repository.open(repo_path, PASSPHRASE)
+
+    run_asyncio(go())
