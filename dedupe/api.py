@@ -350,19 +350,26 @@ class Repository:
         )
 
     async def _parent_for(self, name: str, kind: str) -> tuple[Generation | None, str | None]:
+        """The parent of an incremental (the latest generation of `name`) or differential
+        (its latest full), among the generations this key's role wrote itself: an admin's
+        or this writer's (FORMAT.md 4.5). A backup trusts its parent's chunk table and
+        file entries without reading that data again, so it never chains onto another
+        key's generation (a writer could otherwise date one in the future and have an
+        admin's next incremental take its file contents)."""
         if kind == "full":
             return None, None
-        gens = await self.generations(name)
+        store = self._store
+        gens = [g for g in await self.generations(name) if store.written_by_me(g.id)]
         if kind == "differential":
             gens = [g for g in gens if g.kind == "full"]
         if not any(g.kind == "full" for g in gens):
-            return None, f"no full generation of {name!r} yet: this {kind} was made as a full"
+            by = "by this key " if store.role == "writer" else ""
+            return None, f"no full generation of {name!r} {by}yet: this {kind} was made as a full"
         parent = gens[-1]
-        if not self._store.can_open_body(parent.id):
+        if not store.can_open_body(parent.id):  # a writer whose self-wraps were dropped
             return None, (
-                f"this writer key cannot read generation {parent.id[:12]} of {name!r}, which "
-                f"another key wrote: this {kind} was made as a full (it still stores only "
-                "the chunks the repository lacks)"
+                f"this key cannot read generation {parent.id[:12]} of {name!r}: this {kind} "
+                "was made as a full (it still stores only the chunks the repository lacks)"
             )
         return parent, None
 
@@ -535,11 +542,18 @@ class Repository:
         repack_threshold: float = 0.5,
         dry_run: bool = False,
         progress: ProgressCallback | None = None,
+        delete_unauthenticated: bool = False,
     ) -> PruneReport:
         """Free the space no generation references: delete unused packs, rewrite packs whose
         unused fraction exceeds `repack_threshold` (1.0: never), and replace the index
         objects by one. Takes the exclusive lock; safe to kill at any moment (a re-run
-        finishes the job). `dry_run` reports what would be freed and changes nothing."""
+        finishes the job). `dry_run` reports what would be freed and changes nothing.
+
+        Prune refuses (IntegrityError, nothing deleted) while manifests or index objects
+        no key map vouches for, or key maps of keys or epochs the keyring does not know,
+        exist: planted objects, or a keyring older than the repository (restored from an
+        old copy), on whose word real data would go. `delete_unauthenticated=True`, once
+        `verify` showed them to be planted, deletes them."""
         self._require("prune")
         return await run_prune(
             self._store,
@@ -547,6 +561,7 @@ class Repository:
             repack_threshold=repack_threshold,
             dry_run=dry_run,
             progress=progress,
+            delete_unauthenticated=delete_unauthenticated,
         )
 
     async def locks(self) -> list[LockInfo]:

@@ -46,6 +46,16 @@ def emit_json(obj: Any, stream: Any = None) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True), file=stream)
 
 
+def printable(text: object) -> str:
+    """`text` with control characters escaped (`\\x1b`): names and messages that come from
+    the repository (a writer chooses generation names; anyone with storage access chooses
+    file names) must not drive the terminal."""
+    return "".join(
+        c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii")
+        for c in str(text)
+    )
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -111,9 +121,9 @@ def handle_errors(fn: Callable[..., None]) -> Callable[..., None]:
                     sys.stderr,
                 )
             else:
-                click.echo(f"dedupe: error: {e.message}", err=True)
+                click.echo(f"dedupe: error: {printable(e.message)}", err=True)
                 if e.hint:
-                    click.echo(f"  hint: {e.hint}", err=True)
+                    click.echo(f"  hint: {printable(e.hint)}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("dedupe: interrupted; the repository is unchanged", err=True)
@@ -323,6 +333,7 @@ def generations(ctx: click.Context, name: str | None, as_json: bool) -> None:
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(box=None)
     for col in ("id", "name", "type", "parent", "created", "size", "new stored", "dedupe"):
@@ -333,7 +344,7 @@ def generations(ctx: click.Context, name: str | None, as_json: bool) -> None:
         ratio = f"{g['dedupe_ratio']:.1f}x" if g["dedupe_ratio"] is not None else "all dup"
         table.add_row(
             g["id"][:12],
-            g["name"],
+            Text(printable(g["name"])),  # a Text: no markup in a name is interpreted
             g["kind"],
             (g["parent"] or "-")[:12],
             g["created"][:16].replace("T", " "),
@@ -492,9 +503,9 @@ def _print_verify(r: dict[str, Any]) -> None:
     if r["packs_unindexed"]:
         click.echo(f"{r['packs_unindexed']} packs are in no index object (not damage)")
     for d in r["damaged"]:
-        click.echo(f"DAMAGED {d['kind']} {d['name']}: {d['reason']}")
+        click.echo(printable(f"DAMAGED {d['kind']} {d['name']}: {d['reason']}"))
         for line in d["details"][:5]:
-            click.echo(f"    {line}")
+            click.echo(f"    {printable(line)}")
         if d["chunk_ids"]:
             shown = ", ".join(c[:16] for c in d["chunk_ids"][:4])
             more = f" and {len(d['chunk_ids']) - 4} more" if len(d["chunk_ids"]) > 4 else ""
@@ -502,7 +513,7 @@ def _print_verify(r: dict[str, Any]) -> None:
         if d["generations"]:
             click.echo(f"  affects generations: {', '.join(g[:12] for g in d['generations'])}")
     for note in r["notes"]:
-        click.echo(f"note: {note}")
+        click.echo(f"note: {printable(note)}")
     if r["ok"]:
         click.echo("no damage found")
 
@@ -591,12 +602,12 @@ def forget(
     verb = "would remove" if dry_run else "removed"
     for d in r["kept"]:
         click.echo(
-            f"keep    {d['id'][:12]}  {d['name']:<16} {d['kind']:<12} "
+            f"keep    {d['id'][:12]}  {printable(d['name']):<16} {d['kind']:<12} "
             f"{d['created'][:19].replace('T', ' ')}  {'; '.join(d['reasons'])}"
         )
     for d in r["removed"]:
         click.echo(
-            f"remove  {d['id'][:12]}  {d['name']:<16} {d['kind']:<12} "
+            f"remove  {d['id'][:12]}  {printable(d['name']):<16} {d['kind']:<12} "
             f"{d['created'][:19].replace('T', ' ')}  {'; '.join(d['reasons'])}"
         )
     click.echo(
@@ -614,16 +625,32 @@ def forget(
     help="Rewrite packs whose unused fraction exceeds this (1 = never repack).",
 )
 @click.option("--dry-run", is_flag=True, help="Only print what would be freed.")
+@click.option(
+    "--delete-unauthenticated",
+    is_flag=True,
+    help="Also delete manifests, index objects and key maps no key of this repository "
+    "vouches for (which 'dedupe verify' names): only once you know they were planted.",
+)
 @json_option
 @click.pass_context
 @handle_errors
-def prune(ctx: click.Context, repack_threshold: float, dry_run: bool, as_json: bool) -> None:
+def prune(
+    ctx: click.Context,
+    repack_threshold: float,
+    dry_run: bool,
+    delete_unauthenticated: bool,
+    as_json: bool,
+) -> None:
     """Free the space of data no generation references any more. Takes the exclusive lock;
     safe to interrupt at any moment (running it again finishes the job)."""
 
     async def go() -> dict[str, Any]:
         async with await open_repo(ctx) as repo:
-            report = await repo.prune(repack_threshold=repack_threshold, dry_run=dry_run)
+            report = await repo.prune(
+                repack_threshold=repack_threshold,
+                dry_run=dry_run,
+                delete_unauthenticated=delete_unauthenticated,
+            )
             return report.to_dict()
 
     r = run_async(go())
@@ -691,7 +718,8 @@ def _print_keys(keys: list[dict[str, Any]]) -> None:
     for k in keys:
         mark = "*" if k["current"] else " "
         files = "" if k["key_files"] == 1 else f"  ({k['key_files']} key files)"
-        click.echo(f"{mark} {k['id']}  {k['role']:<7} {k['name']:<20} {k['created'][:19]}{files}")
+        name = printable(k["name"])
+        click.echo(f"{mark} {k['id']}  {k['role']:<7} {name:<20} {k['created'][:19]}{files}")
 
 
 @key.command("list")
@@ -961,8 +989,12 @@ def show_warnings() -> None:
     the command prints them on stderr."""
     import logging
 
+    class Printable(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            return printable(super().format(record))
+
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("dedupe: warning: %(message)s"))
+    handler.setFormatter(Printable("dedupe: warning: %(message)s"))
     logger = logging.getLogger("dedupe")
     logger.addHandler(handler)
     logger.setLevel(logging.WARNING)

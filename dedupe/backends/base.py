@@ -25,6 +25,8 @@ Names are '/'-separated relative paths ("packs/ab/ab12..."). Semantics:
 - `stat(name)`: the size in bytes; `MissingObject` if absent.
 - `delete(name)`: removes the object; `MissingObject` if absent.
 - `exists(name)`: whether an object is there.
+- `get_small(name, limit)`: get() of an object that cannot be larger than `limit`; a
+  larger one is refused (IntegrityError) without being read.
 - `remove_leftovers()`: delete what interrupted puts left behind (temporary files, a
   store's incomplete uploads); returns how many. Only called under the repository's
   exclusive lock, when no put of a dedupe process is in flight.
@@ -53,6 +55,20 @@ class Backend(ABC):
 
     @abstractmethod
     async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes: ...
+
+    async def get_small(self, name: str, limit: int) -> bytes:
+        """get() of an object that cannot legitimately exceed `limit` bytes (a key map, a
+        keyring, a key file): a larger one is refused unread, as TruncatedObject's
+        sibling IntegrityError, so that a planted huge or sparse file exhausts nothing."""
+        from dedupe.errors import IntegrityError
+
+        size = await self.stat(name)
+        if size > limit:
+            raise IntegrityError(
+                f"object {name} is {size} bytes, more than such an object can be ({limit}): "
+                "refused unread"
+            )
+        return await self.get(name)
 
     async def read_into(self, name: str, offset: int, into: memoryview) -> None:
         data = await self.get(name, offset, len(into))

@@ -11,6 +11,7 @@ import asyncio
 import errno
 import os
 import secrets
+import stat
 from collections.abc import Iterable
 
 from dedupe.backends.base import Backend, Buffer
@@ -77,12 +78,25 @@ class LocalBackend(Backend):
 
     # --- blocking halves, run on threads ---------------------------------------------------
 
+    def _inside(self, directory: str) -> None:
+        """Refuse to write through a symbolic link: a directory of the repository replaced
+        by a link to elsewhere would send new objects out of it."""
+        real_root = os.path.realpath(self.root)
+        expected = os.path.join(real_root, os.path.relpath(directory, self.root))
+        if os.path.realpath(directory) != os.path.normpath(expected):
+            raise BackendError(
+                f"{directory} leads out of the repository through a symbolic link: "
+                "refusing to write there",
+                hint="replace the link by a directory (someone with access to the storage made it)",
+            )
+
     def _put_sync(self, name: str, parts: Iterable[Buffer]) -> None:
         path = self._path(name)
         directory = os.path.dirname(path)
         tmp = os.path.join(directory, TMP_PREFIX + secrets.token_hex(8))
         try:
             _make_dirs(directory)
+            self._inside(directory)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 for part in parts:
@@ -111,7 +125,9 @@ class LocalBackend(Backend):
     def _open_for_reading(self, name: str) -> tuple[int, str]:
         path = self._path(name)
         try:
-            return os.open(path, os.O_RDONLY), path
+            # Non-blocking, so that a FIFO planted where an object should be cannot hang
+            # the reader; only regular files are objects.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
             raise MissingObject(
                 f"object {name} is missing from the repository",
@@ -119,6 +135,10 @@ class LocalBackend(Backend):
             ) from None
         except OSError as e:
             raise _backend_error(e, "opening", path) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise MissingObject(f"{path} is not a regular file, so no object of a repository")
+        return fd, path
 
     def _get_sync(self, name: str, offset: int, length: int | None) -> bytes:
         fd, path = self._open_for_reading(name)
@@ -157,16 +177,28 @@ class LocalBackend(Backend):
             os.close(fd)
 
     def _list_sync(self, prefix: str) -> list[str]:
+        """Regular files only, found without following symbolic links: a FIFO, a device
+        or a link planted in the repository is no object."""
         base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
         names = []
-        for dirpath, _dirs, files in os.walk(base):
-            rel = os.path.relpath(dirpath, self.root)
-            for f in files:
-                if f.startswith(TMP_PREFIX):
-                    continue
-                name = f if rel == "." else f"{rel.replace(os.sep, '/')}/{f}"
-                if name.startswith(prefix):
-                    names.append(name)
+        stack = [base]
+        while stack:
+            directory = stack.pop()
+            try:
+                entries = list(os.scandir(directory))
+            except FileNotFoundError:
+                continue
+            except NotADirectoryError:
+                continue
+            except OSError as e:
+                raise _backend_error(e, "listing", directory) from None
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                elif entry.is_file(follow_symlinks=False) and not entry.name.startswith(TMP_PREFIX):
+                    rel = os.path.relpath(entry.path, self.root).replace(os.sep, "/")
+                    if rel.startswith(prefix):
+                        names.append(rel)
         return names
 
     def _remove_leftovers_sync(self) -> int:

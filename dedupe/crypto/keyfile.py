@@ -26,6 +26,7 @@ from dedupe.errors import IntegrityError, UnsupportedFormat, WrongPassphrase
 ROLES = ("admin", "reader", "writer")
 KEY_ID_SIZE = 16
 KEY_FILE_VERSION = 2
+MAX_KEY_FILE_BYTES = 1 << 20
 # Bounds on the KDF cost a key file may ask for (docs/FORMAT.md 4.2): a key file is read
 # before anything in it can be trusted, so a planted one must not exhaust memory or time.
 OPSLIMIT_RANGE = (nacl.pwhash.argon2id.OPSLIMIT_MIN, 16)

@@ -32,7 +32,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from dedupe._types import Generation
-from dedupe.errors import AmbiguousGeneration, GenerationNotFound, MissingObject
+from dedupe.errors import (
+    AmbiguousGeneration,
+    GenerationNotFound,
+    IntegrityError,
+    MissingObject,
+    UnsupportedFormat,
+)
 from dedupe.store import RepositoryStore
 from dedupe.store.locks import RepositoryLock
 
@@ -278,10 +284,16 @@ def removal_order(removed: Sequence[Generation]) -> list[Generation]:
 
 
 async def list_generations(store: RepositoryStore) -> list[Generation]:
-    gens = [
-        Generation.from_header(await store.read_manifest_header(gen_id))
-        for gen_id in await store.generation_ids()
-    ]
+    """Every authenticated generation; one that is not is left out and reported, never
+    considered (it is no generation of this repository's keys)."""
+    gens = []
+    for gen_id in await store.generation_ids():
+        try:
+            gens.append(Generation.from_header(await store.read_manifest_header(gen_id)))
+        except GenerationNotFound:
+            continue
+        except (IntegrityError, UnsupportedFormat) as e:
+            store.report(f"{e.message}; it is not considered")
     return sorted(gens, key=_order)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -37,7 +36,7 @@ from dedupe.crypto import (
     seal_grant,
 )
 from dedupe.engine.prune import PruneReport, run_prune, stale_key_packs
-from dedupe.errors import KeyNotAvailable, RoleNotPermitted
+from dedupe.errors import IntegrityError, KeyNotAvailable, RoleNotPermitted
 from dedupe.format.keymap import GENERATION, INDEX, KIND_NAMES, PACK, QUARANTINE
 from dedupe.format.keyring import ACTIVE, RETIRED, EpochRecord, KeyHolder, Keyring
 from dedupe.store import RepositoryStore
@@ -235,18 +234,19 @@ async def add_key(
     return _info(store, holder, {new.key_id.hex(): ["new"]})
 
 
-async def _existing(store: RepositoryStore) -> Callable[[int, bytes], bool]:
-    """A predicate: does the object of this kind and id exist in the backend now."""
-    listed = {
-        PACK: "packs/",
-        INDEX: "index/",
-        GENERATION: "generations/",
-        QUARANTINE: "quarantine/",
-    }
-    present: dict[int, set[bytes]] = {}
-    for kind, prefix in listed.items():
-        present[kind] = set(named_ids(await store.backend.list(prefix)))
-    return lambda kind, oid: oid in present[kind]
+async def _refuse_if_newer_keys_exist(store: RepositoryStore, what: str) -> None:
+    """Consolidation deletes every key map it read; a key map this keyring refuses for
+    being of an epoch or a key it does not know is what a keyring older than the
+    repository sees (rolled back): deleting it would make real data unreadable."""
+    suspicious = await store.keymaps.refused_for_newer_keys()
+    if suspicious:
+        raise IntegrityError(
+            f"cannot {what}: {len(suspicious)} key map(s) are of keys or epochs this keyring "
+            f"does not know (e.g. {suspicious[0]}); this machine's keyring may be older than "
+            "the repository's",
+            hint="put the newest keyring back first; if 'dedupe verify' shows these key maps "
+            "were planted, 'dedupe prune --delete-unauthenticated' removes them",
+        )
 
 
 async def remove_key(store: RepositoryStore, ref: str) -> KeyInfo:
@@ -264,9 +264,8 @@ async def remove_key(store: RepositoryStore, ref: str) -> KeyInfo:
     info = _info(store, target, files)
     remaining = {k.key_id for k in ring.keys if k.key_id != target.key_id}
     # Nothing may stay signed by it (its key maps would be refused once it is gone).
-    await store.keymaps.consolidate(
-        store.holder, store.current_epoch, await _existing(store), keep_self=remaining
-    )
+    await _refuse_if_newer_keys_exist(store, "remove a key")
+    await store.keymaps.consolidate(store.holder, store.current_epoch, keep_self=remaining)
     epochs = tuple(
         replace(e, grants={k: v for k, v in e.grants.items() if k != target.key_id})
         for e in ring.epochs
@@ -315,6 +314,7 @@ async def rotate(
     ring = store.keyring
     resumed = len(ring.active_epochs) > 1 or ring.reencrypt_below is not None
     sign = _admin_sign(store)
+    await _refuse_if_newer_keys_exist(store, "rotate")
     if not resumed:
         # 1. a new epoch, granted to every key holder, current from now on.
         number = max(e.number for e in ring.epochs) + 1
@@ -344,9 +344,7 @@ async def rotate(
     current = store.current_epoch
     # 2. every key map re-wrapped into the current epoch.
     await store.keymaps.refresh()
-    written, dropped = await store.keymaps.consolidate(
-        store.holder, current, await _existing(store)
-    )
+    written, dropped = await store.keymaps.consolidate(store.holder, current)
     entries = sum(len(store.keymaps.entries(k)) for k in KIND_NAMES)
     # 3. the other epochs retired: their grants, and so their secrets, leave the repository.
     now = utc_now()

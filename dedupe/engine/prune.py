@@ -61,7 +61,7 @@ from typing import Any, TypeVar
 from dedupe._types import Progress, ProgressCallback
 from dedupe.backends.base import Backend
 from dedupe.crypto import OVERHEAD
-from dedupe.errors import MissingObject
+from dedupe.errors import DedupeError, IntegrityError, MissingObject
 from dedupe.format.index import ENTRY_RECORD, PackRecord
 from dedupe.format.keymap import GENERATION, INDEX, PACK, QUARANTINE
 from dedupe.format.manifest import CHUNK_RECORD
@@ -69,8 +69,8 @@ from dedupe.format.pack import FOOTER_SIZE, PACK_MAGIC
 from dedupe.store import PackWriter, RepositoryStore
 from dedupe.store.blobs import FramedBatch, release_buffers
 from dedupe.store.locks import RepositoryLock
-from dedupe.store.quarantine import QUARANTINE_PREFIX, decode_quarantine, read_quarantine
-from dedupe.store.repository import KEYS_PREFIX, IndexBatch, key_id_of, named_ids, pack_name
+from dedupe.store.quarantine import QUARANTINE_PREFIX, read_quarantine
+from dedupe.store.repository import IndexBatch, named_ids, pack_name
 from dedupe.store.tables import each_generation_table
 
 T = TypeVar("T")
@@ -150,6 +150,7 @@ async def run_prune(
     progress: ProgressCallback | None = None,
     lock: bool = True,
     reencrypt_below: int | None = None,
+    delete_unauthenticated: bool = False,
 ) -> PruneReport:
     """Delete unreferenced packs, repack sparse ones, replace all index objects by one.
 
@@ -167,10 +168,11 @@ async def run_prune(
     change anything, if a live chunk has no copy in an existing pack."""
     if not 0.0 <= repack_threshold <= 1.0:
         raise ValueError("repack_threshold must be within 0..1")
+    args = (repack_threshold, dry_run, progress, reencrypt_below, delete_unauthenticated)
     if not lock:
-        return await _prune(store, executor, repack_threshold, dry_run, progress, reencrypt_below)
+        return await _prune(store, executor, *args)
     async with RepositoryLock(store.backend, exclusive=True, operation="prune") as held:
-        report = await _prune(store, executor, repack_threshold, dry_run, progress, reencrypt_below)
+        report = await _prune(store, executor, *args)
         held.check()
         return report
 
@@ -192,6 +194,7 @@ async def _prune(
     dry_run: bool,
     progress: ProgressCallback | None,
     reencrypt_below: int | None = None,
+    delete_unauthenticated: bool = False,
 ) -> PruneReport:
     started = time.monotonic()
     loop = asyncio.get_running_loop()
@@ -219,18 +222,32 @@ async def _prune(
 
     loaded = await _gather_limited([load(n) for n in trusted], READ_CONCURRENCY)
     # Copies verify found damaged or missing (docs/FORMAT.md section 13) are no copies.
-    quarantined = await read_quarantine(backend, store.quarantine_key)
+    quarantined = await read_quarantine(backend, store.open_quarantine)
 
-    # A manifest no key map vouches for is no generation (its key map would have been
-    # written first): planted, or left by a key since removed. It holds nothing live, and
-    # goes with the other leftovers (3f). One that is authenticated but fails to expand
-    # stops prune: a chunk it references might otherwise be deleted.
+    # A writer stores an object's key map before the object, so in a sound repository
+    # every manifest and index object is authenticated. One that is not was planted, or
+    # its key maps were hidden, or the keyring was rolled back to before they were signed:
+    # deleting on such a keyring's word could delete real data (FORMAT.md 14.3), so prune
+    # refuses unless told that they are planted (`delete_unauthenticated`). It deletes
+    # them then, and they hold nothing live.
     gen_ids, planted = [], []
     for gen_id in await store.generation_ids():
         if store.keymaps.get(GENERATION, bytes.fromhex(gen_id)) is None:
             planted.append(f"generations/{gen_id}")
         else:
             gen_ids.append(gen_id)
+    untrusted = [n for n in index_names if n not in set(trusted)]
+    suspicious = await store.keymaps.refused_for_newer_keys()
+    if (planted or untrusted or suspicious) and not delete_unauthenticated:
+        named = (suspicious + planted + untrusted)[:5]
+        raise IntegrityError(
+            f"{len(planted)} manifest(s) and {len(untrusted)} index object(s) no key map "
+            f"vouches for, and {len(suspicious)} key map(s) of keys or epochs this keyring "
+            f"does not know (e.g. {'; '.join(named)}): prune deletes nothing",
+            hint="if this machine's keyring is older than the repository's (restored from "
+            "an old copy), put the newest keyring back first; if 'dedupe verify' shows these "
+            "objects were planted, run 'dedupe prune --delete-unauthenticated'",
+        )
     live: set[bytes] = set()
     async for _gen_id, got in each_generation_table(store, gen_ids):
         if isinstance(got, Exception):
@@ -275,14 +292,52 @@ async def _prune(
     def fraction(pack_id: bytes) -> float:
         return live_in_pack[pack_id] / max(1, records[pack_id].length)
 
-    chosen: dict[bytes, _Copy] = {}
+    def choose() -> dict[bytes, _Copy]:
+        return {
+            chunk_id: max(
+                copies[chunk_id],
+                key=lambda c: (c.pack_id not in stale, fraction(c.pack_id), c.pack_id),
+            )
+            for chunk_id in live
+        }
+
+    # A live chunk with copies in several packs keeps one and may lose the others (their
+    # packs unused, then deleted). Whoever indexed a copy may have lied about it (a writer
+    # key can index a pack of garbage under real chunk ids and claim it is fuller than the
+    # real one), so the copy kept is read and checked (AEAD, keyed id) before the others
+    # may go; a bad one is dropped and the next best chosen (FORMAT.md 14.3).
+    chosen = choose()
+    checked: set[tuple[bytes, bytes]] = set()
+    while not dry_run:
+        todo = [
+            (cid, c)
+            for cid, c in chosen.items()
+            if (cid, c.pack_id) not in checked and len({x.pack_id for x in copies[cid]}) > 1
+        ]
+        if not todo:
+            break
+        report_progress("checking duplicate copies")
+        bad = await _bad_copies(store, todo, run)
+        checked.update((cid, c.pack_id) for cid, c in todo)
+        if not bad:
+            break
+        for cid, pack_id in bad:
+            store.report(
+                f"the index entry of chunk {cid.hex()[:16]} in pack {pack_id.hex()} does not "
+                "open: another copy is kept"
+            )
+            copies[cid] = [c for c in copies[cid] if c.pack_id != pack_id]
+            if not copies[cid]:
+                raise MissingObject(
+                    f"chunk {cid.hex()[:16]}, which generations reference, has no good copy; "
+                    "prune changes nothing in a damaged repository",
+                    hint="run 'dedupe verify --read-data' to see which generations are "
+                    "affected, and back them up again as a full",
+                )
+        chosen = choose()
+
     used: dict[bytes, int] = defaultdict(int)
-    for chunk_id in live:
-        best = max(
-            copies[chunk_id],
-            key=lambda c: (c.pack_id not in stale, fraction(c.pack_id), c.pack_id),
-        )
-        chosen[chunk_id] = best
+    for best in chosen.values():
         used[best.pack_id] += best.stored
 
     blobs: dict[bytes, int] = defaultdict(int)
@@ -314,7 +369,7 @@ async def _prune(
         unindexed_bytes = sum(sizes)
     bytes_before += unindexed_bytes
     to_delete = [pid for pid in unused if pid in present] + sparse + unindexed
-    changed = bool(unused or sparse or len(index_names) > 1)
+    changed = bool(unused or sparse or len(index_names) > 1 or untrusted)
     moving = [(cid, c) for cid, c in chosen.items() if c.pack_id in sparse_set]
     bytes_repacked = sum(c.stored for _cid, c in moving)
 
@@ -362,9 +417,9 @@ async def _prune(
         report_progress("done")
         return make_report([], 0.0)
     if not (changed or unindexed):
-        left = await _drop_quarantine_records(store, present)
+        await _drop_quarantine_records(store, present)
         await _tidy(store, planted)
-        await _consolidate_keymaps(store, present, set(index_names), set(gen_ids), left)
+        await _consolidate_keymaps(store)
         report_progress("done")
         return make_report([], 0.0)
 
@@ -404,22 +459,36 @@ async def _prune(
 
     # --- 3e. quarantine records whose packs are all gone ------------------------------------------
     packs_left = (present - set(to_delete)) | {r.pack_id for r in new_packs}
-    left = await _drop_quarantine_records(store, packs_left)
+    await _drop_quarantine_records(store, packs_left)
 
-    # --- 3f. what interrupted writers left: key files the keyring does not list (a `key
-    # add`), temporary files of killed puts, a keyring copy left behind -----------------------
+    # --- 3f. what interrupted writers left: temporary files of killed puts, a keyring copy
+    # left behind; with delete_unauthenticated, planted manifests -------------------------------
     await _tidy(store, planted)
 
-    # --- 3g. key maps: one consolidated set for what remains ------------------------------------
+    # --- 3g. key maps: one consolidated set, without the entries of what is gone --------------
     report_progress("consolidating key maps")
-    index_left = set(trusted)
-    if changed:
-        index_left = {written_name} if written_name else set()
-    await _consolidate_keymaps(store, packs_left, index_left, set(gen_ids), left)
+    await _consolidate_keymaps(store)
 
     await reload_index(store)
     report_progress("done")
     return make_report(new_packs, time.monotonic() - started)
+
+
+def _coalesce(
+    items: list[tuple[bytes, _Copy]],
+) -> list[tuple[int, int, list[tuple[bytes, _Copy]]]]:
+    """Blobs of one pack as (start, end, items) ranges to read, sorted by offset: gaps
+    under COALESCE_GAP are read through, no range is longer than MAX_RANGE."""
+    items.sort(key=lambda it: it[1].offset)
+    out: list[tuple[int, int, list[tuple[bytes, _Copy]]]] = []
+    for it in items:
+        off, end = it[1].offset, it[1].offset + it[1].stored
+        if out and off - out[-1][1] <= COALESCE_GAP and end - out[-1][0] <= MAX_RANGE:
+            start, prev_end, group = out[-1]
+            out[-1] = (start, max(prev_end, end), group + [it])
+        else:
+            out.append((off, end, [it]))
+    return out
 
 
 async def _repack(
@@ -446,27 +515,11 @@ async def _repack(
     flushed: list[str] = []
     since_flush = IndexBatch()
 
-    def ranges(
-        items: list[tuple[bytes, _Copy]],
-    ) -> list[tuple[int, int, list[tuple[bytes, _Copy]]]]:
-        items.sort(key=lambda it: it[1].offset)
-        out: list[tuple[int, int, list[tuple[bytes, _Copy]]]] = []
-        for it in items:
-            off, end = it[1].offset, it[1].offset + it[1].stored
-            if out and off - out[-1][1] <= COALESCE_GAP and end - out[-1][0] <= MAX_RANGE:
-                start, prev_end, group = out[-1]
-                out[-1] = (start, max(prev_end, end), group + [it])
-            else:
-                out.append((off, end, [it]))
-        return out
-
     async def fetch(pack_id: bytes) -> list[FramedBatch]:
         """The pack's live chunks, checked and framed again for sealing."""
-        what = f"pack {pack_id.hex()}"
-        found = await store.keymaps.find(PACK, pack_id, what)
-        key = store.keymaps.read_key(found, what)
+        key = await store.pack_key_of(pack_id)
         out: list[FramedBatch] = []
-        for start, end, group in ranges(by_pack[pack_id]):
+        for start, end, group in _coalesce(by_pack[pack_id]):
             data = await store.backend.get(pack_name(pack_id), start, end - start)
 
             def reframe(
@@ -533,34 +586,31 @@ async def _delete_all(backend: Backend, names: list[str]) -> None:
     await _gather_limited([delete(n) for n in names], DELETE_CONCURRENCY)
 
 
-async def _drop_quarantine_records(store: RepositoryStore, packs_left: set[bytes]) -> set[str]:
+async def _drop_quarantine_records(store: RepositoryStore, packs_left: set[bytes]) -> set[bytes]:
     """Delete quarantine records none of whose packs exists any more: the damaged copies
     they name are unreachable, so they no longer need honouring (docs/FORMAT.md 13).
-    Returns the names of the records that remain."""
-    left: set[str] = set()
-    for name in await store.backend.list(QUARANTINE_PREFIX):
+    Returns the ids of the records deleted."""
+    deleted: set[bytes] = set()
+    for name in named_ids(await store.backend.list(QUARANTINE_PREFIX)).values():
         try:
             data = await store.backend.get(name)
         except MissingObject:
             continue
-        key = await store.quarantine_key(name)
-        triples = await asyncio.to_thread(decode_quarantine, key, name, data)
-        if any(pack_id in packs_left for _c, pack_id, _r in triples):
-            left.add(name)
-        else:
+        triples = await store.open_quarantine(name, data)
+        if not any(pack_id in packs_left for _c, pack_id, _r in triples):
             await _delete_all(store.backend, [name])
-    return left
+            deleted.add(_oid(name))
+    return deleted
 
 
 async def _tidy(store: RepositoryStore, planted: list[str]) -> None:
-    """Remove what interrupted writers left, which no lock-holder can be writing now (key
-    commands and backups exclude prune): manifests no key map vouches for (`planted`),
-    key files the keyring does not list (an interrupted `key add`; they open nothing,
-    docs/FORMAT.md 4.2), temporary files of killed puts, and a keyring copy left behind by
-    an interrupted key change (both copies get the verified newest one's bytes)."""
-    listed = {k.key_id.hex() for k in store.keyring.keys}
-    orphans = [n for n in await store.backend.list(KEYS_PREFIX) if key_id_of(n) not in listed]
-    await _delete_all(store.backend, orphans + planted)
+    """Remove what interrupted writers left, which no lock-holder can be writing now
+    (backups and key commands exclude prune): temporary files of killed puts, and a
+    keyring copy left behind by an interrupted key change (both copies get the verified
+    newest one's bytes); and `planted`, manifests no key map vouches for, which prune was
+    told to delete. Key files the keyring does not list stay: they open nothing, and one
+    may belong to a keyring newer than this client's."""
+    await _delete_all(store.backend, planted)
     await store.backend.remove_leftovers()
     await store.heal_keyring()
 
@@ -569,20 +619,60 @@ def _oid(name: str) -> bytes:
     return bytes.fromhex(name.rsplit("/", 1)[-1])
 
 
-async def _consolidate_keymaps(
-    store: RepositoryStore,
-    packs: set[bytes],
-    index_names: set[str],
-    gen_ids: set[str],
-    quarantine_names: set[str],
-) -> None:
-    """Step f: the key maps rewritten as one set holding the entries of what remains."""
-    keep = {
-        PACK: packs,
-        INDEX: {_oid(n) for n in index_names},
-        GENERATION: {bytes.fromhex(g) for g in gen_ids},
-        QUARANTINE: {_oid(n) for n in quarantine_names},
-    }
+async def _consolidate_keymaps(store: RepositoryStore) -> None:
+    """Step g: the key maps rewritten as one set, without the entries of objects that are
+    gone (prune deleted them, or an interrupted run or forget did). Under the exclusive
+    lock no writer is between a key map and its object. An object hidden now loses
+    nothing it had not lost already: prune keeps no index entry of a pack it cannot see,
+    and counts no chunk of a manifest it cannot see as live."""
+    present: dict[int, set[bytes]] = {}
+    for kind, prefix in _PREFIXES.items():
+        present[kind] = set(named_ids(await store.backend.list(prefix)))
     await store.keymaps.consolidate(
-        store.holder, store.current_epoch, lambda kind, oid: oid in keep[kind]
+        store.holder,
+        store.current_epoch,
+        lambda kind, oid: oid not in present[kind],
     )
+
+
+_PREFIXES = {PACK: "packs/", INDEX: "index/", GENERATION: "generations/", QUARANTINE: "quarantine/"}
+
+
+async def _bad_copies(
+    store: RepositoryStore, items: list[tuple[bytes, _Copy]], run: Callable[..., Awaitable[Any]]
+) -> set[tuple[bytes, bytes]]:
+    """The (chunk id, pack id) copies among `items` that do not open and check (their
+    pack is gone or short, their key is not the pack's, their content is not the chunk),
+    read in coalesced ranges of each pack."""
+    by_pack: dict[bytes, list[tuple[bytes, _Copy]]] = defaultdict(list)
+    for cid, c in items:
+        by_pack[c.pack_id].append((cid, c))
+    bad: set[tuple[bytes, bytes]] = set()
+    codec = store.codec
+
+    def check(key: bytes, data: bytes, start: int, group: list[tuple[bytes, _Copy]]) -> list[bytes]:
+        failed = []
+        for cid, c in group:
+            blob = memoryview(data)[c.offset - start : c.offset - start + c.stored]
+            try:
+                if len(blob) != c.stored:
+                    raise IntegrityError("cut off")
+                codec.open(key, cid, blob, c.raw)
+            except IntegrityError:
+                failed.append(cid)
+        return failed
+
+    for pack_id, group in by_pack.items():
+        try:
+            key = await store.pack_key_of(pack_id)
+        except DedupeError:
+            bad.update((cid, pack_id) for cid, _c in group)
+            continue
+        for start, end, part in _coalesce(group):
+            try:
+                data = await store.backend.get(pack_name(pack_id), start, end - start)
+            except DedupeError:
+                bad.update((cid, pack_id) for cid, _c in part)
+                continue
+            bad.update((cid, pack_id) for cid in await run(check, key, data, start, part))
+    return bad

@@ -119,7 +119,7 @@ async def restore_chunks(
         async with buffers.take(end - start) as data:
             async with sem:
                 await store.read_pack_range(pack_no, start, data)
-            key = store.pack_key(pack_no)
+            key = await store.pack_key(pack_no)
             # Open in slices so that every worker thread gets a share of a large range.
             jobs = [
                 loop.run_in_executor(executor, open_range, key, data, start, part)

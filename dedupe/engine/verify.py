@@ -66,7 +66,8 @@ from dedupe.errors import (
     UnsupportedFormat,
 )
 from dedupe.format.index import PackRecord
-from dedupe.format.keyring import KEYRING_NAMES
+from dedupe.format.keymap import MAX_KEYMAP_BYTES
+from dedupe.format.keyring import KEYRING_NAMES, MAX_KEYRING_BYTES
 from dedupe.format.manifest import CHUNK_RECORD, header_span
 from dedupe.format.pack import (
     FOOTER_SIZE,
@@ -82,7 +83,6 @@ from dedupe.store.keyring import decode_keyring
 from dedupe.store.locks import RepositoryLock
 from dedupe.store.quarantine import (
     QUARANTINE_PREFIX,
-    decode_quarantine,
     read_quarantine,
 )
 from dedupe.store.readbuffers import ReadBuffers
@@ -238,7 +238,7 @@ def select_packs(pack_ids: Iterable[bytes], spec: SubsetSpec | None) -> list[byt
 
 async def load_quarantine(store: RepositoryStore) -> set[tuple[bytes, bytes]]:
     """Every (chunk id, pack id) pair the repository's quarantine records name."""
-    return await read_quarantine(store.backend, store.quarantine_key)
+    return await read_quarantine(store.backend, store.open_quarantine)
 
 
 # --- the pipeline -----------------------------------------------------------------------------
@@ -334,6 +334,7 @@ class _Verifier:
         self.chunks_read = 0
         self.bytes_read = 0
         self.notes: list[str] = []
+        self.read_ok: set[tuple[bytes, bytes]] = set()  # chunk copies read and found good
         # Whole packs held in memory at once while reading data, one per reader.
         self.read_buffers = ReadBuffers(READ_CONCURRENCY)
 
@@ -422,8 +423,7 @@ class _Verifier:
         for name in sorted(await self._objects(QUARANTINE_PREFIX)):
             try:
                 data = await self.backend.get(name)
-                key = await self.store.quarantine_key(name)
-                await self._run(decode_quarantine, key, name, data)
+                await self.store.open_quarantine(name, data)
             except MissingObject:
                 continue
             except UnsupportedFormat as e:
@@ -439,7 +439,7 @@ class _Verifier:
         for name in KEYRING_NAMES:
             try:
                 ring = decode_keyring(
-                    await self.backend.get(name),
+                    await self.backend.get_small(name, MAX_KEYRING_BYTES),
                     store.holder.admin_verify_key,
                     store.repository_id,
                     name,
@@ -469,7 +469,7 @@ class _Verifier:
             reason = keymaps.rejected.get(name)
             if reason is None:  # not an active epoch's: find out why it was not loaded
                 try:
-                    keymaps.accept(name, await self.backend.get(name))
+                    keymaps.accept(name, await self.backend.get_small(name, MAX_KEYMAP_BYTES))
                     continue  # (written since the refresh)
                 except MissingObject:
                     continue
@@ -564,7 +564,7 @@ class _Verifier:
         store = self.store
         key: bytes | None
         try:
-            key = store.pack_key(store.index.pack_number(info.record))
+            key = await store.pack_key(store.index.pack_number(info.record))
         except IntegrityError as e:
             key = None
             self._bad_copies(name, pack_id, _reason_of(e), e.message, info.chunk_ids())
@@ -595,6 +595,9 @@ class _Verifier:
                 for chunk_id, reason, detail in bad:
                     self._bad_copies(name, pack_id, reason, detail, [chunk_id])
             self.chunks_read += len(ordered)
+            self.read_ok.update(
+                (it[0], pack_id) for it in ordered if (it[0], pack_id) not in self.bad
+            )
 
     # --- generations ---
 
@@ -667,6 +670,23 @@ class _Verifier:
         return MALFORMED, detail
 
     # --- quarantine ---
+
+    async def retire_false_quarantine(self) -> None:
+        """Delete the quarantine records every copy of which this run read and found good
+        (a pack hidden during an earlier verify, or a false record a reader key wrote):
+        they would make backups store good chunks again, and prune refuse for good."""
+        for name in await self._objects(QUARANTINE_PREFIX):
+            try:
+                triples = await self.store.open_quarantine(name, await self.backend.get(name))
+            except DedupeError:
+                continue  # reported as damaged by check_quarantine_records
+            pairs = {(c, p) for c, p, _r in triples}
+            if pairs and pairs <= self.read_ok:
+                await self.backend.delete(name)
+                self.notes.append(
+                    f"{name} named {len(pairs)} chunk copies that this verify read and found "
+                    "good: deleted"
+                )
 
     async def write_quarantine(self) -> str:
         chunks = sorted((c, p, reason) for (c, p), (reason, _name) in self.bad.items())
@@ -772,6 +792,9 @@ async def verify_repository(
             await v.read_packs(subset)
         await v.check_generations()
         record = None
+        if quarantine and read_data:
+            held.check()
+            await v.retire_false_quarantine()
         if quarantine and v.bad:
             held.check()
             record = await v.write_quarantine()

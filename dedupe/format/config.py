@@ -10,6 +10,7 @@ from dedupe.errors import IntegrityError, UnsupportedFormat
 FORMAT_VERSION = 2
 DEFAULT_PACK_SIZE = 16 * 1024 * 1024
 DEFAULT_COMPRESSION_LEVEL = 1
+MAX_CONFIG_BYTES = 1 << 20
 
 _ALGORITHMS = {
     "chunk_id": "blake3-keyed",

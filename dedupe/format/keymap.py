@@ -29,6 +29,7 @@ READ_WRAP = 80
 META_WRAP = 72
 KEY_ID = 16
 MAX_ENTRIES = 65536  # per key map, as writers make them (4.6)
+MAX_KEYMAP_BYTES = 32 << 20  # a key map of MAX_ENTRIES entries is under 19 MiB
 
 _HEAD = struct.Struct("<8sI16sI")  # magic, epoch, signer, count
 _COMMON = struct.Struct("<B32sI")  # kind, object id, born
@@ -39,13 +40,15 @@ _FIELDS = {
     GENERATION: struct.Struct(f"<{META_WRAP}s{READ_WRAP}s{KEY_ID}s{READ_WRAP}s"),
 }
 _NO_SELF = bytes(KEY_ID)
+_NO_WRAP = bytes(READ_WRAP)
 
 
 @dataclass(frozen=True, slots=True)
 class KeyMapEntry:
     """One object's wrapped data keys. `read_wrap`: packs and generation bodies;
-    `meta_wrap`: index objects, quarantine records, generation headers; `self_key` and
-    `self_wrap`: a generation's body key sealed to the writer key that made it."""
+    `meta_wrap`: index objects, quarantine records, generation headers; `self_key`: the
+    writer key that made a generation (None: an admin); `self_wrap`: its body key sealed
+    to that writer (None once the writer is removed)."""
 
     kind: int
     object_id: bytes
@@ -64,7 +67,7 @@ class KeyMapEntry:
         need_meta = self.kind != PACK
         if (self.read_wrap is not None) != need_read or (self.meta_wrap is not None) != need_meta:
             raise ValueError(f"wrong wraps for a {KIND_NAMES[self.kind]} entry")
-        if (self.self_key is None) != (self.self_wrap is None) or (
+        if (self.self_wrap is not None and self.self_key is None) or (
             self.self_key is not None and self.kind != GENERATION
         ):
             raise ValueError("a self-wrap needs its key id, and only generations have one")
@@ -80,7 +83,7 @@ def encode_entry(e: KeyMapEntry) -> bytes:
             e.meta_wrap,
             e.read_wrap,
             e.self_key or _NO_SELF,
-            e.self_wrap or bytes(READ_WRAP),
+            e.self_wrap or _NO_WRAP,
         )
     return head + fields.pack(e.meta_wrap)
 
@@ -133,7 +136,6 @@ def decode_keymap(data: bytes, what: str) -> DecodedKeyMap:
                 entries.append(KeyMapEntry(kind, object_id, born, read_wrap=values[0]))
             elif kind == GENERATION:
                 meta, read, self_key, self_wrap = values
-                has_self = self_key != _NO_SELF
                 entries.append(
                     KeyMapEntry(
                         kind,
@@ -141,8 +143,8 @@ def decode_keymap(data: bytes, what: str) -> DecodedKeyMap:
                         born,
                         read_wrap=read,
                         meta_wrap=meta,
-                        self_key=self_key if has_self else None,
-                        self_wrap=self_wrap if has_self else None,
+                        self_key=self_key if self_key != _NO_SELF else None,
+                        self_wrap=self_wrap if self_wrap != _NO_WRAP else None,
                     )
                 )
             else:

@@ -15,6 +15,7 @@ from dedupe.errors import IntegrityError, UnsupportedFormat
 
 KEYRING_VERSION = 2
 KEYRING_NAMES = ("keyring/1", "keyring/2")
+MAX_KEYRING_BYTES = 16 << 20
 ROLES = ("admin", "reader", "writer")
 ACTIVE = "active"
 RETIRED = "retired"

@@ -20,12 +20,19 @@ from dataclasses import dataclass, replace
 from dedupe.backends.base import Backend
 from dedupe.crypto import EpochKeys, HolderSecrets, box_open, box_seal, sign, verify
 from dedupe.crypto.signing import KEYMAP_DOMAIN
-from dedupe.errors import IntegrityError, KeyNotAvailable, MissingObject, UnsupportedFormat
+from dedupe.errors import (
+    DedupeError,
+    IntegrityError,
+    KeyNotAvailable,
+    MissingObject,
+    UnsupportedFormat,
+)
 from dedupe.format.keymap import (
     GENERATION,
     INDEX,
     KIND_NAMES,
     MAX_ENTRIES,
+    MAX_KEYMAP_BYTES,
     PACK,
     QUARANTINE,
     KeyMapEntry,
@@ -83,7 +90,10 @@ class KeyDirectory:
     def reset(self, keyring: Keyring, epochs: dict[int, EpochKeys]) -> None:
         self.keyring = keyring
         self.epochs = epochs
-        self._by_kind: dict[int, dict[bytes, Found]] = {k: {} for k in KIND_NAMES}
+        # Every accepted entry of every object, in load order: a key holder may sign an
+        # entry for an object it did not write, with a key of its own, so no entry may
+        # shadow another; readers try each distinct key (read_keys, meta_keys).
+        self._by_kind: dict[int, dict[bytes, list[Found]]] = {k: {} for k in KIND_NAMES}
         self.loaded: set[str] = set()
         self.rejected: dict[str, str] = {}  # key map name -> why it was refused
         self._refreshing: asyncio.Lock | None = None
@@ -116,11 +126,10 @@ class KeyDirectory:
             async def load(name: str) -> None:
                 async with sem:
                     try:
-                        data = await self.backend.get(name)
+                        data = await self.backend.get_small(name, MAX_KEYMAP_BYTES)
+                        epoch, entries = await asyncio.to_thread(self.accept, name, data)
                     except MissingObject:  # consolidated meanwhile: its entries are elsewhere
                         return
-                    try:
-                        epoch, entries = await asyncio.to_thread(self.accept, name, data)
                     except (IntegrityError, UnsupportedFormat) as e:
                         self.rejected[name] = e.message
                         self.report(e.message)
@@ -173,27 +182,37 @@ class KeyDirectory:
                     f"{what} is signed by a {signer.role} key, which may not vouch for a "
                     f"{KIND_NAMES[e.kind]} ({e.object_id.hex()})"
                 )
+            # A writer's generation carries its author: the writer itself (docs/FORMAT.md
+            # 4.5), so that nobody can pass a generation off as another key's.
+            if signer.role == "writer" and e.kind == GENERATION and e.self_key != km.signer:
+                raise IntegrityError(
+                    f"{what}: a writer key vouches for generation {e.object_id.hex()} "
+                    "without naming itself as its author"
+                )
         return km.epoch, km.entries
 
     def _add(self, name: str, epoch: int, entries: Iterable[KeyMapEntry]) -> None:
         for e in entries:
-            table = self._by_kind[e.kind]
-            old = table.get(e.object_id)
-            # Prefer an entry that carries a self-wrap (it serves its writer too).
-            if old is None or (old.entry.self_wrap is None and e.self_wrap is not None):
-                table[e.object_id] = Found(epoch, e, name)
+            found = self._by_kind[e.kind].setdefault(e.object_id, [])
+            if not any(f.epoch == epoch and f.entry == e for f in found):
+                found.append(Found(epoch, e, name))
 
     def get(self, kind: int, oid: bytes) -> Found | None:
-        return self._by_kind[kind].get(oid)
+        """The first accepted entry of an object (whether it is authenticated at all)."""
+        found = self._by_kind[kind].get(oid)
+        return found[0] if found else None
 
-    async def find(self, kind: int, oid: bytes, what: str) -> Found:
-        """The accepted entry of an object; after a miss the key maps are listed again
+    def all(self, kind: int, oid: bytes) -> list[Found]:
+        return list(self._by_kind[kind].get(oid, ()))
+
+    async def find(self, kind: int, oid: bytes, what: str) -> list[Found]:
+        """The accepted entries of an object; after a miss the key maps are listed again
         once (a concurrent writer may have just committed it). IntegrityError if none."""
-        found = self.get(kind, oid)
-        if found is None:
+        found = self.all(kind, oid)
+        if not found:
             await self.refresh()
-            found = self.get(kind, oid)
-        if found is None:
+            found = self.all(kind, oid)
+        if not found:
             raise not_authenticated(what)
         return found
 
@@ -201,7 +220,13 @@ class KeyDirectory:
         return set(self._by_kind[kind])
 
     def entries(self, kind: int) -> dict[bytes, Found]:
-        return self._by_kind[kind]
+        """Object id -> its first accepted entry, for every object of `kind`."""
+        return {oid: found[0] for oid, found in self._by_kind[kind].items()}
+
+    def authors(self, gen_id: bytes) -> set[bytes | None]:
+        """Who wrote a generation, by its entries: a writer key's id, or None for an
+        admin (readers write none). Several when keys disagree about it."""
+        return {f.entry.self_key for f in self._by_kind[GENERATION].get(gen_id, ())}
 
     # --- unwrapping ------------------------------------------------------------------------
 
@@ -213,25 +238,59 @@ class KeyDirectory:
             )
         return keys
 
-    def read_key(self, found: Found, what: str) -> bytes:
-        """The data key a read_wrap holds (a pack's; a generation body's). A writer opens
-        the body of a generation it wrote itself through its self-wrap."""
-        e = found.entry
-        assert e.read_wrap is not None
-        keys = self._epoch(found, what)
-        if keys.read_secret is None and e.self_key == self.holder.key_id and e.self_wrap:
-            return box_open(self.holder.box_secret, e.self_wrap, f"the data key of {what}")
-        if keys.read_secret is None and e.kind == GENERATION:
-            raise KeyNotAvailable(
-                f"this writer key cannot open the body of {what}: another key wrote it",
-                hint="a writer opens only the generations it wrote itself",
-            )
-        return keys.unwrap_read(e.read_wrap, what)
+    def _distinct(self, keys: Iterable[bytes], what: str) -> list[bytes]:
+        out = list(dict.fromkeys(keys))
+        if not out:
+            raise IntegrityError(f"no key map entry of {what} opens with this key's secrets")
+        return out
 
-    def meta_key(self, found: Found, what: str) -> bytes:
-        e = found.entry
-        assert e.meta_wrap is not None
-        return self._epoch(found, what).unwrap_meta(e.meta_wrap, e.kind, e.object_id, what)
+    def read_keys(self, found: list[Found], what: str) -> list[bytes]:
+        """The distinct data keys the entries' read_wraps hold (a pack's; a generation
+        body's), to be tried in turn. A writer opens the body of a generation it wrote
+        itself through its self-wrap."""
+        keys: list[bytes] = []
+        errors: list[DedupeError] = []
+        for f in found:
+            e = f.entry
+            assert e.read_wrap is not None
+            try:
+                epoch = self._epoch(f, what)
+                if epoch.read_secret is None:
+                    if e.self_key == self.holder.key_id and e.self_wrap:
+                        keys.append(
+                            box_open(self.holder.box_secret, e.self_wrap, f"the data key of {what}")
+                        )
+                    continue
+                keys.append(epoch.unwrap_read(e.read_wrap, what))
+            except (IntegrityError, KeyNotAvailable) as err:
+                errors.append(err)
+        if not keys and self.epochs[self.keyring.current_epoch].read_secret is None:
+            if found[0].entry.kind == GENERATION:
+                raise KeyNotAvailable(
+                    f"this writer key cannot open the body of {what}: another key wrote it",
+                    hint="a writer opens only the generations it wrote itself",
+                )
+            raise KeyNotAvailable(f"this key cannot open {what}: a writer key opens no data")
+        if not keys and errors:
+            raise errors[0]
+        return self._distinct(keys, what)
+
+    def meta_keys(self, found: list[Found], what: str) -> list[bytes]:
+        """The distinct data keys the entries' meta_wraps hold, to be tried in turn."""
+        keys: list[bytes] = []
+        errors: list[DedupeError] = []
+        for f in found:
+            e = f.entry
+            assert e.meta_wrap is not None
+            try:
+                keys.append(
+                    self._epoch(f, what).unwrap_meta(e.meta_wrap, e.kind, e.object_id, what)
+                )
+            except (IntegrityError, KeyNotAvailable) as err:
+                errors.append(err)
+        if not keys and errors:
+            raise errors[0]
+        return self._distinct(keys, what)
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -291,50 +350,60 @@ class KeyDirectory:
 
     def rewrap(self, found: Found, target: EpochKeys, keep_self: set[bytes]) -> KeyMapEntry:
         """`found`'s entry with its wraps for `target` (unchanged when it is the same
-        epoch) and its self-wrap dropped unless its key is in `keep_self`."""
+        epoch) and its self-wrap dropped unless its author is in `keep_self` (the author,
+        `self_key`, stays)."""
         e = found.entry
         self_key, self_wrap = e.self_key, e.self_wrap
         if self_key is not None and self_key not in keep_self:
-            self_key = self_wrap = None
+            self_wrap = None  # the author stays known; its way into the body goes
         if found.epoch == target.number:
             return replace(e, self_key=self_key, self_wrap=self_wrap)
         what = f"{KIND_NAMES[e.kind]} {e.object_id.hex()}"
+        epoch = self._epoch(found, what)
         read_wrap = meta_wrap = None
         if e.read_wrap is not None:
-            read_wrap = target.wrap_read(self._epoch(found, what).unwrap_read(e.read_wrap, what))
+            read_wrap = target.wrap_read(epoch.unwrap_read(e.read_wrap, what))
         if e.meta_wrap is not None:
-            meta_wrap = target.wrap_meta(self.meta_key(found, what), e.kind, e.object_id)
+            key = epoch.unwrap_meta(e.meta_wrap, e.kind, e.object_id, what)
+            meta_wrap = target.wrap_meta(key, e.kind, e.object_id)
         return KeyMapEntry(e.kind, e.object_id, e.born, read_wrap, meta_wrap, self_key, self_wrap)
 
     async def consolidate(
         self,
         signer: HolderSecrets,
         target: EpochKeys,
-        exists: Callable[[int, bytes], bool],
+        dropped: Callable[[int, bytes], bool] = lambda kind, oid: False,
         keep_self: set[bytes] | None = None,
     ) -> tuple[list[str], int]:
         """Rewrite every key map under keymaps/ as new key maps of `target`, signed by
-        `signer` (an admin): keep the entries of objects that `exists`, re-wrapped for
-        `target`, with self-wraps only for key holders still in the keyring; write them;
-        only then delete every key map read (refused ones included: planted, of a removed
-        signer, of a retired epoch). Returns (names written, entries dropped because
-        their keys no longer open). `keep_self`: the key holders whose self-wraps stay
-        (default: every holder of the keyring)."""
+        `signer` (an admin): every accepted entry, re-wrapped for `target`, but those of
+        objects the caller deleted (`dropped`); self-wraps only for the key holders in
+        `keep_self` (default: the keyring's); write them; only then delete every key map
+        read, refused ones included (the caller made sure none vouches for something the
+        keyring should know: `refused_for_newer_keys`). Entries of objects that merely
+        cannot be seen now are kept: an object hidden during a rotation must not lose its
+        key. Returns (names written, entries dropped because their keys no longer open)."""
         await self.refresh()
         old = await self.names(every_epoch=True)
         if keep_self is None:
             keep_self = {k.key_id for k in self.keyring.keys}
         entries: list[KeyMapEntry] = []
-        dropped = 0
+        failed = 0
         for kind in KIND_NAMES:
             for oid, found in sorted(self._by_kind[kind].items()):
-                if not exists(kind, oid):
+                if dropped(kind, oid):
                     continue
-                try:
-                    entries.append(await asyncio.to_thread(self.rewrap, found, target, keep_self))
-                except (IntegrityError, KeyNotAvailable) as e:
-                    dropped += 1
-                    self.report(f"{e.message}; its key map entry is dropped")
+                kept: list[KeyMapEntry] = []
+                for f in found:
+                    try:
+                        e = await asyncio.to_thread(self.rewrap, f, target, keep_self)
+                    except (IntegrityError, KeyNotAvailable) as err:
+                        failed += 1
+                        self.report(f"{err.message}; its key map entry is dropped")
+                        continue
+                    if e not in kept:
+                        kept.append(e)
+                entries += kept
         written = await self.write(entries, target.number, signer) if entries else []
         for name in old:
             if name in written:
@@ -349,7 +418,34 @@ class KeyDirectory:
         for name, start in zip(written, range(0, len(entries), MAX_ENTRIES), strict=True):
             self._add(name, target.number, entries[start : start + MAX_ENTRIES])
             self.loaded.add(name)
-        return written, dropped
+        return written, failed
+
+    async def refused_for_newer_keys(self) -> list[str]:
+        """Key maps that this keyring refuses because they are of an epoch it does not
+        know or signed by a key it does not list: what a keyring older than the
+        repository (rolled back) sees. Deleting on its word would delete real data."""
+        await self.refresh()
+        suspicious = []
+        known = {e.number for e in self.keyring.epochs}
+        for name in await self.names(every_epoch=True):
+            if name in self.loaded:
+                continue
+            parsed = parse_keymap_name(name)
+            if parsed is not None and parsed[0] not in known:
+                suspicious.append(f"{name} (of epoch {parsed[0]}, unknown to this keyring)")
+                continue
+            reason = self.rejected.get(name)
+            if reason is None:
+                try:
+                    self.accept(name, await self.backend.get_small(name, MAX_KEYMAP_BYTES))
+                    continue
+                except MissingObject:
+                    continue
+                except (IntegrityError, UnsupportedFormat) as e:
+                    reason = e.message
+            if "which is not in the keyring" in reason or "which the keyring lacks" in reason:
+                suspicious.append(f"{name} ({reason})")
+        return suspicious
 
 
 __all__ = ["ALLOWED_KINDS", "Found", "KeyDirectory", "not_authenticated"]

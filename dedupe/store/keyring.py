@@ -28,7 +28,7 @@ from dedupe.errors import (
     RollbackDetected,
     UnsupportedFormat,
 )
-from dedupe.format.keyring import KEYRING_NAMES, Keyring
+from dedupe.format.keyring import KEYRING_NAMES, MAX_KEYRING_BYTES, Keyring
 
 log = logging.getLogger("dedupe")
 
@@ -81,7 +81,15 @@ async def read_keyring(
     for name in KEYRING_NAMES:
         try:
             found.append(
-                (name, decode_keyring(await backend.get(name), verify_key, repository_id, name))
+                (
+                    name,
+                    decode_keyring(
+                        await backend.get_small(name, MAX_KEYRING_BYTES),
+                        verify_key,
+                        repository_id,
+                        name,
+                    ),
+                )
             )
         except MissingObject:
             failures.append(f"{name} is missing")
@@ -111,9 +119,9 @@ async def unverified_key_ids(backend: Backend) -> list[set[str]]:
     found = []
     for name in KEYRING_NAMES:
         try:
-            record = json.loads(await backend.get(name))
+            record = json.loads(await backend.get_small(name, MAX_KEYRING_BYTES))
             found.append({str(k["id"]) for k in record["keys"]})
-        except (MissingObject, ValueError, KeyError, TypeError):
+        except (MissingObject, IntegrityError, ValueError, KeyError, TypeError):
             continue
     return found
 

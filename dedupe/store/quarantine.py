@@ -4,7 +4,6 @@ backup stores such chunks again and readers prefer any other copy."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -22,6 +21,7 @@ QUARANTINE_PREFIX = "quarantine/"
 QUARANTINE_MAGIC = b"DDPQUA02"
 QUARANTINE_AAD = b"dedupe-quarantine v2"
 QUARANTINE_VERSION = 1
+MAX_QUARANTINE_BYTES = 64 << 20
 
 # --- records -----------------------------------------------------------------------
 
@@ -61,30 +61,30 @@ def decode_quarantine(data_key: bytes, name: str, data: bytes) -> list[tuple[byt
         raise IntegrityError(f"{what} is malformed: {e}") from None
 
 
-KeyFor = Callable[[str], Awaitable[bytes]]
+Opener = Callable[[str, bytes], Awaitable[list[tuple[bytes, bytes, str]]]]
 
 
 async def read_quarantine(
     backend: Backend,
-    key_for: KeyFor,
+    opener: Opener,
     strict: bool = True,
     report: Callable[[str], None] | None = None,
 ) -> set[tuple[bytes, bytes]]:
     """Every (chunk id, pack id) pair that quarantine records name: chunk copies verify
     found damaged or missing. A backup must not reference such a copy; it stores the chunk
-    again. `key_for(name)` gives a record's data key from its key map entry (and raises
-    IntegrityError when it has none). A record that cannot be read raises IntegrityError
-    naming it when `strict` (prune, which deletes); otherwise it is passed to `report` and
-    left out (a backup goes on: verify lists it, and a new verify recreates what it held)."""
+    again. `opener(name, data)` authenticates and decodes a record (the store's
+    open_quarantine: its key map entries give its key). A record that cannot be read
+    raises IntegrityError naming it when `strict` (prune, which deletes); otherwise it is
+    passed to `report` and left out (a backup goes on: verify lists it, and a new verify
+    recreates what it held)."""
     pairs: set[tuple[bytes, bytes]] = set()
     for name in sorted(await backend.list(QUARANTINE_PREFIX)):
         try:
-            data = await backend.get(name)
+            data = await backend.get_small(name, MAX_QUARANTINE_BYTES)
         except MissingObject:  # removed meanwhile (prune): nothing to honour
             continue
         try:
-            key = await key_for(name)
-            triples = await asyncio.to_thread(decode_quarantine, key, name, data)
+            triples = await opener(name, data)
         except (IntegrityError, UnsupportedFormat) as e:
             if strict:
                 raise

@@ -44,6 +44,7 @@ from dedupe.crypto import (
     sign_record,
     verify_record,
 )
+from dedupe.crypto.keyfile import MAX_KEY_FILE_BYTES
 from dedupe.crypto.signing import CONFIG_DOMAIN
 from dedupe.errors import (
     GenerationNotFound,
@@ -58,6 +59,7 @@ from dedupe.errors import (
 from dedupe.format.config import (
     DEFAULT_COMPRESSION_LEVEL,
     DEFAULT_PACK_SIZE,
+    MAX_CONFIG_BYTES,
     new_config,
     parse_config,
 )
@@ -72,7 +74,14 @@ from dedupe.format.index import (
     max_plaintext,
 )
 from dedupe.format.keymap import GENERATION, INDEX, PACK, QUARANTINE, KeyMapEntry
-from dedupe.format.keyring import ACTIVE, KEYRING_NAMES, EpochRecord, KeyHolder, Keyring
+from dedupe.format.keyring import (
+    ACTIVE,
+    KEYRING_NAMES,
+    MAX_KEYRING_BYTES,
+    EpochRecord,
+    KeyHolder,
+    Keyring,
+)
 from dedupe.format.manifest import (
     CHUNK_RECORD,
     FRAME_LENGTH,
@@ -86,6 +95,7 @@ from dedupe.format.manifest import (
     header_span,
     split_frames,
 )
+from dedupe.format.pack import FOOTER_SIZE, TRAILER_AAD, decode_footer
 from dedupe.hashing import ChunkHasher, object_id
 from dedupe.store.blobs import BlobCodec
 from dedupe.store.index import ChunkIndex
@@ -100,7 +110,12 @@ from dedupe.store.keyring import (
 )
 from dedupe.store.manifests import Buffer, ManifestWriter, write_scratch
 from dedupe.store.packer import FinishedPack
-from dedupe.store.quarantine import QUARANTINE_PREFIX, encode_quarantine, read_quarantine
+from dedupe.store.quarantine import (
+    QUARANTINE_PREFIX,
+    decode_quarantine,
+    encode_quarantine,
+    read_quarantine,
+)
 
 log = logging.getLogger("dedupe")
 
@@ -172,6 +187,31 @@ def _open_frame(data_key: bytes, sealed: Buffer, i: int, last: bool, what: str) 
     return plain
 
 
+def _opens(key: bytes, sealed: Buffer, aad: bytes) -> bool:
+    try:
+        open_sealed(key, sealed, aad, "probe")
+    except IntegrityError:
+        return False
+    return True
+
+
+def open_with_one(keys: list[bytes], sealed: Buffer, aad: bytes, what: str) -> bytearray:
+    """Open `sealed` with the first of `keys` that opens it (the distinct keys an object's
+    key map entries hold); the first key's error when none does."""
+    for key in keys[1:]:
+        if _opens(key, sealed, aad):
+            return open_sealed(key, sealed, aad, what)
+    return open_sealed(keys[0], sealed, aad, what)
+
+
+def _first_frame(keys: list[bytes], sealed: Buffer, last: bool, what: str) -> tuple[bytes, bytes]:
+    """(the body key, the payload of frame 0): the first of `keys` that opens it."""
+    for key in keys[1:]:
+        if _opens(key, sealed, frame_aad(0)):
+            return key, _open_frame(key, sealed, 0, last, what)
+    return keys[0], _open_frame(keys[0], sealed, 0, last, what)
+
+
 def _check_meta(header: dict[str, Any], meta: dict[str, Any], what: str) -> None:
     """The body's delta must name the parent its header names."""
     delta = meta.get("delta")
@@ -228,7 +268,7 @@ class RepositoryStore:
         self.index = ChunkIndex()
         self._loaded_index_objects: set[str] = set()
         self.damaged_index_objects: dict[str, str] = {}  # name -> what is wrong
-        self._pack_keys: dict[int, bytes] = {}
+        self._pack_keys: dict[bytes, bytes] = {}  # pack id -> data key
 
     @property
     def keyring(self) -> Keyring:
@@ -329,7 +369,7 @@ class RepositoryStore:
     @classmethod
     async def open(cls, backend: Backend, passphrase: bytes) -> RepositoryStore:
         try:
-            raw_config = await backend.get("config")
+            raw_config = await backend.get_small("config", MAX_CONFIG_BYTES)
         except MissingObject:
             raise RepositoryNotFound(
                 f"no dedupe repository at {backend.location}",
@@ -376,7 +416,11 @@ class RepositoryStore:
         damaged: list[str] = []
         other_repository = 0
         for name in names:
-            data = await backend.get(name)
+            try:
+                data = await backend.get_small(name, MAX_KEY_FILE_BYTES)
+            except IntegrityError as e:
+                damaged.append(f"{name}: {e.message}")
+                continue
             try:
                 if key_file_info(data).repository != repository_id:
                     other_repository += 1
@@ -422,8 +466,8 @@ class RepositoryStore:
         copies: dict[str, bytes | None] = {}
         for name in KEYRING_NAMES:
             try:
-                copies[name] = await self.backend.get(name)
-            except MissingObject:
+                copies[name] = await self.backend.get_small(name, MAX_KEYRING_BYTES)
+            except (MissingObject, IntegrityError):
                 copies[name] = None
         best = None
         for name, data in copies.items():
@@ -474,7 +518,7 @@ class RepositoryStore:
         self.index.set_present_packs(present)
         # So are quarantine records: set them before loading, so a good copy can win.
         self.index.quarantine(
-            await read_quarantine(self.backend, self.quarantine_key, False, self.report)
+            await read_quarantine(self.backend, self.open_quarantine, False, self.report)
         )
         names = [n for n in listed if n not in self._loaded_index_objects]
         if not names:
@@ -520,13 +564,14 @@ class RepositoryStore:
             if data[:7] == INDEX_MAGIC[:7]:
                 raise UnsupportedFormat(f"{what} is of another format version ({data[:8]!r})")
             raise IntegrityError(f"{what} has an unknown magic")
-        found = await self.keymaps.find(INDEX, bytes.fromhex(oid), what)
-        key = self.keymaps.meta_key(found, what)
+        keys = self.keymaps.meta_keys(
+            await self.keymaps.find(INDEX, bytes.fromhex(oid), what), what
+        )
 
         def decode() -> tuple[list[PackRecord], memoryview]:
             sealed = memoryview(data)[8:]
             plain = decompress_capped(
-                open_sealed(key, sealed, INDEX_AAD, what), max_plaintext(len(sealed)), what
+                open_with_one(keys, sealed, INDEX_AAD, what), max_plaintext(len(sealed)), what
             )
             return decode_index_records(plain, what)
 
@@ -573,26 +618,45 @@ class RepositoryStore:
         self.index.note_written([p.pack_id for p in packs])
         self.index.add_records(packs, records, sealed.name)
 
-    def pack_key(self, pack_no: int) -> bytes:
-        """The data key of a pack, from its key map entry, unwrapped once and cached."""
-        key = self._pack_keys.get(pack_no)
+    async def pack_key(self, pack_no: int) -> bytes:
+        """The data key of a pack, from its key map entries, unwrapped once and cached."""
+        return await self.pack_key_of(self.index.packs[pack_no].pack_id)
+
+    async def pack_key_of(self, pack_id: bytes) -> bytes:
+        key = self._pack_keys.get(pack_id)
         if key is None:
-            pack_id = self.index.packs[pack_no].pack_id
             what = f"pack {pack_id.hex()}"
-            found = self.keymaps.get(PACK, pack_id)
-            if found is None:
-                raise not_authenticated(what)
-            key = self._pack_keys[pack_no] = self.keymaps.read_key(found, what)
+            keys = self.keymaps.read_keys(await self.keymaps.find(PACK, pack_id, what), what)
+            if len(keys) > 1:  # entries disagree (a key holder signed its own): ask the pack
+                trailer = await self._pack_trailer(pack_id)
+                keys = [k for k in keys if _opens(k, trailer, TRAILER_AAD)] or keys[:1]
+            key = self._pack_keys[pack_id] = keys[0]
         return key
 
-    async def quarantine_key(self, name: str) -> bytes:
+    async def _pack_trailer(self, pack_id: bytes) -> bytes:
+        name = pack_name(pack_id)
+        size = await self.backend.stat(name)
+        footer = await self.backend.get(name, max(0, size - FOOTER_SIZE), min(size, FOOTER_SIZE))
+        length = decode_footer(size, footer, f"pack {pack_id.hex()}")
+        return await self.backend.get(name, size - FOOTER_SIZE - length, length)
+
+    async def open_quarantine(self, name: str, data: bytes) -> list[tuple[bytes, bytes, str]]:
+        """(chunk id, pack id, reason) triples of a quarantine record, authenticated by its
+        key map entries (IntegrityError naming it otherwise)."""
         what = f"quarantine record {name}"
-        try:
-            oid = bytes.fromhex(name.rsplit("/", 1)[-1])
-        except ValueError:
-            raise IntegrityError(f"{what} is not named by an object id") from None
-        found = await self.keymaps.find(QUARANTINE, oid, what)
-        return self.keymaps.meta_key(found, what)
+        last = name.rsplit("/", 1)[-1]
+        if not is_object_id(last):
+            raise IntegrityError(f"{what} is not named by an object id")
+        keys = self.keymaps.meta_keys(
+            await self.keymaps.find(QUARANTINE, bytes.fromhex(last), what), what
+        )
+        errors: list[IntegrityError] = []
+        for key in keys:
+            try:
+                return await asyncio.to_thread(decode_quarantine, key, name, data)
+            except IntegrityError as e:
+                errors.append(e)
+        raise errors[0]
 
     async def write_quarantine(self, chunks: list[tuple[bytes, bytes, str]]) -> str:
         """Store a quarantine record of (chunk id, pack id, reason) triples under a fresh
@@ -689,29 +753,39 @@ class RepositoryStore:
     async def _open_header(self, gen_id: str, sealed: Buffer) -> dict[str, Any]:
         what = f"generation {gen_id}"
         found = await self.keymaps.find(GENERATION, bytes.fromhex(gen_id), what)
-        key = self.keymaps.meta_key(found, what)
+        keys = self.keymaps.meta_keys(found, what)
         header = decode_header(
-            bytes(open_sealed(key, sealed, HEADER_AAD, f"header of {what}")), what
+            bytes(open_with_one(keys, sealed, HEADER_AAD, f"header of {what}")), what
         )
         header["id"] = gen_id
         return header
 
     def can_open_body(self, gen_id: str) -> bool:
         """Whether this key can open the generation's body (readers and admins always; a
-        writer only for the generations it wrote itself)."""
-        found = self.keymaps.get(GENERATION, bytes.fromhex(gen_id))
-        if found is None or found.epoch not in self.epochs:
-            return False
-        if self.epochs[found.epoch].read_secret is not None:
-            return True
-        return found.entry.self_key == self.holder.key_id
+        writer only for the generations it wrote itself, through their self-wraps)."""
+        for f in self.keymaps.all(GENERATION, bytes.fromhex(gen_id)):
+            keys = self.epochs.get(f.epoch)
+            if keys is None:
+                continue
+            if keys.read_secret is not None:
+                return True
+            if f.entry.self_key == self.holder.key_id and f.entry.self_wrap is not None:
+                return True
+        return False
 
-    def _body_key(self, gen_id: str) -> bytes:
+    def written_by_me(self, gen_id: str) -> bool:
+        """Whether this key's own role wrote the generation, by its entries (FORMAT 4.5):
+        a writer its own, an admin an admin's. A backup chains only onto such a parent,
+        whose chunk table and file entries it trusts without reading the data again."""
+        mine = self.holder.key_id if self.holder.role == "writer" else None
+        return self.keymaps.authors(bytes.fromhex(gen_id)) == {mine}
+
+    def _body_keys(self, gen_id: str) -> list[bytes]:
         what = f"generation {gen_id}"
-        found = self.keymaps.get(GENERATION, bytes.fromhex(gen_id))
-        if found is None:  # _open_header found it first
+        found = self.keymaps.all(GENERATION, bytes.fromhex(gen_id))
+        if not found:  # _open_header found it first
             raise not_authenticated(what)
-        return self.keymaps.read_key(found, what)
+        return self.keymaps.read_keys(found, what)
 
     async def read_manifest_header(self, gen_id: str) -> dict[str, Any]:
         """The authenticated header of a generation, from one short read."""
@@ -724,12 +798,12 @@ class RepositoryStore:
         size = await self._stat_generation(gen_id)
         head, start, end = await self._prefix(gen_id, size)
         header = await self._open_header(gen_id, memoryview(head)[start:end])
-        key = self._body_key(gen_id)
+        keys = self._body_keys(gen_id)
         data = await self.backend.get(f"generations/{gen_id}")
-        return await asyncio.to_thread(self._decode_body, gen_id, header, key, data, end)
+        return await asyncio.to_thread(self._decode_body, gen_id, header, keys, data, end)
 
     def _decode_body(
-        self, gen_id: str, header: dict[str, Any], key: bytes, data: bytes, end: int
+        self, gen_id: str, header: dict[str, Any], keys: list[bytes], data: bytes, end: int
     ) -> tuple[dict[str, Any], dict[str, Any], bytes]:
         what = f"generation {gen_id}"
         if blake3.blake3(memoryview(data)[:end]).hexdigest() != gen_id:
@@ -738,9 +812,11 @@ class RepositoryStore:
         if object_id(body) != header.get("body"):
             raise IntegrityError(f"{what}: its body does not belong to its header")
         frames = split_frames(body, what)
-        plains = [
+        key, first = _first_frame(keys, frames[0], len(frames) == 1, what)
+        plains = [first] + [
             _open_frame(key, sealed, i, i == len(frames) - 1, what)
             for i, sealed in enumerate(frames)
+            if i
         ]
         meta = decode_meta(plains.pop(), what)
         table = b"".join(plains)
@@ -762,7 +838,8 @@ class RepositoryStore:
         size = await self._stat_generation(gen_id)
         head, start, end = await self._prefix(gen_id, size)
         header = await self._open_header(gen_id, memoryview(head)[start:end])
-        data_key = self._body_key(gen_id)
+        keys = self._body_keys(gen_id)
+        data_key: bytes | None = None
         body = blake3.blake3()
         buf = bytearray(memoryview(head)[end:])  # body bytes read and not yet taken as a frame
         body.update(buf)
@@ -777,7 +854,14 @@ class RepositoryStore:
                 sealed = bytes(buf[FRAME_LENGTH.size : FRAME_LENGTH.size + n])
                 del buf[: FRAME_LENGTH.size + n]
                 last = pos == size and not buf  # the object ends here: the meta frame
-                plain = await asyncio.to_thread(_open_frame, data_key, sealed, frame_no, last, what)
+                if data_key is None:  # the first frame tells which key is the body's
+                    data_key, plain = await asyncio.to_thread(
+                        _first_frame, keys, sealed, last, what
+                    )
+                else:
+                    plain = await asyncio.to_thread(
+                        _open_frame, data_key, sealed, frame_no, last, what
+                    )
                 frame_no += 1
                 if last:
                     meta = decode_meta(plain, what)

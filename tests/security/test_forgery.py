@@ -1417,8 +1417,8 @@ def test_a_reader_cannot_give_a_generation_another_body(
             async with await _with_key(repo, repo_path, "reader") as reader:
                 store = reader._store
                 _h, meta, table = await store.read_manifest(legit.a1)
-                found = store.keymaps.get(GENERATION, bytes.fromhex(legit.b1))
-                body_key = store.keymaps.read_key(found, "b")
+                found = store.keymaps.all(GENERATION, bytes.fromhex(legit.b1))
+                (body_key,) = store.keymaps.read_keys(found, "b")
                 path = repo_path / "generations" / legit.b1
                 real = path.read_bytes()
                 path.write_bytes(real[: prefix_end(real)] + body_frames(body_key, table, meta))

@@ -418,11 +418,12 @@ def test_writer_backs_up_and_opens_no_data(run_asyncio: Run, repo_path: Path) ->
             assert 0 < inc.chunks_new < inc.chunks
             diff = await writer.backup(io.BytesIO(a3), name="w", kind="differential")
             assert (diff.kind, diff.parent, diff.note) == ("differential", full.id, None)
-            # The latest "db" was written by the admin: its body is closed to the writer.
+            # The only "db" was written by the admin: a writer chains only onto its own.
             over = await writer.backup(io.BytesIO(a2), name="db", kind="incremental")
             assert (over.kind, over.parent) == ("full", None)
-            assert over.note is not None and "cannot read generation" in over.note
-            assert by_admin.id[:12] in over.note
+            assert over.note == (
+                "no full generation of 'db' by this key yet: this incremental was made as a full"
+            )
             assert over.chunks_new == 0  # deduplicated against the index all the same
             expected |= {full.id: a, inc.id: a2, diff.id: a3, over.id: a2}
             assert sorted(g.id for g in await writer.generations()) == sorted(expected)
@@ -718,12 +719,10 @@ def test_key_add_interrupted_before_the_keyring_leaves_a_key_file_that_opens_not
             # Its own key file is among the items (and opens by its passphrase, below).
             assert [it.group for it in items if it.key == holder.key_id.hex()] == ["key file"]
             assert_everything_opens(items, repo_path, [PASSPHRASE, READER_PW])
-            # Prune (same exclusive lock as key add) deletes it; adding again works.
+            # Prune leaves it (a key file the keyring does not list may belong to a newer
+            # keyring than this client's); it stays unused. Adding again works.
             await admin.prune()
-            assert [p.name for p in (repo_path / "keys").iterdir()] == [
-                p.name for p in (repo_path / "keys").iterdir() if admin.key_id in p.name
-            ]
-            assert not orphan.exists()
+            assert orphan.exists()
             await admin.keys.add(READER_PW, role="reader", name="r", kdf=WEAK)
         async with await Repository.open(repo_path, READER_PW) as reader:
             assert reader.role == "reader"

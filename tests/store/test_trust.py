@@ -338,9 +338,9 @@ def test_a_new_directory_is_made_durable_in_its_parent(
 def test_prune_clears_what_was_planted_instead_of_stopping(
     run_asyncio: Run, repo_path: Path
 ) -> None:
-    """A manifest no key map vouches for is no generation: prune deletes it rather than
-    refusing to run (it would otherwise block the one command that cleans up); names
-    that are no object ids are ignored everywhere."""
+    """A manifest no key map vouches for: prune refuses to delete anything while it is
+    there (on a keyring older than the repository's, real manifests look like that), and
+    deletes it when told it was planted; names that are no object ids are ignored."""
 
     async def go() -> None:
         async with await make_repo(repo_path) as repo:
@@ -353,7 +353,11 @@ def test_prune_clears_what_was_planted_instead_of_stopping(
                 (repo_path / odd).write_bytes(b"x")
         async with await Repository.open(repo_path, PASSPHRASE) as repo:
             assert sorted(g.id for g in await repo.generations()) == sorted(data)
-            await repo.prune()
+            files = sorted(p.name for p in repo_path.rglob("*") if p.is_file())
+            with pytest.raises(IntegrityError, match=f"{planted.name}.*prune deletes nothing"):
+                await repo.prune()
+            assert sorted(p.name for p in repo_path.rglob("*") if p.is_file()) == files
+            await repo.prune(delete_unauthenticated=True)
             assert not planted.exists()
             await _restores(repo, data)
             assert (await repo.verify(read_data=True)).ok
@@ -371,5 +375,22 @@ def test_a_replaced_config_id_is_named_not_a_wrong_passphrase(
         (repo_path / "config").write_text(json.dumps(config))
         with pytest.raises(IntegrityError, match="the config was replaced"):
             await Repository.open(repo_path, PASSPHRASE)
+
+    run_asyncio(go())
+
+
+def test_a_huge_planted_key_map_is_refused_unread(run_asyncio: Run, repo_path: Path) -> None:
+    """A sparse 64 GiB file under keymaps/ (no disk, all zeros): read whole it would exhaust
+    memory; its size alone refuses it."""
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            data = await _two_generations(repo)
+        planted = repo_path / "keymaps" / "00000001" / ("cd" * 32)
+        with open(planted, "wb") as f:
+            f.truncate(64 << 30)
+        async with await Repository.open(repo_path, PASSPHRASE) as repo:
+            assert any("refused unread" in p and planted.name in p for p in repo.problems)
+            await _restores(repo, data)
 
     run_asyncio(go())
