@@ -71,6 +71,9 @@ class Generation:
     stored_bytes: int
     seconds: float
     source: dict[str, Any]
+    # The writer key that made it (hex id), from its key map entries; None for an admin.
+    # A generation is listed only once authenticated, so this is never a header's claim.
+    written_by: str | None = None
 
     @property
     def dedupe_ratio(self) -> float:

@@ -384,11 +384,15 @@ class Repository:
         gens = []
         for gen_id in await store.generation_ids():
             try:
-                gens.append(Generation.from_header(await store.read_manifest_header(gen_id)))
+                gen = Generation.from_header(await store.read_manifest_header(gen_id))
             except GenerationNotFound:
                 continue  # forgotten meanwhile
             except (IntegrityError, UnsupportedFormat) as e:
                 store.report(f"{e.message}; it is not listed")
+                continue
+            authors = store.keymaps.authors(bytes.fromhex(gen_id))
+            writer = next((a for a in authors if a is not None), None)
+            gens.append(dataclasses.replace(gen, written_by=writer.hex() if writer else None))
         if name is not None:
             gens = [g for g in gens if g.name == name]
         return sorted(gens, key=lambda g: (g.created, g.id))

@@ -427,6 +427,10 @@ def test_writer_backs_up_and_opens_no_data(run_asyncio: Run, repo_path: Path) ->
             assert over.chunks_new == 0  # deduplicated against the index all the same
             expected |= {full.id: a, inc.id: a2, diff.id: a3, over.id: a2}
             assert sorted(g.id for g in await writer.generations()) == sorted(expected)
+            # Who wrote each, from the signed key map entries (not from a header's claim).
+            authors = {g.id: g.written_by for g in await writer.generations()}
+            assert authors[by_admin.id] is None
+            assert {authors[g.id] for g in (full, inc, diff, over)} == {writer.key_id}
 
             before = file_hashes(repo_path)
             attempts: dict[str, Callable[[], Awaitable[Any]]] = {
