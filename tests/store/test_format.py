@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import os
+from typing import Any
 
 import pytest
 
@@ -144,3 +146,57 @@ def test_manifest_prefix_and_older_versions() -> None:
             header_span(old + prefix[8:], "g")
     with pytest.raises(IntegrityError, match="claims a header"):
         header_span(GEN_MAGIC + (2 << 20).to_bytes(4, "little"), "g")
+
+
+def _key_twice(r: dict[str, Any]) -> None:
+    r["keys"].append(dict(r["keys"][1], name="w again"))
+
+
+def _epoch_twice(r: dict[str, Any]) -> None:
+    r["epochs"].append(dict(r["epochs"][1]))
+
+
+def _newer_active_epoch(r: dict[str, Any]) -> None:
+    r["epochs"].append(dict(r["epochs"][1], number=3))
+
+
+def _grant_to_a_stranger(r: dict[str, Any]) -> None:
+    r["epochs"][1]["grants"][os.urandom(16).hex()] = base64.b64encode(b"g3").decode()
+
+
+def _current_retired(r: dict[str, Any]) -> None:
+    r["epochs"][1].update(state="retired", retired="t3", grants={})
+
+
+def _epoch_zero(r: dict[str, Any]) -> None:
+    r["epochs"][0]["number"] = 0
+
+
+def _short_key_id(r: dict[str, Any]) -> None:
+    grants = r["epochs"][1]["grants"]
+    short = os.urandom(8).hex()
+    grants[short] = grants.pop(r["keys"][1]["id"])
+    r["keys"][1]["id"] = short
+
+
+STRUCTURE = {
+    "a key listed twice": (_key_twice, "a key id appears twice"),
+    "an epoch listed twice": (_epoch_twice, "an epoch appears twice"),
+    "a newer active epoch than the current": (_newer_active_epoch, "not the newest active"),
+    "a grant to a key not in the keyring": (_grant_to_a_stranger, "grants a key that is not"),
+    "an epoch 0": (_epoch_zero, "epoch numbers start at 1"),
+    "the current epoch retired, none active": (_current_retired, "is not an active epoch"),
+    "a key id of 8 bytes": (_short_key_id, "a key id is 16 bytes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STRUCTURE))
+def test_a_keyring_of_inconsistent_structure_is_refused(case: str) -> None:
+    """Keyring.problem, EpochRecord and KeyHolder parsing (docs/FORMAT.md 4.3): shapes an
+    admin must never sign, refused when read (the rules test_format does not already
+    cover)."""
+    edit, why = STRUCTURE[case]
+    record = _keyring().to_record()
+    edit(record)
+    with pytest.raises(IntegrityError, match=why):
+        Keyring.from_record(record)
