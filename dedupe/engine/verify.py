@@ -334,7 +334,10 @@ class _Verifier:
         self.chunks_read = 0
         self.bytes_read = 0
         self.notes: list[str] = []
-        self.read_ok: set[tuple[bytes, bytes]] = set()  # chunk copies read and found good
+        # Chunk copies the quarantine records name, and those of them this run read and
+        # found good (only these: a set of every copy read would grow with the repository).
+        self.quarantined: set[tuple[bytes, bytes]] = set()
+        self.read_ok: set[tuple[bytes, bytes]] = set()
         # Whole packs held in memory at once while reading data, one per reader.
         self.read_buffers = ReadBuffers(READ_CONCURRENCY)
 
@@ -423,7 +426,8 @@ class _Verifier:
         for name in sorted(await self._objects(QUARANTINE_PREFIX)):
             try:
                 data = await self.backend.get(name)
-                await self.store.open_quarantine(name, data)
+                triples = await self.store.open_quarantine(name, data)
+                self.quarantined.update((c, p) for c, p, _reason in triples)
             except MissingObject:
                 continue
             except UnsupportedFormat as e:
@@ -595,9 +599,12 @@ class _Verifier:
                 for chunk_id, reason, detail in bad:
                     self._bad_copies(name, pack_id, reason, detail, [chunk_id])
             self.chunks_read += len(ordered)
-            self.read_ok.update(
-                (it[0], pack_id) for it in ordered if (it[0], pack_id) not in self.bad
-            )
+            if self.quarantined:
+                self.read_ok.update(
+                    (it[0], pack_id)
+                    for it in ordered
+                    if (it[0], pack_id) in self.quarantined and (it[0], pack_id) not in self.bad
+                )
 
     # --- generations ---
 
