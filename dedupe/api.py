@@ -24,7 +24,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from types import TracebackType
@@ -257,7 +257,7 @@ class Repository:
         parent, note = await self._parent_for(name, kind)
         if isinstance(source, str | os.PathLike) and os.path.isdir(source):
             stats = await self._backup_tree(
-                os.fspath(source), name, kind, parent, progress, lock.check, spec
+                os.fspath(source), name, kind, parent, progress, lock.confirm, spec
             )
             return _with_note(stats, note)
         size_hint = None
@@ -281,7 +281,7 @@ class Repository:
                 size_hint=size_hint,
                 kind=kind if parent is not None else "full",
                 parent=(parent.id, spilled) if parent is not None and spilled is not None else None,
-                before_commit=lock.check,
+                before_commit=lock.confirm,
                 chunker=spec,
             )
         finally:
@@ -298,7 +298,7 @@ class Repository:
         kind: str,
         parent: Generation | None,
         progress: ProgressCallback | None,
-        before_commit: Callable[[], None] | None = None,
+        before_commit: Callable[[], Awaitable[None]] | None = None,
         chunker: dict[str, Any] | str = "fastcdc",
     ) -> BackupStats:
         """Back up directory `root` as a tree generation (docs/FORMAT.md section 8.3). With
@@ -634,8 +634,10 @@ class KeyManager:
         """Remove a key holder (by id, unique id prefix or name). It keeps what it could
         open until `rotate()` runs; afterwards it opens nothing written."""
         key_ops.require_admin(self._store, "remove keys")
-        async with RepositoryLock(self._store.backend, exclusive=True, operation="key remove"):
-            return await key_ops.remove_key(self._store, key)
+        async with RepositoryLock(
+            self._store.backend, exclusive=True, operation="key remove"
+        ) as lock:
+            return await key_ops.remove_key(self._store, key, lock.confirm)
 
     async def passwd(self, new_passphrase: str | bytes, kdf: KdfParams | None = None) -> KeyInfo:
         """A new passphrase for this handle's key (its old key file goes once the new one
@@ -649,12 +651,15 @@ class KeyManager:
         old epochs retired. `reencrypt`: also rewrite every pack under fresh data keys
         (for a leaked data key), resumable. Finishes an interrupted rotation first."""
         key_ops.require_admin(self._store, "rotate keys")
-        async with RepositoryLock(self._store.backend, exclusive=True, operation="key rotate"):
+        async with RepositoryLock(
+            self._store.backend, exclusive=True, operation="key rotate"
+        ) as lock:
             return await key_ops.rotate(
                 self._store,
                 reencrypt=reencrypt,
                 executor=self._repo._executor,
                 progress=progress,
+                confirm=lock.confirm,
             )
 
 

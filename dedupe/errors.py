@@ -147,5 +147,11 @@ class BackendError(DedupeError):
     exit_code = 60
 
 
+class ObjectChanged(BackendError):
+    """A conditional write or delete found the object other than expected: it exists
+    already (create_new), or holds other bytes than the caller last wrote (swap,
+    delete_if). Nothing was changed."""
+
+
 class Interrupted(DedupeError):
     exit_code = 130

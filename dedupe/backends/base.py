@@ -27,6 +27,17 @@ Names are '/'-separated relative paths ("packs/ab/ab12..."). Semantics:
 - `exists(name)`: whether an object is there.
 - `get_small(name, limit)`: get() of an object that cannot be larger than `limit`; a
   larger one is refused (IntegrityError) without being read.
+- `create_new(name, data)`: put() only if no object `name` exists, atomically with respect
+  to every other create_new, swap and delete_if of that name (O_EXCL; a conditional put,
+  `If-None-Match: *`); raises `ObjectChanged` if one exists.
+- `swap(name, data, expected)`: replace the object by `data` only if it holds exactly
+  `expected` (compare-and-swap; `If-Match` on object stores). `MissingObject` if it is
+  gone, `ObjectChanged` if it holds other bytes; in both cases nothing is written: a
+  deleted object is never brought back.
+- `delete_if(name, expected)`: delete() only if the object holds exactly `expected`, with
+  swap()'s errors. Locks (dedupe.store.locks) are made, refreshed and judged stale with
+  these three, so that a refresh cannot resurrect a lock another process removed, nor a
+  stale-lock removal delete one that was refreshed meanwhile.
 - `remove_leftovers()`: delete what interrupted puts left behind (temporary files, a
   store's incomplete uploads); returns how many. Only called under the repository's
   exclusive lock, when no put of a dedupe process is in flight.
@@ -91,6 +102,15 @@ class Backend(ABC):
         except MissingObject:
             return False
         return True
+
+    @abstractmethod
+    async def create_new(self, name: str, data: Buffer) -> None: ...
+
+    @abstractmethod
+    async def swap(self, name: str, data: Buffer, expected: bytes) -> None: ...
+
+    @abstractmethod
+    async def delete_if(self, name: str, expected: bytes) -> None: ...
 
     async def remove_leftovers(self) -> int:
         """Delete what interrupted puts left; the default has nothing to delete."""

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import os
 import secrets
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 from dedupe.backends.base import Backend, Buffer
-from dedupe.errors import BackendError, MissingObject, TruncatedObject
+from dedupe.errors import BackendError, MissingObject, ObjectChanged, TruncatedObject
 
 TMP_PREFIX = ".tmp-"
 
@@ -66,6 +68,27 @@ def _truncated(name: str, offset: int, length: int, ends: int) -> TruncatedObjec
     )
 
 
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+@contextmanager
+def _guard(directory: str) -> Iterator[None]:
+    """An exclusive flock on `directory`, held across the read-compare-write of a
+    conditional operation, so that no other create_new, swap or delete_if of a name in it
+    (by any process of this host, or of another over a file system whose flock is
+    coherent, as NFSv4's is) comes in between."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
 class LocalBackend(Backend):
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.path.abspath(os.fspath(root))
@@ -90,37 +113,96 @@ class LocalBackend(Backend):
                 hint="replace the link by a directory (someone with access to the storage made it)",
             )
 
+    def _write_tmp(self, directory: str, parts: Iterable[Buffer]) -> str:
+        """A fsynced temporary file in `directory` holding the parts, not yet visible under
+        any object name (its name starts with TMP_PREFIX). The caller renames or links it
+        into place, and removes it on failure."""
+        _make_dirs(directory)
+        self._inside(directory)
+        tmp = os.path.join(directory, TMP_PREFIX + secrets.token_hex(8))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            for part in parts:
+                view = memoryview(part)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(tmp)
+            raise
+        os.close(fd)
+        return tmp
+
     def _put_sync(self, name: str, parts: Iterable[Buffer]) -> None:
         path = self._path(name)
         directory = os.path.dirname(path)
-        tmp = os.path.join(directory, TMP_PREFIX + secrets.token_hex(8))
+        tmp = None
         try:
-            _make_dirs(directory)
-            self._inside(directory)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                for part in parts:
-                    view = memoryview(part)
-                    while view:
-                        written = os.write(fd, view)
-                        view = view[written:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            tmp = self._write_tmp(directory, parts)
             os.replace(tmp, path)
+            tmp = None
             _fsync_dir(directory)
         except OSError as e:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
             raise _backend_error(e, "writing", path) from None
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        finally:
+            if tmp is not None:
+                _unlink_quietly(tmp)
+
+    def _create_new_sync(self, name: str, data: Buffer) -> None:
+        # link() of a complete temporary file: the object appears whole or not at all, and
+        # only if the name is free (an O_EXCL create of the object itself could be seen
+        # half written).
+        path = self._path(name)
+        directory = os.path.dirname(path)
+        tmp = None
+        try:
+            tmp = self._write_tmp(directory, (data,))
+            with _guard(directory):
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    raise ObjectChanged(f"object {name} exists already") from None
+            _fsync_dir(directory)
+        except OSError as e:
+            raise _backend_error(e, "creating", path) from None
+        finally:
+            if tmp is not None:
+                _unlink_quietly(tmp)
+
+    def _current(self, name: str, expected: bytes) -> None:
+        """Raise unless the object holds exactly `expected` (called under the guard)."""
+        if self._get_sync(name, 0, None) != expected:
+            raise ObjectChanged(f"object {name} was changed by someone else")
+
+    def _swap_sync(self, name: str, data: Buffer, expected: bytes) -> None:
+        path = self._path(name)
+        directory = os.path.dirname(path)
+        tmp = None
+        try:
+            tmp = self._write_tmp(directory, (data,))
+            with _guard(directory):
+                self._current(name, expected)
+                os.replace(tmp, path)
+                tmp = None
+            _fsync_dir(directory)
+        except OSError as e:
+            raise _backend_error(e, "replacing", path) from None
+        finally:
+            if tmp is not None:
+                _unlink_quietly(tmp)
+
+    def _delete_if_sync(self, name: str, expected: bytes) -> None:
+        path = self._path(name)
+        directory = os.path.dirname(path)
+        try:
+            with _guard(directory):
+                self._current(name, expected)
+                os.unlink(path)
+            _fsync_dir(directory)
+        except OSError as e:
+            raise _backend_error(e, "deleting", path) from None
 
     def _open_for_reading(self, name: str) -> tuple[int, str]:
         path = self._path(name)
@@ -253,6 +335,15 @@ class LocalBackend(Backend):
 
     async def delete(self, name: str) -> None:
         await asyncio.to_thread(self._delete_sync, name)
+
+    async def create_new(self, name: str, data: Buffer) -> None:
+        await asyncio.to_thread(self._create_new_sync, name, data)
+
+    async def swap(self, name: str, data: Buffer, expected: bytes) -> None:
+        await asyncio.to_thread(self._swap_sync, name, data, expected)
+
+    async def delete_if(self, name: str, expected: bytes) -> None:
+        await asyncio.to_thread(self._delete_if_sync, name, expected)
 
     async def remove_leftovers(self) -> int:
         return await asyncio.to_thread(self._remove_leftovers_sync)

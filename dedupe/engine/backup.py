@@ -330,7 +330,7 @@ async def commit(
     chunk_count: int,
     size: int,
     progress: ProgressCallback | None = None,
-    before_commit: Callable[[], None] | None = None,
+    before_commit: Callable[[], Awaitable[None]] | None = None,
 ) -> BackupStats:
     """Write the last index object and the manifest, the commit point of a backup, after
     the key map that authenticates both. `meta` and the records `body` holds are its body
@@ -358,7 +358,7 @@ async def commit(
     if progress:
         progress(p)
     if before_commit is not None:
-        before_commit()
+        await before_commit()
     gen_id = await store.commit_manifest(body, header, meta, got.pending)
     p.stage = "done"
     if progress:
@@ -389,7 +389,7 @@ async def run_backup(
     size_hint: int | None = None,
     kind: str = "full",
     parent: tuple[str, SpilledTable] | None = None,
-    before_commit: Callable[[], None] | None = None,
+    before_commit: Callable[[], Awaitable[None]] | None = None,
     chunker: dict[str, Any] | str = FASTCDC,
 ) -> BackupStats:
     """Back up one stream as a generation of `name`. `parent` is (generation id, its

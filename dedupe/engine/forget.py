@@ -309,9 +309,12 @@ async def run_forget(
     if dry_run:
         report = plan_forget(await list_generations(store), policy, now)
         return ForgetReport(report.kept, report.removed, dry_run=True)
-    async with RepositoryLock(store.backend, exclusive=True, operation="forget"):
+    async with RepositoryLock(store.backend, exclusive=True, operation="forget") as held:
         report = plan_forget(await list_generations(store), policy, now)
         for g in removal_order([d.generation for d in report.removed]):
+            # A forget stopped past the stale time may have a backup beside it now whose
+            # parent is this generation.
+            await held.confirm()
             try:
                 await store.backend.delete(f"generations/{g.id}")
             except MissingObject:  # removed meanwhile by an interrupted earlier run

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -249,7 +250,9 @@ async def _refuse_if_newer_keys_exist(store: RepositoryStore, what: str) -> None
         )
 
 
-async def remove_key(store: RepositoryStore, ref: str) -> KeyInfo:
+async def remove_key(
+    store: RepositoryStore, ref: str, confirm: Callable[[], Awaitable[None]] | None = None
+) -> KeyInfo:
     """Remove a key holder (docs/FORMAT.md 10.3). It can still open what the epochs it was
     granted protect until `rotate` runs. The caller holds the exclusive lock."""
     require_admin(store, "remove keys")
@@ -265,6 +268,8 @@ async def remove_key(store: RepositoryStore, ref: str) -> KeyInfo:
     remaining = {k.key_id for k in ring.keys if k.key_id != target.key_id}
     # Nothing may stay signed by it (its key maps would be refused once it is gone).
     await _refuse_if_newer_keys_exist(store, "remove a key")
+    if confirm is not None:
+        await confirm()
     await store.keymaps.consolidate(store.holder, store.current_epoch, keep_self=remaining)
     epochs = tuple(
         replace(e, grants={k: v for k, v in e.grants.items() if k != target.key_id})
@@ -306,8 +311,10 @@ async def rotate(
     reencrypt: bool = False,
     executor: Executor | None = None,
     progress: ProgressCallback | None = None,
+    confirm: Callable[[], Awaitable[None]] | None = None,
 ) -> RotateReport:
-    """`key rotate` (docs/FORMAT.md 10.1, 10.2). The caller holds the exclusive lock."""
+    """`key rotate` (docs/FORMAT.md 10.1, 10.2). The caller holds the exclusive lock;
+    `confirm` (RepositoryLock.confirm) runs before the steps that delete."""
     require_admin(store, "rotate keys")
     started = time.monotonic()
     await store.refresh_keys()
@@ -343,6 +350,8 @@ async def rotate(
         store.use_keyring(ring, store.epochs)
     current = store.current_epoch
     # 2. every key map re-wrapped into the current epoch.
+    if confirm is not None:
+        await confirm()
     await store.keymaps.refresh()
     written, dropped = await store.keymaps.consolidate(store.holder, current)
     entries = sum(len(store.keymaps.entries(k)) for k in KIND_NAMES)
@@ -362,7 +371,7 @@ async def rotate(
         store.use_keyring(ring, {current.number: current})
     report = None
     if ring.reencrypt_below is not None:
-        report = await reencrypt_packs(store, executor=executor, progress=progress)
+        report = await reencrypt_packs(store, executor=executor, progress=progress, confirm=confirm)
     return RotateReport(
         epoch=current.number,
         retired=retired,
@@ -380,13 +389,19 @@ async def reencrypt_packs(
     *,
     executor: Executor | None = None,
     progress: ProgressCallback | None = None,
+    confirm: Callable[[], Awaitable[None]] | None = None,
 ) -> PruneReport:
     """Rewrite every pack whose key was made before `reencrypt_below` (a prune that counts
     them as sparse), then clear the mark. The caller holds the exclusive lock."""
     below = store.keyring.reencrypt_below
     assert below is not None
     report = await run_prune(
-        store, executor=executor, progress=progress, lock=False, reencrypt_below=below
+        store,
+        executor=executor,
+        progress=progress,
+        lock=False,
+        reencrypt_below=below,
+        confirm=confirm,
     )
     left = stale_key_packs(store, store.keymaps.ids(PACK), below)
     present = set(named_ids(await store.backend.list("packs/")))

@@ -151,6 +151,7 @@ async def run_prune(
     lock: bool = True,
     reencrypt_below: int | None = None,
     delete_unauthenticated: bool = False,
+    confirm: Callable[[], Awaitable[None]] | None = None,
 ) -> PruneReport:
     """Delete unreferenced packs, repack sparse ones, replace all index objects by one.
 
@@ -170,11 +171,9 @@ async def run_prune(
         raise ValueError("repack_threshold must be within 0..1")
     args = (repack_threshold, dry_run, progress, reencrypt_below, delete_unauthenticated)
     if not lock:
-        return await _prune(store, executor, *args)
+        return await _prune(store, executor, *args, confirm=confirm)
     async with RepositoryLock(store.backend, exclusive=True, operation="prune") as held:
-        report = await _prune(store, executor, *args)
-        held.check()
-        return report
+        return await _prune(store, executor, *args, confirm=held.confirm)
 
 
 def stale_key_packs(store: RepositoryStore, pack_ids: Iterable[bytes], below: int) -> set[bytes]:
@@ -195,8 +194,14 @@ async def _prune(
     progress: ProgressCallback | None,
     reencrypt_below: int | None = None,
     delete_unauthenticated: bool = False,
+    *,
+    confirm: Callable[[], Awaitable[None]] | None = None,
 ) -> PruneReport:
     started = time.monotonic()
+    # Each step that writes or deletes first confirms the exclusive lock (dedupe.store.
+    # locks): a prune that was stopped past the stale time, or whose lock someone removed,
+    # may have a backup running beside it now, whose new packs it would take for garbage.
+    lock_held = confirm if confirm is not None else _lock_not_checked
     loop = asyncio.get_running_loop()
     backend = store.backend
     p = Progress("prune", "scanning")
@@ -417,6 +422,7 @@ async def _prune(
         report_progress("done")
         return make_report([], 0.0)
     if not (changed or unindexed):
+        await lock_held()
         await _drop_quarantine_records(store, present)
         await _tidy(store, planted)
         await _consolidate_keymaps(store)
@@ -428,6 +434,7 @@ async def _prune(
     flushed: list[str] = []  # index objects written along the way (re-encryption)
     if moving:
         report_progress("repacking")
+        await lock_held()
         new, flushed = await _repack(
             store, moving, records, run, p, progress, REENCRYPT_FLUSH if stale else None
         )
@@ -447,18 +454,22 @@ async def _prune(
         for cid, pack_no, offset, stored, raw in ENTRY_RECORD.iter_unpack(new_entries):
             index_entries += entry(cid, pack_no + base, offset, stored, raw)
         if pack_list:
+            await lock_held()
             written_name = await store.write_index(pack_list, index_entries, new.keys)
 
         # --- 3c. then the old index objects ------------------------------------------------------
         report_progress("deleting index objects")
+        await lock_held()
         await _delete_all(backend, [n for n in index_names + flushed if n != written_name])
 
     # --- 3d. then the packs nothing lists any more ------------------------------------------------
     report_progress("deleting packs")
+    await lock_held()
     await _delete_all(backend, [pack_name(pid) for pid in to_delete])
 
     # --- 3e. quarantine records whose packs are all gone ------------------------------------------
     packs_left = (present - set(to_delete)) | {r.pack_id for r in new_packs}
+    await lock_held()
     await _drop_quarantine_records(store, packs_left)
 
     # --- 3f. what interrupted writers left: temporary files of killed puts, a keyring copy
@@ -467,6 +478,7 @@ async def _prune(
 
     # --- 3g. key maps: one consolidated set, without the entries of what is gone --------------
     report_progress("consolidating key maps")
+    await lock_held()
     await _consolidate_keymaps(store)
 
     await reload_index(store)
@@ -574,6 +586,10 @@ async def _repack(
         await asyncio.gather(*ahead, return_exceptions=True)
         release_buffers()
     return done, flushed
+
+
+async def _lock_not_checked() -> None:
+    """For a caller of run_prune(lock=False) that passes no `confirm` (a test)."""
 
 
 async def _delete_all(backend: Backend, names: list[str]) -> None:

@@ -24,7 +24,7 @@ import secrets
 import shutil
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
@@ -207,7 +207,7 @@ async def backup_tree(
     parent: tuple[str, list[Entry]] | None,
     executor: Executor,
     progress: ProgressCallback | None = None,
-    before_commit: Callable[[], None] | None = None,
+    before_commit: Callable[[], Awaitable[None]] | None = None,
     chunker: dict[str, Any] | str = "fastcdc",
 ) -> BackupStats:
     """Back up directory `root` as a tree generation of `name`. `parent` is (generation id,

@@ -800,10 +800,10 @@ async def verify_repository(
         await v.check_generations()
         record = None
         if quarantine and read_data:
-            held.check()
+            await held.confirm()
             await v.retire_false_quarantine()
         if quarantine and v.bad:
-            held.check()
+            await held.confirm()
             record = await v.write_quarantine()
     damaged = sorted(
         (d.freeze() for d in v.damage.values()), key=lambda d: (KINDS.index(d.kind), d.name)

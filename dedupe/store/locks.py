@@ -6,20 +6,30 @@ that a running backup is about to reference.
 
 Contract of `RepositoryLock` (an async context manager):
 
-- Acquire: write our lock object first, then list `locks/`. An exclusive lock conflicts
-  with every other live lock; a shared lock conflicts with live exclusive locks. On a
-  conflict our object is removed again and `RepositoryLocked` is raised, naming the holder
-  (host, pid, operation, age) and what to do. Writing before listing makes the check
-  race-free on any store whose list is consistent after put (a local directory, S3): of
-  two racing lockers at least one sees the other. Two racing *exclusive* lockers that both
-  see each other break the tie by name: the larger name gives up at once, the smaller one
-  waits up to `race_wait` seconds for it to go away (if it stays, its owner did not see us
-  and holds the lock, so we give up). A conflicting lock created more than RACE_RECENT
-  seconds ago is an established holder: no waiting then.
+- Acquire: create our lock object first (`Backend.create_new`), then list `locks/`. An
+  exclusive lock conflicts with every other live lock; a shared lock conflicts with live
+  exclusive locks. On a conflict our object is removed again and `RepositoryLocked` is
+  raised, naming the holder (host, pid, operation, age) and what to do. Writing before
+  listing makes the check race-free on any store whose list is consistent after put (a
+  local directory, S3): of two racing lockers at least one sees the other. Two racing
+  *exclusive* lockers that both see each other break the tie by name: the larger name
+  gives up at once, the smaller one waits up to `race_wait` seconds for it to go away (if
+  it stays, its owner did not see us and holds the lock, so we give up). A conflicting
+  lock created more than RACE_RECENT seconds ago is an established holder: no waiting.
 - Hold: a background task rewrites the object with a new `refreshed` time every
-  `refresh_interval` seconds. If our object vanished meanwhile (someone judged it stale
-  and removed it), `lost` becomes true and `check()` raises: the holder must then stop
-  before committing anything.
+  `refresh_interval` seconds, by compare-and-swap (`Backend.swap`): only if the object
+  still holds what we last wrote. If it vanished or changed (someone judged it stale and
+  removed it), `lost` becomes true; a removed lock is never brought back.
+- Fail safe: the holder calls `confirm()` right before each commit and each destructive
+  step. It renews the lock by the same compare-and-swap, and raises if the lock is gone
+  or changed: nobody can have judged it stale and acted on that, and nobody will for
+  `stale_after` seconds (less clock skew between hosts). `check()`, for synchronous
+  callers, does not renew: it raises if the lock was lost or if more than `stale_after -
+  margin` seconds passed since the last renewal that succeeded, on a clock that keeps
+  counting while the process is stopped or the machine suspended (CLOCK_BOOTTIME).
+  What remains is the step itself: a holder stopped *after* confirm() for longer than
+  `stale_after` is not caught (an object store's conditional writes on the lock, or
+  fencing by the storage, would be needed for that).
 - Stale: a lock whose `refreshed` is older than `stale_after` seconds, or one written on
   this host by a process that no longer exists, is stale. Stale locks never block
   anyone; an exclusive locker removes them (they are listed in `removed_stale` and logged).
@@ -35,13 +45,14 @@ import logging
 import os
 import secrets
 import socket
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
 from dedupe.backends.base import Backend
-from dedupe.errors import MissingObject, RepositoryLocked
+from dedupe.errors import MissingObject, ObjectChanged, RepositoryLocked
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +62,7 @@ REFRESH_INTERVAL = 60.0
 STALE_AFTER = 300.0
 RACE_WAIT = 2.0
 RACE_RECENT = 10.0  # seconds: a lock younger than this may still be racing us
+MARGIN = 60.0  # seconds of a lease a holder keeps for the step confirm() guards
 _EPOCH = "1970-01-01T00:00:00.000000Z"
 
 
@@ -65,6 +77,15 @@ def _fmt(t: datetime) -> str:
 def _parse_time(s: str) -> datetime:
     t = datetime.fromisoformat(s.replace("Z", "+00:00"))
     return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def _lease_clock() -> float:
+    """Seconds on a clock that also runs while this process is stopped (SIGSTOP) or the
+    machine is suspended, where the system has one (CLOCK_BOOTTIME on Linux)."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    if boottime is not None:
+        return time.clock_gettime(boottime)
+    return time.monotonic()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -88,6 +109,7 @@ class LockInfo:
     operation: str
     created: str
     refreshed: str
+    raw: bytes = field(default=b"", repr=False, compare=False)  # the object as read
 
     @property
     def age(self) -> float:
@@ -111,6 +133,7 @@ class LockInfo:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        del d["raw"]
         d["age"] = round(self.age, 3)
         return d
 
@@ -129,9 +152,10 @@ class LockInfo:
                 operation=str(obj["operation"]),
                 created=str(obj["created"]),
                 refreshed=_fmt(_parse_time(str(obj["refreshed"]))),
+                raw=data,
             )
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
-            return cls(name, True, "?", 0, "unreadable lock object", _EPOCH, _EPOCH)
+            return cls(name, True, "?", 0, "unreadable lock object", _EPOCH, _EPOCH, data)
 
 
 async def list_locks(backend: Backend) -> list[LockInfo]:
@@ -154,12 +178,19 @@ async def remove_locks(
     removed = []
     for lock in await list_locks(backend):
         if all_locks or lock.stale_reason(stale_after) is not None:
-            try:
-                await backend.delete(lock.name)
-            except MissingObject:
-                continue
-            removed.append(lock)
+            if await _delete_as_read(backend, lock):
+                removed.append(lock)
     return removed
+
+
+async def _delete_as_read(backend: Backend, lock: LockInfo) -> bool:
+    """Delete a lock object only if it still holds the bytes it was judged by: a holder
+    that refreshed it meanwhile is alive again and keeps it. Whether it was deleted."""
+    try:
+        await backend.delete_if(lock.name, lock.raw)
+    except (MissingObject, ObjectChanged):
+        return False
+    return True
 
 
 class RepositoryLock:
@@ -176,21 +207,30 @@ class RepositoryLock:
         refresh_interval: float = REFRESH_INTERVAL,
         stale_after: float = STALE_AFTER,
         race_wait: float = RACE_WAIT,
+        margin: float | None = None,
     ) -> None:
         if refresh_interval <= 0 or stale_after <= refresh_interval:
             raise ValueError("need 0 < refresh_interval < stale_after")
+        if margin is None:
+            margin = min(MARGIN, (stale_after - refresh_interval) / 2)
+        if not 0 < margin < stale_after - refresh_interval:
+            raise ValueError("need 0 < margin < stale_after - refresh_interval")
         self.backend = backend
         self.exclusive = exclusive
         self.operation = operation
         self.refresh_interval = refresh_interval
         self.stale_after = stale_after
         self.race_wait = race_wait
+        self.margin = margin
         self.name = f"{LOCKS_PREFIX}{secrets.token_hex(16)}"
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.created = _fmt(_now())
         self.removed_stale: list[LockInfo] = []
         self.lost = False
+        self._written = b""  # the lock object as we last wrote it
+        self._renewed = 0.0  # _lease_clock() when it was written
+        self._renewing = asyncio.Lock()  # one compare-and-swap of our object at a time
         self._refresher: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._held = False
@@ -210,13 +250,46 @@ class RepositoryLock:
         ).encode()
 
     def check(self) -> None:
-        """Raise RepositoryLocked if the lock was lost while held (see module docstring)."""
+        """Raise RepositoryLocked if the lock was lost, or its lease ran out, while held
+        (see the module docstring); `confirm()` also renews it and sees a removal at once."""
         if self.lost:
             raise RepositoryLocked(
-                f"the {self.operation} lock {self.name} was removed by someone else while "
-                "held (it was judged stale)",
-                hint="this process was paused for longer than the stale time; run it again",
+                f"the {self.operation} lock {self.name} was removed or replaced by someone "
+                "else while held (it was judged stale): stopping before changing anything",
+                hint="this process was paused or stalled for longer than the stale time, or "
+                "someone ran 'dedupe unlock --all'; run it again",
             )
+        held_for = _lease_clock() - self._renewed
+        if held_for > self.stale_after - self.margin:
+            raise RepositoryLocked(
+                f"the {self.operation} lock {self.name} was last renewed {held_for:.0f} s ago, "
+                f"and others may judge it stale after {self.stale_after:.0f} s: stopping "
+                "before changing anything",
+                hint="this process was paused or stalled for too long; run it again",
+            )
+
+    async def confirm(self) -> None:
+        """Renew the lock now, by compare-and-swap, and raise as `check()` does if it is
+        gone, changed or its lease ran out. Call it right before a commit or a deletion."""
+        if not self._held:
+            raise RuntimeError("this RepositoryLock is not held")
+        await self._renew()
+        self.check()
+
+    async def _renew(self) -> None:
+        """One compare-and-swap of our object with a new `refreshed` time. A vanished or
+        changed object sets `lost` (and is left alone); other failures propagate."""
+        async with self._renewing:
+            if self.lost:
+                return
+            record = self._record()
+            try:
+                await self.backend.swap(self.name, record, self._written)
+            except (MissingObject, ObjectChanged) as e:
+                self.lost = True
+                log.error("lock %s was removed or replaced while held: %s", self.name, e.message)
+                return
+            self._written, self._renewed = record, _lease_clock()
 
     async def _conflicts(self) -> list[LockInfo]:
         live = []
@@ -225,14 +298,11 @@ class RepositoryLock:
                 continue
             reason = lock.stale_reason(self.stale_after)
             if reason is not None:
-                if self.exclusive:
-                    try:
-                        await self.backend.delete(lock.name)
-                    except MissingObject:
-                        pass
-                    else:
-                        log.warning("removed stale lock %s: %s", lock.name, reason)
-                        self.removed_stale.append(lock)
+                if self.exclusive and await _delete_as_read(self.backend, lock):
+                    log.warning("removed stale lock %s: %s", lock.name, reason)
+                    self.removed_stale.append(lock)
+                elif self.exclusive and await self.backend.exists(lock.name):
+                    live.append(lock)  # refreshed since we read it: its holder is back
                 continue
             if self.exclusive or lock.exclusive:
                 live.append(lock)
@@ -241,7 +311,9 @@ class RepositoryLock:
     async def acquire(self) -> None:
         if self._held:
             raise RuntimeError("this RepositoryLock is already held")
-        await self.backend.put(self.name, self._record())
+        record = self._record()
+        await self.backend.create_new(self.name, record)
+        self._written, self._renewed = record, _lease_clock()
         try:
             conflicts = await self._conflicts()
             loop = asyncio.get_running_loop()
@@ -290,13 +362,11 @@ class RepositoryLock:
             except TimeoutError:
                 pass
             try:
-                if not await self.backend.exists(self.name):
-                    self.lost = True
-                    log.error("lock %s vanished while held", self.name)
-                    return
-                await self.backend.put(self.name, self._record())
+                await self._renew()
             except Exception as e:  # a failed refresh is retried at the next tick
                 log.warning("refreshing lock %s failed: %s", self.name, e)
+            if self.lost:
+                return
 
     async def _delete_own(self) -> None:
         # Shielded: a second cancellation must not leave the object behind.

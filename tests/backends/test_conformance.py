@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from dedupe.backends import Backend, LocalBackend
-from dedupe.errors import MissingObject, ScratchError, TruncatedObject
+from dedupe.errors import MissingObject, ObjectChanged, ScratchError, TruncatedObject
 
 
 class ReadIntoViaGet(LocalBackend):
@@ -130,5 +131,77 @@ def test_leftovers_of_killed_puts_are_removed(run: Callable, tmp_path: Path) -> 
         assert await backend.remove_leftovers() == 1
         assert not left.exists() and await backend.get("packs/ab/abcd") == b"kept"
         assert await backend.remove_leftovers() == 0
+
+    run(go())
+
+
+# --- conditional writes: what locks stand on ---------------------------------------------------
+
+
+def test_conditional_writes_change_nothing_unless_their_condition_holds(
+    run: Callable,  # type: ignore[type-arg]
+    backend: Backend,
+) -> None:
+    """create_new only where nothing is; swap and delete_if only over the exact bytes
+    expected; a missing object is never brought back by a swap."""
+
+    async def go() -> None:
+        await backend.create_new("locks/a", b"first")
+        with pytest.raises(ObjectChanged):
+            await backend.create_new("locks/a", b"second")
+        assert await backend.get("locks/a") == b"first"
+
+        with pytest.raises(ObjectChanged):
+            await backend.swap("locks/a", b"third", expected=b"not what it holds")
+        assert await backend.get("locks/a") == b"first"
+        await backend.swap("locks/a", b"third", expected=b"first")
+        assert await backend.get("locks/a") == b"third"
+
+        with pytest.raises(ObjectChanged):
+            await backend.delete_if("locks/a", expected=b"first")
+        assert await backend.get("locks/a") == b"third"
+        await backend.delete_if("locks/a", expected=b"third")
+        assert not await backend.exists("locks/a")
+
+        with pytest.raises(MissingObject):
+            await backend.swap("locks/a", b"back", expected=b"third")
+        with pytest.raises(MissingObject):
+            await backend.delete_if("locks/a", expected=b"third")
+        assert await backend.list("locks/") == []  # nothing resurrected, no temporary left
+
+    run(go())
+
+
+def test_racing_conditional_writes_have_one_winner(
+    run: Callable,  # type: ignore[type-arg]
+    backend: Backend,
+) -> None:
+    """Many concurrent create_new of one name, then many concurrent swaps from the same
+    expected bytes: exactly one of each succeeds, and the object holds the winner's bytes
+    (on worker threads, so the file system sees them interleave)."""
+
+    async def go() -> None:
+        contenders = [f"contender {i}".encode() for i in range(16)]
+
+        async def attempt(job: Awaitable[None], data: bytes) -> bytes | None:
+            try:
+                await job
+            except (ObjectChanged, MissingObject):
+                return None
+            return data
+
+        for _round in range(5):
+            won = await asyncio.gather(
+                *(attempt(backend.create_new("locks/r", d), d) for d in contenders)
+            )
+            winners = [w for w in won if w is not None]
+            assert len(winners) == 1 and await backend.get("locks/r") == winners[0]
+            base = winners[0]
+            won = await asyncio.gather(
+                *(attempt(backend.swap("locks/r", d + b"'", base), d + b"'") for d in contenders)
+            )
+            winners = [w for w in won if w is not None]
+            assert len(winners) == 1 and await backend.get("locks/r") == winners[0]
+            await backend.delete("locks/r")
 
     run(go())

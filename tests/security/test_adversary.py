@@ -48,7 +48,13 @@ import dedupe
 from dedupe.chunking import Chunker
 from dedupe.crypto import KdfParams, box_seal
 from dedupe.engine.tree import scan_tree
-from dedupe.errors import BackendError, DedupeError, IntegrityError, RollbackDetected
+from dedupe.errors import (
+    BackendError,
+    DedupeError,
+    IntegrityError,
+    RepositoryLocked,
+    RollbackDetected,
+)
 from dedupe.format.keymap import GENERATION, INDEX, PACK, QUARANTINE, KeyMapEntry
 from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.format.tree import encode_tree
@@ -530,18 +536,14 @@ def test_a_key_map_hidden_during_prune_makes_prune_delete_what_it_vouched_for(
     run_asyncio(go())
 
 
-@accepted(
-    "FORMAT.md 11 (the locks issue's work): the lock is the only thing that keeps prune "
-    "from a running backup's packs, and anyone can delete it; the holder looks for its "
-    "object only every 60 s, and check() before the commit reads that flag"
-)
-def test_a_deleted_lock_lets_prune_remove_the_packs_of_a_backup_that_then_succeeds(
+def test_a_deleted_lock_makes_the_backup_refuse_to_commit(
     run_asyncio: Run[None], repo_path: Path
 ) -> None:
     """The keyless attacker deletes a running backup's lock file just before the admin's
     scheduled prune: prune takes the exclusive lock and deletes the backup's packs (not
-    indexed yet); the backup goes on, commits, and reports a generation that does not
-    restore."""
+    indexed yet). The backup, going on, confirms its lock before the commit (a
+    compare-and-swap that finds it gone, dedupe.store.locks) and refuses: no generation
+    that does not restore is ever reported."""
 
     async def go() -> None:
         async with await make_repo(repo_path) as repo:
@@ -564,11 +566,10 @@ def test_a_deleted_lock_lets_prune_remove_the_packs_of_a_backup_that_then_succee
             async with await dedupe.Repository.open(repo_path, PASSPHRASE) as admin:
                 await admin.prune()
             gate.set()
-            try:
-                stats = await task
-            except DedupeError:
-                return  # the backup noticed: the secure outcome
-            assert await restores(repo, stats.id, content), "the backup reported success"
+            with pytest.raises(RepositoryLocked, match="removed or replaced by someone else"):
+                await task
+            assert files_under(repo_path, "generations") == []
+            assert files_under(repo_path, "locks") == []  # not brought back either
 
     run_asyncio(go())
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import dedupe.store.locks as locks_module
 from dedupe.backends.local import LocalBackend
 from dedupe.errors import RepositoryLocked
 from dedupe.store.locks import LockInfo, RepositoryLock, list_locks, remove_locks
@@ -171,19 +172,89 @@ def test_refresh_rewrites_the_timestamp_and_notices_loss(run, tmp_path: Path) ->
             assert second.refreshed > first.refreshed
             assert second.created == first.created
             lk.check()
+            await backend.delete(lk.name)  # someone judged us stale
             for _ in range(100):
-                # Someone judged us stale. (Deleted again if a refresh that was already
-                # past its existence check wrote it back: that window cannot be closed
-                # without a conditional put.)
-                if await backend.exists(lk.name):
-                    await backend.delete(lk.name)
                 if lk.lost:
                     break
                 await asyncio.sleep(0.02)
             assert lk.lost
-            with pytest.raises(RepositoryLocked, match="removed by someone else"):
+            with pytest.raises(RepositoryLocked, match="removed or replaced by someone else"):
                 lk.check()
-            assert await _names(backend) == []  # not resurrected by the refresher
+            with pytest.raises(RepositoryLocked, match="removed or replaced by someone else"):
+                await lk.confirm()
+            await asyncio.sleep(0.1)  # five more refresh intervals
+            assert await _names(backend) == []  # never brought back by the refresher
+
+    run(go())
+
+
+def test_confirm_sees_a_removed_or_replaced_lock_at_once(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """confirm() renews by compare-and-swap: it does not wait for the next refresh to
+    notice that the lock was removed (or overwritten by another writer), and it renews a
+    lock that is still its own."""
+    backend = LocalBackend(tmp_path)
+
+    async def go() -> None:
+        for how in ("removed", "replaced"):
+            async with RepositoryLock(backend, exclusive=False, operation="backup") as lk:
+                before = await backend.get(lk.name)
+                await asyncio.sleep(0.01)
+                await lk.confirm()
+                assert await backend.get(lk.name) != before  # renewed: a new `refreshed`
+                if how == "removed":
+                    await backend.delete(lk.name)
+                else:
+                    await backend.put(lk.name, before)
+                with pytest.raises(RepositoryLocked):
+                    await lk.confirm()
+                assert lk.lost
+                assert await _names(backend) == ([] if how == "removed" else [lk.name])
+
+    run(go())
+
+
+def test_a_lease_that_ran_out_is_refused_by_check(  # type: ignore[no-untyped-def]
+    run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """check() counts on a clock that runs on while the process is stopped: once more
+    than stale_after - margin passed since the last renewal, it refuses even though
+    nobody took the lock; confirm() then renews it (the object is still ours, so nobody
+    acted on it) and all is well again."""
+    backend = LocalBackend(tmp_path)
+    now = [1000.0]
+    monkeypatch.setattr(locks_module, "_lease_clock", lambda: now[0])
+
+    async def go() -> None:
+        async with RepositoryLock(
+            backend, exclusive=True, operation="prune", refresh_interval=60, stale_after=300
+        ) as lk:
+            now[0] += 239
+            lk.check()
+            now[0] += 2  # 241 s > 300 - 60
+            with pytest.raises(RepositoryLocked, match="last renewed 241 s ago"):
+                lk.check()
+            await lk.confirm()
+            lk.check()
+
+    run(go())
+
+
+def test_stale_lock_removal_spares_a_lock_refreshed_meanwhile(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Removing a stale lock is a delete_if of the bytes it was judged by: a holder that
+    came back and refreshed it between the judgement and the delete keeps it."""
+    backend = LocalBackend(tmp_path)
+
+    async def go() -> None:
+        lk = RepositoryLock(backend, exclusive=False, operation="backup")
+        await lk.acquire()
+        try:
+            judged = (await list_locks(backend))[0]
+            await lk.confirm()  # the holder is back
+            assert not await locks_module._delete_as_read(backend, judged)
+            assert await _names(backend) == [lk.name]
+            lk.check()
+        finally:
+            await lk.release()
 
     run(go())
 
