@@ -44,8 +44,10 @@ from dedupe.engine.tree import backup_tree, load_tree, restore_tree
 from dedupe.engine.verify import SubsetSpec, VerifyReport, verify_repository
 from dedupe.errors import (
     AmbiguousGeneration,
+    DedupeError,
     GenerationNotFound,
     IntegrityError,
+    RepositoryLocked,
     RoleNotPermitted,
     TargetError,
     UnsupportedFormat,
@@ -242,7 +244,11 @@ class Repository:
         spec = parse_spec(chunker, self._store.chunker_params)
         # A shared lock: backups run side by side, a prune (exclusive) waits for them.
         async with RepositoryLock(self._store.backend, exclusive=False, operation="backup") as lock:
-            return await self._backup_locked(source, name, kind, progress, label, lock, spec)
+            try:
+                return await self._backup_locked(source, name, kind, progress, label, lock, spec)
+            except DedupeError as e:
+                await _blame_a_lost_lock(lock, e)
+                raise
 
     async def _backup_locked(
         self,
@@ -661,6 +667,20 @@ class KeyManager:
                 progress=progress,
                 confirm=lock.confirm,
             )
+
+
+async def _blame_a_lost_lock(lock: RepositoryLock, error: DedupeError) -> None:
+    """When a backup fails, say so if its lock was taken from it meanwhile: that is the
+    cause to report (a prune that judged it stale removes the temporary files of its puts
+    too, which then fail as mere write errors)."""
+    if isinstance(error, RepositoryLocked):
+        return
+    try:
+        await lock.confirm()
+    except RepositoryLocked as lost:
+        raise lost from error
+    except DedupeError:
+        pass  # the store fails us anyway: the original error says most
 
 
 def _with_note(stats: BackupStats, note: str | None) -> BackupStats:

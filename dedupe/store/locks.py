@@ -116,8 +116,9 @@ class LockInfo:
         """Seconds since the lock was last refreshed (negative if the clocks disagree)."""
         return (_now() - _parse_time(self.refreshed)).total_seconds()
 
-    def stale_reason(self, stale_after: float = STALE_AFTER) -> str | None:
+    def stale_reason(self, stale_after: float | None = None) -> str | None:
         """Why this lock no longer counts, or None while it is live."""
+        stale_after = STALE_AFTER if stale_after is None else stale_after
         if self.host == socket.gethostname() and not _pid_alive(self.pid):
             return f"process {self.pid} on this host no longer exists"
         if self.age > stale_after:
@@ -171,7 +172,7 @@ async def list_locks(backend: Backend) -> list[LockInfo]:
 
 
 async def remove_locks(
-    backend: Backend, *, all_locks: bool = False, stale_after: float = STALE_AFTER
+    backend: Backend, *, all_locks: bool = False, stale_after: float | None = None
 ) -> list[LockInfo]:
     """Remove stale locks (every lock with `all_locks`); returns what was removed.
     `all_locks` is for an operator who knows no dedupe process is running."""
@@ -204,11 +205,14 @@ class RepositoryLock:
         *,
         exclusive: bool,
         operation: str,
-        refresh_interval: float = REFRESH_INTERVAL,
-        stale_after: float = STALE_AFTER,
+        refresh_interval: float | None = None,
+        stale_after: float | None = None,
         race_wait: float = RACE_WAIT,
         margin: float | None = None,
     ) -> None:
+        # The module's values when not given, read now (a test child process lowers them).
+        refresh_interval = REFRESH_INTERVAL if refresh_interval is None else refresh_interval
+        stale_after = STALE_AFTER if stale_after is None else stale_after
         if refresh_interval <= 0 or stale_after <= refresh_interval:
             raise ValueError("need 0 < refresh_interval < stale_after")
         if margin is None:
