@@ -1,4 +1,4 @@
-"""Repository locks (docs/FORMAT.md section 13): who may change the repository right now.
+"""Repository locks (docs/FORMAT.md section 14): who may change the repository right now.
 
 A lock is a small plain-JSON object `locks/<32 hex>` (locks hold no secrets). Backups take
 a *shared* lock; forget and prune take an *exclusive* one, so prune never deletes a chunk
