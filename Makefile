@@ -9,11 +9,12 @@ DEMO   ?= .demo
 # stands in where it does not.
 GEN_SNAPSHOT ?= ../shared/data/gen_snapshot.py
 DEMO_SIZE ?= 64MiB
-PYTEST_ARGS ?= -m "not slow"
+# Everything, the slow kill tests included (CI runs this); `make test-quick` skips them.
+PYTEST_ARGS ?=
 
 SOURCES := $(shell find dedupe csrc -name '*.py' -o -name '*.pyx' -o -name '*.pyi' -o -name '*.c' -o -name '*.h') pyproject.toml setup.py
 
-.PHONY: demo test test-all lint clean venv
+.PHONY: demo test test-quick lint clean venv
 
 venv: $(VENV)/.installed
 
@@ -44,8 +45,8 @@ test: venv
 	# not the unbuilt source tree in the working directory.
 	PYTHONSAFEPATH=1 $(BIN)/pytest $(PYTEST_ARGS)
 
-test-all: PYTEST_ARGS =
-test-all: test
+test-quick: PYTEST_ARGS = -m "not slow"
+test-quick: test
 
 clean:
 	rm -rf $(VENV) $(DEMO) build dist *.egg-info dedupe/chunking/_fastcdc.c dedupe/chunking/*.so
