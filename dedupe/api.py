@@ -275,7 +275,13 @@ class Repository:
                 pass
         info = {"type": "stream", "label": label or ""}
         # The parent's complete table, in a file: the delta reads it from there.
-        spilled = await spill_complete_table(self._store, parent.id) if parent else None
+        spilled = None
+        if parent is not None:
+            try:
+                spilled = await spill_complete_table(self._store, parent.id)
+            except IntegrityError as e:
+                note = _damaged_parent(parent, name, kind, e)
+                parent = None
         try:
             stats = await run_backup(
                 self._store,
@@ -314,8 +320,11 @@ class Repository:
         note = None
         if parent is not None:
             if parent.source.get("type") == "tree":
-                entries, _table = await load_tree(self._store, parent.id)
-                base = (parent.id, entries)
+                try:
+                    entries, _table = await load_tree(self._store, parent.id)
+                    base = (parent.id, entries)
+                except IntegrityError as e:
+                    note = _damaged_parent(parent, name, kind, e)
             else:
                 note = (
                     f"the parent {parent.id[:12]} of {name!r} is not a directory tree: "
@@ -382,9 +391,11 @@ class Repository:
     # --- generations ---------------------------------------------------------------------------
 
     async def generations(self, name: str | None = None) -> list[Generation]:
-        """Every generation (of `name`, if given), oldest first. A manifest that is not
-        authenticated, or is damaged, is left out and reported (`problems`), never listed:
-        so it is never `NAME@latest` and never the parent of a backup."""
+        """Every generation (of `name`, if given), oldest first. A manifest whose header is
+        not authenticated, or is damaged, is left out and reported (`problems`), never
+        listed: so it is never `NAME@latest`. Listing reads headers only: a manifest whose
+        body alone is damaged is listed, fails to restore, and a backup that would chain
+        onto it is made as a full instead (its note says so)."""
         store = self._store
         await store.refresh_keys()
         gens = []
@@ -667,6 +678,17 @@ class KeyManager:
                 progress=progress,
                 confirm=lock.confirm,
             )
+
+
+def _damaged_parent(parent: Generation, name: str, kind: str, error: IntegrityError) -> str:
+    """The note of a backup whose parent's header is sound but whose body does not open
+    (a torn or damaged manifest is listed by its header alone): it is made as a full
+    rather than not at all."""
+    return (
+        f"the latest generation {parent.id[:12]} of {name!r} is damaged ({error.message}): "
+        f"this {kind} was made as a full; 'dedupe verify' names the damage, 'dedupe forget "
+        f"{parent.id[:12]}' removes it"
+    )
 
 
 async def _blame_a_lost_lock(lock: RepositoryLock, error: DedupeError) -> None:
