@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 
 SOURCES := $(shell find dedupe csrc -name '*.py' -o -name '*.pyx' -o -name '*.pyi' -o -name '*.c' -o -name '*.h') pyproject.toml setup.py
 
-.PHONY: demo test test-quick lint clean venv
+.PHONY: demo test test-quick mutants lint clean venv
 
 venv: $(VENV)/.installed
 
@@ -48,5 +48,13 @@ test: venv
 test-quick: PYTEST_ARGS = -m "not slow"
 test-quick: test
 
+# Mutation testing (mutmut, configured in pyproject.toml): a habit, not a CI step. The
+# native modules are built in place so that mutmut's copy of the tree imports them.
+mutants: venv
+	$(BIN)/pip install -q mutmut
+	$(BIN)/python setup.py -q build_ext --inplace
+	$(BIN)/mutmut run --max-children 2 || true
+	$(BIN)/mutmut results
+
 clean:
-	rm -rf $(VENV) $(DEMO) build dist *.egg-info dedupe/chunking/_fastcdc.c dedupe/chunking/*.so
+	rm -rf $(VENV) $(DEMO) mutants build dist *.egg-info dedupe/chunking/_fastcdc.c dedupe/chunking/*.so

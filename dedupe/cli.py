@@ -475,8 +475,13 @@ def verify(
 
 def _verify_hint(kinds: set[str]) -> str:
     hints = []
-    if kinds & {"pack", "index", "generation"}:
+    if kinds & {"pack", "index"}:
         hints.append("a full backup of each affected source stores the lost chunks again")
+    if "generation" in kinds:
+        hints.append(
+            "a damaged generation cannot be restored: 'dedupe forget ID' removes it (its "
+            "chunks are not lost; the next backup of its source is made as a full)"
+        )
     if "keyring" in kinds:
         hints.append("an admin's 'dedupe prune' rewrites a damaged keyring copy from the good one")
     if kinds & {"keymap", "quarantine"}:
