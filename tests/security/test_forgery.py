@@ -513,11 +513,13 @@ def test_a_real_header_with_a_new_body_is_refused(
             ), report.damaged
             damaged(report, name, {AUTH_FAILED, MALFORMED, NOT_AUTHENTICATED}, legit.b1)
             assert [d.name for d in report.damaged] == [f"generations/{legit.b1}"]
-            # The next backup of "b" cannot build on it and says which generation is at
-            # fault; a full of "b" works; "a" is untouched.
-            with pytest.raises(IntegrityError, match=legit.b1):
-                await repo.backup(io.BytesIO(b"x" * 1000), name="b", kind="incremental")
-            stats = await repo.backup(io.BytesIO(legit.data[legit.b1]), name="b", kind="full")
+            # The next backup of "b" does not build on it: it is made as a full, and its
+            # note says which generation is at fault; "a" is untouched.
+            stats = await repo.backup(
+                io.BytesIO(legit.data[legit.b1]), name="b", kind="incremental"
+            )
+            assert (stats.kind, stats.parent) == ("full", None)
+            assert stats.note is not None and f"{legit.b1[:12]} of 'b' is damaged" in stats.note
             buf = io.BytesIO()
             await repo.restore(stats.id, buf)
             assert buf.getvalue() == legit.data[legit.b1]
