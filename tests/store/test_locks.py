@@ -4,6 +4,7 @@ detection by age and by dead process, release on every exit path, refresh, races
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import socket
@@ -11,10 +12,13 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from conftest import PASSPHRASE, make_repo
 
 import dedupe.store.locks as locks_module
+from dedupe import Repository
 from dedupe.backends.local import LocalBackend
 from dedupe.errors import RepositoryLocked
 from dedupe.store.locks import LockInfo, RepositoryLock, list_locks, remove_locks
@@ -327,5 +331,56 @@ def test_lock_object_format(run, tmp_path: Path) -> None:  # type: ignore[no-unt
             assert obj["version"] == 1 and obj["exclusive"] is True
             info = LockInfo.parse(name, await backend.get(name))
             assert info.operation == "prune" and info.stale_reason() is None
+
+    run(go())
+
+
+@pytest.mark.parametrize(
+    "stage", ["repacking", "writing index", "deleting index objects", "deleting packs"]
+)
+def test_a_prune_whose_lock_is_removed_stops_before_its_next_step(  # type: ignore[no-untyped-def]
+    run, tmp_path: Path, stage: str
+) -> None:
+    """Prune confirms its lock before each step that writes or deletes (FORMAT.md 14.1):
+    its lock removed when it reaches `stage` (as a prune stopped past the stale time would
+    find it), it raises RepositoryLocked before that step does anything, and every
+    generation still restores."""
+    root = tmp_path / "repo"
+    kept = os.urandom(300_000)
+
+    async def go() -> None:
+        async with await make_repo(root) as repo:
+            # b first, so that a's copies of what they share sit in b's packs: once b is
+            # forgotten those packs are part live, part garbage, and prune repacks them.
+            gone = await repo.backup(io.BytesIO(kept[:150_000] + os.urandom(300_000)), name="b")
+            keep = await repo.backup(io.BytesIO(kept), name="a", kind="full")
+            await repo.forget(ids=[gone.id])
+            before = {
+                d: sorted(p.name for p in (root / d).rglob("*") if p.is_file())
+                for d in ("packs", "index")
+            }
+
+            def steal(progress: Any) -> None:
+                if progress.stage == stage:
+                    for lock in (root / "locks").iterdir():
+                        lock.unlink()
+
+            with pytest.raises(RepositoryLocked, match="removed or replaced"):
+                await repo.prune(repack_threshold=0.0, progress=steal)
+            after = {
+                d: sorted(p.name for p in (root / d).rglob("*") if p.is_file())
+                for d in ("packs", "index")
+            }
+            # New packs and the new index object may be there already; no old pack was
+            # deleted, nor (before step 3c) any old index object.
+            assert set(before["packs"]) <= set(after["packs"])
+            if stage != "deleting packs":
+                assert set(before["index"]) <= set(after["index"])
+        async with await Repository.open(root, PASSPHRASE) as repo:
+            out = io.BytesIO()
+            await repo.restore(keep.id, out)
+            assert out.getvalue() == kept
+            assert (await repo.verify(read_data=True)).ok
+            await repo.prune()
 
     run(go())
