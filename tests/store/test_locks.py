@@ -350,9 +350,12 @@ def test_a_prune_whose_lock_is_removed_stops_before_its_next_step(  # type: igno
 
     async def go() -> None:
         async with await make_repo(root) as repo:
-            # b first, so that a's copies of what they share sit in b's packs: once b is
-            # forgotten those packs are part live, part garbage, and prune repacks them.
-            gone = await repo.backup(io.BytesIO(kept[:150_000] + os.urandom(300_000)), name="b")
+            # b first, so that a's copies of what they share sit in b's packs, between b's
+            # own chunks: once b is forgotten its packs are part live, part garbage, and
+            # prune repacks them.
+            shared = [kept[i : i + 60_000] for i in range(0, len(kept), 60_000)]
+            mixed = b"".join(part + os.urandom(60_000) for part in shared)
+            gone = await repo.backup(io.BytesIO(mixed), name="b")
             keep = await repo.backup(io.BytesIO(kept), name="a", kind="full")
             await repo.forget(ids=[gone.id])
             before = {
