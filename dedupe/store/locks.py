@@ -32,7 +32,8 @@ Contract of `RepositoryLock` (an async context manager):
   fencing by the storage, would be needed for that).
 - Stale: a lock whose `refreshed` is older than `stale_after` seconds, or one written on
   this host by a process that no longer exists, is stale. Stale locks never block
-  anyone; an exclusive locker removes them (they are listed in `removed_stale` and logged).
+  anyone; a locker that would conflict with one removes it (by `delete_if`; listed in
+  `removed_stale` and logged), so that its holder, if only stopped, finds it gone.
 - Release: on leaving the block (normally, by exception or by cancellation) the refresh
   task is stopped and our object is deleted.
 """
@@ -300,15 +301,20 @@ class RepositoryLock:
         for lock in await list_locks(self.backend):
             if lock.name == self.name:
                 continue
+            conflicting = self.exclusive or lock.exclusive
             reason = lock.stale_reason(self.stale_after)
             if reason is not None:
-                if self.exclusive and await _delete_as_read(self.backend, lock):
+                # A stale lock we would conflict with is removed, not merely ignored: its
+                # holder, stopped and not dead, must find it gone at its next confirm()
+                # (a prune stopped past the stale time must not go on deleting beside the
+                # backup that ignored its lock).
+                if conflicting and await _delete_as_read(self.backend, lock):
                     log.warning("removed stale lock %s: %s", lock.name, reason)
                     self.removed_stale.append(lock)
-                elif self.exclusive and await self.backend.exists(lock.name):
+                elif conflicting and await self.backend.exists(lock.name):
                     live.append(lock)  # refreshed since we read it: its holder is back
                 continue
-            if self.exclusive or lock.exclusive:
+            if conflicting:
                 live.append(lock)
         return live
 

@@ -78,7 +78,9 @@ def test_exclusive_and_shared_conflicts(run, tmp_path: Path) -> None:  # type: i
     run(go())
 
 
-def test_stale_by_age_is_ignored_and_removed_by_exclusive(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_stale_by_age_blocks_no_one_and_is_removed_by_whoever_it_conflicts_with(  # type: ignore[no-untyped-def]
+    run, tmp_path: Path
+) -> None:
     backend = LocalBackend(tmp_path)
 
     async def go() -> None:
@@ -87,13 +89,21 @@ def test_stale_by_age_is_ignored_and_removed_by_exclusive(run, tmp_path: Path) -
             _record(exclusive=True, host="elsewhere", pid=1, age=1000, operation="prune"),
         )
         fresh = _record(exclusive=False, host="elsewhere", pid=1, age=10)
-        # A shared locker ignores the stale exclusive lock but does not remove it.
+        # A shared locker goes past the stale exclusive lock, and removes it (its holder,
+        # if only stopped, must find it gone).
         async with RepositoryLock(backend, exclusive=False, operation="backup") as lk:
-            assert lk.removed_stale == []
-        assert await _names(backend) == ["locks/" + "a" * 32]
-        async with RepositoryLock(backend, exclusive=True, operation="prune") as lk:
             assert [s.name for s in lk.removed_stale] == ["locks/" + "a" * 32]
             assert "not refreshed" in (lk.removed_stale[0].stale_reason() or "")
+        assert await _names(backend) == []
+        # A stale shared lock: a shared locker leaves it, an exclusive one removes it.
+        await backend.put(
+            "locks/" + "c" * 32,
+            _record(exclusive=False, host="elsewhere", pid=1, age=1000, operation="backup"),
+        )
+        async with RepositoryLock(backend, exclusive=False, operation="backup") as lk:
+            assert lk.removed_stale == []
+        async with RepositoryLock(backend, exclusive=True, operation="prune") as lk:
+            assert [s.name for s in lk.removed_stale] == ["locks/" + "c" * 32]
         assert await _names(backend) == []
         # A fresh lock of another host blocks, whatever its pid.
         await backend.put("locks/" + "b" * 32, fresh)
@@ -385,5 +395,61 @@ def test_a_prune_whose_lock_is_removed_stops_before_its_next_step(  # type: igno
             assert out.getvalue() == kept
             assert (await repo.verify(read_data=True)).ok
             await repo.prune()
+
+    run(go())
+
+
+def test_a_stale_exclusive_lock_a_backup_goes_past_is_removed_not_ignored(  # type: ignore[no-untyped-def]
+    run, tmp_path: Path
+) -> None:
+    """A prune (exclusive) that stopped past the stale time, then a backup (shared) that
+    starts: the backup may go on, but only after removing the stale lock, so that the
+    prune, continuing, finds its lock gone at its next confirm() and deletes nothing
+    beside the backup. (Ignoring the stale lock would leave it in place, the prune's
+    compare-and-swap would succeed, and it would delete packs the backup now uses.)"""
+    backend = LocalBackend(tmp_path)
+
+    async def go() -> None:
+        prune = RepositoryLock(
+            backend, exclusive=True, operation="prune", refresh_interval=30, stale_after=60
+        )
+        await prune.acquire()
+        try:
+            await asyncio.sleep(0.7)  # "stopped": no refresh for longer than the others' 0.5 s
+            async with RepositoryLock(
+                backend, exclusive=False, operation="backup", refresh_interval=0.1, stale_after=0.5
+            ) as backup:
+                assert [lk.name for lk in backup.removed_stale] == [prune.name]
+                with pytest.raises(RepositoryLocked, match="removed or replaced"):
+                    await prune.confirm()
+                assert await _names(backend) == [backup.name]
+        finally:
+            await prune.release()
+
+    run(go())
+
+
+def test_a_stale_shared_lock_is_left_to_its_holder_by_another_backup(  # type: ignore[no-untyped-def]
+    run, tmp_path: Path
+) -> None:
+    """Shared locks do not conflict: a backup that finds another backup's stale lock
+    leaves it alone (that backup, if only stopped, may still commit safely)."""
+    backend = LocalBackend(tmp_path)
+
+    async def go() -> None:
+        first = RepositoryLock(
+            backend, exclusive=False, operation="backup", refresh_interval=30, stale_after=60
+        )
+        await first.acquire()
+        try:
+            await asyncio.sleep(0.7)
+            async with RepositoryLock(
+                backend, exclusive=False, operation="backup", refresh_interval=0.1, stale_after=0.5
+            ) as second:
+                assert second.removed_stale == []
+                await first.confirm()
+                assert sorted(await _names(backend)) == sorted([first.name, second.name])
+        finally:
+            await first.release()
 
     run(go())
