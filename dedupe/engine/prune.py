@@ -79,6 +79,7 @@ COALESCE_GAP = 256 * 1024  # read through gaps between live blobs smaller than t
 MAX_RANGE = 8 * 1024 * 1024
 READ_CONCURRENCY = 4
 DELETE_CONCURRENCY = 8
+DELETE_BATCH = 64  # deletions between two confirmations of the lock
 REENCRYPT_FLUSH = 256  # new packs per index object while re-encrypting (~4 GiB)
 TRAILER_ENTRY = 44  # docs/FORMAT.md section 6
 
@@ -459,13 +460,13 @@ async def _prune(
 
         # --- 3c. then the old index objects ------------------------------------------------------
         report_progress("deleting index objects")
-        await lock_held()
-        await _delete_all(backend, [n for n in index_names + flushed if n != written_name])
+        await _delete_all(
+            backend, [n for n in index_names + flushed if n != written_name], lock_held
+        )
 
     # --- 3d. then the packs nothing lists any more ------------------------------------------------
     report_progress("deleting packs")
-    await lock_held()
-    await _delete_all(backend, [pack_name(pid) for pid in to_delete])
+    await _delete_all(backend, [pack_name(pid) for pid in to_delete], lock_held)
 
     # --- 3e. quarantine records whose packs are all gone ------------------------------------------
     packs_left = (present - set(to_delete)) | {r.pack_id for r in new_packs}
@@ -592,14 +593,26 @@ async def _lock_not_checked() -> None:
     """For a caller of run_prune(lock=False) that passes no `confirm` (a test)."""
 
 
-async def _delete_all(backend: Backend, names: list[str]) -> None:
+async def _delete_all(
+    backend: Backend,
+    names: list[str],
+    lock_held: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Delete `names`; with `lock_held`, confirm the lock before every DELETE_BATCH of
+    them, so that a prune stopped half way through a long list, past the stale time,
+    deletes at most one batch more before it notices (docs/FORMAT.md 14.1)."""
+
     async def delete(name: str) -> None:
         try:
             await backend.delete(name)
         except MissingObject:  # gone already (an interrupted earlier prune)
             pass
 
-    await _gather_limited([delete(n) for n in names], DELETE_CONCURRENCY)
+    for start in range(0, len(names), DELETE_BATCH):
+        if lock_held is not None:
+            await lock_held()
+        batch = names[start : start + DELETE_BATCH]
+        await _gather_limited([delete(n) for n in batch], DELETE_CONCURRENCY)
 
 
 async def _drop_quarantine_records(store: RepositoryStore, packs_left: set[bytes]) -> set[bytes]:

@@ -453,3 +453,49 @@ def test_a_stale_shared_lock_is_left_to_its_holder_by_another_backup(  # type: i
             await first.release()
 
     run(go())
+
+
+def test_a_prune_that_loses_its_lock_half_way_through_its_deletions_stops(  # type: ignore[no-untyped-def]
+    run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside the long step "delete the packs nothing lists", prune confirms its lock every
+    DELETE_BATCH deletions (2 here): its lock removed after its first deletion, it deletes
+    at most the rest of that batch, then stops with RepositoryLocked."""
+    import dedupe.engine.prune as prune_module
+
+    monkeypatch.setattr(prune_module, "DELETE_BATCH", 2)
+    root = tmp_path / "repo"
+    kept = os.urandom(100_000)
+
+    async def go() -> None:
+        async with await make_repo(root) as repo:
+            keep = await repo.backup(io.BytesIO(kept), name="a", kind="full")
+            gone = await repo.backup(io.BytesIO(os.urandom(900_000)), name="b", kind="full")
+            await repo.forget(ids=[gone.id])
+            packs_before = {p.name for p in (root / "packs").rglob("*") if p.is_file()}
+            backend = repo._store.backend
+            real_delete = backend.delete
+            deleted: list[str] = []
+
+            async def delete(name: str) -> None:
+                await real_delete(name)
+                if name.startswith("packs/"):
+                    deleted.append(name)
+                    if len(deleted) == 1:
+                        for lock in (root / "locks").iterdir():
+                            lock.unlink()  # judged stale by someone, right now
+
+            monkeypatch.setattr(backend, "delete", delete)
+            with pytest.raises(RepositoryLocked, match="removed or replaced"):
+                await repo.prune()
+            monkeypatch.undo()
+            assert 1 <= len(deleted) <= 2
+            left = {p.name for p in (root / "packs").rglob("*") if p.is_file()}
+            assert len(packs_before - left) == len(deleted) and len(packs_before) - 2 > 2
+        async with await Repository.open(root, PASSPHRASE) as repo:
+            out = io.BytesIO()
+            await repo.restore(keep.id, out)
+            assert out.getvalue() == kept
+            await repo.prune()
+
+    run(go())
