@@ -13,8 +13,8 @@ import fcntl
 import os
 import secrets
 import stat
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 
 from dedupe.backends.base import Backend, Buffer
 from dedupe.errors import BackendError, MissingObject, ObjectChanged, TruncatedObject
@@ -135,41 +135,51 @@ class LocalBackend(Backend):
         os.close(fd)
         return tmp
 
-    def _put_sync(self, name: str, parts: Iterable[Buffer]) -> None:
+    def _install(
+        self,
+        name: str,
+        parts: Iterable[Buffer],
+        verb: str,
+        place: Callable[[str, str], bool],
+        guarded: bool,
+    ) -> None:
+        """Write `parts` to a fsynced temporary file, then `place(tmp, path)` it (under the
+        directory's guard if `guarded`; it says whether it moved the file away), then
+        fsync the directory. The temporary file never outlives the call."""
         path = self._path(name)
         directory = os.path.dirname(path)
         tmp = None
         try:
             tmp = self._write_tmp(directory, parts)
-            os.replace(tmp, path)
-            tmp = None
+            with _guard(directory) if guarded else nullcontext():
+                if place(tmp, path):
+                    tmp = None
             _fsync_dir(directory)
         except OSError as e:
-            raise _backend_error(e, "writing", path) from None
+            raise _backend_error(e, verb, path) from None
         finally:
             if tmp is not None:
                 _unlink_quietly(tmp)
+
+    def _put_sync(self, name: str, parts: Iterable[Buffer]) -> None:
+        def rename(tmp: str, path: str) -> bool:
+            os.replace(tmp, path)
+            return True
+
+        self._install(name, parts, "writing", rename, guarded=False)
 
     def _create_new_sync(self, name: str, data: Buffer) -> None:
         # link() of a complete temporary file: the object appears whole or not at all, and
         # only if the name is free (an O_EXCL create of the object itself could be seen
         # half written).
-        path = self._path(name)
-        directory = os.path.dirname(path)
-        tmp = None
-        try:
-            tmp = self._write_tmp(directory, (data,))
-            with _guard(directory):
-                try:
-                    os.link(tmp, path)
-                except FileExistsError:
-                    raise ObjectChanged(f"object {name} exists already") from None
-            _fsync_dir(directory)
-        except OSError as e:
-            raise _backend_error(e, "creating", path) from None
-        finally:
-            if tmp is not None:
-                _unlink_quietly(tmp)
+        def link(tmp: str, path: str) -> bool:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise ObjectChanged(f"object {name} exists already") from None
+            return False  # the temporary name goes, the object stays
+
+        self._install(name, (data,), "creating", link, guarded=True)
 
     def _current(self, name: str, expected: bytes) -> None:
         """Raise unless the object holds exactly `expected` (called under the guard)."""
@@ -177,21 +187,12 @@ class LocalBackend(Backend):
             raise ObjectChanged(f"object {name} was changed by someone else")
 
     def _swap_sync(self, name: str, data: Buffer, expected: bytes) -> None:
-        path = self._path(name)
-        directory = os.path.dirname(path)
-        tmp = None
-        try:
-            tmp = self._write_tmp(directory, (data,))
-            with _guard(directory):
-                self._current(name, expected)
-                os.replace(tmp, path)
-                tmp = None
-            _fsync_dir(directory)
-        except OSError as e:
-            raise _backend_error(e, "replacing", path) from None
-        finally:
-            if tmp is not None:
-                _unlink_quietly(tmp)
+        def swap(tmp: str, path: str) -> bool:
+            self._current(name, expected)
+            os.replace(tmp, path)
+            return True
+
+        self._install(name, (data,), "replacing", swap, guarded=True)
 
     def _delete_if_sync(self, name: str, expected: bytes) -> None:
         path = self._path(name)
