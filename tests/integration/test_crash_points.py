@@ -40,8 +40,8 @@ Torn writes, in two more variants:
   what was committed before is all there; verify names a torn manifest, index object,
   key map or keyring copy as damaged; a torn pack is listed by no index object yet (packs
   are written before the index object that lists them, 9.1), so nothing reads it, verify
-  counts it as unindexed, and prune deletes it; a torn lock is not JSON, counts as stale,
-  and the next exclusive locker removes it. Then recovery (see `_recover_torn_final`):
+  counts it as unindexed, and prune deletes it; a torn lock is not JSON, counts as a stale
+  exclusive lock, and the next locker removes it. Then recovery (see `_recover_torn_final`):
   the re-run and a prune either succeed, or refuse with an error naming the torn object
   and no traceback (only for an index object or a manifest); the operator's remedy is
   `dedupe forget ID` for a torn manifest still listed, else removing the named object;
@@ -952,8 +952,9 @@ def _torn_final_trial(
     # Named where it matters.
     if kind == "packs":  # listed by no index object yet: never read; prune deletes it
         assert look.verify["ok"] and look.verify["packs_unindexed"] >= 1, (where, look.verify)
-    elif kind == "locks":  # not a lock: stale, the next exclusive locker removes it
-        assert look.raw["locks"].get(torn) is not None, (where, look.raw["locks"])
+    elif kind == "locks":  # not a lock: it counts as a stale exclusive lock, so the first
+        # locker after the crash (the look's own restores) removed it, blocking no one
+        assert torn not in look.raw["locks"], (where, look.raw["locks"])
     else:
         assert torn in look.damaged(), f"{where}: verify does not name {torn}: {look.damaged()}"
     listed = torn.removeprefix("generations/") in look.generations
