@@ -202,6 +202,8 @@ class LocalBackend(Backend):
                 self._current(name, expected)
                 os.unlink(path)
             _fsync_dir(directory)
+        except FileNotFoundError:  # not even its directory: the object is missing
+            raise MissingObject(f"object {name} is missing from the repository") from None
         except OSError as e:
             raise _backend_error(e, "deleting", path) from None
 

@@ -168,6 +168,10 @@ def test_conditional_writes_change_nothing_unless_their_condition_holds(
         with pytest.raises(MissingObject):
             await backend.delete_if("locks/a", expected=b"third")
         assert await backend.list("locks/") == []  # nothing resurrected, no temporary left
+        with pytest.raises(MissingObject):  # not even a directory for it
+            await backend.delete_if("nowhere/a", expected=b"")
+        with pytest.raises(MissingObject):
+            await backend.swap("nowhere/a", b"back", expected=b"")
 
     run(go())
 
