@@ -334,8 +334,10 @@ class _Verifier:
         self.chunks_read = 0
         self.bytes_read = 0
         self.notes: list[str] = []
-        # Chunk copies the quarantine records name, and those of them this run read and
-        # found good (only these: a set of every copy read would grow with the repository).
+        # The chunk copies each authenticated quarantine record names, all of them, and
+        # those of them this run read and found good (only these: a set of every copy read
+        # would grow with the repository).
+        self.quarantine_records: dict[str, set[tuple[bytes, bytes]]] = {}
         self.quarantined: set[tuple[bytes, bytes]] = set()
         self.read_ok: set[tuple[bytes, bytes]] = set()
         # Whole packs held in memory at once while reading data, one per reader.
@@ -427,7 +429,9 @@ class _Verifier:
             try:
                 data = await self.backend.get(name)
                 triples = await self.store.open_quarantine(name, data)
-                self.quarantined.update((c, p) for c, p, _reason in triples)
+                pairs = {(c, p) for c, p, _reason in triples}
+                self.quarantine_records[name] = pairs
+                self.quarantined |= pairs
             except MissingObject:
                 continue
             except UnsupportedFormat as e:
@@ -682,14 +686,12 @@ class _Verifier:
         """Delete the quarantine records every copy of which this run read and found good
         (a pack hidden during an earlier verify, or a false record a reader key wrote):
         they would make backups store good chunks again, and prune refuse for good."""
-        for name in await self._objects(QUARANTINE_PREFIX):
-            try:
-                triples = await self.store.open_quarantine(name, await self.backend.get(name))
-            except DedupeError:
-                continue  # reported as damaged by check_quarantine_records
-            pairs = {(c, p) for c, p, _r in triples}
+        for name, pairs in self.quarantine_records.items():  # read by check_quarantine_records
             if pairs and pairs <= self.read_ok:
-                await self.backend.delete(name)
+                try:
+                    await self.backend.delete(name)
+                except MissingObject:
+                    continue  # retired meanwhile by another verify
                 self.notes.append(
                     f"{name} named {len(pairs)} chunk copies that this verify read and found "
                     "good: deleted"
