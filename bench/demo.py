@@ -40,7 +40,11 @@ def main() -> None:
     args = ap.parse_args()
     work = args.workdir.resolve()
     repo = work / "repo"
-    env = dict(os.environ, DEDUPE_REPO=str(repo), DEDUPE_PASSWORD="demo passphrase")
+    settings = {"DEDUPE_REPO": str(repo), "DEDUPE_PASSWORD": "demo passphrase"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEDUPE_PASSWORD")}
+    env.update(settings)
+    # Exactly what runs: these settings, then each command as printed (from .venv/bin).
+    print("$ export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in settings.items()))
     days = [work / "day1.db", work / "day2.db"]
 
     dedupe("init", env=env)

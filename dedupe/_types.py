@@ -39,6 +39,8 @@ class BackupStats:
     seconds: float
     parent: str | None = None
     note: str | None = None  # e.g. why an incremental became a full
+    # The chunking strategy used (a spec; a list when a tree's files used several).
+    chunker: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,6 +76,8 @@ class Generation:
     # The writer key that made it (hex id), from its key map entries; None for an admin.
     # A generation is listed only once authenticated, so this is never a header's claim.
     written_by: str | None = None
+    # The chunking strategy it was cut with (a spec; a list when a tree used several).
+    chunker: Any = None
 
     @property
     def dedupe_ratio(self) -> float:
@@ -100,4 +104,5 @@ class Generation:
             stored_bytes=int(header["stored_bytes"]),
             seconds=float(header["seconds"]),
             source=dict(header.get("source", {})),
+            chunker=header.get("chunker"),
         )

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import stat
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,7 @@ from typing import Any, BinaryIO
 
 from dedupe._types import BackupStats, Generation, Progress, ProgressCallback, RestoreStats
 from dedupe.backends import Backend, open_backend
-from dedupe.chunking import ChunkerParams, parse_spec
+from dedupe.chunking import ChunkerParams, describe, kept_spec, parse_spec
 from dedupe.crypto import KdfParams, get_passphrase
 from dedupe.crypto.aead import Buffer
 from dedupe.engine import iter_source, restore_chunks, run_backup, write_to_fileobj, write_to_path
@@ -141,7 +142,7 @@ class Repository:
         the argument, else DEDUPE_PASSWORD / _FILE / _COMMAND, else a terminal prompt."""
         store = await RepositoryStore.create(
             _backend(location),
-            _passphrase(passphrase, confirm=True),
+            lambda: _passphrase(passphrase, confirm=True),
             chunker=chunker,
             pack_size=pack_size,
             compression_level=compression_level,
@@ -157,7 +158,9 @@ class Repository:
         *,
         workers: int | None = None,
     ) -> Repository:
-        store = await RepositoryStore.open(_backend(location), _passphrase(passphrase, False))
+        store = await RepositoryStore.open(
+            _backend(location), lambda: _passphrase(passphrase, False)
+        )
         return cls(store, workers)
 
     async def close(self) -> None:
@@ -220,11 +223,19 @@ class Repository:
         kind: str = "incremental",
         progress: ProgressCallback | None = None,
         label: str | None = None,
-        chunker: str = "fastcdc",
+        chunker: str | None = None,
+        allow_empty: bool = False,
     ) -> BackupStats:
         """Back up a path, a binary file object or an async iterable of bytes as a new
         generation of `name`. Returns once the manifest is stored (the commit point).
-        Cancelling the task leaves the repository valid and adds no generation.
+        Cancelling the task (Ctrl-C, SIGTERM in the CLI) leaves the repository valid and
+        adds no generation; the packs it had stored are indexed, so the next backup of
+        the source does not store them again.
+
+        A source that gives no bytes (a stream or file of none, a directory with nothing
+        in it) raises EmptySource and commits nothing, unless `allow_empty`: that is what
+        a failed dump piped in, or an unmounted mount point, looks like, and an empty
+        generation would become the newest of `name`.
 
         `kind`: "full" (no parent), "incremental" (parent: the latest generation of `name`,
         any kind) or "differential" (parent: the latest full of `name`). With no full of
@@ -232,20 +243,25 @@ class Repository:
         A stream is always read whole; the manifest of an incremental or differential
         stores only its delta against the parent.
 
-        `chunker`: "fastcdc" (default), "auto" (a SQLite database is cut into blocks of its
-        page size, anything else by FastCDC), or "fixed:SIZE". Page-aligned blocks store a
-        day of changes to a SQLite file ~3x smaller than FastCDC, but a first full ~6%
-        larger and ~0.75x as fast (docs/CHUNKING.md), so they are not the default."""
+        `chunker`: "fastcdc", "auto" (a SQLite database is cut into blocks of its page
+        size, anything else by FastCDC), or "fixed:SIZE". Page-aligned blocks store a day
+        of changes to a SQLite file ~3x smaller than FastCDC, but a first full ~6% larger
+        and ~0.75x as fast (docs/CHUNKING.md). None (the default) keeps the strategy of
+        the name's latest generation (fastcdc for a new name): chunk boundaries that
+        change store the data again, so a change is made only when asked for, and `note`
+        then says what it cost."""
         if not name or "/" in name or "@" in name:
             raise ValueError("name must be non-empty and contain neither '/' nor '@'")
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
         self._require("back up")
-        spec = parse_spec(chunker, self._store.chunker_params)
+        spec = None if chunker is None else parse_spec(chunker, self._store.chunker_params)
         # A shared lock: backups run side by side, a prune (exclusive) waits for them.
         async with RepositoryLock(self._store.backend, exclusive=False, operation="backup") as lock:
             try:
-                return await self._backup_locked(source, name, kind, progress, label, lock, spec)
+                return await self._backup_locked(
+                    source, name, kind, progress, label, lock, spec, allow_empty
+                )
             except DedupeError as e:
                 await _blame_a_lost_lock(lock, e)
                 raise
@@ -258,22 +274,59 @@ class Repository:
         progress: ProgressCallback | None,
         label: str | None,
         lock: RepositoryLock,
-        spec: dict[str, Any] | str,
+        spec: dict[str, Any] | str | None,
+        allow_empty: bool,
     ) -> BackupStats:
-        parent, note = await self._parent_for(name, kind)
+        gens = await self.generations(name)
+        # The chunker is kept from this key's own generations, as the parent is taken
+        # (_parent_for): another key's header does not choose how this one cuts.
+        mine = [g for g in gens if self._store.written_by_me(g.id)]
+        previous = mine[-1].chunker if mine else None
+        chosen = spec if spec is not None else kept_spec(previous, self._store.chunker_params)
+        stats = await self._backup_source(
+            source, name, kind, gens, progress, label, lock, chosen, allow_empty
+        )
+        if spec is not None and previous is not None and stats.chunker != previous:
+            stats = _with_note(
+                stats,
+                f"the chunker of {name!r} changed from {describe(previous)} to "
+                f"{describe(stats.chunker)}: chunk boundaries moved, so this backup stored "
+                f"{stats.chunks_new} of its {stats.chunks} chunks again; the next backups "
+                "keep the new chunker and deduplicate against it",
+            )
+        return stats
+
+    async def _backup_source(
+        self,
+        source: Source,
+        name: str,
+        kind: str,
+        gens: list[Generation],
+        progress: ProgressCallback | None,
+        label: str | None,
+        lock: RepositoryLock,
+        spec: dict[str, Any] | str,
+        allow_empty: bool,
+    ) -> BackupStats:
+        parent, note = self._parent_for(gens, name, kind)
         if isinstance(source, str | os.PathLike) and os.path.isdir(source):
             stats = await self._backup_tree(
-                os.fspath(source), name, kind, parent, progress, lock.confirm, spec
+                os.fspath(source), name, kind, parent, progress, lock.confirm, spec, allow_empty
             )
             return _with_note(stats, note)
         size_hint = None
+        info: dict[str, Any] = {"type": "stream"}
         if isinstance(source, str | os.PathLike):
             label = label or os.fspath(source)
             try:
-                size_hint = os.stat(source).st_size
+                st = os.stat(source)
             except OSError:
                 pass
-        info = {"type": "stream", "label": label or ""}
+            else:
+                size_hint = st.st_size
+                if stat.S_ISREG(st.st_mode):  # what a restore to a path gives back
+                    info.update(mode=stat.S_IMODE(st.st_mode), mtime_ns=st.st_mtime_ns)
+        info["label"] = label or ""
         # The parent's complete table, in a file: the delta reads it from there.
         spilled = None
         if parent is not None:
@@ -295,6 +348,7 @@ class Repository:
                 parent=(parent.id, spilled) if parent is not None and spilled is not None else None,
                 before_commit=lock.confirm,
                 chunker=spec,
+                allow_empty=allow_empty,
             )
         finally:
             if spilled is not None:
@@ -312,6 +366,7 @@ class Repository:
         progress: ProgressCallback | None,
         before_commit: Callable[[], Awaitable[None]] | None = None,
         chunker: dict[str, Any] | str = "fastcdc",
+        allow_empty: bool = False,
     ) -> BackupStats:
         """Back up directory `root` as a tree generation (docs/FORMAT.md section 8.3). With
         a tree `parent`, an incremental or differential reads only new and changed files; a
@@ -340,6 +395,7 @@ class Repository:
             progress=progress,
             before_commit=before_commit,
             chunker=chunker,
+            allow_empty=allow_empty,
         )
         return _with_note(stats, note)
 
@@ -364,7 +420,9 @@ class Repository:
             progress=progress,
         )
 
-    async def _parent_for(self, name: str, kind: str) -> tuple[Generation | None, str | None]:
+    def _parent_for(
+        self, gens: list[Generation], name: str, kind: str
+    ) -> tuple[Generation | None, str | None]:
         """The parent of an incremental (the latest generation of `name`) or differential
         (its latest full), among the generations this key's role wrote itself: an admin's
         or this writer's (FORMAT.md 4.5). A backup trusts its parent's chunk table and
@@ -373,8 +431,10 @@ class Repository:
         admin's next incremental take its file contents)."""
         if kind == "full":
             return None, None
+        if not gens:  # the first generation of the name: a full, and nothing to say
+            return None, None
         store = self._store
-        gens = [g for g in await self.generations(name) if store.written_by_me(g.id)]
+        gens = [g for g in gens if store.written_by_me(g.id)]
         if kind == "differential":
             gens = [g for g in gens if g.kind == "full"]
         if not any(g.kind == "full" for g in gens):
@@ -415,7 +475,9 @@ class Repository:
         return sorted(gens, key=lambda g: (g.created, g.id))
 
     async def resolve(self, spec: str | Generation) -> Generation:
-        """A generation from an id, a unique id prefix, "latest" or "NAME@latest"."""
+        """A generation from an id, a unique id prefix, "NAME@latest", or "latest" (only
+        while the repository holds one name: with several, "latest" would pick another
+        source's data, so it raises AmbiguousGeneration listing the names)."""
         if isinstance(spec, Generation):
             return spec
         if spec == "latest" or spec.endswith("@latest"):
@@ -424,6 +486,13 @@ class Repository:
             if not gens:
                 where = f"named {name!r} " if name else ""
                 raise GenerationNotFound(f"there is no generation {where}in this repository")
+            names = sorted({g.name for g in gens})
+            if len(names) > 1:
+                raise AmbiguousGeneration(
+                    f"'latest' is ambiguous: this repository holds {len(names)} names "
+                    f"({', '.join(names)})",
+                    hint=f"say which with NAME@latest, e.g. {names[0]}@latest",
+                )
             return gens[-1]
         spec = spec.lower()
         if len(spec) < 4 or any(c not in "0123456789abcdef" for c in spec):
@@ -487,7 +556,16 @@ class Repository:
         async with contextlib.aclosing(await self._chunks(gen)) as chunks:
             stream = chunks if progress is None else _report(chunks, progress, gen.size)
             if isinstance(target, str | os.PathLike):
-                written = await write_to_path(stream, os.fspath(target), overwrite)
+                path = os.fspath(target)
+                if os.path.isdir(path):  # into a directory, under the name it was backed up as
+                    path = os.path.join(path, _file_name(gen))
+                written = await write_to_path(
+                    stream,
+                    path,
+                    overwrite,
+                    mode=gen.source.get("mode"),
+                    mtime_ns=gen.source.get("mtime_ns"),
+                )
             else:
                 written = await write_to_fileobj(stream, target)
         return RestoreStats(gen.id, written, gen.chunks, time.monotonic() - started)
@@ -703,6 +781,20 @@ async def _blame_a_lost_lock(lock: RepositoryLock, error: DedupeError) -> None:
         raise lost from error
     except DedupeError:
         pass  # the store fails us anyway: the original error says most
+
+
+def _file_name(gen: Generation) -> str:
+    """The name a stream generation restores under inside a directory: the last part of
+    the path it was backed up from (a label such as "<stdin>" is no file name)."""
+    label = str(gen.source.get("label") or "")
+    name = os.path.basename(label.rstrip("/"))
+    if not name or label.startswith("<") or name in (".", ".."):
+        raise TargetError(
+            f"generation {gen.id[:12]} was not backed up from a file, so it has no file name "
+            "to restore under in a directory",
+            hint="give the target's full path (DIR/NAME)",
+        )
+    return name
 
 
 def _with_note(stats: BackupStats, note: str | None) -> BackupStats:

@@ -656,6 +656,8 @@ class _Dedupe(_Tool):
 
     def __init__(self, env: _Env, rundir: Path) -> None:
         super().__init__(env, rundir)
+        for other in ("DEDUPE_PASSWORD_FILE", "DEDUPE_PASSWORD_COMMAND"):
+            self.env.pop(other, None)  # one passphrase source, or dedupe refuses to guess
         self.env.update(DEDUPE_REPO=str(self.repo), DEDUPE_PASSWORD=PASSPHRASE)
 
     async def version(self) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
@@ -21,13 +22,14 @@ import click
 import dedupe
 from dedupe._types import Progress
 from dedupe.api import Repository
-from dedupe.chunking import DEFAULT_PARAMS, ChunkerParams
+from dedupe.chunking import DEFAULT_PARAMS, ChunkerParams, parse_spec
 from dedupe.crypto import KdfParams
-from dedupe.errors import DedupeError
+from dedupe.errors import DedupeError, Interrupted, ReaderGone, TargetError, Terminated
 from dedupe.format.config import DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_SIZE
 
 T = TypeVar("T")
 MiB = 1024 * 1024
+INTERRUPTED = "interrupted; the repository is valid, and what was committed before stays"
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
@@ -39,7 +41,36 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     except ImportError:  # Windows, or a minimal install
         factory = None
     with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(coro)
+        return runner.run(_stopped_by_sigterm_as_by_sigint(coro))
+
+
+async def _stopped_by_sigterm_as_by_sigint(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro`; SIGTERM (what systemd and `timeout` send) cancels it as the Runner does
+    on Ctrl-C, so that a backup indexes what it stored and every lock is released, and
+    then raises Terminated. (Left to its default, SIGTERM ends the process on the spot,
+    lock and all.)"""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    except (NotImplementedError, RuntimeError, ValueError):  # no signals here (not main thread)
+        return await coro
+    try:
+        return await coro
+    except asyncio.CancelledError:
+        if terminated:
+            raise Terminated(INTERRUPTED.replace("interrupted", "terminated (SIGTERM)")) from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 def emit_json(obj: Any, stream: Any = None) -> None:
@@ -54,6 +85,11 @@ def printable(text: object) -> str:
         c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii")
         for c in str(text)
     )
+
+
+def count(n: int, noun: str) -> str:
+    """ "1 pack", "2 packs", "0 packs"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def human_bytes(n: float) -> str:
@@ -109,6 +145,10 @@ def handle_errors(fn: Callable[..., None]) -> Callable[..., None]:
         as_json = kwargs.get("as_json", False)
         try:
             fn(*args, **kwargs)
+        except ReaderGone as e:  # `restore GEN - | head`: end quietly, as cat would
+            # and do not let the interpreter's last flush of stdout complain at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(e.exit_code)
         except DedupeError as e:
             if as_json:
                 emit_json(
@@ -126,8 +166,8 @@ def handle_errors(fn: Callable[..., None]) -> Callable[..., None]:
                     click.echo(f"  hint: {printable(e.hint)}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
-            click.echo("dedupe: interrupted; the repository is unchanged", err=True)
-            sys.exit(130)
+            click.echo(f"dedupe: {INTERRUPTED}", err=True)
+            sys.exit(Interrupted.exit_code)
 
     return wrapper
 
@@ -141,6 +181,23 @@ def repo_location(ctx: click.Context) -> str:
     if not location:
         raise click.UsageError("no repository given: use -r/--repo or set DEDUPE_REPO")
     return str(location)
+
+
+def _source_name(value: str) -> str:
+    if not value or "/" in value or "@" in value:
+        raise click.BadParameter(
+            f"{value!r}: a name is non-empty, without '/' or '@' (e.g. orders-db)"
+        )
+    return value
+
+
+def _chunker(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            parse_spec(value, DEFAULT_PARAMS)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+    return value
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
@@ -185,7 +242,7 @@ def cli(ctx: click.Context, repo: str | None) -> None:
 )
 @click.option(
     "--pack-size",
-    type=int,
+    type=click.IntRange(1, 1024),
     default=DEFAULT_PACK_SIZE // MiB,
     show_default=True,
     help="Target pack size in MiB.",
@@ -229,6 +286,7 @@ def init(
     location = repo_location(ctx)
     try:
         params = ChunkerParams(chunk_min, chunk_avg, chunk_max, DEFAULT_PARAMS.normalization)
+        kdf = KdfParams(kdf_opslimit, kdf_memlimit * MiB)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
 
@@ -238,7 +296,7 @@ def init(
             chunker=params,
             pack_size=pack_size * MiB,
             compression_level=compression_level,
-            kdf=KdfParams(kdf_opslimit, kdf_memlimit * MiB),
+            kdf=kdf,
         )
         async with repo:
             return {"id": repo.id, "location": repo.location, "config": repo.config}
@@ -251,9 +309,14 @@ def init(
         click.echo("keep the passphrase safe: without it the data cannot be read")
 
 
-@cli.command()
+@cli.command(short_help="Back up a file, a directory tree or standard input.")
 @click.argument("source")
-@click.option("--name", required=True, help="Name of the source (e.g. orders-db).")
+@click.option(
+    "--name",
+    required=True,
+    callback=lambda _ctx, _param, value: _source_name(value),
+    help="Name of the source (e.g. orders-db).",
+)
 @click.option(
     "--type",
     "kind",
@@ -265,19 +328,36 @@ def init(
 )
 @click.option(
     "--chunker",
-    default="fastcdc",
-    show_default=True,
+    default=None,
+    callback=lambda _ctx, _param, value: _chunker(value),
     help="fastcdc; auto (SQLite databases in blocks of their page size: a third of the "
-    "incremental, a slightly larger and slower first full); or fixed:SIZE.",
+    "incremental, a slightly larger and slower first full); or fixed:SIZE. Default: the "
+    "chunker of NAME's latest generation (fastcdc for a new name); a change stores the "
+    "data again, and the note says how much.",
+)
+@click.option(
+    "--allow-empty",
+    is_flag=True,
+    help="Store a source of no bytes (or an empty directory) as a generation; without it "
+    "an empty source is refused (exit 53), as a failed dump in a pipe looks empty.",
 )
 @json_option
 @click.pass_context
 @handle_errors
 def backup(
-    ctx: click.Context, source: str, name: str, kind: str, chunker: str, as_json: bool
+    ctx: click.Context,
+    source: str,
+    name: str,
+    kind: str,
+    chunker: str | None,
+    allow_empty: bool,
+    as_json: bool,
 ) -> None:
     """Back up SOURCE (a file, a directory tree, or - for standard input) as a new
-    generation of NAME."""
+    generation of NAME.
+
+    In a pipeline, run the shell with `set -o pipefail`, so that a dump that fails fails
+    the pipeline too: dedupe sees only what the dump wrote before it failed."""
 
     async def go() -> dict[str, Any]:
         async with await open_repo(ctx) as repo:
@@ -290,10 +370,16 @@ def backup(
                         progress=callback,
                         label="<stdin>",
                         chunker=chunker,
+                        allow_empty=allow_empty,
                     )
                 else:
                     stats = await repo.backup(
-                        source, name=name, kind=kind, progress=callback, chunker=chunker
+                        source,
+                        name=name,
+                        kind=kind,
+                        progress=callback,
+                        chunker=chunker,
+                        allow_empty=allow_empty,
                     )
             return stats.to_dict()
 
@@ -306,8 +392,9 @@ def backup(
     mbs = s["bytes_read"] / s["seconds"] / 1e6 if s["seconds"] else 0.0
     click.echo(
         f"{s['kind']} generation {s['id'][:12]} of {name}: read {human_bytes(s['bytes_read'])} in "
-        f"{s['chunks']} chunks, {s['chunks_new']} new ({human_bytes(s['bytes_new'])}), stored "
-        f"{human_bytes(s['bytes_stored'])} in {s['packs']} packs, {s['seconds']:.2f} s "
+        f"{count(s['chunks'], 'chunk')}, {s['chunks_new']} new ({human_bytes(s['bytes_new'])}), "
+        f"stored {human_bytes(s['bytes_stored'])} in {count(s['packs'], 'pack')}, "
+        f"{s['seconds']:.2f} s "
         f"({mbs:.0f} MB/s)"
     )
 
@@ -336,7 +423,7 @@ def generations(ctx: click.Context, name: str | None, as_json: bool) -> None:
     from rich.text import Text
 
     table = Table(box=None)
-    for col in ("id", "name", "type", "parent", "created", "size", "new stored", "dedupe"):
+    for col in ("id", "name", "type", "parent", "created (UTC)", "size", "new stored", "dedupe"):
         table.add_column(
             col, justify="right" if col in ("size", "new stored", "dedupe") else "left"
         )
@@ -358,18 +445,26 @@ def generations(ctx: click.Context, name: str | None, as_json: bool) -> None:
     console.print(table)
 
 
-@cli.command()
+@cli.command(short_help="Restore a generation to a file, a directory or stdout.")
 @click.argument("generation")
 @click.argument("target")
 @click.option("--overwrite", is_flag=True, help="Replace TARGET if it exists.")
+@click.option("--force", is_flag=True, help="Write to standard output even if it is a terminal.")
 @json_option
 @click.pass_context
 @handle_errors
 def restore(
-    ctx: click.Context, generation: str, target: str, overwrite: bool, as_json: bool
+    ctx: click.Context, generation: str, target: str, overwrite: bool, force: bool, as_json: bool
 ) -> None:
-    """Restore GENERATION (an id, a unique prefix, latest or NAME@latest) to TARGET (a path,
-    or - for standard output). The bytes are verified before they are written."""
+    """Restore GENERATION (an id, a unique prefix, or NAME@latest; latest when the
+    repository holds one name) to TARGET: a path, a directory (the file goes in under the
+    name it was backed up as, with its mode and modification time), or - for standard
+    output. The bytes are verified before they are written."""
+    if target == "-" and not force and sys.stdout.isatty():
+        raise TargetError(
+            "standard output is a terminal: refusing to write a binary stream to it",
+            hint="redirect it to a file or a pipe, give a path, or pass --force",
+        )
 
     async def go() -> dict[str, Any]:
         async with await open_repo(ctx) as repo:
@@ -411,7 +506,7 @@ def _subset_option(
         raise click.BadParameter(str(e)) from None
 
 
-@cli.command()
+@cli.command(short_help="Check the repository's structure and, optionally, its data.")
 @click.option("--read-data", is_flag=True, help="Also read every pack and open every blob.")
 @click.option(
     "--read-data-subset",
@@ -497,16 +592,20 @@ def _print_verify(r: dict[str, Any]) -> None:
     if r["read_data"]:
         what += " and data" if r["subset"] is None else f" and data (subset {r['subset']})"
     click.echo(
-        f"verified {what}: {r['generations']} generations, {r['index_objects']} index "
-        f"objects, {r['packs']} packs, {r['chunks']} chunks"
+        f"verified {what}: {count(r['generations'], 'generation')}, "
+        f"{count(r['index_objects'], 'index object')}, {count(r['packs'], 'pack')}, "
+        f"{count(r['chunks'], 'chunk')}"
     )
     if r["read_data"]:
         click.echo(
-            f"read {r['packs_read']} packs ({human_bytes(r['bytes_read'])}), opened "
-            f"{r['chunks_read']} blobs in {r['seconds']:.2f} s"
+            f"read {count(r['packs_read'], 'pack')} ({human_bytes(r['bytes_read'])}), opened "
+            f"{count(r['chunks_read'], 'blob')} in {r['seconds']:.2f} s"
         )
     if r["packs_unindexed"]:
-        click.echo(f"{r['packs_unindexed']} packs are in no index object (not damage)")
+        n = r["packs_unindexed"]
+        click.echo(
+            f"{count(n, 'pack')} {'is' if n == 1 else 'are'} in no index object (not damage)"
+        )
     for d in r["damaged"]:
         click.echo(printable(f"DAMAGED {d['kind']} {d['name']}: {d['reason']}"))
         for line in d["details"][:5]:
@@ -526,7 +625,7 @@ def _print_verify(r: dict[str, Any]) -> None:
 # --- forget and prune --------------------------------------------------------------------------
 
 
-@cli.command()
+@cli.command(short_help="Remove generations by retention rules or by id.")
 @click.argument("ids", nargs=-1, metavar="[ID]...")
 @click.option("--name", default=None, help="Apply the keep rules to this source only.")
 @click.option(
@@ -572,7 +671,7 @@ def forget(
     """Remove generations by retention rules (per source name) or by ID. Only manifests
     are deleted; run 'dedupe prune' to free the space. A generation that a kept one
     depends on is never removed. Without any rule or ID nothing is removed."""
-    from dedupe.engine.forget import parse_duration
+    from dedupe.engine.forget import DependentsBlock, parse_duration
 
     try:
         within = parse_duration(keep_within) if keep_within is not None else None
@@ -599,6 +698,10 @@ def forget(
 
     try:
         r = run_async(go())
+    except DependentsBlock as e:
+        raise click.UsageError(
+            str(e).replace("with_dependents=True", "--with-dependents")
+        ) from None
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     if as_json:
@@ -616,7 +719,7 @@ def forget(
             f"{d['created'][:19].replace('T', ' ')}  {'; '.join(d['reasons'])}"
         )
     click.echo(
-        f"{verb} {len(r['removed'])} generation(s), kept {len(r['kept'])}"
+        f"{verb} {count(len(r['removed']), 'generation')}, kept {len(r['kept'])}"
         + ("" if dry_run or not r["removed"] else "; run 'dedupe prune' to free space")
     )
 
@@ -664,15 +767,15 @@ def prune(
         return
     verb = "would free" if dry_run else "freed"
     click.echo(
-        f"{verb} {human_bytes(r['bytes_freed'])}: {r['packs_deleted']} pack(s) deleted, "
+        f"{verb} {human_bytes(r['bytes_freed'])}: {count(r['packs_deleted'], 'pack')} deleted, "
         f"{r['packs_repacked']} repacked into {r['packs_written']}, "
-        f"{r['chunks_removed']} chunk(s) dropped from the index; "
-        f"{human_bytes(r['bytes_after'])} in {r['packs_after']} pack(s) remain "
-        f"for {r['generations']} generation(s) ({r['seconds']:.2f} s)"
+        f"{count(r['chunks_removed'], 'chunk')} dropped from the index; "
+        f"{human_bytes(r['bytes_after'])} in {count(r['packs_after'], 'pack')} remain "
+        f"for {count(r['generations'], 'generation')} ({r['seconds']:.2f} s)"
     )
 
 
-@cli.command()
+@cli.command(short_help="Remove stale locks left by killed processes.")
 @click.option(
     "--all",
     "all_locks",
@@ -705,13 +808,13 @@ def unlock(ctx: click.Context, all_locks: bool, as_json: bool) -> None:
             f"still held: {lk['name']}: {lk['operation']} by pid {lk['pid']} on "
             f"{lk['host']}, refreshed {lk['age']:.0f} s ago"
         )
-    click.echo(f"removed {len(r['removed'])} lock(s)")
+    click.echo(f"removed {count(len(r['removed']), 'lock')}")
 
 
 # --- keys ---------------------------------------------------------------------------------------
 
 
-@cli.group()
+@cli.group(short_help="Key holders, roles and epochs.")
 def key() -> None:
     """Key holders and key epochs: list, add, remove, passwd, rotate, status.
 
@@ -745,7 +848,7 @@ def key_list(ctx: click.Context, as_json: bool) -> None:
         _print_keys(keys)
 
 
-@key.command("add")
+@key.command("add", short_help="Add a key holder (admin, reader or writer).")
 @click.option(
     "--role",
     type=click.Choice(["admin", "reader", "writer"]),
@@ -841,7 +944,7 @@ def key_passwd(ctx: click.Context, as_json: bool) -> None:
         click.echo(f"changed the passphrase of key {k['id']} ({k['name']})")
 
 
-@key.command("rotate")
+@key.command("rotate", short_help="Start a new key epoch and retire the old one.")
 @click.option(
     "--reencrypt",
     is_flag=True,
@@ -879,7 +982,7 @@ def key_rotate(ctx: click.Context, reencrypt: bool, as_json: bool) -> None:
         )
 
 
-@key.command("status")
+@key.command("status", short_help="Each key epoch, and any unfinished rotation.")
 @json_option
 @click.pass_context
 @handle_errors
@@ -899,9 +1002,10 @@ def key_status(ctx: click.Context, as_json: bool) -> None:
         mark = "*" if e["current"] else " "
         click.echo(
             f"{mark} epoch {e['number']:>3} {e['state']:<8} created {e['created'][:19]}: "
-            f"{e['packs']} packs, {e['generations']} generations, {e['index_objects']} index "
-            f"objects, {e['quarantine_records']} quarantine records in {e['key_maps']} key "
-            f"map(s); {e['packs_born']} pack keys made in it"
+            f"{count(e['packs'], 'pack')}, {count(e['generations'], 'generation')}, "
+            f"{count(e['index_objects'], 'index object')}, "
+            f"{count(e['quarantine_records'], 'quarantine record')} in "
+            f"{count(e['key_maps'], 'key map')}; {count(e['packs_born'], 'pack key')} made in it"
         )
     if s["rotation_unfinished"]:
         click.echo("a rotation is unfinished: run 'dedupe key rotate' to finish it")
@@ -913,7 +1017,7 @@ def key_status(ctx: click.Context, as_json: bool) -> None:
     _print_keys(s["keys"])
 
 
-@cli.command()
+@cli.command(short_help="Measure MB/s and peak memory, against restic and borg.")
 @click.option("--data", type=click.Path(dir_okay=False), help="Benchmark on this file.")
 @click.option(
     "--size",
@@ -1003,6 +1107,34 @@ def show_warnings() -> None:
     logger = logging.getLogger("dedupe")
     logger.addHandler(handler)
     logger.setLevel(logging.WARNING)
+
+
+def _repo_after_the_command(group: click.Group) -> None:
+    """Let every command that opens a repository take -r/--repo after its name too
+    (`dedupe generations -r REPO`), as restic's and borg's do; given there, it wins over
+    the one before the command and DEDUPE_REPO."""
+
+    def remember(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        if value is not None:
+            ctx.ensure_object(dict)["repo"] = value
+
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            _repo_after_the_command(command)
+        elif command.name != "bench":
+            command.params.insert(
+                0,
+                click.Option(
+                    ["-r", "--repo"],
+                    metavar="PATH",
+                    expose_value=False,
+                    callback=remember,
+                    help="Repository (or DEDUPE_REPO; also accepted before the command).",
+                ),
+            )
+
+
+_repo_after_the_command(cli)
 
 
 def main() -> None:

@@ -43,6 +43,18 @@ class RepositoryLocked(DedupeError):
     exit_code = 13
 
 
+class LocationNotEmpty(DedupeError):
+    """`init` at a location that holds other things: a repository is never mixed in."""
+
+    exit_code = 14
+
+
+class UnsupportedLocation(DedupeError):
+    """A location in a form this version cannot open (a URL scheme it does not know)."""
+
+    exit_code = 15
+
+
 # --- keys (20-29) ---------------------------------------------------------------------------
 
 
@@ -132,10 +144,26 @@ class TargetError(DedupeError):
     exit_code = 51
 
 
+class ReaderGone(TargetError):
+    """The reader of a restored stream went away (`restore GEN - | head`): the command ends
+    quietly, with the status a shell reports for a writer killed by SIGPIPE."""
+
+    exit_code = 141
+
+
 class ScratchError(DedupeError):
     """A temporary file dedupe needs (in TMPDIR) could not be written (disk full)."""
 
     exit_code = 52
+
+
+class EmptySource(SourceError):
+    """The source gave no bytes at all. Nothing was committed: an empty generation would
+    become the newest of its name (the parent of the next incremental, a full that
+    retention counts), and an empty stream is what a failed dump piped into dedupe looks
+    like. Back up an empty stream on purpose with allow_empty."""
+
+    exit_code = 53
 
 
 # --- backends (60-69) -----------------------------------------------------------------------
@@ -154,4 +182,13 @@ class ObjectChanged(BackendError):
 
 
 class Interrupted(DedupeError):
+    """Ctrl-C (SIGINT): the command stopped where it was. What it had committed stays
+    valid; a backup keeps and indexes the packs it stored (the next backup reuses them)."""
+
     exit_code = 130
+
+
+class Terminated(Interrupted):
+    """SIGTERM (systemd stopping a unit, `timeout`): handled as Ctrl-C is."""
+
+    exit_code = 143

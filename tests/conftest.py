@@ -99,12 +99,17 @@ def cli_env(tmp_path: Path, repo_path: Path) -> dict[str, str]:
 
 
 def dedupe_cli(
-    *args: str, env: dict[str, str], input: bytes | None = None, check: bool = False
+    *args: str,
+    env: dict[str, str],
+    input: bytes | None = None,
+    check: bool = False,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run the real command in a child process, as an operator would."""
     return subprocess.run(
         [sys.executable, "-m", "dedupe", *args],
         env=env,
+        cwd=cwd,
         input=input,
         capture_output=True,
         check=check,

@@ -38,6 +38,8 @@ Names are '/'-separated relative paths ("packs/ab/ab12..."). Semantics:
   swap()'s errors. Locks (dedupe.store.locks) are made, refreshed and judged stale with
   these three, so that a refresh cannot resurrect a lock another process removed, nor a
   stale-lock removal delete one that was refreshed meanwhile.
+- `is_empty()`: whether the location holds nothing at all; `init` refuses one that does,
+  so that a repository is never mixed into other files.
 - `remove_leftovers()`: delete what interrupted puts left behind (temporary files, a
   store's incomplete uploads); returns how many. Only called under the repository's
   exclusive lock, when no put of a dedupe process is in flight.
@@ -111,6 +113,9 @@ class Backend(ABC):
 
     @abstractmethod
     async def delete_if(self, name: str, expected: bytes) -> None: ...
+
+    async def is_empty(self) -> bool:
+        return not await self.list("")
 
     async def remove_leftovers(self) -> int:
         """Delete what interrupted puts left; the default has nothing to delete."""

@@ -17,7 +17,13 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 
 from dedupe.backends.base import Backend, Buffer
-from dedupe.errors import BackendError, MissingObject, ObjectChanged, TruncatedObject
+from dedupe.errors import (
+    BackendError,
+    LocationNotEmpty,
+    MissingObject,
+    ObjectChanged,
+    TruncatedObject,
+)
 
 TMP_PREFIX = ".tmp-"
 
@@ -213,7 +219,7 @@ class LocalBackend(Backend):
             # Non-blocking, so that a FIFO planted where an object should be cannot hang
             # the reader; only regular files are objects.
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise MissingObject(
                 f"object {name} is missing from the repository",
                 hint="run 'dedupe verify' to see which generations are affected",
@@ -302,10 +308,13 @@ class LocalBackend(Backend):
         return removed
 
     def _stat_sync(self, name: str) -> int:
+        path = self._path(name)
         try:
-            return os.stat(self._path(name)).st_size
-        except FileNotFoundError:
+            return os.stat(path).st_size
+        except (FileNotFoundError, NotADirectoryError):  # a file where a directory should be
             raise MissingObject(f"object {name} is missing from the repository") from None
+        except OSError as e:
+            raise _backend_error(e, "reading", path) from None
 
     def _delete_sync(self, name: str) -> None:
         path = self._path(name)
@@ -350,3 +359,22 @@ class LocalBackend(Backend):
 
     async def remove_leftovers(self) -> int:
         return await asyncio.to_thread(self._remove_leftovers_sync)
+
+    async def is_empty(self) -> bool:
+        return await asyncio.to_thread(self._is_empty_sync)
+
+    def _is_empty_sync(self) -> bool:
+        """No such path, or an empty directory. A path that is a file is not a place for a
+        repository: LocationNotEmpty, as for a directory with files in it."""
+        try:
+            with os.scandir(self.root) as entries:
+                return next(entries, None) is None
+        except FileNotFoundError:
+            return True
+        except NotADirectoryError:
+            raise LocationNotEmpty(
+                f"{self.root} is a file, not a directory",
+                hint="give the path of a new or empty directory for the repository",
+            ) from None
+        except OSError as e:
+            raise _backend_error(e, "reading", self.root) from None

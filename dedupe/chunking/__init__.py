@@ -32,7 +32,16 @@ except ImportError as exc:  # no silent fallback to the 100x slower twin
 from ._pure import PyChunker
 from .gear import GEAR_CONTEXT, gear_table
 from .params import ALGORITHM, DEFAULT_PARAMS, ChunkerParams
-from .strategy import AUTO, FixedChunker, StreamChunker, make_chunker, parse_spec, sniff
+from .strategy import (
+    AUTO,
+    FixedChunker,
+    StreamChunker,
+    describe,
+    kept_spec,
+    make_chunker,
+    parse_spec,
+    sniff,
+)
 
 __all__ = [
     "ALGORITHM",
@@ -42,6 +51,8 @@ __all__ = [
     "MapReader",
     "FixedChunker",
     "StreamChunker",
+    "describe",
+    "kept_spec",
     "make_chunker",
     "parse_spec",
     "sniff",

@@ -72,6 +72,34 @@ def parse_spec(text: str, params: ChunkerParams) -> dict[str, Any] | str:
     raise ValueError(f"unknown chunker {text!r}: use auto, fastcdc or fixed:SIZE")
 
 
+def kept_spec(previous: Any, params: ChunkerParams) -> dict[str, Any] | str:
+    """The strategy a backup uses when none is asked for: the one the name's latest
+    generation recorded (`previous`: its header's "chunker"), so that a name keeps its
+    chunk boundaries and keeps deduplicating; several (a tree cut by auto) mean auto;
+    nothing recorded means fastcdc."""
+    if isinstance(previous, list):
+        return AUTO
+    try:
+        if isinstance(previous, dict) and previous.get("algorithm") == FIXED:
+            return fixed_spec(int(previous["block_size"]))
+        if isinstance(previous, dict) and previous.get("algorithm") == FASTCDC:
+            return ChunkerParams.from_dict(previous).to_dict()
+    except (KeyError, TypeError, ValueError):  # not a strategy this version can use
+        pass
+    return params.to_dict()
+
+
+def describe(spec: Any) -> str:
+    """A strategy for people: "fastcdc (avg 16384 B)", "fixed:4096", "auto"."""
+    if isinstance(spec, list):
+        return " + ".join(describe(s) for s in spec)
+    if isinstance(spec, dict) and spec.get("algorithm") == FIXED:
+        return f"fixed:{spec.get('block_size')}"
+    if isinstance(spec, dict):
+        return f"fastcdc (avg {spec.get('avg_size')} B)"
+    return str(spec)
+
+
 def sniff(first: bytes, params: ChunkerParams) -> dict[str, Any]:
     """The strategy `auto` picks for content starting with `first` (>= 100 bytes read)."""
     if first.startswith(SQLITE_MAGIC) and len(first) >= 18:

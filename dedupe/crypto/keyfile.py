@@ -21,7 +21,7 @@ import nacl.pwhash
 from dedupe.crypto.aead import new_key, open_sealed, seal
 from dedupe.crypto.epochs import box_public_of, new_box_secret
 from dedupe.crypto.signing import new_signing_seed, verify_key_of
-from dedupe.errors import IntegrityError, UnsupportedFormat, WrongPassphrase
+from dedupe.errors import IntegrityError, PassphraseMissing, UnsupportedFormat, WrongPassphrase
 
 ROLES = ("admin", "reader", "writer")
 KEY_ID_SIZE = 16
@@ -150,6 +150,11 @@ def _b64(b: bytes) -> str:
 def create_key_file(
     holder: HolderSecrets, passphrase: bytes, name: str, kdf: KdfParams | None = None
 ) -> bytes:
+    if not passphrase:
+        raise PassphraseMissing(
+            "an empty passphrase protects nothing; no key file was made",
+            hint="choose a passphrase of at least one character",
+        )
     kdf = kdf or KdfParams()
     salt = os.urandom(nacl.pwhash.argon2id.SALTBYTES)
     payload = json.dumps(

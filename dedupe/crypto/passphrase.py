@@ -20,34 +20,62 @@ def get_passphrase(
     variable: str = "DEDUPE_PASSWORD",
     prompt: str = "Repository passphrase",
 ) -> bytes:
-    """The passphrase from `variable`, `variable`_FILE, `variable`_COMMAND, or a prompt."""
+    """The passphrase from `variable`, `variable`_FILE, `variable`_COMMAND, or a prompt.
+    More than one of the three set is refused (which one was meant?), and so is an empty
+    passphrase from any source: an empty variable or file is a mistake, never a key."""
     env = os.environ if env is None else env
-    if variable in env:
-        return env[variable].encode()
-    if f"{variable}_FILE" in env:
-        path = env[f"{variable}_FILE"]
+    sources = [v for v in (variable, f"{variable}_FILE", f"{variable}_COMMAND") if v in env]
+    if len(sources) > 1:
+        raise PassphraseMissing(
+            f"{' and '.join(sources)} are set together: it is not clear which one to use",
+            hint="unset all but one",
+        )
+    if sources:
+        source = sources[0]
+        passphrase = _from_source(source, env[source])
+    elif sys.stdin is not None and sys.stdin.isatty():
+        source = "the passphrase typed"
+        passphrase = getpass.getpass(f"{prompt}: ").encode()
+        if confirm and getpass.getpass("Repeat passphrase: ").encode() != passphrase:
+            raise WrongPassphrase("the two passphrases differ; nothing was created")
+    else:
+        raise PassphraseMissing(
+            "no passphrase given",
+            hint=f"set {variable}, {variable}_FILE or {variable}_COMMAND, "
+            "or run on a terminal to be asked",
+        )
+    if not passphrase:
+        raise PassphraseMissing(
+            f"{source} is empty", hint="a passphrase must have at least one character"
+        )
+    return passphrase
+
+
+def _from_source(source: str, value: str) -> bytes:
+    if source.endswith("_FILE"):
         try:
-            with open(path, "rb") as f:
+            with open(value, "rb") as f:
                 return f.read().rstrip(b"\r\n")
         except OSError as e:
-            raise PassphraseMissing(f"cannot read {variable}_FILE {path!r}: {e.strerror}") from None
-    if f"{variable}_COMMAND" in env:
-        cmd = env[f"{variable}_COMMAND"]
+            raise PassphraseMissing(f"cannot read {source} {value!r}: {e.strerror}") from None
+    if source.endswith("_COMMAND"):
         try:
-            out = subprocess.run(shlex.split(cmd), capture_output=True, check=True, timeout=60)
-        except (OSError, subprocess.SubprocessError) as e:
-            raise PassphraseMissing(f"{variable}_COMMAND failed: {e}") from None
+            out = subprocess.run(shlex.split(value), capture_output=True, timeout=60)
+        except ValueError as e:  # shlex: unbalanced quotes
+            raise PassphraseMissing(f"{source} cannot be parsed: {e}") from None
+        except subprocess.TimeoutExpired:
+            raise PassphraseMissing(f"{source} ran for 60 s without finishing") from None
+        except OSError as e:
+            raise PassphraseMissing(f"{source} could not be run: {e.strerror}") from None
+        if out.returncode != 0:
+            said = out.stderr.decode(errors="replace").strip().splitlines()[-3:]
+            raise PassphraseMissing(
+                f"{source} failed with exit status {out.returncode}"
+                + (f": {' / '.join(said)}" if said else " and printed nothing on stderr"),
+                hint=f"run it yourself to see why: {value}",
+            )
         return out.stdout.rstrip(b"\r\n")
-    if sys.stdin is not None and sys.stdin.isatty():
-        first = getpass.getpass(f"{prompt}: ").encode()
-        if confirm and getpass.getpass("Repeat passphrase: ").encode() != first:
-            raise WrongPassphrase("the two passphrases differ; nothing was created")
-        return first
-    raise PassphraseMissing(
-        "no passphrase given",
-        hint=f"set {variable}, {variable}_FILE or {variable}_COMMAND, "
-        "or run on a terminal to be asked",
-    )
+    return value.encode()
 
 
 def get_new_passphrase(env: Mapping[str, str] | None = None) -> bytes:

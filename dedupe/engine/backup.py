@@ -23,6 +23,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,7 +43,7 @@ from dedupe.chunking import (
     sniff,
 )
 from dedupe.engine.stages import run_stages
-from dedupe.errors import SourceError
+from dedupe.errors import EmptySource, SourceError
 from dedupe.format.delta import DeltaBuilder
 from dedupe.format.index import ENTRY_RECORD
 from dedupe.format.manifest import CHUNK_RECORD
@@ -64,6 +66,8 @@ PACK_QUEUE = 1
 # are in written packs (and one at the end): what it holds for chunks it has stored is
 # then bounded (~100 bytes each, so ~3 MiB), whatever the size of the snapshot; the rest
 # is in the repository's native index, at most 64 bytes per chunk.
+log = logging.getLogger("dedupe")
+
 INDEX_FLUSH_ENTRIES = 32768
 
 
@@ -136,11 +140,18 @@ async def ingest(
     size_hint: int | None = None,
     chunker: dict[str, Any] | str = FASTCDC,
     table_out: TableSink | None = None,
+    before_salvage: Callable[[], Awaitable[None]] | None = None,
 ) -> Ingested:
     """Run the pipeline over `items` and store every new chunk. The packs written since
     the last index object are returned unindexed (`Ingested.pending`) and no manifest is
     written: the caller commits both. The chunk table goes to `table_out` when given,
     else into `Ingested.table`.
+
+    If the pipeline fails or is cancelled (Ctrl-C, SIGTERM) and `before_salvage` is given,
+    the packs written since the last index object are indexed before the error goes on,
+    once `before_salvage` (the lock's confirm) has not refused: no generation refers to
+    them, but the next backup finds their chunks and does not store them again (a resumed
+    backup costs what it had not yet stored). Prune removes them if none ever does.
 
     `chunker` is a strategy spec (dedupe.chunking.strategy), "fastcdc" (the repository's
     parameters) or "auto", which picks one per
@@ -287,19 +298,37 @@ async def ingest(
         queued.difference_update(cid for cid, *_ in ENTRY_RECORD.iter_unpack(batch.records))
         batch = IndexBatch()
 
-    async def write_stage() -> None:
+    async def store_pack(pack: FinishedPack) -> None:
         nonlocal packs_written
+        await store.write_finished_pack(pack, batch)
+        packs_written += 1
+        p.bytes_stored += len(pack.data)
+        packer.recycle(pack)
+
+    # The pack being written. Shielded from cancellation: a Ctrl-C that lands during a
+    # write waits for it (below) so that the pack is salvaged with the others, rather
+    # than landing on disk after the salvage as a pack no index lists.
+    writing: asyncio.Future[None] | None = None
+
+    async def write_stage() -> None:
+        nonlocal writing
         while (pack := await packs_q.get()) is not None:
-            await store.write_finished_pack(pack, batch)
-            packs_written += 1
-            p.bytes_stored += len(pack.data)
-            packer.recycle(pack)
+            writing = asyncio.ensure_future(store_pack(pack))
+            await asyncio.shield(writing)
+            writing = None
             if len(batch.records) >= INDEX_FLUSH_ENTRIES * ENTRY_RECORD.size:
                 await write_index()
 
     try:
         await run_stages(read_stage, chunk_stage, dedupe_stage, seal_stage, write_stage)
         final_digest = await digest_job(digest.hexdigest)
+    except BaseException:
+        if writing is not None:
+            with contextlib.suppress(BaseException):  # its own failure is not this one
+                await writing
+        if before_salvage is not None and packs_written:
+            await _salvage(store, batch, before_salvage, packs_written, p.bytes_stored)
+        raise
     finally:
         digest_thread.shutdown(wait=False, cancel_futures=True)
         release_buffers()
@@ -314,6 +343,35 @@ async def ingest(
 
     return Ingested(
         table, marks, final_digest, p, packs_written, time.monotonic() - started, specs, batch
+    )
+
+
+async def _salvage(
+    store: RepositoryStore,
+    batch: IndexBatch,
+    before_salvage: Callable[[], Awaitable[None]],
+    packs: int,
+    stored: int,
+) -> None:
+    """Index what a failed backup wrote (see ingest), and say so on the "dedupe" logger.
+    Never raises: the error that stopped the backup is the one to report."""
+    try:
+        await before_salvage()
+        if batch.packs:
+            await store.write_batch(batch)
+    except Exception as e:  # noqa: BLE001 - reported, and the original error goes on
+        log.warning(
+            "no generation was committed; the %d packs this backup wrote are not indexed "
+            "(%s): prune removes them",
+            packs,
+            getattr(e, "message", e),
+        )
+        return
+    log.warning(
+        "no generation was committed; the %d packs (%.1f MiB) this backup stored are kept "
+        "and indexed: the next backup of the source reuses them",
+        packs,
+        stored / 2**20,
     )
 
 
@@ -375,6 +433,15 @@ async def commit(
         packs=got.packs,
         seconds=got.seconds,
         parent=parent,
+        chunker=header["chunker"],
+    )
+
+
+def empty_source(message: str, looks_like: str) -> EmptySource:
+    return EmptySource(
+        f"{message}; nothing was committed",
+        hint=f"{looks_like} looks like this; to store an empty generation on purpose, "
+        "pass --allow-empty",
     )
 
 
@@ -391,11 +458,13 @@ async def run_backup(
     parent: tuple[str, SpilledTable] | None = None,
     before_commit: Callable[[], Awaitable[None]] | None = None,
     chunker: dict[str, Any] | str = FASTCDC,
+    allow_empty: bool = False,
 ) -> BackupStats:
     """Back up one stream as a generation of `name`. `parent` is (generation id, its
     complete chunk table in a file, from dedupe.store.tables.spill_complete_table) for
     an incremental or differential: the manifest then stores only the delta against that
-    table (dedupe.format.delta)."""
+    table (dedupe.format.delta). A stream of no bytes raises EmptySource unless
+    `allow_empty`."""
     if (kind == "full") != (parent is None):
         raise ValueError("a full has no parent; an incremental or differential needs one")
     loop = asyncio.get_running_loop()
@@ -425,7 +494,13 @@ async def run_backup(
             size_hint=size_hint,
             chunker=chunker,
             table_out=table_out,
+            before_salvage=before_commit,
         )
+        if got.progress.bytes_read == 0 and not allow_empty:
+            raise empty_source(
+                f"{source_info.get('label') or 'the source'} gave no bytes",
+                "a command that failed in a pipe (run the pipeline under `set -o pipefail`)",
+            )
         meta: dict[str, Any] = {"type": "stream", "digest": got.digest}
         if builder is not None:
             meta["delta"] = {"parent": parent_id, "ops": builder.ops()}

@@ -58,6 +58,11 @@ def parse_duration(text: str) -> timedelta:
     return total
 
 
+class DependentsBlock(ValueError):
+    """A generation named for removal has dependents that were not named. The message ends
+    with the API's way out; the command line says its own (--with-dependents)."""
+
+
 @dataclass(frozen=True)
 class ForgetPolicy:
     """What to keep (per source name) and what to remove. See the module docstring."""
@@ -236,9 +241,10 @@ def plan_forget(
         blocked = [d for d in descendants(gid) if d not in remove and d not in explicit]
         if blocked and not policy.with_dependents:
             deps = ", ".join(f"{by_id[d].kind} {_short(d)}" for d in blocked)
-            raise ValueError(
-                f"generation {_short(gid)} cannot be removed alone: {deps} depend(s) on it; "
-                "name them too, or use with_dependents (--with-dependents) to remove them"
+            raise DependentsBlock(
+                f"generation {_short(gid)} cannot be removed alone: {deps} "
+                f"{'depends' if len(blocked) == 1 else 'depend'} on it; name them too, or "
+                "remove them with it (with_dependents=True)"
             )
         for d in descendants(gid):
             remove.setdefault(d, []).append(f"depends on removed {_short(gid)}")

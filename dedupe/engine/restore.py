@@ -22,7 +22,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from dedupe.crypto.aead import Buffer
 from dedupe.engine.outfile import OutputFile, writev_all
-from dedupe.errors import IntegrityError, MissingObject, TargetError
+from dedupe.errors import IntegrityError, MissingObject, ReaderGone, TargetError
 from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.hashing import StreamDigest
 from dedupe.store import RepositoryStore
@@ -222,10 +222,16 @@ async def finish_in_thread(fn: Callable[..., T], *args: Any) -> T:
 
 
 async def write_to_path(
-    stream: AsyncIterator[list[Buffer]], path: str, overwrite: bool = False
+    stream: AsyncIterator[list[Buffer]],
+    path: str,
+    overwrite: bool = False,
+    mode: int | None = None,
+    mtime_ns: int | None = None,
 ) -> int:
     """Write to a temporary file beside `path`, fsync, and rename it into place only after
-    the whole stream was verified: a failed restore never leaves a plausible-looking file."""
+    the whole stream was verified: a failed restore never leaves a plausible-looking file.
+    `mode` (permission bits) and `mtime_ns`, when given, are set on it before the rename.
+    Errors name `path`, never the temporary file."""
     path = os.path.abspath(path)
     if os.path.isdir(path):
         raise TargetError(f"{path} is a directory; give a file name to restore into")
@@ -237,7 +243,7 @@ async def write_to_path(
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as e:
-        raise TargetError(f"cannot create {tmp}: {e.strerror}") from None
+        raise TargetError(f"cannot create {path}: {e.strerror}") from None
     written = 0
     try:
         out: OutputFile | None = None
@@ -250,6 +256,10 @@ async def write_to_path(
             if out is not None:
                 out.close()
             os.close(fd)
+        if mode is not None:
+            os.chmod(tmp, mode & 0o777)
+        if mtime_ns is not None:
+            os.utime(tmp, ns=(mtime_ns, mtime_ns))
         os.replace(tmp, path)
     except OSError as e:
         _unlink_quietly(tmp)
@@ -298,7 +308,7 @@ async def write_to_fileobj(stream: AsyncIterator[list[Buffer]], f: BinaryIO) -> 
             written += await finish_in_thread(write, parts)
         await finish_in_thread(f.flush)
     except BrokenPipeError:
-        raise TargetError("the reader of the restored stream went away (broken pipe)") from None
+        raise ReaderGone("the reader of the restored stream went away (broken pipe)") from None
     except OSError as e:
         raise TargetError(f"writing the restored stream failed: {e.strerror or e}") from None
     return written

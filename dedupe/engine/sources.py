@@ -49,10 +49,18 @@ async def _iter_path(path: str, read_size: int) -> AsyncIterator[Block]:
     except OSError as e:
         raise SourceError(f"cannot open {path}: {e.strerror}") from None
     try:
+        fd = f.fileno()
         # A regular file is mapped, not copied in (MapReader); pipes and devices are read.
-        mappable = stat.S_ISREG(os.fstat(f.fileno()).st_mode) and read_size % mmap.PAGESIZE == 0
-        reader = MapReader(read_size) if mappable else BlockReader(read_size)
-        async for block in _blocks(reader, f.fileno(), path):
+        mappable = stat.S_ISREG(os.fstat(fd).st_mode) and read_size % mmap.PAGESIZE == 0
+        mapped = 0
+        if mappable:
+            async for block in _blocks(MapReader(read_size), fd, path):
+                mapped += len(block)
+                yield block
+            # MapReader stops at the size the file reports. Some report less than they
+            # hold (/proc files say 0; a log may grow): read on to the real end.
+            os.lseek(fd, mapped, os.SEEK_SET)
+        async for block in _blocks(BlockReader(read_size), fd, path):
             yield block
     finally:
         await f.close()

@@ -31,7 +31,7 @@ from typing import Any
 from dedupe._types import BackupStats, Progress, ProgressCallback, RestoreStats
 from dedupe.chunking import BlockReader
 from dedupe.crypto.aead import Buffer
-from dedupe.engine.backup import FILE_END, Item, commit, ingest
+from dedupe.engine.backup import FILE_END, Item, commit, empty_source, ingest
 from dedupe.engine.outfile import writev_all
 from dedupe.engine.restore import finish_in_thread, restore_chunks
 from dedupe.engine.sources import READ_SIZE
@@ -209,14 +209,19 @@ async def backup_tree(
     progress: ProgressCallback | None = None,
     before_commit: Callable[[], Awaitable[None]] | None = None,
     chunker: dict[str, Any] | str = "fastcdc",
+    allow_empty: bool = False,
 ) -> BackupStats:
     """Back up directory `root` as a tree generation of `name`. `parent` is (generation id,
     its expanded entries) for an incremental or differential, None for a full (which reads
-    every file). Returns once the manifest is stored; `note` names skipped entries."""
+    every file). Returns once the manifest is stored; `note` names skipped entries. A
+    directory with nothing in it (an unmounted mount point looks like that) raises
+    EmptySource unless `allow_empty`."""
     if (kind == "full") != (parent is None):
         raise ValueError("a full has no parent; an incremental or differential needs one")
     started_ns = time.time_ns()
     entries, skipped = await asyncio.to_thread(scan_tree, root)
+    if len(entries) == 1 and not allow_empty:  # the root alone
+        raise empty_source(f"{root} is an empty directory", "an unmounted mount point")
     old = {e["path"]: e for e in parent[1]} if parent is not None else {}
     todo: list[Entry] = []
     for e in entries:
@@ -237,6 +242,7 @@ async def backup_tree(
         progress=progress,
         size_hint=sum(e["size"] for e in todo),
         chunker=chunker,
+        before_salvage=before_commit,
     )
     if len(got.marks) != len(todo) or len(sizes) != len(todo):
         raise RuntimeError("the backup pipeline lost a file boundary")

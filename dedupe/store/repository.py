@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
@@ -49,6 +50,7 @@ from dedupe.crypto.signing import CONFIG_DOMAIN
 from dedupe.errors import (
     GenerationNotFound,
     IntegrityError,
+    LocationNotEmpty,
     MissingObject,
     RepositoryExists,
     RepositoryNotFound,
@@ -300,7 +302,7 @@ class RepositoryStore:
     async def create(
         cls,
         backend: Backend,
-        passphrase: bytes,
+        passphrase: bytes | Callable[[], bytes],
         *,
         chunker: ChunkerParams | None = None,
         pack_size: int = DEFAULT_PACK_SIZE,
@@ -311,11 +313,18 @@ class RepositoryStore:
             raise ValueError(f"pack_size must be at least {MIN_PACK_SIZE} bytes")
         if not 1 <= compression_level <= 22:
             raise ValueError("compression_level must be within 1..22 (zstd levels)")
-        if await backend.exists("config"):
-            raise RepositoryExists(
-                f"a repository already exists at {backend.location}",
-                hint="choose another location, or use the existing repository",
+        if not await backend.is_empty():
+            if await backend.exists("config"):
+                raise RepositoryExists(
+                    f"a repository already exists at {backend.location}",
+                    hint="choose another location, or use the existing repository",
+                )
+            raise LocationNotEmpty(
+                f"{backend.location} is not empty: a repository needs a location of its own",
+                hint="give a new or empty directory; nothing was written",
             )
+        if callable(passphrase):  # asked for only once the location has proved usable
+            passphrase = passphrase()
         repository_id = os.urandom(32)
         holder = HolderSecrets.first_admin(repository_id)
         assert holder.admin_sign is not None
@@ -367,7 +376,12 @@ class RepositoryStore:
         return store
 
     @classmethod
-    async def open(cls, backend: Backend, passphrase: bytes) -> RepositoryStore:
+    async def open(
+        cls, backend: Backend, passphrase: bytes | Callable[[], bytes]
+    ) -> RepositoryStore:
+        """Open the repository at `backend` with `passphrase`, or with what the callable
+        returns: it is called once the config has shown that a repository is there, so
+        that a wrong location is reported before anyone is asked for a passphrase."""
         try:
             raw_config = await backend.get_small("config", MAX_CONFIG_BYTES)
         except MissingObject:
@@ -377,6 +391,8 @@ class RepositoryStore:
             ) from None
         config = parse_config(raw_config)
         repository_id = bytes.fromhex(config["id"])
+        if callable(passphrase):
+            passphrase = passphrase()
         holder = await cls._open_key_file(backend, repository_id, passphrase)
         problems: list[str] = []
         if not verify_record(holder.admin_verify_key, CONFIG_DOMAIN, config):

@@ -230,6 +230,6 @@ def test_forget_command(repo_path: Path, cli_env: dict[str, str], run_asyncio) -
     out = json.loads(r.stdout)
     assert out["dry_run"] and len(out["removed"]) == 2 and len(out["kept"]) == 1
     r = dedupe_cli("forget", "--keep-last", "1", env=cli_env, check=True)
-    assert b"removed 2 generation(s), kept 1" in r.stdout
+    assert b"removed 2 generations, kept 1" in r.stdout
     r = dedupe_cli("generations", "--json", env=cli_env, check=True)
     assert len(json.loads(r.stdout)) == 1

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from dedupe import Repository
 from dedupe.chunking import ChunkerParams
-from dedupe.errors import DedupeError, TargetError
+from dedupe.errors import AmbiguousGeneration, DedupeError, TargetError
 from dedupe.format.manifest import CHUNK_RECORD
 
 
@@ -73,7 +73,7 @@ def test_roundtrip_random_sizes_and_params(
 
     async def go() -> bytes:
         async with await make_repo(path, chunker=params) as repo:
-            stats = await repo.backup(io.BytesIO(data), name="rt")
+            stats = await repo.backup(io.BytesIO(data), name="rt", allow_empty=True)
             assert stats.bytes_read == len(data)
             out = io.BytesIO()
             await repo.restore(stats.id, out)
@@ -103,10 +103,13 @@ def test_sources_and_targets(run, tmp_path: Path, repo_path: Path) -> None:  # t
             gens = await repo.generations()
             assert [g.name for g in gens] == ["a", "b", "c"]
         async with await Repository.open(repo_path, PASSPHRASE) as repo:
-            for spec in (by_path.id, by_file.id[:8], "c@latest", "latest"):
+            for spec in (by_path.id, by_file.id[:8], "c@latest"):
                 out = tmp_path / f"out-{spec.replace('@', '_')}"
                 await repo.restore(spec, out)
                 assert out.read_bytes() == data
+            with pytest.raises(AmbiguousGeneration, match=r"\(a, b, c\)"):
+                await repo.restore("latest", tmp_path / "latest")  # which of three names?
+            assert not (tmp_path / "latest").exists()
             streamed = b"".join([part async for part in repo.restore_stream("a@latest")])
             assert streamed == data
 
