@@ -47,6 +47,37 @@ class BackupStats:
 
 
 @dataclass(frozen=True)
+class SpaceStats:
+    """What a name (or, with name None, the whole repository) holds: `logical_bytes` its
+    generations' sizes added up, `unique_bytes` the raw bytes of the distinct chunks they
+    reference, `stored_bytes` those chunks as stored (compressed, sealed)."""
+
+    name: str | None
+    generations: int
+    logical_bytes: int
+    unique_bytes: int
+    stored_bytes: int
+    chunks: int
+    missing_chunks: int  # referenced, but in no index object (verify says more)
+
+    @property
+    def dedupe_ratio(self) -> float:
+        """Logical bytes over unique bytes: what deduplication saves."""
+        return self.logical_bytes / self.unique_bytes if self.unique_bytes else 1.0
+
+    @property
+    def compression_ratio(self) -> float:
+        """Unique bytes over stored bytes: what compression saves, apart from dedupe."""
+        return self.unique_bytes / self.stored_bytes if self.stored_bytes else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dedupe_ratio"] = round(self.dedupe_ratio, 3)
+        d["compression_ratio"] = round(self.compression_ratio, 3)
+        return d
+
+
+@dataclass(frozen=True)
 class RestoreStats:
     id: str
     bytes_written: int

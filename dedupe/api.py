@@ -31,7 +31,14 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, BinaryIO
 
-from dedupe._types import BackupStats, Generation, Progress, ProgressCallback, RestoreStats
+from dedupe._types import (
+    BackupStats,
+    Generation,
+    Progress,
+    ProgressCallback,
+    RestoreStats,
+    SpaceStats,
+)
 from dedupe.backends import Backend, open_backend
 from dedupe.chunking import ChunkerParams, describe, kept_spec, parse_spec
 from dedupe.crypto import KdfParams, get_passphrase
@@ -40,6 +47,13 @@ from dedupe.engine import iter_source, restore_chunks, run_backup, write_to_file
 from dedupe.engine import keys as key_ops
 from dedupe.engine.forget import ForgetPolicy, ForgetReport, run_forget
 from dedupe.engine.keys import KeyInfo, KeyStatus, RotateReport
+from dedupe.engine.listing import (
+    diff_streams,
+    diff_trees,
+    space_stats,
+    stream_listing,
+    tree_listing,
+)
 from dedupe.engine.prune import PruneReport, run_prune
 from dedupe.engine.tree import backup_tree, load_tree, restore_tree
 from dedupe.engine.verify import SubsetSpec, VerifyReport, verify_repository
@@ -78,6 +92,7 @@ KINDS = ("full", "incremental", "differential")
 PERMITTED = {
     "back up": ("admin", "writer"),
     "restore": ("admin", "reader"),
+    "read generations": ("admin", "reader"),
     "verify": ("admin", "reader"),
     "forget": ("admin",),
     "prune": ("admin",),
@@ -511,6 +526,52 @@ class Repository:
                 f"{len(matches)} generations start with {spec}", hint="give more digits"
             )
         return Generation.from_header(await self._store.read_manifest_header(matches[0]))
+
+    # --- what is in it (engine/listing.py) ----------------------------------------------------
+
+    async def stats(self, name: str | None = None) -> list[SpaceStats]:
+        """Space per name (only `name`, if given), then the total (name None): logical
+        bytes, unique bytes of the distinct chunks referenced, stored bytes; dedupe and
+        compression ratios apart. Reads every generation's chunk table (no pack data)."""
+        self._require("read generations")
+        async with RepositoryLock(self._store.backend, exclusive=False, operation="stats"):
+            await self._store.refresh_index()
+            return await space_stats(self._store, await self.generations(name))
+
+    async def ls(
+        self, generation: str | Generation, path: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The entries of a tree generation at or below `path` (path, type, mode, size,
+        mtime_ns, a symlink's target), or a stream generation as one entry (its label,
+        size, chunks, digest)."""
+        self._require("read generations")
+        gen = await self.resolve(generation)
+        if gen.source.get("type") == "tree":
+            entries, _table = await load_tree(self._store, gen.id)
+            return tree_listing(entries, path)
+        meta, _table = await self._store.generation_chunks(gen.id)
+        return stream_listing(gen, meta)
+
+    async def diff(self, old: str | Generation, new: str | Generation) -> dict[str, Any]:
+        """What changed from `old` to `new`: for trees, the entries added, removed and
+        changed (content or metadata); for streams, the byte ranges of `new` made of
+        chunks `old` lacks, and how many bytes that is."""
+        self._require("read generations")
+        a, b = await self.resolve(old), await self.resolve(new)
+        kinds = {a.source.get("type"), b.source.get("type")}
+        if kinds == {"tree"}:
+            (old_entries, _), (new_entries, _) = [
+                await load_tree(self._store, a.id),
+                await load_tree(self._store, b.id),
+            ]
+            report: dict[str, Any] = {"type": "tree", **diff_trees(old_entries, new_entries)}
+        elif "tree" in kinds:
+            raise ValueError("one generation is a tree and the other a stream: nothing to compare")
+        else:
+            _, old_table = await self._store.generation_chunks(a.id)
+            _, new_table = await self._store.generation_chunks(b.id)
+            report = {"type": "stream", **diff_streams(old_table, new_table)}
+        return {"old": a.id, "new": b.id, **report}
 
     # --- restore -------------------------------------------------------------------------------
 

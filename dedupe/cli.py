@@ -445,6 +445,157 @@ def generations(ctx: click.Context, name: str | None, as_json: bool) -> None:
     console.print(table)
 
 
+def _print_table(columns: list[str], rows: list[list[Any]], right: set[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None)
+    for col in columns:
+        table.add_column(col, justify="right" if col in right else "left")
+    for row in rows:
+        table.add_row(*(Text(printable(cell)) for cell in row))  # no markup is interpreted
+    console = Console()
+    if not console.is_terminal:  # piped: no terminal width to fit, so do not truncate
+        console = Console(width=200)
+    console.print(table)
+
+
+def _utc(ns: int | None) -> str:
+    if ns is None:
+        return "-"
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@cli.command(short_help="Space per source: logical, unique and stored bytes.")
+@click.option("--name", default=None, help="Only this source.")
+@json_option
+@click.pass_context
+@handle_errors
+def stats(ctx: click.Context, name: str | None, as_json: bool) -> None:
+    """Space per source name and in total: the logical bytes of its generations, the
+    unique bytes of the distinct chunks they reference, and those chunks' stored
+    (compressed, sealed) bytes. The dedupe ratio (logical / unique) and the compression
+    ratio (unique / stored) are shown apart. A chunk shared by several names counts in
+    each of them, and once in the total."""
+
+    async def go() -> list[dict[str, Any]]:
+        async with await open_repo(ctx) as repo:
+            return [s.to_dict() for s in await repo.stats(name)]
+
+    groups = run_async(go())
+    if as_json:
+        emit_json(groups)
+        return
+    rows = [
+        [
+            "(total)" if g["name"] is None else g["name"],
+            str(g["generations"]),
+            human_bytes(g["logical_bytes"]),
+            human_bytes(g["unique_bytes"]),
+            human_bytes(g["stored_bytes"]),
+            f"{g['dedupe_ratio']:.2f}x",
+            f"{g['compression_ratio']:.2f}x",
+        ]
+        for g in groups
+    ]
+    columns = ["name", "generations", "logical", "unique", "stored", "dedupe", "compression"]
+    _print_table(columns, rows, set(columns) - {"name"})
+    missing = groups[-1]["missing_chunks"]
+    if missing:
+        click.echo(f"{count(missing, 'chunk')} in no index object: run 'dedupe verify'")
+
+
+@cli.command(short_help="List what a generation holds.")
+@click.argument("generation")
+@click.argument("path", required=False)
+@json_option
+@click.pass_context
+@handle_errors
+def ls(ctx: click.Context, generation: str, path: str | None, as_json: bool) -> None:
+    """List GENERATION: a tree's entries at or below PATH (mode, size, modification time
+    in UTC), or a stream's size, chunks and digest."""
+    import stat as stat_mod
+
+    async def go() -> list[dict[str, Any]]:
+        async with await open_repo(ctx) as repo:
+            return await repo.ls(generation, path)
+
+    entries = run_async(go())
+    if as_json:
+        emit_json(entries)
+        return
+    for e in entries:
+        if e["type"] == "stream":
+            click.echo(
+                printable(
+                    f"stream  {human_bytes(e['size'])}  {count(e['chunks'], 'chunk')}  "
+                    f"digest {e['digest']}  {e['path']}"
+                )
+            )
+            continue
+        kind = {
+            "file": stat_mod.S_IFREG,
+            "hardlink": stat_mod.S_IFREG,
+            "dir": stat_mod.S_IFDIR,
+            "symlink": stat_mod.S_IFLNK,
+            "fifo": stat_mod.S_IFIFO,
+            "chardev": stat_mod.S_IFCHR,
+            "blockdev": stat_mod.S_IFBLK,
+        }.get(e["type"], 0)
+        mode = stat_mod.filemode(kind | stat_mod.S_IMODE(e.get("mode", 0)))
+        target = f" -> {e['target']}" if "target" in e else ""
+        click.echo(
+            printable(
+                f"{mode} {e.get('size', 0):>12} {_utc(e.get('mtime_ns'))}  {e['path']}{target}"
+            )
+        )
+
+
+@cli.command(short_help="What changed between two generations.")
+@click.argument("old")
+@click.argument("new")
+@json_option
+@click.pass_context
+@handle_errors
+def diff(ctx: click.Context, old: str, new: str, as_json: bool) -> None:
+    """What changed from generation OLD to NEW: for trees, entries added (+), removed (-)
+    and changed (M, with what changed); for streams, the byte ranges of NEW whose chunks
+    OLD does not have, and how many new bytes that is."""
+
+    async def go() -> dict[str, Any]:
+        async with await open_repo(ctx) as repo:
+            return await repo.diff(old, new)
+
+    try:
+        r = run_async(go())
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    if as_json:
+        emit_json(r)
+        return
+    if r["type"] == "stream":
+        ranges = r["changed_ranges"]
+        click.echo(
+            f"{human_bytes(r['old_size'])} -> {human_bytes(r['new_size'])}: "
+            f"{human_bytes(r['new_bytes'])} new in {count(len(ranges), 'range')}"
+        )
+        for a, b in ranges[:50]:
+            click.echo(f"  bytes {a}..{b} ({human_bytes(b - a)})")
+        if len(ranges) > 50:
+            click.echo(f"  ... and {len(ranges) - 50} more (--json lists all)")
+        return
+    for entry in r["added"]:
+        click.echo(printable(f"+ {entry['path']}"))
+    for entry in r["removed"]:
+        click.echo(printable(f"- {entry['path']}"))
+    for entry in r["changed"]:
+        click.echo(printable(f"M {entry['path']} ({', '.join(entry['changed'])})"))
+    click.echo(f"{len(r['added'])} added, {len(r['removed'])} removed, {len(r['changed'])} changed")
+
+
 @cli.command(short_help="Restore a generation to a file, a directory or stdout.")
 @click.argument("generation")
 @click.argument("target")

@@ -1,0 +1,143 @@
+"""What is in a repository, read-only: space per name (`dedupe stats`), the entries of one
+generation (`dedupe ls`) and what changed between two (`dedupe diff`).
+
+Everything here reads authenticated manifests and the in-memory index; nothing is written
+and no pack is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from dedupe._types import Generation, SpaceStats
+from dedupe.format.manifest import CHUNK_RECORD
+from dedupe.format.tree import ROOT, Entry, is_below, records_size
+from dedupe.store import RepositoryStore
+
+# What `ls` shows of a tree entry, and what `diff` compares (besides content).
+SHOWN = ("path", "type", "mode", "size", "mtime_ns", "target")
+COMPARED = ("type", "mode", "uid", "gid", "size", "mtime_ns", "target")
+
+
+async def space_stats(store: RepositoryStore, gens: Iterable[Generation]) -> list[SpaceStats]:
+    """One SpaceStats per name, then the total (name None), over `gens`. A chunk that many
+    generations or names share counts once in each group's unique and stored bytes, so
+    the per-name figures add up to more than the total when names share data."""
+    by_name: dict[str, dict[bytes, int]] = {}
+    counts: dict[str, tuple[int, int]] = {}
+    total: dict[bytes, int] = {}
+    for g in gens:
+        _meta, table = await store.generation_chunks(g.id)
+        chunks = by_name.setdefault(g.name, {})
+        for chunk_id, length in CHUNK_RECORD.iter_unpack(table):
+            chunks[chunk_id] = length
+            total[chunk_id] = length
+        n, logical = counts.get(g.name, (0, 0))
+        counts[g.name] = (n + 1, logical + g.size)
+    result = [
+        _group(store, name, *counts[name], chunks) for name, chunks in sorted(by_name.items())
+    ]
+    n_all = sum(n for n, _ in counts.values())
+    logical_all = sum(size for _, size in counts.values())
+    result.append(_group(store, None, n_all, logical_all, total))
+    return result
+
+
+def _group(
+    store: RepositoryStore,
+    name: str | None,
+    generations: int,
+    logical: int,
+    chunks: dict[bytes, int],
+) -> SpaceStats:
+    stored = missing = 0
+    for chunk_id in chunks:
+        where = store.index.get(chunk_id)
+        if where is None:
+            missing += 1
+        else:
+            stored += where.stored_length
+    return SpaceStats(
+        name=name,
+        generations=generations,
+        logical_bytes=logical,
+        unique_bytes=sum(chunks.values()),
+        stored_bytes=stored,
+        chunks=len(chunks),
+        missing_chunks=missing,
+    )
+
+
+def tree_listing(entries: list[Entry], path: str | None) -> list[dict[str, Any]]:
+    """The entries at or below `path` (all when None), with the fields `ls` shows."""
+    top = ROOT if path in (None, "", ".", "/") else str(path).strip("/")
+    shown = []
+    for e in entries:
+        if is_below(e["path"], top):
+            row = {k: e[k] for k in SHOWN if k in e}
+            if e["type"] == "file":
+                row["size"] = records_size(e["records"])
+            shown.append(row)
+    return shown
+
+
+def stream_listing(gen: Generation, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """A stream generation as one entry: its label, size, chunk count and digest."""
+    row: dict[str, Any] = {
+        "path": gen.source.get("label") or "",
+        "type": "stream",
+        "size": gen.size,
+        "chunks": gen.chunks,
+        "digest": meta.get("digest"),
+    }
+    for key in ("mode", "mtime_ns"):
+        if key in gen.source:
+            row[key] = gen.source[key]
+    return [row]
+
+
+def diff_trees(old: list[Entry], new: list[Entry]) -> dict[str, list[dict[str, Any]]]:
+    """Entries added, removed and changed (content, or any of COMPARED) from old to new."""
+    before = {e["path"]: e for e in old}
+    after = {e["path"]: e for e in new}
+    changed = []
+    for path in sorted(before.keys() & after.keys()):
+        a, b = before[path], after[path]
+        what = [k for k in COMPARED if k != "size" and a.get(k) != b.get(k)]
+        if a.get("records") != b.get("records"):
+            what.append("content")
+        if what:
+            changed.append({"path": path, "type": b["type"], "changed": what})
+    return {
+        "added": [_brief(after[p]) for p in sorted(after.keys() - before.keys())],
+        "removed": [_brief(before[p]) for p in sorted(before.keys() - after.keys())],
+        "changed": changed,
+    }
+
+
+def _brief(e: Entry) -> dict[str, Any]:
+    size = records_size(e["records"]) if e["type"] == "file" else e.get("size", 0)
+    return {"path": e["path"], "type": e["type"], "size": size}
+
+
+def diff_streams(old_table: bytes, new_table: bytes) -> dict[str, Any]:
+    """Byte ranges of the new stream whose chunks the old one does not have, merged where
+    they touch, and how many bytes that is (what the newer stream added)."""
+    known = {chunk_id for chunk_id, _ in CHUNK_RECORD.iter_unpack(old_table)}
+    ranges: list[list[int]] = []
+    offset = new_bytes = 0
+    for chunk_id, length in CHUNK_RECORD.iter_unpack(new_table):
+        if chunk_id not in known:
+            new_bytes += length
+            if ranges and ranges[-1][1] == offset:
+                ranges[-1][1] = offset + length
+            else:
+                ranges.append([offset, offset + length])
+        offset += length
+    return {
+        "old_size": records_size(old_table),
+        "new_size": offset,
+        "new_bytes": new_bytes,
+        "changed_ranges": [(a, b) for a, b in ranges],
+    }
