@@ -41,6 +41,9 @@ class BackupStats:
     note: str | None = None  # e.g. why an incremental became a full
     # The chunking strategy used (a spec; a list when a tree's files used several).
     chunker: Any = None
+    # Entries of a tree that could not be read and are not in the generation (a partial
+    # backup; the command exits 3). Empty for a complete one.
+    unreadable: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

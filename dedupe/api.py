@@ -25,7 +25,14 @@ import dataclasses
 import os
 import stat
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Sequence,
+)
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from types import TracebackType
@@ -240,6 +247,8 @@ class Repository:
         label: str | None = None,
         chunker: str | None = None,
         allow_empty: bool = False,
+        exclude: Sequence[str] = (),
+        strict: bool = False,
     ) -> BackupStats:
         """Back up a path, a binary file object or an async iterable of bytes as a new
         generation of `name`. Returns once the manifest is stored (the commit point).
@@ -264,18 +273,27 @@ class Repository:
         and ~0.75x as fast (docs/CHUNKING.md). None (the default) keeps the strategy of
         the name's latest generation (fastcdc for a new name): chunk boundaries that
         change store the data again, so a change is made only when asked for, and `note`
-        then says what it cost."""
+        then says what it cost.
+
+        A directory tree: `exclude` leaves out entries matching its patterns ("*.log"
+        by name at any depth, "var/tmp" by path from the root). An entry that cannot be
+        read (permissions) is left out and listed in `unreadable` (a partial backup)
+        unless `strict`, which fails the backup instead."""
         if not name or "/" in name or "@" in name:
             raise ValueError("name must be non-empty and contain neither '/' nor '@'")
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
         self._require("back up")
         spec = None if chunker is None else parse_spec(chunker, self._store.chunker_params)
+        is_tree = isinstance(source, str | os.PathLike) and os.path.isdir(source)
+        if exclude and not is_tree:
+            raise ValueError("exclude patterns apply to directory trees only")
+        tree_options = {"exclude": tuple(exclude), "strict": strict}
         # A shared lock: backups run side by side, a prune (exclusive) waits for them.
         async with RepositoryLock(self._store.backend, exclusive=False, operation="backup") as lock:
             try:
                 return await self._backup_locked(
-                    source, name, kind, progress, label, lock, spec, allow_empty
+                    source, name, kind, progress, label, lock, spec, allow_empty, tree_options
                 )
             except DedupeError as e:
                 await _blame_a_lost_lock(lock, e)
@@ -291,6 +309,7 @@ class Repository:
         lock: RepositoryLock,
         spec: dict[str, Any] | str | None,
         allow_empty: bool,
+        tree_options: dict[str, Any],
     ) -> BackupStats:
         gens = await self.generations(name)
         # The chunker is kept from this key's own generations, as the parent is taken
@@ -299,7 +318,7 @@ class Repository:
         previous = mine[-1].chunker if mine else None
         chosen = spec if spec is not None else kept_spec(previous, self._store.chunker_params)
         stats = await self._backup_source(
-            source, name, kind, gens, progress, label, lock, chosen, allow_empty
+            source, name, kind, gens, progress, label, lock, chosen, allow_empty, tree_options
         )
         if spec is not None and previous is not None and stats.chunker != previous:
             stats = _with_note(
@@ -322,11 +341,20 @@ class Repository:
         lock: RepositoryLock,
         spec: dict[str, Any] | str,
         allow_empty: bool,
+        tree_options: dict[str, Any],
     ) -> BackupStats:
         parent, note = self._parent_for(gens, name, kind)
         if isinstance(source, str | os.PathLike) and os.path.isdir(source):
             stats = await self._backup_tree(
-                os.fspath(source), name, kind, parent, progress, lock.confirm, spec, allow_empty
+                os.fspath(source),
+                name,
+                kind,
+                parent,
+                progress,
+                lock.confirm,
+                spec,
+                allow_empty,
+                tree_options,
             )
             return _with_note(stats, note)
         size_hint = None
@@ -382,6 +410,7 @@ class Repository:
         before_commit: Callable[[], Awaitable[None]] | None = None,
         chunker: dict[str, Any] | str = "fastcdc",
         allow_empty: bool = False,
+        tree_options: dict[str, Any] | None = None,
     ) -> BackupStats:
         """Back up directory `root` as a tree generation (docs/FORMAT.md section 8.3). With
         a tree `parent`, an incremental or differential reads only new and changed files; a
@@ -411,6 +440,7 @@ class Repository:
             before_commit=before_commit,
             chunker=chunker,
             allow_empty=allow_empty,
+            **(tree_options or {}),
         )
         return _with_note(stats, note)
 

@@ -29,6 +29,7 @@ from dedupe.format.config import DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_SIZE
 
 T = TypeVar("T")
 MiB = 1024 * 1024
+PARTIAL_EXIT = 3  # a backup committed without some unreadable entries (restic's code too)
 INTERRUPTED = "interrupted; the repository is valid, and what was committed before stays"
 
 
@@ -336,6 +337,19 @@ def init(
     "data again, and the note says how much.",
 )
 @click.option(
+    "--exclude",
+    multiple=True,
+    metavar="PATTERN",
+    help="Leave out tree entries matching PATTERN: '*.log' by name at any depth, "
+    "'var/tmp' by path from the tree's root. Repeatable.",
+)
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Fail if any entry of a tree cannot be read; without it such entries are left out, "
+    "listed, and the command exits 3 (a partial backup).",
+)
+@click.option(
     "--allow-empty",
     is_flag=True,
     help="Store a source of no bytes (or an empty directory) as a generation; without it "
@@ -350,6 +364,8 @@ def backup(
     name: str,
     kind: str,
     chunker: str | None,
+    exclude: tuple[str, ...],
+    strict: bool,
     allow_empty: bool,
     as_json: bool,
 ) -> None:
@@ -358,6 +374,9 @@ def backup(
 
     In a pipeline, run the shell with `set -o pipefail`, so that a dump that fails fails
     the pipeline too: dedupe sees only what the dump wrote before it failed."""
+
+    if exclude and (source == "-" or not os.path.isdir(source)):
+        raise click.BadParameter("applies to directory trees only", param_hint="--exclude")
 
     async def go() -> dict[str, Any]:
         async with await open_repo(ctx) as repo:
@@ -380,15 +399,23 @@ def backup(
                         progress=callback,
                         chunker=chunker,
                         allow_empty=allow_empty,
+                        exclude=exclude,
+                        strict=strict,
                     )
             return stats.to_dict()
 
     s = run_async(go())
     if s.get("note"):
-        click.echo(f"dedupe: note: {s['note']}", err=True)
+        click.echo(f"dedupe: note: {printable(s['note'])}", err=True)
     if as_json:
         emit_json(s)
-        return
+    else:
+        _print_backup(name, s)
+    if s["unreadable"]:  # committed, but not everything: say so in the exit status too
+        sys.exit(PARTIAL_EXIT)
+
+
+def _print_backup(name: str, s: dict[str, Any]) -> None:
     mbs = s["bytes_read"] / s["seconds"] / 1e6 if s["seconds"] else 0.0
     click.echo(
         f"{s['kind']} generation {s['id'][:12]} of {name}: read {human_bytes(s['bytes_read'])} in "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fnmatch
 import os
 import secrets
 import shutil
@@ -54,6 +55,7 @@ from dedupe.hashing import StreamDigest
 from dedupe.store import RepositoryStore
 
 _R = CHUNK_RECORD.size
+UNREAD = -1  # in `sizes`: a file that could not be opened
 _NAMED_SKIPS = 5  # skipped paths named in a backup's note
 # A file changed this close before its backup began may change again with the same
 # mtime and ctime (coarse file system clocks: a jiffy on ext4, 2 s on FAT); it is marked
@@ -100,26 +102,64 @@ def _entry(path: str, st: os.stat_result, kind: str) -> Entry:
     }
 
 
-def _list_dir(abs_dir: str, rel: str) -> Iterator[tuple[str, str, os.stat_result]]:
+class _Scan:
+    """What a walk met besides entries: `skipped` (sockets and other unsupported types),
+    `unreadable` (entries that could not be read; a strict walk raises instead)."""
+
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+        self.skipped: list[str] = []
+        self.unreadable: list[str] = []
+
+    def cannot(self, rel: str, message: str) -> None:
+        if self.strict:
+            raise SourceError(message, hint="without --strict, it is skipped and reported")
+        self.unreadable.append(rel)
+
+
+def _list_dir(abs_dir: str, rel: str, scan: _Scan) -> Iterator[tuple[str, str, os.stat_result]]:
     """(absolute path, entry path, lstat) of a directory's entries, sorted by name."""
     try:
         with os.scandir(abs_dir) as it:
             found = sorted((d.name, d.path) for d in it)
     except OSError as e:
-        raise SourceError(f"cannot read directory {abs_dir}: {e.strerror}") from None
+        scan.cannot(rel, f"cannot read directory {abs_dir}: {e.strerror}")
+        return
     for name, abs_path in found:
+        path = name if rel == ROOT else f"{rel}/{name}"
         try:
             st = os.lstat(abs_path)
+        except FileNotFoundError:
+            continue  # gone since the listing: it is not part of this backup
         except OSError as e:
-            raise SourceError(f"cannot stat {abs_path}: {e.strerror}") from None
-        yield abs_path, (name if rel == ROOT else f"{rel}/{name}"), st
+            scan.cannot(path, f"cannot stat {abs_path}: {e.strerror}")
+            continue
+        yield abs_path, path, st
 
 
-def scan_tree(root: str) -> tuple[list[Entry], list[str]]:
-    """Walk `root` (blocking; run it on a thread): (entries in entry order, without file
-    records or digests; paths skipped as unsupported, e.g. sockets). Symlinks are recorded,
-    never followed; the second and later paths of a non-directory inode become hardlink
-    entries. SourceError names any directory or entry that cannot be read."""
+def excluded(path: str, patterns: Sequence[str]) -> bool:
+    """Whether an entry path matches an --exclude pattern: a pattern with a "/" matches
+    the path from the root (a leading "/" is allowed: "/var/tmp"), one without matches
+    the entry's name at any depth ("*.log", "node_modules")."""
+    name = path.rsplit("/", 1)[-1]
+    for pattern in patterns:
+        if "/" in pattern:
+            if fnmatch.fnmatchcase(path, pattern.strip("/")):
+                return True
+        elif fnmatch.fnmatchcase(name, pattern):
+            return True
+    return False
+
+
+def scan_tree(
+    root: str, exclude: Sequence[str] = (), strict: bool = True
+) -> tuple[list[Entry], _Scan]:
+    """Walk `root` (blocking; run it on a thread): entries in entry order, without file
+    records or digests, and what the walk skipped. Symlinks are recorded, never followed;
+    the second and later paths of a non-directory inode become hardlink entries; entries
+    matching `exclude` (see excluded) are left out, a directory with its contents. An
+    entry that cannot be read raises SourceError when `strict`, else is left out and
+    listed in `unreadable` (a directory that cannot be listed is kept, empty)."""
     try:
         root_st = os.stat(root)
     except OSError as err:
@@ -127,18 +167,20 @@ def scan_tree(root: str) -> tuple[list[Entry], list[str]]:
     if not stat.S_ISDIR(root_st.st_mode):
         raise SourceError(f"{root} is not a directory")
     entries = [_entry(ROOT, root_st, "dir")]
-    skipped: list[str] = []
+    scan = _Scan(strict)
     first_path: dict[tuple[int, int], str] = {}
-    stack = [_list_dir(root, ROOT)]
+    stack = [_list_dir(root, ROOT, scan)]
     while stack:
         item = next(stack[-1], None)
         if item is None:
             stack.pop()
             continue
         abs_path, rel, st = item
+        if exclude and excluded(rel, exclude):
+            continue
         kind = _TYPES.get(stat.S_IFMT(st.st_mode))
         if kind is None:
-            skipped.append(rel)
+            scan.skipped.append(rel)
             continue
         if kind != "dir" and st.st_nlink > 1:
             first = first_path.setdefault((st.st_dev, st.st_ino), rel)
@@ -152,13 +194,14 @@ def scan_tree(root: str) -> tuple[list[Entry], list[str]]:
             try:
                 e["target"] = os.readlink(abs_path)
             except OSError as err:
-                raise SourceError(f"cannot read symlink {abs_path}: {err.strerror}") from None
+                scan.cannot(rel, f"cannot read symlink {abs_path}: {err.strerror}")
+                continue
         elif kind in ("chardev", "blockdev"):
             e["rdev"] = st.st_rdev
         entries.append(e)
         if kind == "dir":
-            stack.append(_list_dir(abs_path, rel))
-    return entries, skipped
+            stack.append(_list_dir(abs_path, rel, scan))
+    return entries, scan
 
 
 def _open_regular(path: str) -> int:
@@ -174,13 +217,21 @@ def _open_regular(path: str) -> int:
     return fd
 
 
-async def _read_files(root: str, files: Sequence[Entry], sizes: list[int]) -> AsyncIterator[Item]:
+async def _read_files(
+    root: str, files: Sequence[Entry], sizes: list[int], scan: _Scan
+) -> AsyncIterator[Item]:
     """The bytes of `files` in order, each followed by FILE_END; appends each file's length
-    as read to `sizes`."""
+    as read to `sizes`, or UNREAD for a file that could not be opened (not strict)."""
     reader = BlockReader(READ_SIZE)  # reused blocks, sliced by the chunker in place
     for e in files:
         path = os.path.join(root, e["path"])
-        fd = await asyncio.to_thread(_open_regular, path)
+        try:
+            fd = await asyncio.to_thread(_open_regular, path)
+        except SourceError as err:
+            scan.cannot(e["path"], err.message)
+            sizes.append(UNREAD)
+            yield FILE_END
+            continue
         n = 0
         try:
             while True:
@@ -210,16 +261,20 @@ async def backup_tree(
     before_commit: Callable[[], Awaitable[None]] | None = None,
     chunker: dict[str, Any] | str = "fastcdc",
     allow_empty: bool = False,
+    exclude: Sequence[str] = (),
+    strict: bool = False,
 ) -> BackupStats:
     """Back up directory `root` as a tree generation of `name`. `parent` is (generation id,
     its expanded entries) for an incremental or differential, None for a full (which reads
     every file). Returns once the manifest is stored; `note` names skipped entries. A
     directory with nothing in it (an unmounted mount point looks like that) raises
-    EmptySource unless `allow_empty`."""
+    EmptySource unless `allow_empty`. `exclude`: patterns of entries to leave out (see
+    excluded). An entry that cannot be read fails the backup when `strict`; otherwise it
+    is left out, and `unreadable` lists it (a partial backup)."""
     if (kind == "full") != (parent is None):
         raise ValueError("a full has no parent; an incremental or differential needs one")
     started_ns = time.time_ns()
-    entries, skipped = await asyncio.to_thread(scan_tree, root)
+    entries, scan = await asyncio.to_thread(scan_tree, root, exclude, strict)
     if len(entries) == 1 and not allow_empty:  # the root alone
         raise empty_source(f"{root} is an empty directory", "an unmounted mount point")
     old = {e["path"]: e for e in parent[1]} if parent is not None else {}
@@ -237,7 +292,7 @@ async def backup_tree(
     sizes: list[int] = []
     got = await ingest(
         store,
-        _read_files(root, todo, sizes),
+        _read_files(root, todo, sizes, scan),
         executor=executor,
         progress=progress,
         size_hint=sum(e["size"] for e in todo),
@@ -247,11 +302,16 @@ async def backup_tree(
     if len(got.marks) != len(todo) or len(sizes) != len(todo):
         raise RuntimeError("the backup pipeline lost a file boundary")
     start = 0
+    unread = set()
     for e, (end, digest), size in zip(todo, got.marks, sizes, strict=True):
+        if size == UNREAD:
+            unread.add(e["path"])
         e["records"] = bytes(got.table[start * _R : end * _R])
         e["digest"] = digest
         e["size"] = size  # what was read, which is what the records hold
         start = end
+    if unread:  # files that could not be opened are not part of the generation
+        entries = [e for e in entries if e["path"] not in unread]
 
     if parent is None:
         meta, literal = encode_tree(entries, [], None)
@@ -276,11 +336,24 @@ async def backup_tree(
             progress=progress,
             before_commit=before_commit,
         )
-    if skipped:
-        named = ", ".join(skipped[:_NAMED_SKIPS]) + (", ..." if len(skipped) > _NAMED_SKIPS else "")
-        note = f"skipped {len(skipped)} socket(s) or other unsupported entries: {named}"
-        stats = dataclasses.replace(stats, note=note)
+    notes = []
+    if scan.skipped:
+        notes.append(
+            f"skipped {len(scan.skipped)} socket(s) or other unsupported entries: "
+            + _named(scan.skipped)
+        )
+    if scan.unreadable:
+        notes.append(
+            f"PARTIAL: {len(scan.unreadable)} entries could not be read and are "
+            "not in this generation: " + _named(scan.unreadable)
+        )
+    if notes:
+        stats = dataclasses.replace(stats, note="; ".join(notes), unreadable=tuple(scan.unreadable))
     return stats
+
+
+def _named(paths: list[str]) -> str:
+    return ", ".join(paths[:_NAMED_SKIPS]) + (", ..." if len(paths) > _NAMED_SKIPS else "")
 
 
 # --- restore -------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import dedupe.errors
 from dedupe.cli import cli
 
 USAGE_EXIT = 2
-DOCUMENTED = {0, USAGE_EXIT} | {
+DOCUMENTED = {0, USAGE_EXIT, 3} | {  # 3: a partial backup
     cls.exit_code
     for _, cls in inspect.getmembers(dedupe.errors, inspect.isclass)
     if issubclass(cls, dedupe.errors.DedupeError) and cls is not dedupe.errors.DedupeError

@@ -6,19 +6,25 @@ failing dump in a pipe); the API where the source itself is the subject.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import pty
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import dedupe_cli, make_repo
+from click.testing import CliRunner
+from conftest import PASSPHRASE, dedupe_cli, make_repo
 
 from dedupe import Repository
+from dedupe.cli import cli
 from dedupe.crypto import KdfParams
 from dedupe.errors import (
     DedupeError,
@@ -26,6 +32,7 @@ from dedupe.errors import (
     LocationNotEmpty,
     PassphraseMissing,
     RepositoryNotFound,
+    SourceError,
     TargetError,
     UnsupportedLocation,
 )
@@ -387,3 +394,84 @@ def test_counts_read_as_english(
     assert "in 1 chunk, 1 new" in out and "in 1 pack," in out, out
     listing = _dedupe("generations", env=cli_env).stdout.decode()
     assert "created (UTC)" in listing
+
+
+# --- trees: --exclude, unreadable entries -------------------------------------------------
+
+
+@contextlib.contextmanager
+def _unprivileged() -> Iterator[None]:
+    """Run the body with the permissions of an ordinary user: root (who runs CI) reads any
+    file, so it becomes nobody for the body (effective ids only, restored after); anyone
+    else already is one."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+def test_unreadable_entries_make_a_partial_backup(
+    run_asyncio, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    base = Path(tempfile.mkdtemp(prefix="dedupe-partial-", dir="/tmp"))
+    base.chmod(0o777)  # nobody works in here
+    state = base / "state"
+    state.mkdir(mode=0o777)
+    monkeypatch.setenv("DEDUPE_STATE_DIR", str(state))
+    src, repo_path = base / "src", base / "repo"
+    try:
+        with _unprivileged():
+            (src / "locked").mkdir(parents=True)
+            (src / "ok.txt").write_bytes(b"readable")
+            (src / "secret.txt").write_bytes(b"not for nobody")
+            (src / "locked" / "inside").write_bytes(b"hidden")
+            (src / "secret.txt").chmod(0)
+            (src / "locked").chmod(0)
+
+            async def go() -> None:
+                async with await make_repo(repo_path) as repo:
+                    with pytest.raises(SourceError, match="locked|secret"):
+                        await repo.backup(src, name="t", strict=True)
+                    assert await repo.generations() == []
+                    stats = await repo.backup(src, name="t")
+                    assert sorted(stats.unreadable) == ["locked", "secret.txt"]
+                    assert stats.note is not None and "PARTIAL: 2 entries" in stats.note
+                    listed = [e["path"] for e in await repo.ls(stats.id)]
+                    assert listed == [".", "locked", "ok.txt"]  # the directory, kept empty
+
+            run_asyncio(go())
+            # The command, in process (a child would have to import this checkout as
+            # nobody): the partial backup is committed and the exit status says so.
+            env = {"DEDUPE_REPO": str(repo_path), "DEDUPE_PASSWORD": PASSPHRASE}
+            result = CliRunner().invoke(cli, ["backup", str(src), "--name", "c"], env=env)
+            assert result.exit_code == 3, result.output
+            assert "PARTIAL" in result.output and "generation" in result.output
+    finally:
+        (src / "locked").chmod(0o700)
+        shutil.rmtree(base)
+
+
+def test_exclude_leaves_out_matching_entries(
+    run, repo_path: Path, tmp_path: Path, cli_env: dict[str, str]
+) -> None:  # type: ignore[no-untyped-def]
+    src = tmp_path / "src"
+    for path in ("app.db", "app.log", "logs/old.log", "var/tmp/x", "var/keep", "cache/c/d"):
+        (src / path).parent.mkdir(parents=True, exist_ok=True)
+        (src / path).write_bytes(path.encode() * 100)
+
+    async def go() -> list[str]:
+        async with await make_repo(repo_path) as repo:
+            stats = await repo.backup(src, name="t", exclude=["*.log", "var/tmp", "/cache"])
+            with pytest.raises(ValueError, match="directory trees"):
+                await repo.backup(src / "app.db", name="f", exclude=["*.log"])
+            return [e["path"] for e in await repo.ls(stats.id)]
+
+    assert run(go()) == [".", "app.db", "logs", "var", "var/keep"]
+    proc = _dedupe("backup", str(src / "app.db"), "--name", "f", "--exclude", "x", env=cli_env)
+    assert proc.returncode == 2 and b"directory trees only" in proc.stderr
