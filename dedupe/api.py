@@ -703,6 +703,10 @@ class Repository:
         ids: tuple[str, ...] | list[str] = (),
         with_dependents: bool = False,
         dry_run: bool = False,
+        keep_daily: int | None = None,
+        keep_weekly: int | None = None,
+        keep_monthly: int | None = None,
+        keep_yearly: int | None = None,
     ) -> ForgetReport:
         """Remove generations (their manifests only; `prune` then frees the data), following
         pgBackRest's rules per source name (all names, or `name`):
@@ -710,6 +714,9 @@ class Repository:
         - `keep_last=N`: keep the N newest generations and the chains they depend on;
         - `keep_full=N`: keep the N newest fulls and every generation depending on them;
         - `keep_within=timedelta`: keep those created within it, and their chains;
+        - `keep_daily/weekly/monthly/yearly=N` (restic's): for the N latest days (ISO
+          weeks, months, years; UTC) that have generations, keep the newest of each, and
+          its chain;
         - `ids`: remove these generations (ids or unique prefixes).
         Whatever no keep rule keeps is removed. A generation a kept one depends on is never
         removed: naming it raises ValueError unless `with_dependents=True`, which removes its
@@ -723,6 +730,10 @@ class Repository:
             keep_within=keep_within,
             ids=tuple(ids),
             with_dependents=with_dependents,
+            keep_daily=keep_daily,
+            keep_weekly=keep_weekly,
+            keep_monthly=keep_monthly,
+            keep_yearly=keep_yearly,
         )
         return await run_forget(self._store, policy, dry_run=dry_run)
 

@@ -827,6 +827,17 @@ def _print_verify(r: dict[str, Any]) -> None:
     help="Keep generations younger than this (12h, 30d, 2w, 1y), with their chains.",
 )
 @click.option(
+    "--keep-daily",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="For the N latest days with generations, keep the newest of each (as restic).",
+)
+@click.option(
+    "--keep-weekly", type=click.IntRange(min=1), metavar="N", help="Likewise per ISO week."
+)
+@click.option("--keep-monthly", type=click.IntRange(min=1), metavar="N", help="Per month.")
+@click.option("--keep-yearly", type=click.IntRange(min=1), metavar="N", help="Per year.")
+@click.option(
     "--with-dependents",
     is_flag=True,
     help="Removing a named ID also removes the generations that depend on it.",
@@ -842,6 +853,10 @@ def forget(
     keep_last: int | None,
     keep_full: int | None,
     keep_within: str | None,
+    keep_daily: int | None,
+    keep_weekly: int | None,
+    keep_monthly: int | None,
+    keep_yearly: int | None,
     with_dependents: bool,
     dry_run: bool,
     as_json: bool,
@@ -855,10 +870,18 @@ def forget(
         within = parse_duration(keep_within) if keep_within is not None else None
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--keep-within") from None
-    if not ids and keep_last is None and keep_full is None and within is None:
+    calendar = {
+        "keep_daily": keep_daily,
+        "keep_weekly": keep_weekly,
+        "keep_monthly": keep_monthly,
+        "keep_yearly": keep_yearly,
+    }
+    rules = (keep_last, keep_full, within, *calendar.values())
+    if not ids and all(rule is None for rule in rules):
         raise click.UsageError(
-            "give a retention rule (--keep-last, --keep-full, --keep-within) or generation "
-            "IDs; nothing is forgotten by default"
+            "give a retention rule (--keep-last, --keep-full, --keep-within, --keep-daily, "
+            "--keep-weekly, --keep-monthly, --keep-yearly) or generation IDs; nothing is "
+            "forgotten by default"
         )
 
     async def go() -> dict[str, Any]:
@@ -871,6 +894,7 @@ def forget(
                 ids=ids,
                 with_dependents=with_dependents,
                 dry_run=dry_run,
+                **calendar,
             )
             return report.to_dict()
 

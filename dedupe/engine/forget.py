@@ -12,6 +12,9 @@ up to a full. The rules:
 - keep_full N: per name, the N newest fulls and every generation that depends on them.
 - keep_within D: per name, the generations created within D before `now`, and everything
   they depend on.
+- keep_daily / keep_weekly / keep_monthly / keep_yearly N (restic's rules): per name, for
+  the N most recent days (ISO weeks, months, years; in UTC) that have generations, the
+  newest generation of each, and everything it depends on.
 - With any keep_* option, a generation of a name in scope that no rule keeps is removed;
   generations of other names (with `name` given) are never touched by the policy.
 - Explicit ids are removed. A generation is never removed while a kept generation depends
@@ -26,7 +29,7 @@ so an interrupted forget never leaves a generation whose parent is gone.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -63,6 +66,20 @@ class DependentsBlock(ValueError):
     with the API's way out; the command line says its own (--with-dependents)."""
 
 
+# restic's calendar rules: the period a generation falls in, by its creation time (UTC).
+def _week(t: datetime) -> str:
+    year, week, _day = t.isocalendar()
+    return f"{year:04d}-W{week:02d}"
+
+
+CALENDAR: dict[str, Callable[[datetime], str]] = {
+    "keep_daily": lambda t: t.strftime("%Y-%m-%d"),
+    "keep_weekly": _week,
+    "keep_monthly": lambda t: t.strftime("%Y-%m"),
+    "keep_yearly": lambda t: t.strftime("%Y"),
+}
+
+
 @dataclass(frozen=True)
 class ForgetPolicy:
     """What to keep (per source name) and what to remove. See the module docstring."""
@@ -73,9 +90,13 @@ class ForgetPolicy:
     keep_within: timedelta | None = None
     ids: tuple[str, ...] = ()
     with_dependents: bool = False
+    keep_daily: int | None = None
+    keep_weekly: int | None = None
+    keep_monthly: int | None = None
+    keep_yearly: int | None = None
 
     def __post_init__(self) -> None:
-        for opt in ("keep_last", "keep_full"):
+        for opt in ("keep_last", "keep_full", *CALENDAR):
             v = getattr(self, opt)
             if v is not None and v < 1:
                 raise ValueError(f"{opt} must be at least 1")
@@ -84,7 +105,10 @@ class ForgetPolicy:
 
     @property
     def has_keep_rules(self) -> bool:
-        return any(v is not None for v in (self.keep_last, self.keep_full, self.keep_within))
+        rules = (self.keep_last, self.keep_full, self.keep_within)
+        return any(v is not None for v in rules) or any(
+            getattr(self, opt) is not None for opt in CALENDAR
+        )
 
 
 @dataclass(frozen=True)
@@ -169,8 +193,9 @@ def plan_forget(
     needed by a kept one and `with_dependents` is not set."""
     if not policy.has_keep_rules and not policy.ids:
         raise ValueError(
-            "no retention policy given: use keep_last / keep_full / keep_within or name "
-            "generation ids (nothing is forgotten by default)"
+            "no retention policy given: use keep_last / keep_full / keep_within / "
+            "keep_daily / keep_weekly / keep_monthly / keep_yearly or name generation ids "
+            "(nothing is forgotten by default)"
         )
     now = now or datetime.now(UTC)
     by_id = {g.id: g for g in generations}
@@ -225,6 +250,16 @@ def plan_forget(
                 for g in gens:
                     if _parse_created(g.created) >= since:
                         mark_keep(g.id, f"keep-within {_fmt_delta(policy.keep_within)}")
+            for opt, period_of in CALENDAR.items():
+                n = getattr(policy, opt)
+                if n is None:
+                    continue
+                periods: set[str] = set()
+                for g in reversed(gens):  # newest first: the newest of each period
+                    period = period_of(_parse_created(g.created))
+                    if period not in periods and len(periods) < n:
+                        periods.add(period)
+                        mark_keep(g.id, f"{opt.replace('_', '-')} {n} ({period})")
         # Everything a kept generation depends on is kept (its chain up to the full).
         for gid in list(keep):
             for a in ancestors(gid):

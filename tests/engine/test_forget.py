@@ -233,3 +233,56 @@ def test_forget_command(repo_path: Path, cli_env: dict[str, str], run_asyncio) -
     assert b"removed 2 generations, kept 1" in r.stdout
     r = dedupe_cli("generations", "--json", env=cli_env, check=True)
     assert len(json.loads(r.stdout)) == 1
+
+
+def _at(gid: str, when: str, kind: str = "full", parent: str | None = None) -> Generation:
+    return Generation(gid, "db", kind, parent, when, 0, 0, 0, 0, 0, 0.0, {})
+
+
+CALENDAR_GENS = [
+    _at("y2024", "2024-06-01T10:00:00.000000Z"),
+    _at("m-sep", "2026-09-15T10:00:00.000000Z"),
+    _at("m-oct-a", "2026-10-01T10:00:00.000000Z"),
+    _at("m-oct-b", "2026-10-20T10:00:00.000000Z"),
+    _at("d29-a", "2026-11-29T01:00:00.000000Z"),  # ISO week 48 (a Sunday)
+    _at("d29-b", "2026-11-29T23:00:00.000000Z"),
+    _at("d30", "2026-11-30T12:00:00.000000Z", "incremental", "d29-b"),  # week 49 (Monday)
+]
+
+
+@pytest.mark.parametrize(
+    ("rule", "n", "kept"),
+    [
+        ("keep_daily", 1, {"d30", "d29-b"}),  # the newest day's newest, and its parent
+        ("keep_daily", 2, {"d30", "d29-b"}),  # day 29: its newest only (d29-b)
+        ("keep_daily", 3, {"d30", "d29-b", "m-oct-b"}),
+        ("keep_weekly", 2, {"d30", "d29-b"}),  # week 49: d30; week 48: d29-b
+        ("keep_weekly", 3, {"d30", "d29-b", "m-oct-b"}),
+        ("keep_monthly", 2, {"d30", "d29-b", "m-oct-b"}),
+        ("keep_monthly", 4, {"d30", "d29-b", "m-oct-b", "m-sep", "y2024"}),
+        ("keep_yearly", 1, {"d30", "d29-b"}),
+        ("keep_yearly", 5, {"d30", "d29-b", "y2024"}),
+    ],
+)
+def test_restic_calendar_rules(rule: str, n: int, kept: set[str]) -> None:
+    """For the N latest periods that have generations, the newest of each (restic's
+    rules, by UTC creation time), plus the chain it depends on."""
+    report = plan_forget(CALENDAR_GENS, ForgetPolicy(**{rule: n}), NOW)  # type: ignore[arg-type]
+    assert {d.generation.id for d in report.kept} == kept
+    assert {d.generation.id for d in report.removed} == {g.id for g in CALENDAR_GENS} - kept
+    with pytest.raises(ValueError):
+        ForgetPolicy(**{rule: 0})  # type: ignore[arg-type]
+
+
+def test_calendar_rules_from_the_command(run, repo_path: Path, cli_env: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            for _ in range(3):  # three fulls today: keep-daily 1 keeps the newest
+                await repo.backup(io.BytesIO(os.urandom(20_000)), name="db", kind="full")
+
+    run(go())
+    r = dedupe_cli("forget", "--keep-daily", "1", "--json", env=cli_env)
+    assert r.returncode == 0, r.stderr.decode()
+    report = json.loads(r.stdout)
+    assert len(report["kept"]) == 1 and len(report["removed"]) == 2
+    assert "keep-daily 1" in report["kept"][0]["reasons"][0]
