@@ -112,6 +112,8 @@ class Generation:
     written_by: str | None = None
     # The chunking strategy it was cut with (a spec; a list when a tree used several).
     chunker: Any = None
+    host: str | None = None  # the machine that made it
+    tags: tuple[str, ...] = ()
 
     @property
     def dedupe_ratio(self) -> float:
@@ -139,4 +141,6 @@ class Generation:
             seconds=float(header["seconds"]),
             source=dict(header.get("source", {})),
             chunker=header.get("chunker"),
+            host=header.get("host") if isinstance(header.get("host"), str) else None,
+            tags=tuple(t for t in header.get("tags") or () if isinstance(t, str)),
         )

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import socket
 import stat
 import time
 from collections.abc import (
@@ -249,6 +250,7 @@ class Repository:
         allow_empty: bool = False,
         exclude: Sequence[str] = (),
         strict: bool = False,
+        tags: Sequence[str] = (),
     ) -> BackupStats:
         """Back up a path, a binary file object or an async iterable of bytes as a new
         generation of `name`. Returns once the manifest is stored (the commit point).
@@ -288,12 +290,25 @@ class Repository:
         is_tree = isinstance(source, str | os.PathLike) and os.path.isdir(source)
         if exclude and not is_tree:
             raise ValueError("exclude patterns apply to directory trees only")
-        tree_options = {"exclude": tuple(exclude), "strict": strict}
+        for tag in tags:
+            if not tag or "," in tag or not tag.isprintable():
+                raise ValueError(f"tag {tag!r}: a tag is printable, non-empty, without ','")
+        labels = {"host": socket.gethostname(), "tags": sorted(set(tags))}
+        # Tree options (exclude, strict) and the header's labels (host, tags).
+        options: dict[str, Any] = {"exclude": tuple(exclude), "strict": strict, "labels": labels}
         # A shared lock: backups run side by side, a prune (exclusive) waits for them.
         async with RepositoryLock(self._store.backend, exclusive=False, operation="backup") as lock:
             try:
                 return await self._backup_locked(
-                    source, name, kind, progress, label, lock, spec, allow_empty, tree_options
+                    source,
+                    name,
+                    kind,
+                    progress,
+                    label,
+                    lock,
+                    spec,
+                    allow_empty,
+                    options,
                 )
             except DedupeError as e:
                 await _blame_a_lost_lock(lock, e)
@@ -309,7 +324,7 @@ class Repository:
         lock: RepositoryLock,
         spec: dict[str, Any] | str | None,
         allow_empty: bool,
-        tree_options: dict[str, Any],
+        options: dict[str, Any],
     ) -> BackupStats:
         gens = await self.generations(name)
         # The chunker is kept from this key's own generations, as the parent is taken
@@ -318,7 +333,7 @@ class Repository:
         previous = mine[-1].chunker if mine else None
         chosen = spec if spec is not None else kept_spec(previous, self._store.chunker_params)
         stats = await self._backup_source(
-            source, name, kind, gens, progress, label, lock, chosen, allow_empty, tree_options
+            source, name, kind, gens, progress, label, lock, chosen, allow_empty, options
         )
         if spec is not None and previous is not None and stats.chunker != previous:
             stats = _with_note(
@@ -341,7 +356,7 @@ class Repository:
         lock: RepositoryLock,
         spec: dict[str, Any] | str,
         allow_empty: bool,
-        tree_options: dict[str, Any],
+        options: dict[str, Any],
     ) -> BackupStats:
         parent, note = self._parent_for(gens, name, kind)
         if isinstance(source, str | os.PathLike) and os.path.isdir(source):
@@ -354,7 +369,7 @@ class Repository:
                 lock.confirm,
                 spec,
                 allow_empty,
-                tree_options,
+                options,
             )
             return _with_note(stats, note)
         size_hint = None
@@ -392,6 +407,7 @@ class Repository:
                 before_commit=lock.confirm,
                 chunker=spec,
                 allow_empty=allow_empty,
+                labels=options.get("labels"),
             )
         finally:
             if spilled is not None:
@@ -410,7 +426,7 @@ class Repository:
         before_commit: Callable[[], Awaitable[None]] | None = None,
         chunker: dict[str, Any] | str = "fastcdc",
         allow_empty: bool = False,
-        tree_options: dict[str, Any] | None = None,
+        options: dict[str, Any] | None = None,
     ) -> BackupStats:
         """Back up directory `root` as a tree generation (docs/FORMAT.md section 8.3). With
         a tree `parent`, an incremental or differential reads only new and changed files; a
@@ -440,7 +456,7 @@ class Repository:
             before_commit=before_commit,
             chunker=chunker,
             allow_empty=allow_empty,
-            **(tree_options or {}),
+            **(options or {}),
         )
         return _with_note(stats, note)
 

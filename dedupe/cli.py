@@ -344,6 +344,13 @@ def init(
     "'var/tmp' by path from the tree's root. Repeatable.",
 )
 @click.option(
+    "--tag",
+    "tags",
+    multiple=True,
+    metavar="TAG",
+    help="Label the generation (repeatable); 'generations --tag TAG' lists those with it.",
+)
+@click.option(
     "--strict",
     is_flag=True,
     help="Fail if any entry of a tree cannot be read; without it such entries are left out, "
@@ -365,6 +372,7 @@ def backup(
     kind: str,
     chunker: str | None,
     exclude: tuple[str, ...],
+    tags: tuple[str, ...],
     strict: bool,
     allow_empty: bool,
     as_json: bool,
@@ -377,6 +385,9 @@ def backup(
 
     if exclude and (source == "-" or not os.path.isdir(source)):
         raise click.BadParameter("applies to directory trees only", param_hint="--exclude")
+    for tag in tags:
+        if not tag or "," in tag or not tag.isprintable():
+            raise click.BadParameter(f"{tag!r}: printable, non-empty, no ','", param_hint="--tag")
 
     async def go() -> dict[str, Any]:
         async with await open_repo(ctx) as repo:
@@ -390,6 +401,7 @@ def backup(
                         label="<stdin>",
                         chunker=chunker,
                         allow_empty=allow_empty,
+                        tags=tags,
                     )
                 else:
                     stats = await repo.backup(
@@ -401,6 +413,7 @@ def backup(
                         allow_empty=allow_empty,
                         exclude=exclude,
                         strict=strict,
+                        tags=tags,
                     )
             return stats.to_dict()
 
@@ -428,15 +441,17 @@ def _print_backup(name: str, s: dict[str, Any]) -> None:
 
 @cli.command()
 @click.option("--name", default=None, help="Only generations of this source.")
+@click.option("--tag", default=None, help="Only generations with this tag.")
 @json_option
 @click.pass_context
 @handle_errors
-def generations(ctx: click.Context, name: str | None, as_json: bool) -> None:
+def generations(ctx: click.Context, name: str | None, tag: str | None, as_json: bool) -> None:
     """List generations, oldest first."""
 
     async def go() -> list[dict[str, Any]]:
         async with await open_repo(ctx) as repo:
-            return [g.to_dict() for g in await repo.generations(name)]
+            gens = await repo.generations(name)
+            return [g.to_dict() for g in gens if tag is None or tag in g.tags]
 
     gens = run_async(go())
     if as_json:
@@ -450,7 +465,8 @@ def generations(ctx: click.Context, name: str | None, as_json: bool) -> None:
     from rich.text import Text
 
     table = Table(box=None)
-    for col in ("id", "name", "type", "parent", "created (UTC)", "size", "new stored", "dedupe"):
+    columns = ("id", "name", "type", "parent", "created (UTC)", "host", "tags")
+    for col in (*columns, "size", "new stored", "dedupe"):
         table.add_column(
             col, justify="right" if col in ("size", "new stored", "dedupe") else "left"
         )
@@ -462,6 +478,8 @@ def generations(ctx: click.Context, name: str | None, as_json: bool) -> None:
             g["kind"],
             (g["parent"] or "-")[:12],
             g["created"][:16].replace("T", " "),
+            Text(printable(g["host"] or "-")),
+            Text(printable(",".join(g["tags"]) or "-")),
             human_bytes(g["size"]),
             human_bytes(g["stored_bytes"]),
             ratio,

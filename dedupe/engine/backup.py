@@ -389,9 +389,11 @@ async def commit(
     size: int,
     progress: ProgressCallback | None = None,
     before_commit: Callable[[], Awaitable[None]] | None = None,
+    labels: dict[str, Any] | None = None,
 ) -> BackupStats:
     """Write the last index object and the manifest, the commit point of a backup, after
-    the key map that authenticates both. `meta` and the records `body` holds are its body
+    the key map that authenticates both. `labels` (host, tags) go into the header as they
+    are. `meta` and the records `body` holds are its body
     (docs/FORMAT.md section 8); `chunk_count` counts the records of the generation's
     complete table and `size` its logical size. `before_commit` runs right before the
     writes and may raise to refuse them (the caller's lock was lost, so a prune may have
@@ -411,6 +413,7 @@ async def commit(
         "new_bytes": p.bytes_new,
         "stored_bytes": p.bytes_stored,
         "seconds": round(got.seconds, 6),
+        **(labels or {}),
     }
     p.stage = "committing"
     if progress:
@@ -459,6 +462,7 @@ async def run_backup(
     before_commit: Callable[[], Awaitable[None]] | None = None,
     chunker: dict[str, Any] | str = FASTCDC,
     allow_empty: bool = False,
+    labels: dict[str, Any] | None = None,
 ) -> BackupStats:
     """Back up one stream as a generation of `name`. `parent` is (generation id, its
     complete chunk table in a file, from dedupe.store.tables.spill_complete_table) for
@@ -518,4 +522,5 @@ async def run_backup(
             size=got.progress.bytes_read,
             progress=progress,
             before_commit=before_commit,
+            labels=labels,
         )

@@ -263,6 +263,7 @@ async def backup_tree(
     allow_empty: bool = False,
     exclude: Sequence[str] = (),
     strict: bool = False,
+    labels: dict[str, Any] | None = None,
 ) -> BackupStats:
     """Back up directory `root` as a tree generation of `name`. `parent` is (generation id,
     its expanded entries) for an incremental or differential, None for a full (which reads
@@ -335,6 +336,7 @@ async def backup_tree(
             size=sum(e["size"] for e in entries if e["type"] == "file"),
             progress=progress,
             before_commit=before_commit,
+            labels=labels,
         )
     notes = []
     if scan.skipped:

@@ -5,11 +5,13 @@ full re-stores chunks whose pack went missing."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 from pathlib import Path
 
-from conftest import PASSPHRASE, make_repo
+import pytest
+from conftest import PASSPHRASE, dedupe_cli, make_repo
 
 from dedupe import Repository
 
@@ -134,3 +136,28 @@ def test_full_restores_chunks_of_a_missing_pack(run, repo_path: Path) -> None:  
                 assert out.getvalue() == data
 
     run(go())
+
+
+def test_generations_carry_host_and_tags(run, repo_path: Path, cli_env: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    import socket
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            tagged = await repo.backup(
+                io.BytesIO(b"x" * 1000), name="n", tags=["pg", "nightly", "pg"]
+            )
+            await repo.backup(io.BytesIO(b"y" * 1000), name="n")
+            for bad in ("", "a,b", "tab\t"):
+                with pytest.raises(ValueError, match="tag"):
+                    await repo.backup(io.BytesIO(b"z"), name="n", tags=[bad])
+            gens = await repo.generations()
+            assert [g.tags for g in gens] == [("nightly", "pg"), ()]
+            assert {g.host for g in gens} == {socket.gethostname()}
+            assert gens[0].id == tagged.id
+
+    run(go())
+    out = dedupe_cli("generations", "--tag", "nightly", "--json", env=cli_env)
+    listed = json.loads(out.stdout)
+    assert [g["tags"] for g in listed] == [["nightly", "pg"]]
+    bad = dedupe_cli("backup", "-", "--name", "n", "--tag", "a,b", env=cli_env, input=b"x")
+    assert bad.returncode == 2 and b"--tag" in bad.stderr
