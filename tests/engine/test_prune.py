@@ -292,3 +292,36 @@ def test_quarantine_records(run_asyncio, repo_path: Path) -> None:  # type: igno
             await check_restores(repo, {new.id: new_data})
 
     run_asyncio(go())
+
+
+def test_prune_deletes_every_unused_pack_batch_after_batch(  # type: ignore[no-untyped-def]
+    run, repo_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deletions go in batches of DELETE_BATCH (2 here, so many batches): every unused pack
+    is gone afterwards, none that a kept generation needs, and the report counts what the
+    backend really lost. (A loop that stopped after the first batches would leave garbage
+    and a report that lies.)"""
+    import dedupe.engine.prune as prune_module
+
+    monkeypatch.setattr(prune_module, "DELETE_BATCH", 2)
+    kept = os.urandom(100_000)
+
+    def packs() -> set[str]:
+        return {p.name for p in (repo_path / "packs").rglob("*") if p.is_file()}
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            keep = await repo.backup(io.BytesIO(kept), name="a", kind="full")
+            only_keep = packs()
+            gone = await repo.backup(io.BytesIO(os.urandom(900_000)), name="b", kind="full")
+            assert len(packs() - only_keep) > 6  # several batches to delete
+            before = packs()
+            await repo.forget(ids=[gone.id])
+            report = await repo.prune(repack_threshold=1.0)
+            assert packs() == only_keep
+            assert report.packs_deleted == len(before - only_keep)
+            out = io.BytesIO()
+            await repo.restore(keep.id, out)
+            assert out.getvalue() == kept
+
+    run(go())
