@@ -101,11 +101,54 @@ def human_bytes(n: float) -> str:
     return f"{n} B"
 
 
+def _flag(name: str) -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.find_root().obj and ctx.find_root().obj.get(name))
+
+
+def quiet() -> bool:
+    """-q/--quiet: no progress bars and no notes (errors, results and --json as ever)."""
+    return _flag("quiet")
+
+
+def verbose() -> bool:
+    """-v/--verbose: each stage of a long operation on stderr as it starts."""
+    return _flag("verbose")
+
+
+def stages(operation: str) -> Callable[[Progress], None] | None:
+    """With --verbose, a progress callback that says each new stage on stderr."""
+    if not verbose():
+        return None
+    seen: list[str] = []
+
+    def say(p: Progress) -> None:
+        if not seen or seen[-1] != p.stage:
+            seen.append(p.stage)
+            click.echo(f"dedupe: {operation}: {p.stage}", err=True)
+
+    return say
+
+
+def both(
+    a: Callable[[Progress], None] | None, b: Callable[[Progress], None] | None
+) -> Callable[[Progress], None] | None:
+    if a is None or b is None:
+        return a or b
+
+    def call(p: Progress) -> None:
+        a(p)
+        b(p)
+
+    return call
+
+
 @contextmanager
 def progress_bar(enabled: bool, label: str) -> Iterator[Callable[[Progress], None] | None]:
-    """A rich progress bar on stderr when it is a terminal; None (no callback) otherwise."""
-    if not enabled or not sys.stderr.isatty():
-        yield None
+    """A rich progress bar on stderr when it is a terminal (and not --quiet), combined with
+    the --verbose stage printer; None (no callback) when neither applies."""
+    if not enabled or quiet() or not sys.stderr.isatty():
+        yield stages(label.split()[0])
         return
     from rich.console import Console
     from rich.progress import (
@@ -135,7 +178,7 @@ def progress_bar(enabled: bool, label: str) -> Iterator[Callable[[Progress], Non
         bar.update(task, completed=done, total=p.bytes_total, description=f"{label} ({p.stage})")
 
     with bar:
-        yield update
+        yield both(update, stages(label.split()[0]))
 
 
 def handle_errors(fn: Callable[..., None]) -> Callable[..., None]:
@@ -208,15 +251,17 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 @click.option(
     "-r", "--repo", envvar="DEDUPE_REPO", metavar="PATH", help="Repository (or DEDUPE_REPO)."
 )
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars and no notes.")
+@click.option("-v", "--verbose", is_flag=True, help="Say each stage of long operations.")
 @click.version_option(dedupe.__version__, prog_name="dedupe")
 @click.pass_context
-def cli(ctx: click.Context, repo: str | None) -> None:
+def cli(ctx: click.Context, repo: str | None, quiet: bool, verbose: bool) -> None:
     """dedupe: deduplicating, encrypted backups of database snapshots.
 
     The passphrase comes from DEDUPE_PASSWORD, DEDUPE_PASSWORD_FILE, DEDUPE_PASSWORD_COMMAND,
     or a prompt on a terminal.
     """
-    ctx.obj = {"repo": repo}
+    ctx.obj = {"repo": repo, "quiet": quiet, "verbose": verbose}
 
 
 @cli.command()
@@ -418,7 +463,7 @@ def backup(
             return stats.to_dict()
 
     s = run_async(go())
-    if s.get("note"):
+    if s.get("note") and (not quiet() or s["unreadable"]):  # a partial backup is always said
         click.echo(f"dedupe: note: {printable(s['note'])}", err=True)
     if as_json:
         emit_json(s)
@@ -978,6 +1023,7 @@ def prune(
                 repack_threshold=repack_threshold,
                 dry_run=dry_run,
                 delete_unauthenticated=delete_unauthenticated,
+                progress=stages("prune"),
             )
             return report.to_dict()
 
@@ -1329,20 +1375,37 @@ def show_warnings() -> None:
     logger.setLevel(logging.WARNING)
 
 
-def _repo_after_the_command(group: click.Group) -> None:
-    """Let every command that opens a repository take -r/--repo after its name too
-    (`dedupe generations -r REPO`), as restic's and borg's do; given there, it wins over
+def _global_options_after_the_command(group: click.Group) -> None:
+    """Let every command take -r/--repo, -q/--quiet and -v/--verbose after its name too
+    (`dedupe generations -r REPO`), as restic's and borg's do; -r given there wins over
     the one before the command and DEDUPE_REPO."""
 
-    def remember(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
-        if value is not None:
-            ctx.ensure_object(dict)["repo"] = value
+    def remember(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+        if value:  # None or False: what came before the command stands
+            ctx.find_root().ensure_object(dict)[param.name or ""] = value
 
     for command in group.commands.values():
         if isinstance(command, click.Group):
-            _repo_after_the_command(command)
-        elif command.name != "bench":
-            command.params.insert(
+            _global_options_after_the_command(command)
+            continue
+        options = [
+            click.Option(
+                ["-q", "--quiet"],
+                is_flag=True,
+                expose_value=False,
+                callback=remember,
+                help="No progress bars and no notes (also before the command).",
+            ),
+            click.Option(
+                ["-v", "--verbose"],
+                is_flag=True,
+                expose_value=False,
+                callback=remember,
+                help="Say each stage of long operations (also before the command).",
+            ),
+        ]
+        if command.name != "bench":
+            options.insert(
                 0,
                 click.Option(
                     ["-r", "--repo"],
@@ -1352,9 +1415,10 @@ def _repo_after_the_command(group: click.Group) -> None:
                     help="Repository (or DEDUPE_REPO; also accepted before the command).",
                 ),
             )
+        command.params[:0] = options
 
 
-_repo_after_the_command(cli)
+_global_options_after_the_command(cli)
 
 
 def main() -> None:

@@ -475,3 +475,27 @@ def test_exclude_leaves_out_matching_entries(
     assert run(go()) == [".", "app.db", "logs", "var", "var/keep"]
     proc = _dedupe("backup", str(src / "app.db"), "--name", "f", "--exclude", "x", env=cli_env)
     assert proc.returncode == 2 and b"directory trees only" in proc.stderr
+
+
+def test_quiet_and_verbose_on_every_command(run, repo_path: Path, cli_env: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+    async def make() -> None:
+        async with await make_repo(repo_path) as repo:
+            await repo.backup(io.BytesIO(os.urandom(50_000)), name="db")
+
+    run(make())
+    data = os.urandom(50_000)
+    loud = dedupe_cli("backup", "-", "--name", "db", "-v", env=cli_env, input=data)
+    assert loud.returncode == 0
+    assert b"dedupe: backup: reading" in loud.stderr and b"dedupe: backup: done" in loud.stderr
+    # a chunker change makes a note; --quiet (before or after the command) keeps it back
+    for args, chunker in ((("-q", "backup"), "fixed:4096"), (("backup", "--quiet"), "fixed:8192")):
+        proc = dedupe_cli(*args, "-", "--name", "db", "--chunker", chunker, env=cli_env, input=data)
+        assert proc.returncode == 0 and proc.stderr == b"", proc.stderr
+        assert b"generation" in proc.stdout  # the result is still said
+    noted = dedupe_cli(
+        "backup", "-", "--name", "db", "--chunker", "fastcdc", env=cli_env, input=data
+    )
+    assert b"dedupe: note: the chunker of 'db' changed" in noted.stderr  # what -q held back
+    for command in (("generations",), ("stats",), ("verify",), ("prune", "--dry-run")):
+        proc = dedupe_cli(*command, "-q", "-v", env=cli_env)
+        assert proc.returncode == 0, (command, proc.stderr)
