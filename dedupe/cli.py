@@ -1388,21 +1388,19 @@ def _global_options_after_the_command(group: click.Group) -> None:
         if isinstance(command, click.Group):
             _global_options_after_the_command(command)
             continue
+        flags = {
+            ("-q", "--quiet"): "No progress bars and no notes",
+            ("-v", "--verbose"): "Say each stage of long operations",
+        }
         options = [
             click.Option(
-                ["-q", "--quiet"],
+                list(opts),
                 is_flag=True,
                 expose_value=False,
                 callback=remember,
-                help="No progress bars and no notes (also before the command).",
-            ),
-            click.Option(
-                ["-v", "--verbose"],
-                is_flag=True,
-                expose_value=False,
-                callback=remember,
-                help="Say each stage of long operations (also before the command).",
-            ),
+                help=f"{text} (also before the command).",
+            )
+            for opts, text in flags.items()
         ]
         if command.name != "bench":
             options.insert(

@@ -311,6 +311,48 @@ def test_a_writers_index_entries_make_prune_delete_everyone_elses_packs(
     run_asyncio(go())
 
 
+def test_a_forged_copy_prune_did_not_choose_never_replaces_the_good_one(
+    run_asyncio: Run[None], repo_path: Path
+) -> None:
+    """As above, but the writer's pack is mostly dead bytes, so the real copies have the
+    larger live fraction and are chosen first. Prune checks them, finds them good, keeps
+    them and deletes the writer's pack. (A check that wrongly failed a good copy would drop
+    it, fall back to the forged copy, which, left alone, is not checked again, and delete
+    the real packs: pinned here.)"""
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            content = random_bytes(120 * KiB, 21)
+            gen = await repo.backup(io.BytesIO(content), name="a", kind="full")
+            real_packs = {p.name for p in files_under(repo_path, "packs")}
+            async with await with_key(repo, repo_path, "writer", "w") as writer:
+                store = writer._store
+                chunks = {cid: raw for cid, _p, raw in await index_chunks(store, repo_path)}
+                key, ikey = os.urandom(32), os.urandom(32)
+                dead = (os.urandom(32), os.urandom(8 * sum(chunks.values())))
+                pdata, entries = pack_bytes(
+                    key, [(cid, os.urandom(raw)) for cid, raw in chunks.items()] + [dead]
+                )
+                pid = bytes.fromhex(b3(pdata))
+                idata = index_bytes(
+                    ikey,
+                    [(pid, len(pdata))],
+                    [(cid, 0, off, stored, n) for cid, off, stored, n in entries],
+                )
+                iid = bytes.fromhex(b3(idata))
+                km = store.keymaps
+                await km.write([km.pack_entry(pid, key), km.meta_entry(INDEX, iid, ikey)])
+                plant(repo_path, pack_path(pid), pdata)
+                plant(repo_path, f"index/{iid.hex()}", idata)
+
+            await repo.prune()
+            left = {p.name for p in files_under(repo_path, "packs")}
+            assert real_packs <= left and pid.hex() not in left
+            assert await restores(repo, gen.id, content)
+
+    run_asyncio(go())
+
+
 @accepted(
     "FORMAT.md 11, writer row: a backup dedupes against any indexed copy, so a writer that "
     "knows (or guesses) content another key will back up can index garbage under its chunk "
