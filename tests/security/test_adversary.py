@@ -111,6 +111,32 @@ def pack_bytes(key: bytes, blobs: list[tuple[bytes, bytes]]) -> tuple[bytes, lis
     return data + trailer + struct.pack("<I8s", len(trailer), b"DDPKEND2"), entries
 
 
+async def plant_indexed_pack(
+    store: Any,
+    repo_path: Path,
+    blobs: list[tuple[bytes, bytes]],
+    claimed_raw: dict[bytes, int] | None = None,
+) -> bytes:
+    """What a writer key can do: a pack of `blobs` (chunk id, content) under a fresh key,
+    an index object listing them (with `claimed_raw` lengths, else the true ones), both
+    authenticated by a key map of the writer's. Returns the pack id."""
+    key, ikey = os.urandom(32), os.urandom(32)
+    pdata, entries = pack_bytes(key, blobs)
+    pid = bytes.fromhex(b3(pdata))
+    claimed = claimed_raw or {}
+    idata = index_bytes(
+        ikey,
+        [(pid, len(pdata))],
+        [(cid, 0, off, stored, claimed.get(cid, n)) for cid, off, stored, n in entries],
+    )
+    iid = bytes.fromhex(b3(idata))
+    km = store.keymaps
+    await km.write([km.pack_entry(pid, key), km.meta_entry(INDEX, iid, ikey)])
+    plant(repo_path, pack_path(pid), pdata)
+    plant(repo_path, f"index/{iid.hex()}", idata)
+    return pid
+
+
 def index_bytes(
     key: bytes, packs: list[tuple[bytes, int]], entries: list[tuple[bytes, int, int, int, int]]
 ) -> bytes:
@@ -284,21 +310,8 @@ def test_a_writers_index_entries_make_prune_delete_everyone_elses_packs(
             async with await with_key(repo, repo_path, "writer", "w") as writer:
                 store = writer._store
                 chunks = {cid: raw for cid, _p, raw in await index_chunks(store, repo_path)}
-                key, ikey = os.urandom(32), os.urandom(32)
-                pdata, entries = pack_bytes(
-                    key, [(cid, os.urandom(2 * raw)) for cid, raw in chunks.items()]
-                )
-                pid = bytes.fromhex(b3(pdata))
-                idata = index_bytes(
-                    ikey,
-                    [(pid, len(pdata))],
-                    [(cid, 0, off, stored, chunks[cid]) for cid, off, stored, _n in entries],
-                )
-                iid = bytes.fromhex(b3(idata))
-                km = store.keymaps
-                await km.write([km.pack_entry(pid, key), km.meta_entry(INDEX, iid, ikey)])
-                plant(repo_path, pack_path(pid), pdata)
-                plant(repo_path, f"index/{iid.hex()}", idata)
+                garbage = [(cid, os.urandom(2 * raw)) for cid, raw in chunks.items()]
+                await plant_indexed_pack(store, repo_path, garbage, claimed_raw=chunks)
 
             await repo.prune()
             outcome = {
@@ -328,22 +341,9 @@ def test_a_forged_copy_prune_did_not_choose_never_replaces_the_good_one(
             async with await with_key(repo, repo_path, "writer", "w") as writer:
                 store = writer._store
                 chunks = {cid: raw for cid, _p, raw in await index_chunks(store, repo_path)}
-                key, ikey = os.urandom(32), os.urandom(32)
                 dead = (os.urandom(32), os.urandom(8 * sum(chunks.values())))
-                pdata, entries = pack_bytes(
-                    key, [(cid, os.urandom(raw)) for cid, raw in chunks.items()] + [dead]
-                )
-                pid = bytes.fromhex(b3(pdata))
-                idata = index_bytes(
-                    ikey,
-                    [(pid, len(pdata))],
-                    [(cid, 0, off, stored, n) for cid, off, stored, n in entries],
-                )
-                iid = bytes.fromhex(b3(idata))
-                km = store.keymaps
-                await km.write([km.pack_entry(pid, key), km.meta_entry(INDEX, iid, ikey)])
-                plant(repo_path, pack_path(pid), pdata)
-                plant(repo_path, f"index/{iid.hex()}", idata)
+                garbage = [(cid, os.urandom(raw)) for cid, raw in chunks.items()] + [dead]
+                pid = await plant_indexed_pack(store, repo_path, garbage)
 
             await repo.prune()
             left = {p.name for p in files_under(repo_path, "packs")}
