@@ -116,10 +116,12 @@ async def plant_indexed_pack(
     repo_path: Path,
     blobs: list[tuple[bytes, bytes]],
     claimed_raw: dict[bytes, int] | None = None,
+    pack_key_entry: bool = True,
 ) -> bytes:
     """What a writer key can do: a pack of `blobs` (chunk id, content) under a fresh key,
     an index object listing them (with `claimed_raw` lengths, else the true ones), both
-    authenticated by a key map of the writer's. Returns the pack id."""
+    authenticated by a key map of the writer's (the pack's entry left out without
+    `pack_key_entry`). Returns the pack id."""
     key, ikey = os.urandom(32), os.urandom(32)
     pdata, entries = pack_bytes(key, blobs)
     pid = bytes.fromhex(b3(pdata))
@@ -131,7 +133,10 @@ async def plant_indexed_pack(
     )
     iid = bytes.fromhex(b3(idata))
     km = store.keymaps
-    await km.write([km.pack_entry(pid, key), km.meta_entry(INDEX, iid, ikey)])
+    entries_signed = [km.meta_entry(INDEX, iid, ikey)]
+    if pack_key_entry:
+        entries_signed.append(km.pack_entry(pid, key))
+    await km.write(entries_signed)
     plant(repo_path, pack_path(pid), pdata)
     plant(repo_path, f"index/{iid.hex()}", idata)
     return pid
@@ -320,6 +325,31 @@ def test_a_writers_index_entries_make_prune_delete_everyone_elses_packs(
             for gen_id, content in data.items():
                 outcome[f"{gen_id[:12]} restores"] = await restores(repo, gen_id, content)
             assert outcome == dict.fromkeys(outcome, True), outcome
+
+    run_asyncio(go())
+
+
+def test_a_preferred_copy_whose_pack_has_no_key_is_dropped_not_fatal(
+    run_asyncio: Run[None], repo_path: Path
+) -> None:
+    """The writer's fuller pack is indexed, but no key map gives its key: prune cannot open
+    the copies it would prefer, drops them as bad, keeps the real ones, and finishes."""
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            content = random_bytes(120 * KiB, 22)
+            gen = await repo.backup(io.BytesIO(content), name="a", kind="full")
+            real_packs = {p.name for p in files_under(repo_path, "packs")}
+            async with await with_key(repo, repo_path, "writer", "w") as writer:
+                store = writer._store
+                chunks = {cid: raw for cid, _p, raw in await index_chunks(store, repo_path)}
+                garbage = [(cid, os.urandom(2 * raw)) for cid, raw in chunks.items()]
+                await plant_indexed_pack(
+                    store, repo_path, garbage, claimed_raw=chunks, pack_key_entry=False
+                )
+            await repo.prune()
+            assert real_packs <= {p.name for p in files_under(repo_path, "packs")}
+            assert await restores(repo, gen.id, content)
 
     run_asyncio(go())
 
