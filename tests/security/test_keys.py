@@ -791,3 +791,30 @@ def test_interrupted_rotation_is_finished_by_the_next(
         assert_everything_opens(items, repo_path, [PASSPHRASE])
 
     run_asyncio(go())
+
+
+def test_reencrypt_rewrites_every_pack_under_keys_of_the_new_epoch(run, repo_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`rotate --reencrypt` is for a leaked data key: afterwards no pack is under a key made
+    before the new epoch (every pack was rewritten), and everything restores."""
+    data = [os.urandom(300_000), os.urandom(200_000)]
+
+    def packs() -> set[str]:
+        return {p.name for p in (repo_path / "packs").rglob("*") if p.is_file()}
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            gens = [await repo.backup(io.BytesIO(d), name=f"n{i}") for i, d in enumerate(data)]
+            before = packs()
+            report = await repo.keys.rotate(reencrypt=True)
+            status = await repo.keys.status()
+            born = {e.number: e.packs_born for e in status.epochs}
+            assert report.epoch == status.current_epoch
+            assert all(n == 0 for epoch, n in born.items() if epoch < status.current_epoch), born
+            assert born[status.current_epoch] == len(packs()) > 0
+            assert not before & packs()  # every old pack rewritten and gone
+            for gen, d in zip(gens, data, strict=True):
+                out = io.BytesIO()
+                await repo.restore(gen.id, out)
+                assert out.getvalue() == d
+
+    run(go())
