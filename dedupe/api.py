@@ -251,6 +251,7 @@ class Repository:
         exclude: Sequence[str] = (),
         strict: bool = False,
         tags: Sequence[str] = (),
+        dry_run: bool = False,
     ) -> BackupStats:
         """Back up a path, a binary file object or an async iterable of bytes as a new
         generation of `name`. Returns once the manifest is stored (the commit point).
@@ -280,7 +281,10 @@ class Repository:
         A directory tree: `exclude` leaves out entries matching its patterns ("*.log"
         by name at any depth, "var/tmp" by path from the root). An entry that cannot be
         read (permissions) is left out and listed in `unreadable` (a partial backup)
-        unless `strict`, which fails the backup instead."""
+        unless `strict`, which fails the backup instead.
+
+        `dry_run`: read, chunk and look up everything and report what would be read and
+        what would be new (`bytes_new`, `chunks_new`); nothing is stored or committed."""
         if not name or "/" in name or "@" in name:
             raise ValueError("name must be non-empty and contain neither '/' nor '@'")
         if kind not in KINDS:
@@ -295,7 +299,12 @@ class Repository:
                 raise ValueError(f"tag {tag!r}: a tag is printable, non-empty, without ','")
         labels = {"host": socket.gethostname(), "tags": sorted(set(tags))}
         # Tree options (exclude, strict) and the header's labels (host, tags).
-        options: dict[str, Any] = {"exclude": tuple(exclude), "strict": strict, "labels": labels}
+        options: dict[str, Any] = {
+            "exclude": tuple(exclude),
+            "strict": strict,
+            "labels": labels,
+            "dry_run": dry_run,
+        }
         # A shared lock: backups run side by side, a prune (exclusive) waits for them.
         async with RepositoryLock(self._store.backend, exclusive=False, operation="backup") as lock:
             try:
@@ -408,6 +417,7 @@ class Repository:
                 chunker=spec,
                 allow_empty=allow_empty,
                 labels=options.get("labels"),
+                dry_run=options.get("dry_run", False),
             )
         finally:
             if spilled is not None:

@@ -396,6 +396,11 @@ def init(
     help="Label the generation (repeatable); 'generations --tag TAG' lists those with it.",
 )
 @click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Read and chunk the source and say what would be new; store nothing.",
+)
+@click.option(
     "--strict",
     is_flag=True,
     help="Fail if any entry of a tree cannot be read; without it such entries are left out, "
@@ -418,6 +423,7 @@ def backup(
     chunker: str | None,
     exclude: tuple[str, ...],
     tags: tuple[str, ...],
+    dry_run: bool,
     strict: bool,
     allow_empty: bool,
     as_json: bool,
@@ -447,6 +453,7 @@ def backup(
                         chunker=chunker,
                         allow_empty=allow_empty,
                         tags=tags,
+                        dry_run=dry_run,
                     )
                 else:
                     stats = await repo.backup(
@@ -459,6 +466,7 @@ def backup(
                         exclude=exclude,
                         strict=strict,
                         tags=tags,
+                        dry_run=dry_run,
                     )
             return stats.to_dict()
 
@@ -475,6 +483,13 @@ def backup(
 
 def _print_backup(name: str, s: dict[str, Any]) -> None:
     mbs = s["bytes_read"] / s["seconds"] / 1e6 if s["seconds"] else 0.0
+    if not s["id"]:  # a dry run
+        click.echo(
+            f"dry run, {s['kind']} of {name}: would read {human_bytes(s['bytes_read'])} in "
+            f"{count(s['chunks'], 'chunk')}, {s['chunks_new']} new "
+            f"({human_bytes(s['bytes_new'])} before compression); nothing was stored"
+        )
+        return
     click.echo(
         f"{s['kind']} generation {s['id'][:12]} of {name}: read {human_bytes(s['bytes_read'])} in "
         f"{count(s['chunks'], 'chunk')}, {s['chunks_new']} new ({human_bytes(s['bytes_new'])}), "

@@ -141,6 +141,7 @@ async def ingest(
     chunker: dict[str, Any] | str = FASTCDC,
     table_out: TableSink | None = None,
     before_salvage: Callable[[], Awaitable[None]] | None = None,
+    dry_run: bool = False,
 ) -> Ingested:
     """Run the pipeline over `items` and store every new chunk. The packs written since
     the last index object are returned unindexed (`Ingested.pending`) and no manifest is
@@ -152,6 +153,8 @@ async def ingest(
     once `before_salvage` (the lock's confirm) has not refused: no generation refers to
     them, but the next backup finds their chunks and does not store them again (a resumed
     backup costs what it had not yet stored). Prune removes them if none ever does.
+
+    `dry_run`: chunk, hash and look up everything, count what would be new, store nothing.
 
     `chunker` is a strategy spec (dedupe.chunking.strategy), "fastcdc" (the repository's
     parameters) or "auto", which picks one per
@@ -277,7 +280,8 @@ async def ingest(
             if new_chunks:
                 p.chunks_new += len(new_chunks)
                 p.bytes_new += sum(map(len, new_chunks))
-                await framed_q.put(run(codec.frame, new_chunks, new_ids))
+                if not dry_run:
+                    await framed_q.put(run(codec.frame, new_chunks, new_ids))
             if progress:
                 progress(p)
         await framed_q.put(None)
@@ -343,6 +347,26 @@ async def ingest(
 
     return Ingested(
         table, marks, final_digest, p, packs_written, time.monotonic() - started, specs, batch
+    )
+
+
+def dry_run_stats(got: Ingested, name: str, kind: str, parent: str | None) -> BackupStats:
+    """What a backup would have done: read, chunks, new chunks and bytes. Its `id` is "":
+    nothing was stored or committed."""
+    p = got.progress
+    return BackupStats(
+        id="",
+        name=name,
+        kind=kind,
+        bytes_read=p.bytes_read,
+        bytes_new=p.bytes_new,
+        bytes_stored=0,
+        chunks=p.chunks,
+        chunks_new=p.chunks_new,
+        packs=0,
+        seconds=got.seconds,
+        parent=parent,
+        chunker=got.chunkers[0] if len(got.chunkers) == 1 else got.chunkers,
     )
 
 
@@ -463,6 +487,7 @@ async def run_backup(
     chunker: dict[str, Any] | str = FASTCDC,
     allow_empty: bool = False,
     labels: dict[str, Any] | None = None,
+    dry_run: bool = False,
 ) -> BackupStats:
     """Back up one stream as a generation of `name`. `parent` is (generation id, its
     complete chunk table in a file, from dedupe.store.tables.spill_complete_table) for
@@ -499,7 +524,10 @@ async def run_backup(
             chunker=chunker,
             table_out=table_out,
             before_salvage=before_commit,
+            dry_run=dry_run,
         )
+        if dry_run:
+            return dry_run_stats(got, name, kind, parent[0] if parent else None)
         if got.progress.bytes_read == 0 and not allow_empty:
             raise empty_source(
                 f"{source_info.get('label') or 'the source'} gave no bytes",

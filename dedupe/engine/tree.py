@@ -32,7 +32,7 @@ from typing import Any
 from dedupe._types import BackupStats, Progress, ProgressCallback, RestoreStats
 from dedupe.chunking import BlockReader
 from dedupe.crypto.aead import Buffer
-from dedupe.engine.backup import FILE_END, Item, commit, empty_source, ingest
+from dedupe.engine.backup import FILE_END, Item, commit, dry_run_stats, empty_source, ingest
 from dedupe.engine.outfile import writev_all
 from dedupe.engine.restore import finish_in_thread, restore_chunks
 from dedupe.engine.sources import READ_SIZE
@@ -264,6 +264,7 @@ async def backup_tree(
     exclude: Sequence[str] = (),
     strict: bool = False,
     labels: dict[str, Any] | None = None,
+    dry_run: bool = False,
 ) -> BackupStats:
     """Back up directory `root` as a tree generation of `name`. `parent` is (generation id,
     its expanded entries) for an incremental or differential, None for a full (which reads
@@ -299,9 +300,12 @@ async def backup_tree(
         size_hint=sum(e["size"] for e in todo),
         chunker=chunker,
         before_salvage=before_commit,
+        dry_run=dry_run,
     )
     if len(got.marks) != len(todo) or len(sizes) != len(todo):
         raise RuntimeError("the backup pipeline lost a file boundary")
+    if dry_run:  # what would be read: the new and changed files
+        return dry_run_stats(got, name, kind, parent[0] if parent is not None else None)
     start = 0
     unread = set()
     for e, (end, digest), size in zip(todo, got.marks, sizes, strict=True):

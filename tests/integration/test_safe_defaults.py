@@ -499,3 +499,37 @@ def test_quiet_and_verbose_on_every_command(run, repo_path: Path, cli_env: dict[
     for command in (("generations",), ("stats",), ("verify",), ("prune", "--dry-run")):
         proc = dedupe_cli(*command, "-q", "-v", env=cli_env)
         assert proc.returncode == 0, (command, proc.stderr)
+
+
+def test_a_dry_run_says_what_would_be_new_and_stores_nothing(
+    run, repo_path: Path, tmp_path: Path, cli_env: dict[str, str]
+) -> None:  # type: ignore[no-untyped-def]
+    old, new = os.urandom(1_000_000), os.urandom(300_000)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a").write_bytes(old)
+
+    def files() -> set[Path]:
+        return {p for p in repo_path.rglob("*") if p.is_file() and "locks" not in p.parts}
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            await repo.backup(io.BytesIO(old), name="s", kind="full")
+            await repo.backup(tree, name="t", kind="full")
+            before = files()
+            dry = await repo.backup(io.BytesIO(old + new), name="s", dry_run=True)
+            assert dry.id == "" and dry.bytes_read == len(old) + len(new)
+            assert len(new) <= dry.bytes_new < len(new) + 200_000  # the tail, cut anew
+            (tree / "b").write_bytes(new)
+            dry_tree = await repo.backup(tree, name="t", dry_run=True)
+            # (a file changed within the last seconds is read again, so "a" may be too)
+            assert dry_tree.bytes_read >= len(new) and dry_tree.bytes_new == len(new)
+            assert files() == before and len(await repo.generations()) == 2
+            real = await repo.backup(io.BytesIO(old + new), name="s")
+            assert (real.chunks_new, real.bytes_new) == (dry.chunks_new, dry.bytes_new)
+
+    run(go())
+    proc = dedupe_cli("backup", str(tree), "--name", "t", "--dry-run", env=cli_env)
+    assert (
+        proc.returncode == 0 and b"dry run" in proc.stdout and b"nothing was stored" in proc.stdout
+    )
