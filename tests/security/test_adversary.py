@@ -329,11 +329,13 @@ def test_a_writers_index_entries_make_prune_delete_everyone_elses_packs(
     run_asyncio(go())
 
 
-def test_a_preferred_copy_whose_pack_has_no_key_is_dropped_not_fatal(
-    run_asyncio: Run[None], repo_path: Path
+@pytest.mark.parametrize("flaw", ["no key map entry", "cut short"])
+def test_a_preferred_copy_that_cannot_be_checked_is_dropped_not_fatal(
+    run_asyncio: Run[None], repo_path: Path, flaw: str
 ) -> None:
-    """The writer's fuller pack is indexed, but no key map gives its key: prune cannot open
-    the copies it would prefer, drops them as bad, keeps the real ones, and finishes."""
+    """The writer's fuller pack is indexed, but no key map gives its key, or the pack is
+    cut short: prune cannot check the copies it would prefer, drops them as bad, keeps
+    the real ones, and finishes."""
 
     async def go() -> None:
         async with await make_repo(repo_path) as repo:
@@ -344,9 +346,16 @@ def test_a_preferred_copy_whose_pack_has_no_key_is_dropped_not_fatal(
                 store = writer._store
                 chunks = {cid: raw for cid, _p, raw in await index_chunks(store, repo_path)}
                 garbage = [(cid, os.urandom(2 * raw)) for cid, raw in chunks.items()]
-                await plant_indexed_pack(
-                    store, repo_path, garbage, claimed_raw=chunks, pack_key_entry=False
+                pid = await plant_indexed_pack(
+                    store,
+                    repo_path,
+                    garbage,
+                    claimed_raw=chunks,
+                    pack_key_entry=flaw != "no key map entry",
                 )
+            if flaw == "cut short":
+                forged = repo_path / pack_path(pid)
+                forged.write_bytes(forged.read_bytes()[:100])
             await repo.prune()
             assert real_packs <= {p.name for p in files_under(repo_path, "packs")}
             assert await restores(repo, gen.id, content)
