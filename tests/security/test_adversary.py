@@ -363,6 +363,53 @@ def test_a_preferred_copy_that_cannot_be_checked_is_dropped_not_fatal(
     run_asyncio(go())
 
 
+@pytest.mark.parametrize("flaw", ["no key map entry", "cut short"])
+def test_one_pack_that_cannot_be_checked_does_not_spare_the_others_their_check(
+    run_asyncio: Run[None], tmp_path: Path, flaw: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two forged packs, each preferred for half of the chunks: one cannot be checked (no
+    key map entry, or cut short), the other holds garbage. Both must be checked and dropped in
+    the same round, whichever comes first; a check that gave up on the rest after the
+    first unusable pack would keep the other's garbage unchecked (restore then fails).
+    Which pack comes first depends on set order, so eight fresh repositories are tried:
+    the code under test passes every one. The unusable pack has dead blobs between its
+    copies and ranges are not read through gaps here, so each copy is a range of its own:
+    a failed read must not spare the pack's later ranges either."""
+    import dedupe.engine.prune as prune_module
+
+    monkeypatch.setattr(prune_module, "COALESCE_GAP", 0)
+
+    async def attempt(repo_path: Path, seed: int) -> bool:
+        async with await make_repo(repo_path) as repo:
+            content = random_bytes(160 * KiB, 30 + seed)
+            gen = await repo.backup(io.BytesIO(content), name="a", kind="full")
+            async with await with_key(repo, repo_path, "writer", "w") as writer:
+                store = writer._store
+                chunks = sorted((cid, raw) for cid, _p, raw in await index_chunks(store, repo_path))
+                for half, unusable in ((chunks[0::2], True), (chunks[1::2], False)):
+                    garbage = [(cid, os.urandom(2 * raw)) for cid, raw in half]
+                    if unusable:  # a dead blob after each copy
+                        garbage = [b for g in garbage for b in (g, (os.urandom(32), b"dead"))]
+                    pid = await plant_indexed_pack(
+                        store,
+                        repo_path,
+                        garbage,
+                        claimed_raw=dict(half),
+                        pack_key_entry=not (unusable and flaw == "no key map entry"),
+                    )
+                    if unusable and flaw == "cut short":
+                        forged = repo_path / pack_path(pid)
+                        forged.write_bytes(forged.read_bytes()[:100])
+            await repo.prune()
+            return await restores(repo, gen.id, content)
+
+    async def go() -> None:
+        results = [await attempt(tmp_path / f"repo-{seed}", seed) for seed in range(8)]
+        assert all(results), results
+
+    run_asyncio(go())
+
+
 def test_a_forged_copy_prune_did_not_choose_never_replaces_the_good_one(
     run_asyncio: Run[None], repo_path: Path
 ) -> None:
