@@ -325,3 +325,31 @@ def test_prune_deletes_every_unused_pack_batch_after_batch(  # type: ignore[no-u
             assert out.getvalue() == kept
 
     run(go())
+
+
+def test_after_prune_the_same_handle_dedupes_as_a_fresh_one(
+    run, repo_path: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Prune replaces the index objects and renumbers packs; the handle that ran it loads
+    the index again, so its next backup finds every chunk the repacked packs hold, exactly
+    as a handle opened afterwards does (on a copy of the repository)."""
+    a, b = os.urandom(600_000), os.urandom(600_000)
+    twin = tmp_path / "twin"
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            both = await repo.backup(io.BytesIO(a + b), name="a", kind="full")
+            only_b = await repo.backup(io.BytesIO(b), name="b", kind="full")
+            await repo.forget(ids=[both.id])
+            await repo.prune(repack_threshold=0.0)  # b's chunks move to new packs
+            shutil.copytree(repo_path, twin)
+            again = await repo.backup(io.BytesIO(a + b), name="a", kind="full")
+            for gen, data in ((only_b, b), (again, a + b)):
+                out = io.BytesIO()
+                await repo.restore(gen.id, out)
+                assert out.getvalue() == data
+        async with await Repository.open(twin, PASSPHRASE) as fresh:
+            expected = await fresh.backup(io.BytesIO(a + b), name="a", kind="full")
+        assert (again.chunks_new, again.bytes_new) == (expected.chunks_new, expected.bytes_new)
+
+    run(go())
