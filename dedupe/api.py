@@ -298,7 +298,8 @@ class Repository:
             if not tag or "," in tag or not tag.isprintable():
                 raise ValueError(f"tag {tag!r}: a tag is printable, non-empty, without ','")
         labels = {"host": socket.gethostname(), "tags": sorted(set(tags))}
-        # Tree options (exclude, strict) and the header's labels (host, tags).
+        # Passed down to the stream and tree paths: the tree options (exclude, strict), the
+        # header's labels (host, tags), and dry_run.
         options: dict[str, Any] = {
             "exclude": tuple(exclude),
             "strict": strict,
@@ -344,13 +345,15 @@ class Repository:
         stats = await self._backup_source(
             source, name, kind, gens, progress, label, lock, chosen, allow_empty, options
         )
+        dry_run = bool(options.get("dry_run"))
         if spec is not None and previous is not None and stats.chunker != previous:
             stats = _with_note(
                 stats,
                 f"the chunker of {name!r} changed from {describe(previous)} to "
-                f"{describe(stats.chunker)}: chunk boundaries moved, so this backup stored "
-                f"{stats.chunks_new} of its {stats.chunks} chunks again; the next backups "
-                "keep the new chunker and deduplicate against it",
+                f"{describe(stats.chunker)}: chunk boundaries moved, so this backup "
+                f"{'would store' if dry_run else 'stored'} {stats.chunks_new} of its "
+                f"{stats.chunks} chunks again; the next backups keep the new chunker and "
+                "deduplicate against it",
             )
         return stats
 
