@@ -248,8 +248,12 @@ class Tool(ABC):
 
 
 def _version_line(argv: list[str], env: dict[str, str] | None = None) -> str:
+    # Not from the checkout's directory: `python -m` would import its unbuilt package
+    # ahead of the installed one.
     try:
-        out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+        out = subprocess.run(
+            argv, capture_output=True, text=True, env=env, timeout=60, cwd=tempfile.gettempdir()
+        )
     except OSError as e:
         return f"unknown ({e})"
     text = (out.stdout or out.stderr).strip()
