@@ -533,3 +533,22 @@ def test_a_dry_run_says_what_would_be_new_and_stores_nothing(
     assert (
         proc.returncode == 0 and b"dry run" in proc.stdout and b"nothing was stored" in proc.stdout
     )
+
+
+def test_a_stream_without_a_recorded_mode_restores_private(
+    run, repo_path: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A dump piped in has no file mode to give back: the restored file is the owner's
+    alone (0600), never world-readable, whatever the umask."""
+    old_umask = os.umask(0o022)
+    try:
+
+        async def go() -> None:
+            async with await make_repo(repo_path) as repo:
+                gen = await repo.backup(io.BytesIO(os.urandom(10_000)), name="dump")
+                await repo.restore(gen.id, tmp_path / "dump.sql")
+
+        run(go())
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE((tmp_path / "dump.sql").stat().st_mode) == 0o600
