@@ -1,4 +1,5 @@
-"""How restore groups the blobs of one pack into ranged reads (engine/restore.py, `_ranges`):
+"""How restore cuts a generation's table into windows (`_windows`) and groups the blobs of
+one pack into ranged reads (`_ranges`), engine/restore.py. Ranges:
 every blob in exactly one range, in offset order; a range is read through a gap only when
 the gap is at most COALESCE_GAP, and never grows past MAX_RANGE unless one blob alone is
 larger. (Fewer, longer reads are the point; the bound keeps a read's buffer bounded.)"""
@@ -8,15 +9,17 @@ from __future__ import annotations
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from dedupe.engine.restore import COALESCE_GAP, MAX_RANGE, _ranges
+from dedupe.engine.restore import COALESCE_GAP, MAX_RANGE, WINDOW_BYTES, _ranges, _windows
+from dedupe.format.manifest import CHUNK_RECORD
 
+# Blobs laid out one after another with gaps around COALESCE_GAP (as in a pack, where
+# dead blobs leave gaps), so that ranges do merge and do reach MAX_RANGE.
 blobs = st.lists(
-    st.tuples(
-        st.integers(0, 64 * 1024 * 1024),  # offset
-        st.integers(1, 3 * 1024 * 1024),  # stored length
-    ),
-    max_size=40,
-    unique_by=lambda b: b[0],
+    st.tuples(st.integers(0, 2 * COALESCE_GAP), st.integers(1, 3 * 1024 * 1024)), max_size=40
+).map(
+    lambda spec: [
+        (sum(g + n for g, n in spec[:i]) + gap, stored) for i, (gap, stored) in enumerate(spec)
+    ]
 )
 
 
@@ -42,3 +45,20 @@ def test_ranges_cover_each_blob_once_and_respect_the_bounds(spec: list[tuple[int
         if after is not None:  # a new range only where it had to start
             nxt = after[2][0]
             assert nxt[1] - end > COALESCE_GAP or nxt[1] + nxt[2] - start > MAX_RANGE
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 3 * WINDOW_BYTES // 4), max_size=60), st.integers(1, 5))
+def test_windows_hold_every_record_once_and_stay_bounded(lengths: list[int], pieces: int) -> None:
+    """Restore works through a generation's table a window at a time: every record once,
+    in order, and no window past WINDOW_BYTES by more than its last chunk (so what a
+    window holds in memory stays bounded however long the table)."""
+    records = [CHUNK_RECORD.pack(bytes([i % 256]) * 32, n) for i, n in enumerate(lengths)]
+    step = max(1, len(records) // pieces)
+    table = [b"".join(records[i : i + step]) for i in range(0, len(records), step)]
+    windows = list(_windows(table))
+    assert [n for w in windows for _cid, n in w] == lengths
+    for w in windows:
+        assert sum(n for _cid, n in w) - w[-1][1] < WINDOW_BYTES
+    for w in windows[:-1]:
+        assert sum(n for _cid, n in w) >= WINDOW_BYTES  # a window ends only when full
