@@ -75,8 +75,9 @@ def test_roundtrip_random_sizes_and_params(
         async with await make_repo(path, chunker=params) as repo:
             stats = await repo.backup(io.BytesIO(data), name="rt", allow_empty=True)
             assert stats.bytes_read == len(data)
-            out = io.BytesIO()
-            await repo.restore(stats.id, out)
+            out = io.BytesIO()  # a file object with no descriptor: its own write()
+            restored = await repo.restore(stats.id, out)
+            assert restored.bytes_written == len(data)
             return out.getvalue()
 
     assert run_asyncio(go()) == data
