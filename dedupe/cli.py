@@ -442,32 +442,21 @@ def backup(
 
     async def go() -> dict[str, Any]:
         async with await open_repo(ctx) as repo:
+            stdin = source == "-"
             with progress_bar(not as_json, f"backup {name}") as callback:
-                if source == "-":
-                    stats = await repo.backup(
-                        sys.stdin.buffer,
-                        name=name,
-                        kind=kind,
-                        progress=callback,
-                        label="<stdin>",
-                        chunker=chunker,
-                        allow_empty=allow_empty,
-                        tags=tags,
-                        dry_run=dry_run,
-                    )
-                else:
-                    stats = await repo.backup(
-                        source,
-                        name=name,
-                        kind=kind,
-                        progress=callback,
-                        chunker=chunker,
-                        allow_empty=allow_empty,
-                        exclude=exclude,
-                        strict=strict,
-                        tags=tags,
-                        dry_run=dry_run,
-                    )
+                stats = await repo.backup(
+                    sys.stdin.buffer if stdin else source,
+                    name=name,
+                    kind=kind,
+                    progress=callback,
+                    label="<stdin>" if stdin else None,
+                    chunker=chunker,
+                    allow_empty=allow_empty,
+                    exclude=exclude,  # refused above for anything but a directory
+                    strict=strict,
+                    tags=tags,
+                    dry_run=dry_run,
+                )
             return stats.to_dict()
 
     s = run_async(go())
