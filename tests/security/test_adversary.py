@@ -27,14 +27,15 @@ reports as a failure: remove the marker then.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import io
 import json
 import os
 import random
 import struct
-from collections.abc import Callable, Coroutine
-from dataclasses import replace
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -117,11 +118,13 @@ async def plant_indexed_pack(
     blobs: list[tuple[bytes, bytes]],
     claimed_raw: dict[bytes, int] | None = None,
     pack_key_entry: bool = True,
+    cut_to: int | None = None,
 ) -> bytes:
     """What a writer key can do: a pack of `blobs` (chunk id, content) under a fresh key,
     an index object listing them (with `claimed_raw` lengths, else the true ones), both
     authenticated by a key map of the writer's (the pack's entry left out without
-    `pack_key_entry`). Returns the pack id."""
+    `pack_key_entry`; the pack cut to its first `cut_to` bytes, if given). Returns the
+    pack id."""
     key, ikey = os.urandom(32), os.urandom(32)
     pdata, entries = pack_bytes(key, blobs)
     pid = bytes.fromhex(b3(pdata))
@@ -137,9 +140,33 @@ async def plant_indexed_pack(
     if pack_key_entry:
         entries_signed.append(km.pack_entry(pid, key))
     await km.write(entries_signed)
-    plant(repo_path, pack_path(pid), pdata)
+    plant(repo_path, pack_path(pid), pdata if cut_to is None else pdata[:cut_to])
     plant(repo_path, f"index/{iid.hex()}", idata)
     return pid
+
+
+@dataclass
+class Victim:
+    """A full generation of random content, and what a writer key sees of it."""
+
+    gen_id: str
+    content: bytes
+    real_packs: set[str]
+    writer_store: Any
+    chunks: dict[bytes, int]  # chunk id -> raw length, from the index objects
+
+
+@contextlib.asynccontextmanager
+async def a_backup_and_a_writer(
+    repo: dedupe.Repository, repo_path: Path, size: int, seed: int
+) -> AsyncIterator[Victim]:
+    content = random_bytes(size, seed)
+    gen = await repo.backup(io.BytesIO(content), name="a", kind="full")
+    real_packs = {p.name for p in files_under(repo_path, "packs")}
+    async with await with_key(repo, repo_path, "writer", "w") as writer:
+        store = writer._store
+        chunks = {cid: raw for cid, _p, raw in await index_chunks(store, repo_path)}
+        yield Victim(gen.id, content, real_packs, store, chunks)
 
 
 def index_bytes(
@@ -339,26 +366,19 @@ def test_a_preferred_copy_that_cannot_be_checked_is_dropped_not_fatal(
 
     async def go() -> None:
         async with await make_repo(repo_path) as repo:
-            content = random_bytes(120 * KiB, 22)
-            gen = await repo.backup(io.BytesIO(content), name="a", kind="full")
-            real_packs = {p.name for p in files_under(repo_path, "packs")}
-            async with await with_key(repo, repo_path, "writer", "w") as writer:
-                store = writer._store
-                chunks = {cid: raw for cid, _p, raw in await index_chunks(store, repo_path)}
-                garbage = [(cid, os.urandom(2 * raw)) for cid, raw in chunks.items()]
-                pid = await plant_indexed_pack(
-                    store,
+            async with a_backup_and_a_writer(repo, repo_path, 120 * KiB, 22) as v:
+                garbage = [(cid, os.urandom(2 * raw)) for cid, raw in v.chunks.items()]
+                await plant_indexed_pack(
+                    v.writer_store,
                     repo_path,
                     garbage,
-                    claimed_raw=chunks,
+                    claimed_raw=v.chunks,
                     pack_key_entry=flaw != "no key map entry",
+                    cut_to=100 if flaw == "cut short" else None,
                 )
-            if flaw == "cut short":
-                forged = repo_path / pack_path(pid)
-                forged.write_bytes(forged.read_bytes()[:100])
             await repo.prune()
-            assert real_packs <= {p.name for p in files_under(repo_path, "packs")}
-            assert await restores(repo, gen.id, content)
+            assert v.real_packs <= {p.name for p in files_under(repo_path, "packs")}
+            assert await restores(repo, v.gen_id, v.content)
 
     run_asyncio(go())
 
@@ -381,27 +401,22 @@ def test_one_pack_that_cannot_be_checked_does_not_spare_the_others_their_check(
 
     async def attempt(repo_path: Path, seed: int) -> bool:
         async with await make_repo(repo_path) as repo:
-            content = random_bytes(160 * KiB, 30 + seed)
-            gen = await repo.backup(io.BytesIO(content), name="a", kind="full")
-            async with await with_key(repo, repo_path, "writer", "w") as writer:
-                store = writer._store
-                chunks = sorted((cid, raw) for cid, _p, raw in await index_chunks(store, repo_path))
+            async with a_backup_and_a_writer(repo, repo_path, 160 * KiB, 30 + seed) as v:
+                chunks = sorted(v.chunks.items())
                 for half, unusable in ((chunks[0::2], True), (chunks[1::2], False)):
                     garbage = [(cid, os.urandom(2 * raw)) for cid, raw in half]
                     if unusable:  # a dead blob after each copy
                         garbage = [b for g in garbage for b in (g, (os.urandom(32), b"dead"))]
-                    pid = await plant_indexed_pack(
-                        store,
+                    await plant_indexed_pack(
+                        v.writer_store,
                         repo_path,
                         garbage,
                         claimed_raw=dict(half),
                         pack_key_entry=not (unusable and flaw == "no key map entry"),
+                        cut_to=100 if unusable and flaw == "cut short" else None,
                     )
-                    if unusable and flaw == "cut short":
-                        forged = repo_path / pack_path(pid)
-                        forged.write_bytes(forged.read_bytes()[:100])
             await repo.prune()
-            return await restores(repo, gen.id, content)
+            return await restores(repo, v.gen_id, v.content)
 
     async def go() -> None:
         results = [await attempt(tmp_path / f"repo-{seed}", seed) for seed in range(8)]
@@ -421,20 +436,14 @@ def test_a_forged_copy_prune_did_not_choose_never_replaces_the_good_one(
 
     async def go() -> None:
         async with await make_repo(repo_path) as repo:
-            content = random_bytes(120 * KiB, 21)
-            gen = await repo.backup(io.BytesIO(content), name="a", kind="full")
-            real_packs = {p.name for p in files_under(repo_path, "packs")}
-            async with await with_key(repo, repo_path, "writer", "w") as writer:
-                store = writer._store
-                chunks = {cid: raw for cid, _p, raw in await index_chunks(store, repo_path)}
-                dead = (os.urandom(32), os.urandom(8 * sum(chunks.values())))
-                garbage = [(cid, os.urandom(raw)) for cid, raw in chunks.items()] + [dead]
-                pid = await plant_indexed_pack(store, repo_path, garbage)
-
+            async with a_backup_and_a_writer(repo, repo_path, 120 * KiB, 21) as v:
+                dead = (os.urandom(32), os.urandom(8 * sum(v.chunks.values())))
+                garbage = [(cid, os.urandom(raw)) for cid, raw in v.chunks.items()] + [dead]
+                pid = await plant_indexed_pack(v.writer_store, repo_path, garbage)
             await repo.prune()
             left = {p.name for p in files_under(repo_path, "packs")}
-            assert real_packs <= left and pid.hex() not in left
-            assert await restores(repo, gen.id, content)
+            assert v.real_packs <= left and pid.hex() not in left
+            assert await restores(repo, v.gen_id, v.content)
 
     run_asyncio(go())
 
