@@ -552,3 +552,23 @@ def test_a_stream_without_a_recorded_mode_restores_private(
     finally:
         os.umask(old_umask)
     assert stat.S_IMODE((tmp_path / "dump.sql").stat().st_mode) == 0o600
+
+
+def test_another_keys_generation_does_not_choose_the_chunker(run, repo_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A name keeps the chunker of this key's own latest generation: a writer that backs up
+    the same name with another chunker (or forges one in a header) does not change how the
+    admin's next backup cuts, as it does not become its parent either."""
+    data = os.urandom(300_000)
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            first = await repo.backup(io.BytesIO(data), name="db")
+            await repo.keys.add(b"writer pass", role="writer", name="w", kdf=KdfParams.weakest())
+        async with await Repository.open(repo_path, b"writer pass") as writer:
+            odd = await writer.backup(io.BytesIO(data), name="db", chunker="fixed:512")
+            assert odd.chunker == {"algorithm": "fixed", "block_size": 512}
+        async with await Repository.open(repo_path, PASSPHRASE) as repo:
+            again = await repo.backup(io.BytesIO(data), name="db")
+            assert again.chunker == first.chunker and again.bytes_new == 0
+
+    run(go())
