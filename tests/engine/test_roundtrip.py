@@ -266,11 +266,12 @@ def test_restores_read_the_table_from_a_file_they_close(
             with pytest.raises(TargetError, match="went away"):  # after the first window
                 await repo.restore(full.id, GoneAfter(300_000))
             assert open_descriptors() == before
-            packs = sorted((repo_path / "packs").rglob("*"))
-            victim = next(p for p in packs if p.is_file())
-            data = bytearray(victim.read_bytes())
-            data[100] ^= 1
-            victim.write_bytes(bytes(data))
+            # Damage the first blob of every pack: the incremental's own pack holds only
+            # chunks it reads (the full's first blob may be one the incremental replaced).
+            for victim in (p for p in (repo_path / "packs").rglob("*") if p.is_file()):
+                data = bytearray(victim.read_bytes())
+                data[100] ^= 1
+                victim.write_bytes(bytes(data))
             with pytest.raises(DedupeError):
                 await repo.restore(incr.id, io.BytesIO())
             assert open_descriptors() == before
