@@ -1290,6 +1290,11 @@ def key_status(ctx: click.Context, as_json: bool) -> None:
 @cli.command(short_help="Measure MB/s and peak memory, against restic and borg.")
 @click.option("--data", type=click.Path(dir_okay=False), help="Benchmark on this file.")
 @click.option(
+    "--data2",
+    type=click.Path(dir_okay=False),
+    help="With --data: its next version, for the incremental step.",
+)
+@click.option(
     "--size",
     default="256MiB",
     show_default=True,
@@ -1302,35 +1307,53 @@ def key_status(ctx: click.Context, as_json: bool) -> None:
     help="Data and repositories [default: a tmp dir].",
 )
 @click.option("--compare", is_flag=True, help="Also run restic and borg when on PATH.")
+@click.option(
+    "--tools",
+    default="",
+    metavar="LIST",
+    help="Tools beside dedupe, comma-separated: restic, borg, or a variant "
+    "(dedupe-stdin, restic-stdin, restic-file).",
+)
 @click.option("--no-stages", is_flag=True, help="Skip the stage-by-stage table.")
 @click.option("--no-e2e", is_flag=True, help="Skip the end-to-end steps.")
 @json_option
 @handle_errors
 def bench(
     data: str | None,
+    data2: str | None,
     size: str,
     runs: int,
     workdir: str | None,
     compare: bool,
+    tools: str,
     no_stages: bool,
     no_e2e: bool,
     as_json: bool,
 ) -> None:
     """Measure throughput (MB/s) and peak RSS, stage by stage and end to end, in throwaway
     repositories of its own. Medians of --runs; the machine's other load shows as spread."""
-    from dedupe.bench import format_report, parse_size, run_bench
+    from dedupe.bench import expand_tools, format_report, parse_size, run_bench
 
     try:
         nbytes = parse_size(size)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--size") from None
+    names = [t.strip() for t in tools.split(",") if t.strip()]
+    try:
+        expand_tools(names)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--tools") from None
+    if data2 is not None and data is None:
+        raise click.BadParameter("needs --data (the first version)", param_hint="--data2")
     report = run_async(
         run_bench(
             data=data,
+            data2=data2,
             size=nbytes,
             runs=runs,
             workdir=workdir,
             compare=compare,
+            tools=names,
             stages=not no_stages,
             end_to_end=not no_e2e,
             progress=None if as_json else lambda msg: click.echo(msg, err=True),

@@ -16,8 +16,18 @@ from pathlib import Path
 import pytest
 
 import dedupe
-from dedupe import bench
-from dedupe.bench import STAGES, STEPS, format_report, generate_data, parse_size, run_bench
+from dedupe.bench import (
+    PAGE_SIZE,
+    STAGES,
+    STEPS,
+    e2e,
+    expand_tools,
+    format_report,
+    generate_data,
+    mutate_data,
+    parse_size,
+    run_bench,
+)
 from dedupe.errors import IntegrityError
 
 MiB = 1 << 20
@@ -68,10 +78,16 @@ def test_run_bench_reports_every_stage_and_step(tmp_path: Path) -> None:
     assert report.ratios == ()
     assert messages  # progress arrived
 
+    incr = tool.step("incr")
+    assert incr is not None and incr.input_bytes == report.data["day2"]["bytes"]
+    new = tool.step("new")
+    assert new is not None and new.repo_bytes is not None
+    # The incremental stores what changed, not the file again.
+    assert incr.repo_growth is not None and 0 < incr.repo_growth < new.repo_bytes / 4
     d = json.loads(json.dumps(report.to_dict()))
     assert d["tools"][0]["steps"][0]["step"] == "new"
     text = format_report(report)
-    assert "pipeline bound" in text and "verify" in text
+    assert "pipeline bound" in text and "check" in text and "incr" in text
     assert not (tmp_path / "runs").exists()  # repositories are removed, the data is kept
 
 
@@ -87,7 +103,7 @@ def test_compare_without_restic_and_borg_skips_them(
     assert report.stages is None
     by_name = {t.name: t for t in report.tools}
     assert by_name["dedupe"].status == "ok"
-    for name in ("restic", "borg"):
+    for name in ("restic-stdin", "restic-file", "borg"):
         assert by_name[name].status == "skipped"
         assert by_name[name].reason == "not installed"
     assert report.ratios == ()
@@ -95,14 +111,14 @@ def test_compare_without_restic_and_borg_skips_them(
 
 
 def test_wrong_restore_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = bench._blake3_file
+    real = e2e.blake3_file
     source = tmp_path / "src.bin"
     generate_data(source, MiB)
 
     def lying(path: str | os.PathLike[str]) -> str:
         return real(path) if Path(path) == source else "0" * 64
 
-    monkeypatch.setattr(bench, "_blake3_file", lying)
+    monkeypatch.setattr(e2e, "blake3_file", lying)
     with pytest.raises(IntegrityError, match="BLAKE3"):
         asyncio.run(run_bench(data=source, runs=1, workdir=tmp_path / "w", stages=False))
 
@@ -140,11 +156,106 @@ def test_cli_bench_json(tmp_path: Path) -> None:
     assert [s["step"] for s in report["tools"][0]["steps"]] == list(STEPS)
 
 
-def test_cli_bench_rejects_a_bad_size(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--size", "lots"], "not a size"),
+        (["--tools", "restic,tar"], "unknown tool 'tar'"),
+        (["--data2", "day2.db"], "needs --data"),
+    ],
+)
+def test_cli_bench_rejects_bad_arguments(tmp_path: Path, args: list[str], message: str) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "dedupe", "bench", "--size", "lots", "--workdir", str(tmp_path)],
+        [sys.executable, "-m", "dedupe", "bench", *args, "--workdir", str(tmp_path)],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(Path(dedupe.__file__).resolve().parent.parent)},
     )
-    assert out.returncode == 2 and "not a size" in out.stderr
+    assert out.returncode == 2 and message in out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_next_day_rewrites_and_appends_pages_deterministically(tmp_path: Path) -> None:
+    day1, a, b = tmp_path / "day1", tmp_path / "a", tmp_path / "b"
+    generate_data(day1, 4 * MiB)
+    mutate_data(day1, a)
+    mutate_data(day1, b)
+    assert a.read_bytes() == b.read_bytes()
+    old, new = day1.read_bytes(), a.read_bytes()
+    pages = len(old) // PAGE_SIZE
+    assert len(new) == len(old) + int(pages * 0.01) * PAGE_SIZE
+    changed = sum(
+        old[i : i + PAGE_SIZE] != new[i : i + PAGE_SIZE] for i in range(0, len(old), PAGE_SIZE)
+    )
+    assert changed == int(pages * 0.05)
+
+
+def test_given_data_without_a_next_day_has_no_incremental_step(tmp_path: Path) -> None:
+    source = tmp_path / "src.bin"
+    generate_data(source, MiB)
+    report = asyncio.run(run_bench(data=source, runs=1, workdir=tmp_path / "w", stages=False))
+    [tool] = report.tools
+    assert [s.step for s in tool.steps] == [s for s in STEPS if s != "incr"]
+    assert report.data["day2"] is None
+    with pytest.raises(ValueError, match="needs data"):
+        asyncio.run(run_bench(data2=source, runs=1, workdir=tmp_path / "w"))
+
+
+def test_tool_lists() -> None:
+    assert expand_tools([]) == ["dedupe"]
+    assert expand_tools(["restic", "borg", "restic-file"]) == [
+        "dedupe",
+        "restic-stdin",
+        "restic-file",
+        "borg",
+    ]
+    with pytest.raises(ValueError, match="unknown tool 'tar'"):
+        expand_tools(["tar"])
+
+
+def test_a_failing_compared_tool_is_reported_not_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another tool's failure goes in its row, with its last error line; dedupe's steps
+    and the report still come through."""
+    fake = tmp_path / "bin" / "borg"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'borg: the repository is on fire' >&2\nexit 2\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    report = asyncio.run(
+        run_bench(size=MiB, runs=1, workdir=tmp_path / "w", tools=["borg"], stages=False)
+    )
+    borg = report.tool("borg")
+    assert borg is not None and borg.status == "failed"
+    assert "the repository is on fire" in borg.reason
+    dd = report.tool("dedupe")
+    assert dd is not None and dd.status == "ok" and dd.step("restore") is not None
+    assert report.ratios == ()
+
+
+def test_bench_e2e_script_runs_the_shared_harness(tmp_path: Path) -> None:
+    """bench/bench_e2e.py is a thin client of dedupe.bench: on given files, dedupe alone,
+    it prints the same report (as JSON), from the installed package when the checkout is
+    not built in place."""
+    script = Path(__file__).resolve().parent.parent / "bench" / "bench_e2e.py"
+    day1, day2 = tmp_path / "day1", tmp_path / "day2"
+    generate_data(day1, MiB)
+    mutate_data(day1, day2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEDUPE_")}
+    root = str(Path(dedupe.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run(
+        [sys.executable, str(script), "--tools", "", "--runs", "1", "--json",
+         "--workdir", str(tmp_path / "w"), "--input", str(day1), "--input2", str(day2)],
+        capture_output=True,
+        env=env,
+        cwd=tmp_path,
+        check=True,
+    )  # fmt: skip
+    report = json.loads(out.stdout)
+    [tool] = report["tools"]
+    assert tool["name"] == "dedupe" and tool["status"] == "ok"
+    assert [s["step"] for s in tool["steps"]] == list(STEPS)
+    assert report["data"]["bytes"] == MiB and report["stages"] is None
+    assert b"End to end" in out.stderr  # the table goes to stderr with --json
