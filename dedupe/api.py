@@ -116,6 +116,18 @@ def _backend(location: Location) -> Backend:
     return location if isinstance(location, Backend) else open_backend(os.fspath(location))
 
 
+@contextlib.asynccontextmanager
+async def _closed_on_failure(location: Location, backend: Backend) -> AsyncIterator[None]:
+    """Release the connections of a backend made here (not one the caller passed in) when
+    the repository cannot be created or opened."""
+    try:
+        yield
+    except BaseException:
+        if backend is not location:
+            await backend.close()
+        raise
+
+
 def _passphrase(passphrase: str | bytes | None, confirm: bool) -> bytes:
     if passphrase is None:
         return get_passphrase(confirm=confirm)
@@ -163,14 +175,16 @@ class Repository:
     ) -> Repository:
         """Create a repository at `location` and return it open. The passphrase comes from
         the argument, else DEDUPE_PASSWORD / _FILE / _COMMAND, else a terminal prompt."""
-        store = await RepositoryStore.create(
-            _backend(location),
-            lambda: _passphrase(passphrase, confirm=True),
-            chunker=chunker,
-            pack_size=pack_size,
-            compression_level=compression_level,
-            kdf=kdf,
-        )
+        backend = _backend(location)
+        async with _closed_on_failure(location, backend):
+            store = await RepositoryStore.create(
+                backend,
+                lambda: _passphrase(passphrase, confirm=True),
+                chunker=chunker,
+                pack_size=pack_size,
+                compression_level=compression_level,
+                kdf=kdf,
+            )
         return cls(store, workers)
 
     @classmethod
@@ -181,9 +195,9 @@ class Repository:
         *,
         workers: int | None = None,
     ) -> Repository:
-        store = await RepositoryStore.open(
-            _backend(location), lambda: _passphrase(passphrase, False)
-        )
+        backend = _backend(location)
+        async with _closed_on_failure(location, backend):
+            store = await RepositoryStore.open(backend, lambda: _passphrase(passphrase, False))
         return cls(store, workers)
 
     async def close(self) -> None:

@@ -1,6 +1,6 @@
-"""Storage backends: one async interface (`Backend`) with written semantics, concrete
-backends (a local directory; an S3-compatible store later), and wrappers for retries and
-concurrency limits. Upper layers depend only on `Backend`."""
+"""Storage backends: one async interface (`Backend`) with written semantics and concrete
+backends (a local directory; an S3-compatible object store, `s3://bucket/prefix`). Upper
+layers depend only on `Backend`."""
 
 import re
 
@@ -10,7 +10,7 @@ from dedupe.errors import UnsupportedLocation
 
 __all__ = ["Backend", "LocalBackend", "open_backend"]
 
-SUPPORTED = "a local directory path"
+SUPPORTED = "a local directory path, or s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL)"
 
 # What a location of another tool or a later version looks like: any URL ("scheme://"),
 # and the "scheme:" prefixes restic and borg users type. Taken for a directory name, it
@@ -22,7 +22,18 @@ _SCHEME = re.compile(
 
 
 def open_backend(location: str) -> Backend:
-    """A backend for a repository location (a directory path for now)."""
+    """A backend for a repository location: `s3://bucket/prefix`, else a directory."""
+    if location.startswith("s3://"):
+        from dedupe.backends.s3 import S3Backend, parse_s3_location
+
+        try:
+            parse_s3_location(location)
+        except ValueError as e:
+            raise UnsupportedLocation(
+                f"{location!r}: this location is not supported ({e})",
+                hint=f"supported: {SUPPORTED}",
+            ) from None
+        return S3Backend(location)
     if _SCHEME.match(location):
         scheme = location.split(":", 1)[0]
         raise UnsupportedLocation(

@@ -211,7 +211,8 @@ def test_init_needs_a_location_of_its_own(tmp_path: Path, cli_env: dict[str, str
 
 
 @pytest.mark.parametrize(
-    "location", ["s3:https://host/bucket", "s3://bucket/prefix", "sftp:user@host:/srv/repo"]
+    "location",
+    ["s3:https://host/bucket", "s3:///prefix", "gs://bucket/prefix", "sftp:user@host:/srv/repo"],
 )
 def test_a_location_scheme_not_supported_is_named(
     tmp_path: Path, cli_env: dict[str, str], location: str
