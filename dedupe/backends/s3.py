@@ -235,9 +235,7 @@ class S3Backend(Backend):
         return names
 
     async def is_empty(self) -> bool:
-        response = await self._call(
-            "listing", "", "list_objects_v2", Prefix=self.prefix, MaxKeys=1
-        )
+        response = await self._call("listing", "", "list_objects_v2", Prefix=self.prefix, MaxKeys=1)
         return not response.get("Contents")
 
     # ------------------------------------------------------------------ writes
