@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,9 @@ from conftest import PASSPHRASE, make_repo
 
 import dedupe.store.locks as locks_module
 from dedupe import Repository
+from dedupe.backends import Backend
 from dedupe.backends.local import LocalBackend
+from dedupe.backends.s3 import S3Backend
 from dedupe.errors import RepositoryLocked
 from dedupe.store.locks import LockInfo, RepositoryLock, list_locks, remove_locks
 
@@ -47,12 +50,28 @@ def _dead_pid() -> int:
     return p.pid
 
 
-async def _names(backend: LocalBackend) -> list[str]:
+async def _names(backend: Backend) -> list[str]:
     return sorted(await backend.list("locks/"))
 
 
-def test_exclusive_and_shared_conflicts(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    backend = LocalBackend(tmp_path)
+async def closed(backend: Backend, job: Awaitable[None]) -> None:
+    """Run `job`, then release the backend's connections (an S3 client's belong to the
+    loop that `run` is about to close)."""
+    try:
+        await job
+    finally:
+        await backend.close()
+
+
+@pytest.fixture(params=["local", "s3"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """Where the locks live: a local directory, or an S3 API server (conditional PUTs)."""
+    if request.param == "s3":
+        return S3Backend(request.getfixturevalue("s3_location"))
+    return LocalBackend(tmp_path)
+
+
+def test_exclusive_and_shared_conflicts(run, backend: Backend) -> None:  # type: ignore[no-untyped-def]
 
     async def go() -> None:
         async with RepositoryLock(backend, exclusive=False, operation="backup"):
@@ -75,13 +94,12 @@ def test_exclusive_and_shared_conflicts(run, tmp_path: Path) -> None:  # type: i
                     pass
         assert await _names(backend) == []
 
-    run(go())
+    run(closed(backend, go()))
 
 
 def test_stale_by_age_blocks_no_one_and_is_removed_by_whoever_it_conflicts_with(  # type: ignore[no-untyped-def]
-    run, tmp_path: Path
+    run, backend: Backend
 ) -> None:
-    backend = LocalBackend(tmp_path)
 
     async def go() -> None:
         await backend.put(
@@ -117,11 +135,10 @@ def test_stale_by_age_blocks_no_one_and_is_removed_by_whoever_it_conflicts_with(
             pass
         assert await _names(backend) == []
 
-    run(go())
+    run(closed(backend, go()))
 
 
-def test_stale_by_dead_process_on_this_host(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    backend = LocalBackend(tmp_path)
+def test_stale_by_dead_process_on_this_host(run, backend: Backend) -> None:  # type: ignore[no-untyped-def]
     host = socket.gethostname()
 
     async def go() -> None:
@@ -139,11 +156,10 @@ def test_stale_by_dead_process_on_this_host(run, tmp_path: Path) -> None:  # typ
             async with RepositoryLock(backend, exclusive=True, operation="prune"):
                 pass
 
-    run(go())
+    run(closed(backend, go()))
 
 
-def test_released_on_exception_and_cancellation(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    backend = LocalBackend(tmp_path)
+def test_released_on_exception_and_cancellation(run, backend: Backend) -> None:  # type: ignore[no-untyped-def]
 
     async def go() -> None:
         with pytest.raises(KeyError):
@@ -170,11 +186,10 @@ def test_released_on_exception_and_cancellation(run, tmp_path: Path) -> None:  #
             await task
         assert await _names(backend) == []
 
-    run(go())
+    run(closed(backend, go()))
 
 
-def test_refresh_rewrites_the_timestamp_and_notices_loss(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    backend = LocalBackend(tmp_path)
+def test_refresh_rewrites_the_timestamp_and_notices_loss(run, backend: Backend) -> None:  # type: ignore[no-untyped-def]
 
     async def go() -> None:
         async with RepositoryLock(
@@ -199,14 +214,13 @@ def test_refresh_rewrites_the_timestamp_and_notices_loss(run, tmp_path: Path) ->
             await asyncio.sleep(0.1)  # five more refresh intervals
             assert await _names(backend) == []  # never brought back by the refresher
 
-    run(go())
+    run(closed(backend, go()))
 
 
-def test_confirm_sees_a_removed_or_replaced_lock_at_once(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_confirm_sees_a_removed_or_replaced_lock_at_once(run, backend: Backend) -> None:  # type: ignore[no-untyped-def]
     """confirm() renews by compare-and-swap: it does not wait for the next refresh to
     notice that the lock was removed (or overwritten by another writer), and it renews a
     lock that is still its own."""
-    backend = LocalBackend(tmp_path)
 
     async def go() -> None:
         for how in ("removed", "replaced"):
@@ -224,17 +238,16 @@ def test_confirm_sees_a_removed_or_replaced_lock_at_once(run, tmp_path: Path) ->
                 assert lk.lost
                 assert await _names(backend) == ([] if how == "removed" else [lk.name])
 
-    run(go())
+    run(closed(backend, go()))
 
 
 def test_a_lease_that_ran_out_is_refused_by_check(  # type: ignore[no-untyped-def]
-    run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    run, backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """check() counts on a clock that runs on while the process is stopped: once more
     than stale_after - margin passed since the last renewal, it refuses even though
     nobody took the lock; confirm() then renews it (the object is still ours, so nobody
     acted on it) and all is well again."""
-    backend = LocalBackend(tmp_path)
     now = [1000.0]
     monkeypatch.setattr(locks_module, "_lease_clock", lambda: now[0])
 
@@ -250,13 +263,12 @@ def test_a_lease_that_ran_out_is_refused_by_check(  # type: ignore[no-untyped-de
             await lk.confirm()
             lk.check()
 
-    run(go())
+    run(closed(backend, go()))
 
 
-def test_stale_lock_removal_spares_a_lock_refreshed_meanwhile(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_stale_lock_removal_spares_a_lock_refreshed_meanwhile(run, backend: Backend) -> None:  # type: ignore[no-untyped-def]
     """Removing a stale lock is a delete_if of the bytes it was judged by: a holder that
     came back and refreshed it between the judgement and the delete keeps it."""
-    backend = LocalBackend(tmp_path)
 
     async def go() -> None:
         lk = RepositoryLock(backend, exclusive=False, operation="backup")
@@ -270,11 +282,10 @@ def test_stale_lock_removal_spares_a_lock_refreshed_meanwhile(run, tmp_path: Pat
         finally:
             await lk.release()
 
-    run(go())
+    run(closed(backend, go()))
 
 
-def test_racing_exclusive_lockers_never_both_win(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    backend = LocalBackend(tmp_path)
+def test_racing_exclusive_lockers_never_both_win(run, backend: Backend) -> None:  # type: ignore[no-untyped-def]
 
     async def go() -> None:
         for _ in range(10):
@@ -301,11 +312,10 @@ def test_racing_exclusive_lockers_never_both_win(run, tmp_path: Path) -> None:  
             assert "won" in outcomes or outcomes == ["lost"] * 3
             assert await _names(backend) == []
 
-    run(go())
+    run(closed(backend, go()))
 
 
-def test_unlock_removes_stale_or_all(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    backend = LocalBackend(tmp_path)
+def test_unlock_removes_stale_or_all(run, backend: Backend) -> None:  # type: ignore[no-untyped-def]
 
     async def go() -> None:
         await backend.put("locks/" + "1" * 32, _record(exclusive=True, host="x", pid=5, age=10_000))
@@ -318,11 +328,10 @@ def test_unlock_removes_stale_or_all(run, tmp_path: Path) -> None:  # type: igno
         assert [lk.pid for lk in removed] == [6]
         assert await _names(backend) == []
 
-    run(go())
+    run(closed(backend, go()))
 
 
-def test_lock_object_format(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    backend = LocalBackend(tmp_path)
+def test_lock_object_format(run, backend: Backend) -> None:  # type: ignore[no-untyped-def]
 
     async def go() -> None:
         async with RepositoryLock(backend, exclusive=True, operation="prune") as lk:
@@ -342,7 +351,7 @@ def test_lock_object_format(run, tmp_path: Path) -> None:  # type: ignore[no-unt
             info = LockInfo.parse(name, await backend.get(name))
             assert info.operation == "prune" and info.stale_reason() is None
 
-    run(go())
+    run(closed(backend, go()))
 
 
 @pytest.mark.parametrize(
@@ -400,14 +409,13 @@ def test_a_prune_whose_lock_is_removed_stops_before_its_next_step(  # type: igno
 
 
 def test_a_stale_exclusive_lock_a_backup_goes_past_is_removed_not_ignored(  # type: ignore[no-untyped-def]
-    run, tmp_path: Path
+    run, backend: Backend
 ) -> None:
     """A prune (exclusive) that stopped past the stale time, then a backup (shared) that
     starts: the backup may go on, but only after removing the stale lock, so that the
     prune, continuing, finds its lock gone at its next confirm() and deletes nothing
     beside the backup. (Ignoring the stale lock would leave it in place, the prune's
     compare-and-swap would succeed, and it would delete packs the backup now uses.)"""
-    backend = LocalBackend(tmp_path)
 
     async def go() -> None:
         prune = RepositoryLock(
@@ -426,15 +434,14 @@ def test_a_stale_exclusive_lock_a_backup_goes_past_is_removed_not_ignored(  # ty
         finally:
             await prune.release()
 
-    run(go())
+    run(closed(backend, go()))
 
 
 def test_a_stale_shared_lock_is_left_to_its_holder_by_another_backup(  # type: ignore[no-untyped-def]
-    run, tmp_path: Path
+    run, backend: Backend
 ) -> None:
     """Shared locks do not conflict: a backup that finds another backup's stale lock
     leaves it alone (that backup, if only stopped, may still commit safely)."""
-    backend = LocalBackend(tmp_path)
 
     async def go() -> None:
         first = RepositoryLock(
@@ -452,7 +459,7 @@ def test_a_stale_shared_lock_is_left_to_its_holder_by_another_backup(  # type: i
         finally:
             await first.release()
 
-    run(go())
+    run(closed(backend, go()))
 
 
 def test_a_prune_that_loses_its_lock_half_way_through_its_deletions_stops(  # type: ignore[no-untyped-def]
