@@ -101,6 +101,38 @@ def make_dataset(workdir: Path, size_text: str, gen: Path) -> tuple[Path, Path]:
     return day1, day2
 
 
+def start_moto() -> tuple[str, subprocess.Popen[str]]:
+    """moto's S3 API server on 127.0.0.1 (the one the tests use), this process's AWS
+    environment pointed at it, and a bucket: returns the location and the server."""
+    server = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "tests" / "s3server.py")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert server.stdout is not None
+    first = server.stdout.readline().split()
+    if first[:1] != ["port"]:
+        sys.exit("bench_e2e: moto's S3 API server did not start (pip install 'moto[server]')")
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        del os.environ[key]
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{first[1]}",
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench-secret",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+
+    async def bucket() -> None:
+        from aiobotocore.session import get_session
+
+        async with get_session().create_client("s3") as s3:
+            await s3.create_bucket(Bucket="dedupe-bench")
+
+    asyncio.run(bucket())
+    return "s3://dedupe-bench/e2e", server
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description="End-to-end backup and restore throughput: dedupe vs restic vs borg.",
@@ -132,6 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--gen-snapshot", type=Path, default=DEFAULT_GEN, help="path of gen_snapshot.py")
     p.add_argument("--keep", action="store_true", help="keep the last run's repositories")
+    p.add_argument(
+        "--s3",
+        metavar="s3://BUCKET/PREFIX|moto",
+        help="also run dedupe with its repository in an object store: an existing bucket "
+        "(endpoint and credentials from the AWS environment), or 'moto' to start moto's "
+        "S3 API server on 127.0.0.1 (in-memory and single-process: it bounds the figures)",
+    )
     args = p.parse_args(argv)
     if args.runs < 1:
         p.error("--runs must be >= 1")
@@ -145,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--input2 needs --input")
     else:
         day1, day2 = make_dataset(workdir, args.size, args.gen_snapshot)
+    s3, server = args.s3, None
+    if s3 == "moto":
+        s3, server = start_moto()
     try:
         report = asyncio.run(
             run_bench(
@@ -153,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs=args.runs,
                 workdir=workdir,
                 tools=args.tools,
+                s3=s3,
                 stages=False,
                 keep=args.keep,
                 progress=log,
@@ -163,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     except DedupeError as e:  # a dedupe command failed, or restored wrong bytes
         log(f"bench_e2e: {e}")
         return 1
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(10)
     table = format_report(report)
     if args.json:
         log(table)

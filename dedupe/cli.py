@@ -1314,6 +1314,11 @@ def key_status(ctx: click.Context, as_json: bool) -> None:
     help="Tools beside dedupe, comma-separated: restic, borg, or a variant "
     "(dedupe-stdin, restic-stdin, restic-file).",
 )
+@click.option(
+    "--s3",
+    metavar="s3://BUCKET/PREFIX",
+    help="Also run dedupe with its repositories in this object store (the bucket must exist).",
+)
 @click.option("--no-stages", is_flag=True, help="Skip the stage-by-stage table.")
 @click.option("--no-e2e", is_flag=True, help="Skip the end-to-end steps.")
 @json_option
@@ -1326,6 +1331,7 @@ def bench(
     workdir: str | None,
     compare: bool,
     tools: str,
+    s3: str | None,
     no_stages: bool,
     no_e2e: bool,
     as_json: bool,
@@ -1354,6 +1360,7 @@ def bench(
             workdir=workdir,
             compare=compare,
             tools=names,
+            s3=s3,
             stages=not no_stages,
             end_to_end=not no_e2e,
             progress=None if as_json else lambda msg: click.echo(msg, err=True),

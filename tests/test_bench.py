@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import dedupe
+from dedupe.backends.s3 import S3Backend
 from dedupe.bench import (
     PAGE_SIZE,
     STAGES,
@@ -259,3 +260,27 @@ def test_bench_e2e_script_runs_the_shared_harness(tmp_path: Path) -> None:
     assert [s["step"] for s in tool["steps"]] == list(STEPS)
     assert report["data"]["bytes"] == MiB and report["stages"] is None
     assert b"End to end" in out.stderr  # the table goes to stderr with --json
+
+
+def test_dedupe_on_an_object_store_beside_the_local_disk(tmp_path: Path, s3_location: str) -> None:
+    """`s3`: the variant dedupe-s3 runs every step with its repository in the object
+    store (the tests' S3 API server), reports what it stored there, and removes it."""
+    report = asyncio.run(
+        run_bench(size=MiB, runs=1, workdir=tmp_path / "w", s3=s3_location, stages=False)
+    )
+    on_s3 = report.tool("dedupe-s3")
+    assert on_s3 is not None and on_s3.status == "ok", on_s3
+    assert [s.step for s in on_s3.steps] == list(STEPS)
+    restore, new = on_s3.step("restore"), on_s3.step("new")
+    assert restore is not None and all(r.verified for r in restore.runs)
+    assert new is not None and new.repo_bytes and new.repo_bytes > MiB / 2
+    assert {r.tool for r in report.ratios} == {"dedupe-s3"}
+
+    async def left() -> list[str]:
+        backend = S3Backend(s3_location)
+        try:
+            return await backend.list("")
+        finally:
+            await backend.close()
+
+    assert asyncio.run(left()) == []

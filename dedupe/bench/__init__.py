@@ -67,7 +67,7 @@ from dedupe.bench.report import (
     format_report,
 )
 from dedupe.bench.stages import measure_stages
-from dedupe.bench.tools import FAMILIES, VARIANTS, expand_tools
+from dedupe.bench.tools import FAMILIES, S3_VARIABLE, VARIANTS, expand_tools
 
 __all__ = [
     "FAMILIES",
@@ -180,6 +180,7 @@ async def run_bench(
     workdir: str | os.PathLike[str] | None = None,
     compare: bool = False,
     tools: Sequence[str] = (),
+    s3: str | None = None,
     stages: bool = True,
     end_to_end: bool = True,
     keep: bool = False,
@@ -191,7 +192,10 @@ async def run_bench(
     incremental step; without it there is none); without `data`, `size` bytes and their
     next day are generated. With `data`, the stage table uses at most its first `size`
     bytes. `compare`: also restic and borg (same as `tools=("restic", "borg")`); `tools`:
-    families or variants to run beside dedupe (`FAMILIES`, `VARIANTS`). `keep`: leave the
+    families or variants to run beside dedupe (`FAMILIES`, `VARIANTS`). `s3`: an
+    `s3://bucket/prefix` (the bucket must exist; endpoint and credentials from the AWS
+    environment) where the variant "dedupe-s3" keeps its repositories, one prefix per run:
+    dedupe on an object store beside dedupe on the local disk. `keep`: leave the
     last run's repositories in the work directory. Raises IntegrityError when dedupe
     restores wrong bytes, StepFailed when a dedupe command fails, ValueError for bad
     arguments. Cancelling stops the running command."""
@@ -199,7 +203,9 @@ async def run_bench(
         raise ValueError("runs must be at least 1")
     if size < PAGE_SIZE:
         raise ValueError(f"size must be at least {PAGE_SIZE} bytes")
-    variants = expand_tools([*tools, *(("restic", "borg") if compare else ())])
+    variants = expand_tools(
+        [*tools, *(("restic", "borg") if compare else ()), *(("dedupe-s3",) if s3 else ())]
+    )
     say: BenchProgress = progress or (lambda _msg: None)
     own_dir = workdir is None
     wdir = Path(tempfile.mkdtemp(prefix="dedupe-bench-")) if own_dir else Path(workdir or "")
@@ -219,7 +225,10 @@ async def run_bench(
         reports: list[ToolReport] = []
         ratios: list[Ratio] = []
         if end_to_end:
-            env = Env(wdir, child_env(wdir), say, keep)
+            base = child_env(wdir)
+            if s3:
+                base[S3_VARIABLE] = s3
+            env = Env(wdir, base, say, keep)
             reports, ratios = await e2e.end_to_end(day1, day2, variants, runs, env)
         notes = [
             "MB/s = 1e6 bytes of input per second; medians of the runs; ratios taken "

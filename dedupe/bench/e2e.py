@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dedupe.bench.data import blake3_file
-from dedupe.bench.measure import Measured, fsync_time, tree_bytes, warm
+from dedupe.bench.measure import Measured, fsync_time, warm
 from dedupe.bench.report import (
     REFERENCE,
     STEPS,
@@ -102,7 +102,7 @@ async def _one_run(
 
     try:
         await tool.init()
-        repo = tree_bytes(tool.repo)
+        repo = await tool.repo_bytes()
         plan = [("new", day1, "day1"), ("unchanged", day1, "day1-again")]
         if day2 is not None:
             plan.append(("incr", day2, "day2"))
@@ -112,7 +112,7 @@ async def _one_run(
             os.sync()
             warm(tool.staged)
             m, done = await tool.backup(label, again=step == "unchanged")
-            after = tree_bytes(tool.repo)
+            after = await tool.repo_bytes()
             out[step] = _record(
                 run,
                 m,
@@ -153,6 +153,7 @@ async def _one_run(
         said("restore", ", verified")
     finally:
         if not env.keep:
+            await tool.remove_repository()
             shutil.rmtree(rundir, ignore_errors=True)
     return {s: out[s] for s in STEPS if s in out}
 
@@ -224,7 +225,7 @@ async def end_to_end(
     skipped: dict[str, str] = {}
     for name in variants:
         cls = VARIANTS[name]
-        why = cls.missing()
+        why = cls.missing(env.base)
         if why:
             skipped[name] = why
             env.say(f"{name}: skipped ({why})")

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import dedupe
-from dedupe.bench.measure import Measured, last_json, measure_command
+from dedupe.backends.s3 import S3Backend, parse_s3_location
+from dedupe.bench.measure import Measured, last_json, measure_command, tree_bytes
 from dedupe.bench.report import StepFailed
 from dedupe.chunking import DEFAULT_PARAMS
 from dedupe.errors import IntegrityError
@@ -27,6 +29,7 @@ from dedupe.format.config import DEFAULT_COMPRESSION_LEVEL
 __all__ = ["FAMILIES", "VARIANTS", "ToolFailed", "Tool", "expand_tools"]
 
 PASSPHRASE = "dedupe-bench-throwaway"  # repositories made and deleted by the benchmark
+S3_VARIABLE = "DEDUPE_BENCH_S3"  # s3://bucket/prefix for the dedupe-s3 variant
 STAGE_NAME = "snapshot.db"
 
 
@@ -61,8 +64,8 @@ class Tool:
         return self.src / STAGE_NAME
 
     @staticmethod
-    def missing() -> str | None:
-        """None when the program is there, else why not."""
+    def missing(env: Mapping[str, str]) -> str | None:
+        """None when the program can run with the environment `env`, else why not."""
         return None
 
     def prepare(self) -> None:
@@ -71,6 +74,13 @@ class Tool:
 
     async def version(self) -> str:
         return ""
+
+    async def repo_bytes(self) -> int:
+        """What the repository holds now (apparent bytes of its objects)."""
+        return tree_bytes(self.repo)
+
+    async def remove_repository(self) -> None:
+        """Delete what the repository holds outside the run directory (nothing, here)."""
 
     async def init(self) -> None:
         raise NotImplementedError
@@ -182,6 +192,53 @@ class DedupeStdin(Dedupe):
     stdin_mode = True
 
 
+class DedupeS3(Dedupe):
+    """dedupe with its repository in an S3-compatible object store: a fresh prefix per
+    run under the location in DEDUPE_BENCH_S3 (`s3://bucket/prefix`; the bucket must
+    exist), with the endpoint and credentials of the AWS environment."""
+
+    name = "dedupe-s3"
+
+    def __init__(self, rundir: Path, env: dict[str, str]) -> None:
+        super().__init__(rundir, env)
+        base = env.get(S3_VARIABLE, "").rstrip("/")
+        self.location = f"{base}/bench-{secrets.token_hex(6)}"  # a fresh prefix per run
+        self.env["DEDUPE_REPO"] = self.location
+
+    @staticmethod
+    def missing(env: Mapping[str, str]) -> str | None:
+        if not env.get(S3_VARIABLE):
+            return f"no object store given ({S3_VARIABLE}, or bench_e2e.py --s3)"
+        try:
+            import aiobotocore  # noqa: F401
+        except ImportError:
+            return "S3 support not installed (pip install 'dedupe[s3]')"
+        return None
+
+    async def _objects(self) -> list[tuple[str, int]]:
+        from aiobotocore.session import get_session
+
+        bucket, prefix = parse_s3_location(self.location)
+        found: list[tuple[str, int]] = []
+        async with get_session().create_client("s3") as s3:
+            async for page in s3.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix
+            ):
+                found += [(o["Key"], int(o["Size"])) for o in page.get("Contents", ())]
+        return found
+
+    async def repo_bytes(self) -> int:
+        return sum(size for _key, size in await self._objects())
+
+    async def remove_repository(self) -> None:
+        backend = S3Backend(self.location)
+        try:
+            for name in await backend.list(""):
+                await backend.delete(name)
+        finally:
+            await backend.close()
+
+
 class Restic(Tool):
     compression = "auto (zstd, repo v2)"
     chunking = "Rabin CDC 512 KiB / ~1 MiB / 8 MiB"
@@ -195,7 +252,7 @@ class Restic(Tool):
         )
 
     @staticmethod
-    def missing() -> str | None:
+    def missing(env: Mapping[str, str]) -> str | None:
         return None if shutil.which("restic") else "not installed"
 
     async def version(self) -> str:
@@ -262,7 +319,7 @@ class Borg(Tool):
         )
 
     @staticmethod
-    def missing() -> str | None:
+    def missing(env: Mapping[str, str]) -> str | None:
         return None if shutil.which("borg") else "not installed"
 
     async def version(self) -> str:
@@ -297,7 +354,7 @@ class Borg(Tool):
 
 
 VARIANTS: dict[str, type[Tool]] = {
-    t.name: t for t in (Dedupe, DedupeStdin, ResticStdin, ResticFile, Borg)
+    t.name: t for t in (Dedupe, DedupeStdin, DedupeS3, ResticStdin, ResticFile, Borg)
 }
 #: What a family name stands for in a tool list.
 FAMILIES = {
