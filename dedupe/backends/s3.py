@@ -24,7 +24,8 @@ How the Backend contract (base.py) maps onto S3:
   reads the ETag first (HEAD) and deletes with `If-Match`, so that a vanished object is
   reported and an object replaced in between is not deleted unseen.
 - Throttling, 5xx answers and dropped connections are retried by botocore's "standard"
-  mode (exponential backoff with full jitter), up to `MAX_ATTEMPTS`; what still fails is
+  mode (exponential backoff with full jitter), up to `AWS_MAX_ATTEMPTS` (default
+  `MAX_ATTEMPTS`) attempts; what still fails is
   a BackendError naming the operation and the object.
 """
 
@@ -117,7 +118,7 @@ class S3Backend(Backend):
                 custom = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
                 style = os.environ.get("AWS_S3_ADDRESSING_STYLE") or ("path" if custom else "auto")
                 config = Config(
-                    retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
+                    retries={"mode": "standard", "max_attempts": self._attempts()},
                     max_pool_connections=POOL_CONNECTIONS,
                     s3={"addressing_style": style},
                     connect_timeout=10,
@@ -129,6 +130,14 @@ class S3Backend(Backend):
                 )
                 self._stack = stack
         return self._client
+
+    @staticmethod
+    def _attempts() -> int:
+        """Attempts per request: AWS_MAX_ATTEMPTS, as for the AWS CLI, else MAX_ATTEMPTS."""
+        try:
+            return max(1, int(os.environ.get("AWS_MAX_ATTEMPTS", "")))
+        except ValueError:
+            return MAX_ATTEMPTS
 
     def _key(self, name: str) -> str:
         return self.prefix + name
@@ -169,13 +178,14 @@ class S3Backend(Backend):
         """GetObject and its body. botocore retries a request until the response starts;
         a connection that drops while the body streams is retried here, with the same
         jittered backoff."""
-        for attempt in range(MAX_ATTEMPTS):
+        attempts = self._attempts()
+        for attempt in range(attempts):
             response = await self._call("reading", name, "get_object", Key=self._key(name), **kw)
             try:
                 async with response["Body"] as stream:
                     return response, bytes(await stream.read())
             except Exception as e:  # aiohttp's payload errors, botocore's streaming errors
-                if attempt == MAX_ATTEMPTS - 1:
+                if attempt == attempts - 1:
                     raise self._error(e, "reading", name) from e
                 await asyncio.sleep(random.uniform(0, min(20.0, 0.1 * 2**attempt)))
         raise AssertionError("unreachable")

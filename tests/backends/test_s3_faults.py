@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import make_repo
+from conftest import PASSPHRASE, make_repo
 
-import dedupe.backends.s3 as s3_module
+from dedupe import Repository
 from dedupe.backends.s3 import S3Backend
 from dedupe.errors import BackendError, ObjectChanged
 
@@ -64,8 +64,6 @@ def faulty(
         proxy, endpoint = _start_proxy(s3_endpoint, rate, seed=7, kinds=kinds)
         started.append(proxy)
         monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-        # Quicker backoff than botocore's default cap; the attempts are the same.
-        monkeypatch.setenv("AWS_RETRY_MODE", "standard")
         return endpoint
 
     yield start
@@ -127,7 +125,7 @@ def test_requests_whose_answer_was_lost_are_retried_to_the_right_result(
     botocore sends it again: a conditional PUT then finds its own object there, a DELETE
     finds nothing. Each operation still reports what happened the first time (created,
     swapped, deleted), never "changed by someone else" or "missing"."""
-    monkeypatch.setattr(s3_module, "MAX_ATTEMPTS", 12)  # 0.25**12: no operation runs out
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "12")  # 0.25**12: no operation runs out
     endpoint = faulty(0.25, "reset-download")
 
     async def go() -> None:
@@ -190,27 +188,48 @@ def test_a_store_that_fails_every_request_fails_the_backup_cleanly(
     run_asyncio: Callable,  # type: ignore[type-arg]
     s3_location: str,
     faulty: Callable[..., str],
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
-    """Retries run out: the backup raises BackendError naming the request, commits no
-    generation, and what it had uploaded is cleaned up by the next prune; the earlier
-    generation still restores."""
-    monkeypatch.setattr(s3_module, "MAX_ATTEMPTS", 2)
+    """Retries run out: a `dedupe backup` process exits with BackendError's code and a
+    message naming the request, commits no generation, and leaves only what the next
+    prune removes (its packs; its lock, which it could not delete either, is stale once
+    its process is gone). The earlier generation still restores."""
     endpoint = faulty(0.0)
     first = os.urandom(MiB)
+    source = tmp_path / "day2.db"
+    source.write_bytes(os.urandom(2 * MiB))
 
-    async def go() -> None:
+    async def back_up_first() -> str:
         async with await make_repo(s3_location) as repo:  # type: ignore[arg-type]
-            kept = await repo.backup(io.BytesIO(first), name="db", kind="full")
-            _set_rate(endpoint, 1.0)
-            with pytest.raises(BackendError, match="failed"):
-                await repo.backup(io.BytesIO(os.urandom(2 * MiB)), name="db", kind="full")
-            _set_rate(endpoint, 0.0)
-            assert [g.id for g in await repo.generations()] == [kept.id]
+            return (await repo.backup(io.BytesIO(first), name="db", kind="full")).id
+
+    kept = run_asyncio(back_up_first())
+    _set_rate(endpoint, 1.0)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEDUPE_")}
+    env.update(
+        DEDUPE_REPO=s3_location,
+        DEDUPE_PASSWORD=PASSPHRASE,
+        DEDUPE_STATE_DIR=os.environ["DEDUPE_STATE_DIR"],
+        AWS_MAX_ATTEMPTS="2",
+    )
+    failed = subprocess.run(
+        [sys.executable, "-m", "dedupe", "backup", str(source), "--name", "db"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert failed.returncode == BackendError.exit_code, failed.stderr
+    assert "failed" in failed.stderr and "Traceback" not in failed.stderr
+    _set_rate(endpoint, 0.0)
+
+    async def after() -> None:
+        async with await Repository.open(s3_location, PASSPHRASE) as repo:
+            assert [g.id for g in await repo.generations()] == [kept]
             await repo.prune()
             assert (await repo.verify(read_data=True)).ok
             out = io.BytesIO()
-            await repo.restore(kept.id, out)
+            await repo.restore(kept, out)
             assert out.getvalue() == first
 
-    run_asyncio(go())
+    run_asyncio(after())
