@@ -107,6 +107,7 @@ def start_moto() -> tuple[str, subprocess.Popen[str]]:
     server = subprocess.Popen(
         [sys.executable, str(REPO_ROOT / "tests" / "s3server.py")],
         stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,  # a log line per request
         text=True,
     )
     assert server.stdout is not None
