@@ -172,6 +172,7 @@ class Repository:
         compression_level: int = DEFAULT_COMPRESSION_LEVEL,
         kdf: KdfParams | None = None,
         workers: int | None = None,
+        lock_wait: float = 0.0,
     ) -> Repository:
         """Create a repository at `location` and return it open. The passphrase comes from
         the argument, else DEDUPE_PASSWORD / _FILE / _COMMAND, else a terminal prompt."""
@@ -185,6 +186,7 @@ class Repository:
                 compression_level=compression_level,
                 kdf=kdf,
             )
+        store.lock_wait = lock_wait
         return cls(store, workers)
 
     @classmethod
@@ -194,10 +196,15 @@ class Repository:
         passphrase: str | bytes | None = None,
         *,
         workers: int | None = None,
+        lock_wait: float = 0.0,
     ) -> Repository:
+        """Open the repository at `location`. `lock_wait`: how many seconds a command waits
+        for a conflicting lock (another process's prune, say) to go before it fails with
+        RepositoryLocked (0: at once)."""
         backend = _backend(location)
         async with _closed_on_failure(location, backend):
             store = await RepositoryStore.open(backend, lambda: _passphrase(passphrase, False))
+        store.lock_wait = lock_wait
         return cls(store, workers)
 
     async def close(self) -> None:
@@ -321,7 +328,9 @@ class Repository:
             "dry_run": dry_run,
         }
         # A shared lock: backups run side by side, a prune (exclusive) waits for them.
-        async with RepositoryLock(self._store.backend, exclusive=False, operation="backup") as lock:
+        async with RepositoryLock(
+            self._store.backend, exclusive=False, operation="backup", wait=self._store.lock_wait
+        ) as lock:
             try:
                 return await self._backup_locked(
                     source,
@@ -607,7 +616,9 @@ class Repository:
         bytes, unique bytes of the distinct chunks referenced, stored bytes; dedupe and
         compression ratios apart. Reads every generation's chunk table (no pack data)."""
         self._require("read generations")
-        async with RepositoryLock(self._store.backend, exclusive=False, operation="stats"):
+        async with RepositoryLock(
+            self._store.backend, exclusive=False, operation="stats", wait=self._store.lock_wait
+        ):
             await self._store.refresh_index()
             return await space_stats(self._store, await self.generations(name))
 
@@ -652,7 +663,9 @@ class Repository:
         """The generation's bytes in order, verified chunk by chunk and as a whole; the
         iterator raises IntegrityError instead of yielding bad bytes."""
         self._require("restore")
-        async with RepositoryLock(self._store.backend, exclusive=False, operation="restore"):
+        async with RepositoryLock(
+            self._store.backend, exclusive=False, operation="restore", wait=self._store.lock_wait
+        ):
             async for parts in await self._chunks(generation):
                 yield b"".join(parts)
 
@@ -667,7 +680,9 @@ class Repository:
         """Restore to a path (written to a temporary name, renamed once verified) or to a
         binary file object."""
         self._require("restore")
-        async with RepositoryLock(self._store.backend, exclusive=False, operation="restore"):
+        async with RepositoryLock(
+            self._store.backend, exclusive=False, operation="restore", wait=self._store.lock_wait
+        ):
             return await self._restore_locked(generation, target, overwrite, progress)
 
     async def _restore_locked(
@@ -865,7 +880,9 @@ class KeyManager:
     ) -> KeyInfo:
         """A new key file opened by `passphrase`, with `role` (admin, reader, writer)."""
         key_ops.require_admin(self._store, "add keys")
-        async with RepositoryLock(self._store.backend, exclusive=True, operation="key add"):
+        async with RepositoryLock(
+            self._store.backend, exclusive=True, operation="key add", wait=self._store.lock_wait
+        ):
             return await key_ops.add_key(
                 self._store, _passphrase(passphrase, False), role=role, name=name, kdf=kdf
             )
@@ -875,7 +892,7 @@ class KeyManager:
         open until `rotate()` runs; afterwards it opens nothing written."""
         key_ops.require_admin(self._store, "remove keys")
         async with RepositoryLock(
-            self._store.backend, exclusive=True, operation="key remove"
+            self._store.backend, exclusive=True, operation="key remove", wait=self._store.lock_wait
         ) as lock:
             return await key_ops.remove_key(self._store, key, lock.confirm)
 
@@ -892,7 +909,7 @@ class KeyManager:
         (for a leaked data key), resumable. Finishes an interrupted rotation first."""
         key_ops.require_admin(self._store, "rotate keys")
         async with RepositoryLock(
-            self._store.backend, exclusive=True, operation="key rotate"
+            self._store.backend, exclusive=True, operation="key rotate", wait=self._store.lock_wait
         ) as lock:
             return await key_ops.rotate(
                 self._store,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
@@ -217,7 +218,21 @@ def handle_errors(fn: Callable[..., None]) -> Callable[..., None]:
 
 
 def open_repo(ctx: click.Context) -> Awaitable[Repository]:
-    return Repository.open(repo_location(ctx))
+    return Repository.open(repo_location(ctx), lock_wait=ctx.find_root().obj.get("retry_lock", 0.0))
+
+
+_WAIT_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def _retry_lock(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    """'30s', '5m', '1h', '1m30s' or plain seconds -> seconds (restic's --retry-lock)."""
+    if value is None:
+        return None
+    text = value.strip().lower()
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smh]?)", text)
+    if not parts or re.sub(r"(\d+(?:\.\d+)?)([smh]?)", "", text):
+        raise click.BadParameter(f"{value!r} is not a duration: use e.g. 30s, 5m, 1h or 1m30s")
+    return sum(float(n) * _WAIT_UNITS[u or "s"] for n, u in parts)
 
 
 def repo_location(ctx: click.Context) -> str:
@@ -253,15 +268,23 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no notes.")
 @click.option("-v", "--verbose", is_flag=True, help="Say each stage of long operations.")
+@click.option(
+    "--retry-lock",
+    metavar="DURATION",
+    callback=_retry_lock,
+    help="Wait up to DURATION (30s, 5m, 1h) for a conflicting lock to go [default: fail at once].",
+)
 @click.version_option(dedupe.__version__, prog_name="dedupe")
 @click.pass_context
-def cli(ctx: click.Context, repo: str | None, quiet: bool, verbose: bool) -> None:
+def cli(
+    ctx: click.Context, repo: str | None, quiet: bool, verbose: bool, retry_lock: float | None
+) -> None:
     """dedupe: deduplicating, encrypted backups of database snapshots.
 
     The passphrase comes from DEDUPE_PASSWORD, DEDUPE_PASSWORD_FILE, DEDUPE_PASSWORD_COMMAND,
     or a prompt on a terminal.
     """
-    ctx.obj = {"repo": repo, "quiet": quiet, "verbose": verbose}
+    ctx.obj = {"repo": repo, "quiet": quiet, "verbose": verbose, "retry_lock": retry_lock or 0.0}
 
 
 @cli.command()
@@ -1446,6 +1469,17 @@ def _global_options_after_the_command(group: click.Group) -> None:
                     callback=remember,
                     help="Repository (or DEDUPE_REPO; also accepted before the command).",
                 ),
+            )
+            options.append(
+                click.Option(
+                    ["--retry-lock"],
+                    metavar="DURATION",
+                    expose_value=False,
+                    callback=lambda ctx, param, value: remember(
+                        ctx, param, _retry_lock(ctx, param, value)
+                    ),
+                    help="Wait up to DURATION for a conflicting lock (also before the command).",
+                )
             )
         command.params[:0] = options
 

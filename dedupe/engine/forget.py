@@ -350,7 +350,9 @@ async def run_forget(
     if dry_run:
         report = plan_forget(await list_generations(store), policy, now)
         return ForgetReport(report.kept, report.removed, dry_run=True)
-    async with RepositoryLock(store.backend, exclusive=True, operation="forget") as held:
+    async with RepositoryLock(
+        store.backend, exclusive=True, operation="forget", wait=store.lock_wait
+    ) as held:
         report = plan_forget(await list_generations(store), policy, now)
         for g in removal_order([d.generation for d in report.removed]):
             # A forget stopped past the stale time may have a backup beside it now whose

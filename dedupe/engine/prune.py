@@ -173,7 +173,9 @@ async def run_prune(
     args = (repack_threshold, dry_run, progress, reencrypt_below, delete_unauthenticated)
     if not lock:
         return await _prune(store, executor, *args, confirm=confirm)
-    async with RepositoryLock(store.backend, exclusive=True, operation="prune") as held:
+    async with RepositoryLock(
+        store.backend, exclusive=True, operation="prune", wait=store.lock_wait
+    ) as held:
         return await _prune(store, executor, *args, confirm=held.confirm)
 
 

@@ -789,7 +789,9 @@ async def verify_repository(
     started = time.monotonic()
     # A shared lock, like a backup's: prune (exclusive) cannot delete packs under us, which
     # would look like damage.
-    async with RepositoryLock(store.backend, exclusive=False, operation="verify") as held:
+    async with RepositoryLock(
+        store.backend, exclusive=False, operation="verify", wait=store.lock_wait
+    ) as held:
         await store.refresh_index()  # so the index resolves chunks as a restore now would
         v = _Verifier(store, executor, progress)
         await v.check_keyring()

@@ -34,6 +34,11 @@ Contract of `RepositoryLock` (an async context manager):
   this host by a process that no longer exists, is stale. Stale locks never block
   anyone; a locker that would conflict with one removes it (by `delete_if`; listed in
   `removed_stale` and logged), so that its holder, if only stopped, finds it gone.
+- Wait: with `wait` > 0 a conflict is not final at once: our object is removed, and the
+  whole acquisition is tried again after a growing, jittered pause (0.5 s up to 10 s),
+  until it succeeds or `wait` seconds have passed (restic's --retry-lock). Each attempt
+  is a fresh lock object with a fresh `created` time, so a waiter never looks like an
+  established holder to a racing locker.
 - Release: on leaving the block (normally, by exception or by cancellation) the refresh
   task is stopped and our object is deleted.
 """
@@ -44,6 +49,7 @@ import asyncio
 import json
 import logging
 import os
+import random
 import secrets
 import socket
 import time
@@ -210,6 +216,7 @@ class RepositoryLock:
         stale_after: float | None = None,
         race_wait: float = RACE_WAIT,
         margin: float | None = None,
+        wait: float = 0.0,
     ) -> None:
         # The module's values when not given, read now (a test child process lowers them).
         refresh_interval = REFRESH_INTERVAL if refresh_interval is None else refresh_interval
@@ -227,6 +234,7 @@ class RepositoryLock:
         self.stale_after = stale_after
         self.race_wait = race_wait
         self.margin = margin
+        self.wait = max(0.0, wait)
         self.name = f"{LOCKS_PREFIX}{secrets.token_hex(16)}"
         self.host = socket.gethostname()
         self.pid = os.getpid()
@@ -321,6 +329,26 @@ class RepositoryLock:
     async def acquire(self) -> None:
         if self._held:
             raise RuntimeError("this RepositoryLock is already held")
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.wait
+        pause = 0.5
+        while True:
+            try:
+                await self._attempt()
+                break
+            except RepositoryLocked as e:
+                left = give_up - loop.time()
+                if left <= 0:
+                    raise
+                log.info("%s: trying again for up to %.0f s", e.message, left)
+                await asyncio.sleep(min(left, random.uniform(pause / 2, pause)))
+                pause = min(pause * 2, 10.0)
+                self.created = _fmt(_now())
+        self._held = True
+        self._refresher = asyncio.create_task(self._refresh_loop())
+
+    async def _attempt(self) -> None:
+        """Create our object, then look for conflicts; on one, delete it and raise."""
         record = self._record()
         await self.backend.create_new(self.name, record)
         self._written, self._renewed = record, _lease_clock()
@@ -340,8 +368,6 @@ class RepositoryLock:
         except BaseException:
             await self._delete_own()
             raise
-        self._held = True
-        self._refresher = asyncio.create_task(self._refresh_loop())
 
     def _racing(self, other: LockInfo) -> bool:
         """Whether `other` may be a racer that will give up for us: an exclusive lock with

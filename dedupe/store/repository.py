@@ -271,6 +271,8 @@ class RepositoryStore:
         self._loaded_index_objects: set[str] = set()
         self.damaged_index_objects: dict[str, str] = {}  # name -> what is wrong
         self._pack_keys: dict[bytes, bytes] = {}  # pack id -> data key
+        # How long a command waits for a conflicting lock to go (RepositoryLock's `wait`).
+        self.lock_wait = 0.0
 
     @property
     def keyring(self) -> Keyring:

@@ -279,3 +279,50 @@ def test_two_backup_processes_at_once_both_commit_and_dedupe(place: Place, base:
     code, out = _run(place.env, "prune")
     assert code == 0, out
     assert asyncio.run(_state(place.location)) == {"base": base, "a": a, "b": b}
+
+
+HOLDER = """
+import asyncio, sys
+from dedupe.backends import open_backend
+from dedupe.store.locks import RepositoryLock
+
+async def main():
+    backend = open_backend(sys.argv[1])
+    async with RepositoryLock(backend, exclusive=True, operation="prune"):
+        print("held", flush=True)
+        await asyncio.to_thread(sys.stdin.readline)
+    await backend.close()
+
+asyncio.run(main())
+"""
+
+
+def test_a_backup_told_to_retry_the_lock_waits_for_a_prune_to_finish(
+    place: Place, base: bytes
+) -> None:
+    """`--retry-lock`: while another process holds the exclusive lock, a backup without it
+    fails at once (13); one with it waits, still running, and commits once the lock is
+    released. The option works before and after the command."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, place.location],
+        env=place.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    data = os.urandom(2 * MiB)
+    try:
+        code, out = _finish(_start(place.env, "backup", "-", "--name", "c"), data)
+        assert code == REPOSITORY_LOCKED, out
+        before = _start(place.env, "--retry-lock", "2m", "backup", "-", "--name", "c")
+        after = _start(place.env, "backup", "-", "--name", "d", "--retry-lock", "2m")
+        time.sleep(1.5)
+        assert before.poll() is None and after.poll() is None  # waiting, not failed
+    finally:
+        holder.communicate("release\n", timeout=60)
+    assert holder.returncode == 0
+    for proc in (before, after):  # their input follows once they hold their lock
+        code, out = _finish(proc, data)
+        assert code == 0, out
+    assert asyncio.run(_state(place.location)) == {"base": base, "c": data, "d": data}

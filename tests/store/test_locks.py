@@ -506,3 +506,33 @@ def test_a_prune_that_loses_its_lock_half_way_through_its_deletions_stops(  # ty
             await repo.prune()
 
     run(go())
+
+
+def test_a_waiting_locker_gets_the_lock_once_the_holder_goes(run, backend: Backend) -> None:  # type: ignore[no-untyped-def]
+    """With `wait`, a conflict is tried again until the holder is gone (then the lock is
+    taken) or the wait runs out (then RepositoryLocked, and nothing of the waiter's is
+    left in locks/)."""
+    events: list[str] = []
+
+    async def go() -> None:
+        holder = RepositoryLock(backend, exclusive=True, operation="prune")
+        await holder.acquire()
+        with pytest.raises(RepositoryLocked):
+            async with RepositoryLock(backend, exclusive=False, operation="backup", wait=0.5):
+                pass
+        assert await _names(backend) == [holder.name]
+
+        async def waiter() -> None:
+            async with RepositoryLock(backend, exclusive=False, operation="backup", wait=60):
+                events.append("waiter has it")
+
+        task = asyncio.create_task(waiter())
+        await asyncio.sleep(1.0)
+        assert not task.done()  # still waiting, not failed
+        events.append("holder releases")
+        await holder.release()
+        await asyncio.wait_for(task, 60)
+        assert events == ["holder releases", "waiter has it"]
+        assert await _names(backend) == []
+
+    run(closed(backend, go()))
