@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +25,26 @@ import dedupe.backends.local as local
 from dedupe import Repository
 from dedupe.backends import LocalBackend
 from dedupe.crypto import KdfParams, new_key, seal, sign
+from dedupe.crypto.epochs import box_public_of, box_seal, new_box_secret
 from dedupe.crypto.signing import KEYMAP_DOMAIN
 from dedupe.errors import IntegrityError, RollbackDetected
 from dedupe.format.index import INDEX_AAD, INDEX_MAGIC, PackRecord, encode_index
 from dedupe.format.keymap import (
     INDEX,
+    PACK,
     QUARANTINE,
     encode_unsigned,
     keymap_name,
 )
 from dedupe.format.manifest import CHUNK_RECORD, FRAME_RECORDS
 from dedupe.hashing import object_id
+from dedupe.store.keyring import (
+    bump,
+    check_and_record_serial,
+    seen_serial,
+    state_dir,
+    write_keyring,
+)
 from dedupe.store.repository import decompress_capped
 
 Run = Callable[..., Any]
@@ -131,6 +142,84 @@ def test_an_older_keyring_put_back_is_a_rollback(
     run_asyncio(go())
 
 
+def test_the_rollback_record_is_kept_where_the_spec_says(
+    run_asyncio: Run,
+    repo_path: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """docs/FORMAT.md 4.3: the highest keyring serial a client has seen is kept in
+    $DEDUPE_STATE_DIR, else $XDG_STATE_HOME/dedupe, else ~/.local/state/dedupe, as
+    `<repository id>.json`: another release (or the same one, run by the same user) must
+    find it there, or a keyring put back after an upgrade goes unnoticed."""
+    home, xdg = tmp_path / "home", tmp_path / "xdg"
+    explicit = tmp_path / "state" / "dedupe"  # its parent does not exist yet either
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("DEDUPE_STATE_DIR")
+    for xdg_value, expected in (("", home / ".local/state/dedupe"), (str(xdg), xdg / "dedupe")):
+        monkeypatch.setenv("XDG_STATE_HOME", xdg_value)
+        assert state_dir() == expected
+    monkeypatch.setenv("DEDUPE_STATE_DIR", str(explicit))
+    assert state_dir() == explicit
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            ring = repo._store.keyring
+            saved = {n: (repo_path / "keyring" / n).read_bytes() for n in ("1", "2")}
+            await repo.keys.rotate()
+            newest = repo._store.keyring.serial
+        assert newest > ring.serial
+        record = explicit / f"{ring.repository_id.hex()}.json"
+        assert json.loads(record.read_text()) == {"keyring_serial": newest}
+        assert [p.name for p in explicit.iterdir()] == [record.name]  # no temporary left
+        assert seen_serial(ring.repository_id) == newest
+        for n, raw in saved.items():
+            (repo_path / "keyring" / n).write_bytes(raw)
+        with pytest.raises(RollbackDetected, match=str(record)):
+            check_and_record_serial(ring.repository_id, ring)
+        check_and_record_serial(ring.repository_id, replace(ring, serial=newest + 5))
+        assert seen_serial(ring.repository_id) == newest + 5
+        # A client that cannot keep its record loses only this protection, and says so.
+        blocked = tmp_path / "blocked"
+        blocked.write_text("a file where the state directory's parent should be")
+        monkeypatch.setenv("DEDUPE_STATE_DIR", str(blocked / "dedupe"))
+        with caplog.at_level(logging.WARNING, logger="dedupe"):
+            check_and_record_serial(ring.repository_id, ring)
+        assert "rollbacks go unnoticed" in caplog.text and str(blocked) in caplog.text
+
+    run_asyncio(go())
+
+
+def test_an_inconsistent_keyring_is_never_signed(run_asyncio: Run, repo_path: Path) -> None:
+    """keyring_bytes: a keyring whose structure is wrong (no admin left, a current epoch
+    that does not exist, a duplicate key) is refused before it is signed, so neither copy
+    is replaced by one that would lock every key holder out."""
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            store = repo._store
+            ring, admin_sign = store.keyring, store.holder.admin_sign
+            assert admin_sign is not None
+            copies = {n: (repo_path / "keyring" / n).read_bytes() for n in ("1", "2")}
+            for bad in (
+                replace(ring, keys=tuple(k for k in ring.keys if k.role != "admin")),
+                replace(ring, current_epoch=ring.current_epoch + 1),
+                replace(ring, keys=ring.keys + ring.keys[:1]),
+            ):
+                assert bad.problem() is not None
+                with pytest.raises(ValueError, match="refusing to sign an inconsistent keyring"):
+                    await write_keyring(
+                        store.backend, bump(bad, "2026-12-06T00:00:00Z"), admin_sign
+                    )
+            assert {n: (repo_path / "keyring" / n).read_bytes() for n in copies} == copies
+        async with await Repository.open(repo_path, PASSPHRASE) as repo:
+            assert repo._store.keyring.serial == ring.serial
+            assert repo.problems == []  # both copies alike: nothing behind, nothing to report
+
+    run_asyncio(go())
+
+
 # --- key maps ------------------------------------------------------------------------------
 
 
@@ -186,6 +275,66 @@ def test_key_map_acceptance_rules(run_asyncio: Run, repo_path: Path) -> None:
 
 
 # --- caps on authenticated content ---------------------------------------------------------
+
+
+def test_an_entry_that_does_not_open_costs_no_other_entry_of_its_object(
+    run_asyncio: Run, repo_path: Path
+) -> None:
+    """A key holder may sign an entry for an object it did not write, with wraps that open
+    to nothing (docs/FORMAT.md 4.5): KeyDirectory.meta_keys tries the other entries, and
+    consolidate (rotation, prune) drops only that entry, whatever its place among the
+    object's entries (load order follows concurrent reads), and keeps the real ones."""
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            data = await _two_generations(repo)
+            store = repo._store
+            km = store.keymaps
+            stranger = box_public_of(new_box_secret())
+            forged = []
+            for kind in (PACK, INDEX):
+                for oid in sorted(km.ids(kind)):
+                    e = km.all(kind, oid)[0].entry
+                    if kind == PACK:
+                        forged.append(replace(e, read_wrap=box_seal(stranger, new_key())))
+                    else:
+                        wrap = seal(new_key(), new_key(), b"not the meta wrap's aad")
+                        forged.append(replace(e, meta_wrap=wrap))
+            await km.write(forged)
+            for kind in (PACK, INDEX):
+                for oid in km.ids(kind):
+                    found = km._by_kind[kind][oid]
+                    assert len(found) == 2
+                    found.insert(0, found.pop())  # the entry that opens nothing first
+            await repo.keys.rotate()  # consolidates every entry into the new epoch
+            assert any("its key map entry is dropped" in p for p in repo.problems)
+        async with await Repository.open(repo_path, PASSPHRASE) as repo:
+            assert not repo._store.damaged_index_objects
+            await _restores(repo, data)
+
+    run_asyncio(go())
+
+
+def test_a_forged_meta_entry_does_not_hide_an_index_object(
+    run_asyncio: Run, repo_path: Path
+) -> None:
+    """KeyDirectory.meta_keys: an index object with a real entry and one whose meta wrap
+    opens to nothing is read with the real one, not refused."""
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            data = await _two_generations(repo)
+            km = repo._store.keymaps
+            forged = [
+                replace(km.all(INDEX, oid)[0].entry, meta_wrap=seal(new_key(), new_key(), b"x"))
+                for oid in sorted(km.ids(INDEX))
+            ]
+            await km.write(forged)
+        async with await Repository.open(repo_path, PASSPHRASE) as repo:
+            assert not repo._store.damaged_index_objects
+            await _restores(repo, data)
+
+    run_asyncio(go())
 
 
 def test_decompression_is_capped_by_the_recorded_size() -> None:
