@@ -161,6 +161,22 @@ def s3_environment(endpoint: str, home: Path) -> dict[str, str]:
     }
 
 
+def env_for(location: str, cli_env: dict[str, str]) -> dict[str, str]:
+    """cli_env for a `dedupe` process whose repository is `location` (a directory or an
+    s3:// location, with this process's AWS variables, which s3_location set)."""
+    aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    return {**cli_env, **aws, "DEDUPE_REPO": location}
+
+
+async def closed(backend: Any, job: Coroutine[Any, Any, None]) -> None:
+    """Run `job`, then release the backend's connections (an S3 client's belong to the
+    loop that `run` is about to close)."""
+    try:
+        await job
+    finally:
+        await backend.close()
+
+
 _buckets = iter(range(1, 1 << 30))
 
 

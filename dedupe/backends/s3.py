@@ -223,13 +223,11 @@ class S3Backend(Backend):
             raise self._truncated(name, offset, length, offset + len(data))
         return data
 
-    async def stat(self, name: str) -> int:
-        response = await self._call("reading", name, "head_object", Key=self._key(name))
-        return int(response["ContentLength"])
+    async def _head(self, name: str) -> Any:
+        return await self._call("reading", name, "head_object", Key=self._key(name))
 
-    async def _etag(self, name: str) -> str:
-        response = await self._call("reading", name, "head_object", Key=self._key(name))
-        return str(response["ETag"])
+    async def stat(self, name: str) -> int:
+        return int((await self._head(name))["ContentLength"])
 
     async def list(self, prefix: str) -> list[str]:
         s3 = await self._s3()
@@ -306,7 +304,7 @@ class S3Backend(Backend):
             raise
 
     async def delete(self, name: str) -> None:
-        etag = await self._etag(name)  # MissingObject when there is nothing to delete
+        etag = str((await self._head(name))["ETag"])  # MissingObject: nothing to delete
         try:
             await self._call("deleting", name, "delete_object", Key=self._key(name), IfMatch=etag)
         except ObjectChanged:

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import closed
 
 from dedupe.backends import Backend, LocalBackend
 from dedupe.backends.s3 import S3Backend
@@ -20,15 +21,6 @@ class ReadIntoViaGet(LocalBackend):
 
     read_into = Backend.read_into
     put_stream = Backend.put_stream
-
-
-async def closed(backend: Backend, job: Awaitable[None]) -> None:
-    """Run `job`, then release the backend's connections (an S3 client's belong to the
-    loop that `run` is about to close)."""
-    try:
-        await job
-    finally:
-        await backend.close()
 
 
 @pytest.fixture(params=["local", "defaults", "s3"])

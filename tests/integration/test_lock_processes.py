@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import PASSPHRASE, SMALL_PACK, make_repo
+from conftest import PASSPHRASE, SMALL_PACK, env_for, make_repo
 
 from dedupe import Repository
 from dedupe.backends.s3 import S3Backend
@@ -74,8 +74,7 @@ def place(request: pytest.FixtureRequest, repo_path: Path, cli_env: dict[str, st
     if request.param == "local":
         return Place(str(repo_path), cli_env)
     location = request.getfixturevalue("s3_location")
-    aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-    return Place(location, {**cli_env, **aws, "DEDUPE_REPO": location})
+    return Place(location, env_for(location, cli_env))
 
 
 def _wait_for(what: str, cond: Callable[[], bool], timeout: float = 60.0) -> None:

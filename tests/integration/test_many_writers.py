@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import PASSPHRASE, make_repo
+from conftest import PASSPHRASE, env_for, make_repo
 
 from dedupe import Repository
 
@@ -35,8 +35,7 @@ def where(
     if request.param == "local":
         return str(repo_path), cli_env
     location = request.getfixturevalue("s3_location")
-    aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-    return location, {**cli_env, **aws, "DEDUPE_REPO": location}
+    return location, env_for(location, cli_env)
 
 
 def test_four_backups_and_a_prune_at_once_round_after_round(

@@ -10,13 +10,12 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSPHRASE, make_repo
+from conftest import PASSPHRASE, closed, make_repo
 
 import dedupe.store.locks as locks_module
 from dedupe import Repository
@@ -52,15 +51,6 @@ def _dead_pid() -> int:
 
 async def _names(backend: Backend) -> list[str]:
     return sorted(await backend.list("locks/"))
-
-
-async def closed(backend: Backend, job: Awaitable[None]) -> None:
-    """Run `job`, then release the backend's connections (an S3 client's belong to the
-    loop that `run` is about to close)."""
-    try:
-        await job
-    finally:
-        await backend.close()
 
 
 @pytest.fixture(params=["local", "s3"])
