@@ -126,8 +126,9 @@ class Generation:
         return d
 
     @classmethod
-    def from_header(cls, header: dict[str, Any]) -> Generation:
+    def from_header(cls, header: dict[str, Any], written_by: str | None = None) -> Generation:
         return cls(
+            written_by=written_by,
             id=header["id"],
             name=header["name"],
             kind=header["kind"],

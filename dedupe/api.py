@@ -36,6 +36,8 @@ from collections.abc import (
 )
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from functools import partial
+from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
 
@@ -73,10 +75,10 @@ from dedupe.errors import (
     RepositoryLocked,
     RoleNotPermitted,
     TargetError,
-    UnsupportedFormat,
 )
 from dedupe.format.config import DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_SIZE
 from dedupe.store import RepositoryStore
+from dedupe.store.cache import ObjectCache, default_cache_root
 from dedupe.store.locks import LockInfo, RepositoryLock, list_locks, remove_locks
 from dedupe.store.tables import spill_complete_table
 
@@ -128,6 +130,16 @@ async def _closed_on_failure(location: Location, backend: Backend) -> AsyncItera
         raise
 
 
+def _cache_root(cache: bool | str | os.PathLike[str] | None, backend: Backend) -> Path | None:
+    if cache is None:
+        cache = backend.remote
+    if cache is True:
+        return default_cache_root()
+    if cache is False:
+        return None
+    return Path(cache)
+
+
 def _passphrase(passphrase: str | bytes | None, confirm: bool) -> bytes:
     if passphrase is None:
         return get_passphrase(confirm=confirm)
@@ -173,10 +185,13 @@ class Repository:
         kdf: KdfParams | None = None,
         workers: int | None = None,
         lock_wait: float = 0.0,
+        cache: bool | str | os.PathLike[str] | None = None,
     ) -> Repository:
         """Create a repository at `location` and return it open. The passphrase comes from
-        the argument, else DEDUPE_PASSWORD / _FILE / _COMMAND, else a terminal prompt."""
+        the argument, else DEDUPE_PASSWORD / _FILE / _COMMAND, else a terminal prompt.
+        `lock_wait` and `cache` as for open()."""
         backend = _backend(location)
+        root = _cache_root(cache, backend)
         async with _closed_on_failure(location, backend):
             store = await RepositoryStore.create(
                 backend,
@@ -185,6 +200,7 @@ class Repository:
                 pack_size=pack_size,
                 compression_level=compression_level,
                 kdf=kdf,
+                cache=None if root is None else partial(ObjectCache.of_holder, root),
             )
         store.lock_wait = lock_wait
         return cls(store, workers)
@@ -197,13 +213,23 @@ class Repository:
         *,
         workers: int | None = None,
         lock_wait: float = 0.0,
+        cache: bool | str | os.PathLike[str] | None = None,
     ) -> Repository:
         """Open the repository at `location`. `lock_wait`: how many seconds a command waits
         for a conflicting lock (another process's prune, say) to go before it fails with
-        RepositoryLocked (0: at once)."""
+        RepositoryLocked (0: at once). `cache`: where to keep local copies of the
+        repository's key maps, index objects and manifest headers, so that each command
+        fetches only what changed (docs/FORMAT.md 3.1): a directory, True for the default
+        ($DEDUPE_CACHE_DIR, else $XDG_CACHE_HOME/dedupe, else ~/.cache/dedupe), False for
+        none; None (the default) caches object-store repositories only."""
         backend = _backend(location)
+        root = _cache_root(cache, backend)
         async with _closed_on_failure(location, backend):
-            store = await RepositoryStore.open(backend, lambda: _passphrase(passphrase, False))
+            store = await RepositoryStore.open(
+                backend,
+                lambda: _passphrase(passphrase, False),
+                None if root is None else partial(ObjectCache.of_holder, root),
+            )
         store.lock_wait = lock_wait
         return cls(store, workers)
 
@@ -556,17 +582,15 @@ class Repository:
         store = self._store
         await store.refresh_keys()
         gens = []
-        for gen_id in await store.generation_ids():
-            try:
-                gen = Generation.from_header(await store.read_manifest_header(gen_id))
-            except GenerationNotFound:
+        for gen_id, header in await store.generation_headers():
+            if isinstance(header, GenerationNotFound):
                 continue  # forgotten meanwhile
-            except (IntegrityError, UnsupportedFormat) as e:
-                store.report(f"{e.message}; it is not listed")
+            if isinstance(header, DedupeError):
+                store.report(f"{header.message}; it is not listed")
                 continue
             authors = store.keymaps.authors(bytes.fromhex(gen_id))
             writer = next((a for a in authors if a is not None), None)
-            gens.append(dataclasses.replace(gen, written_by=writer.hex() if writer else None))
+            gens.append(Generation.from_header(header, writer.hex() if writer else None))
         if name is not None:
             gens = [g for g in gens if g.name == name]
         return sorted(gens, key=lambda g: (g.created, g.id))

@@ -218,7 +218,12 @@ def handle_errors(fn: Callable[..., None]) -> Callable[..., None]:
 
 
 def open_repo(ctx: click.Context) -> Awaitable[Repository]:
-    return Repository.open(repo_location(ctx), lock_wait=ctx.find_root().obj.get("retry_lock", 0.0))
+    options = ctx.find_root().obj
+    return Repository.open(
+        repo_location(ctx),
+        lock_wait=options.get("retry_lock", 0.0),
+        cache=options.get("cache"),
+    )
 
 
 _WAIT_UNITS = {"s": 1, "m": 60, "h": 3600}
@@ -274,17 +279,39 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
     callback=_retry_lock,
     help="Wait up to DURATION (30s, 5m, 1h) for a conflicting lock to go [default: fail at once].",
 )
+@click.option(
+    "--cache-dir",
+    metavar="DIR",
+    type=click.Path(file_okay=False),
+    help="Cache key maps, index objects and headers here (or DEDUPE_CACHE_DIR) "
+    "[default: ~/.cache/dedupe, for object stores].",
+)
+@click.option("--no-cache", is_flag=True, help="Use no local cache, even for object stores.")
 @click.version_option(dedupe.__version__, prog_name="dedupe")
 @click.pass_context
 def cli(
-    ctx: click.Context, repo: str | None, quiet: bool, verbose: bool, retry_lock: float | None
+    ctx: click.Context,
+    repo: str | None,
+    quiet: bool,
+    verbose: bool,
+    retry_lock: float | None,
+    cache_dir: str | None,
+    no_cache: bool,
 ) -> None:
     """dedupe: deduplicating, encrypted backups of database snapshots.
 
     The passphrase comes from DEDUPE_PASSWORD, DEDUPE_PASSWORD_FILE, DEDUPE_PASSWORD_COMMAND,
     or a prompt on a terminal.
     """
-    ctx.obj = {"repo": repo, "quiet": quiet, "verbose": verbose, "retry_lock": retry_lock or 0.0}
+    if no_cache and cache_dir:
+        raise click.UsageError("--cache-dir and --no-cache exclude each other")
+    ctx.obj = {
+        "repo": repo,
+        "quiet": quiet,
+        "verbose": verbose,
+        "retry_lock": retry_lock or 0.0,
+        "cache": False if no_cache else cache_dir,
+    }
 
 
 @cli.command()

@@ -28,14 +28,20 @@ SMALL_PACK = 64 * 1024
 @pytest.fixture(autouse=True, scope="session")
 def client_state_for_the_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Module- and session-scoped fixtures open repositories too: their client state (the
-    keyring serials seen) goes to a directory of the test run, never to ~/.local/state."""
-    old = os.environ.get("DEDUPE_STATE_DIR")
-    os.environ["DEDUPE_STATE_DIR"] = str(tmp_path_factory.mktemp("session-client-state"))
+    keyring serials seen, the object cache) goes to directories of the test run, never to
+    ~/.local/state or ~/.cache."""
+    dirs = {
+        "DEDUPE_STATE_DIR": tmp_path_factory.mktemp("session-client-state"),
+        "DEDUPE_CACHE_DIR": tmp_path_factory.mktemp("session-cache"),
+    }
+    old = {key: os.environ.get(key) for key in dirs}
+    os.environ.update({key: str(path) for key, path in dirs.items()})
     yield
-    if old is None:
-        del os.environ["DEDUPE_STATE_DIR"]
-    else:
-        os.environ["DEDUPE_STATE_DIR"] = old
+    for key, value in old.items():
+        if value is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(autouse=True)
@@ -45,6 +51,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPath
             monkeypatch.delenv(key)
     # The keyring serials this "machine" has seen (rollback detection) stay in the test.
     monkeypatch.setenv("DEDUPE_STATE_DIR", str(tmp_path_factory.mktemp("client-state")))
+    # So does the object cache of S3 repositories (store/cache.py).
+    monkeypatch.setenv("DEDUPE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
 
 
 def _loop_factories() -> list[Any]:
@@ -94,6 +102,7 @@ def cli_env(tmp_path: Path, repo_path: Path) -> dict[str, str]:
         DEDUPE_REPO=str(repo_path),
         DEDUPE_PASSWORD=PASSPHRASE,
         DEDUPE_STATE_DIR=os.environ["DEDUPE_STATE_DIR"],
+        DEDUPE_CACHE_DIR=os.environ["DEDUPE_CACHE_DIR"],
     )
     return env
 

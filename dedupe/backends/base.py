@@ -58,6 +58,9 @@ Buffer = bytes | bytearray | memoryview
 
 class Backend(ABC):
     location: str
+    # Whether each request is a round trip to another machine (an object store): such a
+    # repository is opened with the local object cache by default (store/cache.py).
+    remote = False
 
     @abstractmethod
     async def put(self, name: str, data: Buffer) -> None: ...

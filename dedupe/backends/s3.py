@@ -91,6 +91,8 @@ class S3Backend(Backend):
     """One bucket and key prefix. The client is made on first use, in the running event
     loop; `close()` releases its connections."""
 
+    remote = True
+
     def __init__(self, location: str) -> None:
         self.bucket, self.prefix = parse_s3_location(location)
         self.location = location

@@ -16,12 +16,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import blake3
 import nacl.pwhash
 
 from dedupe.crypto.aead import new_key, open_sealed, seal
 from dedupe.crypto.epochs import box_public_of, new_box_secret
 from dedupe.crypto.signing import new_signing_seed, verify_key_of
 from dedupe.errors import IntegrityError, PassphraseMissing, UnsupportedFormat, WrongPassphrase
+
+CACHE_KEY_CONTEXT = "dedupe 2026-12 local object cache MAC v1"
 
 ROLES = ("admin", "reader", "writer")
 KEY_ID_SIZE = 16
@@ -85,6 +88,13 @@ class HolderSecrets:
     @property
     def sign_public(self) -> bytes:
         return verify_key_of(self.sign_secret)
+
+    @property
+    def cache_key(self) -> bytes:
+        """The key of this holder's local object cache MACs (docs/FORMAT.md 3.1), derived
+        from its own box secret: no other key holder, and no one without the key file,
+        can make a cache entry this holder accepts."""
+        return bytes(blake3.blake3(self.box_secret, derive_key_context=CACHE_KEY_CONTEXT).digest())
 
     @classmethod
     def first_admin(cls, repository_id: bytes) -> HolderSecrets:

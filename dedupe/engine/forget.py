@@ -37,10 +37,9 @@ from typing import Any
 from dedupe._types import Generation
 from dedupe.errors import (
     AmbiguousGeneration,
+    DedupeError,
     GenerationNotFound,
-    IntegrityError,
     MissingObject,
-    UnsupportedFormat,
 )
 from dedupe.store import RepositoryStore
 from dedupe.store.locks import RepositoryLock
@@ -328,13 +327,13 @@ async def list_generations(store: RepositoryStore) -> list[Generation]:
     """Every authenticated generation; one that is not is left out and reported, never
     considered (it is no generation of this repository's keys)."""
     gens = []
-    for gen_id in await store.generation_ids():
-        try:
-            gens.append(Generation.from_header(await store.read_manifest_header(gen_id)))
-        except GenerationNotFound:
+    for _gen_id, header in await store.generation_headers():
+        if isinstance(header, GenerationNotFound):
             continue
-        except (IntegrityError, UnsupportedFormat) as e:
-            store.report(f"{e.message}; it is not considered")
+        if isinstance(header, DedupeError):
+            store.report(f"{header.message}; it is not considered")
+            continue
+        gens.append(Generation.from_header(header))
     return sorted(gens, key=_order)
 
 

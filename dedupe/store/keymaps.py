@@ -44,6 +44,7 @@ from dedupe.format.keymap import (
 )
 from dedupe.format.keyring import Keyring
 from dedupe.hashing import object_id
+from dedupe.store.cache import NoCache
 
 LOAD_CONCURRENCY = 8
 # Which kinds of entry each role may sign (docs/FORMAT.md 4.4).
@@ -81,10 +82,13 @@ class KeyDirectory:
         keyring: Keyring,
         epochs: dict[int, EpochKeys],
         report: Report,
+        cache: NoCache | None = None,
     ) -> None:
         self.backend = backend
         self.holder = holder
         self.report = report
+        self.cache = cache or NoCache()
+        self._cache_tidied = False
         self.reset(keyring, epochs)
 
     def reset(self, keyring: Keyring, epochs: dict[int, EpochKeys]) -> None:
@@ -118,31 +122,69 @@ class KeyDirectory:
         if self._refreshing is None:
             self._refreshing = asyncio.Lock()
         async with self._refreshing:
-            new = [n for n in await self.names() if n not in self.loaded and n not in self.rejected]
+            listed = await self.names()
+            if not self._cache_tidied:  # once per open: consolidations elsewhere removed some
+                self._cache_tidied = True
+                self.cache.retain("keymaps/", listed)
+            new = [n for n in listed if n not in self.loaded and n not in self.rejected]
             if not new:
                 return 0
+            # Key maps this holder accepted before (store/cache.py: written there only
+            # after every check passed, under this holder's MAC) skip the signature check,
+            # and are checked in one batch; the others are fetched and checked in full.
+            cached = {n: data for n in new if (data := self.cache.read(n)) is not None}
+            for name, outcome in await asyncio.to_thread(self._accept_all, cached):
+                self._record(name, outcome)
             sem = asyncio.Semaphore(LOAD_CONCURRENCY)
 
             async def load(name: str) -> None:
                 async with sem:
                     try:
                         data = await self.backend.get_small(name, MAX_KEYMAP_BYTES)
-                        epoch, entries = await asyncio.to_thread(self.accept, name, data)
                     except MissingObject:  # consolidated meanwhile: its entries are elsewhere
                         return
-                    except (IntegrityError, UnsupportedFormat) as e:
-                        self.rejected[name] = e.message
-                        self.report(e.message)
+                    except IntegrityError as e:
+                        self._record(name, e)
                         return
-                    self._add(name, epoch, entries)
-                    self.loaded.add(name)
+                    try:
+                        outcome = await asyncio.to_thread(self.accept, name, data)
+                    except (IntegrityError, UnsupportedFormat) as e:
+                        self._record(name, e)
+                        return
+                    self._record(name, outcome)
+                    self.cache.write(name, data)
 
-            await asyncio.gather(*(load(n) for n in new))
+            await asyncio.gather(*(load(n) for n in new if n not in cached))
             return len(new)
 
-    def accept(self, name: str, data: bytes) -> tuple[int, list[KeyMapEntry]]:
+    def _accept_all(
+        self, cached: dict[str, bytes]
+    ) -> list[tuple[str, tuple[int, list[KeyMapEntry]] | DedupeError]]:
+        outcomes: list[tuple[str, tuple[int, list[KeyMapEntry]] | DedupeError]] = []
+        for name, data in cached.items():
+            try:
+                outcomes.append((name, self.accept(name, data, signature_checked=True)))
+            except (IntegrityError, UnsupportedFormat) as e:
+                outcomes.append((name, e))
+        return outcomes
+
+    def _record(self, name: str, outcome: tuple[int, list[KeyMapEntry]] | DedupeError) -> None:
+        if isinstance(outcome, DedupeError):
+            self.rejected[name] = outcome.message
+            self.report(outcome.message)
+            return
+        epoch, entries = outcome
+        self._add(name, epoch, entries)
+        self.loaded.add(name)
+
+    def accept(
+        self, name: str, data: bytes, signature_checked: bool = False
+    ) -> tuple[int, list[KeyMapEntry]]:
         """(epoch, entries) of a key map that passes every check of docs/FORMAT.md 4.5;
-        IntegrityError (or UnsupportedFormat) naming it and the reason otherwise."""
+        IntegrityError (or UnsupportedFormat) naming it and the reason otherwise.
+        `signature_checked`: this holder verified the signature of these very bytes
+        before (its cache's MAC says so); every other check runs again, since they depend
+        on the current keyring."""
         what = f"key map {name}"
         parsed = parse_keymap_name(name)
         if parsed is None:
@@ -166,7 +208,7 @@ class KeyDirectory:
             raise IntegrityError(
                 f"{what} is signed by key {km.signer.hex()}, which is not in the keyring"
             )
-        if not verify(
+        if not signature_checked and not verify(
             signer.sign_public,
             KEYMAP_DOMAIN,
             self.keyring.repository_id + km.signed,
@@ -341,6 +383,7 @@ class KeyDirectory:
             data = await asyncio.to_thread(self.encode, epoch, part, signer)
             name = keymap_name(epoch, object_id(data))
             await self.backend.put(name, data)
+            self.cache.write(name, data)
             names.append(name)
             self._add(name, epoch, part)
             self.loaded.add(name)

@@ -129,6 +129,14 @@ class ManifestWriter:
         self._prefix = encode_prefix(sealed)
         return str(blake3.blake3(self._prefix).hexdigest())
 
+    @property
+    def prefix(self) -> bytes:
+        """The manifest's prefix (magic, length, sealed header), once finished: the bytes
+        its id is the hash of."""
+        if self._prefix is None:
+            raise RuntimeError("the manifest is not finished")
+        return self._prefix
+
     def parts(self) -> Iterator[bytes]:
         """The manifest's bytes, in order, in pieces of at most 1 MiB (blocking reads)."""
         if self._prefix is None:

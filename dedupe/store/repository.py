@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from dedupe.crypto import (
 from dedupe.crypto.keyfile import MAX_KEY_FILE_BYTES
 from dedupe.crypto.signing import CONFIG_DOMAIN
 from dedupe.errors import (
+    DedupeError,
     GenerationNotFound,
     IntegrityError,
     LocationNotEmpty,
@@ -100,6 +102,7 @@ from dedupe.format.manifest import (
 from dedupe.format.pack import FOOTER_SIZE, TRAILER_AAD, decode_footer
 from dedupe.hashing import ChunkHasher, object_id
 from dedupe.store.blobs import BlobCodec
+from dedupe.store.cache import NoCache
 from dedupe.store.index import ChunkIndex
 from dedupe.store.keymaps import KeyDirectory, not_authenticated
 from dedupe.store.keyring import (
@@ -121,6 +124,8 @@ from dedupe.store.quarantine import (
 
 log = logging.getLogger("dedupe")
 
+# How many manifest headers are read at once when listing generations.
+HEADER_CONCURRENCY = 16
 # Pieces in which spill_manifest reads a manifest.
 SPILL_PIECE = 1 << 20
 MIN_PACK_SIZE = 4096  # tests shrink packs to a few KiB so small inputs make many packs
@@ -141,9 +146,12 @@ def key_id_of(name: str) -> str:
     return name.rsplit("/", 1)[-1].split("-", 1)[0]
 
 
+_OBJECT_ID = re.compile("[0-9a-f]{64}")
+
+
 def is_object_id(text: str) -> bool:
     """64 lowercase hex digits: how every object is named (docs/FORMAT.md section 3)."""
-    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+    return _OBJECT_ID.fullmatch(text) is not None
 
 
 def named_ids(names: list[str]) -> dict[bytes, str]:
@@ -255,12 +263,15 @@ class RepositoryStore:
         holder: HolderSecrets,
         keyring: Keyring,
         epochs: dict[int, EpochKeys],
+        cache: NoCache | None = None,
     ) -> None:
         self.backend = backend
         self.config = config
         self.holder = holder
         self.problems: list[str] = []
-        self.keymaps = KeyDirectory(backend, holder, keyring, epochs, self.report)
+        # Local copies of key maps, index objects and manifest headers (store/cache.py).
+        self.cache = cache or NoCache()
+        self.keymaps = KeyDirectory(backend, holder, keyring, epochs, self.report, self.cache)
         self.repository_id = bytes.fromhex(config["id"])
         self.hasher = ChunkHasher(holder.id_key)
         self.chunker_params = ChunkerParams.from_dict(config["chunker"])
@@ -271,6 +282,7 @@ class RepositoryStore:
         self._loaded_index_objects: set[str] = set()
         self.damaged_index_objects: dict[str, str] = {}  # name -> what is wrong
         self._pack_keys: dict[bytes, bytes] = {}  # pack id -> data key
+        self._cache_tidied = False
         # How long a command waits for a conflicting lock to go (RepositoryLock's `wait`).
         self.lock_wait = 0.0
 
@@ -310,6 +322,7 @@ class RepositoryStore:
         pack_size: int = DEFAULT_PACK_SIZE,
         compression_level: int = DEFAULT_COMPRESSION_LEVEL,
         kdf: KdfParams | None = None,
+        cache: Callable[[HolderSecrets], NoCache] | None = None,
     ) -> RepositoryStore:
         if pack_size < MIN_PACK_SIZE:
             raise ValueError(f"pack_size must be at least {MIN_PACK_SIZE} bytes")
@@ -374,16 +387,28 @@ class RepositoryStore:
         await write_keyring(backend, keyring, holder.admin_sign)
         await backend.put("config", json.dumps(config, indent=2).encode() + b"\n")
         check_and_record_serial(repository_id, keyring)
-        store = cls(backend, config, holder, keyring, {1: epoch.keys()})
-        return store
+        return cls(
+            backend,
+            config,
+            holder,
+            keyring,
+            {1: epoch.keys()},
+            cache(holder) if cache else None,
+        )
 
     @classmethod
     async def open(
-        cls, backend: Backend, passphrase: bytes | Callable[[], bytes]
+        cls,
+        backend: Backend,
+        passphrase: bytes | Callable[[], bytes],
+        cache: Callable[[HolderSecrets], NoCache] | None = None,
     ) -> RepositoryStore:
         """Open the repository at `backend` with `passphrase`, or with what the callable
         returns: it is called once the config has shown that a repository is there, so
-        that a wrong location is reported before anyone is asked for a passphrase."""
+        that a wrong location is reported before anyone is asked for a passphrase.
+        `cache`: makes the object cache for the key holder (default: none). The key
+        maps are loaded here; the chunk index by the first operation that needs it
+        (refresh_index), so that listing generations reads no index object."""
         try:
             raw_config = await backend.get_small("config", MAX_CONFIG_BYTES)
         except MissingObject:
@@ -408,10 +433,10 @@ class RepositoryStore:
         )
         check_and_record_serial(repository_id, keyring)
         epochs = open_epochs(holder, keyring, problems.append)
-        store = cls(backend, config, holder, keyring, epochs)
+        store = cls(backend, config, holder, keyring, epochs, cache(holder) if cache else None)
         for p in problems:
             store.report(p)
-        await store.refresh_index()
+        await store.keymaps.refresh()
         return store
 
     @staticmethod
@@ -528,7 +553,11 @@ class RepositoryStore:
         are skipped and reported. Returns how many index objects were loaded."""
         # Listed before the key maps are: a writer stores an index object's key map first,
         # so every index object listed here has its entry in the key maps loaded below.
-        listed = set(named_ids(await self.backend.list("index/")).values())
+        index_names = await self.backend.list("index/")
+        listed = set(named_ids(index_names).values())
+        if not self._cache_tidied:  # once per open: a prune elsewhere removed some
+            self._cache_tidied = True
+            self.cache.retain("index/", index_names)
         present = set(named_ids(await self.backend.list("packs/")))
         await self.refresh_keys()
         if rebuild or not self._loaded_index_objects <= listed:
@@ -548,7 +577,7 @@ class RepositoryStore:
             # decoded objects are in memory at once, not the whole index twice.
             async with sem:
                 try:
-                    data = await self.backend.get(name)
+                    data = await self.cache.get(name, lambda: self.backend.get(name))
                 except MissingObject:
                     return  # replaced by a prune meanwhile
                 try:
@@ -632,6 +661,7 @@ class RepositoryStore:
         self, sealed: SealedIndex, packs: list[PackRecord], records: bytes
     ) -> None:
         await self.backend.put(sealed.name, sealed.data)
+        self.cache.write(sealed.name, sealed.data)
         self._loaded_index_objects.add(sealed.name)
         self.index.note_written([p.pack_id for p in packs])
         self.index.add_records(packs, records, sealed.name)
@@ -741,6 +771,7 @@ class RepositoryStore:
         if sealed is not None and batch is not None:
             await self._put_index(sealed, batch.packs, records)
         await self.backend.put_stream(f"generations/{gen_id}", writer.parts())
+        self.cache.write(f"generations/{gen_id}", writer.prefix)
         return gen_id
 
     async def write_manifest(
@@ -753,6 +784,48 @@ class RepositoryStore:
 
     async def generation_ids(self) -> list[str]:
         return [oid.hex() for oid in named_ids(await self.backend.list("generations/"))]
+
+    async def generation_headers(self) -> list[tuple[str, dict[str, Any] | DedupeError]]:
+        """Every generation the backend lists, with its authenticated header or the error
+        that kept it from opening (GenerationNotFound when it was forgotten meanwhile).
+        A header comes from the cache when its copy there is intact: one listing, and no
+        request per generation; the others are read HEADER_CONCURRENCY at a time."""
+        names = await self.backend.list("generations/")
+        ids = [oid.hex() for oid in named_ids(names)]
+        self.cache.retain("generations/", names)
+        result: dict[str, dict[str, Any] | DedupeError] = {}
+        missed: list[str] = []
+        for gen_id in ids:
+            cached = self._cached_prefix(gen_id)
+            if cached is None:
+                missed.append(gen_id)
+                continue
+            try:
+                result[gen_id] = await self._open_header(gen_id, cached)
+            except (IntegrityError, UnsupportedFormat) as e:
+                result[gen_id] = e
+        sem = asyncio.Semaphore(HEADER_CONCURRENCY)
+
+        async def read(gen_id: str) -> None:
+            async with sem:
+                try:
+                    result[gen_id] = await self.read_manifest_header(gen_id)
+                except (GenerationNotFound, IntegrityError, UnsupportedFormat) as e:
+                    result[gen_id] = e
+
+        await asyncio.gather(*(read(g) for g in missed))
+        return [(gen_id, result[gen_id]) for gen_id in ids]
+
+    def _cached_prefix(self, gen_id: str) -> memoryview | None:
+        """The sealed header of a listed generation from its cached prefix, if intact."""
+        head = self.cache.read(f"generations/{gen_id}")
+        if head is None:
+            return None
+        try:
+            start, end = header_span(head, f"generation {gen_id}")
+        except (IntegrityError, UnsupportedFormat):
+            return None
+        return memoryview(head)[start:end] if end == len(head) else None
 
     async def _prefix(self, gen_id: str, size: int) -> tuple[bytes, int, int]:
         """(prefix, header start, header end) of a manifest, checked against its id."""
@@ -806,9 +879,14 @@ class RepositoryStore:
         return self.keymaps.read_keys(found, what)
 
     async def read_manifest_header(self, gen_id: str) -> dict[str, Any]:
-        """The authenticated header of a generation, from one short read."""
+        """The authenticated header of a generation, from one short read (none when the
+        cache holds its prefix)."""
         size = await self._stat_generation(gen_id)
+        cached = self._cached_prefix(gen_id)
+        if cached is not None:
+            return await self._open_header(gen_id, cached)
         head, start, end = await self._prefix(gen_id, size)
+        self.cache.write(f"generations/{gen_id}", memoryview(head)[:end])
         return await self._open_header(gen_id, memoryview(head)[start:end])
 
     async def read_manifest(self, gen_id: str) -> tuple[dict[str, Any], dict[str, Any], bytes]:

@@ -420,6 +420,7 @@ def test_an_index_entry_the_trailer_lacks_is_reported(
     async def go() -> VerifyReport:
         async with await Repository.open(repo.path, PASSPHRASE) as r:
             store = r._store
+            await store.refresh_index()
             loc = store.index.get(place.chunk_id)
             assert loc is not None
             # A second index object lists the pack's first blob with a raw length its

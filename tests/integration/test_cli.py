@@ -184,6 +184,7 @@ def blobs_of(repo_path: Path, gen_id: str) -> list[Blob]:
     async def go() -> list[Blob]:
         async with await Repository.open(repo_path, PASSPHRASE) as repo:
             store = repo._store
+            await store.refresh_index()
             _header, _meta, table = await store.read_manifest(gen_id)
             out = []
             pos = 0

@@ -611,6 +611,7 @@ def test_a_swapped_index_object_is_refused(
 
         async with await dedupe.Repository.open(repo_path, PASSPHRASE) as repo:
             why = "does not match its name"
+            await repo.stats()  # the first operation that reads the index reports it
             assert has_problem(repo, f"index object {name}", why)
             broken: tuple[str, ...] = ()
             if where == "in place of another":

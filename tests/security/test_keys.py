@@ -621,6 +621,7 @@ def test_reader_restores_verifies_quarantines_and_nothing_else(
             assert found is not None
             keymap = decode_keymap((repo_path / found.keymap).read_bytes(), found.keymap)
             assert keymap.signer.hex() == reader_key
+            await admin._store.refresh_index()
             assert (victim, bytes.fromhex(pack.name)) in admin._store.index.quarantined
             again = await admin.backup(io.BytesIO(data), name="db", kind="full")
             assert (again.chunks_new, again.bytes_new) == (1, loc.raw_length)

@@ -133,6 +133,7 @@ def test_index_entries_are_keyed_ids_of_their_chunks(stored: tuple[Path, dict[st
     async def go() -> None:
         async with await Repository.open(root, expected["passphrase"]) as repo:
             store = repo._store
+            await store.refresh_index()  # loaded by the first operation that needs it
             id_key = store.holder.id_key
             _header, _meta, table = await store.read_manifest(expected["generations"][0]["id"])
             assert table
