@@ -65,6 +65,7 @@ from dedupe.engine.listing import (
     tree_listing,
 )
 from dedupe.engine.prune import PruneReport, run_prune
+from dedupe.engine.repair import RepairReport, repair_index
 from dedupe.engine.tree import backup_tree, load_tree, restore_tree
 from dedupe.engine.verify import SubsetSpec, VerifyReport, verify_repository
 from dedupe.errors import (
@@ -107,6 +108,7 @@ PERMITTED = {
     "forget": ("admin",),
     "prune": ("admin",),
     "unlock": ("admin",),
+    "repair the index": ("admin",),
 }
 _ROLE_HINT = {
     "writer": "a writer key backs up and lists, and opens no data: use a reader or admin key",
@@ -846,6 +848,15 @@ class Repository:
             progress=progress,
             delete_unauthenticated=delete_unauthenticated,
         )
+
+    async def repair_index(self, *, progress: ProgressCallback | None = None) -> RepairReport:
+        """Rebuild the index of every pack no usable index object lists, from the packs'
+        own trailers, each pack checked whole as `verify --read-data` checks it; then
+        delete the index objects that were damaged. For a repository whose index object
+        was lost or damaged (restores then miss chunks and prune refuses). Takes the
+        exclusive lock; safe to kill and run again (engine/repair.py)."""
+        self._require("repair the index")
+        return await repair_index(self._store, self._executor, progress)
 
     async def locks(self) -> list[LockInfo]:
         """Every lock in the repository (see `LockInfo.stale_reason`)."""

@@ -1095,6 +1095,50 @@ def prune(
     )
 
 
+@cli.group(short_help="Rebuild what damage or loss took from the repository.")
+def repair() -> None:
+    """Rebuild what damage or loss took from the repository (admin key)."""
+
+
+@repair.command("index")
+@json_option
+@click.pass_context
+@handle_errors
+def repair_index_command(ctx: click.Context, as_json: bool) -> None:
+    """Rebuild lost or damaged index objects from the packs' own trailers.
+
+    Every pack no usable index object lists is read whole and checked (its hash, its
+    trailer under its authenticated key, every blob); one new index object lists what
+    checked out, then the damaged index objects are deleted. Takes the exclusive lock."""
+
+    async def go() -> dict[str, Any]:
+        async with await open_repo(ctx) as repo:
+            return (await repo.repair_index(progress=stages("repair index"))).to_dict()
+
+    r = run_async(go())
+    if as_json:
+        emit_json(r)
+        return
+    if r["index_object"] is None and not r["index_objects_removed"]:
+        click.echo(f"every one of {count(r['packs'], 'pack')} is indexed: nothing to repair")
+    else:
+        click.echo(
+            f"indexed {count(r['chunks_indexed'], 'chunk')} of "
+            f"{count(r['packs_indexed'], 'pack')} in {r['index_object'] or 'no new object'}; "
+            f"removed {count(len(r['index_objects_removed']), 'damaged index object')} "
+            f"({r['seconds']:.2f} s)"
+        )
+    if r["blobs_left_out"]:
+        click.echo(
+            f"{count(r['blobs_left_out'], 'blob')} did not check out and stay unindexed: "
+            "'dedupe verify' names the generations that need them"
+        )
+    for s in r["damaged"]:
+        click.echo(f"damaged pack {s['pack']}: {s['reason']}; its good blobs are indexed", err=True)
+    for s in r["skipped"]:
+        click.echo(f"skipped pack {s['pack']}: {s['reason']}", err=True)
+
+
 @cli.command(short_help="Remove stale locks left by killed processes.")
 @click.option(
     "--all",

@@ -207,3 +207,12 @@ def s3_location(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
 
     asyncio.run(create())
     yield f"s3://{bucket}/repo"
+
+
+@pytest.fixture(params=["local", "s3"])
+def location(request: pytest.FixtureRequest, repo_path: Path) -> Iterator[str]:
+    """Where a test's repository goes: repo_path, or a fresh bucket on the S3 server."""
+    if request.param == "local":
+        yield str(repo_path)
+    else:
+        yield request.getfixturevalue("s3_location")

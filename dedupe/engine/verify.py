@@ -576,7 +576,7 @@ class _Verifier:
         except IntegrityError as e:
             key = None
             self._bad_copies(name, pack_id, _reason_of(e), e.message, info.chunk_ids())
-        problems, trailer = await self._run(_check_envelope, data, pack_id, key, name)
+        problems, trailer = await self._run(check_envelope, data, pack_id, key, name)
         for reason, detail in problems:
             self._damaged(name, "pack", reason, detail)
         ordered = sorted(info.entries, key=_OFFSET)
@@ -596,7 +596,7 @@ class _Verifier:
             ordered = sorted(items, key=_OFFSET)
         if key is not None:
             jobs = [
-                self._run(_open_blobs, store, key, data, part)
+                self._run(open_blobs, store, key, data, part)
                 for part in split_by_bytes(ordered, OPEN_BATCH)
             ]
             for bad in await asyncio.gather(*jobs):
@@ -702,7 +702,7 @@ class _Verifier:
         return await self.store.write_quarantine(chunks)
 
 
-def _check_envelope(
+def check_envelope(
     data: Buffer, pack_id: bytes, key: bytes | None, name: str
 ) -> tuple[list[tuple[str, str]], list[_Item] | None]:
     """Problems of a whole pack outside its blobs, and its trailer entries if it opens."""
@@ -735,7 +735,7 @@ def _check_envelope(
         return problems, None
 
 
-def _open_blobs(
+def open_blobs(
     store: RepositoryStore, key: bytes, data: Buffer, items: list[_Item]
 ) -> list[tuple[bytes, str, str]]:
     """(chunk id, reason, detail) of every blob among `items` that does not open."""

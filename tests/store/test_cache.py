@@ -9,7 +9,6 @@ import io
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,14 +70,6 @@ class Counting(Backend):
 
     def cached_kinds_read(self) -> dict[str, int]:
         return {k: n for k, n in self.reads.items() if k in CACHED}
-
-
-@pytest.fixture(params=["local", "s3"])
-def location(request: pytest.FixtureRequest, repo_path: Path) -> Iterator[str]:
-    if request.param == "local":
-        yield str(repo_path)
-    else:
-        yield request.getfixturevalue("s3_location")
 
 
 async def _open(location: str, cache: Path | bool) -> tuple[Repository, Counting]:
