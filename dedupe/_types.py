@@ -114,6 +114,8 @@ class Generation:
     chunker: Any = None
     host: str | None = None  # the machine that made it
     tags: tuple[str, ...] = ()
+    # "<repository id>/<generation id>" of the generation `copy` made this one from.
+    copied_from: str | None = None
 
     @property
     def dedupe_ratio(self) -> float:
@@ -144,4 +146,34 @@ class Generation:
             chunker=header.get("chunker"),
             host=header.get("host") if isinstance(header.get("host"), str) else None,
             tags=tuple(t for t in header.get("tags") or () if isinstance(t, str)),
+            copied_from=_str_or_none(header.get("copied_from")),
         )
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
+class CopiedGeneration:
+    source_id: str  # in the source repository
+    target_id: str  # the copy, in the target
+    name: str
+    kind: str  # as made in the target (a full when the target had no parent for it)
+    bytes_read: int
+    bytes_new: int  # raw bytes of chunks the target did not have
+
+
+@dataclass(frozen=True)
+class CopyReport:
+    """What `copy` did: the generations it copied, oldest first, and those the target
+    already held copies of (a re-run after an interruption skips them)."""
+
+    copied: list[CopiedGeneration]
+    already_there: list[str]  # source generation ids
+    bytes_read: int
+    bytes_new: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -25,6 +25,7 @@ import dataclasses
 import os
 import socket
 import stat
+import tempfile
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -43,6 +44,8 @@ from typing import Any, BinaryIO
 
 from dedupe._types import (
     BackupStats,
+    CopiedGeneration,
+    CopyReport,
     Generation,
     Progress,
     ProgressCallback,
@@ -142,9 +145,14 @@ def _cache_root(cache: bool | str | os.PathLike[str] | None, backend: Backend) -
     return Path(cache)
 
 
-def _passphrase(passphrase: str | bytes | None, confirm: bool) -> bytes:
+Passphrase = str | bytes | Callable[[], bytes] | None
+
+
+def _passphrase(passphrase: Passphrase, confirm: bool) -> bytes:
     if passphrase is None:
         return get_passphrase(confirm=confirm)
+    if callable(passphrase):
+        return passphrase()
     return passphrase.encode() if isinstance(passphrase, str) else passphrase
 
 
@@ -179,7 +187,7 @@ class Repository:
     async def init(
         cls,
         location: Location,
-        passphrase: str | bytes | None = None,
+        passphrase: Passphrase = None,
         *,
         chunker: ChunkerParams | None = None,
         pack_size: int = DEFAULT_PACK_SIZE,
@@ -211,7 +219,7 @@ class Repository:
     async def open(
         cls,
         location: Location,
-        passphrase: str | bytes | None = None,
+        passphrase: Passphrase = None,
         *,
         workers: int | None = None,
         lock_wait: float = 0.0,
@@ -355,58 +363,49 @@ class Repository:
             "labels": labels,
             "dry_run": dry_run,
         }
-        # A shared lock: backups run side by side, a prune (exclusive) waits for them.
-        async with RepositoryLock(
-            self._store.backend, exclusive=False, operation="backup", wait=self._store.lock_wait
-        ) as lock:
-            try:
-                return await self._backup_locked(
-                    source,
-                    name,
-                    kind,
-                    progress,
-                    label,
-                    lock,
-                    spec,
-                    allow_empty,
-                    options,
-                )
-            except DedupeError as e:
-                await _blame_a_lost_lock(lock, e)
-                raise
+        return await self._backup(source, name, kind, progress, label, spec, allow_empty, options)
 
-    async def _backup_locked(
+    async def _backup(
         self,
         source: Source,
         name: str,
         kind: str,
         progress: ProgressCallback | None,
         label: str | None,
-        lock: RepositoryLock,
         spec: dict[str, Any] | str | None,
         allow_empty: bool,
         options: dict[str, Any],
     ) -> BackupStats:
-        gens = await self.generations(name)
-        # The chunker is kept from this key's own generations, as the parent is taken
-        # (_parent_for): another key's header does not choose how this one cuts.
-        mine = [g for g in gens if self._store.written_by_me(g.id)]
-        previous = mine[-1].chunker if mine else None
-        chosen = spec if spec is not None else kept_spec(previous, self._store.chunker_params)
-        stats = await self._backup_source(
-            source, name, kind, gens, progress, label, lock, chosen, allow_empty, options
-        )
-        dry_run = bool(options.get("dry_run"))
-        if spec is not None and previous is not None and stats.chunker != previous:
-            stats = _with_note(
-                stats,
-                f"the chunker of {name!r} changed from {describe(previous)} to "
-                f"{describe(stats.chunker)}: chunk boundaries moved, so this backup "
-                f"{'would store' if dry_run else 'stored'} {stats.chunks_new} of its "
-                f"{stats.chunks} chunks again; the next backups keep the new chunker and "
-                "deduplicate against it",
-            )
-        return stats
+        # A shared lock: backups run side by side, a prune (exclusive) waits for them.
+        async with RepositoryLock(
+            self._store.backend, exclusive=False, operation="backup", wait=self._store.lock_wait
+        ) as lock:
+            try:
+                gens = await self.generations(name)
+                # The chunker is kept from this key's own generations, as the parent is taken
+                # (_parent_for): another key's header does not choose how this one cuts.
+                mine = [g for g in gens if self._store.written_by_me(g.id)]
+                previous = mine[-1].chunker if mine else None
+                chosen = (
+                    spec if spec is not None else kept_spec(previous, self._store.chunker_params)
+                )
+                stats = await self._backup_source(
+                    source, name, kind, gens, progress, label, lock, chosen, allow_empty, options
+                )
+                dry_run = bool(options.get("dry_run"))
+                if spec is not None and previous is not None and stats.chunker != previous:
+                    stats = _with_note(
+                        stats,
+                        f"the chunker of {name!r} changed from {describe(previous)} to "
+                        f"{describe(stats.chunker)}: chunk boundaries moved, so this backup "
+                        f"{'would store' if dry_run else 'stored'} {stats.chunks_new} of its "
+                        f"{stats.chunks} chunks again; the next backups keep the new chunker and "
+                        "deduplicate against it",
+                    )
+                return stats
+            except DedupeError as e:
+                await _blame_a_lost_lock(lock, e)
+                raise
 
     async def _backup_source(
         self,
@@ -857,6 +856,86 @@ class Repository:
         exclusive lock; safe to kill and run again (engine/repair.py)."""
         self._require("repair the index")
         return await repair_index(self._store, self._executor, progress)
+
+    async def copy(
+        self,
+        target: Repository,
+        generations: Sequence[str | Generation] = (),
+        *,
+        progress: ProgressCallback | None = None,
+        scratch: str | os.PathLike[str] | None = None,
+    ) -> CopyReport:
+        """Copy generations (default: all) into `target`, another repository (any backend,
+        its own keys), oldest first, storing only the chunks `target` lacks. Each is
+        restored from here as a restore is, every chunk and the whole stream verified,
+        and backed up into `target` with its chunker and keys: its name, kind, creation
+        time, source, host and tags are kept, and `copied_from` names the original.
+        A generation whose copy `target` holds already is skipped, so a copy that was
+        interrupted finishes when run again. A directory generation passes through a
+        restore into a temporary directory under `scratch` (default: the system's)."""
+        self._require("restore")
+        target._require("back up")
+        if target.id == self.id:
+            raise ValueError("source and target are the same repository")
+        started = time.monotonic()
+        wanted = (
+            [await self.resolve(g) for g in generations]
+            if generations
+            else await self.generations()
+        )
+        wanted = sorted({g.id: g for g in wanted}.values(), key=lambda g: (g.created, g.id))
+        there = {g.copied_from for g in await target.generations() if g.copied_from}
+        copied: list[CopiedGeneration] = []
+        already: list[str] = []
+        for gen in wanted:
+            origin = f"{self.id}/{gen.id}"
+            if origin in there:
+                already.append(gen.id)
+                continue
+            stats = await self._copy_one(target, gen, origin, progress, scratch)
+            copied.append(
+                CopiedGeneration(
+                    gen.id, stats.id, gen.name, stats.kind, stats.bytes_read, stats.bytes_new
+                )
+            )
+        return CopyReport(
+            copied=copied,
+            already_there=already,
+            bytes_read=sum(c.bytes_read for c in copied),
+            bytes_new=sum(c.bytes_new for c in copied),
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+    async def _copy_one(
+        self,
+        target: Repository,
+        gen: Generation,
+        origin: str,
+        progress: ProgressCallback | None,
+        scratch: str | os.PathLike[str] | None,
+    ) -> BackupStats:
+        # The header fields that make the copy the same generation for its users: labels
+        # are written over the ones the target's backup would record.
+        labels = {
+            "host": gen.host,
+            "tags": list(gen.tags),
+            "created": gen.created,
+            "source": gen.source,
+            "copied_from": origin,
+        }
+        options: dict[str, Any] = {"exclude": (), "strict": True, "labels": labels}
+        spec = kept_spec(gen.chunker, target._store.chunker_params)
+        label = gen.source.get("label")
+        if gen.source.get("type") != "tree":
+            return await target._backup(
+                self.restore_stream(gen), gen.name, gen.kind, progress, label, spec, True, options
+            )
+        with tempfile.TemporaryDirectory(prefix="dedupe-copy-", dir=scratch) as tmp:
+            tree = os.path.join(tmp, "tree")
+            await self.restore(gen, tree)
+            return await target._backup(
+                tree, gen.name, gen.kind, progress, label, spec, True, options
+            )
 
     async def locks(self) -> list[LockInfo]:
         """Every lock in the repository (see `LockInfo.stale_reason`)."""

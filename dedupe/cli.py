@@ -24,7 +24,7 @@ import dedupe
 from dedupe._types import Progress
 from dedupe.api import Repository
 from dedupe.chunking import DEFAULT_PARAMS, ChunkerParams, parse_spec
-from dedupe.crypto import KdfParams
+from dedupe.crypto import KdfParams, get_passphrase
 from dedupe.errors import DedupeError, Interrupted, ReaderGone, TargetError, Terminated
 from dedupe.format.config import DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_SIZE
 
@@ -1092,6 +1092,71 @@ def prune(
         f"{count(r['chunks_removed'], 'chunk')} dropped from the index; "
         f"{human_bytes(r['bytes_after'])} in {count(r['packs_after'], 'pack')} remain "
         f"for {count(r['generations'], 'generation')} ({r['seconds']:.2f} s)"
+    )
+
+
+@cli.command(short_help="Copy generations into another repository.")
+@click.argument("generations", nargs=-1)
+@click.option(
+    "--to",
+    "target",
+    required=True,
+    metavar="REPO",
+    help="The repository to copy into (a directory or s3://bucket/prefix). Its passphrase: "
+    "DEDUPE_TO_PASSWORD, DEDUPE_TO_PASSWORD_FILE, DEDUPE_TO_PASSWORD_COMMAND, or a prompt.",
+)
+@click.option(
+    "--scratch",
+    metavar="DIR",
+    type=click.Path(file_okay=False),
+    help="Where directory generations are restored on their way [default: $TMPDIR].",
+)
+@json_option
+@click.pass_context
+@handle_errors
+def copy(
+    ctx: click.Context,
+    generations: tuple[str, ...],
+    target: str,
+    scratch: str | None,
+    as_json: bool,
+) -> None:
+    """Copy GENERATIONS (ids, NAME@latest; default: all) into another repository, storing
+    only the chunks it lacks, every chunk verified on the way. Names, kinds, creation
+    times and labels are kept. Generations already copied there are skipped: run it again
+    after an interruption and it finishes the job."""
+    options = ctx.find_root().obj
+
+    def target_passphrase() -> bytes:
+        return get_passphrase(variable="DEDUPE_TO_PASSWORD", prompt=f"Passphrase of {target}")
+
+    async def go() -> dict[str, Any]:
+        async with await open_repo(ctx) as source:
+            async with await Repository.open(
+                target,
+                target_passphrase,
+                lock_wait=options.get("retry_lock", 0.0),
+                cache=options.get("cache"),
+            ) as into:
+                report = await source.copy(
+                    into, generations, progress=stages("copy"), scratch=scratch
+                )
+                return report.to_dict()
+
+    r = run_async(go())
+    if as_json:
+        emit_json(r)
+        return
+    for c in r["copied"]:
+        click.echo(
+            f"copied {c['source_id'][:12]} ({c['name']}) as {c['target_id'][:12]}: "
+            f"{human_bytes(c['bytes_read'])} read, {human_bytes(c['bytes_new'])} new"
+        )
+    if r["already_there"]:
+        click.echo(f"{count(len(r['already_there']), 'generation')} already in {target}")
+    click.echo(
+        f"{count(len(r['copied']), 'generation')} copied: {human_bytes(r['bytes_read'])} read, "
+        f"{human_bytes(r['bytes_new'])} new in {target} ({r['seconds']:.2f} s)"
     )
 
 

@@ -216,3 +216,15 @@ def location(request: pytest.FixtureRequest, repo_path: Path) -> Iterator[str]:
         yield str(repo_path)
     else:
         yield request.getfixturevalue("s3_location")
+
+
+def changing_versions(count: int, size: int = 300_000, changed: int = 40_000) -> list[bytes]:
+    """`count` versions of random data of `size` bytes, each with one more region of
+    `changed` bytes rewritten (a snapshot taken day after day)."""
+    data = bytearray(os.urandom(size))
+    out = []
+    for i in range(count):
+        at = (i * (changed + 30_000)) % (size - changed)
+        data[at : at + changed] = os.urandom(changed)
+        out.append(bytes(data))
+    return out

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSPHRASE, SMALL_PACK, dedupe_cli, env_for
+from conftest import PASSPHRASE, SMALL_PACK, changing_versions, dedupe_cli, env_for
 
 from dedupe import Repository
 from dedupe.backends import Backend, LocalBackend
@@ -24,22 +24,12 @@ from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.hashing import object_id
 
 
-def versions(count: int = 3, size: int = 300_000) -> list[bytes]:
-    data = bytearray(os.urandom(size))
-    out = []
-    for i in range(count):
-        at = (i * 70_000) % (size - 40_000)
-        data[at : at + 40_000] = os.urandom(40_000)
-        out.append(bytes(data))
-    return out
-
-
 async def make(location: str) -> tuple[Repository, dict[str, bytes]]:
     repo = await Repository.init(
         location, PASSPHRASE, pack_size=SMALL_PACK, kdf=KdfParams.weakest(), cache=False
     )
     gens = {}
-    for i, v in enumerate(versions()):
+    for i, v in enumerate(changing_versions(3)):
         gens[
             (
                 await repo.backup(
