@@ -21,7 +21,8 @@ Names are '/'-separated relative paths ("packs/ab/ab12..."). Semantics:
   whose pages the kernel must fault in and zero one by one. A backend that can read in
   place overrides it; the default copies what get() returns.
 - `list(prefix)`: names of all complete objects whose name starts with `prefix`
-  (a directory-like prefix ending in "/"), in no particular order.
+  (a directory-like prefix ending in "/"), in no particular order. `list_sized(prefix)`:
+  the same names with their sizes in bytes (the local object cache compares them).
 - `stat(name)`: the size in bytes; `MissingObject` if absent.
 - `delete(name)`: removes the object; `MissingObject` if absent.
 - `exists(name)`: whether an object is there.
@@ -92,6 +93,19 @@ class Backend(ABC):
 
     @abstractmethod
     async def list(self, prefix: str) -> list[str]: ...
+
+    async def list_sized(self, prefix: str) -> dict[str, int]:
+        """list() with each object's size. Object stores have it in the listing; the
+        default asks stat() for each (an object deleted meanwhile is left out)."""
+        from dedupe.errors import MissingObject
+
+        sizes: dict[str, int] = {}
+        for name in await self.list(prefix):
+            try:
+                sizes[name] = await self.stat(name)
+            except MissingObject:
+                continue
+        return sizes
 
     @abstractmethod
     async def stat(self, name: str) -> int: ...

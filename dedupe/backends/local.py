@@ -268,10 +268,13 @@ class LocalBackend(Backend):
             os.close(fd)
 
     def _list_sync(self, prefix: str) -> list[str]:
+        return list(self._list_sized_sync(prefix))
+
+    def _list_sized_sync(self, prefix: str) -> dict[str, int]:
         """Regular files only, found without following symbolic links: a FIFO, a device
         or a link planted in the repository is no object."""
         base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
-        names = []
+        names: dict[str, int] = {}
         stack = [base]
         while stack:
             directory = stack.pop()
@@ -289,7 +292,10 @@ class LocalBackend(Backend):
                 elif entry.is_file(follow_symlinks=False) and not entry.name.startswith(TMP_PREFIX):
                     rel = os.path.relpath(entry.path, self.root).replace(os.sep, "/")
                     if rel.startswith(prefix):
-                        names.append(rel)
+                        try:
+                            names[rel] = entry.stat(follow_symlinks=False).st_size
+                        except FileNotFoundError:
+                            continue  # deleted since it was listed
         return names
 
     def _remove_leftovers_sync(self) -> int:
@@ -341,6 +347,9 @@ class LocalBackend(Backend):
 
     async def list(self, prefix: str) -> list[str]:
         return await asyncio.to_thread(self._list_sync, prefix)
+
+    async def list_sized(self, prefix: str) -> dict[str, int]:
+        return await asyncio.to_thread(self._list_sized_sync, prefix)
 
     async def stat(self, name: str) -> int:
         return await asyncio.to_thread(self._stat_sync, name)

@@ -232,12 +232,16 @@ class S3Backend(Backend):
         return int((await self._head(name))["ContentLength"])
 
     async def list(self, prefix: str) -> list[str]:
+        return list(await self.list_sized(prefix))
+
+    async def list_sized(self, prefix: str) -> dict[str, int]:
         s3 = await self._s3()
-        names: list[str] = []
+        names: dict[str, int] = {}
         try:
             paginator = s3.get_paginator("list_objects_v2")
             async for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
-                names += [obj["Key"][len(self.prefix) :] for obj in page.get("Contents", ())]
+                for obj in page.get("Contents", ()):
+                    names[obj["Key"][len(self.prefix) :]] = int(obj["Size"])
         except Exception as e:
             if isinstance(e, asyncio.CancelledError):
                 raise

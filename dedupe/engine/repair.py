@@ -31,19 +31,25 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dedupe._types import Progress, ProgressCallback
+from dedupe.crypto import open_sealed
 from dedupe.engine.verify import check_envelope, open_blobs
-from dedupe.errors import DedupeError, MissingObject
+from dedupe.errors import DedupeError, IntegrityError, MissingObject
 from dedupe.format.index import ENTRY_RECORD, PackRecord
 from dedupe.format.keymap import INDEX, PACK
+from dedupe.format.pack import FOOTER_SIZE, PACK_MAGIC, TRAILER_AAD, decode_trailer_items
+from dedupe.hashing import object_id
 from dedupe.store import RepositoryStore
 from dedupe.store.locks import RepositoryLock
 from dedupe.store.repository import named_ids
+
+_Item = tuple[bytes, int, int, int]  # chunk id, offset, stored length, raw length
 
 READ_CONCURRENCY = 2  # whole packs in memory at once (16 MiB each by default)
 
@@ -95,17 +101,23 @@ async def _repair(
     started = time.monotonic()
     loop = asyncio.get_running_loop()
     p = Progress("repair", "scanning")
-    await store.refresh_index(rebuild=True)
-    # Index objects a key map vouches for that do not open (damaged); one that no key map
-    # vouches for is left to prune, which refuses until verify showed it to be planted.
-    damaged = [
-        name
-        for name in store.damaged_index_objects
-        if store.keymaps.get(INDEX, bytes.fromhex(name.rsplit("/", 1)[-1])) is not None
-    ]
-    covered = {record.pack_id for record in store.index.packs}
-    listed = named_ids(await store.backend.list("packs/"))
-    uncovered = sorted(pid for pid in listed if pid not in covered)
+    # What the store holds, never the local cache's copies (store/cache.py).
+    await store.refresh_index(rebuild=True, cached=False)
+    suspicious = await store.keymaps.refused_for_newer_keys()
+    if suspicious:
+        raise IntegrityError(
+            f"{len(suspicious)} key map(s) of keys or epochs this keyring does not know "
+            f"(e.g. {suspicious[0]}): repair changes nothing, since what they vouch for "
+            "would look unauthenticated",
+            hint="if this machine's keyring is older than the repository's (restored from "
+            "an old copy), put the newest keyring back first",
+        )
+    damaged = await _damaged_index_objects(store)
+    sized = await store.backend.list_sized("packs/")
+    listed = named_ids(list(sized))
+    uncovered = await _uncovered(store, list(listed))
+    # No pack this repository writes is larger (a planted huge one is refused unread).
+    largest = 2 * store.pack_size + (16 << 20)
     p.stage, p.bytes_total = "reading packs", 0
     if progress:
         progress(p)
@@ -128,6 +140,11 @@ async def _repair(
                 )
             )
             return
+        if sized[listed[pack_id]] > largest:
+            skipped.append(
+                SkippedPack(pack_id.hex(), f"{sized[listed[pack_id]]} bytes: larger than any pack")
+            )
+            return
         async with sem:
             try:
                 key = await store.pack_key_of(pack_id)
@@ -147,10 +164,9 @@ async def _repair(
             # A pack damaged in part (a flipped bit: its bytes no longer hash to its name)
             # still holds good blobs, each authenticated on its own: those are indexed,
             # as they would be had the damage come after the index was written.
-            inside = [it for it in items if it[1] + it[2] <= len(data)]
-            bad = await loop.run_in_executor(executor, open_blobs, store, key, data, inside)
-            bad_ids = {chunk_id for chunk_id, _reason, _detail in bad}
-            good = [it for it in inside if it[0] not in bad_ids]
+            end = len(data) - FOOTER_SIZE  # blobs lie between the magic and the footer
+            inside = [it for it in items if len(PACK_MAGIC) <= it[1] and it[1] + it[2] <= end]
+            good = await loop.run_in_executor(executor, _good_blobs, store, key, data, inside)
             left_out += len(items) - len(good)
             if problems or len(good) < len(items):
                 lost = len(items) - len(good)
@@ -209,3 +225,65 @@ async def _repair(
         index_objects_removed=removed,
         seconds=round(time.monotonic() - started, 3),
     )
+
+
+def _good_blobs(store: RepositoryStore, key: bytes, data: bytes, items: list[_Item]) -> list[_Item]:
+    """The items whose blob opens and is the chunk its id names. A chunk listed twice is
+    judged by each of its copies, not by its id."""
+    bad = {chunk_id for chunk_id, _reason, _detail in open_blobs(store, key, data, items)}
+    twice = {cid for cid, n in Counter(it[0] for it in items).items() if n > 1}
+    return [
+        it
+        for it in items
+        if it[0] not in bad or (it[0] in twice and not open_blobs(store, key, data, [it]))
+    ]
+
+
+async def _damaged_index_objects(store: RepositoryStore) -> list[str]:
+    """The index objects a key map vouches for whose bytes, as the store holds them, do
+    not hash to their name. One that hashes right but does not open is no damage this
+    can repair (a forged or foreign key map entry, another format version), and one no
+    key map vouches for is left to prune, which refuses until verify showed it planted."""
+    damaged = []
+    for name in sorted(store.damaged_index_objects):
+        oid = name.rsplit("/", 1)[-1]
+        if store.keymaps.get(INDEX, bytes.fromhex(oid)) is None:
+            continue
+        try:
+            data = await store.backend.get(name)
+        except MissingObject:
+            continue
+        if object_id(data) != oid:
+            damaged.append(name)
+    return damaged
+
+
+async def _uncovered(store: RepositoryStore, pack_ids: list[bytes]) -> list[bytes]:
+    """The packs (of `pack_ids`, in the store) some chunk of which no index object lists:
+    those no index object names, and those an index object names but whose trailer
+    holds a chunk the index lacks (an index object may name a pack yet list none of its
+    chunks: a writer's, made to hide them). A pack whose trailer cannot be read or opened
+    counts as uncovered: the scan reports why."""
+    named = {record.pack_id for record in store.index.packs}
+    uncovered = [pid for pid in pack_ids if pid not in named]
+    sem = asyncio.Semaphore(8)
+
+    async def check(pack_id: bytes) -> None:
+        async with sem:
+            try:
+                key = await store.pack_key_of(pack_id)
+                sealed = await store._pack_trailer(pack_id)
+                what = f"the trailer of pack {pack_id.hex()}"
+                items = decode_trailer_items(
+                    bytes(open_sealed(key, sealed, TRAILER_AAD, what)), what
+                )
+            except MissingObject:
+                return
+            except DedupeError:
+                uncovered.append(pack_id)
+                return
+        if any(store.index.get(chunk_id) is None for chunk_id, _o, _s, _r in items):
+            uncovered.append(pack_id)
+
+    await asyncio.gather(*(check(pid) for pid in pack_ids if pid in named))
+    return sorted(uncovered)

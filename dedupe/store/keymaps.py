@@ -122,7 +122,9 @@ class KeyDirectory:
         if self._refreshing is None:
             self._refreshing = asyncio.Lock()
         async with self._refreshing:
-            listed = await self.names()
+            listed: dict[str, int] = {}
+            for record in self.keyring.active_epochs:
+                listed.update(await self.backend.list_sized(keymap_prefix(record.number)))
             if not self._cache_tidied:  # once per open: consolidations elsewhere removed some
                 self._cache_tidied = True
                 self.cache.retain("keymaps/", listed)
@@ -132,7 +134,11 @@ class KeyDirectory:
             # Key maps this holder accepted before (store/cache.py: written there only
             # after every check passed, under this holder's MAC) skip the signature check,
             # and are checked in one batch; the others are fetched and checked in full.
-            cached = {n: data for n in new if (data := self.cache.read(n)) is not None}
+            cached = {
+                n: data
+                for n in new
+                if (data := self.cache.read(n, listed[n], MAX_KEYMAP_BYTES)) is not None
+            }
             for name, outcome in await asyncio.to_thread(self._accept_all, cached):
                 self._record(name, outcome)
             sem = asyncio.Semaphore(LOAD_CONCURRENCY)
@@ -152,7 +158,7 @@ class KeyDirectory:
                         self._record(name, e)
                         return
                     self._record(name, outcome)
-                    self.cache.write(name, data)
+                    self.cache.write(name, data, len(data))
 
             await asyncio.gather(*(load(n) for n in new if n not in cached))
             return len(new)
@@ -383,7 +389,7 @@ class KeyDirectory:
             data = await asyncio.to_thread(self.encode, epoch, part, signer)
             name = keymap_name(epoch, object_id(data))
             await self.backend.put(name, data)
-            self.cache.write(name, data)
+            self.cache.write(name, data, len(data))
             names.append(name)
             self._add(name, epoch, part)
             self.loaded.add(name)

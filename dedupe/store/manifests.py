@@ -137,6 +137,11 @@ class ManifestWriter:
             raise RuntimeError("the manifest is not finished")
         return self._prefix
 
+    @property
+    def size(self) -> int:
+        """The finished manifest's length in bytes."""
+        return len(self.prefix) + self._body_size
+
     def parts(self) -> Iterator[bytes]:
         """The manifest's bytes, in order, in pieces of at most 1 MiB (blocking reads)."""
         if self._prefix is None:

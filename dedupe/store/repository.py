@@ -91,6 +91,7 @@ from dedupe.format.manifest import (
     FRAME_LENGTH,
     HEADER_AAD,
     HEADER_PROBE,
+    MAX_HEADER,
     MAX_META_FRAME,
     MAX_TABLE_FRAME,
     decode_header,
@@ -124,6 +125,8 @@ from dedupe.store.quarantine import (
 
 log = logging.getLogger("dedupe")
 
+# The longest a manifest's prefix (magic, length, sealed header) can be.
+MAX_PREFIX = 12 + MAX_HEADER
 # How many manifest headers are read at once when listing generations.
 HEADER_CONCURRENCY = 16
 # Pieces in which spill_manifest reads a manifest.
@@ -545,19 +548,21 @@ class RepositoryStore:
         self.damaged_index_objects = {}
         self._pack_keys = {}
 
-    async def refresh_index(self, rebuild: bool = False) -> int:
+    async def refresh_index(self, rebuild: bool = False, cached: bool = True) -> int:
         """Bring the in-memory index up to date with the index objects in the backend: load
         those written since the last refresh (by us or by concurrent backups), and start
         over when one we loaded is gone (a prune replaced it: its packs may be gone too,
         and pack numbers change). Index objects that are not authenticated or do not open
-        are skipped and reported. Returns how many index objects were loaded."""
+        are skipped and reported. `cached=False` reads every one from the backend, never
+        from the local cache (repair judges what the store holds). Returns how many index
+        objects were loaded."""
         # Listed before the key maps are: a writer stores an index object's key map first,
         # so every index object listed here has its entry in the key maps loaded below.
-        index_names = await self.backend.list("index/")
-        listed = set(named_ids(index_names).values())
+        index_sizes = await self.backend.list_sized("index/")
+        listed = set(named_ids(list(index_sizes)).values())
         if not self._cache_tidied:  # once per open: a prune elsewhere removed some
             self._cache_tidied = True
-            self.cache.retain("index/", index_names)
+            self.cache.retain("index/", index_sizes)
         present = set(named_ids(await self.backend.list("packs/")))
         await self.refresh_keys()
         if rebuild or not self._loaded_index_objects <= listed:
@@ -576,8 +581,13 @@ class RepositoryStore:
             # Each object goes into the table as soon as it is decoded, so at most a few
             # decoded objects are in memory at once, not the whole index twice.
             async with sem:
+                data = (
+                    self.cache.read(name, index_sizes[name], index_sizes[name]) if cached else None
+                )
+                fetched = data is None
                 try:
-                    data = await self.cache.get(name, lambda: self.backend.get(name))
+                    if data is None:
+                        data = await self.backend.get(name)
                 except MissingObject:
                     return  # replaced by a prune meanwhile
                 try:
@@ -590,6 +600,8 @@ class RepositoryStore:
                         self.report(e.message)
                     self.damaged_index_objects[name] = e.message
                     return
+                if fetched:  # kept once it proved to be what its key map entry vouches for
+                    self.cache.write(name, data, len(data))
                 del data
                 self.index.add_records(packs, records, f"index object {name}")
             self.damaged_index_objects.pop(name, None)
@@ -661,7 +673,7 @@ class RepositoryStore:
         self, sealed: SealedIndex, packs: list[PackRecord], records: bytes
     ) -> None:
         await self.backend.put(sealed.name, sealed.data)
-        self.cache.write(sealed.name, sealed.data)
+        self.cache.write(sealed.name, sealed.data, len(sealed.data))
         self._loaded_index_objects.add(sealed.name)
         self.index.note_written([p.pack_id for p in packs])
         self.index.add_records(packs, records, sealed.name)
@@ -771,7 +783,7 @@ class RepositoryStore:
         if sealed is not None and batch is not None:
             await self._put_index(sealed, batch.packs, records)
         await self.backend.put_stream(f"generations/{gen_id}", writer.parts())
-        self.cache.write(f"generations/{gen_id}", writer.prefix)
+        self.cache.write(f"generations/{gen_id}", writer.prefix, writer.size)
         return gen_id
 
     async def write_manifest(
@@ -790,13 +802,15 @@ class RepositoryStore:
         that kept it from opening (GenerationNotFound when it was forgotten meanwhile).
         A header comes from the cache when its copy there is intact: one listing, and no
         request per generation; the others are read HEADER_CONCURRENCY at a time."""
-        names = await self.backend.list("generations/")
-        ids = [oid.hex() for oid in named_ids(names)]
-        self.cache.retain("generations/", names)
+        sizes = await self.backend.list_sized("generations/")
+        named = named_ids(list(sizes))
+        ids = [oid.hex() for oid in named]
+        self.cache.retain("generations/", sizes)
         result: dict[str, dict[str, Any] | DedupeError] = {}
         missed: list[str] = []
-        for gen_id in ids:
-            cached = self._cached_prefix(gen_id)
+        for oid, name in named.items():
+            gen_id = oid.hex()
+            cached = self._cached_prefix(gen_id, sizes[name])
             if cached is None:
                 missed.append(gen_id)
                 continue
@@ -816,9 +830,10 @@ class RepositoryStore:
         await asyncio.gather(*(read(g) for g in missed))
         return [(gen_id, result[gen_id]) for gen_id in ids]
 
-    def _cached_prefix(self, gen_id: str) -> memoryview | None:
-        """The sealed header of a listed generation from its cached prefix, if intact."""
-        head = self.cache.read(f"generations/{gen_id}")
+    def _cached_prefix(self, gen_id: str, size: int) -> memoryview | None:
+        """The sealed header of a generation the store just listed or stated with `size`
+        bytes, from its cached prefix, if intact."""
+        head = self.cache.read(f"generations/{gen_id}", size, MAX_PREFIX)
         if head is None:
             return None
         try:
@@ -882,11 +897,11 @@ class RepositoryStore:
         """The authenticated header of a generation, from one short read (none when the
         cache holds its prefix)."""
         size = await self._stat_generation(gen_id)
-        cached = self._cached_prefix(gen_id)
+        cached = self._cached_prefix(gen_id, size)
         if cached is not None:
             return await self._open_header(gen_id, cached)
         head, start, end = await self._prefix(gen_id, size)
-        self.cache.write(f"generations/{gen_id}", memoryview(head)[:end])
+        self.cache.write(f"generations/{gen_id}", memoryview(head)[:end], size)
         return await self._open_header(gen_id, memoryview(head)[start:end])
 
     async def read_manifest(self, gen_id: str) -> tuple[dict[str, Any], dict[str, Any], bytes]:

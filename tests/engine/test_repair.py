@@ -18,8 +18,10 @@ from conftest import PASSPHRASE, SMALL_PACK, changing_versions, dedupe_cli, env_
 from dedupe import Repository
 from dedupe.backends import Backend, LocalBackend
 from dedupe.backends.base import Buffer
-from dedupe.crypto import KdfParams
+from dedupe.crypto import KdfParams, new_key
 from dedupe.errors import BackendError, IntegrityError, MissingObject, RoleNotPermitted
+from dedupe.format.index import ENTRY_RECORD, PackRecord
+from dedupe.format.keymap import INDEX
 from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.hashing import object_id
 
@@ -232,3 +234,112 @@ def test_cli_repair_index(
         assert out.read_bytes() == data
     again = dedupe_cli("repair", "index", env=env)
     assert again.returncode == 0 and b"nothing to repair" in again.stdout
+
+
+def test_a_writers_index_naming_every_pack_hides_none_of_their_chunks(
+    run_asyncio: Any, repo_path: Path
+) -> None:
+    """A writer key stores an index object that names every real pack with one made-up
+    entry each, then the real index objects are damaged: repair reads each pack's
+    trailer, sees chunks no index object lists, and rebuilds them."""
+
+    async def go() -> None:
+        repo, gens = await make(str(repo_path))
+        async with repo:
+            await repo.keys.add("w", role="writer", name="w", kdf=KdfParams.weakest())
+        real = sorted((repo_path / "index").iterdir())
+        packs = sorted(p for p in (repo_path / "packs").rglob("*") if p.is_file())
+        async with await Repository.open(repo_path, "w") as writer:
+            records = bytearray()
+            for i in range(len(packs)):
+                records += ENTRY_RECORD.pack(os.urandom(32), i, 8, 100, 100)
+            table = [PackRecord(bytes.fromhex(p.name), p.stat().st_size) for p in packs]
+            await writer._store.write_index(table, records)
+        for path in real:
+            data = bytearray(path.read_bytes())
+            data[40] ^= 1
+            path.write_bytes(bytes(data))
+        async with await Repository.open(repo_path, PASSPHRASE) as repo:
+            report = await repo.repair_index()
+            assert report.packs_uncovered == report.packs_indexed == len(packs)
+            assert sorted(report.index_objects_removed) == [f"index/{p.name}" for p in real]
+            await restores(repo, gens)
+
+    run_asyncio(go())
+
+
+def test_an_index_object_that_hashes_right_is_never_deleted(
+    run_asyncio: Any, repo_path: Path
+) -> None:
+    """A writer signs a key map entry for a real index object's id with a key that opens
+    nothing, and the real key map is hidden while repair runs: the object fails to open
+    but its bytes are intact, so repair keeps it (it can only delete real damage)."""
+
+    async def go() -> None:
+        repo, gens = await make(str(repo_path))
+        async with repo:
+            await repo.keys.add("w", role="writer", name="w", kdf=KdfParams.weakest())
+        real = sorted((repo_path / "index").iterdir())
+        async with await Repository.open(repo_path, "w") as writer:
+            store = writer._store
+            entries = [
+                store.keymaps.meta_entry(INDEX, bytes.fromhex(p.name), new_key()) for p in real
+            ]
+            await store.keymaps.write(entries)
+        hidden = repo_path.parent / "hidden-keymaps"
+        hidden.mkdir()
+        for km in (repo_path / "keymaps" / "00000001").iterdir():
+            if km.stat().st_mtime_ns < real[-1].stat().st_mtime_ns + 1:
+                km.rename(hidden / km.name)
+        async with await Repository.open(repo_path, PASSPHRASE) as repo:
+            report = await repo.repair_index()
+            assert report.index_objects_removed == []
+        for km in hidden.iterdir():
+            km.rename(repo_path / "keymaps" / "00000001" / km.name)
+        assert sorted((repo_path / "index").iterdir())[: len(real)] == real
+        async with await Repository.open(repo_path, PASSPHRASE) as repo:
+            await restores(repo, gens)
+
+    run_asyncio(go())
+
+
+def test_repair_judges_the_store_not_the_local_cache(
+    run_asyncio: Any, repo_path: Path, tmp_path: Path
+) -> None:
+    """The index objects were cached intact (a warm cache is the S3 default); one is
+    then damaged in the store: repair sees it, and prune runs afterwards."""
+    cache = tmp_path / "cache"
+
+    async def go() -> None:
+        repo, gens = await make(str(repo_path))
+        await repo.close()
+        async with await Repository.open(repo_path, PASSPHRASE, cache=cache) as repo:
+            await repo.stats()  # caches every index object
+        damaged = sorted((repo_path / "index").iterdir())[0]
+        data = bytearray(damaged.read_bytes())
+        data[60] ^= 1
+        damaged.write_bytes(bytes(data))
+        async with await Repository.open(repo_path, PASSPHRASE, cache=cache) as repo:
+            report = await repo.repair_index()
+            assert report.index_objects_removed == [f"index/{damaged.name}"]
+            await repo.prune()
+            await restores(repo, gens)
+
+    run_asyncio(go())
+
+
+def test_a_pack_larger_than_any_pack_is_refused_unread(run_asyncio: Any, repo_path: Path) -> None:
+    async def go() -> None:
+        repo, _gens = await make(str(repo_path))
+        await repo.close()
+        for name in (repo_path / "index").iterdir():
+            name.unlink()
+        victim = sorted(p for p in (repo_path / "packs").rglob("*") if p.is_file())[0]
+        with open(victim, "r+b") as f:
+            f.truncate(8 << 30)  # sparse: reading it whole would need 8 GiB
+        async with await Repository.open(repo_path, PASSPHRASE) as repo:
+            report = await repo.repair_index()
+            assert [s.pack for s in report.skipped] == [victim.name]
+            assert "larger than any pack" in report.skipped[0].reason
+
+    run_asyncio(go())

@@ -8,6 +8,9 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
+import signal
+import struct
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,9 @@ class Counting(Backend):
 
     async def list(self, prefix: str) -> list[str]:
         return await self.inner.list(prefix)
+
+    async def list_sized(self, prefix: str) -> dict[str, int]:
+        return await self.inner.list_sized(prefix)
 
     async def delete(self, name: str) -> None:
         await self.inner.delete(name)
@@ -321,9 +327,141 @@ def test_a_cached_key_map_skips_its_signature_only_under_this_holders_mac(
             someone_else = ObjectCache(cache, bytes.fromhex(repo.id), os.urandom(16), new_key())
             copy = holder / forged_name
             copy.parent.mkdir(parents=True, exist_ok=True)
-            copy.write_bytes(bytes(forged) + someone_else._mac(forged_name, forged))
+            size = struct.pack("<Q", len(forged))
+            mac = someone_else._mac(forged_name, len(forged), forged)
+            copy.write_bytes(bytes(forged) + size + mac)
         async with await Repository.open(repo_path, PASSPHRASE, cache=cache) as repo:
             assert any(forged_name in p and "fails the signature" in p for p in repo.problems)
             assert not copy.exists()  # the copy failed its MAC and was deleted
+
+    run_asyncio(go())
+
+
+def test_an_empty_file_under_a_forgotten_generations_name_brings_nothing_back(
+    run_asyncio: Any, repo_path: Path, tmp_path: Path
+) -> None:
+    """Someone with write access to the store plants an empty object under the name of a
+    generation that was forgotten (names are public): the cached copy of its header does
+    not match the listed size, so the generation stays gone and the plant is reported."""
+    cache = tmp_path / "cache"
+
+    async def go() -> None:
+        ids = await _three_generations(str(repo_path))
+        victim = ids[1]
+        repo, _ = await _open(str(repo_path), cache)
+        async with repo:
+            await repo.generations()
+            copy = (_holder_dir(cache, repo) / "generations" / victim).read_bytes()
+            await repo.forget(ids=[victim])
+        (repo_path / "generations" / victim).write_bytes(b"")
+        repo, _ = await _open(str(repo_path), cache)
+        async with repo:
+            (_holder_dir(cache, repo) / "generations" / victim).write_bytes(copy)
+            listed = [g.id for g in await repo.generations()]
+            assert victim not in listed and len(listed) == 2
+            assert any(victim in p for p in repo.problems)
+
+    run_asyncio(go())
+
+
+def test_names_a_listing_should_not_hold_are_never_looked_up(
+    run_asyncio: Any, s3_location: str, tmp_path: Path
+) -> None:
+    """An object store lists whatever keys were put: `..` components, overlong names."""
+    cache = tmp_path / "cache"
+
+    async def go() -> None:
+        await _three_generations(s3_location)
+        backend = open_backend(s3_location)
+        hexid = "ab" * 32
+        for name in (
+            "keymaps/00000001/..",
+            f"keymaps/00000001/../{hexid}",
+            f"index/../{hexid}",
+            f"generations/{'x' * 300}",
+        ):
+            await backend.put(name, b"planted")
+        await backend.close()
+        for _ in range(2):
+            repo, _ = await _open(s3_location, cache)
+            async with repo:
+                assert len(await repo.generations()) == 3
+                await repo.stats()
+
+    run_asyncio(go())
+
+
+class Hung(BaseException):
+    """Raised by the test's alarm: no `except OSError` (or Exception) in the code swallows it."""
+
+
+def test_odd_files_in_the_cache_are_skipped_never_followed_or_waited_on(
+    run_asyncio: Any, repo_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A FIFO, an 8 GiB sparse file and a directory where cached files go, and the index
+    folder a link to someone's documents: listing and stats work and do not block, the
+    documents stay, and nothing the cache cannot use is read."""
+    cache = tmp_path / "cache"
+    documents = tmp_path / "documents"
+    (documents / "sub").mkdir(parents=True)
+    (documents / "sub" / ("ab" * 32)).write_bytes(b"keep me")
+    (documents / "notes.txt").write_bytes(b"keep me too")
+
+    async def go() -> None:
+        await _three_generations(str(repo_path))
+        repo, _ = await _open(str(repo_path), cache)
+        async with repo:
+            await repo.generations()
+            await repo.stats()
+        holder = next(p for p in cache.glob("*/*") if p.is_dir())
+        headers = sorted((holder / "generations").iterdir())
+        headers[0].unlink()
+        os.mkfifo(headers[0])
+        headers[1].unlink()
+        headers[1].mkdir()
+        keymap = sorted((holder / "keymaps").rglob("*"))[-1]
+        with open(keymap, "r+b") as f:
+            f.truncate(8 << 30)
+        shutil.rmtree(holder / "index")
+        (holder / "index").symlink_to(documents)
+
+        def hung(_signum: int, _frame: Any) -> None:
+            raise Hung("the cache blocked on a file it should have skipped")
+
+        previous = signal.signal(signal.SIGALRM, hung)
+        signal.alarm(30)  # a blocking open would hang here for good
+        try:
+            with caplog.at_level(logging.WARNING, logger="dedupe"):
+                repo, _ = await _open(str(repo_path), cache)
+                async with repo:
+                    assert len(await repo.generations()) == 3
+                    await repo.stats()
+                    assert repo.problems == []
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+        assert (documents / "sub" / ("ab" * 32)).read_bytes() == b"keep me"
+        assert (documents / "notes.txt").read_bytes() == b"keep me too"
+        assert keymap.stat().st_size < 1 << 20 or not keymap.exists()
+
+    run_asyncio(go())
+
+
+def test_an_index_object_no_key_map_vouches_for_is_not_cached(
+    run_asyncio: Any, repo_path: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+
+    async def go() -> None:
+        await _three_generations(str(repo_path))
+        planted = b"DDPIDX02" + os.urandom(100_000)
+        name = f"index/{object_id(planted)}"
+        (repo_path / name).write_bytes(planted)
+        repo, _ = await _open(str(repo_path), cache)
+        async with repo:
+            await repo.stats()
+            assert any(name in p for p in repo.problems)
+            assert not (_holder_dir(cache, repo) / name).exists()
+            assert len(list((_holder_dir(cache, repo) / "index").iterdir())) == 3
 
     run_asyncio(go())
