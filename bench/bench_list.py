@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -56,11 +57,28 @@ async def build(location: str, generations: int) -> None:
         await asyncio.gather(*(one(i) for i in range(1, generations)))
 
 
+def counting(backend: Any) -> Any:
+    """`backend` with its requests counted (in `backend.requests`): every call of a
+    reading or listing method."""
+    backend.requests = 0
+    for method in ("get", "get_small", "stat", "list", "list_sized", "exists"):
+        original = getattr(backend, method)
+
+        async def call(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            backend.requests += 1
+            return await _original(*args, **kwargs)
+
+        setattr(backend, method, call)
+    return backend
+
+
 async def measure(location: str, cache: str | None) -> dict[str, float | int]:
     from dedupe import Repository
+    from dedupe.backends import open_backend
 
     started = time.perf_counter()
-    repo = await Repository.open(location, PASSPHRASE, cache=cache or False)
+    backend = counting(open_backend(location))
+    repo = await Repository.open(backend, PASSPHRASE, cache=cache or False)
     opened = time.perf_counter()
     async with repo:
         gens = await repo.generations()
@@ -69,6 +87,7 @@ async def measure(location: str, cache: str | None) -> dict[str, float | int]:
         "generations": len(gens),
         "open_s": opened - started,
         "list_s": listed - opened,
+        "requests": backend.requests,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -150,13 +169,15 @@ def main() -> None:
         print(json.dumps(report, indent=2))
         return
     print(f"{args.generations} generations, medians of {args.runs} runs (seconds)")
-    print(f"{'where':6} {'case':9} {'open':>7} {'list':>7} {'CLI':>7} {'RSS MiB':>8}")
+    print(
+        f"{'where':6} {'case':9} {'open':>7} {'list':>7} {'CLI':>7} {'RSS MiB':>8} {'requests':>9}"
+    )
     for where in locations:
         for case, row in report[where].items():  # type: ignore[attr-defined]
             cli = f"{row['cli_s']:7.3f}" if "cli_s" in row else f"{'':>7}"
             print(
                 f"{where:6} {case:9} {row['open_s']:7.3f} {row['list_s']:7.3f} {cli} "
-                f"{row['peak_rss_mib']:8.1f}"
+                f"{row['peak_rss_mib']:8.1f} {row['requests']:9.0f}"
             )
 
 

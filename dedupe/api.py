@@ -146,6 +146,8 @@ def _cache_root(cache: bool | str | os.PathLike[str] | None, backend: Backend) -
 
 
 Passphrase = str | bytes | Callable[[], bytes] | None
+# How long after the key maps were listed a listing of generations trusts that list.
+KEYS_FRESH = 2.0
 
 
 def _passphrase(passphrase: Passphrase, confirm: bool) -> bytes:
@@ -581,7 +583,9 @@ class Repository:
         body alone is damaged is listed, fails to restore, and a backup that would chain
         onto it is made as a full instead (its note says so)."""
         store = self._store
-        await store.refresh_keys()
+        # Fresh from the open (or a call just before): a generation committed since is
+        # still found, its key map loaded when its lookup misses.
+        await store.refresh_keys(max_age=KEYS_FRESH)
         gens = []
         for gen_id, header in await store.generation_headers():
             if isinstance(header, GenerationNotFound):

@@ -14,7 +14,7 @@ lookups (it only adds entries); `reset()` starts over after the keyring changed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 
 from dedupe.backends.base import Backend
@@ -89,6 +89,8 @@ class KeyDirectory:
         self.report = report
         self.cache = cache or NoCache()
         self._cache_tidied = False
+        # Set by the store: re-reads the keyring, True (and reset() done) if it changed.
+        self.keyring_changed: Callable[[], Awaitable[bool]] | None = None
         self.reset(keyring, epochs)
 
     def reset(self, keyring: Keyring, epochs: dict[int, EpochKeys]) -> None:
@@ -255,9 +257,14 @@ class KeyDirectory:
 
     async def find(self, kind: int, oid: bytes, what: str) -> list[Found]:
         """The accepted entries of an object; after a miss the key maps are listed again
-        once (a concurrent writer may have just committed it). IntegrityError if none."""
+        once (a concurrent writer may have just committed it), and after a second miss the
+        keyring is read again (a rotation may have moved it to a new epoch). IntegrityError
+        if none."""
         found = self.all(kind, oid)
         if not found:
+            await self.refresh()
+            found = self.all(kind, oid)
+        if not found and self.keyring_changed is not None and await self.keyring_changed():
             await self.refresh()
             found = self.all(kind, oid)
         if not found:

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -286,6 +287,9 @@ class RepositoryStore:
         self.damaged_index_objects: dict[str, str] = {}  # name -> what is wrong
         self._pack_keys: dict[bytes, bytes] = {}  # pack id -> data key
         self._cache_tidied = False
+        self._keys_refreshed = time.monotonic()  # the keyring was read just before
+        # A lookup that misses after a key map refresh asks whether the keyring changed.
+        self.keymaps.keyring_changed = self._reread_keyring
         # How long a command waits for a conflicting lock to go (RepositoryLock's `wait`).
         self.lock_wait = 0.0
 
@@ -440,6 +444,7 @@ class RepositoryStore:
         for p in problems:
             store.report(p)
         await store.keymaps.refresh()
+        store._keys_refreshed = time.monotonic()
         return store
 
     @staticmethod
@@ -490,20 +495,30 @@ class RepositoryStore:
             + "check DEDUPE_PASSWORD / DEDUPE_PASSWORD_FILE / DEDUPE_PASSWORD_COMMAND",
         )
 
-    async def refresh_keys(self) -> bool:
+    async def refresh_keys(self, max_age: float = 0.0) -> bool:
         """Re-read the keyring; when another process changed it (a rotation, a key added
         or removed), open this holder's grants again and start the key directory and the
-        index over. Then load the key maps written meanwhile. True if the keyring changed."""
+        index over. Then load the key maps written meanwhile. True if the keyring changed.
+        `max_age`: do nothing when the last refresh (or the open) is younger than this
+        many seconds; what was written since is still found, as every lookup that misses
+        refreshes again (KeyDirectory.find)."""
+        if max_age and time.monotonic() - self._keys_refreshed < max_age:
+            return False
+        changed = await self._reread_keyring()
+        await self.keymaps.refresh()
+        self._keys_refreshed = time.monotonic()
+        return changed
+
+    async def _reread_keyring(self) -> bool:
         keyring = await read_keyring(
             self.backend, self.holder.admin_verify_key, self.repository_id, self.report
         )
-        changed = keyring.serial != self.keyring.serial
-        if changed:
-            check_and_record_serial(self.repository_id, keyring)
-            self.keymaps.reset(keyring, open_epochs(self.holder, keyring, self.report))
-            self._forget_index()
-        await self.keymaps.refresh()
-        return changed
+        if keyring.serial == self.keyring.serial:
+            return False
+        check_and_record_serial(self.repository_id, keyring)
+        self.keymaps.reset(keyring, open_epochs(self.holder, keyring, self.report))
+        self._forget_index()
+        return True
 
     async def heal_keyring(self) -> bool:
         """Make both keyring copies the verified newest one (after an interrupted key
