@@ -499,12 +499,13 @@ class RepositoryStore:
         """Re-read the keyring; when another process changed it (a rotation, a key added
         or removed), open this holder's grants again and start the key directory and the
         index over. Then load the key maps written meanwhile. True if the keyring changed.
-        `max_age`: do nothing when the last refresh (or the open) is younger than this
-        many seconds; what was written since is still found, as every lookup that misses
-        refreshes again (KeyDirectory.find)."""
-        if max_age and time.monotonic() - self._keys_refreshed < max_age:
-            return False
+        `max_age`: list the key maps only when the last listing (or the open) is older
+        than this many seconds or the keyring changed; what was written since is still
+        found, as every lookup that misses lists them again (KeyDirectory.find). The
+        keyring is read every time (two small reads): a rollback is noticed at once."""
         changed = await self._reread_keyring()
+        if not changed and max_age and time.monotonic() - self._keys_refreshed < max_age:
+            return False
         await self.keymaps.refresh()
         self._keys_refreshed = time.monotonic()
         return changed
