@@ -481,22 +481,25 @@ def test_latest_of_an_empty_repository(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_ambiguous_prefix(tmp_path: Path) -> None:
-    """Back up empty streams until two generation ids share their first 4 hex digits (by the
-    birthday bound that takes ~320 tries of 65536 prefixes; capped far above). Empty streams
-    write only a manifest, and 16 go at a time."""
+    """Generations until two ids share their first 4 hex digits (by the birthday bound
+    that takes ~320 of 65536 prefixes; capped far above): one empty backup, then copies of
+    its manifest committed through the store as a backup commits them (a key map, then
+    the manifest), each with another creation time, so each has another id."""
     repo = tmp_path / "repo"
 
     async def collide() -> str | None:
         async with await make_repo(repo) as r:
-            seen: dict[str, str] = {}
-            for _ in range(250):
-                batch = [
-                    r.backup(io.BytesIO(b""), name="tiny", allow_empty=True) for _ in range(16)
-                ]
-                for stats in await asyncio.gather(*batch):
-                    other = seen.setdefault(stats.id[:4], stats.id)
-                    if other != stats.id:
-                        return os.path.commonprefix([stats.id, other])
+            first = await r.backup(io.BytesIO(b""), name="tiny", allow_empty=True)
+            store = r._store
+            header, meta, table = await store.read_manifest(first.id)
+            header = {k: v for k, v in header.items() if k not in ("id", "version", "body")}
+            seen = {first.id[:4]: first.id}
+            for i in range(4000):
+                again = dict(header, created=f"{header['created']}.{i:04d}")
+                gen_id = await store.write_manifest(again, meta, table)
+                other = seen.setdefault(gen_id[:4], gen_id)
+                if other != gen_id:
+                    return os.path.commonprefix([gen_id, other])
         return None
 
     prefix = asyncio.run(collide())
