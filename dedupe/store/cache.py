@@ -87,8 +87,6 @@ class NoCache:
     """The cache's interface, keeping nothing: for local repositories (reading the object
     costs what reading a cached copy would) and when caching is turned off."""
 
-    enabled = False
-
     def read(self, name: str, size: int, limit: int) -> bytes | None:
         return None
 
@@ -101,8 +99,6 @@ class NoCache:
 
 class ObjectCache(NoCache):
     """Cached objects under `<root>/<repository id>/<key id>/`, one file per object name."""
-
-    enabled = True
 
     def __init__(self, root: Path, repository_id: bytes, key_id: bytes, mac_key: bytes) -> None:
         self.root = Path(root)
@@ -136,11 +132,14 @@ class ObjectCache(NoCache):
         if self._checked:
             return True
         self._checked = True
+        try:
+            os.makedirs(self.root.parent, exist_ok=True)  # ~/.cache on a new machine
+        except OSError as e:
+            self._give_up(f"creating {self.root.parent}: {e.strerror or e}")
+            return False
         for directory in (self.root, self.directory.parent, self.directory):
             try:
                 os.mkdir(directory, 0o700)
-                if directory == self.root:
-                    (self.root / "CACHEDIR.TAG").write_bytes(CACHEDIR_TAG)
             except FileExistsError:
                 pass
             except OSError as e:
@@ -154,6 +153,10 @@ class ObjectCache(NoCache):
             if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
                 self._give_up(f"{directory} is not a directory of this user")
                 return False
+        tag = self.root / "CACHEDIR.TAG"
+        if not tag.exists():
+            with contextlib.suppress(OSError):
+                tag.write_bytes(CACHEDIR_TAG)
         return True
 
     def _path(self, name: str) -> str | None:

@@ -256,7 +256,7 @@ def test_a_cache_that_cannot_be_written_costs_a_warning_only(
 def test_local_repositories_are_not_cached_unless_asked(
     run_asyncio: Any, repo_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    default = tmp_path / "default-cache"
+    default = tmp_path / "home" / ".cache" / "dedupe"  # made, parents and all, when needed
     monkeypatch.setenv("DEDUPE_CACHE_DIR", str(default))
 
     async def go() -> None:
