@@ -118,13 +118,14 @@ async def _repair(
     uncovered = await _uncovered(store, list(listed))
     # No pack this repository writes is larger (a planted huge one is refused unread).
     largest = 2 * store.pack_size + (16 << 20)
-    p.stage, p.bytes_total = "reading packs", 0
+    p.stage = "reading packs"
+    p.bytes_total = sum(sized[listed[pid]] for pid in uncovered)
     if progress:
         progress(p)
 
     skipped: list[SkippedPack] = []
     damaged_packs: list[SkippedPack] = []
-    found: dict[bytes, tuple[int, list[tuple[bytes, int, int, int]]]] = {}
+    found: dict[bytes, tuple[int, list[_Item]]] = {}  # pack id -> (length, good blobs)
     left_out = 0
     sem = asyncio.Semaphore(READ_CONCURRENCY)
 
