@@ -197,7 +197,7 @@ def test_a_copy_killed_half_way_finishes_when_run_again(
     """The CLI, SIGKILLed once the target holds its first copied generation; the second
     run copies the rest and nothing twice; every copy restores byte for byte."""
     repo_path = tmp_path / "source"  # `location` may be repo_path: the target
-    versions = changing_versions(6, 600_000, 30_000)
+    versions = changing_versions(10, 600_000, 30_000)
 
     async def make_source() -> dict[str, bytes | Path]:
         expected: dict[str, bytes | Path] = {}
