@@ -8,6 +8,7 @@ Async tests take the `run` fixture, which runs a coroutine on stock asyncio and 
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import subprocess
 import sys
@@ -228,3 +229,15 @@ def changing_versions(count: int, size: int = 300_000, changed: int = 40_000) ->
         data[at : at + changed] = os.urandom(changed)
         out.append(bytes(data))
     return out
+
+
+async def part_live_packs(repo: Repository, kept: bytes) -> tuple[str, str]:
+    """Generations "b" then "a" (a full of `kept`) such that a's chunks sit in b's packs
+    between b's own, then b forgotten: b's packs are part live, part garbage, and prune
+    repacks them. Returns (forgotten id, kept id)."""
+    shared = [kept[i : i + 60_000] for i in range(0, len(kept), 60_000)]
+    mixed = b"".join(part + os.urandom(60_000) for part in shared)
+    gone = await repo.backup(io.BytesIO(mixed), name="b")
+    keep = await repo.backup(io.BytesIO(kept), name="a", kind="full")
+    await repo.forget(ids=[gone.id])
+    return gone.id, keep.id

@@ -2,13 +2,18 @@
 one pack into ranged reads (`_ranges`), engine/restore.py. Ranges:
 every blob in exactly one range, in offset order; a range is read through a gap only when
 the gap is at most COALESCE_GAP, and never grows past MAX_RANGE unless one blob alone is
-larger. (Fewer, longer reads are the point; the bound keeps a read's buffer bounded.)"""
+larger. (Fewer, longer reads are the point; the bound keeps a read's buffer bounded.)
+Prune groups the blobs it checks and repacks by the same rules (`_coalesce`,
+engine/prune.py), tested here on the same layouts."""
 
 from __future__ import annotations
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from dedupe.engine.prune import COALESCE_GAP as PRUNE_GAP
+from dedupe.engine.prune import MAX_RANGE as PRUNE_MAX_RANGE
+from dedupe.engine.prune import _coalesce, _Copy
 from dedupe.engine.restore import COALESCE_GAP, MAX_RANGE, WINDOW_BYTES, _ranges, _windows
 from dedupe.format.manifest import CHUNK_RECORD
 
@@ -62,3 +67,34 @@ def test_windows_hold_every_record_once_and_stay_bounded(lengths: list[int], pie
         assert sum(n for _cid, n in w) - w[-1][1] < WINDOW_BYTES
     for w in windows[:-1]:
         assert sum(n for _cid, n in w) >= WINDOW_BYTES  # a window ends only when full
+
+
+@settings(max_examples=300, deadline=None)
+@given(blobs)
+@example([(0, 100), (100 + PRUNE_GAP, 100)])  # a gap of exactly PRUNE_GAP: read through
+@example(
+    [(0, PRUNE_MAX_RANGE - 100), (PRUNE_MAX_RANGE - 100, 100)]
+)  # exactly PRUNE_MAX_RANGE: one range
+def test_prune_ranges_cover_each_blob_once_and_respect_the_bounds(
+    spec: list[tuple[int, int]],
+) -> None:
+    items = [
+        (bytes([i % 256]) * 32, _Copy(b"p" * 32, offset, stored, i))
+        for i, (offset, stored) in enumerate(spec)
+    ]
+    ranges = _coalesce(list(reversed(items)))
+    grouped = [c for _s, _e, group in ranges for _cid, c in group]
+    assert sorted(c.raw for c in grouped) == list(range(len(items)))
+    assert [c.offset for c in grouped] == sorted(offset for offset, _n in spec)  # offset order
+    for i, (start, end, group) in enumerate(ranges):
+        copies = [c for _cid, c in group]
+        assert start == copies[0].offset
+        assert end == max(c.offset + c.stored for c in copies)
+        if len(copies) > 1:
+            assert end - start <= PRUNE_MAX_RANGE
+        for k in range(1, len(copies)):
+            reach = max(c.offset + c.stored for c in copies[:k])
+            assert copies[k].offset - reach <= PRUNE_GAP  # read through only small gaps
+        if i + 1 < len(ranges):  # a new range only where it had to start
+            nxt = ranges[i + 1][2][0][1]
+            assert nxt.offset - end > PRUNE_GAP or nxt.offset + nxt.stored - start > PRUNE_MAX_RANGE

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSPHRASE, closed, make_repo
+from conftest import PASSPHRASE, closed, make_repo, part_live_packs
 
 import dedupe.store.locks as locks_module
 from dedupe import Repository
@@ -359,14 +359,7 @@ def test_a_prune_whose_lock_is_removed_stops_before_its_next_step(  # type: igno
 
     async def go() -> None:
         async with await make_repo(root) as repo:
-            # b first, so that a's copies of what they share sit in b's packs, between b's
-            # own chunks: once b is forgotten its packs are part live, part garbage, and
-            # prune repacks them.
-            shared = [kept[i : i + 60_000] for i in range(0, len(kept), 60_000)]
-            mixed = b"".join(part + os.urandom(60_000) for part in shared)
-            gone = await repo.backup(io.BytesIO(mixed), name="b")
-            keep = await repo.backup(io.BytesIO(kept), name="a", kind="full")
-            await repo.forget(ids=[gone.id])
+            gone_id, keep_id = await part_live_packs(repo, kept)
             before = {
                 d: sorted(p.name for p in (root / d).rglob("*") if p.is_file())
                 for d in ("packs", "index")
@@ -390,7 +383,7 @@ def test_a_prune_whose_lock_is_removed_stops_before_its_next_step(  # type: igno
                 assert set(before["index"]) <= set(after["index"])
         async with await Repository.open(root, PASSPHRASE) as repo:
             out = io.BytesIO()
-            await repo.restore(keep.id, out)
+            await repo.restore(keep_id, out)
             assert out.getvalue() == kept
             assert (await repo.verify(read_data=True)).ok
             await repo.prune()
