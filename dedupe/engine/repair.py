@@ -273,7 +273,7 @@ async def _uncovered(store: RepositoryStore, pack_ids: list[bytes]) -> list[byte
         async with sem:
             try:
                 key = await store.pack_key_of(pack_id)
-                sealed = await store._pack_trailer(pack_id)
+                sealed = await store.pack_trailer(pack_id)
                 what = f"the trailer of pack {pack_id.hex()}"
                 items = decode_trailer_items(
                     bytes(open_sealed(key, sealed, TRAILER_AAD, what)), what

@@ -704,12 +704,13 @@ class RepositoryStore:
             what = f"pack {pack_id.hex()}"
             keys = self.keymaps.read_keys(await self.keymaps.find(PACK, pack_id, what), what)
             if len(keys) > 1:  # entries disagree (a key holder signed its own): ask the pack
-                trailer = await self._pack_trailer(pack_id)
+                trailer = await self.pack_trailer(pack_id)
                 keys = [k for k in keys if _opens(k, trailer, TRAILER_AAD)] or keys[:1]
             key = self._pack_keys[pack_id] = keys[0]
         return key
 
-    async def _pack_trailer(self, pack_id: bytes) -> bytes:
+    async def pack_trailer(self, pack_id: bytes) -> bytes:
+        """The sealed trailer of a pack: its size, then its footer, then the trailer."""
         name = pack_name(pack_id)
         size = await self.backend.stat(name)
         footer = await self.backend.get(name, max(0, size - FOOTER_SIZE), min(size, FOOTER_SIZE))
