@@ -84,10 +84,14 @@ def run_asyncio() -> Callable[[Coroutine[Any, Any, T]], T]:
     return asyncio.run
 
 
-async def make_repo(path: Path, **kwargs: Any) -> Repository:
+async def make_repo(
+    location: Path | str, passphrase: str = PASSPHRASE, **kwargs: Any
+) -> Repository:
+    """A new repository at `location` (a directory or s3://), with small packs and the
+    weakest key derivation, so that tests make many packs quickly."""
     kwargs.setdefault("pack_size", SMALL_PACK)
     kwargs.setdefault("kdf", KdfParams.weakest())
-    return await Repository.init(path, PASSPHRASE, **kwargs)
+    return await Repository.init(location, passphrase, **kwargs)
 
 
 @pytest.fixture

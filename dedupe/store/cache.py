@@ -44,6 +44,7 @@ from pathlib import Path
 
 import blake3
 
+from dedupe.backends.base import Backend
 from dedupe.crypto import HolderSecrets
 from dedupe.hashing import object_id
 
@@ -87,6 +88,11 @@ class NoCache:
     """The cache's interface, keeping nothing: for local repositories (reading the object
     costs what reading a cached copy would) and when caching is turned off."""
 
+    async def listing(self, backend: Backend, prefix: str) -> dict[str, int]:
+        """The backend's names under `prefix`, each with the size read() must be given:
+        none is needed here, so none is asked for (a directory would stat each name)."""
+        return dict.fromkeys(await backend.list(prefix), -1)
+
     def read(self, name: str, size: int, limit: int) -> bytes | None:
         return None
 
@@ -107,6 +113,9 @@ class ObjectCache(NoCache):
         self._mac_key = mac_key
         self._checked = False
         self._failed = False
+
+    async def listing(self, backend: Backend, prefix: str) -> dict[str, int]:
+        return await backend.list_sized(prefix)
 
     @classmethod
     def of_holder(cls, root: Path, holder: HolderSecrets) -> ObjectCache:

@@ -126,7 +126,7 @@ class KeyDirectory:
         async with self._refreshing:
             listed: dict[str, int] = {}
             for record in self.keyring.active_epochs:
-                listed.update(await self.backend.list_sized(keymap_prefix(record.number)))
+                listed.update(await self.cache.listing(self.backend, keymap_prefix(record.number)))
             if not self._cache_tidied:  # once per open: consolidations elsewhere removed some
                 self._cache_tidied = True
                 self.cache.retain("keymaps/", listed)

@@ -574,7 +574,7 @@ class RepositoryStore:
         objects were loaded."""
         # Listed before the key maps are: a writer stores an index object's key map first,
         # so every index object listed here has its entry in the key maps loaded below.
-        index_sizes = await self.backend.list_sized("index/")
+        index_sizes = await self.cache.listing(self.backend, "index/")
         listed = set(named_ids(list(index_sizes)).values())
         if not self._cache_tidied:  # once per open: a prune elsewhere removed some
             self._cache_tidied = True
@@ -819,7 +819,7 @@ class RepositoryStore:
         that kept it from opening (GenerationNotFound when it was forgotten meanwhile).
         A header comes from the cache when its copy there is intact: one listing, and no
         request per generation; the others are read HEADER_CONCURRENCY at a time."""
-        sizes = await self.backend.list_sized("generations/")
+        sizes = await self.cache.listing(self.backend, "generations/")
         named = named_ids(list(sizes))
         ids = [oid.hex() for oid in named]
         self.cache.retain("generations/", sizes)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSPHRASE, SMALL_PACK, changing_versions, dedupe_cli, env_for
+from conftest import PASSPHRASE, changing_versions, dedupe_cli, env_for, make_repo
 
 from dedupe import Repository
 from dedupe.backends import Backend, LocalBackend
@@ -27,9 +27,7 @@ from dedupe.hashing import object_id
 
 
 async def make(location: str) -> tuple[Repository, dict[str, bytes]]:
-    repo = await Repository.init(
-        location, PASSPHRASE, pack_size=SMALL_PACK, kdf=KdfParams.weakest(), cache=False
-    )
+    repo = await make_repo(location, cache=False)
     gens = {}
     for i, v in enumerate(changing_versions(3)):
         gens[

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSPHRASE, SMALL_PACK, changing_versions, env_for
+from conftest import PASSPHRASE, changing_versions, env_for, make_repo
 
 from dedupe import Repository
 from dedupe.crypto import KdfParams
@@ -26,9 +26,7 @@ TARGET_PASSPHRASE = "another passphrase for the copy"
 
 
 async def init(location: str | Path, passphrase: str = PASSPHRASE) -> Repository:
-    return await Repository.init(
-        location, passphrase, pack_size=SMALL_PACK, kdf=KdfParams.weakest(), cache=False
-    )
+    return await make_repo(location, passphrase, cache=False)
 
 
 async def fill_source(path: Path, tree: Path) -> dict[str, bytes | Path]:

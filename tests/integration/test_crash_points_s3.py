@@ -29,11 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSPHRASE, SMALL_PACK, changing_versions
+from conftest import PASSPHRASE, changing_versions, make_repo
 
 import dedupe
 from dedupe import Repository
-from dedupe.crypto import KdfParams
 
 ROOT = Path(dedupe.__file__).resolve().parents[1]
 CRASHED = 99
@@ -217,9 +216,7 @@ def test_every_crash_point_on_s3_leaves_a_sound_repository(
     days = changing_versions(4, 300_000, 40_000)
 
     async def template() -> dict[str, bytes]:
-        async with await Repository.init(
-            s3_location, PASSPHRASE, pack_size=SMALL_PACK, kdf=KdfParams.weakest(), cache=False
-        ) as repo:
+        async with await make_repo(s3_location, cache=False) as repo:
             gens = {}
             for data in days[:3]:
                 gens[(await repo.backup(io.BytesIO(data), name="db", kind="full")).id] = data
@@ -283,9 +280,7 @@ def test_an_upload_cut_short_is_never_an_object_and_prune_aborts_it(
     days = changing_versions(2, 300_000, 40_000)
 
     async def template() -> dict[str, bytes]:
-        async with await Repository.init(
-            s3_location, PASSPHRASE, pack_size=SMALL_PACK, kdf=KdfParams.weakest(), cache=False
-        ) as repo:
+        async with await make_repo(s3_location, cache=False) as repo:
             return {(await repo.backup(io.BytesIO(days[0]), name="db")).id: days[0]}
 
     committed = asyncio.run(template())

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSPHRASE, SMALL_PACK
+from conftest import PASSPHRASE, make_repo
 
 from dedupe import Repository
 from dedupe.backends import Backend, open_backend
 from dedupe.backends.base import Buffer
-from dedupe.crypto import KdfParams, new_key
+from dedupe.crypto import new_key
 from dedupe.errors import GenerationNotFound
 from dedupe.format.keymap import keymap_name
 from dedupe.hashing import object_id
@@ -85,9 +85,7 @@ async def _open(location: str, cache: Path | bool) -> tuple[Repository, Counting
 
 async def _three_generations(location: str) -> list[str]:
     """A repository with three generations, written without a cache."""
-    async with await Repository.init(
-        location, PASSPHRASE, pack_size=SMALL_PACK, kdf=KdfParams.weakest()
-    ) as repo:
+    async with await make_repo(location) as repo:
         ids = []
         for i in range(3):
             data = os.urandom(50_000) + bytes(i)
