@@ -39,7 +39,7 @@ from dedupe.crypto import (
 from dedupe.engine.prune import PruneReport, run_prune, stale_key_packs
 from dedupe.errors import IntegrityError, KeyNotAvailable, RoleNotPermitted
 from dedupe.format.keymap import GENERATION, INDEX, KIND_NAMES, PACK, QUARANTINE
-from dedupe.format.keyring import ACTIVE, RETIRED, EpochRecord, KeyHolder, Keyring
+from dedupe.format.keyring import ACTIVE, RETIRED, EpochRecord, KeyHolder, Keyring, ReplicaRecord
 from dedupe.store import RepositoryStore
 from dedupe.store.keyring import bump, write_keyring
 from dedupe.store.repository import KEYS_PREFIX, key_file_name, key_id_of, named_ids, utc_now
@@ -233,6 +233,27 @@ async def add_key(
     await write_keyring(store.backend, new_ring, _admin_sign(store))
     store.use_keyring(new_ring, store.epochs)
     return _info(store, holder, {new.key_id.hex(): ["new"]})
+
+
+async def set_replicas(
+    store: RepositoryStore,
+    change: Callable[[tuple[ReplicaRecord, ...]], tuple[ReplicaRecord, ...]],
+    confirm: Callable[[], Awaitable[None]],
+) -> Keyring:
+    """The keyring with its replica list (docs/FORMAT.md 4.3.1) replaced by
+    `change(current list)`, signed and stored. Read afresh first, so that a change made
+    elsewhere is not undone. The caller holds the exclusive lock; `confirm` checks it
+    right before the write."""
+    require_admin(store, "change the replicas")
+    await store.refresh_keys()
+    new_ring = bump(store.keyring, utc_now(), replicas=change(store.keyring.replicas))
+    problem = new_ring.problem()
+    if problem:
+        raise ValueError(problem)
+    await confirm()
+    await write_keyring(store.backend, new_ring, _admin_sign(store))
+    store.use_keyring(new_ring, store.epochs)
+    return new_ring
 
 
 async def _refuse_if_newer_keys_exist(store: RepositoryStore, what: str) -> None:

@@ -19,6 +19,8 @@ MAX_KEYRING_BYTES = 16 << 20
 ROLES = ("admin", "reader", "writer")
 ACTIVE = "active"
 RETIRED = "retired"
+REPLICA_MODES = ("sync", "async")
+MAX_REPLICAS = 16
 
 
 def _b64(b: bytes) -> str:
@@ -121,6 +123,55 @@ class EpochRecord:
 
 
 @dataclass(frozen=True)
+class ReplicaRecord:
+    """A repository this one copies its generations to (docs/FORMAT.md 4.3.1). Listed in
+    the keyring, so only an admin names where the data may go, and a rolled back list is
+    refused with the keyring it is in."""
+
+    name: str
+    location: str
+    mode: str  # "sync": a backup commits only once every sync replica has it; "async"
+    repository_id: bytes  # the replica's own repository id, pinned when it was added
+    added: str
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "location": self.location,
+            "mode": self.mode,
+            "repository": self.repository_id.hex(),
+            "added": self.added,
+        }
+
+    @classmethod
+    def from_record(cls, r: dict[str, Any]) -> ReplicaRecord:
+        mode = str(r["mode"])
+        if mode not in REPLICA_MODES:
+            raise ValueError(f"unknown replica mode {mode!r}")
+        name = str(r["name"])
+        problem = replica_name_problem(name)
+        if problem:
+            raise ValueError(problem)
+        repository_id = bytes.fromhex(r["repository"])
+        if len(repository_id) != 32:
+            raise ValueError("a replica's repository id is 32 bytes")
+        location = str(r["location"])
+        if not location or not location.isprintable():
+            raise ValueError("a replica's location is printable and not empty")
+        return cls(name, location, mode, repository_id, str(r["added"]))
+
+
+def replica_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a replica, or None: 1 to 64 of [A-Za-z0-9._-], not starting
+    with '.' or '-' (it names the replica on command lines and in metric labels)."""
+    if not 1 <= len(name) <= 64 or name[0] in ".-":
+        return f"replica name {name!r}: 1 to 64 characters, not starting with '.' or '-'"
+    if any(not (c.isascii() and (c.isalnum() or c in "._-")) for c in name):
+        return f"replica name {name!r}: only letters, digits, '.', '_' and '-'"
+    return None
+
+
+@dataclass(frozen=True)
 class Keyring:
     repository_id: bytes
     serial: int
@@ -129,6 +180,7 @@ class Keyring:
     epochs: tuple[EpochRecord, ...]
     current_epoch: int
     reencrypt_below: int | None = None
+    replicas: tuple[ReplicaRecord, ...] = ()
 
     def holder(self, key_id: bytes) -> KeyHolder | None:
         for k in self.keys:
@@ -158,6 +210,8 @@ class Keyring:
             "epochs": [e.to_record() for e in sorted(self.epochs, key=lambda e: e.number)],
             "current_epoch": self.current_epoch,
             "reencrypt_below": self.reencrypt_below,
+            # Only when there are any: a keyring without replicas keeps the bytes it had.
+            **({"replicas": [r.to_record() for r in self.replicas]} if self.replicas else {}),
         }
 
     @classmethod
@@ -180,6 +234,7 @@ class Keyring:
                 epochs,
                 int(r["current_epoch"]),
                 None if r.get("reencrypt_below") is None else int(r["reencrypt_below"]),
+                tuple(ReplicaRecord.from_record(x) for x in r.get("replicas", [])),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise IntegrityError(f"{what} is malformed: {e}") from None
@@ -209,4 +264,12 @@ class Keyring:
                 return f"epoch {e.number} grants a key that is not in the keyring"
             if e.active and set(e.grants) != known:
                 return f"active epoch {e.number} does not grant every key holder"
+        if len(self.replicas) > MAX_REPLICAS:
+            return f"more than {MAX_REPLICAS} replicas"
+        for what in ("name", "location", "repository_id"):
+            values = [getattr(r, what) for r in self.replicas]
+            if len(set(values)) != len(values):
+                return f"two replicas have the same {what.replace('_id', '')}"
+        if any(r.repository_id == self.repository_id for r in self.replicas):
+            return "the repository is named as its own replica"
         return None
