@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -50,7 +51,7 @@ from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.store import FinishedPack, PackWriter, RepositoryStore
 from dedupe.store.blobs import FramedBatch, release_buffers
 from dedupe.store.manifests import Buffer, ManifestWriter, scratch_error
-from dedupe.store.repository import IndexBatch, utc_now
+from dedupe.store.repository import BeforeWrite, IndexBatch, utc_now
 from dedupe.store.tables import SpilledTable
 
 T = TypeVar("T")
@@ -370,6 +371,25 @@ def dry_run_stats(got: Ingested, name: str, kind: str, parent: str | None) -> Ba
     )
 
 
+async def index_only(
+    store: RepositoryStore,
+    got: Ingested,
+    name: str,
+    kind: str,
+    before_commit: Callable[[], Awaitable[None]] | None,
+) -> BackupStats:
+    """Index the packs a store-only backup wrote, and commit nothing. Its `id` is ""."""
+    if before_commit is not None:
+        await before_commit()
+    if got.pending.packs:
+        await store.write_batch(got.pending)
+    return dataclasses.replace(
+        dry_run_stats(got, name, kind, None),
+        bytes_stored=got.progress.bytes_stored,
+        packs=got.packs,
+    )
+
+
 async def _salvage(
     store: RepositoryStore,
     batch: IndexBatch,
@@ -414,15 +434,23 @@ async def commit(
     progress: ProgressCallback | None = None,
     before_commit: Callable[[], Awaitable[None]] | None = None,
     labels: dict[str, Any] | None = None,
+    before_write: BeforeWrite | None = None,
 ) -> BackupStats:
     """Write the last index object and the manifest, the commit point of a backup, after
     the key map that authenticates both. `labels` (host, tags) go into the header as they
     are. `meta` and the records `body` holds are its body
     (docs/FORMAT.md section 8); `chunk_count` counts the records of the generation's
     complete table and `size` its logical size. `before_commit` runs right before the
-    writes and may raise to refuse them (the caller's lock was lost, so a prune may have
-    removed chunks this generation references)."""
+    header is made and may raise to refuse the commit (the caller's lock was lost, so a
+    prune may have removed chunks this generation references); it may still change
+    `labels`. `before_write(gen_id, header)` runs once the id is known, before anything
+    is written, and may raise to refuse the commit too (a sync replica failed)."""
     p = got.progress
+    p.stage = "committing"
+    if progress:
+        progress(p)
+    if before_commit is not None:
+        await before_commit()
     header = {
         "version": 1,
         "name": name,
@@ -439,12 +467,7 @@ async def commit(
         "seconds": round(got.seconds, 6),
         **(labels or {}),
     }
-    p.stage = "committing"
-    if progress:
-        progress(p)
-    if before_commit is not None:
-        await before_commit()
-    gen_id = await store.commit_manifest(body, header, meta, got.pending)
+    gen_id = await store.commit_manifest(body, header, meta, got.pending, before_write)
     p.stage = "done"
     if progress:
         progress(p)
@@ -488,12 +511,15 @@ async def run_backup(
     allow_empty: bool = False,
     labels: dict[str, Any] | None = None,
     dry_run: bool = False,
+    before_write: BeforeWrite | None = None,
+    store_only: bool = False,
 ) -> BackupStats:
     """Back up one stream as a generation of `name`. `parent` is (generation id, its
     complete chunk table in a file, from dedupe.store.tables.spill_complete_table) for
     an incremental or differential: the manifest then stores only the delta against that
     table (dedupe.format.delta). A stream of no bytes raises EmptySource unless
-    `allow_empty`."""
+    `allow_empty`. `store_only`: store and index the chunks the repository has no usable
+    copy of, and commit no generation (a repair from a replica)."""
     if (kind == "full") != (parent is None):
         raise ValueError("a full has no parent; an incremental or differential needs one")
     loop = asyncio.get_running_loop()
@@ -528,6 +554,8 @@ async def run_backup(
         )
         if dry_run:
             return dry_run_stats(got, name, kind, parent[0] if parent else None)
+        if store_only:
+            return await index_only(store, got, name, kind, before_commit)
         if got.progress.bytes_read == 0 and not allow_empty:
             raise empty_source(
                 f"{source_info.get('label') or 'the source'} gave no bytes",
@@ -551,4 +579,5 @@ async def run_backup(
             progress=progress,
             before_commit=before_commit,
             labels=labels,
+            before_write=before_write,
         )

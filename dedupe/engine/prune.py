@@ -9,9 +9,9 @@ referenced while we decide), prune:
    the largest live fraction, so that a re-run after a crash settles on the copies the
    interrupted run had just written), and classifies every pack:
    - *unused*: no chosen copy in it -> delete;
-   - *sparse*: unused fraction of its bytes above `repack_threshold` -> repack: its live
-     blobs are read (ranged reads), opened and checked, re-framed and sealed into new
-     packs under fresh keys;
+   - *sparse*: unused fraction of its bytes above `repack_threshold`, or holding a copy
+     a quarantine record names (damaged) -> repack: its live blobs are read (ranged
+     reads), opened and checked, re-framed and sealed into new packs under fresh keys;
    - *unindexed*: in `packs/` but in no index object (left by an interrupted backup or
      prune) -> delete;
    - otherwise kept as it is;
@@ -358,10 +358,17 @@ async def _prune(
         return max(0, length - used[pid] - pack_overhead(blobs[pid])) / max(1, length)
 
     unused = [pid for pid in records if used[pid] == 0]
+    # A pack verify found a damaged or lost copy in is rewritten whatever its waste: its
+    # good blobs move (each checked as it is read), and the damaged pack goes, so that
+    # once the lost chunks are stored again (a backup, a repair from a replica) verify
+    # is clean again.
+    damaged = {pid for _cid, pid in quarantined}
     sparse = [
         pid
         for pid in records
-        if used[pid] > 0 and pid in present and (unused_fraction(pid) > threshold or pid in stale)
+        if used[pid] > 0
+        and pid in present
+        and (unused_fraction(pid) > threshold or pid in stale or pid in damaged)
     ]
     kept = [pid for pid in records if used[pid] > 0 and pid not in set(sparse)]
     unindexed = sorted(present - set(records))

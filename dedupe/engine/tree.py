@@ -32,7 +32,15 @@ from typing import Any
 from dedupe._types import BackupStats, Progress, ProgressCallback, RestoreStats
 from dedupe.chunking import BlockReader
 from dedupe.crypto.aead import Buffer
-from dedupe.engine.backup import FILE_END, Item, commit, dry_run_stats, empty_source, ingest
+from dedupe.engine.backup import (
+    FILE_END,
+    Item,
+    commit,
+    dry_run_stats,
+    empty_source,
+    index_only,
+    ingest,
+)
 from dedupe.engine.outfile import writev_all
 from dedupe.engine.restore import finish_in_thread, restore_chunks
 from dedupe.engine.sources import READ_SIZE
@@ -53,6 +61,7 @@ from dedupe.format.tree import (
 )
 from dedupe.hashing import StreamDigest
 from dedupe.store import RepositoryStore
+from dedupe.store.repository import BeforeWrite
 
 _R = CHUNK_RECORD.size
 UNREAD = -1  # in `sizes`: a file that could not be opened
@@ -265,6 +274,8 @@ async def backup_tree(
     strict: bool = False,
     labels: dict[str, Any] | None = None,
     dry_run: bool = False,
+    before_write: BeforeWrite | None = None,
+    store_only: bool = False,
 ) -> BackupStats:
     """Back up directory `root` as a tree generation of `name`. `parent` is (generation id,
     its expanded entries) for an incremental or differential, None for a full (which reads
@@ -272,7 +283,8 @@ async def backup_tree(
     directory with nothing in it (an unmounted mount point looks like that) raises
     EmptySource unless `allow_empty`. `exclude`: patterns of entries to leave out (see
     excluded). An entry that cannot be read fails the backup when `strict`; otherwise it
-    is left out, and `unreadable` lists it (a partial backup)."""
+    is left out, and `unreadable` lists it (a partial backup). `store_only`: store and
+    index what the repository lacks, commit nothing (a repair from a replica)."""
     if (kind == "full") != (parent is None):
         raise ValueError("a full has no parent; an incremental or differential needs one")
     started_ns = time.time_ns()
@@ -306,6 +318,8 @@ async def backup_tree(
         raise RuntimeError("the backup pipeline lost a file boundary")
     if dry_run:  # what would be read: the new and changed files
         return dry_run_stats(got, name, kind, parent[0] if parent is not None else None)
+    if store_only:
+        return await index_only(store, got, name, kind, before_commit)
     start = 0
     unread = set()
     for e, (end, digest), size in zip(todo, got.marks, sizes, strict=True):
@@ -341,6 +355,7 @@ async def backup_tree(
             progress=progress,
             before_commit=before_commit,
             labels=labels,
+            before_write=before_write,
         )
     notes = []
     if scan.skipped:

@@ -124,7 +124,9 @@ STAT_CONCURRENCY = 16
 INDEX_CONCURRENCY = 8
 OPEN_BATCH = 1024 * 1024  # stored bytes of blobs opened per executor job
 
-SubsetSpec = float | tuple[int, int]
+# A fraction, an n/t slice, or the named packs themselves (a restore that met damage
+# checks only the packs its generation reads: dedupe/replication.py).
+SubsetSpec = float | tuple[int, int] | frozenset[bytes]
 """A fraction of the packs in (0, 1], read as a random sample; or (n, t), 1 <= n <= t: the
 n-th of t deterministic slices (the packs whose id, as a big-endian integer of its first 8
 bytes, is n - 1 modulo t), so that running 1/t .. t/t reads every pack once."""
@@ -180,6 +182,9 @@ class VerifyReport:
     quarantine: str | None
     seconds: float
     notes: list[str] = field(default_factory=list)  # findings that are not damage
+    # Generations whose lost chunks were stored again from a replica (Repository.verify
+    # with replicas; dedupe/replication.py): one dict per generation.
+    repaired: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -208,6 +213,8 @@ def parse_subset(text: str) -> SubsetSpec:
 
 
 def _check_subset(spec: SubsetSpec) -> None:
+    if isinstance(spec, frozenset):
+        return
     if isinstance(spec, tuple):
         n, t = spec
         if not 1 <= n <= t:
@@ -217,6 +224,8 @@ def _check_subset(spec: SubsetSpec) -> None:
 
 
 def _describe_subset(spec: SubsetSpec) -> str:
+    if isinstance(spec, frozenset):
+        return f"{len(spec)} named packs"
     if isinstance(spec, tuple):
         return f"{spec[0]}/{spec[1]}"
     return f"{spec * 100:g}%"
@@ -228,6 +237,8 @@ def select_packs(pack_ids: Iterable[bytes], spec: SubsetSpec | None) -> list[byt
     ids = sorted(pack_ids)
     if spec is None:
         return ids
+    if isinstance(spec, frozenset):
+        return [p for p in ids if p in spec]
     _check_subset(spec)
     if isinstance(spec, tuple):
         n, t = spec

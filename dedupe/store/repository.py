@@ -21,7 +21,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
@@ -134,6 +134,9 @@ HEADER_CONCURRENCY = 16
 SPILL_PIECE = 1 << 20
 MIN_PACK_SIZE = 4096  # tests shrink packs to a few KiB so small inputs make many packs
 KEYS_PREFIX = "keys/"
+# Runs at a commit once the generation id is known, before anything is written; it may
+# raise to refuse the commit (replication waits there for the sync replicas).
+BeforeWrite = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
 def utc_now() -> str:
@@ -782,11 +785,16 @@ class RepositoryStore:
         header: dict[str, Any],
         meta: dict[str, Any],
         batch: IndexBatch | None = None,
+        before_write: BeforeWrite | None = None,
     ) -> str:
         """Seal and store a manifest: the commit point of a backup. The packs of `batch`
         (written, not yet indexed) get their index object; one key map authenticates them,
-        that index object and the manifest, and is stored first. Returns the id."""
+        that index object and the manifest, and is stored first. `before_write(gen_id,
+        header)` runs before any of it is written, and may raise to store none of it.
+        Returns the id."""
         gen_id = await asyncio.to_thread(writer.finish, header, meta)
+        if before_write is not None:
+            await before_write(gen_id, header)
         entries = list(batch.keys) if batch else []
         sealed = None
         if batch:

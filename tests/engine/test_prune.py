@@ -294,6 +294,37 @@ def test_quarantine_records(run_asyncio, repo_path: Path) -> None:  # type: igno
     run_asyncio(go())
 
 
+def test_a_pack_with_a_damaged_copy_is_rewritten_once_the_chunk_is_stored_again(
+    run_asyncio,
+    repo_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    """One flipped byte in a blob of a pack that holds other live blobs: verify
+    quarantines that copy, a full backup stores the chunk again, and prune rewrites the
+    damaged pack whatever its waste (threshold 1.0: never for waste alone), so verify
+    --read-data is clean again and nothing live was lost."""
+    data = os.urandom(1_500_000)
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            gen = await repo.backup(io.BytesIO(data), name="db", kind="full")
+            packs = sorted(p for p in (repo_path / "packs").rglob("*") if p.is_file())
+            victim = packs[len(packs) // 2]
+            raw = bytearray(victim.read_bytes())
+            raw[len(raw) // 3] ^= 0x10
+            victim.write_bytes(bytes(raw))
+            first = await repo.verify(read_data=True)
+            assert not first.ok and first.quarantine is not None
+            second = await repo.backup(io.BytesIO(data), name="db", kind="full")
+            report = await repo.prune(repack_threshold=1.0)
+            assert report.packs_repacked >= 1
+            assert not victim.exists()
+            assert await repo._store.backend.list("quarantine/") == []
+            assert (await repo.verify(read_data=True)).ok
+            await check_restores(repo, {gen.id: data, second.id: data})
+
+    run_asyncio(go())
+
+
 def test_prune_deletes_every_unused_pack_batch_after_batch(  # type: ignore[no-untyped-def]
     run, repo_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
