@@ -86,6 +86,7 @@ class RestoreStats:
     bytes_written: int
     chunks: int
     seconds: float
+    note: str | None = None  # a restore that met damage and read from a replica says so
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import socket
 import stat
@@ -81,10 +82,13 @@ from dedupe.errors import (
     TargetError,
 )
 from dedupe.format.config import DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_SIZE
+from dedupe.replication import Replicas
 from dedupe.store import RepositoryStore
 from dedupe.store.cache import ObjectCache, default_cache_root
 from dedupe.store.locks import LockInfo, RepositoryLock, list_locks, remove_locks
 from dedupe.store.tables import spill_complete_table
+
+log = logging.getLogger("dedupe")
 
 __all__ = [
     "BackupStats",
@@ -96,6 +100,7 @@ __all__ = [
     "Repository",
     "RestoreStats",
     "RotateReport",
+    "SubsetSpec",
 ]
 
 Location = str | os.PathLike[str] | Backend
@@ -172,6 +177,7 @@ class Repository:
             max_workers=workers or os.cpu_count() or 2, thread_name_prefix="dedupe"
         )
         self.keys = KeyManager(self)
+        self.replicas = Replicas(self)
 
     def _require_key_admin(self, what: str) -> None:
         """RoleNotPermitted unless this handle's key is an admin's (the CLI asks before it
@@ -365,6 +371,10 @@ class Repository:
             "labels": labels,
             "dry_run": dry_run,
         }
+        if self.replicas.sync_replicas() and not dry_run:
+            return await self.replicas.backup(
+                source, name, kind, progress, label, chunker, allow_empty, options
+            )
         return await self._backup(source, name, kind, progress, label, spec, allow_empty, options)
 
     async def _backup(
@@ -423,6 +433,11 @@ class Repository:
         options: dict[str, Any],
     ) -> BackupStats:
         parent, note = self._parent_for(gens, name, kind)
+        # Replication (dedupe/replication.py) waits at the commit: a sync replica for the
+        # primary's id before it makes its header ("before_header"), the primary for every
+        # sync replica's commit once its own id is known ("before_write").
+        before_header = options.pop("before_header", None)
+        confirm = lock.confirm if before_header is None else _then(lock.confirm, before_header)
         if isinstance(source, str | os.PathLike) and os.path.isdir(source):
             stats = await self._backup_tree(
                 os.fspath(source),
@@ -430,7 +445,7 @@ class Repository:
                 kind,
                 parent,
                 progress,
-                lock.confirm,
+                confirm,
                 spec,
                 allow_empty,
                 options,
@@ -458,9 +473,10 @@ class Repository:
                 note = _damaged_parent(parent, name, kind, e)
                 parent = None
         try:
+            blocks = options.get("blocks")
             stats = await run_backup(
                 self._store,
-                iter_source(source),
+                iter_source(source) if blocks is None else blocks,
                 name=name,
                 source_info=info,
                 executor=self._executor,
@@ -468,11 +484,13 @@ class Repository:
                 size_hint=size_hint,
                 kind=kind if parent is not None else "full",
                 parent=(parent.id, spilled) if parent is not None and spilled is not None else None,
-                before_commit=lock.confirm,
+                before_commit=confirm,
                 chunker=spec,
                 allow_empty=allow_empty,
                 labels=options.get("labels"),
                 dry_run=options.get("dry_run", False),
+                before_write=options.get("before_write"),
+                store_only=options.get("store_only", False),
             )
         finally:
             if spilled is not None:
@@ -521,7 +539,7 @@ class Repository:
             before_commit=before_commit,
             chunker=chunker,
             allow_empty=allow_empty,
-            **(options or {}),
+            **{k: v for k, v in (options or {}).items() if k != "blocks"},
         )
         return _with_note(stats, note)
 
@@ -707,14 +725,30 @@ class Repository:
         progress: ProgressCallback | None = None,
     ) -> RestoreStats:
         """Restore to a path (written to a temporary name, renamed once verified) or to a
-        binary file object."""
-        self._require("restore")
-        async with RepositoryLock(
-            self._store.backend, exclusive=False, operation="restore", wait=self._store.lock_wait
-        ):
-            return await self._restore_locked(generation, target, overwrite, progress)
+        binary file object.
 
-    async def _restore_locked(
+        A restore to a path that meets damaged or missing chunk copies, in a repository
+        with replicas, reads the generation from a replica: with an admin key the lost
+        chunks are stored here again and the restore runs again from here; with a reader
+        key the replica's copy is restored. `note` then says so (dedupe/replication.py)."""
+        self._require("restore")
+        try:
+            return await self._restore_with_lock(generation, target, overwrite, progress)
+        except IntegrityError as e:
+            if not self._store.keyring.replicas:
+                raise
+            if not isinstance(target, str | os.PathLike):  # what was written stays written
+                raise IntegrityError(
+                    e.message,
+                    hint="this repository has replicas: restore to a path to read the "
+                    "generation from one, or run 'dedupe replica repair' (admin) first",
+                ) from e
+            gen = await self.resolve(generation)
+            stats = await self.replicas.restore_after_damage(gen, target, overwrite, progress, e)
+            log.warning("%s", stats.note)
+            return stats
+
+    async def _restore_with_lock(
         self,
         generation: str | Generation,
         target: Target,
@@ -722,31 +756,34 @@ class Repository:
         progress: ProgressCallback | None,
     ) -> RestoreStats:
         started = time.monotonic()
-        gen = await self.resolve(generation)
-        if gen.source.get("type") == "tree":
-            if not isinstance(target, str | os.PathLike):
-                raise TargetError(
-                    f"generation {gen.id[:12]} is a directory tree: restore it to a directory"
-                )
-            return await self._restore_tree(gen, os.fspath(target), overwrite, progress)
-        # Closed here, however the writing ends: the pipeline's tasks and its table file
-        # go now, not whenever the event loop finalises an abandoned generator.
-        async with contextlib.aclosing(await self._chunks(gen)) as chunks:
-            stream = chunks if progress is None else _report(chunks, progress, gen.size)
-            if isinstance(target, str | os.PathLike):
-                path = os.fspath(target)
-                if os.path.isdir(path):  # into a directory, under the name it was backed up as
-                    path = os.path.join(path, _file_name(gen))
-                written = await write_to_path(
-                    stream,
-                    path,
-                    overwrite,
-                    mode=gen.source.get("mode"),
-                    mtime_ns=gen.source.get("mtime_ns"),
-                )
-            else:
-                written = await write_to_fileobj(stream, target)
-        return RestoreStats(gen.id, written, gen.chunks, time.monotonic() - started)
+        async with RepositoryLock(
+            self._store.backend, exclusive=False, operation="restore", wait=self._store.lock_wait
+        ):
+            gen = await self.resolve(generation)
+            if gen.source.get("type") == "tree":
+                if not isinstance(target, str | os.PathLike):
+                    raise TargetError(
+                        f"generation {gen.id[:12]} is a directory tree: restore it to a directory"
+                    )
+                return await self._restore_tree(gen, os.fspath(target), overwrite, progress)
+            # Closed here, however the writing ends: the pipeline's tasks and its table file
+            # go now, not whenever the event loop finalises an abandoned generator.
+            async with contextlib.aclosing(await self._chunks(gen)) as chunks:
+                stream = chunks if progress is None else _report(chunks, progress, gen.size)
+                if isinstance(target, str | os.PathLike):
+                    path = os.fspath(target)
+                    if os.path.isdir(path):  # into a directory, under its backed up name
+                        path = os.path.join(path, _file_name(gen))
+                    written = await write_to_path(
+                        stream,
+                        path,
+                        overwrite,
+                        mode=gen.source.get("mode"),
+                        mtime_ns=gen.source.get("mtime_ns"),
+                    )
+                else:
+                    written = await write_to_fileobj(stream, target)
+            return RestoreStats(gen.id, written, gen.chunks, time.monotonic() - started)
 
     # --- verify (engine/verify.py) -------------------------------------------------------------
 
@@ -757,6 +794,7 @@ class Repository:
         progress: ProgressCallback | None = None,
         *,
         quarantine: bool = True,
+        repair: bool = True,
     ) -> VerifyReport:
         """Check the repository and return a report naming every damaged or missing object
         and the generations it breaks; damage is reported, not raised.
@@ -767,15 +805,41 @@ class Repository:
         the packs: a fraction in (0, 1] (a random sample) or (n, t), the n-th of t fixed
         slices (run 1/t .. t/t to cover everything). When chunk copies are damaged or
         missing, one quarantine record is written (unless `quarantine=False`) so that the
-        next full backup stores those chunks again."""
+        next full backup stores those chunks again.
+
+        With replicas, an admin key (`repair`, the default) then stores the chunks each
+        damaged generation lost again from a replica's copy; `repaired` lists them and a
+        note says that `prune` now deletes the damaged copies (after which verify is
+        clean). `ok` still says whether damage was found."""
         self._require("verify")
-        return await verify_repository(
+        report = await verify_repository(
             self._store,
             self._executor,
             read_data=read_data,
             subset=subset,
             progress=progress,
             quarantine=quarantine,
+        )
+        if (
+            report.ok
+            or not repair
+            or not quarantine
+            or not self._store.keyring.replicas
+            or self.role != "admin"
+        ):
+            return report
+        broken = sorted({g for d in report.damaged for g in d.generations})
+        healed, unhealed = await self.replicas.heal(broken)
+        notes = list(report.notes)
+        if healed:
+            notes.append(
+                f"{len(healed)} damaged generation(s) repaired from replicas: their lost chunks "
+                "are stored again; 'dedupe prune' deletes the damaged copies, and verify is "
+                "clean after it"
+            )
+        notes += [f"generation {g[:12]} not repaired: {why}" for g, why in unhealed.items()]
+        return dataclasses.replace(
+            report, notes=notes, repaired=[dataclasses.asdict(h) for h in healed]
         )
 
     # --- forget and prune (engine/forget.py, engine/prune.py) ----------------------------------
@@ -1036,6 +1100,16 @@ class KeyManager:
                 progress=progress,
                 confirm=lock.confirm,
             )
+
+
+def _then(
+    first: Callable[[], Awaitable[None]], second: Callable[[], Awaitable[None]]
+) -> Callable[[], Awaitable[None]]:
+    async def both() -> None:
+        await first()
+        await second()
+
+    return both
 
 
 def _damaged_parent(parent: Generation, name: str, kind: str, error: IntegrityError) -> str:

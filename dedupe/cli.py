@@ -22,7 +22,7 @@ import click
 
 import dedupe
 from dedupe._types import Progress
-from dedupe.api import Repository
+from dedupe.api import Repository, SubsetSpec
 from dedupe.chunking import DEFAULT_PARAMS, ChunkerParams, parse_spec
 from dedupe.crypto import KdfParams, get_passphrase
 from dedupe.errors import DedupeError, Interrupted, ReaderGone, TargetError, Terminated
@@ -783,6 +783,8 @@ def restore(
             f"restored generation {s['id'][:12]} to {target}: "
             f"{human_bytes(s['bytes_written'])}, verified, {s['seconds']:.2f} s ({mbs:.0f} MB/s)"
         )
+        if s.get("note"):
+            click.echo(f"note: {printable(s['note'])}")
 
 
 # --- verify -----------------------------------------------------------------------------------
@@ -790,7 +792,7 @@ def restore(
 
 def _subset_option(
     ctx: click.Context, param: click.Parameter, value: str | None
-) -> float | tuple[int, int] | None:
+) -> SubsetSpec | None:
     from dedupe.engine.verify import parse_subset
 
     if value is None:
@@ -816,14 +818,20 @@ def _subset_option(
     is_flag=True,
     help="Write no quarantine record for damaged chunks (read-only repositories).",
 )
+@click.option(
+    "--no-repair",
+    is_flag=True,
+    help="Do not store lost chunks again from a replica (admin keys do by default).",
+)
 @json_option
 @click.pass_context
 @handle_errors
 def verify(
     ctx: click.Context,
     read_data: bool,
-    subset: float | tuple[int, int] | None,
+    subset: SubsetSpec | None,
     no_quarantine: bool,
+    no_repair: bool,
     as_json: bool,
 ) -> None:
     """Check the repository: its structure always; with --read-data (or a subset) also the
@@ -846,7 +854,11 @@ def verify(
                     else lambda p: callback(dataclasses.replace(p, bytes_written=p.bytes_read))
                 )
                 report = await repo.verify(
-                    read_data, subset, progress=cb, quarantine=not no_quarantine
+                    read_data,
+                    subset,
+                    progress=cb,
+                    quarantine=not no_quarantine,
+                    repair=not no_repair,
                 )
             return report.to_dict()
 
@@ -911,6 +923,11 @@ def _print_verify(r: dict[str, Any]) -> None:
             click.echo(f"  chunks ({len(d['chunk_ids'])}): {shown}{more}")
         if d["generations"]:
             click.echo(f"  affects generations: {', '.join(g[:12] for g in d['generations'])}")
+    for h in r["repaired"]:
+        click.echo(
+            f"repaired {h['generation'][:12]} ({printable(h['name'])}) from replica "
+            f"{h['replica']}: {count(h['chunks_lost'], 'lost chunk')} stored again"
+        )
     for note in r["notes"]:
         click.echo(f"note: {printable(note)}")
     if r["ok"]:
@@ -1241,6 +1258,213 @@ def unlock(ctx: click.Context, all_locks: bool, as_json: bool) -> None:
 
 
 # --- keys ---------------------------------------------------------------------------------------
+
+
+def _replica_run(coro: Coroutine[Any, Any, T]) -> T:
+    """run_async, with a replica name or location the command cannot take (unknown, taken,
+    malformed, this repository itself) reported as a usage error."""
+    try:
+        return run_async(coro)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+
+
+@cli.group(short_help="Repositories this one keeps copies of its generations in.")
+def replica() -> None:
+    """Replicas: other repositories (directories, s3://bucket/prefix) this one copies its
+    generations to, with their own keys. sync: a backup commits only once every sync
+    replica has committed its copy. async: 'dedupe replica sync' catches up. A restore or
+    verify that meets damage here reads from a replica and repairs this repository.
+
+    A replica's passphrase: DEDUPE_REPLICA_<NAME>_PASSWORD (NAME in capitals, other
+    characters as '_'), else DEDUPE_REPLICA_PASSWORD (each also as _FILE or _COMMAND)."""
+
+
+@replica.command("add", short_help="Name an existing repository as a replica.")
+@click.argument("location")
+@click.option("--name", default=None, help="What to call it [default: from LOCATION].")
+@click.option(
+    "--mode",
+    type=click.Choice(["sync", "async"]),
+    default="async",
+    show_default=True,
+    help="sync: backups commit only once it has the generation; async: 'replica sync'.",
+)
+@json_option
+@click.pass_context
+@handle_errors
+def replica_add(
+    ctx: click.Context, location: str, name: str | None, mode: str, as_json: bool
+) -> None:
+    """Name the repository at LOCATION (made with 'dedupe init', its own passphrase) as a
+    replica of this one. It is opened now and its repository id pinned: another
+    repository put at LOCATION later is refused. Admin key."""
+
+    async def go() -> dict[str, Any]:
+        async with await open_repo(ctx) as repo:
+            return (await repo.replicas.add(location, name=name, mode=mode)).to_dict()
+
+    r = _replica_run(go())
+    if as_json:
+        emit_json(r)
+        return
+    click.echo(f"replica {r['name']} added ({r['mode']}): {printable(r['location'])}")
+    if r["mode"] == "async":
+        click.echo("run 'dedupe replica sync' to copy the generations it lacks")
+
+
+@replica.command("remove")
+@click.argument("name")
+@json_option
+@click.pass_context
+@handle_errors
+def replica_remove(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Stop replicating to NAME. Its copies stay where they are. Admin key."""
+
+    async def go() -> dict[str, Any]:
+        async with await open_repo(ctx) as repo:
+            return (await repo.replicas.remove(name)).to_dict()
+
+    r = _replica_run(go())
+    if as_json:
+        emit_json(r)
+    else:
+        click.echo(f"replica {r['name']} removed: {printable(r['location'])} is left as it is")
+
+
+@replica.command("list", short_help="The replicas, and how far behind each one is.")
+@click.option("--offline", is_flag=True, help="Only the list: open no replica.")
+@json_option
+@click.pass_context
+@handle_errors
+def replica_list(ctx: click.Context, offline: bool, as_json: bool) -> None:
+    """Each replica with its mode and, unless --offline, how far behind it is: the
+    generations it has no copy of and the age of the oldest of them (lag_seconds in
+    --json; 0 when it is up to date)."""
+
+    async def go() -> list[dict[str, Any]]:
+        async with await open_repo(ctx) as repo:
+            if offline:
+                return [{"replica": r.to_dict()} for r in await repo.replicas.list()]
+            return [s.to_dict() for s in await repo.replicas.status()]
+
+    rows = _replica_run(go())
+    if as_json:
+        emit_json(rows)
+        return
+    if not rows:
+        click.echo("no replicas")
+    for row in rows:
+        r = row["replica"]
+        line = f"{r['name']:<16} {r['mode']:<5} {printable(r['location'])}"
+        if "reachable" in row:
+            if not row["reachable"]:
+                line += f"  UNREACHABLE: {printable(row['error'])}"
+            elif row["behind"]:
+                line += (
+                    f"  {len(row['behind'])} of {row['generations']} generations behind, "
+                    f"lag {row['lag_seconds']:.0f} s"
+                )
+            else:
+                line += f"  up to date ({count(row['copies'], 'generation')})"
+            if row.get("orphans"):
+                line += f"; {count(row['orphans'], 'copy')} of generations not here"
+        click.echo(line)
+
+
+@replica.command("sync", short_help="Copy what each replica lacks into it.")
+@click.argument("names", nargs=-1)
+@click.option(
+    "--scratch",
+    metavar="DIR",
+    type=click.Path(file_okay=False),
+    help="Where directory generations are restored on their way [default: $TMPDIR].",
+)
+@json_option
+@click.pass_context
+@handle_errors
+def replica_sync(
+    ctx: click.Context, names: tuple[str, ...], scratch: str | None, as_json: bool
+) -> None:
+    """Copy the generations each replica (all, or NAMES) lacks into it, oldest first, as
+    'dedupe copy' does; run it again after an interruption and it finishes the job. A
+    replica that fails is reported, the others still run, and the exit code is that of
+    ReplicaError."""
+    from dedupe.errors import ReplicaError
+
+    async def go() -> list[dict[str, Any]]:
+        async with await open_repo(ctx) as repo:
+            reports = await repo.replicas.sync(names, progress=stages("copy"), scratch=scratch)
+            return [r.to_dict() for r in reports]
+
+    rows = _replica_run(go())
+    if as_json:
+        emit_json(rows)
+    else:
+        for row in rows:
+            c = row["copy"]
+            if c is None:
+                click.echo(f"{row['replica']}: FAILED: {printable(row['error'])}")
+                continue
+            click.echo(
+                f"{row['replica']}: {count(len(c['copied']), 'generation')} copied "
+                f"({human_bytes(c['bytes_new'])} new), {len(c['already_there'])} already there"
+            )
+    failed = [row["replica"] for row in rows if row["error"]]
+    if failed:
+        raise ReplicaError(
+            f"{count(len(failed), 'replica')} could not be synced: {', '.join(failed)}"
+        )
+
+
+@replica.command("repair", short_help="Repair this repository from its replicas.")
+@click.option("--no-prune", is_flag=True, help="Store the lost chunks again; prune nothing.")
+@json_option
+@click.pass_context
+@handle_errors
+def replica_repair(ctx: click.Context, no_prune: bool, as_json: bool) -> None:
+    """Read every pack (verify --read-data), store the chunks each damaged generation lost
+    again from a replica's copy of it, prune (the packs that held damaged copies are
+    rewritten, lost ones dropped from the index) and verify again. Admin key. Exit code 0
+    when the repository is clean afterwards, else that of VerifyFailed."""
+    from dedupe.errors import VerifyFailed
+
+    async def go() -> dict[str, Any]:
+        async with await open_repo(ctx) as repo:
+            return (
+                await repo.replicas.repair(prune=not no_prune, progress=stages("repair"))
+            ).to_dict()
+
+    r = _replica_run(go())
+    if as_json:
+        emit_json(r)
+    else:
+        before = r["verify"]
+        click.echo(f"found {count(len(before['damaged']), 'damaged object')}")
+        for h in r["healed"]:
+            click.echo(
+                f"repaired {h['generation'][:12]} ({h['name']}) from replica {h['replica']}: "
+                f"{count(h['chunks_lost'], 'lost chunk')}, {human_bytes(h['bytes_stored'])} stored"
+            )
+        for gen, why in r["unhealed"].items():
+            click.echo(f"NOT repaired {gen[:12]}: {printable(why)}")
+        if r["prune"] is not None:
+            p = r["prune"]
+            click.echo(
+                f"pruned: {count(p['packs_repacked'], 'pack')} rewritten, "
+                f"{count(p['packs_deleted'], 'pack')} deleted"
+            )
+        if r["after"] is not None:
+            after = r["after"]
+            click.echo(
+                "verify --read-data afterwards: "
+                + ("clean" if after["ok"] else f"{len(after['damaged'])} damaged objects")
+            )
+    if not r["ok"]:
+        raise VerifyFailed(
+            "the repository is not clean after the repair",
+            hint="see 'dedupe verify --read-data'; a generation no replica holds is lost here",
+        )
 
 
 @cli.group(short_help="Key holders, roles and epochs.")

@@ -181,6 +181,13 @@ class ObjectChanged(BackendError):
     delete_if). Nothing was changed."""
 
 
+class ReplicaError(DedupeError):
+    """A replica (docs/FORMAT.md 4.3.1) could not be opened or written: a backup with a
+    sync replica then commits nothing; an async sync or a repair names the replica."""
+
+    exit_code = 61
+
+
 class Interrupted(DedupeError):
     """Ctrl-C (SIGINT): the command stopped where it was. What it had committed stays
     valid; a backup keeps and indexes the packs it stored (the next backup reuses them)."""
