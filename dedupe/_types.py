@@ -118,6 +118,18 @@ class Generation:
     # "<repository id>/<generation id>" of the generation `copy` made this one from.
     copied_from: str | None = None
 
+    def copy_of(self, origin: Generation, repository: str) -> bool:
+        """Whether this generation says it is a copy of `origin` (of repository id
+        `repository`) and its header agrees: name, creation time, size, kind of source.
+        The claim is as good as the keys of the repository holding this one (whoever may
+        back up there can plant one that agrees); what it holds is checked by whoever
+        reads it for the original (dedupe/replication.py)."""
+        return (
+            self.copied_from == f"{repository}/{origin.id}"
+            and (self.name, self.created, self.size) == (origin.name, origin.created, origin.size)
+            and self.source.get("type") == origin.source.get("type")
+        )
+
     @property
     def dedupe_ratio(self) -> float:
         """Logical size over the bytes this generation added (inf when it added none)."""

@@ -432,12 +432,24 @@ class Repository:
         allow_empty: bool,
         options: dict[str, Any],
     ) -> BackupStats:
-        parent, note = self._parent_for(gens, name, kind)
+        # A copy (copy, replicas) chains onto the copy of its original's parent only
+        # ("parents" narrows the candidates), never onto an orphan copy.
+        narrow = options.pop("parents", None)
+        parent, note = self._parent_for(gens if narrow is None else narrow(gens), name, kind)
         # Replication (dedupe/replication.py) waits at the commit: a sync replica for the
         # primary's id before it makes its header ("before_header"), the primary for every
-        # sync replica's commit once its own id is known ("before_write").
+        # sync replica's commit once its own id is known ("before_write"). The lock is
+        # confirmed after each wait: it may have been lost meanwhile.
         before_header = options.pop("before_header", None)
-        confirm = lock.confirm if before_header is None else _then(lock.confirm, before_header)
+        confirm = lock.confirm if before_header is None else _then(before_header, lock.confirm)
+        before_write = options.get("before_write")
+        if before_write is not None:
+
+            async def then_confirm(gen_id: str, header: dict[str, Any]) -> None:
+                await before_write(gen_id, header)
+                await lock.confirm()
+
+            options = {**options, "before_write": then_confirm}
         if isinstance(source, str | os.PathLike) and os.path.isdir(source):
             stats = await self._backup_tree(
                 os.fspath(source),
@@ -952,12 +964,12 @@ class Repository:
             else await self.generations()
         )
         wanted = sorted({g.id: g for g in wanted}.values(), key=lambda g: (g.created, g.id))
-        there = {g.copied_from for g in await target.generations() if g.copied_from}
+        copies = [g for g in await target.generations() if g.copied_from]
         copied: list[CopiedGeneration] = []
         already: list[str] = []
         for gen in wanted:
             origin = f"{self.id}/{gen.id}"
-            if origin in there:
+            if any(c.copy_of(gen, self.id) for c in copies):
                 already.append(gen.id)
                 continue
             stats = await self._copy_one(target, gen, origin, progress, scratch)
@@ -991,7 +1003,13 @@ class Repository:
             "source": gen.source,
             "copied_from": origin,
         }
-        options: dict[str, Any] = {"exclude": (), "strict": True, "labels": labels}
+        parent = f"{self.id}/{gen.parent}" if gen.parent else None
+        options: dict[str, Any] = {
+            "exclude": (),
+            "strict": True,
+            "labels": labels,
+            "parents": lambda gens: [g for g in gens if parent and g.copied_from == parent],
+        }
         spec = kept_spec(gen.chunker, target._store.chunker_params)
         label = gen.source.get("label")
         if gen.source.get("type") != "tree":

@@ -33,6 +33,7 @@ import builtins
 import contextlib
 import os
 import re
+import secrets
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -44,6 +45,7 @@ from dedupe._types import BackupStats, CopyReport, Generation, ProgressCallback,
 from dedupe.chunking import Block, kept_spec, parse_spec
 from dedupe.crypto import get_passphrase
 from dedupe.engine import keys as key_ops
+from dedupe.engine.backup import ingest
 from dedupe.engine.prune import PruneReport
 from dedupe.engine.sources import iter_source
 from dedupe.engine.verify import VerifyReport, verify_repository
@@ -278,6 +280,8 @@ class Replicas:
         if mode not in REPLICA_MODES:
             raise ValueError(f"mode must be one of {', '.join(REPLICA_MODES)}, not {mode!r}")
         location = os.fspath(location)
+        if "://" not in location:  # every later command resolves it the same way
+            location = os.path.abspath(location)
         if _same_place(location, self._repo.location):
             raise ValueError(f"{location} is this repository, not a replica of it")
         if name is None:
@@ -368,15 +372,24 @@ class Replicas:
             info = ReplicaInfo.of(record)
             try:
                 async with await self._open(record) as replica:
-                    copies = await self._copies(replica)
+                    theirs = await replica.generations()
             except DedupeError as e:
                 result.append(
                     ReplicaStatus(info, False, e.message, len(mine), None, None, None, None, None)
                 )
                 continue
+            copies = self._copies(theirs, mine)
             behind = [g for g in mine if g.id not in copies]
             done = [g for g in mine if g.id in copies]
             ids = {g.id for g in mine}
+            prefix = f"{self._repo.id}/"
+            orphans = [
+                g
+                for g in theirs
+                if g.copied_from
+                and g.copied_from.startswith(prefix)
+                and g.copied_from[len(prefix) :] not in ids
+            ]
             result.append(
                 ReplicaStatus(
                     info,
@@ -387,19 +400,28 @@ class Replicas:
                     [g.id for g in behind],
                     round(max(0.0, time.time() - _epoch(behind[0].created)), 3) if behind else 0.0,
                     done[-1].created if done else None,
-                    sum(1 for origin in copies if origin not in ids),
+                    len(orphans),
                 )
             )
         return result
 
-    async def _copies(self, replica: Repository) -> dict[str, Generation]:
-        """This repository's generation id -> its copy in `replica`."""
+    def _copies(
+        self, theirs: Sequence[Generation], mine: Sequence[Generation]
+    ) -> dict[str, builtins.list[Generation]]:
+        """Each of `mine` (this repository's generations) -> the generations among `theirs`
+        (a replica's) that say they are its copy and whose headers agree, newest first.
+        Only the replica's keys vouch for the claim: a holder of one that may back up
+        there can plant a copy; whoever reads one for the original checks its bytes."""
+        by_id = {g.id: g for g in mine}
         prefix = f"{self._repo.id}/"
-        return {
-            g.copied_from[len(prefix) :]: g
-            for g in await replica.generations()
-            if g.copied_from and g.copied_from.startswith(prefix)
-        }
+        found: dict[str, builtins.list[Generation]] = {}
+        for g in sorted(theirs, key=lambda g: (g.created, g.id), reverse=True):
+            if not g.copied_from or not g.copied_from.startswith(prefix):
+                continue
+            origin = by_id.get(g.copied_from[len(prefix) :])
+            if origin is not None and g.copy_of(origin, self._repo.id):
+                found.setdefault(origin.id, []).append(g)
+        return found
 
     async def sync(
         self,
@@ -476,6 +498,10 @@ class Replicas:
         primary: asyncio.Future[tuple[str, dict[str, Any]]] = (
             asyncio.get_running_loop().create_future()
         )
+        # The parent, chosen once for all: each copy chains onto the copy of the primary's
+        # parent, never onto an orphan (a copy of a generation the primary never committed).
+        parent, _note = repo._parent_for(await repo.generations(name), name, kind)
+        parent_copy = f"{repo.id}/{parent.id}" if parent is not None else None
 
         def replica_options(i: int) -> dict[str, Any]:
             labels = dict(options["labels"])
@@ -494,6 +520,7 @@ class Replicas:
                 "strict": options["strict"],
                 "labels": labels,
                 "before_header": before_header,
+                "parents": lambda gens: [g for g in gens if g.copied_from == parent_copy],
             }
 
         tasks = []
@@ -536,6 +563,8 @@ class Replicas:
 
         spec = None if chunker is None else parse_spec(chunker, repo.chunker)
         mine = {**options, "before_write": before_write}
+        if parent is not None:
+            mine["parents"] = lambda gens: [g for g in gens if g.id == parent.id]
         if tee is not None:
             mine["blocks"] = tee.branch(0)
         try:
@@ -590,7 +619,9 @@ class Replicas:
         self, gen_ids: Sequence[str], scratch: str | os.PathLike[str] | None = None
     ) -> tuple[builtins.list[HealedGeneration], dict[str, str]]:
         """Store again, from a replica's copy, the chunks each generation has no usable
-        copy of. -> (healed, {generation: why not})."""
+        copy of, and say which it could not. Admin key (it writes, and only an admin's
+        restore reads what it wrote). -> (healed, {generation: why not})."""
+        key_ops.require_admin(self._store, "repair from replicas")
         repo = self._repo
         store = self._store
         healed: builtins.list[HealedGeneration] = []
@@ -618,34 +649,40 @@ class Replicas:
                 break
             try:
                 async with await self._open(record) as replica:
-                    copies = await self._copies(replica)
+                    copies = self._copies(
+                        await replica.generations(), [gen for gen, _lost in todo.values()]
+                    )
                     for gen_id in [g for g in todo if g in copies]:
                         gen, lost = todo[gen_id]
-                        try:
-                            stats = await self._store_again(gen, replica, copies[gen_id], scratch)
-                            left = await self._lost_chunks(gen)
-                        except DedupeError as e:
-                            unhealed[gen_id] = f"replica {record.name}: {e.message}"
-                            continue
-                        if left:
-                            unhealed[gen_id] = (
-                                f"replica {record.name}'s copy {copies[gen_id].id[:12]} does "
-                                f"not hold {len(left)} of its chunks: it is not the same bytes"
+                        # Every copy that says it is this one, until one gives the lost
+                        # chunks back (the chunk ids are keyed here: only the same bytes do).
+                        for copy in copies[gen_id]:
+                            try:
+                                stats = await self._store_again(gen, replica, copy, scratch)
+                                left = await self._lost_chunks(gen)
+                            except DedupeError as e:
+                                unhealed[gen_id] = f"replica {record.name}: {e.message}"
+                                continue
+                            if left:
+                                unhealed[gen_id] = (
+                                    f"replica {record.name}'s copy {copy.id[:12]} does not "
+                                    f"hold {len(left)} of its chunks: it is not the same bytes"
+                                )
+                                continue
+                            unhealed.pop(gen_id, None)
+                            del todo[gen_id]
+                            healed.append(
+                                HealedGeneration(
+                                    gen_id,
+                                    gen.name,
+                                    record.name,
+                                    copy.id,
+                                    len(lost),
+                                    stats.chunks_new,
+                                    stats.bytes_stored,
+                                )
                             )
-                            continue
-                        unhealed.pop(gen_id, None)
-                        del todo[gen_id]
-                        healed.append(
-                            HealedGeneration(
-                                gen_id,
-                                gen.name,
-                                record.name,
-                                copies[gen_id].id,
-                                len(lost),
-                                stats.chunks_new,
-                                stats.bytes_stored,
-                            )
-                        )
+                            break
             except DedupeError as e:
                 for gen_id in todo:
                     unhealed.setdefault(gen_id, e.message)
@@ -722,24 +759,75 @@ class Replicas:
                 "damaged copies are quarantined: 'dedupe prune' deletes them"
             )
             return _restore_note(stats, note)
+        if not isinstance(target, str | os.PathLike):
+            raise error  # what was written to a file object stays written
+        if gen.source.get("type") == "tree":
+            raise IntegrityError(
+                error.message,
+                hint="this repository has replicas: an admin's 'dedupe replica repair' "
+                "repairs it from them; then restore again",
+            ) from error
+        return await self._restore_checked_copy(gen, os.fspath(target), overwrite, error)
+
+    async def _restore_checked_copy(
+        self, gen: Generation, target: str, overwrite: bool, error: DedupeError
+    ) -> RestoreStats:
+        """A reader's restore of a stream generation from a replica: each copy that says
+        it is `gen` is restored beside the target and cut again with this repository's
+        chunker and keyed ids; only a copy that gives back the generation's own chunk
+        table (the same bytes) is renamed into place."""
+        from dedupe.api import _file_name
+
+        started = time.monotonic()
+        path = os.path.join(target, _file_name(gen)) if os.path.isdir(target) else target
+        if os.path.lexists(path) and not overwrite:
+            raise error  # the restore from here would have refused it first
+        _meta, table = await self._store.generation_chunks(gen.id)
+        spec = kept_spec(gen.chunker, self._store.chunker_params)
+        where, base = os.path.split(os.path.abspath(path))
         for record in self._records():
             try:
                 async with await self._open(record) as replica:
-                    copy = (await self._copies(replica)).get(gen.id)
-                    if copy is None:
-                        continue
-                    stats = await replica.restore(copy, target, overwrite=overwrite)
+                    candidates = self._copies(await replica.generations(), [gen]).get(gen.id, [])
+                    for copy in candidates:
+                        scratch = os.path.join(where, f".{base}.dedupe-{secrets.token_hex(4)}")
+                        try:
+                            stats = await replica.restore(copy, scratch)
+                            if not await self._cuts_to(scratch, spec, table):
+                                continue
+                            os.replace(scratch, path)
+                        finally:
+                            with contextlib.suppress(FileNotFoundError):
+                                os.unlink(scratch)
+                        note = (
+                            f"generation {gen.id[:12]} is damaged here ({error.message}); it "
+                            f"was restored from replica {record.name} ({copy.id[:12]}), "
+                            "checked against this generation's chunk ids. This key may not "
+                            "write: run 'dedupe replica repair' with an admin key to repair "
+                            "this repository"
+                        )
+                        return RestoreStats(
+                            gen.id,
+                            stats.bytes_written,
+                            gen.chunks,
+                            time.monotonic() - started,
+                            note,
+                        )
             except DedupeError:
                 continue
-            note = (
-                f"generation {gen.id[:12]} is damaged here ({error.message}); it was restored "
-                f"from replica {record.name} ({copy.id[:12]}). This key may not write: run "
-                "'dedupe replica repair' with an admin key to repair this repository"
-            )
-            return _restore_note(
-                RestoreStats(gen.id, stats.bytes_written, gen.chunks, stats.seconds), note
-            )
         raise error
+
+    async def _cuts_to(self, path: str, spec: dict[str, Any] | str, table: bytes) -> bool:
+        """Whether the file at `path`, cut with `spec` and this repository's keys, gives
+        the chunk table `table` (nothing is stored)."""
+        got = await ingest(
+            self._store,
+            iter_source(path),
+            executor=self._repo._executor,
+            chunker=spec,
+            dry_run=True,
+        )
+        return bytes(got.table) == bytes(table)
 
     async def _quarantine_damage(self, gen: Generation) -> None:
         """Read the packs `gen` reads (verify --read-data on them alone), so that its

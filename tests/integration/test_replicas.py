@@ -474,10 +474,21 @@ def test_a_replica_copy_that_is_not_the_same_bytes_repairs_nothing(
     async def go() -> None:
         repo = await new_pair(tmp_path / "p", str(tmp_path / "r"))
         async with repo:
-            gen_id = (await repo.backup(io.BytesIO(data), name="db")).id
+            gen = await repo.resolve((await repo.backup(io.BytesIO(data), name="db")).id)
+            gen_id = gen.id
             await repo.replicas.add(tmp_path / "r", name="dr")
+            await repo.keys.add(
+                "reader passphrase", role="reader", name="r", kdf=KdfParams.weakest()
+            )
         async with await open_replica(str(tmp_path / "r")) as replica:
-            labels = {"host": "h", "tags": [], "copied_from": f"{repo.id}/{gen_id}"}
+            # Its header agrees (name, time, size, source): only its bytes differ.
+            labels = {
+                "host": "h",
+                "tags": [],
+                "copied_from": f"{repo.id}/{gen_id}",
+                "created": gen.created,
+                "source": gen.source,
+            }
             options = {"exclude": (), "strict": True, "labels": labels}
             other = os.urandom(600_000)
             await replica._backup(io.BytesIO(other), "db", "full", None, None, None, True, options)
@@ -487,6 +498,11 @@ def test_a_replica_copy_that_is_not_the_same_bytes_repairs_nothing(
             with pytest.raises(IntegrityError, match="not the same bytes"):
                 await repo.restore(gen_id, tmp_path / "out")
             assert not (tmp_path / "out").exists()
+        # A reader, which restores the copy itself, cuts it first: refused, nothing written.
+        async with await open_primary(tmp_path / "p", "reader passphrase") as reader:
+            with pytest.raises(IntegrityError):
+                await reader.restore(gen_id, tmp_path / "out")
+            assert list(tmp_path.glob("*out*")) == []
 
     run_asyncio(go())
 
