@@ -6,6 +6,7 @@ event loop policy: the caller's loop (asyncio or uvloop) is used as it is.
 
 from dedupe.api import (
     BackupStats,
+    Command,
     Generation,
     Progress,
     Repository,
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackupStats",
+    "Command",
     "DamagedObject",
     "DedupeError",
     "ForgetReport",

@@ -59,6 +59,7 @@ from dedupe.crypto import KdfParams, get_passphrase
 from dedupe.crypto.aead import Buffer
 from dedupe.engine import iter_source, restore_chunks, run_backup, write_to_fileobj, write_to_path
 from dedupe.engine import keys as key_ops
+from dedupe.engine.commands import Command, write_to_command
 from dedupe.engine.forget import ForgetPolicy, ForgetReport, run_forget
 from dedupe.engine.keys import KeyInfo, KeyStatus, RotateReport
 from dedupe.engine.listing import (
@@ -92,6 +93,7 @@ log = logging.getLogger("dedupe")
 
 __all__ = [
     "BackupStats",
+    "Command",
     "Generation",
     "KeyInfo",
     "KeyManager",
@@ -104,8 +106,8 @@ __all__ = [
 ]
 
 Location = str | os.PathLike[str] | Backend
-Source = str | os.PathLike[str] | BinaryIO | AsyncIterable[bytes]
-Target = str | os.PathLike[str] | BinaryIO
+Source = str | os.PathLike[str] | BinaryIO | AsyncIterable[bytes] | Command
+Target = str | os.PathLike[str] | BinaryIO | Command
 KINDS = ("full", "incremental", "differential")
 # Which roles may do what (docs/FORMAT.md 4.4); listing generations and locks is open to all.
 PERMITTED = {
@@ -475,6 +477,9 @@ class Repository:
                 size_hint = st.st_size
                 if stat.S_ISREG(st.st_mode):  # what a restore to a path gives back
                     info.update(mode=stat.S_IMODE(st.st_mode), mtime_ns=st.st_mtime_ns)
+        if isinstance(source, Command):  # what it is, as the generation records it
+            label = label or source.describe()
+            info.update(source.info)
         info["label"] = label or ""
         # The parent's complete table, in a file: the delta reads it from there.
         spilled = None
@@ -793,6 +798,8 @@ class Repository:
                         mode=gen.source.get("mode"),
                         mtime_ns=gen.source.get("mtime_ns"),
                     )
+                elif isinstance(target, Command):
+                    written = await write_to_command(stream, target)
                 else:
                     written = await write_to_fileobj(stream, target)
             return RestoreStats(gen.id, written, gen.chunks, time.monotonic() - started)

@@ -405,8 +405,16 @@ def init(
         click.echo("keep the passphrase safe: without it the data cannot be read")
 
 
-@cli.command(short_help="Back up a file, a directory tree or standard input.")
-@click.argument("source")
+@cli.command(short_help="Back up a file, a directory tree, standard input or a command.")
+@click.argument("source", required=False)
+@click.option(
+    "--from-command",
+    "from_command",
+    metavar="COMMAND",
+    help="Back up what COMMAND writes to its standard output (e.g. 'pg_dump -Fc -Z0 db'; "
+    "split as a shell would, run without one). If it fails, is killed or writes nothing, "
+    "nothing is committed and the error quotes its standard error.",
+)
 @click.option(
     "--name",
     required=True,
@@ -467,7 +475,8 @@ def init(
 @handle_errors
 def backup(
     ctx: click.Context,
-    source: str,
+    source: str | None,
+    from_command: str | None,
     name: str,
     kind: str,
     chunker: str | None,
@@ -478,13 +487,23 @@ def backup(
     allow_empty: bool,
     as_json: bool,
 ) -> None:
-    """Back up SOURCE (a file, a directory tree, or - for standard input) as a new
-    generation of NAME.
+    """Back up SOURCE (a file, a directory tree, or - for standard input), or what
+    --from-command writes, as a new generation of NAME.
 
-    In a pipeline, run the shell with `set -o pipefail`, so that a dump that fails fails
-    the pipeline too: dedupe sees only what the dump wrote before it failed."""
+    Prefer --from-command to a pipe: dedupe then sees the dump's exit status. In a
+    pipeline, run the shell with `set -o pipefail`, so that a dump that fails fails the
+    pipeline too: dedupe sees only what the dump wrote before it failed."""
+    from dedupe.api import Command
 
-    if exclude and (source == "-" or not os.path.isdir(source)):
+    if (source is None) == (from_command is None):
+        raise click.UsageError("give a SOURCE or --from-command COMMAND (one of them)")
+    command = None
+    if from_command is not None:
+        try:
+            command = Command.parse(from_command)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--from-command") from None
+    if exclude and (source is None or source == "-" or not os.path.isdir(source)):
         raise click.BadParameter("applies to directory trees only", param_hint="--exclude")
     for tag in tags:
         if not tag or "," in tag or not tag.isprintable():
@@ -493,9 +512,10 @@ def backup(
     async def go() -> dict[str, Any]:
         async with await open_repo(ctx) as repo:
             stdin = source == "-"
+            what: Any = command or (sys.stdin.buffer if stdin else source)
             with progress_bar(not as_json, f"backup {name}") as callback:
                 stats = await repo.backup(
-                    sys.stdin.buffer if stdin else source,
+                    what,
                     name=name,
                     kind=kind,
                     progress=callback,
@@ -740,21 +760,44 @@ def diff(ctx: click.Context, old: str, new: str, as_json: bool) -> None:
     click.echo(f"{len(r['added'])} added, {len(r['removed'])} removed, {len(r['changed'])} changed")
 
 
-@cli.command(short_help="Restore a generation to a file, a directory or stdout.")
+@cli.command(short_help="Restore a generation to a file, a directory, stdout or a command.")
 @click.argument("generation")
-@click.argument("target")
+@click.argument("target", required=False)
+@click.option(
+    "--to-command",
+    "to_command",
+    metavar="COMMAND",
+    help="Write the generation into COMMAND's standard input (e.g. 'pg_restore -d newdb'); "
+    "fails if COMMAND fails or stops reading.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace TARGET if it exists.")
 @click.option("--force", is_flag=True, help="Write to standard output even if it is a terminal.")
 @json_option
 @click.pass_context
 @handle_errors
 def restore(
-    ctx: click.Context, generation: str, target: str, overwrite: bool, force: bool, as_json: bool
+    ctx: click.Context,
+    generation: str,
+    target: str | None,
+    to_command: str | None,
+    overwrite: bool,
+    force: bool,
+    as_json: bool,
 ) -> None:
     """Restore GENERATION (an id, a unique prefix, or NAME@latest; latest when the
     repository holds one name) to TARGET: a path, a directory (the file goes in under the
     name it was backed up as, with its mode and modification time), or - for standard
     output. The bytes are verified before they are written."""
+    from dedupe.api import Command
+
+    if (target is None) == (to_command is None):
+        raise click.UsageError("give a TARGET or --to-command COMMAND (one of them)")
+    command = None
+    if to_command is not None:
+        try:
+            command = Command.parse(to_command)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--to-command") from None
     if target == "-" and not force and sys.stdout.isatty():
         raise TargetError(
             "standard output is a terminal: refusing to write a binary stream to it",
@@ -765,9 +808,12 @@ def restore(
         async with await open_repo(ctx) as repo:
             to_stdout = target == "-"
             with progress_bar(not as_json and not to_stdout, "restore") as callback:
-                if to_stdout:
+                if command is not None:
+                    stats = await repo.restore(generation, command, progress=callback)
+                elif to_stdout:
                     stats = await repo.restore(generation, sys.stdout.buffer, progress=callback)
                 else:
+                    assert target is not None
                     stats = await repo.restore(
                         generation, target, overwrite=overwrite, progress=callback
                     )
@@ -780,7 +826,7 @@ def restore(
     elif target != "-":
         mbs = s["bytes_written"] / s["seconds"] / 1e6 if s["seconds"] else 0.0
         click.echo(
-            f"restored generation {s['id'][:12]} to {target}: "
+            f"restored generation {s['id'][:12]} to {target or to_command}: "
             f"{human_bytes(s['bytes_written'])}, verified, {s['seconds']:.2f} s ({mbs:.0f} MB/s)"
         )
         if s.get("note"):

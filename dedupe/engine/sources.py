@@ -21,14 +21,17 @@ from typing import BinaryIO
 import aiofiles
 
 from dedupe.chunking import Block, BlockReader, MapReader
+from dedupe.engine.commands import Command, command_output
 from dedupe.errors import SourceError
 
 READ_SIZE = 2 * 1024 * 1024
 
-Source = str | os.PathLike[str] | BinaryIO | AsyncIterable[bytes]
+Source = str | os.PathLike[str] | BinaryIO | AsyncIterable[bytes] | Command
 
 
 def iter_source(source: Source, read_size: int = READ_SIZE) -> AsyncIterator[bytes | Block]:
+    if isinstance(source, Command):
+        return command_output(source, read_size)
     if isinstance(source, str | os.PathLike):
         return _iter_path(os.fspath(source), read_size)
     if hasattr(source, "__aiter__"):
