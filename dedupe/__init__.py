@@ -11,6 +11,8 @@ from dedupe.api import (
     Progress,
     Repository,
     RestoreStats,
+    SQLiteDatabase,
+    postgres_dump,
 )
 from dedupe.engine.forget import ForgetReport
 from dedupe.engine.prune import PruneReport
@@ -30,6 +32,8 @@ __all__ = [
     "PruneReport",
     "Repository",
     "RestoreStats",
+    "SQLiteDatabase",
     "VerifyReport",
     "__version__",
+    "postgres_dump",
 ]

@@ -20,6 +20,7 @@ raises `RoleNotPermitted` before it changes or reads anything.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -30,10 +31,10 @@ import tempfile
 import time
 from collections.abc import (
     AsyncGenerator,
-    AsyncIterable,
     AsyncIterator,
     Awaitable,
     Callable,
+    Mapping,
     Sequence,
 )
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +61,14 @@ from dedupe.crypto.aead import Buffer
 from dedupe.engine import iter_source, restore_chunks, run_backup, write_to_fileobj, write_to_path
 from dedupe.engine import keys as key_ops
 from dedupe.engine.commands import Command, write_to_command
+from dedupe.engine.databases import (
+    SQLiteDatabase,
+    is_postgres_dump,
+    postgres_dump,
+    postgres_restore_into,
+    run_command,
+    sqlite_snapshot,
+)
 from dedupe.engine.forget import ForgetPolicy, ForgetReport, run_forget
 from dedupe.engine.keys import KeyInfo, KeyStatus, RotateReport
 from dedupe.engine.listing import (
@@ -71,6 +80,7 @@ from dedupe.engine.listing import (
 )
 from dedupe.engine.prune import PruneReport, run_prune
 from dedupe.engine.repair import RepairReport, repair_index
+from dedupe.engine.sources import Source as StreamSource
 from dedupe.engine.tree import backup_tree, load_tree, restore_tree
 from dedupe.engine.verify import SubsetSpec, VerifyReport, verify_repository
 from dedupe.errors import (
@@ -80,6 +90,7 @@ from dedupe.errors import (
     IntegrityError,
     RepositoryLocked,
     RoleNotPermitted,
+    SourceError,
     TargetError,
 )
 from dedupe.format.config import DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_SIZE
@@ -94,6 +105,8 @@ log = logging.getLogger("dedupe")
 __all__ = [
     "BackupStats",
     "Command",
+    "SQLiteDatabase",
+    "postgres_dump",
     "Generation",
     "KeyInfo",
     "KeyManager",
@@ -106,7 +119,7 @@ __all__ = [
 ]
 
 Location = str | os.PathLike[str] | Backend
-Source = str | os.PathLike[str] | BinaryIO | AsyncIterable[bytes] | Command
+Source = StreamSource | SQLiteDatabase
 Target = str | os.PathLike[str] | BinaryIO | Command
 KINDS = ("full", "incremental", "differential")
 # Which roles may do what (docs/FORMAT.md 4.4); listing generations and locks is open to all.
@@ -373,15 +386,45 @@ class Repository:
             "labels": labels,
             "dry_run": dry_run,
         }
+        if isinstance(source, SQLiteDatabase):
+            return await self._backup_sqlite(source, name, kind, progress, chunker, options)
         if self.replicas.sync_replicas() and not dry_run:
             return await self.replicas.backup(
                 source, name, kind, progress, label, chunker, allow_empty, options
             )
         return await self._backup(source, name, kind, progress, label, spec, allow_empty, options)
 
+    async def _backup_sqlite(
+        self,
+        db: SQLiteDatabase,
+        name: str,
+        kind: str,
+        progress: ProgressCallback | None,
+        chunker: str | None,
+        options: dict[str, Any],
+    ) -> BackupStats:
+        """A snapshot of a live SQLite database (engine/databases.py), backed up as the
+        file it is, then removed; the generation records the database, not the copy."""
+        try:
+            st = os.stat(db.path)
+        except OSError as e:
+            raise SourceError(f"cannot read {db.path}: {e.strerror}") from None
+        with tempfile.TemporaryDirectory(prefix="dedupe-sqlite-", dir=db.scratch) as tmp:
+            copy = os.path.join(tmp, os.path.basename(db.path) or "database")
+            info = await asyncio.to_thread(sqlite_snapshot, db.path, copy)
+            info.update(mode=stat.S_IMODE(st.st_mode), mtime_ns=st.st_mtime_ns)
+            options = {**options, "source_info": info}
+            label = f"sqlite:{os.path.abspath(db.path)}"
+            if self.replicas.sync_replicas() and not options.get("dry_run"):
+                return await self.replicas.backup(
+                    copy, name, kind, progress, label, chunker, False, options
+                )
+            spec = None if chunker is None else parse_spec(chunker, self._store.chunker_params)
+            return await self._backup(copy, name, kind, progress, label, spec, False, options)
+
     async def _backup(
         self,
-        source: Source,
+        source: StreamSource,
         name: str,
         kind: str,
         progress: ProgressCallback | None,
@@ -423,7 +466,7 @@ class Repository:
 
     async def _backup_source(
         self,
-        source: Source,
+        source: StreamSource,
         name: str,
         kind: str,
         gens: list[Generation],
@@ -481,6 +524,7 @@ class Repository:
             label = label or source.describe()
             info.update(source.info)
         info["label"] = label or ""
+        info.update(options.get("source_info") or {})
         # The parent's complete table, in a file: the delta reads it from there.
         spilled = None
         if parent is not None:
@@ -764,6 +808,36 @@ class Repository:
             stats = await self.replicas.restore_after_damage(gen, target, overwrite, progress, e)
             log.warning("%s", stats.note)
             return stats
+
+    async def restore_into_postgres(
+        self,
+        generation: str | Generation,
+        newdb: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> RestoreStats:
+        """Create PostgreSQL database `newdb` and fill it from a logical generation (a
+        `postgres_dump` source) with pg_restore; libpq's environment (or `env`) says
+        where. If the restore fails, `newdb` is dropped again: no half-filled database
+        is left behind. `newdb` must not exist."""
+        self._require("restore")
+        gen = await self.resolve(generation)
+        if not is_postgres_dump(gen.source):
+            raise TargetError(
+                f"generation {gen.id[:12]} is not a PostgreSQL dump made by dedupe "
+                f"(its source: {gen.source.get('label')!r})",
+                hint="restore it to a file, or into a command with --to-command",
+            )
+        create, fill, drop = postgres_restore_into(newdb, env)
+        await run_command(create)
+        try:
+            stats = await self.restore(gen, fill, progress=progress)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await run_command(drop)
+            raise
+        return dataclasses.replace(stats, note=f"database {newdb} created and filled")
 
     async def _restore_with_lock(
         self,

@@ -487,8 +487,10 @@ def backup(
     allow_empty: bool,
     as_json: bool,
 ) -> None:
-    """Back up SOURCE (a file, a directory tree, or - for standard input), or what
-    --from-command writes, as a new generation of NAME.
+    """Back up SOURCE as a new generation of NAME: a file, a directory tree, - for
+    standard input, pg:DBNAME (a PostgreSQL database: pg_dump -Fc -Z0, connection from
+    libpq's environment, PGHOST, PGUSER, ~/.pgpass...), sqlite:PATH (a live SQLite
+    database, snapshotted with its online backup API), or what --from-command writes.
 
     Prefer --from-command to a pipe: dedupe then sees the dump's exit status. In a
     pipeline, run the shell with `set -o pipefail`, so that a dump that fails fails the
@@ -510,9 +512,15 @@ def backup(
             raise click.BadParameter(f"{tag!r}: printable, non-empty, no ','", param_hint="--tag")
 
     async def go() -> dict[str, Any]:
+        from dedupe.api import SQLiteDatabase, postgres_dump
+
         async with await open_repo(ctx) as repo:
             stdin = source == "-"
             what: Any = command or (sys.stdin.buffer if stdin else source)
+            if source is not None and source.startswith("pg:"):
+                what = await postgres_dump(source[3:])
+            elif source is not None and source.startswith("sqlite:"):
+                what = SQLiteDatabase(source[7:])
             with progress_bar(not as_json, f"backup {name}") as callback:
                 stats = await repo.backup(
                     what,
@@ -770,6 +778,13 @@ def diff(ctx: click.Context, old: str, new: str, as_json: bool) -> None:
     help="Write the generation into COMMAND's standard input (e.g. 'pg_restore -d newdb'); "
     "fails if COMMAND fails or stops reading.",
 )
+@click.option(
+    "--into-db",
+    "into_db",
+    metavar="NEWDB",
+    help="Create PostgreSQL database NEWDB and fill it from a pg: generation (pg_restore); "
+    "dropped again if that fails.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace TARGET if it exists.")
 @click.option("--force", is_flag=True, help="Write to standard output even if it is a terminal.")
 @json_option
@@ -780,6 +795,7 @@ def restore(
     generation: str,
     target: str | None,
     to_command: str | None,
+    into_db: str | None,
     overwrite: bool,
     force: bool,
     as_json: bool,
@@ -790,8 +806,8 @@ def restore(
     output. The bytes are verified before they are written."""
     from dedupe.api import Command
 
-    if (target is None) == (to_command is None):
-        raise click.UsageError("give a TARGET or --to-command COMMAND (one of them)")
+    if [target, to_command, into_db].count(None) != 2:
+        raise click.UsageError("give one of TARGET, --to-command COMMAND, --into-db NEWDB")
     command = None
     if to_command is not None:
         try:
@@ -808,7 +824,9 @@ def restore(
         async with await open_repo(ctx) as repo:
             to_stdout = target == "-"
             with progress_bar(not as_json and not to_stdout, "restore") as callback:
-                if command is not None:
+                if into_db is not None:
+                    stats = await repo.restore_into_postgres(generation, into_db, progress=callback)
+                elif command is not None:
                     stats = await repo.restore(generation, command, progress=callback)
                 elif to_stdout:
                     stats = await repo.restore(generation, sys.stdout.buffer, progress=callback)
@@ -826,7 +844,7 @@ def restore(
     elif target != "-":
         mbs = s["bytes_written"] / s["seconds"] / 1e6 if s["seconds"] else 0.0
         click.echo(
-            f"restored generation {s['id'][:12]} to {target or to_command}: "
+            f"restored generation {s['id'][:12]} to {target or to_command or into_db}: "
             f"{human_bytes(s['bytes_written'])}, verified, {s['seconds']:.2f} s ({mbs:.0f} MB/s)"
         )
         if s.get("note"):

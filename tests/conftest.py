@@ -245,3 +245,30 @@ async def part_live_packs(repo: Repository, kept: bytes) -> tuple[str, str]:
     keep = await repo.backup(io.BytesIO(kept), name="a", kind="full")
     await repo.forget(ids=[gone.id])
     return gone.id, keep.id
+
+
+# --- PostgreSQL: a throwaway server on 127.0.0.1, started by the tests -------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[dict[str, str]]:
+    """The libpq environment of a PostgreSQL server the session starts (tests/pgserver.py)
+    and stops. Not skipped when PostgreSQL is missing (.ci/run installs it)."""
+    from pgserver import server
+
+    with server() as env:
+        yield env
+
+
+_databases = iter(range(1, 1 << 30))
+
+
+@pytest.fixture
+def pg(postgres_server: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The server's environment set for this process (children get it too), and a fresh
+    database name in `pg["db"]` (created empty)."""
+    for key, value in postgres_server.items():
+        monkeypatch.setenv(key, value)
+    db = f"t{os.getpid()}_{next(_databases)}"
+    subprocess.run(["createdb", db], check=True, capture_output=True, timeout=60)
+    return {**postgres_server, "db": db}

@@ -1,0 +1,160 @@
+"""Databases as sources: PostgreSQL through its own tools, SQLite through its online
+backup API (docs/OPERATIONS.md, "Databases").
+
+- `postgres_dump(dbname)`: a Command running `pg_dump -Fc -Z0`, the custom format,
+  uncompressed: compression makes every dump's bytes differ after the first change, so
+  nothing deduplicates (docs/CHUNKING.md has the measurement), and the repository
+  compresses what it stores anyway. Connection settings come from libpq's environment
+  (PGHOST, PGPORT, PGUSER, PGPASSWORD or ~/.pgpass, PGSSLMODE, ...). The generation
+  records the database, the server's version and the time the dump started.
+- `postgres_restore_into(newdb)`: the Commands that create `newdb` and fill it from a
+  logical generation (`pg_restore`), and the one that drops it again if that fails.
+- `sqlite_snapshot(path, into)`: a consistent copy of a live SQLite database (rollback
+  journal or WAL) made with the online backup API, while other connections keep
+  writing; the copy is what is backed up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from dedupe.engine.commands import Command
+from dedupe.errors import SourceError, TargetError
+
+POSTGRES_FORMAT = "pg_dump custom, uncompressed"
+
+
+@dataclass(frozen=True)
+class SQLiteDatabase:
+    """A backup source: the live SQLite database at `path`, snapshotted with the online
+    backup API (`sqlite_snapshot`) into a temporary file under `scratch` (default:
+    $TMPDIR), which is backed up and removed."""
+
+    path: str
+    scratch: str | None = None
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+async def _output(argv: list[str], env: Mapping[str, str] | None, what: str) -> str:
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=None if env is None else dict(env),
+        )
+    except OSError as e:
+        raise SourceError(f"cannot run {argv[0]} ({what}): {e.strerror}") from None
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise SourceError(
+            f"{what} failed (status {proc.returncode}): {err.decode(errors='replace').strip()}"
+        )
+    return out.decode(errors="replace").strip()
+
+
+async def postgres_dump(dbname: str, env: Mapping[str, str] | None = None) -> Command:
+    """The source of a logical backup of PostgreSQL database `dbname` (see the module
+    docstring). Asks the server its version first: a database that cannot be reached
+    fails here, before anything is read."""
+    version = await _output(
+        ["psql", "-XAtq", "-d", dbname, "-c", "select current_setting('server_version')"],
+        env,
+        f"connecting to PostgreSQL database {dbname!r}",
+    )
+    info: dict[str, Any] = {
+        "database": dbname,
+        "engine": "postgresql",
+        "server_version": version,
+        "format": POSTGRES_FORMAT,
+        "dump_started": _now(),
+    }
+    return Command(
+        ("pg_dump", "-Fc", "-Z0", "--no-password", "-d", dbname),
+        env=env,
+        label=f"pg:{dbname}",
+        info=info,
+    )
+
+
+def postgres_restore_into(
+    newdb: str, env: Mapping[str, str] | None = None
+) -> tuple[Command, Command, Command]:
+    """(create `newdb`, fill it from a custom-format dump on stdin, drop it again)."""
+    if not newdb or newdb.startswith("-"):
+        raise ValueError(f"{newdb!r} is not a database name")
+    return (
+        Command(("createdb", "--no-password", newdb), env=env),
+        Command(
+            ("pg_restore", "--no-password", "--no-owner", "--exit-on-error", "-d", newdb), env=env
+        ),
+        Command(("dropdb", "--no-password", "--if-exists", newdb), env=env),
+    )
+
+
+def is_postgres_dump(source: Mapping[str, Any]) -> bool:
+    return source.get("engine") == "postgresql" and source.get("format") == POSTGRES_FORMAT
+
+
+async def run_command(command: Command) -> None:
+    """Run `command` to its end; TargetError with its status and stderr if it fails."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *command.argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env=None if command.env is None else dict(command.env),
+        )
+    except OSError as e:
+        raise TargetError(f"cannot run {command.describe()}: {e.strerror}") from None
+    _out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise TargetError(
+            f"{command.describe()} exited with status {proc.returncode}: "
+            f"{err.decode(errors='replace').strip()}"
+        )
+
+
+def sqlite_snapshot(path: str, into: str) -> dict[str, Any]:
+    """Copy the SQLite database at `path` into the new file `into` with the online backup
+    API, in one step: the copy is the database as of one transaction, whatever other
+    connections write meanwhile (in WAL mode they go on writing; in rollback-journal mode
+    a writer waits, as it would for any reader). -> what the generation records."""
+    if not os.path.isfile(path):
+        raise SourceError(f"{path} is not a file: no SQLite database to snapshot")
+    started = _now()
+    try:
+        source = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
+    except sqlite3.Error as e:
+        raise SourceError(f"cannot open {path} as a SQLite database: {e}") from None
+    try:
+        target = sqlite3.connect(into)
+        try:
+            source.backup(target)  # pages=-1: the whole database in one step
+            page_size = target.execute("pragma page_size").fetchone()[0]
+            journal = source.execute("pragma journal_mode").fetchone()[0]
+        finally:
+            target.close()
+    except sqlite3.Error as e:
+        raise SourceError(f"the online backup of {path} failed: {e}") from None
+    finally:
+        source.close()
+    return {
+        "database": os.path.abspath(path),
+        "engine": "sqlite",
+        "sqlite_version": sqlite3.sqlite_version,
+        "page_size": int(page_size),
+        "journal_mode": str(journal),
+        "snapshot_started": started,
+    }

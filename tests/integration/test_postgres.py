@@ -1,0 +1,178 @@
+"""PostgreSQL as a source, against a real server on 127.0.0.1 (tests/pgserver.py): a
+logical full, incremental and differential of a database that changes between them, each
+restored into a fresh database that matches the source at that moment, table by table;
+a dump that fails half way commits nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import PASSPHRASE, make_repo
+
+from dedupe import Command, Repository, postgres_dump
+from dedupe.errors import IntegrityError, SourceError, TargetError
+
+TABLES = ("customers", "orders")
+
+SCHEMA = """
+create table customers (id serial primary key, name text not null, city text);
+create table orders (
+    id bigserial primary key,
+    customer int not null references customers(id),
+    amount numeric(12, 2) not null,
+    note text
+);
+insert into customers (name, city)
+    select 'customer ' || g, (array['Oslo','Lyon','Porto','Graz'])[1 + g % 4]
+    from generate_series(1, 2000) g;
+insert into orders (customer, amount, note)
+    select 1 + g % 2000, (g % 997) * 1.25, repeat('line item ' || g, 3)
+    from generate_series(1, 60000) g;
+"""
+
+# About 1% of the rows change a day, as on a real system: the recent orders are amended,
+# a few old ones purged, new ones arrive, some customers move.
+DAY = """
+update orders set amount = amount + 1, note = note || ' (amended {n})'
+    where id > 60000 - 400 * {n};
+delete from orders where id between 1000 * {n} and 1000 * {n} + 40;
+insert into orders (customer, amount, note)
+    select 1 + g % 2000, g * 0.5, 'new on day {n}' from generate_series(1, 200) g;
+update customers set city = 'Bergen' where id between 100 * {n} and 100 * {n} + 5;
+"""
+
+
+HALF_WAY = """
+import subprocess, sys
+dump = subprocess.Popen(["pg_dump", *sys.argv[1:]], stdout=subprocess.PIPE)
+sys.stdout.buffer.write(dump.stdout.read(300_000))
+sys.stdout.flush()
+dump.kill()
+dump.wait()
+sys.stderr.write("pg_dump: killed half way\\n")
+sys.exit(137)
+"""
+
+
+def psql(db: str, sql: str) -> str:
+    out = subprocess.run(
+        ["psql", "-XAtq", "-v", "ON_ERROR_STOP=1", "-d", db, "-c", sql],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    return out.stdout.decode().strip()
+
+
+def state(db: str) -> dict[str, tuple[int, str]]:
+    """Each table's row count and a checksum of its rows in key order."""
+    found = {}
+    for table in TABLES:
+        row = psql(
+            db,
+            f"select count(*), coalesce(md5(string_agg(t::text, '|' order by t.id)), '') "
+            f"from {table} t",
+        )
+        count, digest = row.split("|")
+        found[table] = (int(count), digest)
+    return found
+
+
+def test_logical_full_incremental_differential_each_restore_into_a_new_database(
+    run_asyncio: Any, tmp_path: Path, pg: dict[str, str]
+) -> None:
+    db = pg["db"]
+    psql(db, SCHEMA)
+
+    async def go() -> None:
+        async with await make_repo(tmp_path / "repo") as repo:
+            made: dict[str, dict[str, tuple[int, str]]] = {}
+            for n, kind in enumerate(("full", "incremental", "differential", "incremental")):
+                if n:
+                    psql(db, DAY.format(n=n))
+                stats = await repo.backup(await postgres_dump(db), name="shop", kind=kind)
+                made[stats.id] = state(db)
+                assert stats.kind == kind
+            gens = await repo.generations("shop")
+            assert [g.kind for g in gens] == ["full", "incremental", "differential", "incremental"]
+            first = gens[0]
+            assert first.source["database"] == db and first.source["engine"] == "postgresql"
+            assert first.source["server_version"] and first.source["dump_started"]
+            assert first.source["label"] == f"pg:{db}"
+            # The day's change is about 1% of the rows: the incrementals store a fraction.
+            assert gens[1].new_bytes < gens[0].new_bytes / 4
+            for i, (gen_id, want) in enumerate(made.items()):
+                target = f"{db}_restored_{i}"
+                stats = await repo.restore_into_postgres(gen_id, target)
+                assert stats.note and target in stats.note
+                assert state(target) == want, f"generation {i} does not match its moment"
+
+    run_asyncio(go())
+
+
+def test_a_dump_that_fails_half_way_commits_nothing_and_a_failed_restore_leaves_no_database(
+    run_asyncio: Any, tmp_path: Path, pg: dict[str, str]
+) -> None:
+    db = pg["db"]
+    psql(db, SCHEMA)
+
+    async def go() -> None:
+        async with await make_repo(tmp_path / "repo") as repo:
+            good = await repo.backup(await postgres_dump(db), name="shop")
+            # pg_dump of a database that is not there: fails before anything is read.
+            with pytest.raises(SourceError, match="connecting to PostgreSQL"):
+                await postgres_dump(f"{db}_missing")
+            # A dump that dies half way: the real pg_dump, killed once it wrote 300 KB.
+            dump = await postgres_dump(db)
+            killer = Command(
+                (sys.executable, "-c", HALF_WAY, *dump.argv[1:]),
+                label=dump.label,
+                info=dump.info,
+            )
+            with pytest.raises(SourceError, match="status 137: pg_dump: killed half way"):
+                await repo.backup(killer, name="shop")
+            assert [g.id for g in await repo.generations()] == [good.id]
+            assert (await repo.verify(read_data=True)).ok
+            # A restore into a database that exists fails, and the existing one stays.
+            with pytest.raises(TargetError):
+                await repo.restore_into_postgres(good.id, db)
+            assert state(db)["orders"][0] == 60000
+        # A restore that fails half way (a damaged pack) drops the database it created.
+        packs = sorted(p for p in (tmp_path / "repo" / "packs").rglob("*") if p.is_file())
+        victim = packs[len(packs) // 2]
+        raw = bytearray(victim.read_bytes())
+        raw[len(raw) // 3] ^= 1
+        victim.write_bytes(bytes(raw))
+        async with await Repository.open(tmp_path / "repo", PASSPHRASE) as repo:
+            with pytest.raises(IntegrityError):
+                await repo.restore_into_postgres(good.id, f"{db}_half")
+        exists = f"select count(*) from pg_database where datname = '{db}_half'"
+        assert psql("postgres", exists) == "0"
+
+    run_asyncio(go())
+
+
+def test_the_cli_backs_up_pg_and_restores_into_a_new_database(
+    cli: Any, cli_env: dict[str, str], pg: dict[str, str]
+) -> None:
+    db = pg["db"]
+    psql(db, SCHEMA)
+    env = {**cli_env, **{k: v for k, v in os.environ.items() if k.startswith("PG")}}
+    assert cli("init", env=env).returncode == 0
+    backed = cli("backup", f"pg:{db}", "--name", "shop", "--json", env=env)
+    assert backed.returncode == 0, backed.stderr.decode()
+    gen = json.loads(backed.stdout)["id"]
+    listed = json.loads(cli("generations", "--json", env=env).stdout)
+    assert listed[0]["source"]["database"] == db
+    restored = cli("restore", gen, "--into-db", f"{db}_cli", env=env)
+    assert restored.returncode == 0, restored.stderr.decode()
+    assert state(f"{db}_cli") == state(db)
+    missing = cli("backup", f"pg:{db}_nope", "--name", "shop", env=env)
+    assert missing.returncode == SourceError.exit_code
+    assert "does not exist" in missing.stderr.decode()
