@@ -12,6 +12,7 @@ from dedupe.api import (
     Repository,
     RestoreStats,
     SQLiteDatabase,
+    postgres_basebackup,
     postgres_dump,
 )
 from dedupe.engine.forget import ForgetReport
@@ -35,5 +36,6 @@ __all__ = [
     "SQLiteDatabase",
     "VerifyReport",
     "__version__",
+    "postgres_basebackup",
     "postgres_dump",
 ]

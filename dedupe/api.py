@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import socket
 import stat
 import tempfile
@@ -63,7 +64,9 @@ from dedupe.engine import keys as key_ops
 from dedupe.engine.commands import Command, write_to_command
 from dedupe.engine.databases import (
     SQLiteDatabase,
+    is_postgres_basebackup,
     is_postgres_dump,
+    postgres_basebackup,
     postgres_dump,
     postgres_restore_into,
     run_command,
@@ -106,6 +109,7 @@ __all__ = [
     "BackupStats",
     "Command",
     "SQLiteDatabase",
+    "postgres_basebackup",
     "postgres_dump",
     "Generation",
     "KeyInfo",
@@ -523,6 +527,12 @@ class Repository:
         if isinstance(source, Command):  # what it is, as the generation records it
             label = label or source.describe()
             info.update(source.info)
+            learned = source.learned  # filled once the command succeeded: before the header
+
+            async def take_learned() -> None:
+                info.update(learned)
+
+            confirm = _then(confirm, take_learned)
         info["label"] = label or ""
         info.update(options.get("source_info") or {})
         # The parent's complete table, in a file: the delta reads it from there.
@@ -838,6 +848,52 @@ class Repository:
                 await run_command(drop)
             raise
         return dataclasses.replace(stats, note=f"database {newdb} created and filled")
+
+    async def restore_into_datadir(
+        self,
+        generation: str | Generation,
+        datadir: str | os.PathLike[str],
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> RestoreStats:
+        """Unpack a physical generation (a `postgres_basebackup` source) into `datadir`,
+        which must not exist or be empty: a PostgreSQL data directory with the WAL it
+        needs, ready to start (as the user that owns it). Removed again if the restore
+        fails."""
+        self._require("restore")
+        gen = await self.resolve(generation)
+        if not is_postgres_basebackup(gen.source):
+            raise TargetError(
+                f"generation {gen.id[:12]} is not a PostgreSQL base backup made by dedupe",
+                hint="restore it to a file, or into a command with --to-command",
+            )
+        path = os.path.abspath(os.fspath(datadir))
+        if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+            raise TargetError(f"{path} exists and is not an empty directory")
+        made = not os.path.exists(path)
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            os.chmod(path, 0o700)  # PostgreSQL starts only on a private data directory
+        except OSError as e:
+            raise TargetError(f"cannot create {path}: {e.strerror}") from None
+        untar = Command(("tar", "-x", "-f", "-", "-C", path))
+        try:
+            stats = await self.restore(gen, untar, progress=progress)
+        except BaseException:
+            if made:
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                for entry in os.scandir(path):
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        with contextlib.suppress(OSError):
+                            os.unlink(entry.path)
+            raise
+        wal = f"{gen.source.get('wal_start')} .. {gen.source.get('wal_end')}"
+        return dataclasses.replace(
+            stats, note=f"data directory {path} unpacked (WAL {wal}); start PostgreSQL on it"
+        )
 
     async def _restore_with_lock(
         self,

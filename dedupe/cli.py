@@ -489,7 +489,8 @@ def backup(
 ) -> None:
     """Back up SOURCE as a new generation of NAME: a file, a directory tree, - for
     standard input, pg:DBNAME (a PostgreSQL database: pg_dump -Fc -Z0, connection from
-    libpq's environment, PGHOST, PGUSER, ~/.pgpass...), sqlite:PATH (a live SQLite
+    libpq's environment, PGHOST, PGUSER, ~/.pgpass...), pgbase: (the whole server,
+    physically: pg_basebackup -D - -Ft -X fetch), sqlite:PATH (a live SQLite
     database, snapshotted with its online backup API), or what --from-command writes.
 
     Prefer --from-command to a pipe: dedupe then sees the dump's exit status. In a
@@ -512,12 +513,14 @@ def backup(
             raise click.BadParameter(f"{tag!r}: printable, non-empty, no ','", param_hint="--tag")
 
     async def go() -> dict[str, Any]:
-        from dedupe.api import SQLiteDatabase, postgres_dump
+        from dedupe.api import SQLiteDatabase, postgres_basebackup, postgres_dump
 
         async with await open_repo(ctx) as repo:
             stdin = source == "-"
             what: Any = command or (sys.stdin.buffer if stdin else source)
-            if source is not None and source.startswith("pg:"):
+            if source == "pgbase:":
+                what = await postgres_basebackup()
+            elif source is not None and source.startswith("pg:"):
                 what = await postgres_dump(source[3:])
             elif source is not None and source.startswith("sqlite:"):
                 what = SQLiteDatabase(source[7:])
@@ -785,6 +788,13 @@ def diff(ctx: click.Context, old: str, new: str, as_json: bool) -> None:
     help="Create PostgreSQL database NEWDB and fill it from a pg: generation (pg_restore); "
     "dropped again if that fails.",
 )
+@click.option(
+    "--into-datadir",
+    "into_datadir",
+    metavar="DIR",
+    type=click.Path(file_okay=False),
+    help="Unpack a pgbase: generation into DIR (new or empty): a data directory to start.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace TARGET if it exists.")
 @click.option("--force", is_flag=True, help="Write to standard output even if it is a terminal.")
 @json_option
@@ -796,6 +806,7 @@ def restore(
     target: str | None,
     to_command: str | None,
     into_db: str | None,
+    into_datadir: str | None,
     overwrite: bool,
     force: bool,
     as_json: bool,
@@ -806,8 +817,10 @@ def restore(
     output. The bytes are verified before they are written."""
     from dedupe.api import Command
 
-    if [target, to_command, into_db].count(None) != 2:
-        raise click.UsageError("give one of TARGET, --to-command COMMAND, --into-db NEWDB")
+    if [target, to_command, into_db, into_datadir].count(None) != 3:
+        raise click.UsageError(
+            "give one of TARGET, --to-command COMMAND, --into-db NEWDB, --into-datadir DIR"
+        )
     command = None
     if to_command is not None:
         try:
@@ -824,7 +837,11 @@ def restore(
         async with await open_repo(ctx) as repo:
             to_stdout = target == "-"
             with progress_bar(not as_json and not to_stdout, "restore") as callback:
-                if into_db is not None:
+                if into_datadir is not None:
+                    stats = await repo.restore_into_datadir(
+                        generation, into_datadir, progress=callback
+                    )
+                elif into_db is not None:
                     stats = await repo.restore_into_postgres(generation, into_db, progress=callback)
                 elif command is not None:
                     stats = await repo.restore(generation, command, progress=callback)
@@ -844,7 +861,8 @@ def restore(
     elif target != "-":
         mbs = s["bytes_written"] / s["seconds"] / 1e6 if s["seconds"] else 0.0
         click.echo(
-            f"restored generation {s['id'][:12]} to {target or to_command or into_db}: "
+            f"restored generation {s['id'][:12]} to "
+            f"{target or to_command or into_db or into_datadir}: "
             f"{human_bytes(s['bytes_written'])}, verified, {s['seconds']:.2f} s ({mbs:.0f} MB/s)"
         )
         if s.get("note"):

@@ -62,7 +62,8 @@ from dedupe.store.locks import RepositoryLock
 from dedupe.store.repository import utc_now
 
 if TYPE_CHECKING:
-    from dedupe.api import Passphrase, Repository, Source, Target
+    from dedupe.api import Passphrase, Repository, Target
+    from dedupe.engine.sources import Source
 
 # Blocks each branch of a Tee may hold before the reader waits for the slowest branch.
 TEE_DEPTH = 4

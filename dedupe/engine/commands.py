@@ -18,7 +18,7 @@ import shlex
 import signal
 import subprocess
 import threading
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -39,6 +39,10 @@ class Command:
     env: Mapping[str, str] | None = None
     label: str | None = None
     info: Mapping[str, Any] = field(default_factory=dict)
+    # Facts the command states on its standard error once it succeeded (pg_basebackup's
+    # WAL positions): `learn(stderr)` -> more of `info`, merged in before the commit.
+    learn: Callable[[str], Mapping[str, Any]] | None = None
+    learned: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if not self.argv or not all(isinstance(a, str) for a in self.argv):
@@ -136,9 +140,12 @@ async def command_output(command: Command, read_size: int) -> AsyncIterator[byte
                 break
             yield block
         status = await asyncio.to_thread(proc.wait)
-        problem = _outcome(command, status, await tail.text())
+        stderr = await tail.text()
+        problem = _outcome(command, status, stderr)
         if problem is not None:
             raise SourceError(f"{problem}; nothing was committed")
+        if command.learn is not None:
+            command.learned.update(command.learn(stderr))
     finally:
         await _stop(proc)
         proc.stdout.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -85,6 +86,67 @@ async def postgres_dump(dbname: str, env: Mapping[str, str] | None = None) -> Co
         label=f"pg:{dbname}",
         info=info,
     )
+
+
+BASEBACKUP_FORMAT = "pg_basebackup tar"
+_WAL_POINT = re.compile(
+    r"write-ahead log (start|end) point: ([0-9A-F]+/[0-9A-F]+)(?: on timeline (\d+))?"
+)
+
+
+def _wal_positions(stderr: str) -> dict[str, Any]:
+    """The WAL positions pg_basebackup -v states: where the backup starts and where it
+    must be replayed to before the copy is consistent."""
+    found: dict[str, Any] = {}
+    for kind, lsn, timeline in _WAL_POINT.findall(stderr):
+        found[f"wal_{kind}"] = lsn
+        if timeline:
+            found["timeline"] = int(timeline)
+    if "wal_start" not in found or "wal_end" not in found:
+        raise SourceError(
+            "pg_basebackup did not state its start and end WAL positions: nothing was committed"
+        )
+    return found
+
+
+async def postgres_basebackup(env: Mapping[str, str] | None = None) -> Command:
+    """The source of a physical backup of the PostgreSQL server libpq's environment names:
+    `pg_basebackup -D - -Ft -X fetch` (one tar with the WAL the copy needs; a cluster
+    with extra tablespaces is refused by pg_basebackup itself). The generation records
+    the server's version and the start and end WAL positions. Needs a role with the
+    REPLICATION attribute and a pg_hba.conf `replication` line."""
+    version = await _output(
+        ["psql", "-XAtq", "-d", "postgres", "-c", "select current_setting('server_version')"],
+        env,
+        "connecting to the PostgreSQL server",
+    )
+    info: dict[str, Any] = {
+        "engine": "postgresql",
+        "format": BASEBACKUP_FORMAT,
+        "server_version": version,
+        "backup_started": _now(),
+    }
+    return Command(
+        (
+            "pg_basebackup",
+            "-D",
+            "-",
+            "-Ft",
+            "-X",
+            "fetch",
+            "--checkpoint=fast",
+            "--no-password",
+            "-v",
+        ),
+        env=env,
+        label="pgbase:",
+        info=info,
+        learn=_wal_positions,
+    )
+
+
+def is_postgres_basebackup(source: Mapping[str, Any]) -> bool:
+    return source.get("engine") == "postgresql" and source.get("format") == BASEBACKUP_FORMAT
 
 
 def postgres_restore_into(

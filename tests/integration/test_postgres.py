@@ -7,15 +7,21 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import PASSPHRASE, make_repo
 
-from dedupe import Command, Repository, postgres_dump
+from dedupe import Command, Repository, postgres_basebackup, postgres_dump
 from dedupe.errors import IntegrityError, SourceError, TargetError
 
 TABLES = ("customers", "orders")
@@ -60,17 +66,18 @@ sys.exit(137)
 """
 
 
-def psql(db: str, sql: str) -> str:
+def psql(db: str, sql: str, env: dict[str, str] | None = None) -> str:
     out = subprocess.run(
         ["psql", "-XAtq", "-v", "ON_ERROR_STOP=1", "-d", db, "-c", sql],
         check=True,
         capture_output=True,
         timeout=120,
+        env=env,
     )
     return out.stdout.decode().strip()
 
 
-def state(db: str) -> dict[str, tuple[int, str]]:
+def state(db: str, env: dict[str, str] | None = None) -> dict[str, tuple[int, str]]:
     """Each table's row count and a checksum of its rows in key order."""
     found = {}
     for table in TABLES:
@@ -78,6 +85,7 @@ def state(db: str) -> dict[str, tuple[int, str]]:
             db,
             f"select count(*), coalesce(md5(string_agg(t::text, '|' order by t.id)), '') "
             f"from {table} t",
+            env,
         )
         count, digest = row.split("|")
         found[table] = (int(count), digest)
@@ -176,3 +184,64 @@ def test_the_cli_backs_up_pg_and_restores_into_a_new_database(
     missing = cli("backup", f"pg:{db}_nope", "--name", "shop", env=env)
     assert missing.returncode == SourceError.exit_code
     assert "does not exist" in missing.stderr.decode()
+
+
+def test_a_physical_generation_restores_into_a_data_directory_that_starts(
+    run_asyncio: Any, tmp_path: Path, pg: dict[str, str]
+) -> None:
+    """pgbase: a base backup of the running server (with the WAL it needs), restored
+    into a new data directory; a second server started on it holds the same tables."""
+    db = pg["db"]
+    psql(db, SCHEMA)
+    psql(db, DAY.format(n=1))
+    want = state(db)
+
+    async def go() -> Path:
+        async with await make_repo(tmp_path / "repo") as repo:
+            stats = await repo.backup(await postgres_basebackup(), name="cluster", kind="full")
+            (gen,) = await repo.generations("cluster")
+            assert gen.id == stats.id and gen.source["label"] == "pgbase:"
+            assert gen.source["wal_start"] and gen.source["wal_end"]
+            datadir = Path(tempfile.mkdtemp(prefix="dedupe-restored-pg-")) / "data"
+            restored = await repo.restore_into_datadir(gen.id, datadir)
+            assert restored.note and str(datadir) in restored.note
+            assert (datadir / "PG_VERSION").exists() and (datadir / "backup_label").exists()
+            with pytest.raises(TargetError, match="not an empty directory"):
+                await repo.restore_into_datadir(gen.id, datadir)
+            return datadir
+
+    datadir = run_asyncio(go())
+    with started(datadir) as port:
+        assert state(db, {**os.environ, "PGPORT": str(port)}) == want
+
+
+@contextmanager
+def started(datadir: Path) -> Iterator[int]:
+    """A server on a restored data directory (as the postgres user under root)."""
+    from pgserver import bindir
+
+    base = datadir.parent
+    os.chmod(base, 0o755)
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        owner = pwd.getpwnam("postgres")
+        for path in [base, *base.rglob("*")]:
+            os.lchown(path, owner.pw_uid, owner.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctl = [*as_user, f"{bindir()}/pg_ctl", "-D", str(datadir)]
+    options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1"
+    log = base / "server.log"
+    try:
+        subprocess.run(
+            [*ctl, "-o", options, "-l", str(log), "-w", "-t", "120", "start"],
+            check=True,
+            capture_output=True,
+            timeout=180,
+        )
+        yield port
+    finally:
+        subprocess.run([*ctl, "-m", "immediate", "-w", "stop"], capture_output=True, timeout=120)
+        shutil.rmtree(base, ignore_errors=True)
