@@ -405,7 +405,7 @@ def init(
         click.echo("keep the passphrase safe: without it the data cannot be read")
 
 
-@cli.command(short_help="Back up a file, a directory tree, standard input or a command.")
+@cli.command(short_help="Back up a file, a tree, stdin, a database or a command.")
 @click.argument("source", required=False)
 @click.option(
     "--from-command",
@@ -436,7 +436,7 @@ def init(
     callback=lambda _ctx, _param, value: _chunker(value),
     help="fastcdc; auto (SQLite databases in blocks of their page size: a third of the "
     "incremental, a slightly larger and slower first full); or fixed:SIZE. Default: the "
-    "chunker of NAME's latest generation (fastcdc for a new name); a change stores the "
+    "chunker of NAME's latest generation (auto for a new name); a change stores the "
     "data again, and the note says how much.",
 )
 @click.option(
@@ -595,7 +595,9 @@ def generations(ctx: click.Context, name: str | None, tag: str | None, as_json: 
     from rich.text import Text
 
     table = Table(box=None)
-    columns = ("id", "name", "type", "parent", "created (UTC)", "host", "tags")
+    from dedupe.chunking import describe
+
+    columns = ("id", "name", "type", "parent", "created (UTC)", "host", "tags", "chunker")
     for col in (*columns, "size", "new stored", "dedupe"):
         table.add_column(
             col, justify="right" if col in ("size", "new stored", "dedupe") else "left"
@@ -610,6 +612,7 @@ def generations(ctx: click.Context, name: str | None, tag: str | None, as_json: 
             g["created"][:16].replace("T", " "),
             Text(printable(g["host"] or "-")),
             Text(printable(",".join(g["tags"]) or "-")),
+            Text(printable(describe(g["chunker"]) if g["chunker"] else "-")),
             human_bytes(g["size"]),
             human_bytes(g["stored_bytes"]),
             ratio,
@@ -771,7 +774,7 @@ def diff(ctx: click.Context, old: str, new: str, as_json: bool) -> None:
     click.echo(f"{len(r['added'])} added, {len(r['removed'])} removed, {len(r['changed'])} changed")
 
 
-@cli.command(short_help="Restore a generation to a file, a directory, stdout or a command.")
+@cli.command(short_help="Restore a generation to a file, directory, stdout or command.")
 @click.argument("generation")
 @click.argument("target", required=False)
 @click.option(

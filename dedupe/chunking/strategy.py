@@ -75,9 +75,10 @@ def parse_spec(text: str, params: ChunkerParams) -> dict[str, Any] | str:
 def kept_spec(previous: Any, params: ChunkerParams) -> dict[str, Any] | str:
     """The strategy a backup uses when none is asked for: the one the name's latest
     generation recorded (`previous`: its header's "chunker"), so that a name keeps its
-    chunk boundaries and keeps deduplicating; several (a tree cut by auto) mean auto;
-    nothing recorded means fastcdc."""
-    if isinstance(previous, list):
+    chunk boundaries and keeps deduplicating; several (a tree cut by auto) mean auto.
+    A new name (nothing recorded) gets auto: page files (SQLite) are cut on their page
+    boundaries, anything else by FastCDC. A strategy this version cannot use: fastcdc."""
+    if previous is None or isinstance(previous, list):
         return AUTO
     try:
         if isinstance(previous, dict) and previous.get("algorithm") == FIXED:
