@@ -190,6 +190,17 @@ class BlobCodec:
             raise IntegrityError(f"{what} is empty: it lacks its compression byte")
         payload = memoryview(plain)[1:]
         if plain[0] == COMPRESSION_ZSTD:
+            # zstd trusts the size a frame records, and max_output_size does not bound a
+            # frame that records one: check it first, or a small authenticated blob (a
+            # writer can make one) asks for gigabytes before it is refused.
+            try:
+                recorded = zstandard.frame_content_size(payload)
+            except zstandard.ZstdError as e:
+                raise IntegrityError(f"{what} is not a zstd frame: {e}") from None
+            if recorded >= 0 and recorded != raw_length:
+                raise IntegrityError(
+                    f"{what} would decompress to {recorded} bytes, not its {raw_length}"
+                )
             try:
                 data = self._dctx().decompress(payload, max_output_size=raw_length)
             except zstandard.ZstdError as e:

@@ -113,6 +113,7 @@ class ObjectCache(NoCache):
         self._mac_key = mac_key
         self._checked = False
         self._failed = False
+        self._real_folders: set[str] = set()  # folders seen to be directories, no link
 
     async def listing(self, backend: Backend, prefix: str) -> dict[str, int]:
         return await backend.list_sized(prefix)
@@ -171,12 +172,31 @@ class ObjectCache(NoCache):
     def _path(self, name: str) -> str | None:
         return self._base + name if _CACHEABLE.fullmatch(name) else None
 
+    def _in_real_folder(self, path: str) -> bool:
+        """Whether every folder between the holder's directory and `path` (index/,
+        keymaps/NNNNNNNN/, ...) is a directory and none a link: O_NOFOLLOW guards only a
+        path's last component, and a linked folder would lead reads, and the deletion of
+        a copy that fails, outside the cache."""
+        folder = os.path.dirname(path)
+        if folder in self._real_folders:
+            return True
+        at = self._base.rstrip(os.sep)
+        for part in folder[len(self._base) :].split(os.sep):
+            at = os.path.join(at, part)
+            try:
+                if not stat.S_ISDIR(os.lstat(at).st_mode):
+                    return False
+            except OSError:
+                return False
+        self._real_folders.add(folder)
+        return True
+
     def read(self, name: str, size: int, limit: int) -> bytes | None:
         """The cached bytes of `name`, an object the store just listed or stated with
         `size` bytes, if their MAC holds and they hash to the name; `limit`: the most
         bytes such a copy can have. A copy that fails is deleted."""
         path = self._path(name)
-        if path is None or not self._usable():
+        if path is None or not self._usable() or not self._in_real_folder(path):
             return None
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
@@ -207,7 +227,7 @@ class ObjectCache(NoCache):
 
     def _discard(self, path: str) -> None:
         with contextlib.suppress(OSError):
-            if not stat.S_ISDIR(os.lstat(path).st_mode):
+            if self._in_real_folder(path) and not stat.S_ISDIR(os.lstat(path).st_mode):
                 os.unlink(path)
 
     def write(self, name: str, data: bytes | bytearray | memoryview, size: int) -> None:
@@ -220,8 +240,8 @@ class ObjectCache(NoCache):
         try:
             folder = os.path.dirname(path)
             os.makedirs(folder, mode=0o700, exist_ok=True)
-            if os.path.islink(folder):
-                self._give_up(f"{folder} is a symbolic link")
+            if not self._in_real_folder(path):
+                self._give_up(f"{folder} is, or is under, a symbolic link")
                 return
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "wb") as f:

@@ -286,3 +286,31 @@ def test_opened_chunks_never_change_while_referenced() -> None:
             held.append((opened, chunks))  # kept: its buffer must not be reused
     for opened, chunks in held:
         assert [bytes(c) for c in opened] == chunks
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_a_blob_that_would_decompress_past_its_length_is_refused_before_it_is(
+    native: bool,
+) -> None:
+    """A small authenticated blob whose zstd frame records 64 MiB, indexed as 4 KiB (a
+    writer holds pack keys and can make one): refused from the size the frame records,
+    before anything is decompressed (zstd ignores max_output_size for a frame that records
+    its size; the mutation audit of issue 12 found it asking for any amount of memory)."""
+    import zstandard
+
+    from dedupe.crypto import seal
+    from dedupe.format.pack import COMPRESSION_ZSTD
+
+    if native and not NATIVE_AVAILABLE:
+        pytest.fail("the native blob codec is not built")
+    key, chunk_id = new_key(), os.urandom(32)
+    frame = zstandard.ZstdCompressor().compress(bytes(64 << 20))
+    assert len(frame) < 8192
+    sealed = seal(key, bytes([COMPRESSION_ZSTD]) + frame, chunk_id)
+    codec = BlobCodec(3, ChunkHasher(os.urandom(32)), native=native)
+    with pytest.raises(IntegrityError, match=f"would decompress to {64 << 20} bytes"):
+        codec.open(key, chunk_id, sealed, 4096)
+    # The native batch decompresses into a buffer of the indexed length: bounded too.
+    said = "does not decompress" if native else "would decompress to"
+    with pytest.raises(IntegrityError, match=said):
+        codec.open_many(key, sealed, 0, [(chunk_id, 0, len(sealed), 4096)])
