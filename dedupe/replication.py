@@ -521,7 +521,9 @@ class Replicas:
                 "strict": options["strict"],
                 "labels": labels,
                 "before_header": before_header,
-                "parents": lambda gens: [g for g in gens if g.copied_from == parent_copy],
+                "parents": lambda gens: [
+                    g for g in gens if parent_copy is not None and g.copied_from == parent_copy
+                ],
             }
 
         tasks = []

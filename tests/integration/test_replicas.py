@@ -564,3 +564,29 @@ def test_a_source_error_reaches_every_branch_of_a_tee(run_asyncio: Any) -> None:
         await tee.close()
 
     run_asyncio(go())
+
+
+def test_a_sync_copy_chains_only_onto_copies_never_onto_the_replicas_own_generations(
+    run_asyncio: Any, tmp_path: Path
+) -> None:
+    """The replica holds a generation of its own under the same name: the copy of the
+    primary's first backup (a full) is a full there too, and the copy of the next one
+    chains onto the first copy."""
+
+    async def go() -> None:
+        repo = await new_pair(tmp_path / "p", str(tmp_path / "r"))
+        async with await open_replica(str(tmp_path / "r")) as replica:
+            own = await replica.backup(io.BytesIO(os.urandom(200_000)), name="db")
+        async with repo:
+            await repo.replicas.add(tmp_path / "r", name="dr", mode="sync")
+            first = await repo.backup(io.BytesIO(os.urandom(200_000)), name="db")
+            second = await repo.backup(io.BytesIO(os.urandom(200_000)), name="db")
+            assert (first.kind, second.kind) == ("full", "incremental")
+        async with await open_replica(str(tmp_path / "r")) as replica:
+            copies = {
+                g.copied_from.split("/")[1]: g for g in await replica.generations() if g.copied_from
+            }
+        assert copies[first.id].parent is None and copies[first.id].kind == "full"
+        assert copies[second.id].parent == copies[first.id].id != own.id
+
+    run_asyncio(go())
