@@ -45,23 +45,31 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+async def _completed(
+    argv: tuple[str, ...] | list[str], env: Mapping[str, str] | None
+) -> tuple[int, str, str]:
+    """Run a short command to its end: (status, stdout, stderr). OSError if it cannot
+    start."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=None if env is None else dict(env),
+    )
+    out, err = await proc.communicate()
+    status = proc.returncode if proc.returncode is not None else -1
+    return status, out.decode(errors="replace").strip(), err.decode(errors="replace").strip()
+
+
 async def _output(argv: list[str], env: Mapping[str, str] | None, what: str) -> str:
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=None if env is None else dict(env),
-        )
+        status, out, err = await _completed(argv, env)
     except OSError as e:
         raise SourceError(f"cannot run {argv[0]} ({what}): {e.strerror}") from None
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise SourceError(
-            f"{what} failed (status {proc.returncode}): {err.decode(errors='replace').strip()}"
-        )
-    return out.decode(errors="replace").strip()
+    if status != 0:
+        raise SourceError(f"{what} failed (status {status}): {err}")
+    return out
 
 
 async def postgres_dump(dbname: str, env: Mapping[str, str] | None = None) -> Command:
@@ -171,21 +179,11 @@ def is_postgres_dump(source: Mapping[str, Any]) -> bool:
 async def run_command(command: Command) -> None:
     """Run `command` to its end; TargetError with its status and stderr if it fails."""
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *command.argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            env=None if command.env is None else dict(command.env),
-        )
+        status, _out, err = await _completed(command.argv, command.env)
     except OSError as e:
         raise TargetError(f"cannot run {command.describe()}: {e.strerror}") from None
-    _out, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise TargetError(
-            f"{command.describe()} exited with status {proc.returncode}: "
-            f"{err.decode(errors='replace').strip()}"
-        )
+    if status != 0:
+        raise TargetError(f"{command.describe()} exited with status {status}: {err}")
 
 
 def sqlite_snapshot(path: str, into: str) -> dict[str, Any]:
