@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import dataclasses
 import os
 import re
 import secrets
@@ -46,6 +47,7 @@ from dedupe.chunking import Block, kept_spec, parse_spec
 from dedupe.crypto import get_passphrase
 from dedupe.engine import keys as key_ops
 from dedupe.engine.backup import ingest
+from dedupe.engine.forget import parse_created
 from dedupe.engine.prune import PruneReport
 from dedupe.engine.sources import iter_source
 from dedupe.engine.verify import VerifyReport, verify_repository
@@ -399,7 +401,9 @@ class Replicas:
                     len(mine),
                     len(done),
                     [g.id for g in behind],
-                    round(max(0.0, time.time() - _epoch(behind[0].created)), 3) if behind else 0.0,
+                    round(max(0.0, time.time() - parse_created(behind[0].created).timestamp()), 3)
+                    if behind
+                    else 0.0,
                     done[-1].created if done else None,
                     len(orphans),
                 )
@@ -589,6 +593,8 @@ class Replicas:
             f"{r.name} {t.result().id[:12]}" for r, t in zip(records, tasks, strict=True)
         )
         note = f"committed first in the sync replicas: {copies}"
+        from dedupe.api import _with_note
+
         return _with_note(stats, note)
 
     # --- repair: lost chunks stored again from a replica's copy ----------------------------
@@ -761,7 +767,7 @@ class Replicas:
                 "and stored again, and the restore ran again from this repository. The "
                 "damaged copies are quarantined: 'dedupe prune' deletes them"
             )
-            return _restore_note(stats, note)
+            return dataclasses.replace(stats, note=note)
         if not isinstance(target, str | os.PathLike):
             raise error  # what was written to a file object stays written
         if gen.source.get("type") == "tree":
@@ -869,19 +875,6 @@ def _default_name(location: str, taken: set[str]) -> str:
     return name
 
 
-def _epoch(created: str) -> float:
-    from datetime import datetime
-
-    return datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
-
-
-def _with_note(stats: BackupStats, note: str) -> BackupStats:
-    import dataclasses
-
-    return dataclasses.replace(stats, note=f"{stats.note}; {note}" if stats.note else note)
-
-
-def _restore_note(stats: RestoreStats, note: str) -> RestoreStats:
-    import dataclasses
-
-    return dataclasses.replace(stats, note=note)
+def _age(created: str) -> float:
+    """Seconds since a generation's creation time (its header's `created`)."""
+    return round(max(0.0, time.time() - parse_created(created).timestamp()), 3)

@@ -152,7 +152,7 @@ def _order(g: Generation) -> tuple[str, str]:
     return (g.created, g.id)
 
 
-def _parse_created(s: str) -> datetime:
+def parse_created(s: str) -> datetime:
     t = datetime.fromisoformat(s.replace("Z", "+00:00"))
     return t if t.tzinfo else t.replace(tzinfo=UTC)
 
@@ -247,7 +247,7 @@ def plan_forget(
             if policy.keep_within is not None:
                 since = now - policy.keep_within
                 for g in gens:
-                    if _parse_created(g.created) >= since:
+                    if parse_created(g.created) >= since:
                         mark_keep(g.id, f"keep-within {_fmt_delta(policy.keep_within)}")
             for opt, period_of in CALENDAR.items():
                 n = getattr(policy, opt)
@@ -255,7 +255,7 @@ def plan_forget(
                     continue
                 periods: set[str] = set()
                 for g in reversed(gens):  # newest first: the newest of each period
-                    period = period_of(_parse_created(g.created))
+                    period = period_of(parse_created(g.created))
                     if period not in periods and len(periods) < n:
                         periods.add(period)
                         mark_keep(g.id, f"{opt.replace('_', '-')} {n} ({period})")
