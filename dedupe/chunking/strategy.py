@@ -17,6 +17,9 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from typing_extensions import Buffer
+
+from ._fastcdc import Block
 from .params import ALGORITHM as FASTCDC
 from .params import ChunkerParams
 
@@ -28,14 +31,16 @@ MAX_BLOCK = 16 << 20
 
 
 class StreamChunker(Protocol):
-    def feed(self, data: bytes) -> list[memoryview]: ...
+    def feed(self, data: Buffer) -> list[memoryview]: ...
     def finish(self) -> list[memoryview]: ...
 
 
 class FixedChunker:
     """Cuts a stream into `block_size` pieces at fixed offsets; the last may be shorter.
     Same contract as the FastCDC Chunker: feed() returns the blocks completed so far as
-    read-only memoryview slices, independent of how the stream is split into feeds."""
+    read-only memoryview slices, independent of how the stream is split into feeds, and
+    like it copies no immutable input (bytes, a reader's Block): only a mutable buffer,
+    and the few bytes of a block that straddles two feeds."""
 
     def __init__(self, block_size: int) -> None:
         if not MIN_BLOCK <= block_size <= MAX_BLOCK:
@@ -43,13 +48,22 @@ class FixedChunker:
         self.block_size = block_size
         self._rest = b""
 
-    def feed(self, data: bytes) -> list[memoryview]:
-        buf = self._rest + bytes(data) if self._rest else bytes(data)
+    def feed(self, data: Buffer) -> list[memoryview]:
         n = self.block_size
-        whole = len(buf) - len(buf) % n
-        view = memoryview(buf).toreadonly()
-        self._rest = buf[whole:]
-        return [view[i : i + n] for i in range(0, whole, n)]
+        src = data if type(data) is bytes or type(data) is Block else bytes(data)
+        view = memoryview(src).toreadonly()
+        out: list[memoryview] = []
+        if self._rest:
+            need = n - len(self._rest)
+            if len(view) < need:
+                self._rest += bytes(view)
+                return out
+            out.append(memoryview(self._rest + bytes(view[:need])).toreadonly())
+            view = view[need:]
+        whole = len(view) - len(view) % n
+        out += [view[i : i + n] for i in range(0, whole, n)]
+        self._rest = bytes(view[whole:])
+        return out
 
     def finish(self) -> list[memoryview]:
         rest, self._rest = self._rest, b""

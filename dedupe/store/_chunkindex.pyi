@@ -8,6 +8,13 @@ ID_BYTES: int  # 32: a chunk id
 RECORD_BYTES: int  # 48: an index object entry, <32sIIII
 NO_PACK: int  # 0xFFFFFFFF: pack_no of an absent id in get_many(); never stored
 
+def entry_records(trailer: Buffer, pack_no: int) -> bytes:
+    """Index entries (48-byte <32sIIII) for one pack's trailer records (44-byte <32sIII),
+    with pack_no put after each chunk id."""
+
+def chunk_records(ids: list[bytes], chunks: Sequence[Buffer]) -> bytes:
+    """Chunk table records (36-byte <32sI): ids[i] with len(chunks[i])."""
+
 class ChunkTable:
     """Compact chunk id -> (pack_no, offset, stored_length, raw_length) table (native).
 

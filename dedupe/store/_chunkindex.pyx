@@ -11,8 +11,10 @@ buffer of exactly 32 bytes; other lengths are a ValueError (a bug, never "absent
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
+from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport uint8_t, uint32_t
 from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
 
 
 cdef extern from "chunkindex.h" nogil:
@@ -308,6 +310,79 @@ cdef class ChunkTable:
         finally:
             PyBuffer_Release(&iv)
         return out
+
+
+# --- record packing for the backup's hot path ----------------------------------------------
+# Per chunk, a backup writes one chunk-table record (its generation's list) and, per pack,
+# one index entry for each blob. Packing them with struct in a Python loop cost about a
+# fifth of the GIL time of a page-cut backup (4 KiB chunks); these do it in one call.
+
+cdef enum:
+    _TRAILER_BYTES = 44   # a pack trailer record, <32sIII (docs/FORMAT.md section 6)
+    _CHUNK_RECORD_BYTES = 36  # a chunk table record, <32sI (docs/FORMAT.md section 8)
+
+
+cdef inline void _put_le32(uint8_t *p, uint32_t v) noexcept nogil:
+    p[0] = v & 0xFF
+    p[1] = (v >> 8) & 0xFF
+    p[2] = (v >> 16) & 0xFF
+    p[3] = (v >> 24) & 0xFF
+
+
+def entry_records(trailer, pack_no):
+    """Index object entries (48-byte <32sIIII) for the blobs of one pack: its trailer
+    records (44-byte <32sIII: chunk id, offset, stored_length, raw_length) with
+    `pack_no` put after the id."""
+    cdef Py_buffer tv
+    cdef size_t n, k
+    cdef uint32_t pn = _u32(pack_no, "pack number")
+    cdef bytes out
+    cdef uint8_t *op
+    cdef const uint8_t *tp
+    PyObject_GetBuffer(trailer, &tv, PyBUF_SIMPLE)
+    try:
+        if <size_t>tv.len % _TRAILER_BYTES:
+            raise ValueError(
+                f"trailer records are {_TRAILER_BYTES} bytes each; {tv.len} bytes is not "
+                "a whole number of them")
+        n = <size_t>tv.len // _TRAILER_BYTES
+        out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>(n * DDP_IDX_RECORD_BYTES))
+        op = <uint8_t *>PyBytes_AS_STRING(out)
+        tp = <const uint8_t *>tv.buf
+        with nogil:
+            for k in range(n):
+                memcpy(op, tp, 32)
+                _put_le32(op + 32, pn)
+                memcpy(op + 36, tp + 32, 12)
+                op += DDP_IDX_RECORD_BYTES
+                tp += _TRAILER_BYTES
+    finally:
+        PyBuffer_Release(&tv)
+    return out
+
+
+def chunk_records(list ids, chunks):
+    """Chunk table records (36-byte <32sI: chunk id, length) of a batch: ids[i] (32-byte
+    bytes) with len(chunks[i])."""
+    cdef Py_ssize_t n = len(ids), i, length
+    cdef object cid
+    cdef bytes out
+    cdef uint8_t *op
+    if len(chunks) != n:
+        raise ValueError(f"{n} ids for {len(chunks)} chunks")
+    out = PyBytes_FromStringAndSize(NULL, n * _CHUNK_RECORD_BYTES)
+    op = <uint8_t *>PyBytes_AS_STRING(out)
+    for i in range(n):
+        cid = ids[i]
+        if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != <Py_ssize_t>DDP_IDX_ID_BYTES:
+            raise ValueError(f"chunk id {i} is not {DDP_IDX_ID_BYTES} bytes")
+        length = len(chunks[i])
+        if length > 0xFFFFFFFF:
+            raise ValueError(f"chunk {i} is {length} bytes: more than a uint32")
+        memcpy(op, PyBytes_AS_STRING(cid), 32)
+        _put_le32(op + 32, <uint32_t>length)
+        op += _CHUNK_RECORD_BYTES
+    return out
 
 
 cdef size_t _id_count(Py_ssize_t length) except? 0:

@@ -15,7 +15,9 @@ from typing import NamedTuple
 
 from dedupe.errors import IntegrityError
 from dedupe.format.index import PackRecord
-from dedupe.store._chunkindex import ChunkTable
+from dedupe.store._chunkindex import ChunkTable, chunk_records, entry_records
+
+__all__ = ["ChunkIndex", "ChunkLocation", "chunk_records", "entry_records"]
 
 _RECORD = struct.Struct("<32sIIII")  # an index object entry (docs/FORMAT.md section 7)
 
@@ -56,6 +58,19 @@ class ChunkIndex:
         """True when the chunk has a copy that backups may reference without re-storing."""
         found = self._table.get(chunk_id)
         return found is not None and self._good(chunk_id, found[0])
+
+    def usable_many(self, ids: bytes) -> bytearray:
+        """usable() of a batch: `ids` are 32-byte chunk ids back to back; one byte per id,
+        1 where usable() is True. One native lookup for the batch; only when packs are
+        missing or copies quarantined are the ids found checked one by one."""
+        flags = self._table.contains_many(ids)
+        if self.missing_packs or self.quarantined:
+            at = flags.find(1)
+            while at >= 0:
+                if not self.usable(ids[at * 32 : at * 32 + 32]):
+                    flags[at] = 0
+                at = flags.find(1, at + 1)
+        return flags
 
     def _good(self, chunk_id: bytes, pack_no: int) -> bool:
         return pack_no not in self.missing_packs and (

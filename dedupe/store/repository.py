@@ -105,7 +105,7 @@ from dedupe.format.pack import FOOTER_SIZE, TRAILER_AAD, decode_footer
 from dedupe.hashing import ChunkHasher, object_id
 from dedupe.store.blobs import BlobCodec
 from dedupe.store.cache import NoCache
-from dedupe.store.index import ChunkIndex
+from dedupe.store.index import ChunkIndex, entry_records
 from dedupe.store.keymaps import KeyDirectory, not_authenticated
 from dedupe.store.keyring import (
     check_and_record_serial,
@@ -763,10 +763,7 @@ class RepositoryStore:
         pack_no = len(batch.packs)
         batch.packs.append(PackRecord(pack_id, len(pack.data)))
         batch.keys.append(self.keymaps.pack_entry(pack_id, pack.key))
-        records = batch.records
-        pack_entry = ENTRY_RECORD.pack
-        for chunk_id, offset, stored, raw in pack.entries():
-            records += pack_entry(chunk_id, pack_no, offset, stored, raw)
+        batch.records += entry_records(pack.records, pack_no)
 
     async def read_pack_range(self, pack_no: int, offset: int, into: memoryview) -> None:
         """Read len(into) bytes of pack `pack_no` from `offset` into `into`."""

@@ -35,6 +35,20 @@ def test_fixed_chunks_do_not_depend_on_feeds(data: bytes, cuts: list[int], size:
     assert out == [data[i : i + size] for i in range(0, len(data), size)]
 
 
+def test_fixed_chunks_of_a_mutable_buffer_do_not_change_with_it() -> None:
+    """Chunks are slices of the fed bytes when those cannot change (bytes, a reader's
+    Block), and of a copy otherwise: a caller reusing its bytearray for the next read
+    must not rewrite the chunks it was given."""
+    ch = FixedChunker(512)
+    buf = bytearray(os.urandom(1300))
+    want = bytes(buf)
+    got = ch.feed(buf)
+    buf[:] = bytes(len(buf))
+    rest = ch.finish()
+    assert [bytes(m) for m in got + rest] == [want[:512], want[512:1024], want[1024:]]
+    assert all(m.readonly for m in got + rest)
+
+
 def test_sniff_and_parse(tmp_path: Path) -> None:
     db = tmp_path / "x.db"
     con = sqlite3.connect(db)

@@ -1,0 +1,85 @@
+"""The backup's per-batch selection of the chunks to store, and the native packing of its
+records, against one-chunk-at-a-time models of the same rules."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dedupe.engine.backup import _unstored
+from dedupe.store.index import chunk_records, entry_records
+
+_IDS = [bytes([i]) * 32 for i in range(6)]
+
+
+def _model(
+    usable: bytes, chunks: list[memoryview], ids: list[bytes], queued: set[bytes]
+) -> tuple[list[memoryview], list[bytes]]:
+    new_chunks, new_ids = [], []
+    for ok, chunk, chunk_id in zip(usable, chunks, ids, strict=True):
+        if ok or chunk_id in queued:
+            continue
+        queued.add(chunk_id)
+        new_chunks.append(chunk)
+        new_ids.append(chunk_id)
+    return new_chunks, new_ids
+
+
+@given(
+    picks=st.lists(st.tuples(st.sampled_from(range(6)), st.booleans()), max_size=40),
+    queued_before=st.sets(st.sampled_from(_IDS)),
+)
+def test_a_batch_stores_each_chunk_the_index_lacks_once(
+    picks: list[tuple[int, bool]], queued_before: set[bytes]
+) -> None:
+    """Whatever the mix of usable, queued and repeated ids (every shortcut of _unstored
+    is reached: none new, all new, no repeats, repeats), the chunks chosen and `queued`
+    afterwards are those of the chunk-by-chunk rule: a chunk is stored when the index
+    cannot serve it and no earlier chunk of this backup was sent to be stored."""
+    ids = [_IDS[i] for i, _ in picks]
+    chunks = [memoryview(bytes([i, n])) for n, (i, _) in enumerate(picks)]
+    usable = bytearray(int(ok) for _, ok in picks)
+    want_queued = set(queued_before)
+    want = _model(bytes(usable), chunks, ids, want_queued)
+    got_queued = set(queued_before)
+    got = _unstored(usable, chunks, ids, got_queued)
+    assert [bytes(c) for c in got[0]] == [bytes(c) for c in want[0]]
+    assert got[1] == want[1]
+    assert got_queued == want_queued
+
+
+@given(
+    st.lists(
+        st.tuples(st.binary(min_size=32, max_size=32), st.integers(0, 2**32 - 1)), max_size=20
+    ),
+    st.integers(0, 2**32 - 2),
+)
+def test_native_records_are_the_formats_records(
+    rows: list[tuple[bytes, int]], pack_no: int
+) -> None:
+    """chunk_records is CHUNK_RECORD (<32sI) per chunk; entry_records turns trailer
+    records (<32sIII) into index entries (<32sIIII) with the pack number after the id."""
+    ids = [cid for cid, _ in rows]
+    lengths = [n % 5000 for _, n in rows]
+    chunks = [memoryview(bytes(n)) for n in lengths]
+    assert chunk_records(ids, chunks) == b"".join(
+        struct.pack("<32sI", cid, n) for cid, n in zip(ids, lengths, strict=True)
+    )
+    trailer = b"".join(struct.pack("<32sIII", cid, n, n ^ 7, n // 3) for cid, n in rows)
+    assert entry_records(trailer, pack_no) == b"".join(
+        struct.pack("<32sIIII", cid, pack_no, n, n ^ 7, n // 3) for cid, n in rows
+    )
+
+
+def test_native_records_refuse_what_is_not_a_record() -> None:
+    """A torn trailer, an id of the wrong length or an id count that does not match the
+    chunks is a ValueError, never records shifted out of step."""
+    with pytest.raises(ValueError, match="44 bytes"):
+        entry_records(bytes(45), 0)
+    with pytest.raises(ValueError, match="not 32 bytes"):
+        chunk_records([bytes(31)], [memoryview(b"x")])
+    with pytest.raises(ValueError, match="1 ids for 2 chunks"):
+        chunk_records([bytes(32)], [memoryview(b"x"), memoryview(b"y")])
