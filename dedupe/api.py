@@ -355,9 +355,10 @@ class Repository:
         stores only its delta against the parent.
 
         `chunker`: "fastcdc", "auto" (a SQLite database is cut into blocks of its page
-        size, anything else by FastCDC), or "fixed:SIZE". Page-aligned blocks store a day
-        of changes to a SQLite file ~3x smaller than FastCDC, but a first full ~6% larger
-        and ~0.75x as fast (docs/CHUNKING.md). None (the default) keeps the strategy of
+        size, a tar member by member with PostgreSQL relation files in 8 KiB pages,
+        anything else by FastCDC), "tar", or "fixed:SIZE". Page-aligned blocks store a
+        day of changes to a SQLite file ~3x smaller than FastCDC, but a first full ~6%
+        larger and ~0.8x as fast (docs/CHUNKING.md). None (the default) keeps the strategy of
         the name's latest generation (auto for a new name): chunk boundaries that
         change store the data again, so a change is made only when asked for, and `note`
         then says what it cost.

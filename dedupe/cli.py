@@ -435,7 +435,8 @@ def init(
     default=None,
     callback=lambda _ctx, _param, value: _chunker(value),
     help="fastcdc; auto (SQLite databases in blocks of their page size: a third of the "
-    "incremental, a slightly larger and slower first full); or fixed:SIZE. Default: the "
+    "incremental, a slightly larger and slower first full; tars such as pgbase: member by "
+    "member, PostgreSQL relation files in pages); tar; or fixed:SIZE. Default: the "
     "chunker of NAME's latest generation (auto for a new name); a change stores the "
     "data again, and the note says how much.",
 )

@@ -34,6 +34,7 @@ from .gear import GEAR_CONTEXT, gear_table
 from .params import ALGORITHM, DEFAULT_PARAMS, ChunkerParams
 from .strategy import (
     AUTO,
+    SNIFF_BYTES,
     FixedChunker,
     StreamChunker,
     describe,
@@ -46,6 +47,7 @@ from .strategy import (
 __all__ = [
     "ALGORITHM",
     "AUTO",
+    "SNIFF_BYTES",
     "Block",
     "BlockReader",
     "MapReader",

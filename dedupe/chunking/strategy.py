@@ -6,8 +6,11 @@
   databases, PostgreSQL relation files), which keep each page at its offset: measured on
   the shared 256 MiB SQLite pair, day 2 stores 19.5 MB with 4 KiB blocks against 60.4 MB
   with FastCDC 16 KiB (docs/CHUNKING.md).
+- `tar`: a tar stream cut member by member, PostgreSQL relation files into 8 KiB pages
+  counted from each file's start, the rest by FastCDC (dedupe.chunking.tarcut). Suits
+  physical PostgreSQL backups (`pg_basebackup -Ft`).
 - `auto` (the default of a backup) picks per file from its first bytes: a SQLite database
-  gets `fixed` at its own page size, everything else `fastcdc-2020`.
+  gets `fixed` at its own page size, a tar `tar`, everything else `fastcdc-2020`.
 
 The strategy used is recorded in each generation's header; restore does not depend on it
 (a generation lists its chunks), so strategies can be added without a format break.
@@ -22,11 +25,15 @@ from typing_extensions import Buffer
 from ._fastcdc import Block
 from .params import ALGORITHM as FASTCDC
 from .params import ChunkerParams
+from .tarcut import TarChunker, looks_like_tar, tar_spec
 
 FIXED = "fixed"
+TAR = "tar"
+POSTGRES_PAGE = 8192  # BLCKSZ of a stock PostgreSQL build
 AUTO = "auto"
 SQLITE_MAGIC = b"SQLite format 3\x00"
 MIN_BLOCK = 512
+SNIFF_BYTES = 512  # what auto looks at: a tar header is 512 bytes
 MAX_BLOCK = 16 << 20
 
 
@@ -76,14 +83,16 @@ def fixed_spec(block_size: int) -> dict[str, Any]:
 
 
 def parse_spec(text: str, params: ChunkerParams) -> dict[str, Any] | str:
-    """A user's choice: "auto", "fastcdc", or "fixed:SIZE" (e.g. fixed:4096)."""
+    """A user's choice: "auto", "fastcdc", "tar", or "fixed:SIZE" (e.g. fixed:4096)."""
     if text == AUTO:
         return AUTO
+    if text == TAR:
+        return tar_spec(POSTGRES_PAGE, params.to_dict())
     if text in ("fastcdc", FASTCDC):
         return params.to_dict()
     if text.startswith("fixed:") and text[6:].isdigit():
         return fixed_spec(int(text[6:]))
-    raise ValueError(f"unknown chunker {text!r}: use auto, fastcdc or fixed:SIZE")
+    raise ValueError(f"unknown chunker {text!r}: use auto, fastcdc, tar or fixed:SIZE")
 
 
 def kept_spec(previous: Any, params: ChunkerParams) -> dict[str, Any] | str:
@@ -99,6 +108,9 @@ def kept_spec(previous: Any, params: ChunkerParams) -> dict[str, Any] | str:
             return fixed_spec(int(previous["block_size"]))
         if isinstance(previous, dict) and previous.get("algorithm") == FASTCDC:
             return ChunkerParams.from_dict(previous).to_dict()
+        if isinstance(previous, dict) and previous.get("algorithm") == TAR:
+            fastcdc = ChunkerParams.from_dict(previous["fastcdc"]).to_dict()
+            return tar_spec(_page_size(previous["page_size"]), fastcdc)
     except (KeyError, TypeError, ValueError):  # not a strategy this version can use
         pass
     return params.to_dict()
@@ -110,24 +122,43 @@ def describe(spec: Any) -> str:
         return " + ".join(describe(s) for s in spec)
     if isinstance(spec, dict) and spec.get("algorithm") == FIXED:
         return f"fixed:{spec.get('block_size')}"
+    if isinstance(spec, dict) and spec.get("algorithm") == TAR:
+        return f"tar (pages {spec.get('page_size')} B)"
     if isinstance(spec, dict):
         return f"fastcdc (avg {spec.get('avg_size')} B)"
     return str(spec)
 
 
 def sniff(first: bytes, params: ChunkerParams) -> dict[str, Any]:
-    """The strategy `auto` picks for content starting with `first` (>= 100 bytes read)."""
+    """The strategy `auto` picks for content starting with `first` (its first SNIFF_BYTES,
+    or all of it when shorter)."""
     if first.startswith(SQLITE_MAGIC) and len(first) >= 18:
         page = int.from_bytes(first[16:18], "big")
         page = 65536 if page == 1 else page
         if MIN_BLOCK <= page <= 65536 and page & (page - 1) == 0:
             return fixed_spec(page)
+    if looks_like_tar(first):
+        return tar_spec(POSTGRES_PAGE, params.to_dict())
     return params.to_dict()
 
 
 def make_chunker(spec: dict[str, Any], params: ChunkerParams, gear: bytes) -> StreamChunker:
     from . import Chunker
 
+    def fastcdc(spec: dict[str, Any]) -> StreamChunker:
+        return Chunker(ChunkerParams.from_dict(spec) if spec != params.to_dict() else params, gear)
+
     if spec.get("algorithm") == FIXED:
         return FixedChunker(int(spec["block_size"]))
-    return Chunker(ChunkerParams.from_dict(spec) if spec != params.to_dict() else params, gear)
+    if spec.get("algorithm") == TAR:
+        return TarChunker(_page_size(spec["page_size"]), lambda: fastcdc(spec["fastcdc"]))
+    return fastcdc(spec)
+
+
+def _page_size(value: Any) -> int:
+    size = int(value)
+    if not MIN_BLOCK <= size <= 65536 or size & (size - 1) or size % 512:
+        raise ValueError(
+            f"a tar strategy's page size must be a power of two of 512..65536, not {size}"
+        )
+    return size

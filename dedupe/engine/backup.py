@@ -38,6 +38,7 @@ from typing import Any, Protocol, TypeVar
 from dedupe._types import BackupStats, Progress, ProgressCallback
 from dedupe.chunking import (
     AUTO,
+    SNIFF_BYTES,
     Block,
     MapReader,
     StreamChunker,
@@ -226,7 +227,7 @@ async def ingest(
         if current is None:
             if block is None:
                 return  # a file or stream with no bytes: no chunks
-            first = bytes(memoryview(block)[:64])
+            first = bytes(memoryview(block)[:SNIFF_BYTES])
             spec = sniff(first, params) if chunker == AUTO else chunker
             assert isinstance(spec, dict)
             if spec not in specs:

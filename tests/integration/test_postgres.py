@@ -202,6 +202,8 @@ def test_a_physical_generation_restores_into_a_data_directory_that_starts(
             (gen,) = await repo.generations("cluster")
             assert gen.id == stats.id and gen.source["label"] == "pgbase:"
             assert gen.source["wal_start"] and gen.source["wal_end"]
+            # auto saw a tar: relation files are cut into pages from their own start.
+            assert gen.chunker["algorithm"] == "tar" and gen.chunker["page_size"] == 8192
             datadir = Path(tempfile.mkdtemp(prefix="dedupe-restored-pg-")) / "data"
             restored = await repo.restore_into_datadir(gen.id, datadir)
             assert restored.note and str(datadir) in restored.note
