@@ -63,6 +63,8 @@ from dedupe.engine import iter_source, restore_chunks, run_backup, write_to_file
 from dedupe.engine import keys as key_ops
 from dedupe.engine.commands import Command, write_to_command
 from dedupe.engine.databases import (
+    BASEBACKUP_TARS,
+    PostgresBaseBackupTars,
     SQLiteDatabase,
     is_postgres_basebackup,
     is_postgres_dump,
@@ -71,6 +73,8 @@ from dedupe.engine.databases import (
     postgres_restore_into,
     run_command,
     sqlite_snapshot,
+    tablespace_map,
+    write_basebackup_tars,
 )
 from dedupe.engine.forget import ForgetPolicy, ForgetReport, run_forget
 from dedupe.engine.keys import KeyInfo, KeyStatus, RotateReport
@@ -108,6 +112,7 @@ log = logging.getLogger("dedupe")
 __all__ = [
     "BackupStats",
     "Command",
+    "PostgresBaseBackupTars",
     "SQLiteDatabase",
     "postgres_basebackup",
     "postgres_dump",
@@ -123,7 +128,7 @@ __all__ = [
 ]
 
 Location = str | os.PathLike[str] | Backend
-Source = StreamSource | SQLiteDatabase
+Source = StreamSource | SQLiteDatabase | PostgresBaseBackupTars
 Target = str | os.PathLike[str] | BinaryIO | Command
 KINDS = ("full", "incremental", "differential")
 # Which roles may do what (docs/FORMAT.md 4.4); listing generations and locks is open to all.
@@ -393,6 +398,8 @@ class Repository:
         }
         if isinstance(source, SQLiteDatabase):
             return await self._backup_sqlite(source, name, kind, progress, chunker, options)
+        if isinstance(source, PostgresBaseBackupTars):
+            return await self._backup_pg_tars(source, name, kind, progress, chunker, options)
         if self.replicas.sync_replicas() and not dry_run:
             return await self.replicas.backup(
                 source, name, kind, progress, label, chunker, allow_empty, options
@@ -418,14 +425,46 @@ class Repository:
             copy = os.path.join(tmp, os.path.basename(db.path) or "database")
             info = await asyncio.to_thread(sqlite_snapshot, db.path, copy)
             info.update(mode=stat.S_IMODE(st.st_mode), mtime_ns=st.st_mtime_ns)
-            options = {**options, "source_info": info}
             label = f"sqlite:{os.path.abspath(db.path)}"
-            if self.replicas.sync_replicas() and not options.get("dry_run"):
-                return await self.replicas.backup(
-                    copy, name, kind, progress, label, chunker, False, options
-                )
-            spec = None if chunker is None else parse_spec(chunker, self._store.chunker_params)
-            return await self._backup(copy, name, kind, progress, label, spec, False, options)
+            options = {**options, "source_info": info}
+            return await self._backup_copy(copy, name, kind, progress, label, chunker, options)
+
+    async def _backup_pg_tars(
+        self,
+        source: PostgresBaseBackupTars,
+        name: str,
+        kind: str,
+        progress: ProgressCallback | None,
+        chunker: str | None,
+        options: dict[str, Any],
+    ) -> BackupStats:
+        """A base backup of a cluster with tablespaces: pg_basebackup writes a tar per
+        tablespace into a scratch directory, backed up as a tree (each tar cut member by
+        member under auto), then removed."""
+        with tempfile.TemporaryDirectory(prefix="dedupe-pgbase-", dir=source.scratch) as tmp:
+            into = os.path.join(tmp, "backup")
+            wal = await write_basebackup_tars(source, into)
+            options = {**options, "source_info": {**source.info, **wal, "label": "pgbase:"}}
+            return await self._backup_copy(into, name, kind, progress, "pgbase:", chunker, options)
+
+    async def _backup_copy(
+        self,
+        copy: str,
+        name: str,
+        kind: str,
+        progress: ProgressCallback | None,
+        label: str,
+        chunker: str | None,
+        options: dict[str, Any],
+    ) -> BackupStats:
+        """Back up `copy`, a scratch copy made of a database, as `label`: to the sync
+        replicas and here, or here alone."""
+        if self.replicas.sync_replicas() and not options.get("dry_run"):
+            return await self.replicas.backup(
+                copy, name, kind, progress, label, chunker, False, options
+            )
+        spec = None if chunker is None else parse_spec(chunker, self._store.chunker_params)
+        return await self._backup(copy, name, kind, progress, label, spec, False, options)
 
     async def _backup(
         self,
@@ -855,12 +894,16 @@ class Repository:
         generation: str | Generation,
         datadir: str | os.PathLike[str],
         *,
+        tablespaces: Mapping[str, str] | None = None,
         progress: ProgressCallback | None = None,
     ) -> RestoreStats:
         """Unpack a physical generation (a `postgres_basebackup` source) into `datadir`,
         which must not exist or be empty: a PostgreSQL data directory with the WAL it
-        needs, ready to start (as the user that owns it). Removed again if the restore
-        fails."""
+        needs, ready to start (as the user that owns it). A cluster with tablespaces also
+        gets each of them unpacked: into `tablespaces[oid]` (or `tablespaces[its location
+        on the server]`) when given, else `<datadir>_tablespaces/<oid>`, each new or
+        empty; the data directory's tablespace_map points PostgreSQL at them. Everything
+        made is removed again if the restore fails."""
         self._require("restore")
         gen = await self.resolve(generation)
         if not is_postgres_basebackup(gen.source):
@@ -869,32 +912,62 @@ class Repository:
                 hint="restore it to a file, or into a command with --to-command",
             )
         path = os.path.abspath(os.fspath(datadir))
-        if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-            raise TargetError(f"{path} exists and is not an empty directory")
-        made = not os.path.exists(path)
+        wanted = dict(tablespaces or {})
+        places = {
+            oid: os.path.abspath(wanted.get(oid) or wanted.get(old) or f"{path}_tablespaces/{oid}")
+            for oid, old in (gen.source.get("tablespaces") or {}).items()
+        }
+        made: list[str] = []
+        for where in [path, *places.values()]:
+            if os.path.exists(where) and (not os.path.isdir(where) or os.listdir(where)):
+                raise TargetError(f"{where} exists and is not an empty directory")
         try:
-            os.makedirs(path, mode=0o700, exist_ok=True)
-            os.chmod(path, 0o700)  # PostgreSQL starts only on a private data directory
+            for where in [path, *places.values()]:
+                if not os.path.exists(where):
+                    os.makedirs(where, mode=0o700)
+                    made.append(where)
+                os.chmod(where, 0o700)  # PostgreSQL starts only on private directories
         except OSError as e:
-            raise TargetError(f"cannot create {path}: {e.strerror}") from None
-        untar = Command(("tar", "-x", "-f", "-", "-C", path))
+            _remove_made(made, [path, *places.values()])
+            raise TargetError(f"cannot create {e.filename}: {e.strerror}") from None
         try:
-            stats = await self.restore(gen, untar, progress=progress)
-        except BaseException:
-            if made:
-                shutil.rmtree(path, ignore_errors=True)
+            if gen.source.get("format") == BASEBACKUP_TARS:
+                stats = await self._restore_pg_tars(gen, path, places, progress)
             else:
-                for entry in os.scandir(path):
-                    if entry.is_dir(follow_symlinks=False):
-                        shutil.rmtree(entry.path, ignore_errors=True)
-                    else:
-                        with contextlib.suppress(OSError):
-                            os.unlink(entry.path)
+                untar = Command(("tar", "-x", "-f", "-", "-C", path))
+                stats = await self.restore(gen, untar, progress=progress)
+        except BaseException:
+            _remove_made(made, [path, *places.values()])
             raise
         wal = f"{gen.source.get('wal_start')} .. {gen.source.get('wal_end')}"
+        where = "".join(f"; tablespace {oid} in {place}" for oid, place in places.items())
         return dataclasses.replace(
-            stats, note=f"data directory {path} unpacked (WAL {wal}); start PostgreSQL on it"
+            stats,
+            note=f"data directory {path} unpacked (WAL {wal}){where}; start PostgreSQL on it",
         )
+
+    async def _restore_pg_tars(
+        self,
+        gen: Generation,
+        datadir: str,
+        places: Mapping[str, str],
+        progress: ProgressCallback | None,
+    ) -> RestoreStats:
+        """The tree of tars restored (and verified) beside `datadir`, then unpacked:
+        base.tar into it, each tablespace's tar into its place."""
+        scratch = tempfile.mkdtemp(prefix=".dedupe-pgbase-", dir=os.path.dirname(datadir))
+        try:
+            stats = await self.restore(gen, os.path.join(scratch, "tars"), progress=progress)
+            tars = os.path.join(scratch, "tars")
+            for tar, into in [("base", datadir), *places.items()]:
+                await run_command(
+                    Command(("tar", "-x", "-f", os.path.join(tars, f"{tar}.tar"), "-C", into))
+                )
+            with open(os.path.join(datadir, "tablespace_map"), "w") as f:
+                f.write(tablespace_map(places))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return stats
 
     async def _restore_with_lock(
         self,
@@ -1291,6 +1364,22 @@ async def _blame_a_lost_lock(lock: RepositoryLock, error: DedupeError) -> None:
         raise lost from error
     except DedupeError:
         pass  # the store fails us anyway: the original error says most
+
+
+def _remove_made(made: list[str], used: list[str]) -> None:
+    """Undo a failed unpack: the directories it made go, the empty ones it was given are
+    emptied again."""
+    for where in used:
+        if where in made:
+            shutil.rmtree(where, ignore_errors=True)
+            continue
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(where):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
 
 
 def _file_name(gen: Generation) -> str:

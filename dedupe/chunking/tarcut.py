@@ -6,7 +6,7 @@ they start wherever the previous member ended (a multiple of 512 bytes): FastCDC
 whole stream stores a changed page with its ~16 KiB of neighbours, and fixed blocks over
 the whole stream straddle pages. This chunker follows the tar headers and cuts the data
 of every relation file (`base/<db>/<relfilenode>[_fsm|_vm|_init][.<segment>]`, `global/...`,
-`pg_tblspc/<oid>/<version dir>/<db>/...`) into pages counted from the file's own start,
+the directories of tablespaces) into pages counted from the file's own start,
 so an unchanged page gives the same chunk whatever moved before it in the archive.
 Everything else (headers, other files, padding, the end of the archive) goes through
 FastCDC as one sub-stream, which is cut (finished) where a relation file's pages begin.
@@ -29,8 +29,11 @@ from ._fastcdc import Block
 
 BLOCK = 512  # a tar header; member data is padded to a multiple of it
 USTAR_MAGIC = b"ustar"  # at offset 257 of a POSIX (ustar) or GNU header
+# In base.tar: base/<db>/, global/ and pg_tblspc/<oid>/<version dir>/<db>/; in the tar of
+# a tablespace (pg_basebackup -Ft -D DIR writes one per tablespace): <version dir>/<db>/.
 RELATION_FILE = re.compile(
-    rb"(?:\./)?(?:base/\d+|global|pg_tblspc/\d+/[^/]+/\d+)/\d+(?:_(?:fsm|vm|init))?(?:\.\d+)?"
+    rb"(?:\./)?(?:base/\d+|global|(?:pg_tblspc/\d+/)?PG_[^/]+/\d+)"  # its directory
+    rb"/\d+(?:_(?:fsm|vm|init))?(?:\.\d+)?"  # relfilenode, fork, segment
 )
 _REGULAR = (b"0", b"\x00", b"7")  # typeflags of a regular file's header
 

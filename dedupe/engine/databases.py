@@ -117,12 +117,54 @@ def _wal_positions(stderr: str) -> dict[str, Any]:
     return found
 
 
-async def postgres_basebackup(env: Mapping[str, str] | None = None) -> Command:
+BASEBACKUP_TARS = "pg_basebackup tars"  # a tree: base.tar and one <oid>.tar per tablespace
+_BASEBACKUP_OPTIONS = ("-Ft", "-X", "fetch", "--checkpoint=fast", "--no-password", "-v")
+
+
+@dataclass(frozen=True)
+class PostgresBaseBackupTars:
+    """A backup source: a physical backup of a cluster with tablespaces, which
+    pg_basebackup cannot stream as one tar. `write_basebackup_tars` has it write
+    base.tar and one <oid>.tar per tablespace into a scratch directory (under `scratch`,
+    default $TMPDIR: room for the whole cluster), which is backed up as a tree and
+    removed. `info` is what the generation records; `tablespaces` maps each tablespace's
+    oid to its location on the server."""
+
+    info: Mapping[str, Any]
+    tablespaces: Mapping[str, str]
+    env: Mapping[str, str] | None = None
+    scratch: str | None = None
+
+
+async def _tablespaces(env: Mapping[str, str] | None) -> dict[str, str]:
+    out = await _output(
+        [
+            "psql",
+            "-XAtq",
+            "-F",
+            "\t",
+            "-d",
+            "postgres",
+            "-c",
+            "select oid, pg_tablespace_location(oid) from pg_tablespace "
+            "where spcname not in ('pg_default', 'pg_global') order by oid",
+        ],
+        env,
+        "listing the server's tablespaces",
+    )
+    return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
+
+
+async def postgres_basebackup(
+    env: Mapping[str, str] | None = None, scratch: str | None = None
+) -> Command | PostgresBaseBackupTars:
     """The source of a physical backup of the PostgreSQL server libpq's environment names:
-    `pg_basebackup -D - -Ft -X fetch` (one tar with the WAL the copy needs; a cluster
-    with extra tablespaces is refused by pg_basebackup itself). The generation records
-    the server's version and the start and end WAL positions. Needs a role with the
-    REPLICATION attribute and a pg_hba.conf `replication` line."""
+    `pg_basebackup -D - -Ft -X fetch`, one tar stream with the WAL the copy needs. A
+    cluster with tablespaces besides the two built in cannot be streamed as one tar: it
+    gets a PostgresBaseBackupTars (one tar per tablespace, in `scratch`) instead. The
+    generation records the server's version, the start and end WAL positions and the
+    tablespaces. Needs a role with the REPLICATION attribute and a pg_hba.conf
+    `replication` line."""
     version = await _output(
         ["psql", "-XAtq", "-d", "postgres", "-c", "select current_setting('server_version')"],
         env,
@@ -134,18 +176,12 @@ async def postgres_basebackup(env: Mapping[str, str] | None = None) -> Command:
         "server_version": version,
         "backup_started": _now(),
     }
+    tablespaces = await _tablespaces(env)
+    if tablespaces:
+        info.update(format=BASEBACKUP_TARS, tablespaces=tablespaces)
+        return PostgresBaseBackupTars(info, tablespaces, env, scratch)
     return Command(
-        (
-            "pg_basebackup",
-            "-D",
-            "-",
-            "-Ft",
-            "-X",
-            "fetch",
-            "--checkpoint=fast",
-            "--no-password",
-            "-v",
-        ),
+        ("pg_basebackup", "-D", "-", *_BASEBACKUP_OPTIONS),
         env=env,
         label="pgbase:",
         info=info,
@@ -153,8 +189,37 @@ async def postgres_basebackup(env: Mapping[str, str] | None = None) -> Command:
     )
 
 
+async def write_basebackup_tars(source: PostgresBaseBackupTars, into: str) -> dict[str, Any]:
+    """Run pg_basebackup for `source` into the new directory `into` (base.tar, <oid>.tar,
+    backup_manifest) -> the WAL positions it stated. SourceError if it fails."""
+    argv = ("pg_basebackup", "-D", into, *_BASEBACKUP_OPTIONS)
+    try:
+        status, _out, err = await _completed(argv, source.env)
+    except OSError as e:
+        raise SourceError(f"cannot run pg_basebackup: {e.strerror}") from None
+    if status != 0:
+        tail = "\n".join(err.splitlines()[-8:])
+        raise SourceError(f"pg_basebackup failed (status {status}); nothing was committed:\n{tail}")
+    return _wal_positions(err)
+
+
 def is_postgres_basebackup(source: Mapping[str, Any]) -> bool:
-    return source.get("engine") == "postgresql" and source.get("format") == BASEBACKUP_FORMAT
+    return source.get("engine") == "postgresql" and source.get("format") in (
+        BASEBACKUP_FORMAT,
+        BASEBACKUP_TARS,
+    )
+
+
+def tablespace_map(locations: Mapping[str, str]) -> str:
+    """The `tablespace_map` file of a data directory restored from a base backup: a line
+    "<oid> <location>" per tablespace, which PostgreSQL turns into pg_tblspc/<oid> links
+    when it starts. Locations are absolute paths without a line break."""
+    lines = []
+    for oid, location in sorted(locations.items()):
+        if not oid.isdigit() or not os.path.isabs(location) or "\n" in location:
+            raise TargetError(f"tablespace {oid}: {location!r} is not an absolute path")
+        lines.append(f"{oid} {location}\n")
+    return "".join(lines)
 
 
 def postgres_restore_into(

@@ -276,6 +276,7 @@ async def backup_tree(
     dry_run: bool = False,
     before_write: BeforeWrite | None = None,
     store_only: bool = False,
+    source_info: dict[str, Any] | None = None,
 ) -> BackupStats:
     """Back up directory `root` as a tree generation of `name`. `parent` is (generation id,
     its expanded entries) for an incremental or differential, None for a full (which reads
@@ -284,7 +285,9 @@ async def backup_tree(
     EmptySource unless `allow_empty`. `exclude`: patterns of entries to leave out (see
     excluded). An entry that cannot be read fails the backup when `strict`; otherwise it
     is left out, and `unreadable` lists it (a partial backup). `store_only`: store and
-    index what the repository lacks, commit nothing (a repair from a replica)."""
+    index what the repository lacks, commit nothing (a repair from a replica).
+    `source_info`: what the header's `source` records beside its type (default: the
+    root as its label)."""
     if (kind == "full") != (parent is None):
         raise ValueError("a full has no parent; an incremental or differential needs one")
     started_ns = time.time_ns()
@@ -347,7 +350,9 @@ async def backup_tree(
             name=name,
             kind=kind,
             parent=parent[0] if parent is not None else None,
-            source_info={"type": "tree", "label": root},
+            # What the tree is, when it stands for something else (the tablespace tars of
+            # a PostgreSQL base backup); a tree all the same.
+            source_info={"label": root, **(source_info or {}), "type": "tree"},
             meta=meta,
             body=body,
             chunk_count=chunk_count,

@@ -104,3 +104,29 @@ def test_auto_picks_tar_for_a_tar_and_keeps_it() -> None:
     assert isinstance(make_chunker(spec, DEFAULT_PARAMS, GEAR), TarChunker)
     bad = dict(spec, page_size=1000)
     assert kept_spec(bad, DEFAULT_PARAMS) == DEFAULT_PARAMS.to_dict()
+
+
+def test_relation_files_are_recognised_by_their_place_in_a_cluster() -> None:
+    """Relation files (forks, segments) of base.tar and of a tablespace's tar are cut
+    into pages; configuration, WAL and other files are not."""
+    from dedupe.chunking.tarcut import RELATION_FILE
+
+    for path in (
+        "base/16384/16400",
+        "./base/1/1259_fsm",
+        "global/1262",
+        "base/16384/16400.1",
+        "base/16384/16400_vm",
+        "pg_tblspc/16390/PG_15_202209061/16384/16391",
+        "PG_15_202209061/16384/16391_init",
+    ):
+        assert RELATION_FILE.fullmatch(path.encode()), path
+    for path in (
+        "postgresql.auto.conf",
+        "pg_wal/000000010000000000000003",
+        "global/pg_control",
+        "base/16384/PG_VERSION",
+        "base/16384/pg_filenode.map",
+        "pg_xact/0000",
+    ):
+        assert not RELATION_FILE.fullmatch(path.encode()), path

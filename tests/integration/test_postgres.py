@@ -217,6 +217,56 @@ def test_a_physical_generation_restores_into_a_data_directory_that_starts(
         assert state(db, {**os.environ, "PGPORT": str(port)}) == want
 
 
+def test_a_cluster_with_a_tablespace_restores_with_it_and_starts(
+    run_asyncio: Any, tmp_path: Path, pg: dict[str, str]
+) -> None:
+    """pg_basebackup cannot stream a cluster with tablespaces as one tar: pgbase: then
+    backs up a tar per tablespace as a tree, and the restore puts each tablespace in a
+    place of its own (tablespace_map); the restored server holds the table that lives
+    in the tablespace too. The tablespace is dropped again: the server is shared."""
+    db = pg["db"]
+    place = Path(tempfile.mkdtemp(prefix="dedupe-tablespace-")) / "ts"
+    place.mkdir()
+    if os.geteuid() == 0:  # the server runs as postgres
+        owner = pwd.getpwnam("postgres")
+        os.chmod(place.parent, 0o755)
+        os.chown(place, owner.pw_uid, owner.pw_gid)
+    space = f"ts_{db}"
+    psql(db, SCHEMA)
+    psql(db, f"create tablespace {space} location '{place}'")
+    try:
+        psql(db, f"alter table orders set tablespace {space}")
+        psql(db, DAY.format(n=1))
+        want = state(db)
+        oid = psql(db, f"select oid from pg_tablespace where spcname = '{space}'")
+
+        async def go() -> Path:
+            async with await make_repo(tmp_path / "repo") as repo:
+                source = await postgres_basebackup()
+                await repo.backup(source, name="cluster", kind="full")
+                (gen,) = await repo.generations("cluster")
+                assert gen.source["type"] == "tree" and gen.source["label"] == "pgbase:"
+                assert gen.source["tablespaces"] == {oid: str(place)}
+                assert gen.source["wal_start"] and gen.source["wal_end"]
+                datadir = Path(tempfile.mkdtemp(prefix="dedupe-restored-pg-")) / "data"
+                restored = await repo.restore_into_datadir(gen.id, datadir)
+                moved = Path(f"{datadir}_tablespaces") / oid
+                assert restored.note and str(moved) in restored.note
+                assert (datadir / "tablespace_map").read_text() == f"{oid} {moved}\n"
+                assert any(moved.iterdir())
+                return datadir
+
+        datadir = run_asyncio(go())
+        with started(datadir) as port:
+            env = {**os.environ, "PGPORT": str(port)}
+            assert state(db, env) == want
+            assert psql(db, "select count(*) from pg_tablespace", env) == "3"
+    finally:
+        psql(db, "drop table orders")
+        psql(db, f"drop tablespace {space}")
+        shutil.rmtree(place.parent, ignore_errors=True)
+
+
 @contextmanager
 def started(datadir: Path) -> Iterator[int]:
     """A server on a restored data directory (as the postgres user under root)."""
