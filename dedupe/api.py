@@ -101,6 +101,7 @@ from dedupe.errors import (
     TargetError,
 )
 from dedupe.format.config import DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_SIZE
+from dedupe.objectives import Objectives, Policy, StatusReport
 from dedupe.replication import Replicas
 from dedupe.store import RepositoryStore
 from dedupe.store.cache import ObjectCache, default_cache_root
@@ -112,8 +113,10 @@ log = logging.getLogger("dedupe")
 __all__ = [
     "BackupStats",
     "Command",
+    "Policy",
     "PostgresBaseBackupTars",
     "SQLiteDatabase",
+    "StatusReport",
     "postgres_basebackup",
     "postgres_dump",
     "Generation",
@@ -202,6 +205,7 @@ class Repository:
         )
         self.keys = KeyManager(self)
         self.replicas = Replicas(self)
+        self.objectives = Objectives(self)
 
     def _require_key_admin(self, what: str) -> None:
         """RoleNotPermitted unless this handle's key is an admin's (the CLI asks before it

@@ -39,7 +39,15 @@ from dedupe.crypto import (
 from dedupe.engine.prune import PruneReport, run_prune, stale_key_packs
 from dedupe.errors import IntegrityError, KeyNotAvailable, RoleNotPermitted
 from dedupe.format.keymap import GENERATION, INDEX, KIND_NAMES, PACK, QUARANTINE
-from dedupe.format.keyring import ACTIVE, RETIRED, EpochRecord, KeyHolder, Keyring, ReplicaRecord
+from dedupe.format.keyring import (
+    ACTIVE,
+    RETIRED,
+    EpochRecord,
+    KeyHolder,
+    Keyring,
+    PolicyRecord,
+    ReplicaRecord,
+)
 from dedupe.store import RepositoryStore
 from dedupe.store.keyring import bump, write_keyring
 from dedupe.store.repository import KEYS_PREFIX, key_file_name, key_id_of, named_ids, utc_now
@@ -244,9 +252,28 @@ async def set_replicas(
     `change(current list)`, signed and stored. Read afresh first, so that a change made
     elsewhere is not undone. The caller holds the exclusive lock; `confirm` checks it
     right before the write."""
-    require_admin(store, "change the replicas")
+    return await _set_listed(store, "replicas", change, confirm)
+
+
+async def set_policies(
+    store: RepositoryStore,
+    change: Callable[[tuple[PolicyRecord, ...]], tuple[PolicyRecord, ...]],
+    confirm: Callable[[], Awaitable[None]],
+) -> Keyring:
+    """The keyring with its recovery objectives (docs/FORMAT.md 4.3.2) replaced by
+    `change(current ones)`; as set_replicas."""
+    return await _set_listed(store, "policies", change, confirm)
+
+
+async def _set_listed(
+    store: RepositoryStore,
+    field: str,
+    change: Callable[[Any], Any],
+    confirm: Callable[[], Awaitable[None]],
+) -> Keyring:
+    require_admin(store, f"change the {field}")
     await store.refresh_keys()
-    new_ring = bump(store.keyring, utc_now(), replicas=change(store.keyring.replicas))
+    new_ring = bump(store.keyring, utc_now(), **{field: change(getattr(store.keyring, field))})
     problem = new_ring.problem()
     if problem:
         raise ValueError(problem)

@@ -21,6 +21,7 @@ ACTIVE = "active"
 RETIRED = "retired"
 REPLICA_MODES = ("sync", "async")
 MAX_REPLICAS = 16
+MAX_POLICIES = 1024
 
 
 def _b64(b: bytes) -> str:
@@ -172,6 +173,39 @@ def replica_name_problem(name: str) -> str | None:
 
 
 @dataclass(frozen=True)
+class PolicyRecord:
+    """The recovery objectives of one source name (docs/FORMAT.md 4.3.2): its newest
+    generation must be younger than `rpo_seconds`, a drill of it must restore within
+    `rto_seconds`, and the last drill must be younger than `drill_max_age_seconds`. In the
+    keyring, so only an admin sets them and a rolled back set is refused with it."""
+
+    name: str
+    rpo_seconds: int
+    rto_seconds: int
+    drill_max_age_seconds: int
+    set: str
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "rpo_seconds": self.rpo_seconds,
+            "rto_seconds": self.rto_seconds,
+            "drill_max_age_seconds": self.drill_max_age_seconds,
+            "set": self.set,
+        }
+
+    @classmethod
+    def from_record(cls, r: dict[str, Any]) -> PolicyRecord:
+        name = str(r["name"])
+        if not 1 <= len(name) <= 255 or not name.isprintable():
+            raise ValueError(f"policy name {name!r}: 1 to 255 printable characters")
+        rpo, rto, drill_age = r["rpo_seconds"], r["rto_seconds"], r["drill_max_age_seconds"]
+        if not all(type(n) is int and 0 < n <= 10 * 365 * 86400 for n in (rpo, rto, drill_age)):
+            raise ValueError(f"policy {name!r}: objectives are whole seconds, 1 s to 10 years")
+        return cls(name, rpo, rto, drill_age, str(r["set"]))
+
+
+@dataclass(frozen=True)
 class Keyring:
     repository_id: bytes
     serial: int
@@ -181,6 +215,7 @@ class Keyring:
     current_epoch: int
     reencrypt_below: int | None = None
     replicas: tuple[ReplicaRecord, ...] = ()
+    policies: tuple[PolicyRecord, ...] = ()
 
     def holder(self, key_id: bytes) -> KeyHolder | None:
         for k in self.keys:
@@ -212,6 +247,7 @@ class Keyring:
             "reencrypt_below": self.reencrypt_below,
             # Only when there are any: a keyring without replicas keeps the bytes it had.
             **({"replicas": [r.to_record() for r in self.replicas]} if self.replicas else {}),
+            **({"policies": [p.to_record() for p in self.policies]} if self.policies else {}),
         }
 
     @classmethod
@@ -235,6 +271,7 @@ class Keyring:
                 int(r["current_epoch"]),
                 None if r.get("reencrypt_below") is None else int(r["reencrypt_below"]),
                 tuple(ReplicaRecord.from_record(x) for x in r.get("replicas", [])),
+                tuple(PolicyRecord.from_record(x) for x in r.get("policies", [])),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise IntegrityError(f"{what} is malformed: {e}") from None
@@ -272,4 +309,9 @@ class Keyring:
                 return f"two replicas have the same {what.replace('_id', '')}"
         if any(r.repository_id == self.repository_id for r in self.replicas):
             return "the repository is named as its own replica"
+        if len(self.policies) > MAX_POLICIES:
+            return f"more than {MAX_POLICIES} policies"
+        names = [p.name for p in self.policies]
+        if len(set(names)) != len(names):
+            return "two policies are for the same name"
         return None

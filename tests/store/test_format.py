@@ -118,6 +118,9 @@ def _keyring() -> Keyring:
 def test_keyring_record_round_trips_and_checks_its_structure() -> None:
     ring = _keyring()
     assert Keyring.from_record(ring.to_record()) == ring
+    with_policy = dict(ring.to_record(), policies=[_POLICY])
+    assert Keyring.from_record(with_policy).to_record() == with_policy
+    assert "policies" not in ring.to_record()  # a keyring without any keeps its bytes
     record = ring.to_record()
     record["current_epoch"] = 1  # a retired epoch cannot be current
     with pytest.raises(IntegrityError, match="current epoch"):
@@ -179,7 +182,36 @@ def _short_key_id(r: dict[str, Any]) -> None:
     r["keys"][1]["id"] = short
 
 
+_POLICY = {
+    "name": "orders",
+    "rpo_seconds": 3600,
+    "rto_seconds": 900,
+    "drill_max_age_seconds": 604800,
+    "set": "t",
+}
+
+
+def _policy_twice(r: dict[str, Any]) -> None:
+    r["policies"] = [_POLICY, dict(_POLICY, rpo_seconds=60)]
+
+
+def _policy_of_no_time(r: dict[str, Any]) -> None:
+    r["policies"] = [dict(_POLICY, rto_seconds=0)]
+
+
+def _policy_of_a_float(r: dict[str, Any]) -> None:
+    r["policies"] = [dict(_POLICY, rpo_seconds=3600.5)]
+
+
+def _policy_unnamed(r: dict[str, Any]) -> None:
+    r["policies"] = [dict(_POLICY, name="")]
+
+
 STRUCTURE = {
+    "two policies for one name": (_policy_twice, "two policies are for the same name"),
+    "an objective of 0 s": (_policy_of_no_time, "objectives are whole seconds"),
+    "an objective of a fraction of a second": (_policy_of_a_float, "objectives are whole"),
+    "a policy without a name": (_policy_unnamed, "1 to 255 printable"),
     "a key listed twice": (_key_twice, "a key id appears twice"),
     "an epoch listed twice": (_epoch_twice, "an epoch appears twice"),
     "a newer active epoch than the current": (_newer_active_epoch, "not the newest active"),

@@ -1,0 +1,247 @@
+"""Recovery objectives per source name, and where each source stands against them
+(docs/OPERATIONS.md, "Disaster recovery").
+
+An admin sets, per generation name, a recovery point objective (RPO: the newest
+generation must be younger than it), a recovery time objective (RTO: a drill must restore
+the newest generation within it) and how old the last drill may be. They live in the
+keyring (docs/FORMAT.md 4.3.2), signed by an admin and refused when rolled back, like the
+replica list. `status` reads every generation header once and says, per name, what is
+met and what is not; the CLI turns that into an exit code for cron, Nagios-style checks
+and systemd's OnFailure=.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from dedupe.engine import keys as key_ops
+from dedupe.engine.forget import parse_created
+from dedupe.format.keyring import PolicyRecord
+from dedupe.store.locks import RepositoryLock
+from dedupe.store.repository import utc_now
+
+if TYPE_CHECKING:
+    from dedupe.api import Repository
+
+DEFAULT_DRILL_MAX_AGE = 7 * 86400
+_OBJECTIVE = re.compile(r"(\d+)([smhdw])")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+# What `dedupe status` exits with (docs/OPERATIONS.md): the worse finding wins.
+STATUS_OK = 0
+STATUS_DRILL = 71  # a drill failed, was slower than the RTO, is overdue or never ran
+STATUS_RPO = 70  # a source's newest generation is older than its RPO (or there is none)
+
+
+def parse_objective(text: str) -> int:
+    """'90s', '15m', '1h', '2d', '1w' or sums like '1h30m' -> whole seconds (m is
+    minutes here, as in a monitoring system; forget's durations have no minutes)."""
+    s = text.strip().lower()
+    if not s or _OBJECTIVE.sub("", s):
+        raise ValueError(f"{text!r} is not a duration: use e.g. 90s, 15m, 1h, 2d, 1w or 1h30m")
+    total = sum(int(n) * _SECONDS[u] for n, u in _OBJECTIVE.findall(s))
+    if total <= 0:
+        raise ValueError(f"duration {text!r} must be positive")
+    return total
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The objectives of one source name, in seconds."""
+
+    name: str
+    rpo: int
+    rto: int
+    drill_max_age: int
+    set: str
+
+    @classmethod
+    def of(cls, r: PolicyRecord) -> Policy:
+        return cls(r.name, r.rpo_seconds, r.rto_seconds, r.drill_max_age_seconds, r.set)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "rpo_seconds": self.rpo,
+            "rto_seconds": self.rto,
+            "drill_max_age_seconds": self.drill_max_age,
+            "set": self.set,
+        }
+
+
+@dataclass(frozen=True)
+class SourceStatus:
+    """Where one source name stands. `problems` are (kind, text): kind "rpo" or "drill"."""
+
+    name: str
+    policy: Policy | None
+    generations: int
+    last_id: str | None
+    last_created: str | None
+    last_size: int | None
+    age_seconds: float | None
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "policy": None if self.policy is None else self.policy.to_json(),
+            "generations": self.generations,
+            "last": None
+            if self.last_id is None
+            else {
+                "id": self.last_id,
+                "created": self.last_created,
+                "size": self.last_size,
+                "age_seconds": self.age_seconds,
+            },
+            "rpo_met": None
+            if self.policy is None
+            else not any(kind == "rpo" for kind, _ in self.problems),
+            "ok": self.ok,
+            "problems": [{"kind": kind, "message": text} for kind, text in self.problems],
+        }
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    checked: str
+    sources: list[SourceStatus]
+
+    @property
+    def ok(self) -> bool:
+        return all(s.ok for s in self.sources)
+
+    @property
+    def exit_code(self) -> int:
+        kinds = {kind for s in self.sources for kind, _ in s.problems}
+        return STATUS_RPO if "rpo" in kinds else STATUS_DRILL if kinds else STATUS_OK
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "checked": self.checked,
+            "ok": self.ok,
+            "exit_code": self.exit_code,
+            "sources": [s.to_json() for s in self.sources],
+        }
+
+
+def _human(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+class Objectives:
+    """`repo.objectives`: set, remove and list the recovery objectives; `status`."""
+
+    def __init__(self, repo: Repository) -> None:
+        self._repo = repo
+
+    def list(self) -> list[Policy]:
+        """The objectives in the keyring this handle has (refresh with `status`)."""
+        return sorted((Policy.of(p) for p in self._repo._store.keyring.policies), key=_by_name)
+
+    async def set(
+        self, name: str, *, rpo: int, rto: int, drill_max_age: int | None = None
+    ) -> Policy:
+        """Set (or replace) the objectives of source `name`, in seconds: its newest
+        generation younger than `rpo`, a drill of it done within `rto`, the last drill
+        younger than `drill_max_age` (default 7 days). Admin key; exclusive lock."""
+        record = PolicyRecord.from_record(
+            {
+                "name": name,
+                "rpo_seconds": rpo,
+                "rto_seconds": rto,
+                "drill_max_age_seconds": DEFAULT_DRILL_MAX_AGE
+                if drill_max_age is None
+                else drill_max_age,
+                "set": utc_now(),
+            }
+        )
+
+        def replaced(current: tuple[PolicyRecord, ...]) -> tuple[PolicyRecord, ...]:
+            return (*(p for p in current if p.name != name), record)
+
+        await self._change("policy set", replaced)
+        return Policy.of(record)
+
+    async def remove(self, name: str) -> Policy:
+        """Drop the objectives of `name` (its generations stay). Admin key."""
+        found = [p for p in self._repo._store.keyring.policies if p.name == name]
+        if not found:
+            raise ValueError(f"no objectives are set for {name!r}")
+
+        def without(current: tuple[PolicyRecord, ...]) -> tuple[PolicyRecord, ...]:
+            return tuple(p for p in current if p.name != name)
+
+        await self._change("policy remove", without)
+        return Policy.of(found[0])
+
+    async def _change(self, operation: str, change: Any) -> None:
+        store = self._repo._store
+        key_ops.require_admin(store, "change the recovery objectives")
+        async with RepositoryLock(
+            store.backend, exclusive=True, operation=operation, wait=store.lock_wait
+        ) as lock:
+            await key_ops.set_policies(store, change, lock.confirm)
+
+    async def status(
+        self, names: Iterable[str] = (), *, now: datetime | None = None
+    ) -> StatusReport:
+        """Per source name (the ones asked for; else every name with objectives or
+        generations): its newest generation, its age, and the objectives it misses.
+        A name with objectives and no generation misses its RPO."""
+        store = self._repo._store
+        await store.refresh_keys()
+        moment = now or datetime.now(UTC)
+        policies = {p.name: Policy.of(p) for p in store.keyring.policies}
+        gens = await self._repo.generations()
+        by_name: dict[str, list[Any]] = {}
+        for g in gens:
+            by_name.setdefault(g.name, []).append(g)
+        wanted = list(names) or sorted(set(policies) | set(by_name))
+        sources = []
+        for name in wanted:
+            mine = sorted(by_name.get(name, []), key=lambda g: g.created)
+            policy = policies.get(name)
+            last = mine[-1] if mine else None
+            age = None if last is None else (moment - parse_created(last.created)).total_seconds()
+            problems: list[tuple[str, str]] = []
+            if policy is not None:
+                if last is None or age is None:
+                    problems.append(("rpo", f"{name} has no generation (RPO {_human(policy.rpo)})"))
+                elif age > policy.rpo:
+                    problems.append(
+                        (
+                            "rpo",
+                            f"the newest generation of {name} is {_human(age)} old, "
+                            f"older than its RPO of {_human(policy.rpo)}",
+                        )
+                    )
+            sources.append(
+                SourceStatus(
+                    name,
+                    policy,
+                    len(mine),
+                    None if last is None else last.id,
+                    None if last is None else last.created,
+                    None if last is None else last.size,
+                    age,
+                    problems,
+                )
+            )
+        return StatusReport(moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), sources)
+
+
+def _by_name(p: Policy) -> str:
+    return p.name

@@ -1,0 +1,93 @@
+"""Recovery objectives per source (issue 16): set by an admin in the signed keyring, and
+`status` measuring each source's newest generation against its RPO."""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import PASSPHRASE, make_repo
+
+from dedupe import Repository
+from dedupe.crypto import KdfParams
+from dedupe.engine.forget import parse_created
+from dedupe.errors import RoleNotPermitted
+from dedupe.objectives import STATUS_OK, STATUS_RPO, parse_objective
+
+
+def test_objective_durations() -> None:
+    assert parse_objective("15m") == 900
+    assert parse_objective("1h30m") == 5400
+    assert parse_objective("2d") == 2 * 86400
+    assert parse_objective("90s") == 90
+    for bad in ("", "15", "1x", "0m", "-1h"):
+        with pytest.raises(ValueError):
+            parse_objective(bad)
+
+
+def test_status_flips_when_the_newest_generation_is_older_than_the_rpo(
+    run_asyncio: Any, tmp_path: Path
+) -> None:
+    """The same repository judged at two moments: 30 minutes after the backup an RPO of
+    one hour is met, two hours after it is missed (exit 70); a name with objectives and
+    no generation misses its RPO; a name without objectives is shown, never failed."""
+
+    async def go() -> None:
+        async with await make_repo(tmp_path / "repo") as repo:
+            await repo.objectives.set("orders", rpo=3600, rto=900)
+            await repo.objectives.set("ghost", rpo=3600, rto=900, drill_max_age=86400)
+            stats = await repo.backup(io.BytesIO(b"day one" * 1000), name="orders")
+            await repo.backup(io.BytesIO(b"scratch" * 100), name="free")
+            (gen,) = await repo.generations("orders")
+            at = parse_created(gen.created)
+
+            soon = await repo.objectives.status(["orders"], now=at + timedelta(minutes=30))
+            (orders,) = soon.sources
+            assert orders.ok and orders.last_id == stats.id and soon.exit_code == STATUS_OK
+            assert orders.age_seconds == pytest.approx(1800)
+
+            late = await repo.objectives.status(now=at + timedelta(hours=2))
+            by = {s.name: s for s in late.sources}
+            assert set(by) == {"orders", "ghost", "free"}
+            assert [k for k, _ in by["orders"].problems] == ["rpo"]
+            assert "older than its RPO of 1.0h" in by["orders"].problems[0][1]
+            assert [k for k, _ in by["ghost"].problems] == ["rpo"]
+            assert by["free"].ok and by["free"].policy is None
+            assert late.exit_code == STATUS_RPO and not late.ok
+            assert json.loads(json.dumps(late.to_json()))["sources"][1]["rpo_met"] is False
+
+    run_asyncio(go())
+
+
+def test_objectives_are_an_admins_and_live_in_the_signed_keyring(
+    run_asyncio: Any, tmp_path: Path
+) -> None:
+    """They survive a reopen (read from the keyring under the admin's signature); a
+    writer may read them but not set or remove them; setting again replaces."""
+
+    async def go() -> None:
+        async with await make_repo(tmp_path / "repo") as repo:
+            await repo.objectives.set("orders", rpo=3600, rto=900)
+            await repo.objectives.set("orders", rpo=7200, rto=600)
+            await repo.keys.add("writer pass", role="writer", name="w", kdf=KdfParams.weakest())
+        ring = json.loads((tmp_path / "repo" / "keyring" / "1").read_text())
+        assert [p["rpo_seconds"] for p in ring["policies"]] == [7200]
+        async with await Repository.open(tmp_path / "repo", "writer pass") as writer:
+            assert [(p.name, p.rpo, p.rto) for p in writer.objectives.list()] == [
+                ("orders", 7200, 600)
+            ]
+            with pytest.raises(RoleNotPermitted):
+                await writer.objectives.set("orders", rpo=60, rto=60)
+            with pytest.raises(RoleNotPermitted):
+                await writer.objectives.remove("orders")
+        async with await Repository.open(tmp_path / "repo", PASSPHRASE) as repo:
+            await repo.objectives.remove("orders")
+            assert repo.objectives.list() == []
+            with pytest.raises(ValueError, match="no objectives"):
+                await repo.objectives.remove("orders")
+
+    run_asyncio(go())
