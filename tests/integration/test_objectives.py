@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -89,5 +90,31 @@ def test_objectives_are_an_admins_and_live_in_the_signed_keyring(
             assert repo.objectives.list() == []
             with pytest.raises(ValueError, match="no objectives"):
                 await repo.objectives.remove("orders")
+
+    run_asyncio(go())
+
+
+def test_a_drill_restores_checks_and_times_and_fails_what_it_cannot_meet(
+    run_asyncio: Any, tmp_path: Path
+) -> None:
+    """A drill of the newest generation of each name with objectives restores every byte
+    (counted), passes within its RTO, fails against an RTO it cannot meet, and a drill of
+    a generation whose pack is gone fails with the reason instead of raising."""
+    data = os.urandom(3 << 20)
+
+    async def go() -> None:
+        async with await make_repo(tmp_path / "repo") as repo:
+            await repo.objectives.set("orders", rpo=3600, rto=3600)
+            stats = await repo.backup(io.BytesIO(data), name="orders")
+            (ok,) = await repo.objectives.drill()
+            assert ok.passed and ok.generation == stats.id and ok.bytes == len(data)
+            assert ok.rto_seconds == 3600 and ok.seconds > 0 and ok.reason is None
+            (slow,) = await repo.objectives.drill(["orders@latest"], rto=1e-9)
+            assert not slow.passed and "longer than the RTO" in (slow.reason or "")
+            for pack in (tmp_path / "repo" / "packs").rglob("*"):
+                if pack.is_file():
+                    pack.unlink()
+            (broken,) = await repo.objectives.drill()
+            assert not broken.passed and broken.bytes == 0 and "missing" in (broken.reason or "")
 
     run_asyncio(go())
