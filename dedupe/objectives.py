@@ -13,14 +13,21 @@ and systemd's OnFailure=.
 from __future__ import annotations
 
 import builtins
+import contextlib
+import logging
+import os
 import re
+import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from dedupe._types import Generation
 from dedupe.engine import keys as key_ops
+from dedupe.engine.commands import Command
+from dedupe.engine.databases import postgres_restore_into, run_command
 from dedupe.engine.forget import parse_created
 from dedupe.format.keyring import PolicyRecord
 from dedupe.store.locks import RepositoryLock
@@ -28,6 +35,8 @@ from dedupe.store.repository import utc_now
 
 if TYPE_CHECKING:
     from dedupe.api import Repository
+
+log = logging.getLogger("dedupe")
 
 DEFAULT_DRILL_MAX_AGE = 7 * 86400
 _OBJECTIVE = re.compile(r"(\d+)([smhdw])")
@@ -86,6 +95,7 @@ class SourceStatus:
     last_created: str | None
     last_size: int | None
     age_seconds: float | None
+    last_drill: DrillResult | None = None
     problems: list[tuple[str, str]] = field(default_factory=list)
 
     @property
@@ -105,6 +115,7 @@ class SourceStatus:
                 "size": self.last_size,
                 "age_seconds": self.age_seconds,
             },
+            "last_drill": None if self.last_drill is None else self.last_drill.to_json(),
             "rpo_met": None
             if self.policy is None
             else not any(kind == "rpo" for kind, _ in self.problems),
@@ -198,49 +209,121 @@ class Objectives:
             await key_ops.set_policies(store, change, lock.confirm)
 
     async def drill(
-        self, targets: Iterable[str] = (), *, rto: float | None = None
+        self,
+        targets: Iterable[str] = (),
+        *,
+        rto: float | None = None,
+        into: str | os.PathLike[str] | None = None,
+        into_db: str | None = None,
+        check: Sequence[str] | None = None,
+        keep: bool = False,
+        record: bool = True,
     ) -> builtins.list[DrillResult]:
         """Restore each target (a generation id or NAME[@...]; by default the newest
-        generation of every name with objectives) into nothing, checking every chunk and
-        the stream digest, and time it. A drill passes when the restore is intact and
-        took no longer than `rto` (seconds; default the name's RTO; no objective: any
-        time). A damaged generation is a failed drill, not an error."""
+        generation of every name with objectives), checking every chunk and the stream
+        digest, and time it: into nothing (default), into a new directory under `into`,
+        or into the new PostgreSQL database `into_db` (a logical generation). `check`
+        then runs (argv; "{}" stands for the restored path or database): with neither
+        target it reads the restored bytes on its standard input. The drill passes when
+        all of that succeeds within `rto` seconds (default: the name's RTO; no objective:
+        any time). What a drill restored is removed again unless `keep`. Each result is
+        recorded in the repository (docs/FORMAT.md 15) unless `record` is false. A
+        damaged generation or a failing check is a failed drill, not an error."""
         from dedupe.errors import DedupeError
 
-        store = self._repo._store
+        if into is not None and into_db is not None:
+            raise ValueError("a drill restores into a directory or a database, not both")
+        repo = self._repo
+        repo._require("restore")
+        store = repo._store
         await store.refresh_keys()
         policies = {p.name: Policy.of(p) for p in store.keyring.policies}
         wanted = list(targets) or [f"{name}@latest" for name in sorted(policies)]
+        if not wanted:
+            raise ValueError("nothing to drill: name a generation, or set objectives first")
+        if into_db is not None and len(wanted) > 1:
+            raise ValueError("a drill into a database restores one generation")
         results = []
         for target in wanted:
-            gen = await self._repo.resolve(target)
-            limit = rto if rto is not None else getattr(policies.get(gen.name), "rto", None)
+            gen = await repo.resolve(target)
+            policy = policies.get(gen.name)
+            limit = rto if rto is not None else None if policy is None else policy.rto
             started = utc_now()
             clock = time.monotonic()
             try:
-                stats = await self._repo.restore(gen, _Discard())  # type: ignore[arg-type]
+                written = await self._restore_and_check(gen, into, into_db, check, keep)
             except DedupeError as e:
                 seconds = time.monotonic() - clock
-                results.append(
-                    DrillResult(gen.name, gen.id, started, seconds, 0, limit, False, e.message)
+                result = DrillResult(gen.name, gen.id, started, seconds, 0, limit, False, e.message)
+            else:
+                seconds = time.monotonic() - clock
+                slow = limit is not None and seconds > limit
+                reason = (
+                    f"took {seconds:.2f} s, longer than the RTO of {limit:g} s" if slow else None
                 )
-                continue
-            seconds = time.monotonic() - clock
-            slow = limit is not None and seconds > limit
-            reason = f"took {seconds:.2f} s, longer than the RTO of {limit:g} s" if slow else None
-            results.append(
-                DrillResult(
-                    gen.name,
-                    gen.id,
-                    started,
-                    seconds,
-                    stats.bytes_written,
-                    limit,
-                    not slow,
-                    reason,
+                result = DrillResult(
+                    gen.name, gen.id, started, seconds, written, limit, not slow, reason
                 )
-            )
+            if record:
+                await self._record(
+                    result, "database" if into_db else "directory" if into else "null", check
+                )
+            results.append(result)
         return results
+
+    async def _restore_and_check(
+        self,
+        gen: Generation,
+        into: str | os.PathLike[str] | None,
+        into_db: str | None,
+        check: Sequence[str] | None,
+        keep: bool,
+    ) -> int:
+        """Restore `gen` where the drill says and run its check; -> bytes restored."""
+        repo = self._repo
+
+        def checked(place: str) -> Command:
+            assert check is not None
+            return Command(tuple(a.replace("{}", place) for a in check))
+
+        if into_db is not None:
+            stats = await repo.restore_into_postgres(gen, into_db)
+            try:
+                if check:
+                    await run_command(checked(into_db))
+            finally:
+                if not keep:
+                    await run_command(postgres_restore_into(into_db)[2])
+            return stats.bytes_written
+        if into is not None:
+            os.makedirs(into, exist_ok=True)
+            place = os.path.join(os.fspath(into), f"drill-{gen.name}-{gen.id[:12]}")
+            try:
+                stats = await repo.restore(gen, place)
+                if check:
+                    await run_command(checked(place))
+            finally:
+                if not keep:
+                    _remove(place)
+            return stats.bytes_written
+        sink: Any = Command(tuple(check)) if check else _Discard()
+        return (await repo.restore(gen, sink)).bytes_written
+
+    async def _record(self, result: DrillResult, target: str, check: Sequence[str] | None) -> None:
+        store = self._repo._store
+        fields = {**result.to_json(), "target": target, "check": check[0] if check else None}
+        async with RepositoryLock(
+            store.backend, exclusive=False, operation="drill", wait=store.lock_wait
+        ) as lock:
+            await lock.confirm()
+            await store.write_drill(fields)
+
+    async def drills(self, name: str | None = None) -> builtins.list[DrillResult]:
+        """The drills recorded (of `name`, if given), oldest first. Records that are not
+        authenticated are left out (and logged)."""
+        found = await self._repo._store.read_drills(log.warning)
+        results = [DrillResult.of(r) for _n, r in found if name is None or r["name"] == name]
+        return sorted(results, key=lambda d: d.started)
 
     async def status(
         self, names: Iterable[str] = (), *, now: datetime | None = None
@@ -253,6 +336,9 @@ class Objectives:
         moment = now or datetime.now(UTC)
         policies = {p.name: Policy.of(p) for p in store.keyring.policies}
         gens = await self._repo.generations()
+        drills: dict[str, DrillResult] = {}
+        for d in await self.drills():  # oldest first: the newest of each name stays
+            drills[d.name] = d
         by_name: dict[str, list[Any]] = {}
         for g in gens:
             by_name.setdefault(g.name, []).append(g)
@@ -275,6 +361,9 @@ class Objectives:
                             f"older than its RPO of {_human(policy.rpo)}",
                         )
                     )
+            drill = drills.get(name)
+            if policy is not None:
+                problems += _drill_problems(name, policy, drill, moment)
             sources.append(
                 SourceStatus(
                     name,
@@ -284,6 +373,7 @@ class Objectives:
                     None if last is None else last.created,
                     None if last is None else last.size,
                     age,
+                    drill,
                     problems,
                 )
             )
@@ -307,6 +397,56 @@ class DrillResult:
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    @classmethod
+    def of(cls, r: dict[str, Any]) -> DrillResult:
+        return cls(
+            r["name"],
+            r["generation"],
+            r["started"],
+            float(r["seconds"]),
+            r["bytes"],
+            r["rto_seconds"],
+            r["passed"],
+            r["reason"],
+        )
+
+
+def _drill_problems(
+    name: str, policy: Policy, drill: DrillResult | None, moment: datetime
+) -> builtins.list[tuple[str, str]]:
+    """What the newest drill of `name` says against its objectives."""
+    if drill is None:
+        return [("drill", f"{name} has never been drilled")]
+    problems = []
+    if not drill.passed:
+        problems.append(("drill", f"the last drill of {name} failed: {drill.reason}"))
+    elif drill.seconds > policy.rto:
+        problems.append(
+            (
+                "drill",
+                f"the last drill of {name} took {drill.seconds:.1f} s, longer than its "
+                f"RTO of {_human(policy.rto)}",
+            )
+        )
+    age = (moment - parse_created(drill.started)).total_seconds()
+    if age > policy.drill_max_age:
+        problems.append(
+            (
+                "drill",
+                f"the last drill of {name} is {_human(age)} old, older than "
+                f"{_human(policy.drill_max_age)}",
+            )
+        )
+    return problems
+
+
+def _remove(place: str) -> None:
+    if os.path.isdir(place) and not os.path.islink(place):
+        shutil.rmtree(place, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(place)
 
 
 class _Discard:

@@ -56,18 +56,21 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from dedupe._types import Progress, ProgressCallback
 from dedupe.backends.base import Backend
 from dedupe.crypto import OVERHEAD
+from dedupe.engine.forget import parse_created
 from dedupe.errors import DedupeError, IntegrityError, MissingObject
 from dedupe.format.index import ENTRY_RECORD, PackRecord
-from dedupe.format.keymap import GENERATION, INDEX, PACK, QUARANTINE
+from dedupe.format.keymap import DRILL, GENERATION, INDEX, PACK, QUARANTINE
 from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.format.pack import FOOTER_SIZE, PACK_MAGIC
 from dedupe.store import PackWriter, RepositoryStore
 from dedupe.store.blobs import FramedBatch, release_buffers
+from dedupe.store.drills import DRILL_PREFIX, KEEP_DRILL_DAYS, KEEP_DRILLS
 from dedupe.store.locks import RepositoryLock
 from dedupe.store.quarantine import QUARANTINE_PREFIX, read_quarantine
 from dedupe.store.repository import IndexBatch, named_ids, pack_name
@@ -434,6 +437,7 @@ async def _prune(
     if not (changed or unindexed):
         await lock_held()
         await _drop_quarantine_records(store, present)
+        await _drop_old_drills(store, lock_held)
         await _tidy(store, planted)
         await _consolidate_keymaps(store)
         report_progress("done")
@@ -481,6 +485,7 @@ async def _prune(
     packs_left = (present - set(to_delete)) | {r.pack_id for r in new_packs}
     await lock_held()
     await _drop_quarantine_records(store, packs_left)
+    await _drop_old_drills(store, lock_held)
 
     # --- 3f. what interrupted writers left: temporary files of killed puts, a keyring copy
     # left behind; with delete_unauthenticated, planted manifests -------------------------------
@@ -641,6 +646,23 @@ async def _drop_quarantine_records(store: RepositoryStore, packs_left: set[bytes
     return deleted
 
 
+async def _drop_old_drills(
+    store: RepositoryStore, lock_held: Callable[[], Awaitable[None]]
+) -> None:
+    """Drill records past keeping (docs/FORMAT.md 15): per name, all but the newest
+    KEEP_DRILLS of those older than KEEP_DRILL_DAYS. A record that cannot be read stays:
+    prune deletes nothing it cannot judge (verify reports it)."""
+    cutoff = datetime.now(UTC) - timedelta(days=KEEP_DRILL_DAYS)
+    by_name: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for name, record in await store.read_drills(lambda _message: None):
+        by_name[record["name"]].append((record["started"], name))
+    old = []
+    for drills in by_name.values():
+        drills.sort(reverse=True)
+        old += [name for started, name in drills[KEEP_DRILLS:] if parse_created(started) < cutoff]
+    await _delete_all(store.backend, sorted(old), lock_held)
+
+
 async def _tidy(store: RepositoryStore, planted: list[str]) -> None:
     """Remove what interrupted writers left, which no lock-holder can be writing now
     (backups and key commands exclude prune): temporary files of killed puts, and a
@@ -673,7 +695,13 @@ async def _consolidate_keymaps(store: RepositoryStore) -> None:
     )
 
 
-_PREFIXES = {PACK: "packs/", INDEX: "index/", GENERATION: "generations/", QUARANTINE: "quarantine/"}
+_PREFIXES = {
+    PACK: "packs/",
+    INDEX: "index/",
+    GENERATION: "generations/",
+    QUARANTINE: "quarantine/",
+    DRILL: DRILL_PREFIX,
+}
 
 
 async def _bad_copies(

@@ -79,9 +79,11 @@ from dedupe.format.pack import (
 from dedupe.hashing import object_id
 from dedupe.store import RepositoryStore
 from dedupe.store.blobs import release_buffers
+from dedupe.store.drills import DRILL_PREFIX, MAX_DRILL_BYTES
 from dedupe.store.keyring import decode_keyring
 from dedupe.store.locks import RepositoryLock
 from dedupe.store.quarantine import (
+    MAX_QUARANTINE_BYTES,
     QUARANTINE_PREFIX,
     read_quarantine,
 )
@@ -115,7 +117,7 @@ REASONS = (
     TRAILER_MISMATCH,
     NOT_INDEXED,
 )
-KINDS = ("keyring", "keymap", "generation", "index", "pack", "quarantine")
+KINDS = ("keyring", "keymap", "generation", "index", "pack", "quarantine", "drill")
 
 # --- tuning -----------------------------------------------------------------------------------
 
@@ -436,19 +438,37 @@ class _Verifier:
         await _each(names, INDEX_CONCURRENCY, one)
 
     async def check_quarantine_records(self) -> None:
-        for name in sorted(await self._objects(QUARANTINE_PREFIX)):
+        async def one(name: str, data: bytes) -> None:
+            triples = await self.store.open_quarantine(name, data)
+            pairs = {(c, p) for c, p, _reason in triples}
+            self.quarantine_records[name] = pairs
+            self.quarantined |= pairs
+
+        await self._check_records(QUARANTINE_PREFIX, "quarantine", MAX_QUARANTINE_BYTES, one)
+
+    async def check_drill_records(self) -> None:
+        """A drill record that is not authenticated, or does not open, is reported: it
+        is no evidence (status ignores it), and may be a planted one."""
+
+        async def one(name: str, data: bytes) -> None:
+            await self.store.open_drill(name, data)
+
+        await self._check_records(DRILL_PREFIX, "drill", MAX_DRILL_BYTES, one)
+
+    async def _check_records(
+        self, prefix: str, kind: str, limit: int, check: Callable[[str, bytes], Awaitable[None]]
+    ) -> None:
+        """Read each record under `prefix` (at most `limit` bytes) and `check` it; one that
+        fails is damage of `kind`."""
+        for name in sorted(await self._objects(prefix)):
             try:
-                data = await self.backend.get(name)
-                triples = await self.store.open_quarantine(name, data)
-                pairs = {(c, p) for c, p, _reason in triples}
-                self.quarantine_records[name] = pairs
-                self.quarantined |= pairs
+                await check(name, await self.backend.get_small(name, limit))
             except MissingObject:
                 continue
             except UnsupportedFormat as e:
-                self._damaged(name, "quarantine", MALFORMED, e.message)
+                self._damaged(name, kind, MALFORMED, e.message)
             except IntegrityError as e:
-                self._damaged(name, "quarantine", _reason_of(e), e.message)
+                self._damaged(name, kind, _reason_of(e), e.message)
 
     # --- trust: keyring copies and key maps ---
 
@@ -809,6 +829,7 @@ async def verify_repository(
         await v.check_keymaps()
         await v.check_index()
         await v.check_quarantine_records()
+        await v.check_drill_records()
         await v.check_packs()
         if read_data:
             await v.read_packs(subset)

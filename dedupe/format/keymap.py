@@ -18,11 +18,13 @@ PACK = 1
 INDEX = 2
 GENERATION = 3
 QUARANTINE = 4
+DRILL = 5
 KIND_NAMES = {
     PACK: "pack",
     INDEX: "index object",
     GENERATION: "generation",
     QUARANTINE: "quarantine record",
+    DRILL: "drill record",
 }
 SIGNATURE_SIZE = 64
 READ_WRAP = 80
@@ -37,6 +39,7 @@ _FIELDS = {
     PACK: struct.Struct(f"<{READ_WRAP}s"),
     INDEX: struct.Struct(f"<{META_WRAP}s"),
     QUARANTINE: struct.Struct(f"<{META_WRAP}s"),
+    DRILL: struct.Struct(f"<{META_WRAP}s"),
     GENERATION: struct.Struct(f"<{META_WRAP}s{READ_WRAP}s{KEY_ID}s{READ_WRAP}s"),
 }
 _NO_SELF = bytes(KEY_ID)

@@ -28,6 +28,7 @@ from dedupe.errors import (
     UnsupportedFormat,
 )
 from dedupe.format.keymap import (
+    DRILL,
     GENERATION,
     INDEX,
     KIND_NAMES,
@@ -49,9 +50,9 @@ from dedupe.store.cache import NoCache
 LOAD_CONCURRENCY = 8
 # Which kinds of entry each role may sign (docs/FORMAT.md 4.4).
 ALLOWED_KINDS = {
-    "admin": frozenset({PACK, INDEX, GENERATION, QUARANTINE}),
+    "admin": frozenset({PACK, INDEX, GENERATION, QUARANTINE, DRILL}),
     "writer": frozenset({PACK, INDEX, GENERATION}),
-    "reader": frozenset({QUARANTINE}),
+    "reader": frozenset({QUARANTINE, DRILL}),
 }
 
 Report = Callable[[str], None]

@@ -8,9 +8,8 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from dedupe.crypto import open_sealed, seal
 from dedupe.errors import IntegrityError, MissingObject, UnsupportedFormat
-from dedupe.hashing import object_id
+from dedupe.store.sealed import open_record, seal_record
 
 if TYPE_CHECKING:
     from dedupe.backends.base import Backend
@@ -36,7 +35,7 @@ def encode_quarantine(
         "chunks": [{"id": c.hex(), "pack": p.hex(), "reason": r} for c, p, r in chunks],
     }
     plain = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
-    return QUARANTINE_MAGIC + seal(data_key, plain, QUARANTINE_AAD)
+    return seal_record(QUARANTINE_MAGIC, QUARANTINE_AAD, data_key, plain)
 
 
 def decode_quarantine(data_key: bytes, name: str, data: bytes) -> list[tuple[bytes, bytes, str]]:
@@ -44,11 +43,7 @@ def decode_quarantine(data_key: bytes, name: str, data: bytes) -> list[tuple[byt
     `data_key`; IntegrityError when it is damaged, UnsupportedFormat for a magic or version
     this code does not know."""
     what = f"quarantine record {name}"
-    if object_id(data) != name.rsplit("/", 1)[-1]:
-        raise IntegrityError(f"{what} does not match its name: it is damaged")
-    if data[:8] != QUARANTINE_MAGIC:
-        raise UnsupportedFormat(f"{what} has an unknown magic")
-    plain = open_sealed(data_key, memoryview(data)[8:], QUARANTINE_AAD, what)
+    plain = open_record(QUARANTINE_MAGIC, QUARANTINE_AAD, data_key, name, data, what)
     try:
         record = json.loads(plain)
         if int(record["version"]) != QUARANTINE_VERSION:

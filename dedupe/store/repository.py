@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import blake3
 import zstandard
@@ -78,7 +78,7 @@ from dedupe.format.index import (
     encode_index,
     max_plaintext,
 )
-from dedupe.format.keymap import GENERATION, INDEX, PACK, QUARANTINE, KeyMapEntry
+from dedupe.format.keymap import DRILL, GENERATION, INDEX, PACK, QUARANTINE, KeyMapEntry
 from dedupe.format.keyring import (
     ACTIVE,
     KEYRING_NAMES,
@@ -105,6 +105,7 @@ from dedupe.format.pack import FOOTER_SIZE, TRAILER_AAD, decode_footer
 from dedupe.hashing import ChunkHasher, object_id
 from dedupe.store.blobs import BlobCodec
 from dedupe.store.cache import NoCache
+from dedupe.store.drills import DRILL_PREFIX, MAX_DRILL_BYTES, decode_drill, encode_drill
 from dedupe.store.index import ChunkIndex, entry_records
 from dedupe.store.keymaps import KeyDirectory, not_authenticated
 from dedupe.store.keyring import (
@@ -124,6 +125,7 @@ from dedupe.store.quarantine import (
     read_quarantine,
 )
 
+T = TypeVar("T")
 log = logging.getLogger("dedupe")
 
 # The longest a manifest's prefix (magic, length, sealed header) can be.
@@ -724,28 +726,63 @@ class RepositoryStore:
         """(chunk id, pack id, reason) triples of a quarantine record, authenticated by its
         key map entries (IntegrityError naming it otherwise)."""
         what = f"quarantine record {name}"
-        last = name.rsplit("/", 1)[-1]
-        if not is_object_id(last):
-            raise IntegrityError(f"{what} is not named by an object id")
-        keys = self.keymaps.meta_keys(
-            await self.keymaps.find(QUARANTINE, bytes.fromhex(last), what), what
-        )
-        errors: list[IntegrityError] = []
-        for key in keys:
-            try:
-                return await asyncio.to_thread(decode_quarantine, key, name, data)
-            except IntegrityError as e:
-                errors.append(e)
-        raise errors[0]
+        return await self._open_meta_record(QUARANTINE, name, data, decode_quarantine, what)
 
     async def write_quarantine(self, chunks: list[tuple[bytes, bytes, str]]) -> str:
         """Store a quarantine record of (chunk id, pack id, reason) triples under a fresh
         key, after the key map entry that authenticates it. Returns its name."""
         key = new_key()
-        data = encode_quarantine(key, utc_now(), chunks)
+        return await self._write_meta_record(
+            QUARANTINE, QUARANTINE_PREFIX, key, encode_quarantine(key, utc_now(), chunks)
+        )
+
+    async def open_drill(self, name: str, data: bytes) -> dict[str, Any]:
+        """A drill record (docs/FORMAT.md 15), authenticated by its key map entries."""
+        return await self._open_meta_record(DRILL, name, data, decode_drill, f"drill record {name}")
+
+    async def write_drill(self, record: dict[str, Any]) -> str:
+        """Store a drill record under a fresh key, after the key map entry that
+        authenticates it. Returns its name."""
+        key = new_key()
+        return await self._write_meta_record(DRILL, DRILL_PREFIX, key, encode_drill(key, record))
+
+    async def read_drills(self, report: Callable[[str], None]) -> list[tuple[str, dict[str, Any]]]:
+        """(name, record) of every drill record that is authenticated and readable; each
+        one that is not is passed to `report` and left out (it is no evidence)."""
+        found = []
+        for name in sorted(await self.backend.list(DRILL_PREFIX)):
+            try:
+                data = await self.backend.get_small(name, MAX_DRILL_BYTES)
+                found.append((name, await self.open_drill(name, data)))
+            except MissingObject:  # removed meanwhile (prune)
+                continue
+            except (IntegrityError, UnsupportedFormat) as e:
+                report(f"{e.message}: it is not taken as a drill")
+        return found
+
+    async def _open_meta_record(
+        self, kind: int, name: str, data: bytes, decode: Callable[[bytes, str, bytes], T], what: str
+    ) -> T:
+        """A small record sealed under a key that its key map entries (of `kind`) wrap for
+        every key holder: each distinct key is tried until one opens it."""
+        last = name.rsplit("/", 1)[-1]
+        if not is_object_id(last):
+            raise IntegrityError(f"{what} is not named by an object id")
+        keys = self.keymaps.meta_keys(
+            await self.keymaps.find(kind, bytes.fromhex(last), what), what
+        )
+        errors: list[IntegrityError] = []
+        for key in keys:
+            try:
+                return await asyncio.to_thread(decode, key, name, data)
+            except IntegrityError as e:
+                errors.append(e)
+        raise errors[0]
+
+    async def _write_meta_record(self, kind: int, prefix: str, key: bytes, data: bytes) -> str:
         oid = object_id(data)
-        await self.keymaps.write([self.keymaps.meta_entry(QUARANTINE, bytes.fromhex(oid), key)])
-        name = f"{QUARANTINE_PREFIX}{oid}"
+        await self.keymaps.write([self.keymaps.meta_entry(kind, bytes.fromhex(oid), key)])
+        name = f"{prefix}{oid}"
         await self.backend.put(name, data)
         return name
 
