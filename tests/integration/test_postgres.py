@@ -124,6 +124,49 @@ def test_logical_full_incremental_differential_each_restore_into_a_new_database(
     run_asyncio(go())
 
 
+def test_a_drill_into_a_fresh_database_restores_checks_records_and_drops_it(
+    run_asyncio: Any, tmp_path: Path, pg: dict[str, str]
+) -> None:
+    """Issue 16: a drill of a logical generation into a new database, with a check
+    command run against it ({} is the database), passes, is recorded, and leaves no
+    database behind; a check that fails makes a failed drill, recorded with its reason;
+    status then reports the failure."""
+    db = pg["db"]
+    psql(db, SCHEMA)
+    rows = psql(db, "select count(*) from orders")
+    check = [
+        "psql",
+        "-XAtq",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-d",
+        "{}",
+        "-c",
+        "select count(*) from orders",
+    ]
+    target = f"{db}_drill"
+
+    async def go() -> None:
+        async with await make_repo(tmp_path / "repo") as repo:
+            await repo.objectives.set("shop", rpo=3600, rto=600)
+            await repo.backup(await postgres_dump(db), name="shop")
+            (good,) = await repo.objectives.drill(into_db=target, check=check)
+            assert good.passed and good.bytes > 0 and good.rto_seconds == 600, good.reason
+            assert (
+                psql("postgres", f"select count(*) from pg_database where datname = '{target}'")
+                == "0"
+            )
+            wrong = [*check[:-1], "select count(*) from no_such_table"]
+            (bad,) = await repo.objectives.drill(into_db=target, check=wrong)
+            assert not bad.passed and "no_such_table" in (bad.reason or "")
+            (orders,) = (await repo.objectives.status()).sources
+            assert orders.last_drill == bad and orders.problems[0][0] == "drill"
+            assert [d.passed for d in await repo.objectives.drills("shop")] == [True, False]
+
+    assert rows == "60000"
+    run_asyncio(go())
+
+
 def test_a_dump_that_fails_half_way_commits_nothing_and_a_failed_restore_leaves_no_database(
     run_asyncio: Any, tmp_path: Path, pg: dict[str, str]
 ) -> None:
