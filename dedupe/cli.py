@@ -27,6 +27,7 @@ from dedupe.chunking import DEFAULT_PARAMS, ChunkerParams, parse_spec
 from dedupe.crypto import KdfParams, get_passphrase
 from dedupe.errors import DedupeError, Interrupted, ReaderGone, TargetError, Terminated
 from dedupe.format.config import DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_SIZE
+from dedupe.logjson import JsonHandler, JsonLog
 
 T = TypeVar("T")
 MiB = 1024 * 1024
@@ -118,7 +119,11 @@ def verbose() -> bool:
 
 
 def stages(operation: str) -> Callable[[Progress], None] | None:
-    """With --verbose, a progress callback that says each new stage on stderr."""
+    """With --verbose, a progress callback that says each new stage on stderr; with
+    --log-json (and not --quiet), one that logs stages and byte counts as events."""
+    log = json_log()
+    if log is not None:
+        return None if quiet() else log.progress_callback()
     if not verbose():
         return None
     seen: list[str] = []
@@ -148,7 +153,7 @@ def both(
 def progress_bar(enabled: bool, label: str) -> Iterator[Callable[[Progress], None] | None]:
     """A rich progress bar on stderr when it is a terminal (and not --quiet), combined with
     the --verbose stage printer; None (no callback) when neither applies."""
-    if not enabled or quiet() or not sys.stderr.isatty():
+    if not enabled or quiet() or not sys.stderr.isatty() or json_log() is not None:
         yield stages(label.split()[0])
         return
     from rich.console import Console
@@ -182,17 +187,26 @@ def progress_bar(enabled: bool, label: str) -> Iterator[Callable[[Progress], Non
         yield both(update, stages(label.split()[0]))
 
 
+def _stdout_to_devnull() -> None:
+    """stdout's reader went away: do not let the interpreter's last flush of stdout
+    complain at exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def handle_errors(fn: Callable[..., None]) -> Callable[..., None]:
     """Map DedupeError to its exit code and message; --json gets a JSON error on stderr."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> None:
+        log = json_log()
+        if log is not None:
+            _run_logged(log, fn, *args, **kwargs)
+            return
         as_json = kwargs.get("as_json", False)
         try:
             fn(*args, **kwargs)
         except ReaderGone as e:  # `restore GEN - | head`: end quietly, as cat would
-            # and do not let the interpreter's last flush of stdout complain at exit
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            _stdout_to_devnull()
             sys.exit(e.exit_code)
         except DedupeError as e:
             if as_json:
@@ -215,6 +229,176 @@ def handle_errors(fn: Callable[..., None]) -> Callable[..., None]:
             sys.exit(Interrupted.exit_code)
 
     return wrapper
+
+
+# --- --log-json -------------------------------------------------------------------------------
+# One JSON object per line on stderr instead of any text (dedupe/logjson.py; the events are
+# listed in docs/OPERATIONS.md). One command runs per process: the log is the process's.
+
+_LOG: JsonLog | None = None
+_LOG_JSON_ENV = "DEDUPE_LOG_JSON"
+
+
+def json_log() -> JsonLog | None:
+    """The structured log when --log-json (or DEDUPE_LOG_JSON=1) is on, else None."""
+    return _LOG
+
+
+def _log_json_from(args: list[str], environ: Any) -> bool:
+    """--log-json anywhere before a `--` (before click parses anything, so that even a
+    usage error comes out as JSON), or DEDUPE_LOG_JSON set to 1, true, yes or on."""
+    args = args[: args.index("--")] if "--" in args else args
+    wanted = environ.get(_LOG_JSON_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return "--log-json" in args or wanted
+
+
+def _activate_log_json() -> JsonLog:
+    """Start the structured log: records of every logger (the "dedupe" logger's warnings,
+    asyncio's, Python's warnings) become events too, and nothing else writes to stderr."""
+    import logging
+
+    global _LOG
+    if _LOG is None:
+        _LOG = JsonLog()
+        logging.getLogger().addHandler(JsonHandler(_LOG))
+        logging.getLogger("dedupe").setLevel(logging.WARNING)
+        logging.captureWarnings(True)
+    return _LOG
+
+
+def _deactivate_log_json() -> None:
+    import logging
+
+    global _LOG
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, JsonHandler)]:
+        root.removeHandler(handler)
+    logging.captureWarnings(False)
+    _LOG = None
+
+
+def _log_json_flag(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """--log-json (before or after the command): main() has usually started the log
+    already; a caller that runs `cli` itself (click's test runner) gets it here, for the
+    one invocation."""
+    if (value or _log_json_from([], os.environ)) and json_log() is None:
+        _activate_log_json()
+        ctx.find_root().call_on_close(_deactivate_log_json)
+
+
+def _command_name(ctx: click.Context) -> str | None:
+    """ "backup", "replica sync": the command path without the program's name."""
+    return " ".join(ctx.command_path.split()[1:]) or None
+
+
+def _exit_status(code: object) -> int:
+    """SystemExit's code as the process's exit status."""
+    if code is None:
+        return 0
+    return code if isinstance(code, int) else 1
+
+
+def _log_start(log: JsonLog, ctx: click.Context) -> None:
+    from dedupe import logjson
+
+    params = dict(ctx.params)
+    for name in logjson.SECRET_OPTIONS:  # also out of any message that quotes them
+        if isinstance(params.get(name), str):
+            log.hide(logjson.spellings(params[name]))
+    root = ctx.find_root().obj or {}
+    location = root.get("repo") if ctx.command.name != "bench" else None
+    log.start(
+        _command_name(ctx),
+        version=dedupe.__version__,
+        repository=logjson.scrub(str(location)) if location else None,
+        options=logjson.options(params),
+    )
+
+
+def _log_click_error(log: JsonLog, e: click.ClickException) -> None:
+    """click's usage errors (exit 2), which it would print after a usage line."""
+    hint = None
+    ctx = e.ctx if isinstance(e, click.UsageError) else None
+    ctx = ctx or click.get_current_context(silent=True)  # raised by a command itself
+    if ctx is not None:
+        if log.command is None:
+            log.command = _command_name(ctx)
+        hint = f"Try '{ctx.command_path} {ctx.help_option_names[0]}' for help."
+    log.error(type(e).__name__, e.exit_code, e.format_message(), hint)
+
+
+def _run_logged(log: JsonLog, fn: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+    """handle_errors under --log-json: the same exit codes, said as events, between a
+    command_start and a command_end."""
+    _log_start(log, click.get_current_context())
+    code = 0
+    try:
+        fn(*args, **kwargs)
+    except ReaderGone as e:  # as without --log-json: a reader that stopped is no error
+        _stdout_to_devnull()
+        code = e.exit_code
+    except DedupeError as e:
+        event = "interrupted" if isinstance(e, Interrupted) else "error"
+        log.error(type(e).__name__, e.exit_code, e.message, e.hint, event=event)
+        code = e.exit_code
+    except KeyboardInterrupt:
+        code = Interrupted.exit_code
+        log.error(Interrupted.__name__, code, INTERRUPTED, event="interrupted")
+    except click.ClickException as e:
+        _log_click_error(log, e)
+        code = e.exit_code
+    except SystemExit as e:  # a partial backup's 3
+        code = _exit_status(e.code)
+    log.end(code, PARTIAL_EXIT)
+    if code:
+        sys.exit(code)
+
+
+def _main_logging_json() -> None:
+    """main() under --log-json: click's own reports (usage errors, "Aborted!") and any
+    traceback become events too, and command_end is always the last line."""
+    import errno
+
+    log = _activate_log_json()
+    code = 1
+    try:
+        rv = cli.main(prog_name="dedupe", standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0  # --help and --version return 0
+    except SystemExit as e:
+        code = _exit_status(e.code)
+    except click.ClickException as e:
+        _log_click_error(log, e)
+        code = e.exit_code
+    except click.Abort:  # Ctrl-C or end of input outside a command (a prompt)
+        log.error("Abort", 1, "Aborted!", event="interrupted")
+    except OSError as e:
+        if e.errno != errno.EPIPE:
+            log.crashed(e)
+        else:  # stdout's reader went away, as click's standalone mode takes it
+            _stdout_to_devnull()
+    except Exception as e:
+        log.crashed(e)
+    log.end(code, PARTIAL_EXIT)
+    sys.exit(code)
+
+
+def _log_result(result: Any) -> None:
+    """The command's result, whose summary command_end carries under --log-json."""
+    log = json_log()
+    if log is not None:
+        log.result(result)
+
+
+def say_on_stderr(
+    text: str, event: str, level: str = "info", message: str | None = None, **fields: Any
+) -> None:
+    """A line for stderr: `text` as it is, or under --log-json `event` with `message`
+    (default: `text`) and `fields`."""
+    log = json_log()
+    if log is None:
+        click.echo(text, err=True)
+    else:
+        log.emit(event, level, text if message is None else message, **fields)
 
 
 def open_repo(ctx: click.Context) -> Awaitable[Repository]:
@@ -273,6 +457,14 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars and no notes.")
 @click.option("-v", "--verbose", is_flag=True, help="Say each stage of long operations.")
+@click.option(
+    "--log-json",
+    is_flag=True,
+    expose_value=False,
+    callback=_log_json_flag,
+    help="Write stderr as JSON Lines, one object per event, for journald and log shippers "
+    "(or DEDUPE_LOG_JSON=1).",
+)
 @click.option(
     "--retry-lock",
     metavar="DURATION",
@@ -398,6 +590,7 @@ def init(
             return {"id": repo.id, "location": repo.location, "config": repo.config}
 
     result = run_async(go())
+    _log_result(result)
     if as_json:
         emit_json(result)
     else:
@@ -542,8 +735,14 @@ def backup(
             return stats.to_dict()
 
     s = run_async(go())
+    _log_result(s)
     if s.get("note") and (not quiet() or s["unreadable"]):  # a partial backup is always said
-        click.echo(f"dedupe: note: {printable(s['note'])}", err=True)
+        say_on_stderr(
+            f"dedupe: note: {printable(s['note'])}",
+            "note",
+            "warning" if s["unreadable"] else "info",
+            s["note"],
+        )
     if as_json:
         emit_json(s)
     else:
@@ -859,8 +1058,9 @@ def restore(
             return stats.to_dict()
 
     s = run_async(go())
+    _log_result(s)
     out = sys.stderr if target == "-" else None
-    if as_json:
+    if as_json and (out is None or json_log() is None):  # --log-json: stderr holds events only
         emit_json(s, out)
     elif target != "-":
         mbs = s["bytes_written"] / s["seconds"] / 1e6 if s["seconds"] else 0.0
@@ -935,8 +1135,8 @@ def verify(
             with progress_bar(not as_json, "verify") as callback:
                 # The bar shows bytes_written for anything but a backup: verify reads.
                 cb = (
-                    None
-                    if callback is None
+                    callback
+                    if callback is None or json_log() is not None
                     else lambda p: callback(dataclasses.replace(p, bytes_written=p.bytes_read))
                 )
                 report = await repo.verify(
@@ -949,6 +1149,7 @@ def verify(
             return report.to_dict()
 
     r = run_async(go())
+    _log_result(r)
     if as_json:
         emit_json(r)
     else:
@@ -1126,6 +1327,7 @@ def forget(
         ) from None
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    _log_result(r)
     if as_json:
         emit_json(r)
         return
@@ -1185,6 +1387,7 @@ def prune(
             return report.to_dict()
 
     r = run_async(go())
+    _log_result(r)
     if as_json:
         emit_json(r)
         return
@@ -1247,6 +1450,7 @@ def copy(
                 return report.to_dict()
 
     r = run_async(go())
+    _log_result(r)
     if as_json:
         emit_json(r)
         return
@@ -1284,6 +1488,7 @@ def repair_index_command(ctx: click.Context, as_json: bool) -> None:
             return (await repo.repair_index(progress=stages("repair index"))).to_dict()
 
     r = run_async(go())
+    _log_result(r)
     if as_json:
         emit_json(r)
         return
@@ -1302,9 +1507,21 @@ def repair_index_command(ctx: click.Context, as_json: bool) -> None:
             "'dedupe verify' names the generations that need them"
         )
     for s in r["damaged"]:
-        click.echo(f"damaged pack {s['pack']}: {s['reason']}; its good blobs are indexed", err=True)
+        say_on_stderr(
+            f"damaged pack {s['pack']}: {s['reason']}; its good blobs are indexed",
+            "pack_damaged",
+            "warning",
+            pack=s["pack"],
+            reason=s["reason"],
+        )
     for s in r["skipped"]:
-        click.echo(f"skipped pack {s['pack']}: {s['reason']}", err=True)
+        say_on_stderr(
+            f"skipped pack {s['pack']}: {s['reason']}",
+            "pack_skipped",
+            "warning",
+            pack=s["pack"],
+            reason=s["reason"],
+        )
 
 
 @cli.command(short_help="Remove stale locks left by killed processes.")
@@ -1522,6 +1739,7 @@ def replica_repair(ctx: click.Context, no_prune: bool, as_json: bool) -> None:
             ).to_dict()
 
     r = _replica_run(go())
+    _log_result(r)
     if as_json:
         emit_json(r)
     else:
@@ -1702,6 +1920,7 @@ def key_rotate(ctx: click.Context, reencrypt: bool, as_json: bool) -> None:
             return (await repo.keys.rotate(reencrypt=reencrypt)).to_dict()
 
     r = run_async(go())
+    _log_result(r)
     if as_json:
         emit_json(r)
         return
@@ -1832,9 +2051,12 @@ def bench(
             s3=s3,
             stages=not no_stages,
             end_to_end=not no_e2e,
-            progress=None if as_json else lambda msg: click.echo(msg, err=True),
+            progress=None
+            if as_json and json_log() is None
+            else lambda msg: say_on_stderr(msg, "progress"),
         )
     )
+    _log_result(report.to_dict())
     if as_json:
         emit_json(report.to_dict())
     else:
@@ -1879,9 +2101,9 @@ def show_warnings() -> None:
 
 
 def _global_options_after_the_command(group: click.Group) -> None:
-    """Let every command take -r/--repo, -q/--quiet and -v/--verbose after its name too
-    (`dedupe generations -r REPO`), as restic's and borg's do; -r given there wins over
-    the one before the command and DEDUPE_REPO."""
+    """Let every command take -r/--repo, -q/--quiet, -v/--verbose and --log-json after its
+    name too (`dedupe generations -r REPO`), as restic's and borg's do; -r given there wins
+    over the one before the command and DEDUPE_REPO."""
 
     def remember(ctx: click.Context, param: click.Parameter, value: Any) -> None:
         if value:  # None or False: what came before the command stands
@@ -1905,6 +2127,15 @@ def _global_options_after_the_command(group: click.Group) -> None:
             )
             for opts, text in flags.items()
         ]
+        options.append(
+            click.Option(
+                ["--log-json"],
+                is_flag=True,
+                expose_value=False,
+                callback=_log_json_flag,
+                help="Write stderr as JSON Lines (also before the command).",
+            )
+        )
         if command.name != "bench":
             options.insert(
                 0,
@@ -1935,6 +2166,9 @@ _global_options_after_the_command(cli)
 
 def main() -> None:
     tune_allocator()
+    if _log_json_from(sys.argv[1:], os.environ):
+        _main_logging_json()
+        return
     show_warnings()
     cli(prog_name="dedupe")
 
