@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from functools import wraps
@@ -194,41 +195,104 @@ def _stdout_to_devnull() -> None:
 
 
 def handle_errors(fn: Callable[..., None]) -> Callable[..., None]:
-    """Map DedupeError to its exit code and message; --json gets a JSON error on stderr."""
+    """Map DedupeError to its exit code and message; --json gets a JSON error on stderr.
+    With --push-metrics, the run (its time, outcome and result) goes to a Pushgateway."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> None:
-        log = json_log()
-        if log is not None:
-            _run_logged(log, fn, *args, **kwargs)
+        url = (click.get_current_context().find_root().obj or {}).get("push_metrics")
+        if url is None:
+            _report_errors(fn, *args, **kwargs)
             return
-        as_json = kwargs.get("as_json", False)
+        started = time.monotonic()
+        failure: str | None = None
+
+        def observed(*a: Any, **k: Any) -> None:
+            nonlocal failure
+            try:
+                fn(*a, **k)
+            except SystemExit as e:
+                if _exit_status(e.code):
+                    failure = f"exit_{_exit_status(e.code)}"
+                raise
+            except BaseException as e:
+                failure = type(e).__name__
+                raise
+
         try:
-            fn(*args, **kwargs)
-        except ReaderGone as e:  # `restore GEN - | head`: end quietly, as cat would
-            _stdout_to_devnull()
-            sys.exit(e.exit_code)
-        except DedupeError as e:
-            if as_json:
-                emit_json(
-                    {
-                        "error": type(e).__name__,
-                        "message": e.message,
-                        "hint": e.hint,
-                        "exit_code": e.exit_code,
-                    },
-                    sys.stderr,
-                )
-            else:
-                click.echo(f"dedupe: error: {printable(e.message)}", err=True)
-                if e.hint:
-                    click.echo(f"  hint: {printable(e.hint)}", err=True)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo(f"dedupe: {INTERRUPTED}", err=True)
-            sys.exit(Interrupted.exit_code)
+            _report_errors(observed, *args, **kwargs)
+        except SystemExit as e:
+            if _exit_status(e.code) and failure is None:
+                failure = f"exit_{_exit_status(e.code)}"
+            raise
+        finally:
+            _push_run(url, time.monotonic() - started, failure, kwargs)
 
     return wrapper
+
+
+def _report_errors(fn: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+    """Run a command: a DedupeError becomes its message on stderr and its exit code."""
+    log = json_log()
+    if log is not None:
+        _run_logged(log, fn, *args, **kwargs)
+        return
+    as_json = kwargs.get("as_json", False)
+    try:
+        fn(*args, **kwargs)
+    except ReaderGone as e:  # `restore GEN - | head`: end quietly, as cat would
+        _stdout_to_devnull()
+        sys.exit(e.exit_code)
+    except DedupeError as e:
+        if as_json:
+            emit_json(
+                {
+                    "error": type(e).__name__,
+                    "message": e.message,
+                    "hint": e.hint,
+                    "exit_code": e.exit_code,
+                },
+                sys.stderr,
+            )
+        else:
+            click.echo(f"dedupe: error: {printable(e.message)}", err=True)
+            if e.hint:
+                click.echo(f"  hint: {printable(e.hint)}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo(f"dedupe: {INTERRUPTED}", err=True)
+        sys.exit(Interrupted.exit_code)
+
+
+# --- --push-metrics ---------------------------------------------------------------------------
+
+_RESULT: dict[str, Any] = {}  # the command's result, as handed to _log_result
+
+
+def _push_run(url: str, seconds: float, failure: str | None, params: dict[str, Any]) -> None:
+    """Send one command's run to the Pushgateway at `url` (dedupe/metrics.py). A gateway
+    that cannot be reached is a warning: the command's outcome stands."""
+    from dedupe import logjson
+    from dedupe.metrics import command_metrics, push
+
+    ctx = click.get_current_context()
+    command = _command_name(ctx) or "dedupe"
+    location = (ctx.find_root().obj or {}).get("repo") or os.environ.get("DEDUPE_REPO") or ""
+    name = params.get("name") if isinstance(params.get("name"), str) else None
+    result = _RESULT.get("result")
+    stats = result if command == "backup" and isinstance(result, dict) else None
+    registry = command_metrics(
+        command, logjson.scrub(location), seconds=seconds, error=failure, name=name, stats=stats
+    )
+    try:
+        push(url, registry, command, name)
+    except OSError as e:
+        say_on_stderr(
+            f"dedupe: warning: could not push metrics to {url}: {e}",
+            "warning",
+            "warning",
+            logger="dedupe.metrics",
+        )
 
 
 # --- --log-json -------------------------------------------------------------------------------
@@ -383,7 +447,9 @@ def _main_logging_json() -> None:
 
 
 def _log_result(result: Any) -> None:
-    """The command's result, whose summary command_end carries under --log-json."""
+    """The command's result, whose summary command_end carries under --log-json (and
+    --push-metrics its bytes)."""
+    _RESULT["result"] = result
     log = json_log()
     if log is not None:
         log.result(result)
@@ -479,6 +545,13 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
     "[default: ~/.cache/dedupe, for object stores].",
 )
 @click.option("--no-cache", is_flag=True, help="Use no local cache, even for object stores.")
+@click.option(
+    "--push-metrics",
+    metavar="URL",
+    envvar="DEDUPE_PUSH_METRICS",
+    help="Send each command's run (duration, outcome, a backup's bytes) to the Prometheus "
+    "Pushgateway at URL (or DEDUPE_PUSH_METRICS).",
+)
 @click.version_option(dedupe.__version__, prog_name="dedupe")
 @click.pass_context
 def cli(
@@ -489,6 +562,7 @@ def cli(
     retry_lock: float | None,
     cache_dir: str | None,
     no_cache: bool,
+    push_metrics: str | None,
 ) -> None:
     """dedupe: deduplicating, encrypted backups of database snapshots.
 
@@ -503,6 +577,7 @@ def cli(
         "verbose": verbose,
         "retry_lock": retry_lock or 0.0,
         "cache": False if no_cache else cache_dir,
+        "push_metrics": push_metrics or None,
     }
 
 
@@ -1973,6 +2048,274 @@ def key_status(ctx: click.Context, as_json: bool) -> None:
             f"{s['reencrypt_below']}): run 'dedupe key rotate --reencrypt' to finish it"
         )
     _print_keys(s["keys"])
+
+
+# --- disaster recovery: objectives, drills, status (docs/OPERATIONS.md) -------------------------
+
+
+def _objective(value: str | None, option: str) -> int | None:
+    from dedupe.objectives import parse_objective
+
+    if value is None:
+        return None
+    try:
+        return parse_objective(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint=option) from None
+
+
+def _duration_text(seconds: float) -> str:
+    for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+@cli.group(short_help="Recovery objectives (RPO, RTO, drill age) per source.")
+def policy() -> None:
+    """Recovery objectives per source name, kept in the repository (signed by an admin):
+    the RPO (its newest generation must be younger), the RTO (a drill must restore it
+    within) and how old its last drill may be. 'dedupe status' judges them. Durations:
+    90s, 15m, 1h, 2d, 1w, or sums like 1h30m."""
+
+
+@policy.command("set")
+@click.argument("name", callback=lambda _c, _p, v: _source_name(v))
+@click.option("--rpo", required=True, metavar="DURATION", help="Recovery point objective.")
+@click.option("--rto", required=True, metavar="DURATION", help="Recovery time objective.")
+@click.option(
+    "--drill-max-age", metavar="DURATION", help="How old the last drill may be [default: 7d]."
+)
+@json_option
+@click.pass_context
+@handle_errors
+def policy_set(
+    ctx: click.Context,
+    name: str,
+    rpo: str,
+    rto: str,
+    drill_max_age: str | None,
+    as_json: bool,
+) -> None:
+    """Set (or replace) the objectives of source NAME. Admin key."""
+    rpo_s, rto_s = _objective(rpo, "--rpo"), _objective(rto, "--rto")
+    age_s = _objective(drill_max_age, "--drill-max-age")
+    assert rpo_s is not None and rto_s is not None
+
+    async def go() -> dict[str, Any]:
+        async with await open_repo(ctx) as repo:
+            p = await repo.objectives.set(name, rpo=rpo_s, rto=rto_s, drill_max_age=age_s)
+            return p.to_json()
+
+    p = _usage_errors(go())
+    _log_result(p)
+    if as_json:
+        emit_json(p)
+        return
+    click.echo(
+        f"objectives of {printable(p['name'])}: RPO {_duration_text(p['rpo_seconds'])}, "
+        f"RTO {_duration_text(p['rto_seconds'])}, a drill at least every "
+        f"{_duration_text(p['drill_max_age_seconds'])}"
+    )
+
+
+@policy.command("list")
+@json_option
+@click.pass_context
+@handle_errors
+def policy_list(ctx: click.Context, as_json: bool) -> None:
+    """The objectives of every source that has some."""
+
+    async def go() -> list[dict[str, Any]]:
+        async with await open_repo(ctx) as repo:
+            return [p.to_json() for p in repo.objectives.list()]
+
+    rows = run_async(go())
+    if as_json:
+        emit_json(rows)
+        return
+    if not rows:
+        click.echo("no objectives are set ('dedupe policy set NAME --rpo 1h --rto 15m')")
+        return
+    _print_table(
+        ["name", "RPO", "RTO", "drill every", "set"],
+        [
+            [
+                printable(p["name"]),
+                _duration_text(p["rpo_seconds"]),
+                _duration_text(p["rto_seconds"]),
+                _duration_text(p["drill_max_age_seconds"]),
+                p["set"][:19],
+            ]
+            for p in rows
+        ],
+        set(),
+    )
+
+
+@policy.command("remove")
+@click.argument("name")
+@json_option
+@click.pass_context
+@handle_errors
+def policy_remove(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Drop the objectives of NAME (its generations stay). Admin key."""
+
+    async def go() -> dict[str, Any]:
+        async with await open_repo(ctx) as repo:
+            return (await repo.objectives.remove(name)).to_json()
+
+    p = _usage_errors(go())
+    if as_json:
+        emit_json(p)
+    else:
+        click.echo(f"objectives of {printable(p['name'])} removed")
+
+
+def _usage_errors(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return run_async(coro)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+
+
+@cli.command(short_help="Restore generations as a test, timed against their RTO.")
+@click.argument("targets", nargs=-1)
+@click.option(
+    "--target",
+    "into",
+    metavar="DIR",
+    type=click.Path(file_okay=False),
+    help="Restore into a new directory under DIR (removed again unless --keep).",
+)
+@click.option("--into-db", metavar="NEWDB", help="Restore a pg: generation into this new database.")
+@click.option("--null", is_flag=True, help="Restore into nothing (the default).")
+@click.option(
+    "--check",
+    metavar="'CMD ARGS'",
+    help="Run after the restore, '{}' standing for the restored path or database; with "
+    "nothing restored it reads the bytes on its stdin (e.g. 'pg_restore -l').",
+)
+@click.option("--rto", metavar="DURATION", help="Judge against this, not the policy's RTO.")
+@click.option("--keep", is_flag=True, help="Leave what the drill restored.")
+@click.option("--no-record", is_flag=True, help="Do not record the drill in the repository.")
+@json_option
+@click.pass_context
+@handle_errors
+def drill(
+    ctx: click.Context,
+    targets: tuple[str, ...],
+    into: str | None,
+    into_db: str | None,
+    null: bool,
+    check: str | None,
+    rto: str | None,
+    keep: bool,
+    no_record: bool,
+    as_json: bool,
+) -> None:
+    """Restore TARGETS (generation ids or NAME@latest...; default: the newest generation
+    of every source with objectives) as a test: every chunk and the stream digest
+    checked, then --check, all timed against the RTO. Each drill is recorded in the
+    repository, and 'dedupe status' shows the last. Exit 0 when every drill passed, 71
+    when one failed (a failed drill is a result, not an error)."""
+    from dedupe.engine.commands import Command
+    from dedupe.objectives import STATUS_DRILL
+
+    if null and (into or into_db):
+        raise click.UsageError("--null restores into nothing: not with --target or --into-db")
+    argv = list(Command.parse(check).argv) if check else None
+    rto_s = _objective(rto, "--rto")
+
+    async def go() -> list[dict[str, Any]]:
+        async with await open_repo(ctx) as repo:
+            results = await repo.objectives.drill(
+                targets,
+                rto=rto_s,
+                into=into,
+                into_db=into_db,
+                check=argv,
+                keep=keep,
+                record=not no_record,
+            )
+            return [r.to_json() for r in results]
+
+    rows = _usage_errors(go())
+    _log_result({"drills": len(rows), "passed": sum(r["passed"] for r in rows)})
+    if as_json:
+        emit_json(rows)
+    else:
+        for r in rows:
+            verdict = "PASS" if r["passed"] else "FAIL"
+            mbs = r["bytes"] / r["seconds"] / 1e6 if r["seconds"] else 0.0
+            rto_text = "" if r["rto_seconds"] is None else f", RTO {r['rto_seconds']:g} s"
+            line = (
+                f"{verdict} {printable(r['name'])} {r['generation'][:12]}: "
+                f"{human_bytes(r['bytes'])} in {r['seconds']:.2f} s ({mbs:.0f} MB/s){rto_text}"
+            )
+            if r["reason"]:
+                line += f": {printable(r['reason'])}"
+            click.echo(line)
+    if not all(r["passed"] for r in rows):
+        sys.exit(STATUS_DRILL)
+
+
+@cli.command(short_help="Each source against its objectives; exit 70/71 when one is missed.")
+@click.option("--name", "names", multiple=True, help="Only this source (repeatable).")
+@click.option(
+    "--metrics",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="Also write the status as Prometheus metrics to FILE (node_exporter's textfile "
+    "collector), atomically.",
+)
+@json_option
+@click.pass_context
+@handle_errors
+def status(ctx: click.Context, names: tuple[str, ...], metrics: str | None, as_json: bool) -> None:
+    """Per source: the newest generation, its age and size, the last drill, against the
+    objectives ('dedupe policy'). Exit 0 when every objective is met; 70 when a source's
+    newest generation is older than its RPO (or it has none); 71 when the RPOs are met
+    but a last drill failed, was slower than the RTO, is too old, or never ran."""
+    from dedupe import logjson
+    from dedupe.metrics import status_metrics, write_textfile
+
+    async def go() -> Any:
+        async with await open_repo(ctx) as repo:
+            return await repo.objectives.status(names)
+
+    report = run_async(go())
+    if metrics:
+        location = repo_location(ctx)
+        write_textfile(metrics, status_metrics(report, logjson.scrub(location)))
+    body = report.to_json()
+    _log_result({"ok": body["ok"], "exit_code": body["exit_code"], "sources": len(report.sources)})
+    if as_json:
+        emit_json(body)
+    else:
+        rows = []
+        for src in report.sources:
+            age = "-" if src.age_seconds is None else _duration_text(round(src.age_seconds))
+            d = src.last_drill
+            drilled = "-" if d is None else f"{'pass' if d.passed else 'FAIL'} {d.seconds:.1f} s"
+            p = src.policy
+            rows.append(
+                [
+                    printable(src.name),
+                    src.last_id[:12] if src.last_id else "-",
+                    age,
+                    "-" if p is None else _duration_text(p.rpo),
+                    drilled,
+                    "-" if p is None else _duration_text(p.rto),
+                    "ok" if src.ok else "MISSED",
+                ]
+            )
+        _print_table(["name", "newest", "age", "RPO", "last drill", "RTO", ""], rows, set())
+        for src in report.sources:
+            for _kind, text in src.problems:
+                click.echo(f"  {printable(text)}")
+    if report.exit_code:
+        sys.exit(report.exit_code)
 
 
 @cli.command(short_help="Measure MB/s and peak memory, against restic and borg.")

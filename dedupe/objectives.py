@@ -306,7 +306,7 @@ class Objectives:
                 if not keep:
                     _remove(place)
             return stats.bytes_written
-        sink: Any = Command(tuple(check)) if check else _Discard()
+        sink: Any = Command(tuple(check), discard_stdout=True) if check else _Discard()
         return (await repo.restore(gen, sink)).bytes_written
 
     async def _record(self, result: DrillResult, target: str, check: Sequence[str] | None) -> None:

@@ -43,6 +43,9 @@ class Command:
     # WAL positions): `learn(stderr)` -> more of `info`, merged in before the commit.
     learn: Callable[[str], Mapping[str, Any]] | None = None
     learned: dict[str, Any] = field(default_factory=dict, compare=False)
+    # A command a restore writes into whose own output is not wanted (a drill's check:
+    # its output would mix with dedupe's): its stdout goes to /dev/null.
+    discard_stdout: bool = False
 
     def __post_init__(self) -> None:
         if not self.argv or not all(isinstance(a, str) for a in self.argv):
@@ -157,7 +160,8 @@ async def write_to_command(stream: AsyncIterator[Iterable[Any]], command: Comman
     command fails or stops reading; when `stream` raises (damage found), the command is
     killed before it sees the end of its input, and the error goes on."""
     try:
-        proc = _start(command, stdin=subprocess.PIPE, stdout=None)
+        out = subprocess.DEVNULL if command.discard_stdout else None
+        proc = _start(command, stdin=subprocess.PIPE, stdout=out)
     except OSError as e:
         raise TargetError(e.strerror or str(e)) from None
     assert proc.stdin is not None and proc.stderr is not None
