@@ -13,11 +13,11 @@ and systemd's OnFailure=.
 from __future__ import annotations
 
 import builtins
-import contextlib
 import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +29,9 @@ from dedupe.engine import keys as key_ops
 from dedupe.engine.commands import Command
 from dedupe.engine.databases import postgres_restore_into, run_command
 from dedupe.engine.forget import parse_created
+from dedupe.errors import RollbackDetected
 from dedupe.format.keyring import PolicyRecord
+from dedupe.store.keyring import record_drills, seen_drills
 from dedupe.store.locks import RepositoryLock
 from dedupe.store.repository import utc_now
 
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
     from dedupe.api import Repository
 
 log = logging.getLogger("dedupe")
+
+CLOCK_SKEW = 300  # seconds a generation or drill may be dated ahead of this clock
 
 DEFAULT_DRILL_MAX_AGE = 7 * 86400
 _OBJECTIVE = re.compile(r"(\d+)([smhdw])")
@@ -296,22 +300,32 @@ class Objectives:
                     await run_command(postgres_restore_into(into_db)[2])
             return stats.bytes_written
         if into is not None:
+            # A directory of its own, made here (never one that was there: it would be
+            # removed after), named by the id alone: a name is a writer's choice.
             os.makedirs(into, exist_ok=True)
-            place = os.path.join(os.fspath(into), f"drill-{gen.name}-{gen.id[:12]}")
+            own = tempfile.mkdtemp(prefix=f"drill-{gen.id[:12]}-", dir=os.fspath(into))
+            place = os.path.join(own, "restored")
             try:
                 stats = await repo.restore(gen, place)
                 if check:
                     await run_command(checked(place))
             finally:
                 if not keep:
-                    _remove(place)
+                    shutil.rmtree(own, ignore_errors=True)
             return stats.bytes_written
         sink: Any = Command(tuple(check), discard_stdout=True) if check else _Discard()
         return (await repo.restore(gen, sink)).bytes_written
 
     async def _record(self, result: DrillResult, target: str, check: Sequence[str] | None) -> None:
         store = self._repo._store
-        fields = {**result.to_json(), "target": target, "check": check[0] if check else None}
+        fields = {
+            **result.to_json(),
+            "target": target,
+            "check": check[0] if check else None,
+            # The keyring this drill was judged under: a status that meets a record of a
+            # newer keyring than its own knows that keyring was rolled back (FORMAT.md 15).
+            "keyring_serial": store.keyring.serial,
+        }
         async with RepositoryLock(
             store.backend, exclusive=False, operation="drill", wait=store.lock_wait
         ) as lock:
@@ -320,37 +334,60 @@ class Objectives:
 
     async def drills(self, name: str | None = None) -> builtins.list[DrillResult]:
         """The drills recorded (of `name`, if given), oldest first. Records that are not
-        authenticated are left out (and logged)."""
+        authenticated or are malformed are left out (and logged)."""
         found = await self._repo._store.read_drills(log.warning)
         results = [DrillResult.of(r) for _n, r in found if name is None or r["name"] == name]
-        return sorted(results, key=lambda d: d.started)
+        return sorted(results, key=lambda d: parse_created(d.started))
 
     async def status(
         self, names: Iterable[str] = (), *, now: datetime | None = None
     ) -> StatusReport:
         """Per source name (the ones asked for; else every name with objectives or
         generations): its newest generation, its age, and the objectives it misses.
-        A name with objectives and no generation misses its RPO."""
+        A name with objectives and no generation misses its RPO. Fails closed: a
+        generation or drill record dated in the future, a drill record that cannot be
+        read, and the newest drill record this machine saw gone are problems too.
+        RollbackDetected when a drill record was made under a newer keyring."""
         store = self._repo._store
         await store.refresh_keys()
         moment = now or datetime.now(UTC)
         policies = {p.name: Policy.of(p) for p in store.keyring.policies}
         gens = await self._repo.generations()
-        drills: dict[str, DrillResult] = {}
-        for d in await self.drills():  # oldest first: the newest of each name stays
-            drills[d.name] = d
-        by_name: dict[str, list[Any]] = {}
+        unreadable: list[str] = []
+        records = await store.read_drills(unreadable.append)
+        for _obj, r in records:
+            if (r.get("keyring_serial") or 0) > store.keyring.serial:
+                raise RollbackDetected(
+                    f"a drill record was made under keyring serial {r['keyring_serial']}, "
+                    f"but the repository's keyring is at serial {store.keyring.serial}: an "
+                    "older keyring was put back, with older objectives",
+                    hint="find out who replaced keyring/1 and keyring/2",
+                )
+        by_name: dict[str, list[tuple[datetime, Any]]] = {}
+        dated: dict[str, list[str]] = {}
         for g in gens:
-            by_name.setdefault(g.name, []).append(g)
-        wanted = list(names) or sorted(set(policies) | set(by_name))
+            try:
+                when = parse_created(g.created)
+            except ValueError:
+                dated.setdefault(g.name, []).append(f"generation {g.id[:12]} has no valid date")
+                continue
+            if (when - moment).total_seconds() > CLOCK_SKEW:
+                dated.setdefault(g.name, []).append(
+                    f"generation {g.id[:12]} is dated in the future ({g.created})"
+                )
+                continue
+            by_name.setdefault(g.name, []).append((when, g))
+        drills, drill_notes = self._newest_drills(records, gens, moment)
+        wanted = list(names) or sorted(set(policies) | set(by_name) | set(dated))
         sources = []
         for name in wanted:
-            mine = sorted(by_name.get(name, []), key=lambda g: g.created)
+            mine = [g for _w, g in sorted(by_name.get(name, []), key=lambda x: x[0])]
             policy = policies.get(name)
             last = mine[-1] if mine else None
             age = None if last is None else (moment - parse_created(last.created)).total_seconds()
             problems: list[tuple[str, str]] = []
             if policy is not None:
+                problems += [("rpo", text) for text in dated.get(name, [])]
                 if last is None or age is None:
                     problems.append(("rpo", f"{name} has no generation (RPO {_human(policy.rpo)})"))
                 elif age > policy.rpo:
@@ -363,6 +400,8 @@ class Objectives:
                     )
             drill = drills.get(name)
             if policy is not None:
+                problems += [("drill", text) for text in drill_notes.get(name, [])]
+                problems += [("drill", text) for text in unreadable]
                 problems += _drill_problems(name, policy, drill, moment)
             sources.append(
                 SourceStatus(
@@ -378,6 +417,53 @@ class Objectives:
                 )
             )
         return StatusReport(moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), sources)
+
+    def _newest_drills(
+        self, records: builtins.list[tuple[str, dict[str, Any]]], gens: Any, moment: datetime
+    ) -> tuple[dict[str, DrillResult], dict[str, builtins.list[str]]]:
+        """The newest drill of each name that is evidence (of a generation listed under
+        that name, not dated in the future), and what the others say. The newest record
+        of each name this machine saw before must still be there (prune keeps it): if it
+        is gone and nothing newer replaced it, someone removed it."""
+        store = self._repo._store
+        names_of = {g.id: g.name for g in gens}
+        notes: dict[str, builtins.list[str]] = {}
+        newest: dict[str, tuple[datetime, str, DrillResult]] = {}
+        for obj, r in records:
+            name, when = r["name"], parse_created(r["started"])
+            if names_of.get(r["generation"]) != name:
+                notes.setdefault(name, []).append(
+                    f"drill record {obj} is of {r['generation'][:12]}, no generation of {name}: "
+                    "it is no evidence"
+                )
+                continue
+            if (when - moment).total_seconds() > CLOCK_SKEW:
+                notes.setdefault(name, []).append(
+                    f"drill record {obj} is dated in the future ({r['started']})"
+                )
+                continue
+            if name not in newest or when > newest[name][0]:
+                newest[name] = (when, obj, DrillResult.of(r))
+        seen = seen_drills(store.repository_id)
+        present = {obj for obj, _r in records}
+        remember = {
+            name: f"{obj} {stamp}" for name, (_w, obj, d) in newest.items() for stamp in [d.started]
+        }
+        for name, entry in seen.items():
+            obj, _sep, started = entry.partition(" ")
+            try:
+                before = parse_created(started)
+            except ValueError:
+                continue
+            if obj in present or (name in newest and newest[name][0] > before):
+                continue
+            notes.setdefault(name, []).append(
+                f"the newest drill record of {name} this machine saw ({obj}, started "
+                f"{started}) is gone: removing it may have hidden a failed drill"
+            )
+            remember[name] = entry  # the evidence stays until a newer drill supersedes it
+        record_drills(store.repository_id, remember)
+        return {name: d for name, (_w, _o, d) in newest.items()}, notes
 
 
 @dataclass(frozen=True)
@@ -439,14 +525,6 @@ def _drill_problems(
             )
         )
     return problems
-
-
-def _remove(place: str) -> None:
-    if os.path.isdir(place) and not os.path.islink(place):
-        shutil.rmtree(place, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):
-            os.unlink(place)
 
 
 class _Discard:

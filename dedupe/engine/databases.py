@@ -29,6 +29,7 @@ from dedupe.engine.commands import Command
 from dedupe.errors import SourceError, TargetError
 
 POSTGRES_FORMAT = "pg_dump custom, uncompressed"
+_DATABASE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$-]{0,62}")
 
 
 @dataclass(frozen=True)
@@ -226,8 +227,14 @@ def postgres_restore_into(
     newdb: str, env: Mapping[str, str] | None = None
 ) -> tuple[Command, Command, Command]:
     """(create `newdb`, fill it from a custom-format dump on stdin, drop it again)."""
-    if not newdb or newdb.startswith("-"):
-        raise ValueError(f"{newdb!r} is not a database name")
+    # A plain name only: pg_restore -d also takes a connection string ("dbname=prod",
+    # "postgresql://host/prod"), which would fill another, existing database than the one
+    # createdb made and dropdb drops.
+    if not _DATABASE_NAME.fullmatch(newdb):
+        raise ValueError(
+            f"{newdb!r} is not a database name: use letters, digits, '_', '$' and '-' "
+            "(63 at most, not starting with a digit, '$' or '-')"
+        )
     return (
         Command(("createdb", "--no-password", newdb), env=env),
         Command(

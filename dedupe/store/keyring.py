@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from dedupe.backends.base import Backend
 from dedupe.crypto import EpochKeys, HolderSecrets, open_grant, sign_record, verify_record
@@ -191,10 +192,37 @@ def _state_file(repository_id: bytes) -> Path:
     return state_dir() / f"{repository_id.hex()}.json"
 
 
+def _read_state(repository_id: bytes) -> dict[str, Any]:
+    try:
+        state = json.loads(_state_file(repository_id).read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _write_state(repository_id: bytes, state: dict[str, Any], what: str) -> None:
+    """Best effort: a client that cannot write its state directory loses only the
+    protection `what` names, and says so."""
+    path = _state_file(repository_id)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(state, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("cannot record %s in %s (%s): %s", what, path, e, _UNNOTICED[what])
+
+
+_UNNOTICED = {
+    "the keyring serial": "rollbacks go unnoticed",
+    "the newest drills": "a deleted drill record goes unnoticed",
+}
+
+
 def seen_serial(repository_id: bytes) -> int:
     try:
-        return int(json.loads(_state_file(repository_id).read_text())["keyring_serial"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(_read_state(repository_id)["keyring_serial"])
+    except (KeyError, ValueError, TypeError):
         return 0
 
 
@@ -213,18 +241,32 @@ def check_and_record_serial(repository_id: bytes, keyring: Keyring) -> None:
         )
     if keyring.serial == seen:
         return
-    path = _state_file(repository_id)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"keyring_serial": keyring.serial}) + "\n")
-        os.replace(tmp, path)
-    except OSError as e:
-        log.warning("cannot record the keyring serial in %s (%s): rollbacks go unnoticed", path, e)
+    state = _read_state(repository_id)
+    state["keyring_serial"] = keyring.serial
+    _write_state(repository_id, state, "the keyring serial")
+
+
+def seen_drills(repository_id: bytes) -> dict[str, str]:
+    """Per source name, the object name of the newest drill record this client has seen
+    (docs/FORMAT.md 15: prune never deletes the newest, so its absence is an attack)."""
+    found = _read_state(repository_id).get("newest_drills")
+    if not isinstance(found, dict):
+        return {}
+    return {str(k): str(v) for k, v in found.items()}
+
+
+def record_drills(repository_id: bytes, newest: dict[str, str]) -> None:
+    state = _read_state(repository_id)
+    if state.get("newest_drills") == newest:
+        return
+    state["newest_drills"] = newest
+    _write_state(repository_id, state, "the newest drills")
 
 
 __all__ = [
     "bump",
+    "record_drills",
+    "seen_drills",
     "check_and_record_serial",
     "decode_keyring",
     "keyring_bytes",

@@ -52,8 +52,8 @@ def decode_quarantine(data_key: bytes, name: str, data: bytes) -> list[tuple[byt
             (bytes.fromhex(c["id"]), bytes.fromhex(c["pack"]), str(c["reason"]))
             for c in record["chunks"]
         ]
-    except (ValueError, KeyError, TypeError) as e:
-        raise IntegrityError(f"{what} is malformed: {e}") from None
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise IntegrityError(f"{what} is malformed: {str(e)[:200]}") from None
 
 
 Opener = Callable[[str, bytes], Awaitable[list[tuple[bytes, bytes, str]]]]
