@@ -2260,7 +2260,7 @@ def drill(
         sys.exit(STATUS_DRILL)
 
 
-@cli.command(short_help="Each source against its objectives; exit 70/71 when one is missed.")
+@cli.command(short_help="Sources against their objectives; exit 70/71 when missed.")
 @click.option("--name", "names", multiple=True, help="Only this source (repeatable).")
 @click.option(
     "--metrics",
