@@ -928,8 +928,11 @@ class Repository:
         try:
             for where in [path, *places.values()]:
                 if not os.path.exists(where):
+                    top = where  # the outermost directory makedirs will create
+                    while not os.path.exists(os.path.dirname(top)):
+                        top = os.path.dirname(top)
                     os.makedirs(where, mode=0o700)
-                    made.append(where)
+                    made.append(top)
                 os.chmod(where, 0o700)  # PostgreSQL starts only on private directories
         except OSError as e:
             _remove_made(made, [path, *places.values()])
@@ -1373,9 +1376,10 @@ async def _blame_a_lost_lock(lock: RepositoryLock, error: DedupeError) -> None:
 def _remove_made(made: list[str], used: list[str]) -> None:
     """Undo a failed unpack: the directories it made go, the empty ones it was given are
     emptied again."""
+    for where in made:
+        shutil.rmtree(where, ignore_errors=True)
     for where in used:
-        if where in made:
-            shutil.rmtree(where, ignore_errors=True)
+        if not os.path.exists(where):
             continue
         with contextlib.suppress(OSError):
             for entry in os.scandir(where):

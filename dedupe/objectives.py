@@ -429,13 +429,14 @@ class Objectives:
         names_of = {g.id: g.name for g in gens}
         notes: dict[str, builtins.list[str]] = {}
         newest: dict[str, tuple[datetime, str, DrillResult]] = {}
+        # Records of a generation not listed under their name: history once their
+        # generation was forgotten, unless one is newer than the evidence that is left
+        # (then it may be the failed drill someone made look like another's).
+        unlisted: builtins.list[tuple[str, datetime, str, str]] = []
         for obj, r in records:
             name, when = r["name"], parse_created(r["started"])
             if names_of.get(r["generation"]) != name:
-                notes.setdefault(name, []).append(
-                    f"drill record {obj} is of {r['generation'][:12]}, no generation of {name}: "
-                    "it is no evidence"
-                )
+                unlisted.append((name, when, obj, r["generation"]))
                 continue
             if (when - moment).total_seconds() > CLOCK_SKEW:
                 notes.setdefault(name, []).append(
@@ -444,6 +445,12 @@ class Objectives:
                 continue
             if name not in newest or when > newest[name][0]:
                 newest[name] = (when, obj, DrillResult.of(r))
+        for name, when, obj, gen_id in unlisted:
+            if name not in newest or when > newest[name][0]:
+                notes.setdefault(name, []).append(
+                    f"drill record {obj} is of {gen_id[:12]}, no generation of {name}: "
+                    "it is no evidence"
+                )
         seen = seen_drills(store.repository_id)
         present = {obj for obj, _r in records}
         remember = {

@@ -144,7 +144,7 @@ def test_the_alert_rules_load_in_promtool() -> None:
         text=True,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 8 rules found" in out.stdout
+    assert "SUCCESS: 9 rules found" in out.stdout
 
 
 def test_the_alert_rules_fire_when_objectives_are_missed(tmp_path: Path) -> None:

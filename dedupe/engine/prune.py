@@ -653,13 +653,13 @@ async def _drop_old_drills(
     KEEP_DRILLS of those older than KEEP_DRILL_DAYS. A record that cannot be read stays:
     prune deletes nothing it cannot judge (verify reports it)."""
     cutoff = datetime.now(UTC) - timedelta(days=KEEP_DRILL_DAYS)
-    by_name: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    by_name: dict[str, list[tuple[datetime, str]]] = defaultdict(list)
     for name, record in await store.read_drills(lambda _message: None):
-        by_name[record["name"]].append((record["started"], name))
+        by_name[record["name"]].append((parse_created(record["started"]), name))
     old = []
     for drills in by_name.values():
         drills.sort(reverse=True)
-        old += [name for started, name in drills[KEEP_DRILLS:] if parse_created(started) < cutoff]
+        old += [name for started, name in drills[KEEP_DRILLS:] if started < cutoff]
     await _delete_all(store.backend, sorted(old), lock_held)
 
 
