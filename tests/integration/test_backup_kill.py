@@ -122,4 +122,4 @@ def test_backup_survives_kill(template, tmp_path: Path) -> None:  # type: ignore
 
 @pytest.mark.slow
 def test_backup_survives_kill_many(template, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    _trials(template, tmp_path, 50)
+    _trials(template, tmp_path, 35)

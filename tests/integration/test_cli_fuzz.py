@@ -153,7 +153,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @settings(
-    max_examples=200,
+    max_examples=120,
     deadline=None,
     derandomize=True,  # the same lists in every run: a failure reproduces
     suppress_health_check=[HealthCheck.function_scoped_fixture],
