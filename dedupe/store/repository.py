@@ -231,8 +231,17 @@ def _first_frame(keys: list[bytes], sealed: Buffer, last: bool, what: str) -> tu
     return keys[0], _open_frame(keys[0], sealed, 0, last, what)
 
 
+META_TYPES = ("stream", "tree")
+
+
 def _check_meta(header: dict[str, Any], meta: dict[str, Any], what: str) -> None:
-    """The body's delta must name the parent its header names."""
+    """The body is of a type this version reads (FORMAT.md 8: a stream or a tree; any
+    other would be read as a stream by the table readers, so that verify vouched for a
+    generation restore refuses), and its delta names the parent its header names."""
+    if meta.get("type") not in META_TYPES:
+        raise UnsupportedFormat(
+            f"{what} is of type {str(meta.get('type'))[:40]!r}, which this version does not read"
+        )
     delta = meta.get("delta")
     parent = delta.get("parent") if isinstance(delta, dict) else None
     if parent != header.get("parent"):
