@@ -56,7 +56,7 @@ _SIZE = struct.Struct("<Q")  # the object's size in the store
 TRAILER_SIZE = _SIZE.size + MAC_SIZE
 # The names kept: every one content-addressed. Anything else a listing returns (a planted
 # "keymaps/00000001/../x") is never looked up.
-_CACHEABLE = re.compile(r"(?:keymaps/[0-9]{8}|index|generations)/[0-9a-f]{64}")
+_CACHEABLE = re.compile(r"(?:keymaps/[0-9]{8}|index|generations|drills)/[0-9a-f]{64}")
 _ENTRY = re.compile(r"[0-9a-f]{64}(?:\.[0-9a-f]{8}\.tmp)?")  # what retain() may delete
 # Errors that mean the cache cannot be used at all (rather than this one entry).
 _FATAL = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}

@@ -759,9 +759,17 @@ class RepositoryStore:
         """(name, record) of every drill record that is authenticated and readable; each
         one that is not is passed to `report` and left out (it is no evidence)."""
         found = []
-        for name in sorted(await self.backend.list(DRILL_PREFIX)):
+        # Records are immutable: the local cache keeps them (FORMAT.md 3.1), so a status
+        # run fetches only the ones made since the last. A cached copy is authenticated
+        # through its key map entries like a fetched one.
+        sizes = await self.cache.listing(self.backend, DRILL_PREFIX)
+        self.cache.retain(DRILL_PREFIX, sizes)
+        for name in sorted(sizes):
             try:
-                data = await self.backend.get_small(name, MAX_DRILL_BYTES)
+                data = self.cache.read(name, sizes[name], MAX_DRILL_BYTES)
+                if data is None:
+                    data = await self.backend.get_small(name, MAX_DRILL_BYTES)
+                    self.cache.write(name, data, len(data))
                 found.append((name, await self.open_drill(name, data)))
             except MissingObject:  # removed meanwhile (prune)
                 continue
@@ -793,6 +801,7 @@ class RepositoryStore:
         await self.keymaps.write([self.keymaps.meta_entry(kind, bytes.fromhex(oid), key)])
         name = f"{prefix}{oid}"
         await self.backend.put(name, data)
+        self.cache.write(name, data, len(data))  # a drill record: immutable (3.1)
         return name
 
     # --- packs ---------------------------------------------------------------------------------

@@ -463,3 +463,37 @@ def test_an_index_object_no_key_map_vouches_for_is_not_cached(
             assert len(list((_holder_dir(cache, repo) / "index").iterdir())) == 3
 
     run_asyncio(go())
+
+
+def test_status_reads_each_drill_record_once_through_the_cache(
+    run_asyncio: Any, location: str, tmp_path: Path
+) -> None:
+    """Drill records are immutable: a warm cache serves them (and keeps the ones this
+    client writes), so a status that runs every few minutes fetches only the records
+    others made since it last ran; what it serves is still authenticated (a status from
+    the cache sees the same drills)."""
+    cache = tmp_path / "cache"
+
+    async def go() -> None:
+        async with await make_repo(location) as repo:
+            await repo.objectives.set("db", rpo=3600, rto=600)
+            await repo.backup(io.BytesIO(os.urandom(30_000)), name="db")
+            for _ in range(3):
+                await repo.objectives.drill()
+        repo, counting = await _open(location, cache)
+        async with repo:
+            cold = await repo.objectives.status()
+            assert counting.reads["drills/"] >= 3
+        assert sum(n.startswith("drills/") for n in _cached_files(cache)) == 3
+        repo, counting = await _open(location, cache)
+        async with repo:
+            warm = await repo.objectives.status()
+            assert counting.reads["drills/"] == 0
+            await repo.objectives.drill()  # cached as it is written
+            counting.reads.clear()
+            later = await repo.objectives.status()
+            assert counting.reads["drills/"] == 0
+        assert warm.sources[0].last_drill == cold.sources[0].last_drill
+        assert later.sources[0].last_drill != warm.sources[0].last_drill and later.ok
+
+    run_asyncio(go())
