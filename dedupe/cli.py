@@ -2194,7 +2194,7 @@ def _usage_errors(coro: Coroutine[Any, Any, T]) -> T:
     "--check",
     metavar="'CMD ARGS'",
     help="Run after the restore, '{}' standing for the restored path or database; with "
-    "nothing restored it reads the bytes on its stdin (e.g. 'pg_restore -l').",
+    "nothing restored it reads all the bytes on its stdin (e.g. 'pg_restore -f /dev/null').",
 )
 @click.option("--rto", metavar="DURATION", help="Judge against this, not the policy's RTO.")
 @click.option("--keep", is_flag=True, help="Leave what the drill restored.")
