@@ -205,9 +205,11 @@ def handle_errors(fn: Callable[..., None]) -> Callable[..., None]:
             _report_errors(fn, *args, **kwargs)
             return
         started = time.monotonic()
-        failure: str | None = None
+        failure: str | None = None  # what the metrics call the way the command ended
 
         def observed(*a: Any, **k: Any) -> None:
+            # Inside _report_errors, which turns an error into its exit code: the class
+            # is seen here, before that.
             nonlocal failure
             try:
                 fn(*a, **k)
@@ -221,10 +223,6 @@ def handle_errors(fn: Callable[..., None]) -> Callable[..., None]:
 
         try:
             _report_errors(observed, *args, **kwargs)
-        except SystemExit as e:
-            if _exit_status(e.code) and failure is None:
-                failure = f"exit_{_exit_status(e.code)}"
-            raise
         finally:
             _push_run(url, time.monotonic() - started, failure, kwargs)
 

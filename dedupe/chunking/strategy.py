@@ -57,8 +57,7 @@ class FixedChunker:
 
     def feed(self, data: Buffer) -> list[memoryview]:
         n = self.block_size
-        src = data if type(data) is bytes or type(data) is Block else bytes(data)
-        view = memoryview(src).toreadonly()
+        view = memoryview(data if immutable(data) else bytes(data)).toreadonly()
         out: list[memoryview] = []
         if self._rest:
             need = n - len(self._rest)
@@ -75,6 +74,13 @@ class FixedChunker:
     def finish(self) -> list[memoryview]:
         rest, self._rest = self._rest, b""
         return [memoryview(rest).toreadonly()] if rest else []
+
+
+def immutable(data: Buffer) -> bool:
+    """Whether `data`'s bytes can never change: bytes, a reader's Block, or a view of
+    one (chunks may then be slices of it; anything else is copied first)."""
+    owner = data.obj if type(data) is memoryview else data
+    return type(owner) is bytes or type(owner) is Block
 
 
 def fixed_spec(block_size: int) -> dict[str, Any]:

@@ -25,8 +25,6 @@ from typing import Any, Protocol
 
 from typing_extensions import Buffer
 
-from ._fastcdc import Block
-
 BLOCK = 512  # a tar header; member data is padded to a multiple of it
 USTAR_MAGIC = b"ustar"  # at offset 257 of a POSIX (ustar) or GNU header
 # In base.tar: base/<db>/, global/ and pg_tblspc/<oid>/<version dir>/<db>/; in the tar of
@@ -84,19 +82,22 @@ class TarChunker:
     relation file's pages."""
 
     def __init__(self, page_size: int, other: Callable[[], _Chunker]) -> None:
+        from .strategy import FixedChunker  # (strategy imports this module)
+
         self.page_size = page_size
         self._other = other()
+        self._pages = FixedChunker(page_size)  # a relation file's, finished at its end
         self._reset()
 
     def _reset(self) -> None:
         self._state = _HEADER
         self._header = bytearray()  # the header being gathered
         self._left = 0  # bytes of the current region (pages, or other data) still to come
-        self._page = b""  # a page begun in an earlier feed
 
     def feed(self, data: Buffer) -> list[memoryview]:
-        src = data if type(data) is bytes or type(data) is Block else bytes(data)
-        view = memoryview(src).toreadonly()
+        from .strategy import immutable
+
+        view = memoryview(data if immutable(data) else bytes(data)).toreadonly()
         out: list[memoryview] = []
         while view:
             if self._state == _RAW:
@@ -144,30 +145,20 @@ class TarChunker:
     def _cut_pages(self, view: memoryview, out: list[memoryview]) -> memoryview:
         """Cut the pages of the current relation file from the start of `view`; return
         what follows them (or nothing, when the file goes on in the next feed)."""
-        n = self.page_size
         mine = view[: self._left]
         self._left -= len(mine)
-        rest = view[len(mine) :]
-        if self._page:
-            need = n - len(self._page)
-            self._page += bytes(mine[:need])
-            mine = mine[need:]
-            if len(self._page) < n:
-                return rest
-            out.append(memoryview(self._page).toreadonly())
-            self._page = b""
-        whole = len(mine) - len(mine) % n
-        out += [mine[i : i + n] for i in range(0, whole, n)]
-        self._page = bytes(mine[whole:])
+        out += self._pages.feed(mine)
         if not self._left:
-            # Sizes are whole pages and multiples of 512: no padding follows.
+            # Sizes are whole pages (nothing is left pending) and multiples of 512 (no
+            # padding follows).
+            out += self._pages.finish()
             self._state = _HEADER
-        return rest
+        return view[len(mine) :]
 
     def finish(self) -> list[memoryview]:
-        out = self._other.finish()  # nothing, when the stream ends among pages
-        if self._page:  # a stream cut short inside a relation file
-            out.append(memoryview(self._page).toreadonly())
+        # One of the two holds bytes at most: the other was finished where pages began,
+        # and the pages are finished where their file ends.
+        out = self._other.finish() + self._pages.finish()
         self._reset()
         return out
 
