@@ -35,7 +35,7 @@ def kernel(module: str, pyx: str, *names: str) -> Extension:
         module,
         sources=[pyx, *(f"csrc/{name}.c" for name in names)],
         include_dirs=["csrc"],
-        depends=[f"csrc/{name}.h" for name in names],
+        depends=[f"csrc/{name}.h" for name in names] + ["csrc/blake3lanes.inc"],
         extra_compile_args=compile_args(),
         extra_link_args=link_args(),
     )
@@ -46,6 +46,7 @@ extensions = [
     kernel("dedupe.store._chunkindex", "dedupe/store/_chunkindex.pyx", "chunkindex"),
     kernel("dedupe.store._blobcodec", "dedupe/store/_blobcodec.pyx", "blobcodec"),
     kernel("dedupe.format._delta", "dedupe/format/_delta.pyx", "delta"),
+    kernel("dedupe._blake3many", "dedupe/_blake3many.pyx", "blake3many"),
 ]
 
 setup(

@@ -9,7 +9,9 @@ is one; "incr bytes" is what it added to the repository) and ``restore`` (day 1 
 then its size and BLAKE3 compared with the source's: a wrong restore is an error, never a
 number; "+fsync" adds the fsync a tool left undone).
 
-Fairness: ``sync`` before each step, so that earlier write-back is not billed to it; the
+Fairness: ``sync`` before each step, so that earlier write-back is not billed to it; as
+many bytes as the step will write written to a scratch file and removed first (a VM's page
+faults on fresh memory are not billed to whichever tool runs first: ``prefault``); the
 file warm in the page cache before each backup; each file staged under one name by a fresh
 hard link (its ctime changes, as a database file's does); tools interleaved within each
 run, in an order that rotates from run to run; each tool at its default compression and
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dedupe.bench.data import blake3_file
-from dedupe.bench.measure import Measured, fsync_time, warm
+from dedupe.bench.measure import Measured, fsync_time, prefault, warm
 from dedupe.bench.report import (
     REFERENCE,
     STEPS,
@@ -110,6 +112,7 @@ async def _one_run(
         for step, inp, label in plan:
             _stage(inp.path, tool.staged)
             os.sync()
+            prefault(rundir, inp.size)
             warm(tool.staged)
             m, done = await tool.backup(label, again=step == "unchanged")
             after = await tool.repo_bytes()
@@ -133,6 +136,7 @@ async def _one_run(
         target = rundir / "restore"
         target.mkdir()
         os.sync()
+        prefault(rundir, day1.size)
         argv, cwd = tool.restore_argv(day1_snapshot, target)
         m = await tool.run(argv, cwd)
         files = [Path(d) / f for d, _, fs in os.walk(target) for f in fs]

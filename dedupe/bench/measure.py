@@ -147,6 +147,20 @@ def fsync_time(path: str | os.PathLike[str]) -> float:
         os.close(fd)
 
 
+def prefault(directory: str | os.PathLike[str], size: int) -> None:
+    """Write `size` bytes of zeros to a scratch file in `directory` and remove it, so that
+    the memory a timed command's writes will land in is in place. On a VM that hands
+    freed guest memory back to its host (virtio-balloon free page reporting), the first
+    writes into fresh page cache fault every page in from the host: measured here, 160
+    MiB took 0.84 s of CPU instead of 0.035 s, billed to whichever tool ran first."""
+    path = Path(directory) / ".prefault"
+    block = bytes(_READ_BLOCK)
+    with open(path, "wb", buffering=0) as f:
+        for _ in range(size // len(block) + 1):
+            f.write(block)
+    path.unlink()
+
+
 def warm(path: str | os.PathLike[str]) -> None:
     """Read `path` once, so that a timed command reads it from the page cache."""
     with open(path, "rb", buffering=0) as f:
