@@ -87,6 +87,7 @@ from dedupe.engine.listing import (
 )
 from dedupe.engine.prune import PruneReport, run_prune
 from dedupe.engine.repair import RepairReport, repair_index
+from dedupe.engine.restore import Window
 from dedupe.engine.sources import Source as StreamSource
 from dedupe.engine.tree import backup_tree, load_tree, restore_tree
 from dedupe.engine.verify import SubsetSpec, VerifyReport, verify_repository
@@ -1417,7 +1418,7 @@ async def _report(
     p = Progress("restore", "restoring", bytes_total=total)
     async for parts in stream:
         p.bytes_written += sum(len(x) for x in parts)
-        p.chunks += len(parts)
+        p.chunks += parts.chunks if isinstance(parts, Window) else len(parts)
         progress(p)
         yield parts
     p.stage = "done"

@@ -599,7 +599,7 @@ async def _write_files(
 ) -> None:
     files = [e for e in entries if e["type"] == "file"]
     sink = _FileSink(top, files, store, gen_id)
-    stream = restore_chunks(store, gen_id, [complete_table(files)], None, executor)
+    stream = restore_chunks(store, gen_id, [complete_table(files)], None, executor, per_chunk=True)
     try:
         await sink.begin()
         while True:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Sequence
+from itertools import accumulate
 from typing import Any
 
 import zstandard
@@ -225,20 +226,29 @@ class BlobCodec:
                 self.open(key, cid, view[off - base : off - base + stored], raw)
                 for cid, off, stored, raw in items
             ]
+        joined, ends = self.open_joined(key, data, base, items)
+        return [joined[s:e] for s, e in zip([0, *ends], ends, strict=False)]
+
+    def open_joined(
+        self, key: bytes, data: Buffer, base: int, items: Sequence[tuple[bytes, int, int, int]]
+    ) -> tuple[memoryview, list[int]]:
+        """open_many's chunks back to back in one read-only buffer, and where each ends in
+        it: neighbours in the stream can then be handed on as one piece (one digest
+        update, one write) instead of one per chunk."""
+        if not self.native:
+            chunks = self.open_many(key, data, base, items)
+            return memoryview(b"".join(chunks)).toreadonly(), list(accumulate(map(len, chunks)))
         try:
             out = self._kernel().open_into(key, data, list(items), base)
         except _blobcodec.OpenError as e:
             cid = items[e.index][0]
             raise IntegrityError(f"chunk {cid.hex()[:16]} {e}") from None
         view = memoryview(out).toreadonly()
-        chunks: list[Buffer] = []
-        pos = 0
-        for _cid, _off, _stored, raw in items:
-            chunks.append(view[pos : pos + raw])
-            pos += raw
+        ends = list(accumulate(item[3] for item in items))
+        chunks = [view[s:e] for s, e in zip([0, *ends], ends, strict=False)]
         for (cid, *_), got in zip(items, self.hasher.chunk_ids(chunks), strict=True):
             if got != cid:
                 raise IntegrityError(
                     f"chunk {cid.hex()[:16]} does not match its id: its content is wrong"
                 )
-        return chunks
+        return view, ends
