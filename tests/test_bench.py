@@ -214,6 +214,23 @@ def test_tool_lists() -> None:
         expand_tools(["tar"])
 
 
+def test_a_newer_release_runs_from_the_program_its_variable_names(tmp_path: Path) -> None:
+    """restic-stdin-new and borg-new run $RESTIC_NEW / $BORG_NEW beside the tools on PATH."""
+    from dedupe.bench.tools import VARIANTS
+
+    assert expand_tools(["restic-stdin-new", "borg-new"])[1:] == ["restic-stdin-new", "borg-new"]
+    new = VARIANTS["restic-stdin-new"]
+    assert new.missing({}) == "$RESTIC_NEW is not set"
+    assert new.missing({"RESTIC_NEW": str(tmp_path / "nothing")}) == "$RESTIC_NEW is not a program"
+    program = tmp_path / "restic-0.18"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    assert new.missing({"RESTIC_NEW": str(program)}) is None
+    tool = new(tmp_path / "run", {"RESTIC_NEW": str(program)})
+    assert tool.check_argv() == [str(program), "check", "--read-data"]
+    assert VARIANTS["borg-new"].missing({}) == "$BORG_NEW is not set"
+
+
 def test_a_failing_compared_tool_is_reported_not_raised(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

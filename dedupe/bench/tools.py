@@ -9,6 +9,7 @@ run's directory (nothing touches $HOME), and the file to back up staged as
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import shutil
@@ -245,36 +246,39 @@ class Restic(Tool):
 
     def __init__(self, rundir: Path, env: dict[str, str]) -> None:
         super().__init__(rundir, env)
+        self.exe = _program_path(self.program, env)
         self.env.update(
             RESTIC_REPOSITORY=str(self.repo),
             RESTIC_PASSWORD=PASSPHRASE,
             RESTIC_CACHE_DIR=str(rundir / "cache"),
         )
 
-    @staticmethod
-    def missing(env: Mapping[str, str]) -> str | None:
-        return None if shutil.which("restic") else "not installed"
+    program = "restic"
+
+    @classmethod
+    def missing(cls, env: Mapping[str, str]) -> str | None:
+        return _missing_program(cls.program, env)
 
     async def version(self) -> str:
-        m = await self.probe(["restic", "version"])
+        m = await self.probe([self.exe, "version"])
         text = m.stdout.decode(errors="replace").strip()
         return text.splitlines()[0] if m.rc == 0 and text else "restic (version unknown)"
 
     async def init(self) -> None:
-        argv = ["restic", "init"]
+        argv = [self.exe, "init"]
         # Repository format v2 is the one with compression: ask for it where the flag
         # exists (restic >= 0.14), so that "stable" never means v1.
-        if b"--repository-version" in (await self.probe(["restic", "init", "--help"])).stdout:
+        if b"--repository-version" in (await self.probe([self.exe, "init", "--help"])).stdout:
             argv += ["--repository-version", "2"]
         await self.run(argv)
 
     def backup_argv(self, label: str, again: bool) -> list[str]:
         if self.stdin_mode:
-            return ["restic", "backup", "--json", "--stdin", "--stdin-filename", STAGE_NAME,
+            return [self.exe, "backup", "--json", "--stdin", "--stdin-filename", STAGE_NAME,
                     "--tag", label]  # fmt: skip
         # --force: read the file even though the parent snapshot says it is unchanged.
         force = ["--force"] if again else []
-        return ["restic", "backup", "--json", "--tag", label, *force, STAGE_NAME]
+        return [self.exe, "backup", "--json", "--tag", label, *force, STAGE_NAME]
 
     def parse_backup(self, m: Measured, label: str) -> BackupDone:
         summary: dict[str, Any] = {}
@@ -288,10 +292,10 @@ class Restic(Tool):
         return BackupDone(str(summary["snapshot_id"]), float(own) if own else None, skip)
 
     def check_argv(self) -> list[str]:
-        return ["restic", "check", "--read-data"]
+        return [self.exe, "check", "--read-data"]
 
     def restore_argv(self, snapshot: str, target: Path) -> tuple[list[str], Path]:
-        return ["restic", "restore", snapshot, "--target", str(target)], target
+        return [self.exe, "restore", snapshot, "--target", str(target)], target
 
 
 class ResticStdin(Restic):
@@ -303,6 +307,14 @@ class ResticFile(Restic):
     name = "restic-file"
 
 
+class ResticStdinNew(ResticStdin):
+    """restic-stdin with the binary $RESTIC_NEW names (a newer release beside the one on
+    PATH, e.g. trixie's restic 0.18 unpacked with dpkg-deb -x): both in one run."""
+
+    name = "restic-stdin-new"
+    program = "$RESTIC_NEW"
+
+
 class Borg(Tool):
     name = "borg"
     compression = "lz4"
@@ -310,6 +322,7 @@ class Borg(Tool):
 
     def __init__(self, rundir: Path, env: dict[str, str]) -> None:
         super().__init__(rundir, env)
+        self.exe = _program_path(self.program, env)
         self.env.update(
             BORG_PASSPHRASE=PASSPHRASE,
             BORG_BASE_DIR=str(rundir / "borgbase"),  # config, keys, security dir, cache
@@ -318,25 +331,29 @@ class Borg(Tool):
             BORG_DISPLAY_PASSPHRASE="no",
         )
 
-    @staticmethod
-    def missing(env: Mapping[str, str]) -> str | None:
-        return None if shutil.which("borg") else "not installed"
+    program = "borg"
+
+    @classmethod
+    def missing(cls, env: Mapping[str, str]) -> str | None:
+        return _missing_program(cls.program, env)
 
     async def version(self) -> str:
-        m = await self.probe(["borg", "--version"])
+        m = await self.probe([self.exe, "--version"])
         text = m.stdout.decode(errors="replace").strip()
+        # Run as `python -m borg`, borg names itself "__main__.py".
+        text = re.sub(r"^__main__\.py ", "borg ", text)
         return text if m.rc == 0 and text else "borg (version unknown)"
 
     async def init(self) -> None:
-        help_text = (await self.probe(["borg", "init", "--help"])).stdout
+        help_text = (await self.probe([self.exe, "init", "--help"])).stdout
         mode = "repokey-blake2" if b"repokey-blake2" in help_text else "repokey"
-        await self.run(["borg", "init", "-e", mode, str(self.repo)])
+        await self.run([self.exe, "init", "-e", mode, str(self.repo)])
 
     def backup_argv(self, label: str, again: bool) -> list[str]:
         # --list --filter shows the file's status letter on stderr: "U" means the files
         # cache said unchanged and borg did not read the file.
         cache = ["--files-cache=disabled"] if again else []
-        return ["borg", "create", "--json", "--list", "--filter=AMUCE", "--compression", "lz4",
+        return [self.exe, "create", "--json", "--list", "--filter=AMUCE", "--compression", "lz4",
                 *cache, f"{self.repo}::{label}", STAGE_NAME]  # fmt: skip
 
     def parse_backup(self, m: Measured, label: str) -> BackupDone:
@@ -347,14 +364,39 @@ class Borg(Tool):
         return BackupDone(label, float(info["archive"]["duration"]), status == ["U"])
 
     def check_argv(self) -> list[str]:
-        return ["borg", "check", "--verify-data", str(self.repo)]
+        return [self.exe, "check", "--verify-data", str(self.repo)]
 
     def restore_argv(self, snapshot: str, target: Path) -> tuple[list[str], Path]:
-        return ["borg", "extract", f"{self.repo}::{snapshot}"], target
+        return [self.exe, "extract", f"{self.repo}::{snapshot}"], target
+
+
+class BorgNew(Borg):
+    """borg with the program $BORG_NEW names (e.g. a wrapper that runs bookworm-backports'
+    borg 1.4 from an unpacked package), beside the borg on PATH in the same run."""
+
+    name = "borg-new"
+    program = "$BORG_NEW"
+
+
+def _program_path(program: str, env: Mapping[str, str]) -> str:
+    """A program on PATH, or (for "$VAR") the executable the environment variable names."""
+    if program.startswith("$"):
+        return env.get(program[1:], "")
+    return shutil.which(program, path=env.get("PATH")) or program
+
+
+def _missing_program(program: str, env: Mapping[str, str]) -> str | None:
+    path = _program_path(program, env)
+    if program.startswith("$") and not path:
+        return f"{program} is not set"
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        return "not installed" if not program.startswith("$") else f"{program} is not a program"
+    return None
 
 
 VARIANTS: dict[str, type[Tool]] = {
-    t.name: t for t in (Dedupe, DedupeStdin, DedupeS3, ResticStdin, ResticFile, Borg)
+    t.name: t
+    for t in (Dedupe, DedupeStdin, DedupeS3, ResticStdin, ResticFile, ResticStdinNew, Borg, BorgNew)
 }
 #: What a family name stands for in a tool list.
 FAMILIES = {

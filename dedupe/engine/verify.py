@@ -772,7 +772,7 @@ def open_blobs(
     """(chunk id, reason, detail) of every blob among `items` that does not open."""
     if all(offset + stored <= len(data) for _, offset, stored, _ in items):
         try:  # the fast path: the whole batch at once, in the native kernel
-            store.codec.open_many(key, data, 0, items)
+            store.codec.open_joined(key, data, 0, items)
             return []
         except IntegrityError:
             pass  # find every bad blob and why, one at a time
