@@ -135,8 +135,10 @@ class Tool:
 class Dedupe(Tool):
     name = "dedupe"
     compression = f"zstd-{DEFAULT_COMPRESSION_LEVEL}"
+    # The default, `auto`: a SQLite file (what bench_e2e generates) is cut in its pages.
     chunking = (
-        f"FastCDC {DEFAULT_PARAMS.min_size // 1024} / ~{DEFAULT_PARAMS.avg_size // 1024} / "
+        "auto: a SQLite or tar file's pages, else FastCDC "
+        f"{DEFAULT_PARAMS.min_size // 1024} / ~{DEFAULT_PARAMS.avg_size // 1024} / "
         f"{DEFAULT_PARAMS.max_size // 1024} KiB"
     )
 
