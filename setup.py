@@ -46,7 +46,7 @@ extensions = [
     kernel("dedupe.store._chunkindex", "dedupe/store/_chunkindex.pyx", "chunkindex"),
     kernel("dedupe.store._blobcodec", "dedupe/store/_blobcodec.pyx", "blobcodec"),
     kernel("dedupe.format._delta", "dedupe/format/_delta.pyx", "delta"),
-    kernel("dedupe._blake3many", "dedupe/_blake3many.pyx", "blake3many"),
+    kernel("dedupe.hashing._blake3many", "dedupe/hashing/_blake3many.pyx", "blake3many"),
 ]
 
 setup(

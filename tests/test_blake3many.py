@@ -17,9 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dedupe import hashing
-from dedupe.hashing import ChunkHasher
+from dedupe.hashing import ChunkHasher, _blake3many
 
-_blake3many = pytest.importorskip("dedupe._blake3many")
 IMPLEMENTATIONS = _blake3many.available()
 VECTORS = Path(__file__).parent / "vectors" / "ids.json"
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 import blake3
 
 try:  # keyed BLAKE3 of a whole batch in one call without the GIL (csrc/blake3many.c)
-    from dedupe import _blake3many
+    from dedupe.hashing import _blake3many
 except ImportError:  # a build without the native core: the blake3 package, chunk by chunk
     _blake3many = None  # type: ignore[assignment]
 
