@@ -11,9 +11,10 @@ import os
 import random
 from pathlib import Path
 
+from conftest import make_repo
+
 from dedupe.engine.restore import Window, restore_chunks
 from dedupe.format.manifest import CHUNK_RECORD
-from tests.conftest import make_repo
 
 PAGE = 4096
 
