@@ -40,10 +40,12 @@ def prefault(directory, size):
     # as much first lets the timed backup find the memory in place, whichever runs first.
     p = Path(directory) / "prefault"
     block = bytes(1 << 22)
-    with open(p, "wb") as f:
-        for _ in range(size // len(block) + 1):
-            f.write(block)
-    p.unlink()
+    try:
+        with open(p, "wb") as f:
+            for _ in range(size // len(block) + 1):
+                f.write(block)
+    finally:
+        p.unlink(missing_ok=True)
 
 async def main(chunker, day1, day2, workdir, prefault_bytes):
     d = Path(tempfile.mkdtemp(dir=workdir))

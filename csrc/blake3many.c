@@ -128,6 +128,10 @@ static void lanes1(const uint32_t key[8], const b3_job *jobs, size_t count, size
     }
 }
 
+/* The vector lanes need GCC's or Clang's vector extensions; another compiler (MSVC)
+ * builds the portable implementation alone. */
+#if defined(__GNUC__)
+#define VECTOR_LANES 1
 #define LANES 4
 #define LANES_FN lanes4
 #define LANES_TARGET
@@ -135,6 +139,7 @@ static void lanes1(const uint32_t key[8], const b3_job *jobs, size_t count, size
 #undef LANES
 #undef LANES_FN
 #undef LANES_TARGET
+#endif
 
 #if defined(__x86_64__) && defined(__GNUC__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 #define X86_LANES 1
@@ -239,8 +244,11 @@ __attribute__((target("avx2"))) static inline __m256i rot8_avx2(__m256i x) {
 int ddp_b3_available(int impl) {
     switch (impl) {
     case DDP_B3_PORTABLE:
+        return 1;
+#ifdef VECTOR_LANES
     case DDP_B3_LANES4:
         return 1;
+#endif
 #ifdef X86_LANES
     case DDP_B3_AVX2:
         return __builtin_cpu_supports("avx2");
@@ -290,10 +298,12 @@ int ddp_b3_keyed_many(int impl, const uint8_t *key, size_t n, const uint8_t *con
     if (!ddp_b3_available(impl)) return -1;
     b3_queue q = {.run = lanes1, .width = 1};
     switch (impl) {
+#ifdef VECTOR_LANES
     case DDP_B3_LANES4:
         q.run = lanes4;
         q.width = 4;
         break;
+#endif
 #ifdef X86_LANES
     case DDP_B3_AVX2:
         q.run = lanes8_avx2;

@@ -13,7 +13,8 @@
  * otherwise), and so are the parent nodes of each tree level. The result is the same
  * BLAKE3 (tests compare every implementation with the blake3 package).
  *
- * Plain C99 plus GCC/Clang vector extensions; no Python.h. Thread safe (no state but the
+ * Plain C99 plus GCC/Clang vector extensions (another compiler gets the portable code
+ * alone); no Python.h. Thread safe (no state but the
  * implementation chosen once, which every thread chooses the same).
  */
 #ifndef DEDUPE_BLAKE3MANY_H
@@ -27,7 +28,7 @@
 
 /* Implementations, widest first; ddp_b3_available says which this CPU runs. */
 #define DDP_B3_PORTABLE 0 /* one input at a time, no vectors */
-#define DDP_B3_LANES4 1   /* 4 lanes: SSE2, NEON or whatever the compiler targets */
+#define DDP_B3_LANES4 1   /* 4 lanes: SSE2, NEON or whatever GCC/Clang target */
 #define DDP_B3_AVX2 2     /* 8 lanes (x86-64 with AVX2) */
 #define DDP_B3_AVX512 3   /* 16 lanes (x86-64 with AVX-512F) */
 #define DDP_B3_BEST (-1)  /* the widest available */

@@ -229,6 +229,9 @@ def test_a_newer_release_runs_from_the_program_its_variable_names(tmp_path: Path
     tool = new(tmp_path / "run", {"RESTIC_NEW": str(program)})
     assert tool.check_argv() == [str(program), "check", "--read-data"]
     assert VARIANTS["borg-new"].missing({}) == "$BORG_NEW is not set"
+    # A bare name is looked up on PATH and run by its absolute path (tools run elsewhere).
+    by_name = new(tmp_path / "run2", {"RESTIC_NEW": "restic-0.18", "PATH": str(tmp_path)})
+    assert by_name.exe == str(program)
 
 
 def test_a_failing_compared_tool_is_reported_not_raised(

@@ -117,6 +117,8 @@ def test_bad_arguments_are_refused() -> None:
         _blake3many.keyed_many(bytes(32), [b"x"], "sse9")
     with pytest.raises(TypeError):
         _blake3many.keyed_many(bytes(32), ["not a buffer"])
+    with pytest.raises(TypeError):
+        _blake3many.keyed_many(None, [b"x"])  # type: ignore[arg-type]
     missing = [n for n in _blake3many.IMPLEMENTATIONS if n not in IMPLEMENTATIONS]
     for name in missing:  # only on a CPU without AVX2 or AVX-512
         with pytest.raises(ValueError, match="does not run on this CPU"):

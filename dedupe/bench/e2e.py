@@ -111,8 +111,8 @@ async def _one_run(
         day1_snapshot = ""
         for step, inp, label in plan:
             _stage(inp.path, tool.staged)
-            os.sync()
             prefault(rundir, inp.size)
+            os.sync()
             warm(tool.staged)
             m, done = await tool.backup(label, again=step == "unchanged")
             after = await tool.repo_bytes()
@@ -135,8 +135,8 @@ async def _one_run(
                 said("check")
         target = rundir / "restore"
         target.mkdir()
-        os.sync()
         prefault(rundir, day1.size)
+        os.sync()
         argv, cwd = tool.restore_argv(day1_snapshot, target)
         m = await tool.run(argv, cwd)
         files = [Path(d) / f for d, _, fs in os.walk(target) for f in fs]

@@ -383,7 +383,10 @@ class BorgNew(Borg):
 def _program_path(program: str, env: Mapping[str, str]) -> str:
     """A program on PATH, or (for "$VAR") the executable the environment variable names."""
     if program.startswith("$"):
-        return env.get(program[1:], "")
+        named = env.get(program[1:], "")
+        # A name is looked up on PATH; a path is made absolute (tools run elsewhere).
+        found = shutil.which(named, path=env.get("PATH")) if named else None
+        return os.path.abspath(found or named) if named else ""
     return shutil.which(program, path=env.get("PATH")) or program
 
 

@@ -36,21 +36,26 @@ def available():
     return [name for name, impl in IMPLEMENTATIONS.items() if ddp_b3_available(impl)]
 
 
-def keyed_many(bytes key, list chunks, str implementation="best"):
+def keyed_many(bytes key not None, list chunks not None, str implementation="best"):
     """[BLAKE3(key, chunk) for chunk in chunks] (32-byte digests), computed in one call
     without the GIL. `implementation` picks one of available() (tests compare them)."""
-    cdef int impl = DDP_B3_BEST if implementation == "best" else IMPLEMENTATIONS[implementation]
+    cdef int impl = ddp_b3_best() if implementation == "best" else IMPLEMENTATIONS[implementation]
     if PyBytes_GET_SIZE(key) != 32:
         raise ValueError("a BLAKE3 key is 32 bytes")
+    if not ddp_b3_available(impl):
+        raise ValueError(f"{implementation} does not run on this CPU")
     cdef const uint8_t *k = <const uint8_t *>PyBytes_AS_STRING(key)
     cdef Py_ssize_t n = len(chunks), i, got = 0
-    cdef Py_buffer *views = <Py_buffer *>malloc((n or 1) * sizeof(Py_buffer))
-    cdef const uint8_t **src = <const uint8_t **>malloc((n or 1) * sizeof(uint8_t *))
-    cdef size_t *lens = <size_t *>malloc((n or 1) * sizeof(size_t))
     cdef bytes digests = PyBytes_FromStringAndSize(NULL, n * 32)
     cdef uint8_t *out = <uint8_t *>PyBytes_AS_STRING(digests)
+    cdef Py_buffer *views = NULL
+    cdef const uint8_t **src = NULL
+    cdef size_t *lens = NULL
     cdef int rc
     try:
+        views = <Py_buffer *>malloc((n or 1) * sizeof(Py_buffer))
+        src = <const uint8_t **>malloc((n or 1) * sizeof(uint8_t *))
+        lens = <size_t *>malloc((n or 1) * sizeof(size_t))
         if not (views and src and lens):
             raise MemoryError()
         for i in range(n):
@@ -60,9 +65,7 @@ def keyed_many(bytes key, list chunks, str implementation="best"):
             lens[i] = <size_t>views[i].len
         with nogil:
             rc = ddp_b3_keyed_many(impl, k, n, src, lens, out)
-        if rc != 0:
-            if not ddp_b3_available(impl):
-                raise ValueError(f"{implementation} does not run on this CPU")
+        if rc != 0:  # the implementation runs (checked above): scratch memory
             raise MemoryError()
     finally:
         for i in range(got):
