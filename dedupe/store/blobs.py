@@ -226,8 +226,7 @@ class BlobCodec:
                 self.open(key, cid, view[off - base : off - base + stored], raw)
                 for cid, off, stored, raw in items
             ]
-        joined, ends = self.open_joined(key, data, base, items)
-        return [joined[s:e] for s, e in zip([0, *ends], ends, strict=False)]
+        return self._open_native(key, data, base, items)[2]
 
     def open_joined(
         self, key: bytes, data: Buffer, base: int, items: Sequence[tuple[bytes, int, int, int]]
@@ -238,6 +237,14 @@ class BlobCodec:
         if not self.native:
             chunks = self.open_many(key, data, base, items)
             return memoryview(b"".join(chunks)).toreadonly(), list(accumulate(map(len, chunks)))
+        view, ends, _chunks = self._open_native(key, data, base, items)
+        return view, ends
+
+    def _open_native(
+        self, key: bytes, data: Buffer, base: int, items: Sequence[tuple[bytes, int, int, int]]
+    ) -> tuple[memoryview, list[int], list[Buffer]]:
+        """One kernel call (AEAD, decompression, lengths) and one batch of ids: the joined
+        buffer, where each chunk ends in it, and each chunk as a view of it."""
         try:
             out = self._kernel().open_into(key, data, list(items), base)
         except _blobcodec.OpenError as e:
@@ -245,10 +252,10 @@ class BlobCodec:
             raise IntegrityError(f"chunk {cid.hex()[:16]} {e}") from None
         view = memoryview(out).toreadonly()
         ends = list(accumulate(item[3] for item in items))
-        chunks = [view[s:e] for s, e in zip([0, *ends], ends, strict=False)]
+        chunks: list[Buffer] = [view[s:e] for s, e in zip([0, *ends], ends, strict=False)]
         for (cid, *_), got in zip(items, self.hasher.chunk_ids(chunks), strict=True):
             if got != cid:
                 raise IntegrityError(
                     f"chunk {cid.hex()[:16]} does not match its id: its content is wrong"
                 )
-        return view, ends
+        return view, ends, chunks
