@@ -43,8 +43,10 @@ def kernel(module: str, pyx: str, *names: str) -> Extension:
 
 extensions = [
     kernel("dedupe.chunking._fastcdc", "dedupe/chunking/_fastcdc.pyx", "fastcdc", "mapread"),
-    kernel("dedupe.store._chunkindex", "dedupe/store/_chunkindex.pyx", "chunkindex"),
-    kernel("dedupe.store._blobcodec", "dedupe/store/_blobcodec.pyx", "blobcodec"),
+    kernel(
+        "dedupe.store._chunkindex", "dedupe/store/_chunkindex.pyx", "chunkindex", "windowplan"
+    ),
+    kernel("dedupe.store._blobcodec", "dedupe/store/_blobcodec.pyx", "blobcodec", "blake3many"),
     kernel("dedupe.format._delta", "dedupe/format/_delta.pyx", "delta"),
     kernel("dedupe.hashing._blake3many", "dedupe/hashing/_blake3many.pyx", "blake3many"),
 ]

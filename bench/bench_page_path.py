@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Chunkers side by side on one file pair: a full of day 1, an incremental of day 2 and an
-unchanged re-backup, each backup in a process of its own (Repository.backup, in-process
-API, no CLI start-up), the chunkers alternating run by run; medians of wall and CPU time.
-With --baseline, the same with another checkout's code (before/after a change, one run).
+"""Chunkers side by side on one file pair: a full of day 1, an incremental of day 2, an
+unchanged re-backup, a restore of the last generation and a verify --read-data, in a
+process per chunker and run (in-process API, no CLI start-up), the chunkers alternating
+run by run; medians of wall and CPU time. With --baseline, the same with another
+checkout's code (before/after a change, one run).
 
     .venv/bin/python bench/bench_page_path.py day1.db day2.db            # auto vs fastcdc
     .venv/bin/python bench/bench_page_path.py day1.db day2.db --baseline ../before --runs 5
@@ -59,13 +60,25 @@ async def main(chunker, day1, day2, workdir, prefault_bytes):
                 c, t = cpu(), time.perf_counter()
                 stats = await repo.backup(Path(path), name="db", kind=kind, chunker=chunker)
                 out.append([time.perf_counter() - t, cpu() - c, stats.bytes_new])
+            target = d / "restored"
+            c, t = cpu(), time.perf_counter()
+            await repo.restore(stats.id, target)
+            out.append([time.perf_counter() - t, cpu() - c, 0])
+            if target.read_bytes() != Path(day2).read_bytes():
+                raise SystemExit("the restored file is not day 2")
+            target.unlink()
+            c, t = cpu(), time.perf_counter()
+            report = await repo.verify(read_data=True)
+            out.append([time.perf_counter() - t, cpu() - c, 0])
+            if not report.ok:
+                raise SystemExit("verify found damage")
         print(json.dumps(out))
     finally:
         shutil.rmtree(d)
 
 asyncio.run(main(*sys.argv[1:6]))
 """
-STEPS = ("full", "incremental", "unchanged")
+STEPS = ("full", "incremental", "unchanged", "restore", "verify")
 
 
 def main() -> None:
@@ -111,13 +124,24 @@ def main() -> None:
         mb = size / statistics.median(r[0][0] for r in runs) / 1e6
         tail = f"({mb:.0f} MB/s full; day 2 new {new / 1e6:.1f} MB)"
         print(f"{tree.name:>12} {chunker:8} {'  '.join(cells)}  {tail}")
+    if len(trees) == 2:
+        for chunker in chunkers:
+            new, old = results[(trees[0], chunker)], results[(trees[1], chunker)]
+            ratios = [
+                statistics.median(r[i][0] for r in old) / statistics.median(r[i][0] for r in new)
+                for i in range(len(STEPS))
+            ]
+            print(
+                f"{chunker:>12} this tree / baseline throughput: "
+                + ", ".join(f"{s} {x:.2f}x" for s, x in zip(STEPS, ratios, strict=True))
+            )
     if len(chunkers) == 2:
         a, b = chunkers
         for tree in trees:
             ra, rb = results[(tree, a)], results[(tree, b)]
             ratios = [
                 statistics.median(r[i][0] for r in rb) / statistics.median(r[i][0] for r in ra)
-                for i in range(3)
+                for i in range(len(STEPS))
             ]
             cpu = statistics.median(r[0][1] for r in ra) / statistics.median(r[0][1] for r in rb)
             print(

@@ -14,7 +14,7 @@
  * as associated data.
  *
  * Thread safety: the api struct is read only; a zstd context belongs to one thread at a
- * time. Nothing here allocates except ddp_codec_open (one scratch buffer per call).
+ * time. Nothing here allocates except ddp_codec_open (scratch buffers per call).
  */
 #ifndef DEDUPE_BLOBCODEC_H
 #define DEDUPE_BLOBCODEC_H
@@ -41,6 +41,7 @@
 #define DDP_CODEC_ELENGTH 4     /* the payload is not raw_length bytes long */
 #define DDP_CODEC_ENOMEM 5
 #define DDP_CODEC_ESEAL 6 /* libsodium refused to seal (absurd lengths only) */
+#define DDP_CODEC_EID 7   /* the content does not hash to its chunk id */
 
 typedef struct {
     /* zstd (stable API, zstd.h) */
@@ -86,14 +87,16 @@ long ddp_codec_seal(const ddp_codec_api *api, const uint8_t *key, size_t n,
 
 /*
  * Open n sealed blobs of one pack: blob i is src[offset[i] .. + stored_len[i]], its id
- * ids[32 i..]; its raw bytes (exactly raw_len[i] of them) go to out, back to back. On
- * failure returns a DDP_CODEC_E* code and the blob's number in *failed; what was written
- * to out is then garbage. The chunk id hash is not checked here (the caller does, with
- * BLAKE3): this kernel guarantees authenticity (AEAD) and exact length only.
+ * ids[32 i..]; its raw bytes (exactly raw_len[i] of them) go to out + out_pos[i], or,
+ * with out_pos NULL, to out back to back. With id_key (the repository's chunk id key),
+ * each chunk's keyed BLAKE3 is then checked against its id; with NULL the caller checks.
+ * On failure returns a DDP_CODEC_E* code and the blob's number in *failed; what was
+ * written to out is then garbage. The caller makes sure every blob lies in src and
+ * every chunk's place in out.
  */
-int ddp_codec_open(const ddp_codec_api *api, void *dctx, const uint8_t *key, size_t n,
-                   const uint8_t *src, const size_t *offset, const uint32_t *stored_len,
-                   const uint32_t *raw_len, const uint8_t *ids, uint8_t *out,
-                   size_t *failed);
+int ddp_codec_open(const ddp_codec_api *api, void *dctx, const uint8_t *key,
+                   const uint8_t *id_key, size_t n, const uint8_t *src, const size_t *offset,
+                   const uint32_t *stored_len, const uint32_t *raw_len, const uint8_t *ids,
+                   uint8_t *out, const uint64_t *out_pos, size_t *failed);
 
 #endif

@@ -43,7 +43,13 @@ from dedupe.engine.verify import check_envelope, open_blobs
 from dedupe.errors import DedupeError, IntegrityError, MissingObject
 from dedupe.format.index import ENTRY_RECORD, PackRecord
 from dedupe.format.keymap import INDEX, PACK
-from dedupe.format.pack import FOOTER_SIZE, PACK_MAGIC, TRAILER_AAD, decode_trailer_items
+from dedupe.format.pack import (
+    FOOTER_SIZE,
+    PACK_MAGIC,
+    TRAILER_AAD,
+    decode_trailer_items,
+    trailer_items,
+)
 from dedupe.hashing import object_id
 from dedupe.store import RepositoryStore
 from dedupe.store.locks import RepositoryLock
@@ -155,9 +161,10 @@ async def _repair(
             except DedupeError as e:
                 skipped.append(SkippedPack(pack_id.hex(), e.message))
                 return
-            problems, items = await loop.run_in_executor(
+            problems, records = await loop.run_in_executor(
                 executor, check_envelope, data, pack_id, key, what
             )
+            items = None if records is None else trailer_items(records)
             reasons = "; ".join(detail for _, detail in problems)
             if items is None:
                 skipped.append(SkippedPack(pack_id.hex(), reasons or "no trailer"))

@@ -1,13 +1,15 @@
 """The restore pipeline.
 
 The generation's chunk table, read piece by piece (from a file: it is never held whole),
-is cut into windows of about WINDOW_BYTES of output. For each
-window the chunks are grouped by pack, neighbouring blobs are read with one ranged get
-(gaps under COALESCE_GAP are read through), ranges are fetched concurrently, and each
-range is opened on the executor: AEAD under the chunk id, decompression, keyed BLAKE3
-against the id. Only then are the window's bytes handed out, in stream order, while the
-next window is being fetched. The whole-stream digest is checked at the end; a chunk that
-fails any check raises before a byte of it is handed out.
+is cut into windows of about WINDOW_BYTES of output. Each window is planned in one
+native call (csrc/windowplan.h): its chunks located, each distinct chunk once, grouped by
+pack; neighbouring blobs are read with one ranged get (gaps under COALESCE_GAP are read
+through), ranges are fetched concurrently, and each range is opened on the executor
+straight into the window's output buffer: AEAD under the chunk id, decompression, keyed
+BLAKE3 against the id. Repeated chunks are then copied from their first place. Only
+then is the window handed out, while the next one is being fetched. The whole-stream
+digest is checked at the end; a chunk that fails any check raises before a byte of it is
+handed out.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.hashing import StreamDigest
 from dedupe.store import RepositoryStore
 from dedupe.store.blobs import release_buffers
+from dedupe.store.index import PLAN_LENGTH, cut_records
 from dedupe.store.readbuffers import ReadBuffers
 
 T = TypeVar("T")
@@ -43,18 +46,26 @@ WINDOWS_AHEAD = 2
 _Item = tuple[bytes, int, int, int]
 
 
-def _windows(table: Iterable[Buffer]) -> Iterator[list[tuple[bytes, int]]]:
-    window: list[tuple[bytes, int]] = []
-    size = 0
+def _windows(table: Iterable[Buffer]) -> Iterator[bytes]:
+    """The table's records cut into windows of about WINDOW_BYTES of output each (a
+    window ends with the record that reaches it). Each window is its own bytes: pieces
+    may be buffers that the table reuses."""
+    pending = bytearray()  # records of a window that began in an earlier piece
+    pending_size = 0
     for piece in table:
-        for chunk_id, length in CHUNK_RECORD.iter_unpack(piece):
-            window.append((chunk_id, length))
-            size += length
-            if size >= WINDOW_BYTES:
-                yield window
-                window, size = [], 0
-    if window:
-        yield window
+        records = memoryview(piece).cast("B")
+        count = len(records) // CHUNK_RECORD.size
+        start = 0
+        while start < count:
+            end, size = cut_records(records, start, WINDOW_BYTES - pending_size)
+            pending += records[start * CHUNK_RECORD.size : end * CHUNK_RECORD.size]
+            pending_size += size
+            start = end
+            if pending_size >= WINDOW_BYTES:
+                yield bytes(pending)
+                pending, pending_size = bytearray(), 0
+    if pending:
+        yield bytes(pending)
 
 
 def split_by_bytes(items: list[_Item], batch_bytes: int) -> Iterator[list[_Item]]:
@@ -72,30 +83,10 @@ def split_by_bytes(items: list[_Item], batch_bytes: int) -> Iterator[list[_Item]
         yield part
 
 
-def _ranges(items: list[_Item]) -> Iterator[tuple[int, int, list[_Item]]]:
-    """Coalesce blobs of one pack into (start, end, items) ranges, sorted by offset."""
-    items.sort(key=lambda it: it[1])
-    start = end = -1
-    group: list[_Item] = []
-    for it in items:
-        _, offset, stored, _ = it
-        if group and (offset - end > COALESCE_GAP or offset + stored - start > MAX_RANGE):
-            yield start, end, group
-            group = []
-        if not group:
-            start = offset
-        group.append(it)
-        end = max(end, offset + stored)
-    if group:
-        yield start, end, group
-
-
 class Window(list[Buffer]):
     """A window's verified bytes in stream order. With `per_chunk`, one buffer per chunk;
-    otherwise chunks that lie side by side in memory (neighbours in a pack, opened
-    together) are one buffer: for 4 KiB pages, a digest update or an iovec per few hundred
-    KiB instead of per 4 KiB (the blake3 package holds the GIL on small updates).
-    `chunks` counts the chunks either way."""
+    otherwise one buffer for the whole window: a digest update and an iovec per window,
+    not per 4 KiB page. `chunks` counts the chunks either way."""
 
     __slots__ = ("chunks",)
 
@@ -128,75 +119,66 @@ async def restore_chunks(
     # A range holds its buffer from its read until its chunks are opened (out of it).
     buffers = ReadBuffers(FETCH_CONCURRENCY + OPENING_RANGES)
 
-    # Where an opened chunk is: (the buffer it was opened into, start, end).
-    Opened = tuple[memoryview, int, int]
-
-    def open_range(key: bytes, data: Buffer, start: int, items: list[_Item]) -> dict[bytes, Opened]:
-        joined, ends = codec.open_joined(key, data, start, items)
-        return {
-            item[0]: (joined, s, e) for item, s, e in zip(items, [0, *ends], ends, strict=False)
-        }
-
-    async def fetch(pack_no: int, start: int, end: int, items: list[_Item]) -> dict[bytes, Opened]:
+    async def fetch(
+        pack_no: int,
+        start: int,
+        end: int,
+        jobs: list[tuple[int, int]],
+        ids: bytes,
+        items: bytes,
+        out: Buffer,
+    ) -> None:
+        """Read one range of a pack and open its chunks into the window's output."""
         async with buffers.take(end - start) as data:
             async with sem:
                 await store.read_pack_range(pack_no, start, data)
             key = await store.pack_key(pack_no)
             # Open in slices so that every worker thread gets a share of a large range.
-            jobs = [
-                loop.run_in_executor(executor, open_range, key, data, start, part)
-                for part in split_by_bytes(items, DECODE_BATCH)
-            ]
-            found: dict[bytes, Opened] = {}
-            for part_found in await asyncio.gather(*jobs):
-                found.update(part_found)
-            return found
-
-    async def fetch_window(window: list[tuple[bytes, int]]) -> Window:
-        by_pack: dict[int, dict[bytes, _Item]] = {}
-        for chunk_id, _length in window:
-            loc = index.get(chunk_id)
-            if loc is None:
-                damaged = sorted(store.damaged_index_objects)
-                raise MissingObject(
-                    f"chunk {chunk_id.hex()[:16]} of generation {gen_id} is in no index object",
-                    hint=f"index object(s) {', '.join(damaged)} are damaged; run 'dedupe verify'"
-                    if damaged
-                    else "the repository lost data; run 'dedupe verify' to see what is affected",
+            await asyncio.gather(
+                *(
+                    loop.run_in_executor(
+                        executor, codec.open_planned, key, data, start, ids, items, lo, hi, out
+                    )
+                    for lo, hi in jobs
                 )
-            by_pack.setdefault(loc.pack_no, {})[chunk_id] = (
-                chunk_id,
-                loc.offset,
-                loc.stored_length,
-                loc.raw_length,
             )
-        jobs = [
-            fetch(pack_no, start, end, group)
-            for pack_no, items in by_pack.items()
-            for start, end, group in _ranges(list(items.values()))
-        ]
-        found: dict[bytes, Opened] = {}
-        for part in await asyncio.gather(*jobs):
-            found.update(part)
-        out = Window(len(window))
+
+    async def fetch_window(records: bytes) -> Window:
+        # One native pass: every chunk located, the distinct ones grouped into ranges
+        # by pack and offset, each with its place in the window (csrc/windowplan.h).
+        status, bad, plan = index.plan_window(records, COALESCE_GAP, MAX_RANGE, DECODE_BATCH)
+        if plan is None:
+            chunk_id, length = CHUNK_RECORD.unpack_from(records, bad * CHUNK_RECORD.size)
+            if status == PLAN_LENGTH:
+                raise IntegrityError(
+                    f"chunk {chunk_id.hex()[:16]} of generation {gen_id} is {length} bytes in "
+                    "its chunk table but not in the index",
+                    hint="the manifest or an index object is damaged; run 'dedupe verify'",
+                )
+            damaged = sorted(store.damaged_index_objects)
+            raise MissingObject(
+                f"chunk {chunk_id.hex()[:16]} of generation {gen_id} is in no index object",
+                hint=f"index object(s) {', '.join(damaged)} are damaged; run 'dedupe verify'"
+                if damaged
+                else "the repository lost data; run 'dedupe verify' to see what is affected",
+            )
+        total, ids, items, copies, ranges = plan
+        out = codec.window_buffer(total)
+        await asyncio.gather(
+            *(fetch(pack_no, s, e, jobs, ids, items, out) for pack_no, s, e, jobs in ranges)
+        )
+        if copies:
+            codec.copy_repeats(out, copies)
+        view = memoryview(out).toreadonly()
+        window = Window(len(records) // CHUNK_RECORD.size)
         if per_chunk:
-            for chunk_id, _ in window:
-                buf, s, e = found[chunk_id]
-                out.append(buf[s:e])
-            return out
-        run_buf: memoryview | None = None
-        run_start = run_end = 0
-        for chunk_id, _ in window:
-            buf, s, e = found[chunk_id]
-            if buf is run_buf and s == run_end:
-                run_end = e
-                continue
-            if run_buf is not None:
-                out.append(run_buf[run_start:run_end])
-            run_buf, run_start, run_end = buf, s, e
-        if run_buf is not None:
-            out.append(run_buf[run_start:run_end])
-        return out
+            pos = 0
+            for _chunk_id, length in CHUNK_RECORD.iter_unpack(records):
+                window.append(view[pos : pos + length])
+                pos += length
+        else:
+            window.append(view)
+        return window
 
     queue: asyncio.Queue[Window | BaseException | None] = asyncio.Queue(WINDOWS_AHEAD)
 

@@ -49,13 +49,26 @@ def decode_trailer(plain: bytes, what: str) -> list[PackEntry]:
 
 def decode_trailer_items(plain: bytes, what: str) -> list[tuple[bytes, int, int, int]]:
     """The trailer's entries as (chunk id, offset, stored length, raw length) tuples, in
-    pack order, unpacked without a Python object per field (verify reads every pack's)."""
+    pack order, unpacked without a Python object per field."""
+    return trailer_items(decode_trailer_records(plain, what))
+
+
+def trailer_items(records: bytes | bytearray | memoryview) -> list[tuple[bytes, int, int, int]]:
+    """Packed trailer entries (TRAILER_RECORDs) as (chunk id, offset, stored length, raw
+    length) tuples."""
+    return list(_ENTRY.iter_unpack(records))
+
+
+def decode_trailer_records(plain: bytes, what: str) -> bytes:
+    """The trailer's entries still packed (TRAILER_RECORD after TRAILER_RECORD, in pack
+    order), its count checked: verify compares them with the index's and opens the blobs
+    they name without unpacking them."""
     if len(plain) < 4:
         raise IntegrityError(f"{what}: trailer is empty")
     (count,) = struct.unpack_from("<I", plain)
     if len(plain) != 4 + count * _ENTRY.size:
         raise IntegrityError(f"{what}: trailer length does not match its entry count")
-    return list(_ENTRY.iter_unpack(memoryview(plain)[4:]))
+    return plain[4:]
 
 
 def encode_footer(trailer_length: int) -> bytes:

@@ -34,6 +34,12 @@ class ChunkHasher:
             self._id_key, derive_key_context=STREAM_DIGEST_CONTEXT
         ).digest()
 
+    @property
+    def id_key(self) -> bytes:
+        """The chunk id key, for native kernels that check ids as they open chunks
+        (dedupe.store._blobcodec): the same keyed BLAKE3 as chunk_ids."""
+        return self._id_key
+
     def chunk_id(self, data: bytes | memoryview) -> bytes:
         return blake3.blake3(data, key=self._id_key).digest()
 

@@ -37,8 +37,34 @@ class BatchCodec:
     def __init__(self, level: int) -> None: ...
     def frame(self, chunks: list[Buffer], ids: list[bytes]) -> FramedBatch: ...
     def open_into(
-        self, key: bytes, data: Buffer, items: Sequence[tuple[bytes, int, int, int]], base: int
+        self,
+        key: bytes,
+        id_key: bytes,
+        data: Buffer,
+        items: Sequence[tuple[bytes, int, int, int]],
+        base: int,
     ) -> Block: ...
+    def open_records(
+        self, key: bytes, id_key: bytes, data: Buffer, records: Buffer, lo: int, hi: int
+    ) -> None: ...
+    def open_planned(
+        self,
+        key: bytes,
+        id_key: bytes,
+        data: Buffer,
+        base: int,
+        ids: bytes,
+        items: bytes,
+        lo: int,
+        hi: int,
+        out: Block,
+    ) -> None: ...
+
+def window_block(size: int) -> Block:
+    """A pooled block of `size` bytes for a restore window's output."""
+
+def copy_repeats(out: Block, copies: bytes) -> None:
+    """Fill a window's repeated chunks (ddp_plan_copy records) in place."""
 
 def seal(
     key: bytes, batch: FramedBatch, dst: bytearray, pos: int, target: int, records: bytearray

@@ -14,10 +14,12 @@ from cpython.bytearray cimport (
     PyByteArray_GET_SIZE,
 )
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.stdint cimport uint8_t, uint32_t, uintptr_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
 
 from dedupe.chunking._fastcdc cimport _Block, _free_block
+from dedupe.store._windowplan cimport ddp_plan_copy, ddp_plan_item
 
 import os
 
@@ -51,10 +53,12 @@ cdef extern from "blobcodec.h" nogil:
                         const uint8_t *framed, const size_t *framed_len, const uint8_t *ids,
                         const uint32_t *raw_len, const uint8_t *nonces, uint8_t *dst,
                         size_t dst_cap, size_t *pos, size_t target, uint8_t *records)
-    int ddp_codec_open(const ddp_codec_api *api, void *dctx, const uint8_t *key, size_t n,
-                       const uint8_t *src, const size_t *offset, const uint32_t *stored_len,
+    int DDP_CODEC_EID
+    int ddp_codec_open(const ddp_codec_api *api, void *dctx, const uint8_t *key,
+                       const uint8_t *id_key, size_t n, const uint8_t *src,
+                       const size_t *offset, const uint32_t *stored_len,
                        const uint32_t *raw_len, const uint8_t *ids, uint8_t *out,
-                       size_t *failed)
+                       const uint64_t *out_pos, size_t *failed)
 
 
 ctypedef void *(*create_fn)() noexcept nogil
@@ -76,6 +80,7 @@ OPEN_ERRORS = {
     DDP_CODEC_EFORMAT: "is malformed (too short, or an unknown compression byte)",
     DDP_CODEC_EDECOMPRESS: "does not decompress",
     DDP_CODEC_ELENGTH: "does not have its recorded length",
+    DDP_CODEC_EID: "does not match its id: its content is wrong",
 }
 
 
@@ -117,6 +122,10 @@ def configure(dict functions):
     _configured = True
 
 
+cdef inline uint32_t _le32(const uint8_t *p) noexcept nogil:
+    return <uint32_t>p[0] | <uint32_t>p[1] << 8 | <uint32_t>p[2] << 16 | <uint32_t>p[3] << 24
+
+
 cdef const uint8_t *_key_ptr(bytes key) except NULL:
     if PyBytes_GET_SIZE(key) != <Py_ssize_t>DDP_CODEC_KEY_BYTES:
         raise ValueError("a key is 32 bytes")
@@ -130,8 +139,11 @@ cdef const uint8_t *_key_ptr(bytes key) except NULL:
 cdef enum:
     _FRAMING_KEEP = 4  # framing buffers kept for reuse (~2 MiB each)
     _OPENED_KEEP = 16  # blocks of opened chunks kept for reuse (~1-2 MiB each)
+    _WINDOW_KEEP = 4  # restore windows kept for reuse (~16 MiB each: two ahead, one
+                      # being filled, one being written)
 cdef list _framing_pool = []
 cdef list _opened_pool = []
+cdef list _window_pool = []
 
 
 def release_pools():
@@ -139,6 +151,7 @@ def release_pools():
     those still in use are freed once unreferenced."""
     del _framing_pool[:]
     del _opened_pool[:]
+    del _window_pool[:]
 
 
 cdef class FramedBatch:
@@ -240,14 +253,15 @@ cdef class BatchCodec:
             free(lens)
         return b
 
-    def open_into(self, bytes key, data, list items, Py_ssize_t base):
+    def open_into(self, bytes key, bytes id_key, data, list items, Py_ssize_t base):
         """Open blobs of one pack: items are (chunk id, offset in pack, stored length, raw
         length); `data` holds the pack's bytes from offset `base`. Returns their raw bytes
-        back to back in a read-only block (dedupe.chunking.Block; checked: AEAD and
-        length), whose memory is reused only once nothing refers to it. Raises OpenError naming the first blob
-        that fails."""
+        back to back in a read-only block (dedupe.chunking.Block; checked: AEAD, length
+        and the keyed id under `id_key`), whose memory is reused only once nothing refers
+        to it. Raises OpenError naming the first blob that fails."""
         cdef Py_ssize_t n = len(items), i
         cdef const uint8_t *k = _key_ptr(key)
+        cdef const uint8_t *ik = _key_ptr(id_key)
         cdef size_t total = 0, failed = 0, end
         cdef int rc
         cdef Py_buffer view
@@ -283,8 +297,8 @@ cdef class BatchCodec:
             out.size = total  # every byte is written below
             out_p = <uint8_t *>out.data
             with nogil:
-                rc = ddp_codec_open(&_api, self._dctx, k, n, <const uint8_t *>view.buf,
-                                    offset, stored, raw, ids_p, out_p, &failed)
+                rc = ddp_codec_open(&_api, self._dctx, k, ik, n, <const uint8_t *>view.buf,
+                                    offset, stored, raw, ids_p, out_p, NULL, &failed)
             if rc == DDP_CODEC_ENOMEM:
                 raise MemoryError()
             if rc != DDP_CODEC_OK:
@@ -295,6 +309,154 @@ cdef class BatchCodec:
             free(offset)
             free(stored)
             free(raw)
+
+    def open_records(self, bytes key, bytes id_key, data, records, Py_ssize_t lo,
+                     Py_ssize_t hi):
+        """Open and check the blobs that pack trailer records lo..hi-1 name (`records`:
+        44-byte <32sIII entries back to back; `data`: the whole pack), as open_into does,
+        and keep nothing: verify's check of a pack whose index entries are its trailer's.
+        ValueError if a blob lies outside the data (the caller then looks at each);
+        OpenError, numbered from 0, for the first that fails."""
+        cdef const uint8_t *k = _key_ptr(key)
+        cdef const uint8_t *ik = _key_ptr(id_key)
+        cdef Py_buffer view, rv
+        cdef Py_ssize_t n, i
+        cdef size_t total = 0, failed = 0
+        cdef int rc
+        cdef const uint8_t *r
+        cdef uint8_t *ids = NULL
+        cdef size_t *offset = NULL
+        cdef uint32_t *stored = NULL
+        cdef uint32_t *raw = NULL
+        cdef _Block out
+        PyObject_GetBuffer(records, &rv, PyBUF_SIMPLE)
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            if rv.len % DDP_CODEC_TRAILER_RECORD or not (
+                    0 <= lo <= hi <= rv.len // <Py_ssize_t>DDP_CODEC_TRAILER_RECORD):
+                raise ValueError("open_records: records and [lo, hi) do not agree")
+            n = hi - lo
+            ids = <uint8_t *>malloc((n or 1) * DDP_CODEC_ID_BYTES)
+            offset = <size_t *>malloc((n or 1) * sizeof(size_t))
+            stored = <uint32_t *>malloc((n or 1) * sizeof(uint32_t))
+            raw = <uint32_t *>malloc((n or 1) * sizeof(uint32_t))
+            if not (ids and offset and stored and raw):
+                raise MemoryError()
+            r = <const uint8_t *>rv.buf + lo * DDP_CODEC_TRAILER_RECORD
+            for i in range(n):
+                memcpy(ids + i * DDP_CODEC_ID_BYTES, r, DDP_CODEC_ID_BYTES)
+                offset[i] = _le32(r + 32)
+                stored[i] = _le32(r + 36)
+                raw[i] = _le32(r + 40)
+                if offset[i] + stored[i] > <size_t>view.len:
+                    raise ValueError("open_records: a blob ends after the data")
+                total += raw[i]
+                r += DDP_CODEC_TRAILER_RECORD
+            out = _free_block(_opened_pool, total, _OPENED_KEEP)
+            with nogil:
+                rc = ddp_codec_open(&_api, self._dctx, k, ik, <size_t>n,
+                                    <const uint8_t *>view.buf, offset, stored, raw, ids,
+                                    <uint8_t *>out.data, NULL, &failed)
+            if rc == DDP_CODEC_ENOMEM:
+                raise MemoryError()
+            if rc != DDP_CODEC_OK:
+                raise OpenError(rc, <Py_ssize_t>failed)
+        finally:
+            PyBuffer_Release(&view)
+            PyBuffer_Release(&rv)
+            free(ids)
+            free(offset)
+            free(stored)
+            free(raw)
+
+    def open_planned(self, bytes key, bytes id_key, data, Py_ssize_t base, bytes ids,
+                     bytes items, Py_ssize_t lo, Py_ssize_t hi, _Block out not None):
+        """Open the planned chunks items[lo:hi] (ddp_plan_item records, csrc/windowplan.h;
+        ids: their 32-byte ids) of one pack, each straight into its place in `out` (a
+        window from window_block): `data` holds the pack's bytes from offset `base`.
+        Checks AEAD, length and the keyed id under `id_key`; raises OpenError with the
+        failing item's number (counted from 0, not from lo). Jobs of one window may run
+        at once in several threads: their items' places in `out` do not overlap."""
+        cdef const uint8_t *k = _key_ptr(key)
+        cdef const uint8_t *ik = _key_ptr(id_key)
+        cdef Py_ssize_t n_items = PyBytes_GET_SIZE(items) // <Py_ssize_t>sizeof(ddp_plan_item)
+        cdef Py_ssize_t n, i
+        cdef const ddp_plan_item *it
+        cdef size_t failed = 0
+        cdef int rc
+        cdef Py_buffer view
+        cdef size_t *offset = NULL
+        cdef uint32_t *stored = NULL
+        cdef uint32_t *raw = NULL
+        cdef uint64_t *pos = NULL
+        cdef const uint8_t *ids_p
+        if not (0 <= lo <= hi <= n_items) or PyBytes_GET_SIZE(ids) != n_items * 32:
+            raise ValueError("open_planned: items, ids and [lo, hi) do not agree")
+        n = hi - lo
+        it = <const ddp_plan_item *>PyBytes_AS_STRING(items) + lo
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            offset = <size_t *>malloc((n or 1) * sizeof(size_t))
+            stored = <uint32_t *>malloc((n or 1) * sizeof(uint32_t))
+            raw = <uint32_t *>malloc((n or 1) * sizeof(uint32_t))
+            pos = <uint64_t *>malloc((n or 1) * sizeof(uint64_t))
+            if not (offset and stored and raw and pos):
+                raise MemoryError()
+            for i in range(n):
+                # The plan comes from the index: check that it fits what was read and
+                # the window it writes into before the kernel trusts it.
+                if it[i].offset < base:
+                    raise ValueError("open_planned: a blob starts before the data")
+                offset[i] = it[i].offset - <size_t>base
+                if offset[i] + it[i].stored_length > <size_t>view.len:
+                    raise ValueError("open_planned: a blob ends after the data")
+                if it[i].out_pos + it[i].raw_length > <uint64_t>out.size:
+                    raise ValueError("open_planned: a chunk ends after the window")
+                stored[i] = it[i].stored_length
+                raw[i] = it[i].raw_length
+                pos[i] = it[i].out_pos
+            ids_p = <const uint8_t *>PyBytes_AS_STRING(ids) + lo * 32
+            with nogil:
+                rc = ddp_codec_open(&_api, self._dctx, k, ik, <size_t>n,
+                                    <const uint8_t *>view.buf, offset, stored, raw, ids_p,
+                                    <uint8_t *>out.data, pos, &failed)
+            if rc == DDP_CODEC_ENOMEM:
+                raise MemoryError()
+            if rc != DDP_CODEC_OK:
+                raise OpenError(rc, lo + <Py_ssize_t>failed)
+        finally:
+            PyBuffer_Release(&view)
+            free(offset)
+            free(stored)
+            free(raw)
+            free(pos)
+
+
+def window_block(Py_ssize_t size):
+    """A block of `size` bytes for one restore window's output (open_planned and
+    copy_repeats write it; then it is read only), from a pool: a window's worth of fresh
+    pages costs a page fault per 4 KiB, more than opening the chunks into them."""
+    if size < 0:
+        raise ValueError("window_block: a negative size")
+    cdef _Block b = _free_block(_window_pool, size, _WINDOW_KEEP)
+    b.size = size
+    return b
+
+
+def copy_repeats(_Block out not None, bytes copies):
+    """Fill a window's repeated chunks (ddp_plan_copy records, csrc/windowplan.h) from
+    their first occurrence, once every item of the window is open."""
+    cdef const ddp_plan_copy *c = <const ddp_plan_copy *>PyBytes_AS_STRING(copies)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(copies) // <Py_ssize_t>sizeof(ddp_plan_copy), i
+    cdef uint64_t size = <uint64_t>out.size
+    for i in range(n):
+        if not (c[i].len <= size and c[i].src <= size - c[i].len
+                and c[i].dst <= size - c[i].len
+                and (c[i].src + c[i].len <= c[i].dst or c[i].dst + c[i].len <= c[i].src)):
+            raise ValueError("copy_repeats: a copy lies outside the window or overlaps")
+    with nogil:
+        for i in range(n):
+            memcpy(out.data + c[i].dst, out.data + c[i].src, c[i].len)
 
 
 def seal(bytes key, FramedBatch batch, bytearray dst, size_t pos, size_t target,

@@ -7,6 +7,14 @@ from typing_extensions import Buffer
 ID_BYTES: int  # 32: a chunk id
 RECORD_BYTES: int  # 48: an index object entry, <32sIIII
 NO_PACK: int  # 0xFFFFFFFF: pack_no of an absent id in get_many(); never stored
+PLAN_ITEM_BYTES: int  # 24: a ddp_plan_item (csrc/windowplan.h)
+PLAN_COPY_BYTES: int  # 24: a ddp_plan_copy
+PLAN_MISSING: int  # plan_window: a record's chunk is not in the table
+PLAN_LENGTH: int  # plan_window: a record's length is not the table's raw length
+
+# plan_window's plan: window size, ids, items, copies, ranges of
+# (pack_no, start, end, jobs as [(lo, hi), ...]).
+WindowPlan = tuple[int, bytes, bytes, bytes, list[tuple[int, int, int, list[tuple[int, int]]]]]
 
 def entry_records(trailer: Buffer, pack_no: int) -> bytes:
     """Index entries (48-byte <32sIIII) for one pack's trailer records (44-byte <32sIII),
@@ -14,6 +22,16 @@ def entry_records(trailer: Buffer, pack_no: int) -> bytes:
 
 def chunk_records(ids: list[bytes], chunks: Sequence[Buffer]) -> bytes:
     """Chunk table records (36-byte <32sI): ids[i] with len(chunks[i])."""
+
+def entries_by_pack(
+    records: Buffer, bounds: list[tuple[int, int]]
+) -> tuple[dict[int, bytes], list[tuple[int, bytes]]]:
+    """Index entries (48-byte) by pack as trailer records (44-byte), and the
+    (pack_no, chunk id) of entries outside their pack's (first, end) bounds."""
+
+def cut_records(records: Buffer, start: int, budget: int) -> tuple[int, int]:
+    """From record `start`, the records whose lengths first sum to `budget` or more (or
+    all): (number after the last taken, their lengths' sum)."""
 
 class ChunkTable:
     """Compact chunk id -> (pack_no, offset, stored_length, raw_length) table (native).
@@ -55,3 +73,8 @@ class ChunkTable:
     def get_many(self, ids: Buffer) -> bytearray:
         """16 bytes per id: native-order uint32 pack_no, offset, stored_length,
         raw_length (memoryview(out).cast("I")); absent: NO_PACK, 0, 0, 0."""
+    def plan_window(
+        self, records: Buffer, gap: int, max_range: int, batch: int
+    ) -> tuple[int, int, WindowPlan | None]:
+        """Plan a restore window of chunk table records (36-byte <32sI): (0, 0, plan),
+        or (PLAN_MISSING or PLAN_LENGTH, first bad record's number, None)."""

@@ -12,9 +12,11 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from libc.stdint cimport uint8_t, uint32_t
-from libc.stdlib cimport free, malloc
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy
+
+from dedupe.store._windowplan cimport ddp_plan_copy, ddp_plan_item
 
 
 cdef extern from "chunkindex.h" nogil:
@@ -51,9 +53,23 @@ cdef extern from "chunkindex.h" nogil:
     size_t ddp_idx_slots(const ddp_idx *t)
     size_t ddp_idx_memory(const ddp_idx *t)
 
+cdef extern from "windowplan.h" nogil:
+    size_t DDP_PLAN_RECORD_BYTES
+    int DDP_PLAN_OK
+    int DDP_PLAN_EMISSING
+    int DDP_PLAN_ELENGTH
+    int DDP_PLAN_ENOMEM
+    int ddp_plan_window(const ddp_idx *t, const uint8_t *records, size_t n, uint8_t *ids,
+                        ddp_plan_item *items, size_t *n_items, ddp_plan_copy *copies,
+                        size_t *n_copies, uint64_t *total, size_t *bad)
+
 
 ID_BYTES = DDP_IDX_ID_BYTES
 RECORD_BYTES = DDP_IDX_RECORD_BYTES
+PLAN_ITEM_BYTES = sizeof(ddp_plan_item)
+PLAN_COPY_BYTES = sizeof(ddp_plan_copy)
+PLAN_MISSING = DDP_PLAN_EMISSING
+PLAN_LENGTH = DDP_PLAN_ELENGTH
 NO_PACK = DDP_IDX_NO_PACK
 
 cdef size_t _DUP_CAP = 4096  # duplicate indices collected per kernel call
@@ -311,6 +327,85 @@ cdef class ChunkTable:
             PyBuffer_Release(&iv)
         return out
 
+    def plan_window(self, records, Py_ssize_t gap, Py_ssize_t max_range,
+                    Py_ssize_t batch):
+        """Plan the restore of one window: `records` are chunk-table records (36-byte
+        <32sI: id, length) back to back. Returns (0, 0, plan) or, for the first record
+        whose chunk is absent (PLAN_MISSING) or whose length is not the index's
+        (PLAN_LENGTH), (code, record number, None). plan is (total, ids, items, copies,
+        ranges), csrc/windowplan.h: the window's output size; the distinct chunks' ids
+        (32 bytes each) and items (ddp_plan_item), sorted by pack and offset; the repeats
+        (ddp_plan_copy); and ranges, a list of (pack_no, start, end, jobs): blobs of one
+        pack read together (neighbours closer than `gap`, at most `max_range` bytes),
+        `jobs` cutting the range's items [lo, hi) into runs of about `batch` stored
+        bytes each."""
+        cdef Py_buffer rv
+        cdef size_t n, n_items = 0, n_copies = 0, bad = 0, i, lo = 0
+        cdef uint64_t total = 0, start = 0, end = 0, size = 0, it_end
+        cdef int rc
+        cdef bytes ids, items, copies
+        cdef const ddp_plan_item *it
+        cdef uint8_t *ids_p
+        cdef ddp_plan_item *items_p
+        cdef ddp_plan_copy *copies_p
+        cdef list ranges = [], jobs = None
+        cdef uint32_t pack = 0
+        self._check_read()
+        PyObject_GetBuffer(records, &rv, PyBUF_SIMPLE)
+        try:
+            if <size_t>rv.len % DDP_PLAN_RECORD_BYTES:
+                raise ValueError(
+                    f"chunk records are {DDP_PLAN_RECORD_BYTES} bytes each; {rv.len} bytes "
+                    "is not a whole number of them")
+            n = <size_t>rv.len // DDP_PLAN_RECORD_BYTES
+            ids = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>(n * DDP_IDX_ID_BYTES))
+            items = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>(n * sizeof(ddp_plan_item)))
+            copies = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>(n * sizeof(ddp_plan_copy)))
+            ids_p = <uint8_t *>PyBytes_AS_STRING(ids)
+            items_p = <ddp_plan_item *>PyBytes_AS_STRING(items)
+            copies_p = <ddp_plan_copy *>PyBytes_AS_STRING(copies)
+            self._readers += 1
+            try:
+                with nogil:
+                    rc = ddp_plan_window(self._t, <const uint8_t *>rv.buf, n, ids_p, items_p,
+                                         &n_items, copies_p, &n_copies, &total, &bad)
+            finally:
+                self._readers -= 1
+        finally:
+            PyBuffer_Release(&rv)
+        if rc == DDP_PLAN_ENOMEM:
+            raise MemoryError()
+        if rc != DDP_PLAN_OK:
+            return rc, bad, None
+        it = <const ddp_plan_item *>PyBytes_AS_STRING(items)
+        for i in range(n_items):
+            it_end = <uint64_t>it[i].offset + it[i].stored_length
+            if (jobs is None or it[i].pack_no != pack or it[i].offset > end + <uint64_t>gap
+                    or it_end - start > <uint64_t>max_range):
+                if jobs is not None:
+                    if lo < i:
+                        jobs.append((lo, i))
+                    ranges.append((pack, start, end, jobs))
+                jobs = []
+                pack, start, end, lo, size = it[i].pack_no, it[i].offset, it_end, i, 0
+            if it_end > end:
+                end = it_end
+            size += it[i].stored_length
+            if size >= <uint64_t>batch:
+                jobs.append((lo, i + 1))
+                lo, size = i + 1, 0
+        if jobs is not None:
+            if lo < n_items:
+                jobs.append((lo, n_items))
+            ranges.append((pack, start, end, jobs))
+        return 0, 0, (
+            total,
+            ids[:n_items * DDP_IDX_ID_BYTES],
+            items[:n_items * sizeof(ddp_plan_item)],
+            copies[:n_copies * sizeof(ddp_plan_copy)],
+            ranges,
+        )
+
 
 # --- record packing for the backup's hot path ----------------------------------------------
 # Per chunk, a backup writes one chunk-table record (its generation's list) and, per pack,
@@ -320,6 +415,10 @@ cdef class ChunkTable:
 cdef enum:
     _TRAILER_BYTES = 44   # a pack trailer record, <32sIII (docs/FORMAT.md section 6)
     _CHUNK_RECORD_BYTES = 36  # a chunk table record, <32sI (docs/FORMAT.md section 8)
+
+
+cdef inline uint32_t _le32(const uint8_t *p) noexcept nogil:
+    return <uint32_t>p[0] | <uint32_t>p[1] << 8 | <uint32_t>p[2] << 16 | <uint32_t>p[3] << 24
 
 
 cdef inline void _put_le32(uint8_t *p, uint32_t v) noexcept nogil:
@@ -383,6 +482,108 @@ def chunk_records(list ids, chunks):
         _put_le32(op + 32, <uint32_t>length)
         op += _CHUNK_RECORD_BYTES
     return out
+
+
+def entries_by_pack(records, list bounds):
+    """Index object entries (48-byte <32sIIII: id, pack_no, offset, stored, raw) sorted
+    out by pack, as trailer records (44-byte <32sIII, pack_no dropped): returns
+    (parts, outside), parts a dict pack_no -> bytes of that pack's entries in their
+    order, outside a list of (pack_no, chunk id) whose blob is not within the pack's
+    bounds[pack_no] = (first, end) (blob offset >= first, offset + stored <= end).
+    ValueError for a pack_no with no bounds."""
+    cdef Py_buffer rv
+    cdef Py_ssize_t n, k, np = len(bounds), p
+    cdef const uint8_t *r
+    cdef uint32_t pack, off, st
+    cdef uint64_t *lo = NULL
+    cdef uint64_t *hi = NULL
+    cdef Py_ssize_t *count = NULL
+    cdef Py_ssize_t *fill = NULL
+    cdef uint8_t **dst = NULL
+    cdef dict parts = {}
+    cdef list outside = []
+    cdef bytes part
+    PyObject_GetBuffer(records, &rv, PyBUF_SIMPLE)
+    try:
+        if rv.len % DDP_IDX_RECORD_BYTES:
+            raise ValueError(
+                f"index entries are {DDP_IDX_RECORD_BYTES} bytes each; {rv.len} bytes is not "
+                "a whole number of them")
+        n = rv.len // DDP_IDX_RECORD_BYTES
+        lo = <uint64_t *>malloc((np or 1) * sizeof(uint64_t))
+        hi = <uint64_t *>malloc((np or 1) * sizeof(uint64_t))
+        count = <Py_ssize_t *>calloc(np or 1, sizeof(Py_ssize_t))
+        fill = <Py_ssize_t *>calloc(np or 1, sizeof(Py_ssize_t))
+        dst = <uint8_t **>calloc(np or 1, sizeof(uint8_t *))
+        if not (lo and hi and count and fill and dst):
+            raise MemoryError()
+        for p in range(np):
+            first, end = bounds[p]
+            lo[p], hi[p] = first, end
+        r = <const uint8_t *>rv.buf
+        for k in range(n):
+            pack = _le32(r + k * DDP_IDX_RECORD_BYTES + 32)
+            if pack >= <uint32_t>np:
+                raise ValueError(f"entry {k} names pack number {pack} of {np}")
+            count[pack] += 1
+        for p in range(np):
+            if count[p]:
+                part = PyBytes_FromStringAndSize(NULL, count[p] * _TRAILER_BYTES)
+                parts[p] = part
+                dst[p] = <uint8_t *>PyBytes_AS_STRING(part)
+        for k in range(n):
+            pack = _le32(r + 32)
+            off = _le32(r + 36)
+            st = _le32(r + 40)
+            if off < lo[pack] or <uint64_t>off + st > hi[pack]:
+                outside.append((pack, PyBytes_FromStringAndSize(<const char *>r, 32)))
+            else:
+                memcpy(dst[pack] + fill[pack] * _TRAILER_BYTES, r, 32)
+                memcpy(dst[pack] + fill[pack] * _TRAILER_BYTES + 32, r + 36, 12)
+                fill[pack] += 1
+            r += DDP_IDX_RECORD_BYTES
+        for p in range(np):
+            if fill[p] < count[p]:  # some were outside: keep only those inside
+                if fill[p]:
+                    parts[p] = parts[p][:fill[p] * _TRAILER_BYTES]
+                else:
+                    del parts[p]
+    finally:
+        PyBuffer_Release(&rv)
+        free(lo)
+        free(hi)
+        free(count)
+        free(fill)
+        free(dst)
+    return parts, outside
+
+
+def cut_records(records, Py_ssize_t start, Py_ssize_t budget):
+    """Chunk table records (36-byte <32sI) from number `start` on, up to and including
+    the one that brings their lengths' sum to `budget` or beyond (or to the last):
+    returns (number after the last taken, sum of their lengths)."""
+    cdef Py_buffer rv
+    cdef Py_ssize_t n, k
+    cdef uint64_t size = 0
+    cdef const uint8_t *p
+    PyObject_GetBuffer(records, &rv, PyBUF_SIMPLE)
+    try:
+        if rv.len % _CHUNK_RECORD_BYTES:
+            raise ValueError(
+                f"chunk records are {_CHUNK_RECORD_BYTES} bytes each; {rv.len} bytes is not "
+                "a whole number of them")
+        n = rv.len // _CHUNK_RECORD_BYTES
+        if not 0 <= start <= n:
+            raise ValueError(f"cut_records: record {start} of {n}")
+        k = start
+        p = <const uint8_t *>rv.buf + start * _CHUNK_RECORD_BYTES + 32
+        while k < n and size < <uint64_t>budget:
+            size += <uint64_t>p[0] | <uint64_t>p[1] << 8 | <uint64_t>p[2] << 16 | <uint64_t>p[3] << 24
+            p += _CHUNK_RECORD_BYTES
+            k += 1
+    finally:
+        PyBuffer_Release(&rv)
+    return k, size
 
 
 cdef size_t _id_count(Py_ssize_t length) except? 0:

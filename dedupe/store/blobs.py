@@ -113,6 +113,11 @@ class PyFramedBatch:
 
 FramedBatch = Any  # PyFramedBatch, or the native _blobcodec.FramedBatch
 _TRAILER_RECORD = struct.Struct(TRAILER_RECORD)
+# A restore window's plan (csrc/windowplan.h, native byte order): ddp_plan_item is pack
+# number, offset, stored length, raw length, place in the window's output; ddp_plan_copy
+# is destination, source, length.
+PLAN_ITEM = struct.Struct("=IIIIQ")
+PLAN_COPY = struct.Struct("=QQQ")
 
 
 def seal_batch(
@@ -226,36 +231,99 @@ class BlobCodec:
                 self.open(key, cid, view[off - base : off - base + stored], raw)
                 for cid, off, stored, raw in items
             ]
-        return self._open_native(key, data, base, items)[2]
+        view, ends = self._open_native(key, data, base, items)
+        return [view[s:e] for s, e in zip([0, *ends], ends, strict=False)]
 
     def open_joined(
         self, key: bytes, data: Buffer, base: int, items: Sequence[tuple[bytes, int, int, int]]
     ) -> tuple[memoryview, list[int]]:
         """open_many's chunks back to back in one read-only buffer, and where each ends in
-        it: neighbours in the stream can then be handed on as one piece (one digest
-        update, one write) instead of one per chunk."""
+        it."""
         if not self.native:
             chunks = self.open_many(key, data, base, items)
             return memoryview(b"".join(chunks)).toreadonly(), list(accumulate(map(len, chunks)))
-        view, ends, _chunks = self._open_native(key, data, base, items)
-        return view, ends
+        return self._open_native(key, data, base, items)
 
     def _open_native(
         self, key: bytes, data: Buffer, base: int, items: Sequence[tuple[bytes, int, int, int]]
-    ) -> tuple[memoryview, list[int], list[Buffer]]:
-        """One kernel call (AEAD, decompression, lengths) and one batch of ids: the joined
-        buffer, where each chunk ends in it, and each chunk as a view of it."""
+    ) -> tuple[memoryview, list[int]]:
+        """One kernel call (AEAD, decompression, lengths, ids): the joined buffer and
+        where each chunk ends in it."""
         try:
-            out = self._kernel().open_into(key, data, list(items), base)
+            out = self._kernel().open_into(key, self.hasher.id_key, data, list(items), base)
         except _blobcodec.OpenError as e:
             cid = items[e.index][0]
             raise IntegrityError(f"chunk {cid.hex()[:16]} {e}") from None
-        view = memoryview(out).toreadonly()
-        ends = list(accumulate(item[3] for item in items))
-        chunks: list[Buffer] = [view[s:e] for s, e in zip([0, *ends], ends, strict=False)]
-        for (cid, *_), got in zip(items, self.hasher.chunk_ids(chunks), strict=True):
-            if got != cid:
-                raise IntegrityError(
-                    f"chunk {cid.hex()[:16]} does not match its id: its content is wrong"
+        return memoryview(out).toreadonly(), list(accumulate(item[3] for item in items))
+
+    def check_records(self, key: bytes, data: Buffer, records: Buffer, lo: int, hi: int) -> None:
+        """Open and check (like open()) the blobs of a pack that its packed trailer
+        records lo..hi-1 name (`data`: the whole pack), keeping nothing. Raises
+        IntegrityError for the first that fails, ValueError if one lies outside data."""
+        if not self.native:
+            view = memoryview(records)[lo * _TRAILER_RECORD.size : hi * _TRAILER_RECORD.size]
+            items = list(_TRAILER_RECORD.iter_unpack(view))
+            if any(off + stored > len(data) for _cid, off, stored, _raw in items):
+                raise ValueError("check_records: a blob ends after the data")
+            self.open_many(key, data, 0, items)
+            return
+        try:
+            self._kernel().open_records(key, self.hasher.id_key, data, records, lo, hi)
+        except _blobcodec.OpenError as e:
+            at = (lo + e.index) * _TRAILER_RECORD.size
+            cid = bytes(memoryview(records)[at : at + 32])
+            raise IntegrityError(f"chunk {cid.hex()[:16]} {e}") from None
+
+    # --- a restore window (csrc/windowplan.h): chunks opened straight into their places
+
+    def window_buffer(self, size: int) -> Any:
+        """Memory for one restore window's output, filled by open_planned and
+        copy_repeats, then only read."""
+        if self.native:
+            return _blobcodec.window_block(size)
+        return bytearray(size)
+
+    def open_planned(
+        self,
+        key: bytes,
+        data: Buffer,
+        base: int,
+        ids: bytes,
+        items: bytes,
+        lo: int,
+        hi: int,
+        out: Any,
+    ) -> None:
+        """Open the planned chunks items[lo:hi] (PLAN_ITEM records; `ids` their ids) of
+        one pack into their places in `out` (from window_buffer), each checked like
+        open(). `data` holds the pack's bytes from offset `base` on."""
+        if self.native:
+            try:
+                self._kernel().open_planned(
+                    key, self.hasher.id_key, data, base, ids, items, lo, hi, out
                 )
-        return view, ends, chunks
+            except _blobcodec.OpenError as e:
+                cid = ids[e.index * 32 : e.index * 32 + 32]
+                raise IntegrityError(f"chunk {cid.hex()[:16]} {e}") from None
+            return
+        view, window = memoryview(data), memoryview(out)
+        for i in range(lo, hi):
+            _pack, offset, stored, raw, pos = PLAN_ITEM.unpack_from(items, i * PLAN_ITEM.size)
+            if offset < base or offset - base + stored > len(view) or pos + raw > len(window):
+                raise ValueError("open_planned: a blob or chunk lies outside its buffer")
+            cid = ids[i * 32 : i * 32 + 32]
+            window[pos : pos + raw] = self.open(
+                key, cid, view[offset - base : offset - base + stored], raw
+            )
+
+    def copy_repeats(self, out: Any, copies: bytes) -> None:
+        """Fill the window's repeated chunks (PLAN_COPY records) from their first
+        occurrence, once open_planned has opened every chunk of the window."""
+        if self.native:
+            _blobcodec.copy_repeats(out, copies)
+            return
+        window = memoryview(out)
+        for dst, src, length in PLAN_COPY.iter_unpack(copies):
+            if max(src, dst) + length > len(window) or abs(dst - src) < length:
+                raise ValueError("copy_repeats: a copy lies outside the window or overlaps")
+            window[dst : dst + length] = window[src : src + length]

@@ -15,11 +15,35 @@ from typing import NamedTuple
 
 from dedupe.errors import IntegrityError
 from dedupe.format.index import PackRecord
-from dedupe.store._chunkindex import ChunkTable, chunk_records, entry_records
+from dedupe.store._chunkindex import (
+    PLAN_LENGTH,
+    PLAN_MISSING,
+    ChunkTable,
+    chunk_records,
+    cut_records,
+    entries_by_pack,
+    entry_records,
+)
 
-__all__ = ["ChunkIndex", "ChunkLocation", "chunk_records", "entry_records"]
+__all__ = [
+    "PLAN_LENGTH",
+    "PLAN_MISSING",
+    "ChunkIndex",
+    "ChunkLocation",
+    "WindowPlan",
+    "chunk_records",
+    "cut_records",
+    "entries_by_pack",
+    "entry_records",
+]
 
 _RECORD = struct.Struct("<32sIIII")  # an index object entry (docs/FORMAT.md section 7)
+
+# What plan_window returns for a window (csrc/windowplan.h): its output size, the
+# distinct chunks' ids and ddp_plan_items (by pack and offset), the repeats'
+# ddp_plan_copies, and the ranges to read: (pack_no, start, end, jobs), a job being the
+# items [lo, hi) opened in one executor call.
+WindowPlan = tuple[int, bytes, bytes, bytes, list[tuple[int, int, int, list[tuple[int, int]]]]]
 
 
 class ChunkLocation(NamedTuple):
@@ -53,6 +77,13 @@ class ChunkIndex:
     def get(self, chunk_id: bytes) -> ChunkLocation | None:
         found = self._table.get(chunk_id)
         return None if found is None else ChunkLocation(*found)
+
+    def plan_window(
+        self, records: bytes, gap: int, max_range: int, batch: int
+    ) -> tuple[int, int, WindowPlan | None]:
+        """What restoring a window of chunk table records takes: _chunkindex.plan_window
+        (csrc/windowplan.h). Like get(), it takes the location the index holds."""
+        return self._table.plan_window(records, gap, max_range, batch)
 
     def usable(self, chunk_id: bytes) -> bool:
         """True when the chunk has a copy that backups may reference without re-storing."""

@@ -1,10 +1,10 @@
-"""How restore cuts a generation's table into windows (`_windows`) and groups the blobs of
-one pack into ranged reads (`_ranges`), engine/restore.py. Ranges:
+"""How restore cuts a generation's table into windows (`_windows`, engine/restore.py), and
+how prune groups the blobs of one pack into ranged reads (`_coalesce`, engine/prune.py):
 every blob in exactly one range, in offset order; a range is read through a gap only when
 the gap is at most COALESCE_GAP, and never grows past MAX_RANGE unless one blob alone is
 larger. (Fewer, longer reads are the point; the bound keeps a read's buffer bounded.)
-Prune groups the blobs it checks and repacks by the same rules (`_coalesce`,
-engine/prune.py), tested here on the same layouts."""
+Restore groups a window's blobs by the same rules natively: tests/store/test_window_plan.py
+checks it against the same model on these layouts."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from dedupe.engine.prune import COALESCE_GAP as PRUNE_GAP
 from dedupe.engine.prune import MAX_RANGE as PRUNE_MAX_RANGE
 from dedupe.engine.prune import _coalesce, _Copy
-from dedupe.engine.restore import COALESCE_GAP, MAX_RANGE, WINDOW_BYTES, _ranges, _windows
+from dedupe.engine.restore import COALESCE_GAP, WINDOW_BYTES, _windows
 from dedupe.format.manifest import CHUNK_RECORD
 
 # Blobs laid out one after another with gaps around COALESCE_GAP (as in a pack, where
@@ -28,30 +28,6 @@ blobs = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None)
-@given(blobs)
-@example([(0, 100), (100 + COALESCE_GAP, 100)])  # a gap of exactly COALESCE_GAP: read through
-@example([(0, MAX_RANGE - 100), (MAX_RANGE - 100, 100)])  # exactly MAX_RANGE: one range
-def test_ranges_cover_each_blob_once_and_respect_the_bounds(spec: list[tuple[int, int]]) -> None:
-    items = [(bytes([i % 256]) * 32, offset, stored, i) for i, (offset, stored) in enumerate(spec)]
-    ranges = list(_ranges(list(items)))
-    grouped = [it for _s, _e, group in ranges for it in group]
-    assert sorted(grouped, key=lambda it: it[3]) == sorted(items, key=lambda it: it[3])
-    assert [it[1] for it in grouped] == sorted(it[1] for it in items)  # offset order
-    for i, (start, end, group) in enumerate(ranges):
-        after = ranges[i + 1] if i + 1 < len(ranges) else None
-        assert start == group[0][1]
-        assert end == max(it[1] + it[2] for it in group)
-        if len(group) > 1:
-            assert end - start <= MAX_RANGE
-        for k in range(1, len(group)):
-            reach = max(p[1] + p[2] for p in group[:k])
-            assert group[k][1] - reach <= COALESCE_GAP  # read through only small gaps
-        if after is not None:  # a new range only where it had to start
-            nxt = after[2][0]
-            assert nxt[1] - end > COALESCE_GAP or nxt[1] + nxt[2] - start > MAX_RANGE
-
-
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(1, 3 * WINDOW_BYTES // 4), max_size=60), st.integers(1, 5))
 def test_windows_hold_every_record_once_and_stay_bounded(lengths: list[int], pieces: int) -> None:
@@ -61,9 +37,11 @@ def test_windows_hold_every_record_once_and_stay_bounded(lengths: list[int], pie
     records = [CHUNK_RECORD.pack(bytes([i % 256]) * 32, n) for i, n in enumerate(lengths)]
     step = max(1, len(records) // pieces)
     table = [b"".join(records[i : i + step]) for i in range(0, len(records), step)]
-    windows = list(_windows(table))
+    windows = [list(CHUNK_RECORD.iter_unpack(w)) for w in _windows(table)]
+    assert [cid for w in windows for cid, _n in w] == [r[:32] for r in records]
     assert [n for w in windows for _cid, n in w] == lengths
     for w in windows:
+        assert w
         assert sum(n for _cid, n in w) - w[-1][1] < WINDOW_BYTES
     for w in windows[:-1]:
         assert sum(n for _cid, n in w) >= WINDOW_BYTES  # a window ends only when full

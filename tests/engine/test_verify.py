@@ -29,6 +29,7 @@ from dedupe.backends import LocalBackend
 from dedupe.engine.verify import (
     AUTH_FAILED,
     ID_MISMATCH,
+    MALFORMED,
     MISSING,
     NOT_INDEXED,
     TRUNCATED,
@@ -440,6 +441,31 @@ def test_an_index_entry_the_trailer_lacks_is_reported(
     assert damaged.reason == ID_MISMATCH
     assert damaged.chunk_ids == [place.chunk_id.hex()]
     assert damaged.generations == users(repo, {place.chunk_id})
+
+
+@pytest.mark.parametrize("where", ["in the magic", "past the footer"])
+def test_an_index_entry_pointing_outside_its_pack_is_reported(
+    repo: Pristine, run_asyncio: Run[Any], where: str
+) -> None:
+    place = repo.places[repo.gens["b"]][0]
+
+    async def go() -> VerifyReport:
+        async with await Repository.open(repo.path, PASSPHRASE) as r:
+            store = r._store
+            await store.refresh_index()
+            loc = store.index.get(place.chunk_id)
+            assert loc is not None
+            record = store.index.packs[loc.pack_no]
+            offset = 2 if where == "in the magic" else record.length - loc.stored_length
+            bad = ENTRY_RECORD.pack(place.chunk_id, 0, offset, loc.stored_length, loc.raw_length)
+            await store.write_index([record], bad)
+            return await r.verify()  # structure only: the index alone shows it
+
+    report = run_asyncio(go())
+    (damaged,) = [d for d in report.damaged if d.kind == "index"]
+    assert damaged.reason == MALFORMED
+    assert damaged.details == [f"1 entries point outside pack {place.pack_id.hex()}"]
+    assert damaged.chunk_ids == [place.chunk_id.hex()]
 
 
 class PackGoesWhileRead(LocalBackend):

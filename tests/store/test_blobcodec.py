@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import struct
 import zlib
 from pathlib import Path
 
@@ -27,7 +28,9 @@ from dedupe.format.pack import (
 )
 from dedupe.hashing import ChunkHasher
 from dedupe.store import FinishedPack, PackWriter
-from dedupe.store.blobs import NATIVE_AVAILABLE, BlobCodec, seal_batch
+from dedupe.store.blobs import NATIVE_AVAILABLE, PLAN_COPY, PLAN_ITEM, BlobCodec, seal_batch
+
+TRAILER = struct.Struct("<32sIII")
 
 HASHER = ChunkHasher(bytes(range(32)))
 
@@ -164,6 +167,8 @@ def _reseal(chunk: bytes, cid: bytes) -> bytes:
 
 @pytest.mark.parametrize("native", [True, False])
 def test_damage_is_refused_and_named(native: bool) -> None:
+    """By every way of opening: open() and open_many, verify's check_records (packed
+    trailer records) and restore's open_planned (a window's plan)."""
     key = new_key()
     codec = BlobCodec(1, HASHER, native=native)
     good_chunk = os.urandom(2000)
@@ -179,6 +184,57 @@ def test_damage_is_refused_and_named(native: bool) -> None:
         assert cid.hex()[:16] in str(info.value), what
         with pytest.raises(IntegrityError):
             codec.open(key, cid, blob, raw)
+
+        records = b"".join(TRAILER.pack(*it) for it in items)
+        with pytest.raises(IntegrityError) as info:
+            codec.check_records(key, data, records, 0, 2)
+        assert cid.hex()[:16] in str(info.value), what
+        codec.check_records(key, data, records, 0, 1)  # the good one alone opens
+
+        plan = PLAN_ITEM.pack(0, 0, len(good), len(good_chunk), 0) + PLAN_ITEM.pack(
+            0, len(good), len(blob), raw, len(good_chunk)
+        )
+        out = codec.window_buffer(len(good_chunk) + raw)
+        with pytest.raises(IntegrityError) as info:
+            codec.open_planned(key, data, 0, good_id + cid, plan, 0, 2, out)
+        assert cid.hex()[:16] in str(info.value), what
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_window_is_opened_into_place_and_its_repeats_copied(native: bool) -> None:
+    key = new_key()
+    codec = BlobCodec(1, HASHER, native=native)
+    chunks = sample_chunks(random.Random(3))
+    dst, entries = seal_all(codec, chunks, key)
+    ids = b"".join(e.chunk_id for e in entries)
+    # The stream: chunk 2, chunk 0, chunk 2 again, then the others.
+    order = [2, 0, 2, 1, 3, 4]
+    place, at = {}, 0
+    for i in order:
+        place.setdefault(i, at)
+        at += len(chunks[i])
+    items = b"".join(
+        PLAN_ITEM.pack(0, e.offset, e.stored_length, e.raw_length, place[i])
+        for i, e in enumerate(entries)
+    )
+    repeat = len(chunks[2]) + len(chunks[0])
+    copies = PLAN_COPY.pack(repeat, place[2], len(chunks[2]))
+    out = codec.window_buffer(at)
+    codec.open_planned(key, dst, 0, ids, items, 0, 2, out)  # two jobs, as restore splits
+    codec.open_planned(key, dst, 0, ids, items, 2, len(entries), out)
+    codec.copy_repeats(out, copies)
+    assert bytes(out) == b"".join(chunks[i] for i in order)
+    # A plan that does not fit what was read, or the window, is refused before any work.
+    with pytest.raises(ValueError):
+        codec.open_planned(key, dst[:100], 0, ids, items, 0, 2, out)
+    with pytest.raises(ValueError):
+        codec.open_planned(key, dst, 0, ids, items, 0, 2, codec.window_buffer(10))
+    with pytest.raises(ValueError):
+        codec.copy_repeats(out, PLAN_COPY.pack(at - 5, 0, 10))  # past the end
+    with pytest.raises(ValueError):
+        codec.copy_repeats(out, PLAN_COPY.pack(100, 50, 100))  # overlapping
+    with pytest.raises(ValueError):
+        codec.check_records(key, dst[:100], TRAILER.pack(ids[:32], 0, 200, 10), 0, 1)
 
 
 @pytest.mark.parametrize("native", [True, False])
