@@ -353,6 +353,7 @@ cdef class BatchCodec:
                 total += raw[i]
                 r += DDP_CODEC_TRAILER_RECORD
             out = _free_block(_opened_pool, total, _OPENED_KEEP)
+            out.size = total  # written below, then dropped
             with nogil:
                 rc = ddp_codec_open(&_api, self._dctx, k, ik, <size_t>n,
                                     <const uint8_t *>view.buf, offset, stored, raw, ids,

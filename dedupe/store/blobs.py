@@ -261,6 +261,9 @@ class BlobCodec:
         records lo..hi-1 name (`data`: the whole pack), keeping nothing. Raises
         IntegrityError for the first that fails, ValueError if one lies outside data."""
         if not self.native:
+            count, ragged = divmod(len(memoryview(records)), _TRAILER_RECORD.size)
+            if ragged or not 0 <= lo <= hi <= count:
+                raise ValueError("check_records: records and [lo, hi) do not agree")
             view = memoryview(records)[lo * _TRAILER_RECORD.size : hi * _TRAILER_RECORD.size]
             items = list(_TRAILER_RECORD.iter_unpack(view))
             if any(off + stored > len(data) for _cid, off, stored, _raw in items):

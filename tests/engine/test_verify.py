@@ -16,9 +16,11 @@ import os
 import random
 import shutil
 import stat
+import struct
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import pytest
@@ -26,6 +28,8 @@ from conftest import PASSPHRASE, make_repo
 
 from dedupe import Repository
 from dedupe.backends import LocalBackend
+from dedupe.crypto import OVERHEAD, new_key
+from dedupe.crypto.aead import seal_into
 from dedupe.engine.verify import (
     AUTH_FAILED,
     ID_MISMATCH,
@@ -34,12 +38,21 @@ from dedupe.engine.verify import (
     NOT_INDEXED,
     TRUNCATED,
     VerifyReport,
+    check_records,
     load_quarantine,
     parse_subset,
 )
-from dedupe.errors import BackendError, IntegrityError, RepositoryLocked, VerifyFailed
-from dedupe.format.index import ENTRY_RECORD
+from dedupe.errors import (
+    BackendError,
+    IntegrityError,
+    MissingObject,
+    RepositoryLocked,
+    VerifyFailed,
+)
+from dedupe.format.index import ENTRY_RECORD, PackRecord
 from dedupe.format.manifest import CHUNK_RECORD
+from dedupe.hashing import ChunkHasher
+from dedupe.store.blobs import BlobCodec
 from dedupe.store.locks import RepositoryLock
 from dedupe.store.repository import pack_name
 
@@ -466,6 +479,115 @@ def test_an_index_entry_pointing_outside_its_pack_is_reported(
     assert damaged.reason == MALFORMED
     assert damaged.details == [f"1 entries point outside pack {place.pack_id.hex()}"]
     assert damaged.chunk_ids == [place.chunk_id.hex()]
+
+
+# --- the fast path and the window plan: what a check-deletion review found untested ------
+
+
+async def _rewrite_index_object(r: Repository, name: str, chunk_id: bytes, raw_delta: int) -> None:
+    """Replace index object `name` by one that lists exactly the same entries, in the same
+    order, except that `chunk_id`'s raw length is off by raw_delta (a buggy or forged
+    index: it is signed, so only a key holder can write it)."""
+    store = r._store
+    data = await store.backend.get(name)
+    packs, records = await store.open_index_object(name, data)
+    entries = [list(e) for e in ENTRY_RECORD.iter_unpack(records)]
+    hit = [e for e in entries if e[0] == chunk_id]
+    assert len(hit) == 1
+    hit[0][4] += raw_delta
+    await store.write_index(packs, b"".join(ENTRY_RECORD.pack(*e) for e in entries))
+    await store.backend.delete(name)
+
+
+def test_an_index_with_as_many_entries_as_the_trailer_but_a_wrong_one_is_reported(
+    repo: Pristine, run_asyncio: Run[Any]
+) -> None:
+    """Mutant V1: verify's fast path taken when the index lists as many entries for a pack
+    as its trailer (`len(info.records) == len(records)`) instead of exactly the trailer's.
+    The existing trailer-mismatch test adds an extra entry (a second index object), so
+    the count differs and the slow path runs anyway. Here the count is equal: only the
+    byte-for-byte comparison sends the pack to the per-entry check. Without it verify
+    says the repository is clean, and restore then fails (the index's raw length is not
+    the chunk table's)."""
+    place = repo.places[repo.gens["b"]][0]
+
+    async def go() -> VerifyReport:
+        async with await Repository.open(repo.path, PASSPHRASE) as r:
+            await _rewrite_index_object(r, repo.index_of["b"], place.chunk_id, +1)
+            return await r.verify(read_data=True)
+
+    report = run_asyncio(go())
+    (damaged,) = [d for d in report.damaged if d.name == pack_name(place.pack_id)]
+    assert damaged.details[0] == "1 index entries are not in the pack's trailer"
+    assert damaged.chunk_ids == [place.chunk_id.hex()]
+    assert not report.ok
+
+
+def test_a_chunk_whose_index_length_is_not_its_table_length_fails_restore_as_integrity(
+    repo: Pristine, run_asyncio: Run[Any]
+) -> None:
+    """Mutant R1 (restore maps PLAN_LENGTH to MissingObject, or drops the branch): a
+    length disagreement between the chunk table and the index is damage (IntegrityError,
+    'run verify'), not a lost chunk; MissingObject subclasses IntegrityError, so check
+    the type exactly and the message."""
+    place = repo.places[repo.gens["b"]][0]
+
+    async def go() -> None:
+        async with await Repository.open(repo.path, PASSPHRASE) as r:
+            await _rewrite_index_object(r, repo.index_of["b"], place.chunk_id, +1)
+        async with await Repository.open(repo.path, PASSPHRASE) as r:
+            out = io.BytesIO()
+            with pytest.raises(IntegrityError) as info:
+                await r.restore(repo.gens["b"], out)
+            assert not isinstance(info.value, MissingObject)
+            assert "in its chunk table but not in the index" in str(info.value)
+            assert place.chunk_id.hex()[:16] in str(info.value)
+            assert out.getvalue() == b""  # nothing of the window handed out
+
+    run_asyncio(go())
+
+
+def test_an_index_object_naming_a_pack_shorter_than_a_footer_is_reported_not_raised(
+    repo: Pristine, run_asyncio: Run[Any]
+) -> None:
+    """Mutant V5 (`max(0, length - FOOTER_SIZE)` dropped): entries_by_pack takes its
+    bounds as unsigned 64-bit integers, so a pack record shorter than a footer (an index
+    object can say anything) must not reach it negative: OverflowError would abort the
+    whole verify. The old per-entry Python comparison reported such entries as outside."""
+    cid = os.urandom(32)
+    ghost = PackRecord(os.urandom(32), 10)
+
+    async def go() -> VerifyReport:
+        async with await Repository.open(repo.path, PASSPHRASE) as r:
+            await r._store.write_index([ghost], ENTRY_RECORD.pack(cid, 0, 8, 1, 1))
+            return await r.verify()
+
+    report = run_asyncio(go())
+    assert not report.ok
+    index = [d for d in report.damaged if d.kind == "index" and d.reason == MALFORMED]
+    assert index and cid.hex() in index[0].chunk_ids
+
+
+def test_a_trailer_record_past_the_end_of_the_read_pack_is_classified_not_raised() -> None:
+    """Mutant V4 (check_records catching only IntegrityError). The fast path is taken
+    when the index's entries equal the trailer's; entries_by_pack bounds them by the
+    *index's* pack length, not by the bytes read. A key holder can index (and seal in
+    the trailer) a blob past the real end of a pack whose record claims a longer length:
+    open_records then raises ValueError, which must fall back to the per-blob check
+    (TRUNCATED), not abort the whole verify."""
+    hasher = ChunkHasher(bytes(range(32)))
+    key = new_key()
+    chunk = os.urandom(100)
+    cid = hasher.chunk_id(chunk)
+    blob = bytearray(len(chunk) + 1 + OVERHEAD)
+    seal_into(key, b"\x00" + chunk, cid, blob, 0)
+    gone = os.urandom(32)
+    record = struct.Struct("<32sIII")  # a trailer record: id, offset, stored, raw
+    trailer = record.pack(cid, 0, len(blob), 100) + record.pack(gone, len(blob), 500, 100)
+    for native in (True, False):
+        store = SimpleNamespace(codec=BlobCodec(1, hasher, native=native))
+        bad = check_records(store, key, bytes(blob), trailer, 0, 2)  # type: ignore[arg-type]
+        assert [(c, reason) for c, reason, _detail in bad] == [(gone, TRUNCATED)]
 
 
 class PackGoesWhileRead(LocalBackend):
