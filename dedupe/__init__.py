@@ -2,25 +2,46 @@
 
 The embedding API is re-exported here; see docs/API.md. Nothing in the library installs an
 event loop policy: the caller's loop (asyncio or uvloop) is used as it is.
+
+The names below are loaded on first use (PEP 562): `import dedupe` alone imports none of
+the engine, so that the command's --help and --version, and a backup, which needs no
+restore, verify or prune code, start without loading what they do not run.
 """
 
-from dedupe.api import (
-    BackupStats,
-    Command,
-    Generation,
-    Progress,
-    Repository,
-    RestoreStats,
-    SQLiteDatabase,
-    postgres_basebackup,
-    postgres_dump,
-)
-from dedupe.engine.forget import ForgetReport
-from dedupe.engine.prune import PruneReport
-from dedupe.engine.verify import DamagedObject, VerifyReport
-from dedupe.errors import DedupeError
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dedupe._types import BackupStats, Generation, Progress, RestoreStats
+    from dedupe.api import Repository
+    from dedupe.engine.commands import Command
+    from dedupe.engine.databases import SQLiteDatabase, postgres_basebackup, postgres_dump
+    from dedupe.engine.forget import ForgetReport
+    from dedupe.engine.prune import PruneReport
+    from dedupe.engine.verify import DamagedObject, VerifyReport
+    from dedupe.errors import DedupeError
 
 __version__ = "0.1.0"
+
+# Each exported name and the module that defines it.
+_EXPORTS = {
+    "BackupStats": "dedupe._types",
+    "Command": "dedupe.engine.commands",
+    "DamagedObject": "dedupe.engine.verify",
+    "DedupeError": "dedupe.errors",
+    "ForgetReport": "dedupe.engine.forget",
+    "Generation": "dedupe._types",
+    "Progress": "dedupe._types",
+    "PruneReport": "dedupe.engine.prune",
+    "Repository": "dedupe.api",
+    "RestoreStats": "dedupe._types",
+    "SQLiteDatabase": "dedupe.engine.databases",
+    "VerifyReport": "dedupe.engine.verify",
+    "postgres_basebackup": "dedupe.engine.databases",
+    "postgres_dump": "dedupe.engine.databases",
+}
 
 __all__ = [
     "BackupStats",
@@ -39,3 +60,15 @@ __all__ = [
     "postgres_basebackup",
     "postgres_dump",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import importlib
 import logging
 import os
 import shutil
@@ -40,10 +41,10 @@ from collections.abc import (
 )
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeAlias
 
 from dedupe._types import (
     BackupStats,
@@ -59,38 +60,10 @@ from dedupe.backends import Backend, open_backend
 from dedupe.chunking import ChunkerParams, describe, kept_spec, parse_spec
 from dedupe.crypto import KdfParams, get_passphrase
 from dedupe.crypto.aead import Buffer
-from dedupe.engine import iter_source, restore_chunks, run_backup, write_to_fileobj, write_to_path
-from dedupe.engine import keys as key_ops
+from dedupe.engine.backup import run_backup
 from dedupe.engine.commands import Command, write_to_command
-from dedupe.engine.databases import (
-    BASEBACKUP_TARS,
-    PostgresBaseBackupTars,
-    SQLiteDatabase,
-    is_postgres_basebackup,
-    is_postgres_dump,
-    postgres_basebackup,
-    postgres_dump,
-    postgres_restore_into,
-    run_command,
-    sqlite_snapshot,
-    tablespace_map,
-    write_basebackup_tars,
-)
-from dedupe.engine.forget import ForgetPolicy, ForgetReport, run_forget
-from dedupe.engine.keys import KeyInfo, KeyStatus, RotateReport
-from dedupe.engine.listing import (
-    diff_streams,
-    diff_trees,
-    space_stats,
-    stream_listing,
-    tree_listing,
-)
-from dedupe.engine.prune import PruneReport, run_prune
-from dedupe.engine.repair import RepairReport, repair_index
-from dedupe.engine.restore import Window
 from dedupe.engine.sources import Source as StreamSource
-from dedupe.engine.tree import backup_tree, load_tree, restore_tree
-from dedupe.engine.verify import SubsetSpec, VerifyReport, verify_repository
+from dedupe.engine.sources import iter_source
 from dedupe.errors import (
     AmbiguousGeneration,
     DedupeError,
@@ -102,12 +75,29 @@ from dedupe.errors import (
     TargetError,
 )
 from dedupe.format.config import DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_SIZE
-from dedupe.objectives import Objectives, Policy, StatusReport
-from dedupe.replication import Replicas
 from dedupe.store import RepositoryStore
 from dedupe.store.cache import ObjectCache, default_cache_root
 from dedupe.store.locks import LockInfo, RepositoryLock, list_locks, remove_locks
 from dedupe.store.tables import spill_complete_table
+
+# Beyond the backup of a stream or file (above), the engine is imported where it is used
+# (restore, verify, forget, prune, repair, keys, listing, trees, databases), and so are
+# replicas and objectives: start-up is a large share of a small backup, and a command
+# loads the code of its own operation only.
+if TYPE_CHECKING:
+    from dedupe.engine.databases import (
+        PostgresBaseBackupTars,
+        SQLiteDatabase,
+        postgres_basebackup,
+        postgres_dump,
+    )
+    from dedupe.engine.forget import ForgetReport
+    from dedupe.engine.keys import KeyInfo, KeyStatus, RotateReport
+    from dedupe.engine.prune import PruneReport
+    from dedupe.engine.repair import RepairReport
+    from dedupe.engine.verify import SubsetSpec, VerifyReport
+    from dedupe.objectives import Objectives, Policy, StatusReport
+    from dedupe.replication import Replicas
 
 log = logging.getLogger("dedupe")
 
@@ -131,8 +121,33 @@ __all__ = [
     "SubsetSpec",
 ]
 
+# The public names of this module that live in modules it does not import at the top,
+# each with its module: imported on first use (PEP 562).
+_LAZY_EXPORTS = {
+    "KeyInfo": "dedupe.engine.keys",
+    "KeyStatus": "dedupe.engine.keys",
+    "Policy": "dedupe.objectives",
+    "PostgresBaseBackupTars": "dedupe.engine.databases",
+    "RotateReport": "dedupe.engine.keys",
+    "SQLiteDatabase": "dedupe.engine.databases",
+    "StatusReport": "dedupe.objectives",
+    "SubsetSpec": "dedupe.engine.verify",
+    "postgres_basebackup": "dedupe.engine.databases",
+    "postgres_dump": "dedupe.engine.databases",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name not in _LAZY_EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
 Location = str | os.PathLike[str] | Backend
-Source = StreamSource | SQLiteDatabase | PostgresBaseBackupTars
+# A string, as the modules it names are not imported here.
+Source: TypeAlias = "StreamSource | SQLiteDatabase | PostgresBaseBackupTars"
 Target = str | os.PathLike[str] | BinaryIO | Command
 KINDS = ("full", "incremental", "differential")
 # Which roles may do what (docs/FORMAT.md 4.4); listing generations and locks is open to all.
@@ -205,13 +220,32 @@ class Repository:
             max_workers=workers or os.cpu_count() or 2, thread_name_prefix="dedupe"
         )
         self.keys = KeyManager(self)
-        self.replicas = Replicas(self)
-        self.objectives = Objectives(self)
+
+    @cached_property
+    def replicas(self) -> Replicas:
+        """The repositories this one keeps copies in (dedupe/replication.py)."""
+        from dedupe.replication import Replicas
+
+        return Replicas(self)
+
+    @cached_property
+    def objectives(self) -> Objectives:
+        """The recovery objectives and drills (dedupe/objectives.py)."""
+        from dedupe.objectives import Objectives
+
+        return Objectives(self)
+
+    def _sync_replicas(self) -> bool:
+        """Whether a backup goes to sync replicas too. The keyring is asked first, so that
+        a repository without replicas never loads the replication code."""
+        return bool(self._store.keyring.replicas) and bool(self.replicas.sync_replicas())
 
     def _require_key_admin(self, what: str) -> None:
         """RoleNotPermitted unless this handle's key is an admin's (the CLI asks before it
         prompts for a new key's passphrase)."""
-        key_ops.require_admin(self._store, what)
+        from dedupe.engine.keys import require_admin
+
+        require_admin(self._store, what)
 
     def _require(self, what: str) -> None:
         role = self._store.role
@@ -401,11 +435,14 @@ class Repository:
             "labels": labels,
             "dry_run": dry_run,
         }
-        if isinstance(source, SQLiteDatabase):
-            return await self._backup_sqlite(source, name, kind, progress, chunker, options)
-        if isinstance(source, PostgresBaseBackupTars):
-            return await self._backup_pg_tars(source, name, kind, progress, chunker, options)
-        if self.replicas.sync_replicas() and not dry_run:
+        if not isinstance(source, str | os.PathLike):  # a path is never a database source
+            from dedupe.engine.databases import PostgresBaseBackupTars, SQLiteDatabase
+
+            if isinstance(source, SQLiteDatabase):
+                return await self._backup_sqlite(source, name, kind, progress, chunker, options)
+            if isinstance(source, PostgresBaseBackupTars):
+                return await self._backup_pg_tars(source, name, kind, progress, chunker, options)
+        if self._sync_replicas() and not dry_run:
             return await self.replicas.backup(
                 source, name, kind, progress, label, chunker, allow_empty, options
             )
@@ -422,6 +459,8 @@ class Repository:
     ) -> BackupStats:
         """A snapshot of a live SQLite database (engine/databases.py), backed up as the
         file it is, then removed; the generation records the database, not the copy."""
+        from dedupe.engine.databases import sqlite_snapshot
+
         try:
             st = os.stat(db.path)
         except OSError as e:
@@ -446,6 +485,8 @@ class Repository:
         """A base backup of a cluster with tablespaces: pg_basebackup writes a tar per
         tablespace into a scratch directory, backed up as a tree (each tar cut member by
         member under auto), then removed."""
+        from dedupe.engine.databases import write_basebackup_tars
+
         with tempfile.TemporaryDirectory(prefix="dedupe-pgbase-", dir=source.scratch) as tmp:
             into = os.path.join(tmp, "backup")
             wal = await write_basebackup_tars(source, into)
@@ -464,7 +505,7 @@ class Repository:
     ) -> BackupStats:
         """Back up `copy`, a scratch copy made of a database, as `label`: to the sync
         replicas and here, or here alone."""
-        if self.replicas.sync_replicas() and not options.get("dry_run"):
+        if self._sync_replicas() and not options.get("dry_run"):
             return await self.replicas.backup(
                 copy, name, kind, progress, label, chunker, False, options
             )
@@ -630,6 +671,8 @@ class Repository:
         """Back up directory `root` as a tree generation (docs/FORMAT.md section 8.3). With
         a tree `parent`, an incremental or differential reads only new and changed files; a
         parent that is a stream generation makes this a full, and `note` says so."""
+        from dedupe.engine.tree import backup_tree, load_tree
+
         base = None
         note = None
         if parent is not None:
@@ -668,6 +711,8 @@ class Repository:
     ) -> RestoreStats:
         """Restore tree generation `gen` into directory `target_dir` (new or empty, else
         replaced with `overwrite`); the tree appears there only once fully verified."""
+        from dedupe.engine.tree import load_tree, restore_tree
+
         await self._store.refresh_index()
         entries, _table = await load_tree(self._store, gen.id)
         return await restore_tree(
@@ -778,6 +823,8 @@ class Repository:
         """Space per name (only `name`, if given), then the total (name None): logical
         bytes, unique bytes of the distinct chunks referenced, stored bytes; dedupe and
         compression ratios apart. Reads every generation's chunk table (no pack data)."""
+        from dedupe.engine.listing import space_stats
+
         self._require("read generations")
         async with RepositoryLock(
             self._store.backend, exclusive=False, operation="stats", wait=self._store.lock_wait
@@ -791,6 +838,9 @@ class Repository:
         """The entries of a tree generation at or below `path` (path, type, mode, size,
         mtime_ns, a symlink's target), or a stream generation as one entry (its label,
         size, chunks, digest)."""
+        from dedupe.engine.listing import stream_listing, tree_listing
+        from dedupe.engine.tree import load_tree
+
         self._require("read generations")
         gen = await self.resolve(generation)
         if gen.source.get("type") == "tree":
@@ -803,6 +853,9 @@ class Repository:
         """What changed from `old` to `new`: for trees, the entries added, removed and
         changed (content or metadata); for streams, the byte ranges of `new` made of
         chunks `old` lacks, and how many bytes that is."""
+        from dedupe.engine.listing import diff_streams, diff_trees
+        from dedupe.engine.tree import load_tree
+
         self._require("read generations")
         a, b = await self.resolve(old), await self.resolve(new)
         kinds = {a.source.get("type"), b.source.get("type")}
@@ -876,6 +929,8 @@ class Repository:
         `postgres_dump` source) with pg_restore; libpq's environment (or `env`) says
         where. If the restore fails, `newdb` is dropped again: no half-filled database
         is left behind. `newdb` must not exist."""
+        from dedupe.engine.databases import is_postgres_dump, postgres_restore_into, run_command
+
         self._require("restore")
         gen = await self.resolve(generation)
         if not is_postgres_dump(gen.source):
@@ -909,6 +964,8 @@ class Repository:
         on the server]`) when given, else `<datadir>_tablespaces/<oid>`, each new or
         empty; the data directory's tablespace_map points PostgreSQL at them. Everything
         made is removed again if the restore fails."""
+        from dedupe.engine.databases import BASEBACKUP_TARS, is_postgres_basebackup
+
         self._require("restore")
         gen = await self.resolve(generation)
         if not is_postgres_basebackup(gen.source):
@@ -963,6 +1020,8 @@ class Repository:
     ) -> RestoreStats:
         """The tree of tars restored (and verified) beside `datadir`, then unpacked:
         base.tar into it, each tablespace's tar into its place."""
+        from dedupe.engine.databases import run_command, tablespace_map
+
         scratch = tempfile.mkdtemp(prefix=".dedupe-pgbase-", dir=os.path.dirname(datadir))
         try:
             stats = await self.restore(gen, os.path.join(scratch, "tars"), progress=progress)
@@ -984,6 +1043,8 @@ class Repository:
         overwrite: bool,
         progress: ProgressCallback | None,
     ) -> RestoreStats:
+        from dedupe.engine.restore import write_to_fileobj, write_to_path
+
         started = time.monotonic()
         async with RepositoryLock(
             self._store.backend, exclusive=False, operation="restore", wait=self._store.lock_wait
@@ -1042,6 +1103,8 @@ class Repository:
         damaged generation lost again from a replica's copy; `repaired` lists them and a
         note says that `prune` now deletes the damaged copies (after which verify is
         clean). `ok` still says whether damage was found."""
+        from dedupe.engine.verify import verify_repository
+
         self._require("verify")
         report = await verify_repository(
             self._store,
@@ -1104,6 +1167,8 @@ class Repository:
         removed: naming it raises ValueError unless `with_dependents=True`, which removes its
         dependents too. No rule and no id: ValueError. Takes the exclusive lock
         (RepositoryLocked while a backup or prune runs); `dry_run` only reports."""
+        from dedupe.engine.forget import ForgetPolicy, run_forget
+
         self._require("forget")
         policy = ForgetPolicy(
             name=name,
@@ -1137,6 +1202,8 @@ class Repository:
         exist: planted objects, or a keyring older than the repository (restored from an
         old copy), on whose word real data would go. `delete_unauthenticated=True`, once
         `verify` showed them to be planted, deletes them."""
+        from dedupe.engine.prune import run_prune
+
         self._require("prune")
         return await run_prune(
             self._store,
@@ -1153,6 +1220,8 @@ class Repository:
         delete the index objects that were damaged. For a repository whose index object
         was lost or damaged (restores then miss chunks and prune refuses). Takes the
         exclusive lock; safe to kill and run again (engine/repair.py)."""
+        from dedupe.engine.repair import repair_index
+
         self._require("repair the index")
         return await repair_index(self._store, self._executor, progress)
 
@@ -1254,6 +1323,8 @@ class Repository:
         return await remove_locks(self._store.backend, all_locks=all_locks)
 
     async def _chunks(self, generation: str | Generation) -> AsyncGenerator[list[Buffer], None]:
+        from dedupe.engine.restore import restore_chunks
+
         gen = await self.resolve(generation)
         if gen.source.get("type") == "tree":
             raise TargetError(
@@ -1271,7 +1342,8 @@ class KeyManager:
 
     Changes (add, remove, rotate) need an admin key and take the exclusive lock, as prune
     does: they wait for no one and fail with RepositoryLocked while a backup runs. Every
-    one of them can be killed at any point and run again."""
+    one of them can be killed at any point and run again. (dedupe.engine.keys is imported
+    by each method: only key commands load it.)"""
 
     def __init__(self, repo: Repository) -> None:
         self._repo = repo
@@ -1282,11 +1354,15 @@ class KeyManager:
 
     async def list(self) -> list[KeyInfo]:
         """Every key holder: id, name, role, created, whether it is this handle's key."""
+        from dedupe.engine import keys as key_ops
+
         return await key_ops.list_keys(self._store)
 
     async def status(self) -> KeyStatus:
         """Each epoch with the packs and generations whose keys are wrapped for it, and any
         unfinished rotation or re-encryption."""
+        from dedupe.engine import keys as key_ops
+
         return await key_ops.key_status(self._store)
 
     async def add(
@@ -1298,6 +1374,8 @@ class KeyManager:
         kdf: KdfParams | None = None,
     ) -> KeyInfo:
         """A new key file opened by `passphrase`, with `role` (admin, reader, writer)."""
+        from dedupe.engine import keys as key_ops
+
         key_ops.require_admin(self._store, "add keys")
         async with RepositoryLock(
             self._store.backend, exclusive=True, operation="key add", wait=self._store.lock_wait
@@ -1309,6 +1387,8 @@ class KeyManager:
     async def remove(self, key: str) -> KeyInfo:
         """Remove a key holder (by id, unique id prefix or name). It keeps what it could
         open until `rotate()` runs; afterwards it opens nothing written."""
+        from dedupe.engine import keys as key_ops
+
         key_ops.require_admin(self._store, "remove keys")
         async with RepositoryLock(
             self._store.backend, exclusive=True, operation="key remove", wait=self._store.lock_wait
@@ -1318,6 +1398,8 @@ class KeyManager:
     async def passwd(self, new_passphrase: str | bytes, kdf: KdfParams | None = None) -> KeyInfo:
         """A new passphrase for this handle's key (its old key file goes once the new one
         opened)."""
+        from dedupe.engine import keys as key_ops
+
         return await key_ops.change_passphrase(self._store, _passphrase(new_passphrase, False), kdf)
 
     async def rotate(
@@ -1326,6 +1408,8 @@ class KeyManager:
         """A new key epoch; every data key re-wrapped for it (no pack is rewritten); the
         old epochs retired. `reencrypt`: also rewrite every pack under fresh data keys
         (for a leaked data key), resumable. Finishes an interrupted rotation first."""
+        from dedupe.engine import keys as key_ops
+
         key_ops.require_admin(self._store, "rotate keys")
         async with RepositoryLock(
             self._store.backend, exclusive=True, operation="key rotate", wait=self._store.lock_wait
@@ -1415,6 +1499,8 @@ def _with_note(stats: BackupStats, note: str | None) -> BackupStats:
 async def _report(
     stream: AsyncIterator[list[Buffer]], progress: ProgressCallback, total: int
 ) -> AsyncIterator[list[Buffer]]:
+    from dedupe.engine.restore import Window
+
     p = Progress("restore", "restoring", bytes_total=total)
     async for parts in stream:
         p.bytes_written += sum(len(x) for x in parts)

@@ -7,28 +7,32 @@ with a hint and mapped to its exit code (docs/API.md lists them), never a traceb
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
-import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from functools import wraps
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 import dedupe
-from dedupe._types import Progress
-from dedupe.api import Repository, SubsetSpec
-from dedupe.chunking import DEFAULT_PARAMS, ChunkerParams, parse_spec
-from dedupe.crypto import KdfParams, get_passphrase
 from dedupe.errors import DedupeError, Interrupted, ReaderGone, TargetError, Terminated
 from dedupe.format.config import DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_SIZE
-from dedupe.logjson import JsonHandler, JsonLog
+
+# The API, the event loop, the structured log and even the crypto and chunking packages
+# are imported by the commands that use them, not here: --help, --version and a usage
+# error load none of them, and each command loads the engine code of its own operation
+# only (see dedupe/api.py).
+if TYPE_CHECKING:
+    from dedupe._types import Progress
+    from dedupe.api import Repository, Source, SubsetSpec
+    from dedupe.chunking import ChunkerParams
+    from dedupe.crypto import KdfParams
+    from dedupe.logjson import JsonLog
 
 T = TypeVar("T")
 MiB = 1024 * 1024
@@ -38,6 +42,8 @@ INTERRUPTED = "interrupted; the repository is valid, and what was committed befo
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Run on uvloop where it is available: the CLI, not the library, picks the loop."""
+    import asyncio
+
     try:
         import uvloop
 
@@ -53,6 +59,9 @@ async def _stopped_by_sigterm_as_by_sigint(coro: Coroutine[Any, Any, T]) -> T:
     on Ctrl-C, so that a backup indexes what it stored and every lock is released, and
     then raises Terminated. (Left to its default, SIGTERM ends the process on the spot,
     lock and all.)"""
+    import asyncio
+    import signal
+
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
@@ -319,6 +328,8 @@ def _activate_log_json() -> JsonLog:
     asyncio's, Python's warnings) become events too, and nothing else writes to stderr."""
     import logging
 
+    from dedupe.logjson import JsonHandler, JsonLog
+
     global _LOG
     if _LOG is None:
         _LOG = JsonLog()
@@ -330,6 +341,8 @@ def _activate_log_json() -> JsonLog:
 
 def _deactivate_log_json() -> None:
     import logging
+
+    from dedupe.logjson import JsonHandler
 
     global _LOG
     root = logging.getLogger()
@@ -466,6 +479,8 @@ def say_on_stderr(
 
 
 def open_repo(ctx: click.Context) -> Awaitable[Repository]:
+    from dedupe.api import Repository
+
     options = ctx.find_root().obj
     return Repository.open(
         repo_location(ctx),
@@ -505,6 +520,8 @@ def _source_name(value: str) -> str:
 
 def _chunker(value: str | None) -> str | None:
     if value is not None:
+        from dedupe.chunking import DEFAULT_PARAMS, parse_spec
+
         try:
             parse_spec(value, DEFAULT_PARAMS)
         except ValueError as e:
@@ -513,6 +530,28 @@ def _chunker(value: str | None) -> str | None:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+
+
+class LibraryDefault(click.Option):
+    """An option whose `default` is a function that looks a default up in the library
+    (the chunker's sizes, the KDF's cost): called when the command runs or its help is
+    shown, which then prints the value rather than "(dynamic)". Defining the commands
+    does not import the chunking and crypto packages for `dedupe --help`."""
+
+    def get_default(self, ctx: click.Context, call: bool = True) -> Any:
+        return super().get_default(ctx, call=True)
+
+
+def _default_chunker() -> ChunkerParams:
+    from dedupe.chunking import DEFAULT_PARAMS
+
+    return DEFAULT_PARAMS
+
+
+def _default_kdf() -> KdfParams:
+    from dedupe.crypto import KdfParams
+
+    return KdfParams()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -583,21 +622,24 @@ def cli(
 @click.option(
     "--chunk-min",
     type=int,
-    default=DEFAULT_PARAMS.min_size,
+    cls=LibraryDefault,
+    default=lambda: _default_chunker().min_size,
     show_default=True,
     help="FastCDC minimum chunk size in bytes.",
 )
 @click.option(
     "--chunk-avg",
     type=int,
-    default=DEFAULT_PARAMS.avg_size,
+    cls=LibraryDefault,
+    default=lambda: _default_chunker().avg_size,
     show_default=True,
     help="FastCDC average chunk size in bytes (a power of two).",
 )
 @click.option(
     "--chunk-max",
     type=int,
-    default=DEFAULT_PARAMS.max_size,
+    cls=LibraryDefault,
+    default=lambda: _default_chunker().max_size,
     show_default=True,
     help="FastCDC maximum chunk size in bytes.",
 )
@@ -618,14 +660,16 @@ def cli(
 @click.option(
     "--kdf-memlimit",
     type=int,
-    default=KdfParams().memlimit // MiB,
+    cls=LibraryDefault,
+    default=lambda: _default_kdf().memlimit // MiB,
     show_default=True,
     help="Argon2id memory in MiB for the key file.",
 )
 @click.option(
     "--kdf-opslimit",
     type=int,
-    default=KdfParams().opslimit,
+    cls=LibraryDefault,
+    default=lambda: _default_kdf().opslimit,
     show_default=True,
     help="Argon2id passes for the key file.",
 )
@@ -644,6 +688,9 @@ def init(
     as_json: bool,
 ) -> None:
     """Create a new, encrypted repository."""
+    from dedupe.chunking import DEFAULT_PARAMS, ChunkerParams
+    from dedupe.crypto import KdfParams
+
     location = repo_location(ctx)
     try:
         params = ChunkerParams(chunk_min, chunk_avg, chunk_max, DEFAULT_PARAMS.normalization)
@@ -652,6 +699,8 @@ def init(
         raise click.BadParameter(str(e)) from None
 
     async def go() -> dict[str, Any]:
+        from dedupe.api import Repository
+
         repo = await Repository.init(
             location,
             chunker=params,
@@ -780,17 +829,11 @@ def backup(
             raise click.BadParameter(f"{tag!r}: printable, non-empty, no ','", param_hint="--tag")
 
     async def go() -> dict[str, Any]:
-        from dedupe.api import SQLiteDatabase, postgres_basebackup, postgres_dump
-
         async with await open_repo(ctx) as repo:
             stdin = source == "-"
             what: Any = command or (sys.stdin.buffer if stdin else source)
-            if source == "pgbase:":
-                what = await postgres_basebackup()
-            elif source is not None and source.startswith("pg:"):
-                what = await postgres_dump(source[3:])
-            elif source is not None and source.startswith("sqlite:"):
-                what = SQLiteDatabase(source[7:])
+            if source is not None and _names_a_database(source):
+                what = await _database_source(source)
             with progress_bar(not as_json, f"backup {name}") as callback:
                 stats = await repo.backup(
                     what,
@@ -822,6 +865,21 @@ def backup(
         _print_backup(name, s)
     if s["unreadable"]:  # committed, but not everything: say so in the exit status too
         sys.exit(PARTIAL_EXIT)
+
+
+def _names_a_database(source: str) -> bool:
+    return source == "pgbase:" or source.startswith(("pg:", "sqlite:"))
+
+
+async def _database_source(source: str) -> Source:
+    """The API's source for `pgbase:`, `pg:DBNAME` or `sqlite:PATH`."""
+    from dedupe.api import SQLiteDatabase, postgres_basebackup, postgres_dump
+
+    if source == "pgbase:":
+        return await postgres_basebackup()
+    if source.startswith("pg:"):
+        return await postgres_dump(source[3:])
+    return SQLiteDatabase(source.removeprefix("sqlite:"))
 
 
 def _print_backup(name: str, s: dict[str, Any]) -> None:
@@ -1504,9 +1562,13 @@ def copy(
     only the chunks it lacks, every chunk verified on the way. Names, kinds, creation
     times and labels are kept. Generations already copied there are skipped: run it again
     after an interruption and it finishes the job."""
+    from dedupe.api import Repository
+
     options = ctx.find_root().obj
 
     def target_passphrase() -> bytes:
+        from dedupe.crypto import get_passphrase
+
         return get_passphrase(variable="DEDUPE_TO_PASSWORD", prompt=f"Passphrase of {target}")
 
     async def go() -> dict[str, Any]:
@@ -1889,14 +1951,16 @@ def key_list(ctx: click.Context, as_json: bool) -> None:
 @click.option(
     "--kdf-memlimit",
     type=int,
-    default=KdfParams().memlimit // MiB,
+    cls=LibraryDefault,
+    default=lambda: _default_kdf().memlimit // MiB,
     show_default=True,
     help="Argon2id memory in MiB for the new key file.",
 )
 @click.option(
     "--kdf-opslimit",
     type=int,
-    default=KdfParams().opslimit,
+    cls=LibraryDefault,
+    default=lambda: _default_kdf().opslimit,
     show_default=True,
     help="Argon2id passes for the new key file.",
 )
@@ -1907,6 +1971,7 @@ def key_add(
     ctx: click.Context, role: str, name: str, kdf_memlimit: int, kdf_opslimit: int, as_json: bool
 ) -> None:
     """Add a key holder with its own key file and passphrase (admin keys only)."""
+    from dedupe.crypto import KdfParams
     from dedupe.crypto.passphrase import get_new_passphrase
 
     try:
@@ -2414,10 +2479,11 @@ def tune_allocator() -> None:
     if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return
     import ctypes
-    import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        # The process's own symbols, libc's among them: no search for libc's file name
+        # (ctypes.util.find_library runs ldconfig, a few milliseconds of every start).
+        libc = ctypes.CDLL(None)
         m_mmap_threshold = -3
         libc.mallopt(m_mmap_threshold, 256 * 1024)
     except (OSError, AttributeError):  # not glibc: nothing to tune

@@ -157,9 +157,28 @@ def _b64(b: bytes) -> str:
     return base64.b64encode(b).decode()
 
 
+class NewKeyFile:
+    """A key file just made (`data`) and the key-encryption key its passphrase derived
+    (`kek`): what `reopen_key_file` needs to open it once it was stored and read back,
+    without a second Argon2id run. (Not a dataclass: no repr shows the key.)"""
+
+    __slots__ = ("data", "kek")
+
+    def __init__(self, data: bytes, kek: bytes) -> None:
+        self.data = data
+        self.kek = kek
+
+
 def create_key_file(
     holder: HolderSecrets, passphrase: bytes, name: str, kdf: KdfParams | None = None
 ) -> bytes:
+    return new_key_file(holder, passphrase, name, kdf).data
+
+
+def new_key_file(
+    holder: HolderSecrets, passphrase: bytes, name: str, kdf: KdfParams | None = None
+) -> NewKeyFile:
+    """A key file for `holder` under `passphrase`: one run of the KDF."""
     if not passphrase:
         raise PassphraseMissing(
             "an empty passphrase protects nothing; no key file was made",
@@ -167,6 +186,7 @@ def create_key_file(
         )
     kdf = kdf or KdfParams()
     salt = os.urandom(nacl.pwhash.argon2id.SALTBYTES)
+    kek = _kek(passphrase, salt, kdf)
     payload = json.dumps(
         {
             "admin_verify_key": _b64(holder.admin_verify_key),
@@ -191,15 +211,9 @@ def create_key_file(
             "memlimit": kdf.memlimit,
             "salt": _b64(salt),
         },
-        "sealed": _b64(
-            seal(
-                _kek(passphrase, salt, kdf),
-                payload,
-                _aad(holder.repository_id, holder.key_id, holder.role),
-            )
-        ),
+        "sealed": _b64(seal(kek, payload, _aad(holder.repository_id, holder.key_id, holder.role))),
     }
-    return json.dumps(record, indent=2).encode() + b"\n"
+    return NewKeyFile(json.dumps(record, indent=2).encode() + b"\n", kek)
 
 
 def _parse(data: bytes) -> tuple[dict[str, Any], KeyFileInfo, bytes, bytes]:
@@ -251,7 +265,21 @@ def key_file_info(data: bytes) -> KeyFileInfo:
 def open_key_file(data: bytes, repository_id: bytes, passphrase: bytes) -> HolderSecrets:
     """Open a key file; a wrong passphrase raises WrongPassphrase, nothing else is returned."""
     _record, info, salt, sealed = _parse(data)
-    kek = _kek(passphrase, salt, info.kdf)
+    return _open(info, sealed, repository_id, _kek(passphrase, salt, info.kdf))
+
+
+def reopen_key_file(data: bytes, repository_id: bytes, written: NewKeyFile) -> HolderSecrets:
+    """Open `data`, a key file read back after `written` was stored, with the key
+    `written` was sealed under. It must be `written.data` byte for byte (IntegrityError
+    before anything is opened otherwise): the passphrase would then derive that same key
+    from the same salt and cost, so the KDF is not run again."""
+    if data != written.data:
+        raise IntegrityError("the key file read back is not the one written")
+    _record, info, _salt, sealed = _parse(data)
+    return _open(info, sealed, repository_id, written.kek)
+
+
+def _open(info: KeyFileInfo, sealed: bytes, repository_id: bytes, kek: bytes) -> HolderSecrets:
     try:
         plain = open_sealed(kek, sealed, _aad(repository_id, info.key_id, info.role), "key file")
     except IntegrityError:

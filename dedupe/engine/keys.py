@@ -27,15 +27,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from dedupe._types import ProgressCallback
-from dedupe.crypto import (
-    ROLES,
-    EpochSecrets,
-    KdfParams,
-    create_key_file,
-    meta_check,
-    open_key_file,
-    seal_grant,
-)
+from dedupe.crypto import ROLES, EpochSecrets, KdfParams, meta_check, seal_grant
+from dedupe.crypto.keyfile import NewKeyFile, new_key_file, reopen_key_file
 from dedupe.engine.prune import PruneReport, run_prune, stale_key_packs
 from dedupe.errors import IntegrityError, KeyNotAvailable, RoleNotPermitted
 from dedupe.format.keymap import GENERATION, INDEX, KIND_NAMES, PACK, QUARANTINE
@@ -187,16 +180,15 @@ def find_key(keyring: Keyring, ref: str) -> KeyHolder:
     return matches[0]
 
 
-async def _write_key_file(
-    store: RepositoryStore, data: bytes, passphrase: bytes, key_id: bytes
-) -> str:
-    """Store a key file under a new name, read it back and open it with `passphrase`; on
-    any failure remove it again. Returns its name."""
+async def _write_key_file(store: RepositoryStore, key_file: NewKeyFile, key_id: bytes) -> str:
+    """Store a key file under a new name, read it back and open it (with the key its
+    passphrase derived when it was made: the KDF runs once); on any failure remove it
+    again. Returns its name."""
     name = key_file_name(key_id)
-    await store.backend.put(name, data)
+    await store.backend.put(name, key_file.data)
     try:
         back = await store.backend.get(name)
-        opened = await asyncio.to_thread(open_key_file, back, store.repository_id, passphrase)
+        opened = reopen_key_file(back, store.repository_id, key_file)
         if opened.key_id != key_id:
             raise RuntimeError("a key file read back does not hold the key it was written for")
     except BaseException:
@@ -225,8 +217,8 @@ async def add_key(
     if any(k.name == name for k in ring.keys):
         raise ValueError(f"a key named {name!r} exists already; names must be unique")
     new = store.holder.new_holder(role)
-    data = await asyncio.to_thread(create_key_file, new, passphrase, name, kdf)
-    await _write_key_file(store, data, passphrase, new.key_id)
+    key_file = await asyncio.to_thread(new_key_file, new, passphrase, name, kdf)
+    await _write_key_file(store, key_file, new.key_id)
     holder = KeyHolder(new.key_id, name, role, utc_now(), new.box_public, new.sign_public)
     epochs = tuple(
         replace(
@@ -345,8 +337,8 @@ async def change_passphrase(
     me = store.keyring.holder(store.holder.key_id)
     assert me is not None  # the store opened, so the keyring lists it
     old = (await _key_files(store)).get(me.key_id.hex(), [])
-    data = await asyncio.to_thread(create_key_file, store.holder, new_passphrase, me.name, kdf)
-    name = await _write_key_file(store, data, new_passphrase, me.key_id)
+    key_file = await asyncio.to_thread(new_key_file, store.holder, new_passphrase, me.name, kdf)
+    name = await _write_key_file(store, key_file, me.key_id)
     for n in old:
         if n != name:
             await store.backend.delete(n)
