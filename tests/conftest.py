@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import random
+import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -134,6 +137,99 @@ def dedupe_cli(
 @pytest.fixture
 def cli() -> Callable[..., subprocess.CompletedProcess[bytes]]:
     return dedupe_cli
+
+
+# --- helper interpreters that fork a child per command ---------------------------------------
+
+# What the commands import when they run (dedupe.cli imports them lazily).
+COMMAND_MODULES = (
+    "asyncio",
+    "rich.console",
+    "dedupe.api",
+    "dedupe.engine.backup",
+    "dedupe.engine.forget",
+    "dedupe.engine.keys",
+    "dedupe.engine.prune",
+    "dedupe.engine.restore",
+    "dedupe.engine.verify",
+    "dedupe.replication",
+    "dedupe.objectives",
+    "dedupe.cli",
+)
+
+
+def warm_for_forks(*modules: str) -> None:
+    """In a helper interpreter, before its first fork: import what the commands import
+    when they run (COMMAND_MODULES, and `modules`), so that each child starts with them
+    loaded instead of importing them (tens of milliseconds a child), then freeze what
+    the helper holds, as the gc module's docs advise before forking (a child's
+    collections skip it). Only a warm-up: a module that is not there is left to the
+    child to import, and to fail on."""
+    import contextlib
+    import gc
+    import importlib
+
+    for name in (*COMMAND_MODULES, *modules):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    gc.freeze()
+
+
+# --- kill loops: SIGKILL at chosen moments, each trial on a copy of a template --------------
+
+
+def kill_times(rnd: random.Random, n: int, low: float, high: float) -> list[float]:
+    """`n` delays in [low, high), one drawn at random in each of `n` equal slices: every
+    part of the window is hit, no gap between two kills is over 2/n of it (`n` uniform
+    draws leave about ln(n)/n on average, and can bunch), so fewer trials cover a run."""
+    width = (high - low) / n
+    return [low + (i + rnd.random()) * width for i in range(n)]
+
+
+def lock_and_end(
+    path: Path, start: Callable[[Path], subprocess.Popen[bytes]]
+) -> tuple[float, float]:
+    """When a command `start`ed on a copy of the repository at `path` first holds a lock
+    (before it, it has written nothing: a kill then tests nothing) and when it ends,
+    uninterrupted, in seconds from its start: the earliest of two runs (the first may
+    also compile modules to bytecode, or meet a busy machine; kill times past the end
+    test nothing either)."""
+    locked, ended = [], []
+    for i in range(2):
+        probe = path.parent / f"{path.name}-probe{i}"
+        linked_copy(path, probe)
+        started = time.monotonic()
+        proc = start(probe)
+        seen = None
+        while proc.poll() is None:
+            if seen is None and any(not n.startswith(".") for n in os.listdir(probe / "locks")):
+                seen = time.monotonic() - started
+            time.sleep(0.001)
+        ended.append(time.monotonic() - started)
+        assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+        assert seen is not None, "the command ran without a lock"
+        locked.append(seen)
+        shutil.rmtree(probe)
+    return min(locked), min(ended)
+
+
+def linked_copy(src: Path, dst: Path) -> None:
+    """A copy of a repository, its files hard-linked: the local backend never changes a
+    file in place (a temporary file renamed or linked into place, docs/FORMAT.md section
+    9; deletes unlink), so what a trial writes or deletes never reaches `src`. Check with
+    `files_of` that it did not."""
+    shutil.copytree(src, dst, copy_function=os.link)
+
+
+def files_of(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Each file under `root`: (inode, size, mtime in ns). A write in place through a hard
+    link changes the size or the mtime of the file that `linked_copy` shares."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            out[str(p.relative_to(root))] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return out
 
 
 # --- S3: a real S3 API server (moto's) on 127.0.0.1, started by the tests -----------------

@@ -16,6 +16,7 @@ import sys
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import PASSPHRASE, make_repo
@@ -50,6 +51,24 @@ def _start_proxy(
     first = proxy.stdout.readline().split()
     assert first[:1] == ["port"], "the fault proxy did not start"
     return proxy, f"http://127.0.0.1:{first[1]}"
+
+
+@pytest.fixture(autouse=True)
+def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """botocore waits rand(0, 1) * 2**(attempt - 1) seconds before retrying a failed request
+    (up to half a second on average for the first retry): against a local server failing
+    10% of requests, that was most of these tests' time (45 s of waits). How long a retry
+    waits changes nothing they assert (each request is still retried, by the same code,
+    with the same jitter), so in this process each wait is a twentieth as long. The
+    `dedupe backup` child of the last test waits as long as ever."""
+    from botocore.retries.standard import ExponentialBackoff
+
+    original = ExponentialBackoff.delay_amount
+
+    def delay_amount(self: ExponentialBackoff, context: Any) -> float:
+        return float(original(self, context)) / 20
+
+    monkeypatch.setattr(ExponentialBackoff, "delay_amount", delay_amount)
 
 
 @pytest.fixture

@@ -5,17 +5,32 @@ it is added), with values a hurried operator or a broken script might pass.
 Whatever the arguments: no Python traceback, an exit code the documentation lists
 (docs/API.md: 0, click's usage error 2, or a DedupeError's), and a failure says what
 happened on stderr (`dedupe: error: ...` with a hint, or click's `Error: ...` after its
-usage line)."""
+usage line).
+
+Each command runs in a process of its own, forked from a helper interpreter that has
+imported the command line and the library (nothing runs before the fork): the child runs
+`main()` as `python -m dedupe` does, with the example's arguments, environment, working
+directory and stdin (an exception that escapes it is printed and exits 1, as in the
+interpreter), then exits as the interpreter does. A fork costs milliseconds where an
+interpreter start and its imports cost a tenth of a second, and the examples are many."""
 
 from __future__ import annotations
 
 import inspect
 import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
-from conftest import dedupe_cli, make_repo
+from conftest import make_repo, warm_for_forks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -138,6 +153,132 @@ def _arguments(
     return args
 
 
+# --- the commands, forked ------------------------------------------------------------------
+
+HERE = Path(__file__).resolve().parent
+HELPER = "import sys; sys.path[:0] = [{tests!r}, {here!r}]; import test_cli_fuzz as t; t.serve()"
+CHILD_TIMEOUT = 600  # seconds, as conftest's dedupe_cli
+
+
+def _main(request: dict[str, Any]) -> int:
+    """In a forked child: `dedupe.cli.main()` with the request's arguments, environment,
+    working directory, stdin, stdout and stderr; its exit code, as the interpreter would
+    give it."""
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    read, write = os.pipe()  # stdin: a pipe holding the input, then its end
+    os.write(write, request["input"].encode("latin-1"))
+    os.close(write)
+    os.dup2(read, 0)
+    os.close(read)
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        out = os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(out, fd)
+        os.close(out)
+    sys.stdin = open(0, closefd=False)  # not the helper's stdin, nor what it buffered
+    sys.argv = ["dedupe", *request["args"]]
+    signal.alarm(CHILD_TIMEOUT)
+    from dedupe.cli import main
+
+    try:
+        main()
+        return 0
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
+    except BaseException:
+        traceback.print_exc()
+        return 1
+
+
+def serve() -> None:
+    """The helper's loop: one JSON request a line on stdin, each run in a forked child;
+    the answer is the child's exit code (negative: killed by that signal)."""
+    # Imported once, before any fork: the command line and what its commands import when
+    # they run (a tenth of a second a child); what the helper holds is frozen (a child's
+    # collections, and its exit, skip it).
+    warm_for_forks()
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                code = _main(request)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            # The interpreter's own exit, as after `python -m dedupe`: threads joined,
+            # atexit handlers run, objects finalized (what goes wrong there is printed too).
+            raise SystemExit(code)
+        _, status = os.waitpid(pid, 0)
+        sys.stdout.write(json.dumps(os.waitstatus_to_exitcode(status)) + "\n")
+        sys.stdout.flush()
+
+
+class Helper:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.n = 0
+        self.log = workdir / "helper.log"
+        code = HELPER.format(tests=str(HERE.parent), here=str(HERE))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DEDUPE_")}
+        with open(self.log, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", code],
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+            )
+
+    def run(
+        self, *args: str, env: dict[str, str], cwd: Path, input: bytes = b""
+    ) -> subprocess.CompletedProcess[bytes]:
+        """What conftest's dedupe_cli gives, from a forked child."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.n += 1
+        out, err = self.workdir / f"{self.n}.out", self.workdir / f"{self.n}.err"
+        request = {
+            "args": list(args),
+            "env": env,
+            "cwd": str(cwd),
+            "input": input.decode("latin-1"),
+            "stdout": str(out),
+            "stderr": str(err),
+        }
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer:
+            raise AssertionError(f"the helper died: {self.log.read_text()}")
+        done = subprocess.CompletedProcess(
+            list(args), int(json.loads(answer)), out.read_bytes(), err.read_bytes()
+        )
+        out.unlink()
+        err.unlink()
+        return done
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def forked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Helper]:
+    helper = Helper(tmp_path_factory.mktemp("fuzz-helper"))
+    yield helper
+    helper.close()
+
+
+# --- the test ---------------------------------------------------------------------------------
+
+
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import asyncio
@@ -164,13 +305,14 @@ def test_no_argument_list_gives_a_traceback(
     repository: Path,
     cli_env: dict[str, str],
     tmp_path_factory: pytest.TempPathFactory,
+    forked: Helper,
 ) -> None:
     cwd = tmp_path_factory.mktemp("cwd")
     source = cwd / "orders.db"
     source.write_bytes(b"orders" * 5000)
     args = _arguments(*case, repo=repository, source=source)
     env = dict(cli_env, DEDUPE_REPO=str(repository))
-    proc = dedupe_cli(*args, env=env, cwd=cwd, input=b"")
+    proc = forked.run(*args, env=env, cwd=cwd, input=b"")
     err = proc.stderr.decode(errors="replace")
     assert "Traceback" not in err, (args, err)
     assert proc.returncode in DOCUMENTED, (args, proc.returncode, err)

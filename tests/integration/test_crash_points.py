@@ -87,7 +87,11 @@ from typing import Any, cast
 
 import blake3
 import pytest
-from conftest import PASSPHRASE, make_repo  # type: ignore[import-not-found, unused-ignore]
+from conftest import (  # type: ignore[import-not-found, unused-ignore]
+    PASSPHRASE,
+    make_repo,
+    warm_for_forks,
+)
 
 import dedupe
 from dedupe import Generation, Repository
@@ -341,7 +345,7 @@ def _child(request: dict[str, Any]) -> int:
 def serve() -> None:
     """The helper's loop: one JSON request a line on stdin; each runs in a forked child;
     the answer is the child's exit code (negative: killed by that signal)."""
-    import dedupe.cli  # noqa: F401  (imported once, before any fork)
+    warm_for_forks()  # imported once, before any fork
 
     for line in sys.stdin:
         request = json.loads(line)

@@ -13,82 +13,238 @@ put). A probe run counts them; then the command runs once per chosen point k on 
 copy of the same bucket and exits (`os._exit`, nothing caught or cleaned up) instead of
 starting mutation k: the requests before it were answered, the rest never sent. A command
 with more than POINTS mutations is sampled: the first and last few, and an even stride.
+
+Every child (a command, or a look at what it left) is forked from a long-lived helper
+interpreter, one per worker, with dedupe's command and the S3 client already imported, so
+that a child costs a fork and not an interpreter start (about 0.4 s with botocore), and
+WORKERS crash points run at once, each on its own bucket with its own client state.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import hashlib
 import io
 import itertools
 import json
 import os
+import queue
 import shutil
+import signal
 import subprocess
 import sys
+import traceback
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
-from conftest import PASSPHRASE, changing_versions, make_repo
+from conftest import PASSPHRASE, changing_versions, make_repo, warm_for_forks
 
 import dedupe
 from dedupe import Repository
 
 ROOT = Path(dedupe.__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
 CRASHED = 99
 POINTS = 8  # crash points per command at most
 MUTATIONS = ("put", "put_stream", "delete", "create_new", "swap", "delete_if")
+WORKERS = 2  # crash points tried at once
+CHILD_TIMEOUT = 120  # seconds; a child that runs longer is killed by SIGALRM
+T = TypeVar("T")
 
-# Run in the command's process: count S3Backend's mutations, die before number CRASH_AT.
-DRIVER = """
-import contextvars, json, os, sys
-CRASHED, MUTATIONS = int(os.environ["CRASH_EXIT"]), os.environ["CRASH_OPS"].split(",")
-from dedupe.backends import s3
-at, note = int(os.environ["CRASH_AT"]), os.environ["CRASH_NOTE"]
-count, inside = [0], contextvars.ContextVar("inside", default=False)
-def wrap(name):
-    original = getattr(s3.S3Backend, name)
-    async def counted(self, *args, **kwargs):
-        if inside.get():  # a mutation made by another (put_stream's put): counted once
-            return await original(self, *args, **kwargs)
-        if count[0] == at:
-            with open(note, "w") as f:
-                json.dump({"ops": count[0], "crashed": f"{name} {args[0]}"}, f)
-            os._exit(CRASHED)
-        count[0] += 1
-        token = inside.set(True)
-        try:
-            return await original(self, *args, **kwargs)
-        finally:
-            inside.reset(token)
-    setattr(s3.S3Backend, name, counted)
-def cut_uploads_short():
-    # Torn writes: count multipart uploads by their completion, and die before one.
-    original = s3.S3Backend._call
-    async def call(self, what, name, operation, **kwargs):
-        if operation == "complete_multipart_upload":
+# The helper interpreter: this module, imported by path, serves requests on stdin.
+HELPER = (
+    "import sys; sys.path[:0] = [{tests!r}, {here!r}, {root!r}]; "
+    "import test_crash_points_s3 as t; t.serve()"
+)
+
+
+# --- in the children ---------------------------------------------------------------------
+
+
+def _command(args: list[str], at: int, note: str, mode: str) -> int:
+    """The `dedupe` command, with S3Backend's mutations counted: it dies (os._exit, nothing
+    caught or cleaned up) before mutation number `at`. Writes the count to `note`."""
+    from dedupe.backends import s3
+
+    count, inside = [0], contextvars.ContextVar("inside", default=False)
+
+    def record(crashed: str | None) -> None:
+        with open(note, "w") as f:
+            json.dump({"ops": count[0], "crashed": crashed}, f)
+
+    def die(crashed: str) -> None:
+        record(crashed)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(CRASHED)
+
+    def wrap(name: str) -> None:
+        original = getattr(s3.S3Backend, name)
+
+        async def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if inside.get():  # a mutation made by another (put_stream's put): counted once
+                return await original(self, *args, **kwargs)
             if count[0] == at:
-                with open(note, "w") as f:
-                    json.dump({"ops": count[0], "crashed": f"{operation} {name}"}, f)
-                os._exit(CRASHED)
+                die(f"{name} {args[0]}")
             count[0] += 1
-        return await original(self, what, name, operation, **kwargs)
-    s3.S3Backend._call = call
-if os.environ.get("CRASH_MODE") == "torn":
-    # Objects over 32 KiB (the tests' packs) go up as multipart uploads of one part.
-    s3.SINGLE_PUT_LIMIT, s3.PART_SIZE = 32 << 10, 1 << 20
-    cut_uploads_short()
-else:
-    for name in MUTATIONS:
-        wrap(name)
-def done():
-    with open(note, "w") as f:
-        json.dump({"ops": count[0], "crashed": None}, f)
-import atexit
-atexit.register(done)
-from dedupe.cli import cli
-cli(sys.argv[1:], prog_name="dedupe")
-"""
+            token = inside.set(True)
+            try:
+                return await original(self, *args, **kwargs)
+            finally:
+                inside.reset(token)
+
+        setattr(s3.S3Backend, name, counted)
+
+    def cut_uploads_short() -> None:
+        # Torn writes: count multipart uploads by their completion, and die before one.
+        original = s3.S3Backend._call
+
+        async def call(self: Any, what: str, name: str, operation: str, **kwargs: Any) -> Any:
+            if operation == "complete_multipart_upload":
+                if count[0] == at:
+                    die(f"{operation} {name}")
+                count[0] += 1
+            return await original(self, what, name, operation, **kwargs)
+
+        setattr(s3.S3Backend, "_call", call)  # noqa: B010
+
+    if mode == "torn":
+        # Objects over 32 KiB (the tests' packs) go up as multipart uploads of one part.
+        s3.SINGLE_PUT_LIMIT, s3.PART_SIZE = 32 << 10, 1 << 20
+        cut_uploads_short()
+    else:
+        for name in MUTATIONS:
+            wrap(name)
+    from dedupe.cli import cli
+
+    try:
+        cli(args, prog_name="dedupe")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    record(None)
+    return code
+
+
+async def _look(location: str) -> dict[str, Any]:
+    """What a key holder sees: the generations, each restored (SHA-256 of the bytes), and
+    `verify --read-data` (without writing a quarantine record: a look changes nothing).
+    The restores and verify run side by side (shared locks), to keep a look short."""
+    async with await Repository.open(location, PASSPHRASE, cache=False) as repo:
+        gens = await repo.generations()
+
+        async def restore(gen_id: str) -> str:
+            out = io.BytesIO()
+            await repo.restore(gen_id, out)
+            return _sha(out.getvalue())
+
+        async with asyncio.TaskGroup() as tasks:
+            verify = tasks.create_task(repo.verify(read_data=True, quarantine=False))
+            restored = {g.id: tasks.create_task(restore(g.id)) for g in gens}
+        report = verify.result()
+        return {
+            "restored": {gen_id: task.result() for gen_id, task in restored.items()},
+            "ok": report.ok,
+            "damaged": repr(report.damaged),
+        }
+
+
+def _child(request: dict[str, Any]) -> int:
+    out = os.open(request["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.environ.clear()  # the environment the request gives, as a new process would have
+    os.environ.update(request["env"])
+    signal.alarm(CHILD_TIMEOUT)
+    if request["kind"] == "command":
+        return _command(request["args"], request["at"], request["note"], request["mode"])
+    try:
+        result = asyncio.run(_look(request["env"]["DEDUPE_REPO"]))
+    except BaseException:
+        result = {"traceback": traceback.format_exc()}
+    with open(request["note"], "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+def serve() -> None:
+    """The helper's loop: one JSON request a line on stdin; each runs in a forked child;
+    the answer is the child's exit code (negative: killed by that signal)."""
+    # Imported once, before any fork: the S3 client too (a quarter of a second).
+    warm_for_forks("aiobotocore.session", "botocore.config", "dedupe.backends.s3")
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = _child(request)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        sys.stdout.write(json.dumps(os.waitstatus_to_exitcode(status)) + "\n")
+        sys.stdout.flush()
+
+
+# --- in the test ---------------------------------------------------------------------------
+
+
+class Helper:
+    """One helper interpreter (see `serve`), used by one thread at a time."""
+
+    def __init__(self, workdir: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DEDUPE_")}
+        code = HELPER.format(tests=str(HERE.parent), here=str(HERE), root=str(ROOT))
+        self.log = workdir / f"helper-{id(self)}.log"
+        with open(self.log, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", code],
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+            )
+
+    def request(self, **request: Any) -> int:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer:
+            raise AssertionError(f"the helper died: {self.log.read_text()}")
+        return int(json.loads(answer))
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def helpers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[queue.Queue[Helper]]:
+    workdir = tmp_path_factory.mktemp("crash-s3-helpers")
+    started = [Helper(workdir) for _ in range(WORKERS)]
+    pool: queue.Queue[Helper] = queue.Queue()
+    for h in started:
+        pool.put(h)
+    yield pool
+    for h in started:
+        h.close()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def points(total: int) -> list[int]:
@@ -106,67 +262,49 @@ async def _copy_bucket(endpoint: str, source: str, target: str) -> None:
     async with get_session().create_client("s3", endpoint_url=endpoint) as s3:
         await s3.create_bucket(Bucket=target)
         paginator = s3.get_paginator("list_objects_v2")
-        async for page in paginator.paginate(Bucket=source):
-            for obj in page.get("Contents", ()):
-                await s3.copy_object(
-                    Bucket=target, Key=obj["Key"], CopySource={"Bucket": source, "Key": obj["Key"]}
-                )
-
-
-async def _looks(
-    location: str,
-    committed: dict[str, bytes],
-    new: bytes | None,
-    most_new: int,
-    may_be_gone: str | None = None,
-) -> set[str]:
-    """Asserts the state after a crash or a re-run: every committed generation is there
-    (but `may_be_gone`, which a forget may have removed) and restores exactly; at most
-    `most_new` others, each of the new data; `verify --read-data` is clean. Returns the
-    generations it holds."""
-    async with await Repository.open(location, PASSPHRASE, cache=False) as repo:
-        ids = {g.id for g in await repo.generations()}
-        assert set(committed) - {may_be_gone} <= ids, "a committed generation is gone"
-        extra = ids - set(committed)
-        assert len(extra) <= (most_new if new is not None else 0), extra
-        for gen_id in ids:
-            out = io.BytesIO()
-            await repo.restore(gen_id, out)
-            assert out.getvalue() == committed.get(gen_id, new), gen_id
-        report = await repo.verify(read_data=True, quarantine=False)
-        assert report.ok, report.damaged
-    return ids
+        keys = [
+            obj["Key"]
+            async for page in paginator.paginate(Bucket=source)
+            for obj in page.get("Contents", ())
+        ]
+        await asyncio.gather(
+            *(
+                s3.copy_object(Bucket=target, Key=key, CopySource={"Bucket": source, "Key": key})
+                for key in keys
+            )
+        )
 
 
 _buckets = itertools.count()
 
 
 class Bench:
-    def __init__(self, endpoint: str, tmp: Path, env: dict[str, str]) -> None:
-        self.endpoint, self.tmp, self.env = endpoint, tmp, env
-        self.n = 0
+    def __init__(
+        self, endpoint: str, tmp: Path, env: dict[str, str], helpers: queue.Queue[Helper]
+    ) -> None:
+        self.endpoint, self.tmp, self.env, self.helpers = endpoint, tmp, env, helpers
+        self.n = itertools.count()  # children's file names (trials run on several threads)
         self.state: dict[str, str] = {}  # location -> its client state directory
         self.template_state = os.environ["DEDUPE_STATE_DIR"]
+
+    def _child(self, location: str, **request: Any) -> tuple[int, Path, str]:
+        """A child forked by a free helper, as a client with the copy's own state: its exit
+        code, its note, what it printed."""
+        n = next(self.n)
+        note, out = self.tmp / f"note-{n}.json", self.tmp / f"out-{n}.txt"
+        env = dict(self.env, DEDUPE_REPO=location, DEDUPE_STATE_DIR=self.state[location])
+        helper = self.helpers.get()
+        try:
+            code = helper.request(env=env, note=str(note), out=str(out), **request)
+        finally:
+            self.helpers.put(helper)
+        return code, note, out.read_text(errors="replace")
 
     def run(
         self, location: str, args: list[str], at: int, mode: str = "crash"
     ) -> tuple[int, dict[str, Any], str]:
-        note = self.tmp / f"note-{self.n}.json"
-        self.n += 1
-        env = dict(
-            self.env,
-            DEDUPE_REPO=location,
-            DEDUPE_STATE_DIR=self.state[location],
-            CRASH_AT=str(at),
-            CRASH_NOTE=str(note),
-            CRASH_EXIT=str(CRASHED),
-            CRASH_OPS=",".join(MUTATIONS),
-            CRASH_MODE=mode,
-        )
-        done = subprocess.run(
-            [sys.executable, "-c", DRIVER, *args], env=env, capture_output=True, timeout=120
-        )
-        return done.returncode, json.loads(note.read_text()), done.stderr.decode()
+        code, note, output = self._child(location, kind="command", args=args, at=at, mode=mode)
+        return code, json.loads(note.read_text()), output
 
     def fresh(self, template: str) -> str:
         """A copy of the template bucket, with a copy of the client state (the keyring
@@ -179,18 +317,58 @@ class Bench:
         shutil.copytree(self.template_state, self.state[location])
         return location
 
-    def looks(self, location: str, *args: Any) -> set[str]:
-        """_looks, as a client with the copy's own state."""
-        saved = os.environ["DEDUPE_STATE_DIR"]
-        os.environ["DEDUPE_STATE_DIR"] = self.state[location]
-        try:
-            return asyncio.run(_looks(location, *args))
-        finally:
-            os.environ["DEDUPE_STATE_DIR"] = saved
+    def looks(
+        self,
+        location: str,
+        committed: dict[str, bytes],
+        new: bytes | None,
+        most_new: int,
+        may_be_gone: str | None = None,
+    ) -> set[str]:
+        """Asserts the state after a crash or a re-run: every committed generation is there
+        (but `may_be_gone`, which a forget may have removed) and restores exactly; at most
+        `most_new` others, each of the new data; `verify --read-data` is clean. Returns the
+        generations it holds."""
+        code, note, output = self._child(location, kind="look")
+        assert code == 0, f"a look exited {code}: {output}"
+        seen = json.loads(note.read_text())
+        assert "traceback" not in seen, f"a look failed:\n{seen['traceback']}"
+        restored: dict[str, str] = seen["restored"]
+        ids = set(restored)
+        assert set(committed) - {may_be_gone} <= ids, "a committed generation is gone"
+        extra = ids - set(committed)
+        assert len(extra) <= (most_new if new is not None else 0), extra
+        for gen_id, sha in restored.items():
+            want = committed.get(gen_id, new)
+            assert want is not None and sha == _sha(want), gen_id
+        assert seen["ok"], seen["damaged"]
+        return ids
+
+    def each(self, trial: Callable[[int], T], ats: list[int]) -> list[T]:
+        """`trial(at)` for each point, WORKERS at a time (each on its own bucket); every
+        failing point is named, the first one's traceback follows."""
+        with ThreadPoolExecutor(WORKERS) as pool:
+            jobs = [(at, pool.submit(trial, at)) for at in ats]
+        results, failures = [], []
+        for at, job in jobs:
+            try:
+                results.append(job.result())
+            except Exception as e:  # an assertion, or a child that broke the protocol
+                failures.append((at, e))
+        if failures:
+            summary = "\n".join(
+                f"  #{at}: {(str(e) or repr(e)).splitlines()[0]}" for at, e in failures
+            )
+            raise AssertionError(
+                f"{len(failures)} of {len(ats)} points fail:\n{summary}"
+            ) from failures[0][1]
+        return results
 
 
 @pytest.fixture
-def bench(s3_location: str, s3_endpoint: str, tmp_path: Path) -> Bench:
+def bench(
+    s3_location: str, s3_endpoint: str, tmp_path: Path, helpers: queue.Queue[Helper]
+) -> Bench:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEDUPE_")}
     env.update(
         DEDUPE_PASSWORD=PASSPHRASE,
@@ -198,7 +376,7 @@ def bench(s3_location: str, s3_endpoint: str, tmp_path: Path) -> Bench:
         DEDUPE_CACHE_DIR=os.environ["DEDUPE_CACHE_DIR"],
         PYTHONPATH=str(ROOT),
     )
-    return Bench(s3_endpoint, tmp_path, env)
+    return Bench(s3_endpoint, tmp_path, env, helpers)
 
 
 COMMANDS = {
@@ -243,20 +421,22 @@ def test_every_crash_point_on_s3_leaves_a_sound_repository(
     total = note["ops"]
     assert total >= 3, note
     chosen = points(total)
-    crashed_at = []
-    for k in chosen:
+
+    def trial(k: int) -> str:
         location = bench.fresh(bucket)
         code, note, err = bench.run(location, args, k)
         assert code == CRASHED, f"crash point {k}: exit {code}, {err}"
-        crashed_at.append(note["crashed"])
         before = bench.looks(location, committed, new_data, 1, oldest)
-        code, note, err = bench.run(location, args, -1)
+        code, _note, err = bench.run(location, args, -1)
         assert code == 0, f"the re-run after crash point {k} failed: {err}"
         after = bench.looks(location, committed, new_data, 2, oldest)
         if command == "backup":
             assert len(after) == len(before) + 1  # the re-run committed its generation
         if command == "forget":
             assert oldest not in after  # the re-run finished the forget
+        return str(note["crashed"])
+
+    crashed_at = bench.each(trial, chosen)
     print(f"{command} on S3: {total} mutations, crashed before {len(chosen)}: {crashed_at}")
 
 
@@ -293,7 +473,8 @@ def test_an_upload_cut_short_is_never_an_object_and_prune_aborts_it(
     assert code == 0, err
     uploads = note["ops"]
     assert uploads >= 1  # the manifest
-    for k in range(uploads):
+
+    def trial(k: int) -> None:
         location = bench.fresh(bucket)
         code, note, err = bench.run(location, args, k, "torn")
         assert code == CRASHED, f"upload {k}: exit {code}, {err}"
@@ -307,4 +488,6 @@ def test_an_upload_cut_short_is_never_an_object_and_prune_aborts_it(
         assert asyncio.run(_incomplete_uploads(bench.endpoint, location)) == 0
         after = bench.looks(location, committed, days[1], 1)
         assert len(after) == len(committed) + 1
+
+    bench.each(trial, list(range(uploads)))
     print(f"backup on S3: {uploads} multipart uploads, each cut short in turn")
