@@ -7,6 +7,7 @@ failing dump in a pipe); the API where the source itself is the subject.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -426,6 +427,10 @@ def test_unreadable_entries_make_a_partial_backup(
     state.mkdir(mode=0o777)
     monkeypatch.setenv("DEDUPE_STATE_DIR", str(state))
     src, repo_path = base / "src", base / "repo"
+    # nobody cannot read this interpreter's standard library (under root's home here), and
+    # commands import their modules when they run: import them while we still can.
+    for module in ("dedupe.cli", "dedupe.engine.tree", "dedupe.engine.outfile", "ctypes"):
+        importlib.import_module(module)
     try:
         with _unprivileged():
             (src / "locked").mkdir(parents=True)
