@@ -9,10 +9,11 @@ static uint32_t le32(const uint8_t *p)
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 
-/* Slot of an id in a table of 2^bits slots. Ids are keyed hashes, but a writer knows the
- * id key and could pick chunks whose ids share bits: mixing the first 8 bytes keeps that
- * from being cheaper than a brute-force search (and it only slows the writer's own
- * window: lookups compare whole ids). */
+/* Slot of an id in a table of 2^bits slots (bits: 4 to ~18 for a window). Ids are keyed
+ * hashes, but a writer knows the id key and can pick chunks whose ids land in one slot
+ * (about 2^bits tries each). That only slows windows of that writer's own generations
+ * (probes compare whole ids and stop at the first difference, so it costs time, never
+ * correctness); mixing the first 8 bytes just keeps ordinary ids spread. */
 static size_t home(const uint8_t *id, unsigned bits)
 {
     uint64_t h;

@@ -196,6 +196,24 @@ def test_every_exported_name_is_still_importable() -> None:
         dedupe.NoSuchName  # noqa: B018
 
 
+def test_submodules_are_reached_through_the_package_as_before(tmp_path: Path) -> None:
+    """Embedding code written when `import dedupe` loaded everything: `dedupe.errors.X`,
+    `dedupe.api.Repository`, `dedupe.engine.verify` at module level, in a fresh
+    interpreter (here, earlier tests have imported them already)."""
+    code = (
+        "import dedupe\n"
+        "RETRY = (dedupe.errors.BackendError, dedupe.errors.WrongPassphrase)\n"
+        "assert dedupe.api.Repository is dedupe.Repository\n"
+        "assert dedupe.engine.verify.VerifyReport is dedupe.VerifyReport\n"
+        "assert dedupe.crypto.KdfParams\n"
+        "for name in ('nosuchmodule', '__wrapped__'):\n"
+        "    assert not hasattr(dedupe, name), name\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code], env=child_env(), cwd=tmp_path, check=True, timeout=120
+    )
+
+
 # --- the passphrase KDF runs once per key file -----------------------------------------------
 
 

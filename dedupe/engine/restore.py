@@ -167,8 +167,8 @@ async def restore_chunks(
         await asyncio.gather(
             *(fetch(pack_no, s, e, jobs, ids, items, out) for pack_no, s, e, jobs in ranges)
         )
-        if copies:
-            codec.copy_repeats(out, copies)
+        if copies:  # up to a window of memcpy (zero pages): off the event loop
+            await loop.run_in_executor(executor, codec.copy_repeats, out, copies)
         view = memoryview(out).toreadonly()
         window = Window(len(records) // CHUNK_RECORD.size)
         if per_chunk:

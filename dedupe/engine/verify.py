@@ -436,7 +436,11 @@ class _Verifier:
                 return
             # Blobs lie between the pack magic and the footer.
             bounds = [(len(PACK_MAGIC), max(0, r.length - FOOTER_SIZE)) for r in packs]
-            parts, outside_entries = entries_by_pack(records, bounds)
+            try:
+                parts, outside_entries = entries_by_pack(records, bounds)
+            except ValueError as e:  # an entry names a pack the object does not list
+                self._damaged(name, "index", MALFORMED, f"{name}: {e}")
+                return
             for pack_no in {*parts, *(pack_no for pack_no, _cid in outside_entries)}:
                 record = packs[pack_no]
                 info = self.packs.get(record.pack_id)

@@ -375,8 +375,9 @@ cdef class BatchCodec:
         """Open the planned chunks items[lo:hi] (ddp_plan_item records, csrc/windowplan.h;
         ids: their 32-byte ids) of one pack, each straight into its place in `out` (a
         window from window_block): `data` holds the pack's bytes from offset `base`.
-        Checks AEAD, length and the keyed id under `id_key`; raises OpenError with the
-        failing item's number (counted from 0, not from lo). Jobs of one window may run
+        Checks AEAD, length and the keyed id under `id_key`; raises OpenError with a
+        failing item's number (counted from 0, not from lo: the first that fails to open,
+        else the first whose id does not match). Jobs of one window may run
         at once in several threads: their items' places in `out` do not overlap."""
         cdef const uint8_t *k = _key_ptr(key)
         cdef const uint8_t *ik = _key_ptr(id_key)
@@ -391,7 +392,8 @@ cdef class BatchCodec:
         cdef uint32_t *raw = NULL
         cdef uint64_t *pos = NULL
         cdef const uint8_t *ids_p
-        if not (0 <= lo <= hi <= n_items) or PyBytes_GET_SIZE(ids) != n_items * 32:
+        if (PyBytes_GET_SIZE(items) % <Py_ssize_t>sizeof(ddp_plan_item)
+                or not (0 <= lo <= hi <= n_items) or PyBytes_GET_SIZE(ids) != n_items * 32):
             raise ValueError("open_planned: items, ids and [lo, hi) do not agree")
         n = hi - lo
         it = <const ddp_plan_item *>PyBytes_AS_STRING(items) + lo
@@ -411,7 +413,8 @@ cdef class BatchCodec:
                 offset[i] = it[i].offset - <size_t>base
                 if offset[i] + it[i].stored_length > <size_t>view.len:
                     raise ValueError("open_planned: a blob ends after the data")
-                if it[i].out_pos + it[i].raw_length > <uint64_t>out.size:
+                if (it[i].raw_length > <uint64_t>out.size
+                        or it[i].out_pos > <uint64_t>out.size - it[i].raw_length):
                     raise ValueError("open_planned: a chunk ends after the window")
                 stored[i] = it[i].stored_length
                 raw[i] = it[i].raw_length

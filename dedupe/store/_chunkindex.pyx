@@ -350,6 +350,8 @@ cdef class ChunkTable:
         cdef ddp_plan_copy *copies_p
         cdef list ranges = [], jobs = None
         cdef uint32_t pack = 0
+        if gap < 0 or max_range < 0 or batch < 0:
+            raise ValueError("plan_window: gap, max_range and batch are not negative")
         self._check_read()
         PyObject_GetBuffer(records, &rv, PyBUF_SIMPLE)
         try:
@@ -519,6 +521,8 @@ def entries_by_pack(records, list bounds):
             raise MemoryError()
         for p in range(np):
             first, end = bounds[p]
+            if first < 0 or end < 0:
+                raise ValueError(f"entries_by_pack: negative bounds {first, end} of pack {p}")
             lo[p], hi[p] = first, end
         r = <const uint8_t *>rv.buf
         for k in range(n):
@@ -566,6 +570,8 @@ def cut_records(records, Py_ssize_t start, Py_ssize_t budget):
     cdef Py_ssize_t n, k
     cdef uint64_t size = 0
     cdef const uint8_t *p
+    if budget < 0:
+        raise ValueError("cut_records: a negative budget")
     PyObject_GetBuffer(records, &rv, PyBUF_SIMPLE)
     try:
         if rv.len % _CHUNK_RECORD_BYTES:

@@ -622,6 +622,9 @@ class RepositoryStore:
                     return  # replaced by a prune meanwhile
                 try:
                     packs, records = await self.open_index_object(name, data)
+                    # An authentic object can still be malformed (an entry naming a pack
+                    # it does not list): the table refuses it whole, storing nothing.
+                    self.index.add_records(packs, records, f"index object {name}")
                 except (IntegrityError, UnsupportedFormat) as e:
                     # One bad index object must not make the whole repository unreadable:
                     # its chunks count as not indexed (restores that need them fail and
@@ -633,7 +636,6 @@ class RepositoryStore:
                 if fetched:  # kept once it proved to be what its key map entry vouches for
                     self.cache.write(name, data, len(data))
                 del data
-                self.index.add_records(packs, records, f"index object {name}")
             self.damaged_index_objects.pop(name, None)
             self._loaded_index_objects.add(name)
 

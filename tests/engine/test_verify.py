@@ -590,6 +590,33 @@ def test_a_trailer_record_past_the_end_of_the_read_pack_is_classified_not_raised
         assert [(c, reason) for c, reason, _detail in bad] == [(gone, TRUNCATED)]
 
 
+def test_an_index_object_naming_a_pack_it_does_not_list_is_reported_not_raised(
+    repo: Pristine, run_asyncio: Run[Any]
+) -> None:
+    """An authentic index object (a key holder's bug or forgery) whose entry names pack
+    number 1 of a one-pack table: verify reports the object, it does not stop."""
+    cid = os.urandom(32)
+
+    async def go() -> tuple[str, VerifyReport]:
+        async with await Repository.open(repo.path, PASSPHRASE) as r:
+            store = r._store
+            # Sealed and stored as write_index does, without its own load of the entries
+            # (which refuses them): another writer's object, as verify meets it.
+            sealed = store.seal_index(
+                [PackRecord(os.urandom(32), 1000)], ENTRY_RECORD.pack(cid, 1, 8, 1, 1)
+            )
+            await store.keymaps.write([sealed.entry])
+            await store.backend.put(sealed.name, sealed.data)
+        async with await Repository.open(repo.path, PASSPHRASE) as r:
+            return sealed.name, await r.verify()
+
+    name, report = run_asyncio(go())
+    assert not report.ok
+    (damaged,) = [d for d in report.damaged if d.name == name]
+    assert damaged.kind == "index" and damaged.reason == MALFORMED
+    assert "pack number 1 of 1" in damaged.details[0]
+
+
 class PackGoesWhileRead(LocalBackend):
     """Deletes, or cuts in half, one pack between verify's stat of it and its read, as a
     concurrent prune or a failing disk would."""

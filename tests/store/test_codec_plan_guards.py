@@ -244,3 +244,38 @@ def test_an_entry_whose_end_passes_4_gib_is_outside() -> None:
     records = ENTRY.pack(cid, 0, 0xFFFFFFF0, 0x20, 1)
     parts, outside = entries_by_pack(records, [(8, 1000)])
     assert parts == {} and outside == [(0, cid)]
+
+
+# --- what the second review found: wrapping sums and negative arguments ---------------------
+
+
+@both
+def test_a_place_so_large_that_it_wraps_is_refused(native: bool) -> None:
+    """out_pos + raw_length past 2**64 wraps to a small sum: the check is written so that
+    it cannot (the kernel would write before the window)."""
+    key = new_key()
+    codec = BlobCodec(1, HASHER, native=native)
+    chunk = os.urandom(100)
+    cid, blob = _one_good_blob(codec, key, chunk)
+    out = codec.window_buffer(100)
+    item = PLAN_ITEM.pack(0, 0, len(blob), 100, 2**64 - 10)
+    with pytest.raises(ValueError):
+        codec.open_planned(key, blob, 0, cid, item, 0, 1, out)
+    codec.open_planned(key, blob, 0, cid, PLAN_ITEM.pack(0, 0, len(blob), 100, 0), 0, 1, out)
+    assert bytes(out) == chunk
+    if native:  # items that are not whole records
+        with pytest.raises(ValueError):
+            codec.open_planned(key, blob, 0, cid, item + b"x", 0, 1, out)
+
+
+def test_negative_sizes_and_bounds_are_refused() -> None:
+    from dedupe.store._chunkindex import ChunkTable, cut_records
+
+    table = ChunkTable()
+    for gap, limit, batch in ((-1, 10, 10), (10, -1, 10), (10, 10, -1)):
+        with pytest.raises(ValueError):
+            table.plan_window(b"", gap, limit, batch)
+    with pytest.raises(ValueError):
+        cut_records(b"", 0, -1)
+    with pytest.raises(ValueError):
+        entries_by_pack(b"", [(0, -1)])
