@@ -10,8 +10,9 @@ restore, verify or prune code, start without loading what they do not run.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from dedupe._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from dedupe._types import BackupStats, Generation, Progress, RestoreStats
@@ -62,21 +63,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value  # looked up once
-        return value
-    # A submodule is loaded on first use too: `import dedupe` and then `dedupe.errors.X`
-    # worked when this package imported everything, and embedding code relies on it.
-    if not name.startswith("__"):
-        try:
-            return importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{name}":
-                raise
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, submodules=True)

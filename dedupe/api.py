@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import importlib
 import logging
 import os
 import shutil
@@ -46,6 +45,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeAlias
 
+from dedupe._lazy import lazy_exports
 from dedupe._types import (
     BackupStats,
     CopiedGeneration,
@@ -137,12 +137,7 @@ _LAZY_EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> object:
-    if name not in _LAZY_EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
-    globals()[name] = value  # looked up once
-    return value
+__getattr__, _ = lazy_exports(__name__, _LAZY_EXPORTS)
 
 
 Location = str | os.PathLike[str] | Backend

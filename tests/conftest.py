@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import random
 import shutil
@@ -173,6 +174,69 @@ def warm_for_forks(*modules: str) -> None:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
     gc.freeze()
+
+
+def serve_forks(child: Callable[[dict[str, Any]], int], *warm: str) -> None:
+    """A helper interpreter's loop: one JSON request a line on stdin, each run by `child`
+    in a forked child that leaves with os._exit (no interpreter shutdown); the answer is
+    the child's exit code (negative: killed by that signal). `warm`: modules imported once,
+    before the first fork, beside COMMAND_MODULES."""
+    warm_for_forks(*warm)
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = child(request)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        sys.stdout.write(json.dumps(os.waitstatus_to_exitcode(status)) + "\n")
+        sys.stdout.flush()
+
+
+class ForkHelper:
+    """In the test: one helper interpreter running `serve()` of the test module at
+    `module_file` (which forks a child per request), used by one thread at a time."""
+
+    def __init__(self, module_file: str, workdir: Path) -> None:
+        here = Path(module_file).resolve().parent
+        import dedupe
+
+        root = Path(dedupe.__file__).resolve().parents[1]
+        code = (
+            f"import sys; sys.path[:0] = [{str(here.parent)!r}, {str(here)!r}, {str(root)!r}]; "
+            f"import {Path(module_file).stem} as t; t.serve()"
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DEDUPE_")}
+        self.log = workdir / f"helper-{id(self)}.log"
+        with open(self.log, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", code],
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+            )
+
+    def request(self, **request: Any) -> int:
+        """Run one request in a forked child; its exit code."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer:
+            raise AssertionError(f"the helper died: {self.log.read_text()}")
+        return int(json.loads(answer))
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=30)
 
 
 # --- kill loops: SIGKILL at chosen moments, each trial on a copy of a template --------------

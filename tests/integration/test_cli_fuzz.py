@@ -30,7 +30,7 @@ from typing import Any
 
 import click
 import pytest
-from conftest import make_repo, warm_for_forks
+from conftest import ForkHelper, make_repo, warm_for_forks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -155,8 +155,6 @@ def _arguments(
 
 # --- the commands, forked ------------------------------------------------------------------
 
-HERE = Path(__file__).resolve().parent
-HELPER = "import sys; sys.path[:0] = [{tests!r}, {here!r}]; import test_cli_fuzz as t; t.serve()"
 CHILD_TIMEOUT = 600  # seconds, as conftest's dedupe_cli
 
 
@@ -219,28 +217,18 @@ def serve() -> None:
         sys.stdout.flush()
 
 
-class Helper:
+class Helper(ForkHelper):
+    """The helper interpreter (see `serve`), a child per command."""
+
     def __init__(self, workdir: Path) -> None:
+        super().__init__(__file__, workdir)
         self.workdir = workdir
         self.n = 0
-        self.log = workdir / "helper.log"
-        code = HELPER.format(tests=str(HERE.parent), here=str(HERE))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DEDUPE_")}
-        with open(self.log, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", code],
-                env=env,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                text=True,
-            )
 
     def run(
         self, *args: str, env: dict[str, str], cwd: Path, input: bytes = b""
     ) -> subprocess.CompletedProcess[bytes]:
         """What conftest's dedupe_cli gives, from a forked child."""
-        assert self.proc.stdin is not None and self.proc.stdout is not None
         self.n += 1
         out, err = self.workdir / f"{self.n}.out", self.workdir / f"{self.n}.err"
         request = {
@@ -251,22 +239,11 @@ class Helper:
             "stdout": str(out),
             "stderr": str(err),
         }
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        answer = self.proc.stdout.readline()
-        if not answer:
-            raise AssertionError(f"the helper died: {self.log.read_text()}")
-        done = subprocess.CompletedProcess(
-            list(args), int(json.loads(answer)), out.read_bytes(), err.read_bytes()
-        )
+        rc = self.request(**request)
+        done = subprocess.CompletedProcess(list(args), rc, out.read_bytes(), err.read_bytes())
         out.unlink()
         err.unlink()
         return done
-
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        self.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -73,7 +73,6 @@ import re
 import shutil
 import signal
 import stat
-import subprocess
 import sys
 import threading
 import time
@@ -89,16 +88,14 @@ import blake3
 import pytest
 from conftest import (  # type: ignore[import-not-found, unused-ignore]
     PASSPHRASE,
+    ForkHelper,
     make_repo,
-    warm_for_forks,
+    serve_forks,
 )
 
-import dedupe
 from dedupe import Generation, Repository
 from dedupe.errors import DedupeError
 
-ROOT = Path(dedupe.__file__).resolve().parents[1]
-HERE = Path(__file__).resolve().parent
 CRASHED = 99  # the exit code of an injected crash
 CHILD_TIMEOUT = 60  # seconds; a child that runs longer is killed by SIGALRM
 WORKERS = 2
@@ -122,12 +119,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 # The helper interpreter: this module, imported by path, serves requests on stdin.
-HELPER = (
-    "import sys; sys.path[:0] = [{tests!r}, {here!r}, {root!r}]; "
-    "import test_crash_points as t; t.serve()"
-)
-
-
 # =============================================================================================
 # In the children: counting and crashing
 # =============================================================================================
@@ -343,24 +334,8 @@ def _child(request: dict[str, Any]) -> int:
 
 
 def serve() -> None:
-    """The helper's loop: one JSON request a line on stdin; each runs in a forked child;
-    the answer is the child's exit code (negative: killed by that signal)."""
-    warm_for_forks()  # imported once, before any fork
-
-    for line in sys.stdin:
-        request = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                code = _child(request)
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        sys.stdout.write(json.dumps(os.waitstatus_to_exitcode(status)) + "\n")
-        sys.stdout.flush()
+    """The helper's loop (conftest.serve_forks)."""
+    serve_forks(_child)
 
 
 # =============================================================================================
@@ -368,36 +343,11 @@ def serve() -> None:
 # =============================================================================================
 
 
-class Helper:
+class Helper(ForkHelper):
     """One helper interpreter (see `serve`), used by one worker thread at a time."""
 
     def __init__(self, workdir: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DEDUPE_")}
-        code = HELPER.format(tests=str(HERE.parent), here=str(HERE), root=str(ROOT))
-        self.log = workdir / f"helper-{id(self)}.log"
-        with open(self.log, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", code],
-                env=env,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                text=True,
-            )
-
-    def request(self, **request: Any) -> int:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        answer = self.proc.stdout.readline()
-        if not answer:
-            raise AssertionError(f"the helper died: {self.log.read_text()}")
-        return int(json.loads(answer))
-
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        self.proc.wait(timeout=30)
+        super().__init__(__file__, workdir)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,6 @@ import os
 import queue
 import shutil
 import signal
-import subprocess
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -41,13 +40,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from conftest import PASSPHRASE, changing_versions, make_repo, warm_for_forks
+from conftest import PASSPHRASE, ForkHelper, changing_versions, make_repo, serve_forks
 
 import dedupe
 from dedupe import Repository
 
 ROOT = Path(dedupe.__file__).resolve().parents[1]
-HERE = Path(__file__).resolve().parent
 CRASHED = 99
 POINTS = 8  # crash points per command at most
 MUTATIONS = ("put", "put_stream", "delete", "create_new", "swap", "delete_if")
@@ -56,12 +54,6 @@ CHILD_TIMEOUT = 120  # seconds; a child that runs longer is killed by SIGALRM
 T = TypeVar("T")
 
 # The helper interpreter: this module, imported by path, serves requests on stdin.
-HELPER = (
-    "import sys; sys.path[:0] = [{tests!r}, {here!r}, {root!r}]; "
-    "import test_crash_points_s3 as t; t.serve()"
-)
-
-
 # --- in the children ---------------------------------------------------------------------
 
 
@@ -175,60 +167,19 @@ def _child(request: dict[str, Any]) -> int:
 
 
 def serve() -> None:
-    """The helper's loop: one JSON request a line on stdin; each runs in a forked child;
-    the answer is the child's exit code (negative: killed by that signal)."""
-    # Imported once, before any fork: the S3 client too (a quarter of a second).
-    warm_for_forks("aiobotocore.session", "botocore.config", "dedupe.backends.s3")
-
-    for line in sys.stdin:
-        request = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                code = _child(request)
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        sys.stdout.write(json.dumps(os.waitstatus_to_exitcode(status)) + "\n")
-        sys.stdout.flush()
+    """The helper's loop (conftest.serve_forks); the S3 client imported once too (a quarter
+    of a second a child)."""
+    serve_forks(_child, "aiobotocore.session", "botocore.config", "dedupe.backends.s3")
 
 
 # --- in the test ---------------------------------------------------------------------------
 
 
-class Helper:
-    """One helper interpreter (see `serve`), used by one thread at a time."""
+class Helper(ForkHelper):
+    """One helper interpreter (see `serve`), used by one worker thread at a time."""
 
     def __init__(self, workdir: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DEDUPE_")}
-        code = HELPER.format(tests=str(HERE.parent), here=str(HERE), root=str(ROOT))
-        self.log = workdir / f"helper-{id(self)}.log"
-        with open(self.log, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", code],
-                env=env,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                text=True,
-            )
-
-    def request(self, **request: Any) -> int:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        answer = self.proc.stdout.readline()
-        if not answer:
-            raise AssertionError(f"the helper died: {self.log.read_text()}")
-        return int(json.loads(answer))
-
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        self.proc.wait(timeout=30)
+        super().__init__(__file__, workdir)
 
 
 @pytest.fixture(scope="module")
