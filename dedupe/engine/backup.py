@@ -283,13 +283,24 @@ async def ingest(
                 progress(p)
         await framed_q.put(None)
 
+    async def hand_over(pack: FinishedPack) -> None:
+        # A rendezvous: wait until the writer has taken the pack before sealing on. At most
+        # two pack buffers (16 MiB each) are then held, the one being written and the one
+        # being filled; with a queue between them, and the next pack started as soon as
+        # one was complete, a store slower than sealing made it four.
+        await packs_q.put(pack)
+        await packs_q.join()
+
     async def seal_stage() -> None:
         while (framing := await framed_q.get()) is not None:
-            for pack in await run(packer.add, await framing):
-                await packs_q.put(pack)
+            framed = await framing
+            while framed.pending:
+                pack = await run(packer.fill, framed)
+                if pack is not None:
+                    await hand_over(pack)
         last = await run(packer.flush)
         if last is not None:
-            await packs_q.put(last)
+            await hand_over(last)
         await packs_q.put(None)
 
     async def write_index() -> None:
@@ -314,6 +325,7 @@ async def ingest(
     async def write_stage() -> None:
         nonlocal writing
         while (pack := await packs_q.get()) is not None:
+            packs_q.task_done()
             writing = asyncio.ensure_future(store_pack(pack))
             await asyncio.shield(writing)
             writing = None

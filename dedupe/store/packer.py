@@ -1,9 +1,9 @@
 """PackWriter: seals framed chunks into packs of about `target_size` bytes.
 
-Contract: one owner calls `add()` and `flush()`, one call at a time (they may run on a
+Contract: one owner calls `add()` (or `fill()`) and `flush()`, one call at a time (they may run on a
 worker thread; there is no internal locking). Each pack gets a fresh random data key,
 handed out with the finished pack: its writer wraps it into a key map (no key is in the
-pack's bytes). `add()` returns the packs it completed;
+pack's bytes). `add()` returns the packs it completed, `fill()` stops at each;
 `flush()` is the barrier that completes the last, partly filled pack. A PackWriter that
 raised stays failed: later calls raise too, so a half-built pack is never written.
 
@@ -62,7 +62,10 @@ class PackWriter:
         self.target_size = target_size
         self._failed: BaseException | None = None
         self._spares: deque[bytearray] = deque()  # append and pop are atomic
-        self._start()
+        # The pack being filled; None between a finished pack and the next blob, so that
+        # a writer holding finished packs does not also hold an empty buffer.
+        self._buf: bytearray | None = None
+        self._records = bytearray()
 
     def recycle(self, pack: FinishedPack) -> None:
         """Reuse `pack`'s buffer for a later pack. Nothing may use pack.data afterwards."""
@@ -70,60 +73,76 @@ class PackWriter:
             self._spares.append(pack.data)
         pack.data = bytearray()
 
-    def _start(self) -> None:
+    def _start(self) -> bytearray:
         self._key = new_key()
         # Blobs are sealed in place into one buffer: no per-blob copies, no final join.
         size = _buffer_size(self.target_size)
         try:
-            self._buf = self._spares.pop()
-            if len(self._buf) < size:
-                self._buf.extend(bytes(size - len(self._buf)))
+            buf = self._spares.pop()
+            if len(buf) < size:
+                buf.extend(bytes(size - len(buf)))
         except IndexError:
-            self._buf = bytearray(size)
-        self._buf[: len(PACK_MAGIC)] = PACK_MAGIC
+            buf = bytearray(size)
+        buf[: len(PACK_MAGIC)] = PACK_MAGIC
+        self._buf = buf
         self._size = len(PACK_MAGIC)
         self._records = bytearray()
+        return buf
 
-    def _reserve(self, n: int) -> None:
+    def _reserve(self, buf: bytearray, n: int) -> None:
         # Rare (packs of many small blobs): grow by a little, as every byte added is
         # written (zeroed) and so resident, in each buffer this writer keeps.
-        if self._size + n > len(self._buf):
-            self._buf.extend(bytes(max(n, len(self._buf) // 16)))
+        if self._size + n > len(buf):
+            buf.extend(bytes(max(n, len(buf) // 16)))
 
     def add(self, batch: FramedBatch) -> list[FinishedPack]:
         """Seal a framed batch (BlobCodec.frame) under the pack key; returns the packs it
         completed."""
+        done = []
+        while batch.pending:
+            pack = self.fill(batch)
+            if pack is not None:
+                done.append(pack)
+        return done
+
+    def fill(self, batch: FramedBatch) -> FinishedPack | None:
+        """Seal blobs of `batch` until a pack is complete (returned, with the rest of the
+        batch still pending) or the batch is all sealed (None). A caller that hands each
+        pack on before it calls again holds one pack buffer besides those handed on."""
         if self._failed:
             raise RuntimeError("this PackWriter failed earlier") from self._failed
-        done = []
         try:
             while batch.pending:
+                buf = self._start() if self._buf is None else self._buf
                 self._size = seal_batch(
-                    self._key, batch, self._buf, self._size, self.target_size, self._records
+                    self._key, batch, buf, self._size, self.target_size, self._records
                 )
                 if self._size >= self.target_size:
-                    done.append(self._finish())
-                elif batch.pending:  # the next blob does not fit: make room
-                    self._reserve(batch.next_sealed_size())
+                    return self._finish(buf)
+                if batch.pending:  # the next blob does not fit: make room
+                    self._reserve(buf, batch.next_sealed_size())
         except BaseException as e:
             self._failed = e
             raise
-        return done
+        return None
 
     def flush(self) -> FinishedPack | None:
         if self._failed:
             raise RuntimeError("this PackWriter failed earlier") from self._failed
-        return self._finish() if self._records else None
+        return self._finish(self._buf) if self._buf is not None and self._records else None
 
-    def _finish(self) -> FinishedPack:
+    def _finish(self, buf: bytearray) -> FinishedPack:
         trailer = encode_trailer_records(self._records)
-        self._reserve(len(trailer) + OVERHEAD + FOOTER_SIZE)
+        self._reserve(buf, len(trailer) + OVERHEAD + FOOTER_SIZE)
         trailer_start = self._size
-        self._size = seal_into(self._key, trailer, TRAILER_AAD, self._buf, trailer_start)
+        self._size = seal_into(self._key, trailer, TRAILER_AAD, buf, trailer_start)
         footer = encode_footer(self._size - trailer_start)
-        self._buf[self._size : self._size + FOOTER_SIZE] = footer
+        buf[self._size : self._size + FOOTER_SIZE] = footer
         self._size += FOOTER_SIZE
-        del self._buf[self._size :]
-        pack = FinishedPack(self._buf, bytes(self._records), self._key)
-        self._start()
+        del buf[self._size :]
+        pack = FinishedPack(buf, bytes(self._records), self._key)
+        # The next pack's buffer is taken when its first blob comes (a recycled one by
+        # then, if its writer is done with one), not now.
+        self._buf = None
+        self._records = bytearray()
         return pack

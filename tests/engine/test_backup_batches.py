@@ -3,13 +3,21 @@ records, against one-chunk-at-a-time models of the same rules."""
 
 from __future__ import annotations
 
+import asyncio
+import io
+import random
 import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import pytest
+from conftest import make_repo
 from hypothesis import given
 from hypothesis import strategies as st
 
 from dedupe.engine.backup import _unstored
+from dedupe.store import PackWriter
 from dedupe.store.index import chunk_records, entry_records
 
 _IDS = [bytes([i]) * 32 for i in range(6)]
@@ -83,3 +91,46 @@ def test_native_records_refuse_what_is_not_a_record() -> None:
         chunk_records([bytes(31)], [memoryview(b"x")])
     with pytest.raises(ValueError, match="1 ids for 2 chunks"):
         chunk_records([bytes(32)], [memoryview(b"x"), memoryview(b"y")])
+
+
+def test_a_slow_store_holds_two_pack_buffers(
+    run_asyncio: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When writing packs is slower than sealing them, the sealer waits for the writer to
+    take each finished pack before it starts the next one: two pack buffers are ever
+    made (the one being written and the one being filled), however many packs there
+    are. A queue between them, and the next pack started as soon as one was complete,
+    made it four (16 MiB each at the default pack size)."""
+    made = []
+    start = PackWriter._start
+
+    def counting_start(self: PackWriter) -> bytearray:
+        if not self._spares:
+            made.append(1)
+        return start(self)
+
+    monkeypatch.setattr(PackWriter, "_start", counting_start)
+    data = random.Random(7).randbytes(1 << 20)  # ~16 packs of 64 KiB
+
+    async def pieces() -> AsyncIterator[bytes]:  # each batch seals less than a pack
+        for start in range(0, len(data), 48 * 1024):
+            yield data[start : start + 48 * 1024]
+
+    async def go() -> None:
+        async with await make_repo(tmp_path / "repo") as repo:
+            store = repo._store
+            write = store.write_finished_pack
+
+            async def slow_write(*args: Any) -> None:
+                await asyncio.sleep(0.02)
+                await write(*args)
+
+            monkeypatch.setattr(store, "write_finished_pack", slow_write)
+            stats = await repo.backup(pieces(), name="db", kind="full")
+            assert stats.packs >= 10
+            out = io.BytesIO()
+            await repo.restore(stats.id, out)
+            assert out.getvalue() == data
+
+    run_asyncio(go())
+    assert len(made) == 2

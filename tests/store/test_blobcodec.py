@@ -271,6 +271,25 @@ def test_packs_list_exactly_their_blobs(native: bool) -> None:
     assert seen == [c for chunks in batches for c in chunks]
 
 
+def test_a_finished_pack_is_the_only_buffer_held() -> None:
+    """Between a finished pack and the next blob the writer holds no buffer of its own:
+    the next pack takes the buffer its writer hands back meanwhile, so a backup whose
+    store is slower than its sealing holds two pack buffers, not three."""
+    codec = BlobCodec(1, HASHER)
+    writer = PackWriter(64 * 1024)
+    rnd = random.Random(6)
+    chunks = [rnd.randbytes(20_000) for _ in range(4)]  # the 4th crosses the target
+    (first,) = writer.add(codec.frame(chunks, HASHER.chunk_ids(chunks)))
+    assert writer.flush() is None  # nothing after the finished pack
+    buffer = first.data
+    writer.recycle(first)
+    more = [rnd.randbytes(20_000)]
+    writer.add(codec.frame(more, HASHER.chunk_ids(more)))
+    last = writer.flush()
+    assert last is not None and last.data is buffer  # the handed-back buffer, reused
+    assert [cid for cid, *_ in last.entries()] == HASHER.chunk_ids(more)
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_packs_of_2_kib_blobs_never_grow_their_buffer(
     native: bool, monkeypatch: pytest.MonkeyPatch
@@ -281,10 +300,10 @@ def test_packs_of_2_kib_blobs_never_grow_their_buffer(
     grew = []
     reserve = PackWriter._reserve
 
-    def spy(self: PackWriter, n: int) -> None:
-        before = len(self._buf)
-        reserve(self, n)
-        if len(self._buf) != before:
+    def spy(self: PackWriter, buf: bytearray, n: int) -> None:
+        before = len(buf)
+        reserve(self, buf, n)
+        if len(buf) != before:
             grew.append(n)
 
     monkeypatch.setattr(PackWriter, "_reserve", spy)
