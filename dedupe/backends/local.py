@@ -16,6 +16,7 @@ import stat
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 
+from dedupe.backends._direct import DIRECT_MIN, write_parts
 from dedupe.backends.base import Backend, Buffer
 from dedupe.errors import (
     BackendError,
@@ -74,6 +75,14 @@ def _truncated(name: str, offset: int, length: int, ends: int) -> TruncatedObjec
     )
 
 
+def sized(parts: Iterable[Buffer]) -> int:
+    """The bytes `parts` hold if it is a list or tuple (a put); a stream of parts
+    (put_stream, a manifest spilled as it is made) counts as large."""
+    if isinstance(parts, list | tuple):
+        return sum(memoryview(p).nbytes for p in parts)
+    return DIRECT_MIN
+
+
 def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
@@ -96,9 +105,15 @@ def _guard(directory: str) -> Iterator[None]:
 
 
 class LocalBackend(Backend):
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], direct_io: bool | None = None) -> None:
+        """`direct_io`: write objects of DIRECT_MIN bytes or more (packs) around the page
+        cache (dedupe.backends._direct); None: unless DEDUPE_DIRECT_IO is "0". Turned
+        off for good once the file system refuses it."""
         self.root = os.path.abspath(os.fspath(root))
         self.location = self.root
+        if direct_io is None:
+            direct_io = os.environ.get("DEDUPE_DIRECT_IO", "1") != "0"
+        self.direct_io = direct_io
 
     def _path(self, name: str) -> str:
         if name.startswith("/") or ".." in name.split("/"):
@@ -128,11 +143,10 @@ class LocalBackend(Backend):
         tmp = os.path.join(directory, TMP_PREFIX + secrets.token_hex(8))
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            for part in parts:
-                view = memoryview(part)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+            if self.direct_io and sized(parts) >= DIRECT_MIN:
+                self.direct_io = write_parts(fd, parts, True)
+            else:
+                write_parts(fd, parts, False)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
