@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 from dedupe._lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from dedupe._types import BackupStats, Generation, Progress, RestoreStats
+    from dedupe._types import BackupStats, Generation, Progress, RestoreStats, SQLiteDatabase
     from dedupe.api import Repository
     from dedupe.engine.commands import Command
-    from dedupe.engine.databases import SQLiteDatabase, postgres_basebackup, postgres_dump
+    from dedupe.engine.databases import postgres_basebackup, postgres_dump
     from dedupe.engine.forget import ForgetReport
     from dedupe.engine.prune import PruneReport
     from dedupe.engine.verify import DamagedObject, VerifyReport
@@ -38,7 +38,7 @@ _EXPORTS = {
     "PruneReport": "dedupe.engine.prune",
     "Repository": "dedupe.api",
     "RestoreStats": "dedupe._types",
-    "SQLiteDatabase": "dedupe.engine.databases",
+    "SQLiteDatabase": "dedupe._types",
     "VerifyReport": "dedupe.engine.verify",
     "postgres_basebackup": "dedupe.engine.databases",
     "postgres_dump": "dedupe.engine.databases",

@@ -1,8 +1,14 @@
-"""Records shared by every layer: progress events and the statistics operations return."""
+"""Records shared by every layer: progress events, the statistics operations return, and
+the database sources and verify subsets the API takes.
+
+Everything here is light (no engine, no native code): dedupe.api imports it at the top, so
+its annotations can name what is here and resolve at run time (typing.get_type_hints),
+while the modules that act on these records load only with the command that needs them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -190,3 +196,43 @@ class CopyReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# --- what backup() and verify() take besides streams and trees --------------------------------
+# Defined here rather than beside the code that acts on them (dedupe.engine.databases,
+# dedupe.engine.verify, which re-export them as the same objects): dedupe.api's Source alias
+# and Repository.verify name them, and importing those modules would load sqlite3, zstandard
+# and the verify pipeline into every command.
+
+
+@dataclass(frozen=True)
+class SQLiteDatabase:
+    """A backup source: the live SQLite database at `path`, snapshotted with the online
+    backup API (dedupe.engine.databases.sqlite_snapshot) into a temporary file under
+    `scratch` (default: $TMPDIR), which is backed up and removed."""
+
+    path: str
+    scratch: str | None = None
+
+
+@dataclass(frozen=True)
+class PostgresBaseBackupTars:
+    """A backup source: a physical backup of a cluster with tablespaces, which
+    pg_basebackup cannot stream as one tar. `write_basebackup_tars` (engine/databases.py)
+    has it write base.tar and one <oid>.tar per tablespace into a scratch directory (under
+    `scratch`, default $TMPDIR: room for the whole cluster), which is backed up as a tree
+    and removed. `info` is what the generation records; `tablespaces` maps each
+    tablespace's oid to its location on the server."""
+
+    info: Mapping[str, Any]
+    tablespaces: Mapping[str, str]
+    env: Mapping[str, str] | None = None
+    scratch: str | None = None
+
+
+# A fraction, an n/t slice, or the named packs themselves (a restore that met damage
+# checks only the packs its generation reads: dedupe/replication.py).
+SubsetSpec = float | tuple[int, int] | frozenset[bytes]
+"""A fraction of the packs in (0, 1], read as a random sample; or (n, t), 1 <= n <= t: the
+n-th of t deterministic slices (the packs whose id, as a big-endian integer of its first 8
+bytes, is n - 1 modulo t), so that running 1/t .. t/t reads every pack once."""

@@ -45,16 +45,20 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeAlias
 
+import dedupe
 from dedupe._lazy import lazy_exports
 from dedupe._types import (
     BackupStats,
     CopiedGeneration,
     CopyReport,
     Generation,
+    PostgresBaseBackupTars,
     Progress,
     ProgressCallback,
     RestoreStats,
     SpaceStats,
+    SQLiteDatabase,
+    SubsetSpec,
 )
 from dedupe.backends import Backend, open_backend
 from dedupe.chunking import ChunkerParams, describe, kept_spec, parse_spec
@@ -84,20 +88,30 @@ from dedupe.store.tables import spill_complete_table
 # (restore, verify, forget, prune, repair, keys, listing, trees, databases), and so are
 # replicas and objectives: start-up is a large share of a small backup, and a command
 # loads the code of its own operation only.
+#
+# The annotations must still resolve at run time (typing.get_type_hints, as pydantic,
+# typer or cattrs call it, evaluates them in this module's namespace, where a PEP 562
+# __getattr__ is never asked). So they name
+# - what this module imports at the top: the records of dedupe._types, which is light (the
+#   database sources and SubsetSpec were moved there for this);
+# - anything else by its module, `dedupe.engine.prune.PruneReport`: evaluating that asks
+#   the packages' lazy __getattr__ (dedupe._lazy), which imports the module then, when
+#   the hints are read, not when this module is. The reports and handles they name are
+#   not moved: a dataclass costs ~0.5 ms to define, a dozen of them more than start-up
+#   may grow by, for a backup that never returns one.
+# Never a name imported only below (tests/test_type_hints.py checks): those are for the
+# type checker and for this module's lazy exports (`from dedupe.api import KeyInfo`).
 if TYPE_CHECKING:
-    from dedupe.engine.databases import (
-        PostgresBaseBackupTars,
-        SQLiteDatabase,
-        postgres_basebackup,
-        postgres_dump,
-    )
-    from dedupe.engine.forget import ForgetReport
+    import dedupe.engine.forget
+    import dedupe.engine.keys
+    import dedupe.engine.prune
+    import dedupe.engine.repair
+    import dedupe.engine.verify
+    import dedupe.objectives
+    import dedupe.replication
+    from dedupe.engine.databases import postgres_basebackup, postgres_dump
     from dedupe.engine.keys import KeyInfo, KeyStatus, RotateReport
-    from dedupe.engine.prune import PruneReport
-    from dedupe.engine.repair import RepairReport
-    from dedupe.engine.verify import SubsetSpec, VerifyReport
-    from dedupe.objectives import Objectives, Policy, StatusReport
-    from dedupe.replication import Replicas
+    from dedupe.objectives import Policy, StatusReport
 
 log = logging.getLogger("dedupe")
 
@@ -127,11 +141,8 @@ _LAZY_EXPORTS = {
     "KeyInfo": "dedupe.engine.keys",
     "KeyStatus": "dedupe.engine.keys",
     "Policy": "dedupe.objectives",
-    "PostgresBaseBackupTars": "dedupe.engine.databases",
     "RotateReport": "dedupe.engine.keys",
-    "SQLiteDatabase": "dedupe.engine.databases",
     "StatusReport": "dedupe.objectives",
-    "SubsetSpec": "dedupe.engine.verify",
     "postgres_basebackup": "dedupe.engine.databases",
     "postgres_dump": "dedupe.engine.databases",
 }
@@ -141,8 +152,7 @@ __getattr__, _ = lazy_exports(__name__, _LAZY_EXPORTS)
 
 
 Location = str | os.PathLike[str] | Backend
-# A string, as the modules it names are not imported here.
-Source: TypeAlias = "StreamSource | SQLiteDatabase | PostgresBaseBackupTars"
+Source: TypeAlias = StreamSource | SQLiteDatabase | PostgresBaseBackupTars
 Target = str | os.PathLike[str] | BinaryIO | Command
 KINDS = ("full", "incremental", "differential")
 # Which roles may do what (docs/FORMAT.md 4.4); listing generations and locks is open to all.
@@ -217,14 +227,14 @@ class Repository:
         self.keys = KeyManager(self)
 
     @cached_property
-    def replicas(self) -> Replicas:
+    def replicas(self) -> dedupe.replication.Replicas:
         """The repositories this one keeps copies in (dedupe/replication.py)."""
         from dedupe.replication import Replicas
 
         return Replicas(self)
 
     @cached_property
-    def objectives(self) -> Objectives:
+    def objectives(self) -> dedupe.objectives.Objectives:
         """The recovery objectives and drills (dedupe/objectives.py)."""
         from dedupe.objectives import Objectives
 
@@ -430,13 +440,10 @@ class Repository:
             "labels": labels,
             "dry_run": dry_run,
         }
-        if not isinstance(source, str | os.PathLike):  # a path is never a database source
-            from dedupe.engine.databases import PostgresBaseBackupTars, SQLiteDatabase
-
-            if isinstance(source, SQLiteDatabase):
-                return await self._backup_sqlite(source, name, kind, progress, chunker, options)
-            if isinstance(source, PostgresBaseBackupTars):
-                return await self._backup_pg_tars(source, name, kind, progress, chunker, options)
+        if isinstance(source, SQLiteDatabase):
+            return await self._backup_sqlite(source, name, kind, progress, chunker, options)
+        if isinstance(source, PostgresBaseBackupTars):
+            return await self._backup_pg_tars(source, name, kind, progress, chunker, options)
         if self._sync_replicas() and not dry_run:
             return await self.replicas.backup(
                 source, name, kind, progress, label, chunker, allow_empty, options
@@ -1082,7 +1089,7 @@ class Repository:
         *,
         quarantine: bool = True,
         repair: bool = True,
-    ) -> VerifyReport:
+    ) -> dedupe.engine.verify.VerifyReport:
         """Check the repository and return a report naming every damaged or missing object
         and the generations it breaks; damage is reported, not raised.
 
@@ -1147,7 +1154,7 @@ class Repository:
         keep_weekly: int | None = None,
         keep_monthly: int | None = None,
         keep_yearly: int | None = None,
-    ) -> ForgetReport:
+    ) -> dedupe.engine.forget.ForgetReport:
         """Remove generations (their manifests only; `prune` then frees the data), following
         pgBackRest's rules per source name (all names, or `name`):
 
@@ -1186,7 +1193,7 @@ class Repository:
         dry_run: bool = False,
         progress: ProgressCallback | None = None,
         delete_unauthenticated: bool = False,
-    ) -> PruneReport:
+    ) -> dedupe.engine.prune.PruneReport:
         """Free the space no generation references: delete unused packs, rewrite packs whose
         unused fraction exceeds `repack_threshold` (1.0: never), and replace the index
         objects by one. Takes the exclusive lock; safe to kill at any moment (a re-run
@@ -1209,7 +1216,9 @@ class Repository:
             delete_unauthenticated=delete_unauthenticated,
         )
 
-    async def repair_index(self, *, progress: ProgressCallback | None = None) -> RepairReport:
+    async def repair_index(
+        self, *, progress: ProgressCallback | None = None
+    ) -> dedupe.engine.repair.RepairReport:
         """Rebuild the index of every pack no usable index object lists, from the packs'
         own trailers, each pack checked whole as `verify --read-data` checks it; then
         delete the index objects that were damaged. For a repository whose index object
@@ -1347,13 +1356,13 @@ class KeyManager:
     def _store(self) -> RepositoryStore:
         return self._repo._store
 
-    async def list(self) -> list[KeyInfo]:
+    async def list(self) -> list[dedupe.engine.keys.KeyInfo]:
         """Every key holder: id, name, role, created, whether it is this handle's key."""
         from dedupe.engine import keys as key_ops
 
         return await key_ops.list_keys(self._store)
 
-    async def status(self) -> KeyStatus:
+    async def status(self) -> dedupe.engine.keys.KeyStatus:
         """Each epoch with the packs and generations whose keys are wrapped for it, and any
         unfinished rotation or re-encryption."""
         from dedupe.engine import keys as key_ops
@@ -1367,7 +1376,7 @@ class KeyManager:
         role: str,
         name: str,
         kdf: KdfParams | None = None,
-    ) -> KeyInfo:
+    ) -> dedupe.engine.keys.KeyInfo:
         """A new key file opened by `passphrase`, with `role` (admin, reader, writer)."""
         from dedupe.engine import keys as key_ops
 
@@ -1379,7 +1388,7 @@ class KeyManager:
                 self._store, _passphrase(passphrase, False), role=role, name=name, kdf=kdf
             )
 
-    async def remove(self, key: str) -> KeyInfo:
+    async def remove(self, key: str) -> dedupe.engine.keys.KeyInfo:
         """Remove a key holder (by id, unique id prefix or name). It keeps what it could
         open until `rotate()` runs; afterwards it opens nothing written."""
         from dedupe.engine import keys as key_ops
@@ -1390,7 +1399,9 @@ class KeyManager:
         ) as lock:
             return await key_ops.remove_key(self._store, key, lock.confirm)
 
-    async def passwd(self, new_passphrase: str | bytes, kdf: KdfParams | None = None) -> KeyInfo:
+    async def passwd(
+        self, new_passphrase: str | bytes, kdf: KdfParams | None = None
+    ) -> dedupe.engine.keys.KeyInfo:
         """A new passphrase for this handle's key (its old key file goes once the new one
         opened)."""
         from dedupe.engine import keys as key_ops
@@ -1399,7 +1410,7 @@ class KeyManager:
 
     async def rotate(
         self, *, reencrypt: bool = False, progress: ProgressCallback | None = None
-    ) -> RotateReport:
+    ) -> dedupe.engine.keys.RotateReport:
         """A new key epoch; every data key re-wrapped for it (no pack is rewritten); the
         old epochs retired. `reencrypt`: also rewrite every pack under fresh data keys
         (for a leaked data key), resumable. Finishes an interrupted rotation first."""

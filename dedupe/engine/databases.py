@@ -21,25 +21,18 @@ import os
 import re
 import sqlite3
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+# The two database sources are defined in dedupe._types, where dedupe.api names them
+# without loading this module; they are this module's names too, the same classes.
+from dedupe._types import PostgresBaseBackupTars as PostgresBaseBackupTars
+from dedupe._types import SQLiteDatabase as SQLiteDatabase
 from dedupe.engine.commands import Command
 from dedupe.errors import SourceError, TargetError
 
 POSTGRES_FORMAT = "pg_dump custom, uncompressed"
 _DATABASE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$-]{0,62}")
-
-
-@dataclass(frozen=True)
-class SQLiteDatabase:
-    """A backup source: the live SQLite database at `path`, snapshotted with the online
-    backup API (`sqlite_snapshot`) into a temporary file under `scratch` (default:
-    $TMPDIR), which is backed up and removed."""
-
-    path: str
-    scratch: str | None = None
 
 
 def _now() -> str:
@@ -120,21 +113,6 @@ def _wal_positions(stderr: str) -> dict[str, Any]:
 
 BASEBACKUP_TARS = "pg_basebackup tars"  # a tree: base.tar and one <oid>.tar per tablespace
 _BASEBACKUP_OPTIONS = ("-Ft", "-X", "fetch", "--checkpoint=fast", "--no-password", "-v")
-
-
-@dataclass(frozen=True)
-class PostgresBaseBackupTars:
-    """A backup source: a physical backup of a cluster with tablespaces, which
-    pg_basebackup cannot stream as one tar. `write_basebackup_tars` has it write
-    base.tar and one <oid>.tar per tablespace into a scratch directory (under `scratch`,
-    default $TMPDIR: room for the whole cluster), which is backed up as a tree and
-    removed. `info` is what the generation records; `tablespaces` maps each tablespace's
-    oid to its location on the server."""
-
-    info: Mapping[str, Any]
-    tablespaces: Mapping[str, str]
-    env: Mapping[str, str] | None = None
-    scratch: str | None = None
 
 
 async def _tablespaces(env: Mapping[str, str] | None) -> dict[str, str]:

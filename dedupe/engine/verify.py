@@ -55,6 +55,10 @@ import blake3
 import zstandard
 
 from dedupe._types import Progress, ProgressCallback
+
+# SubsetSpec is defined in dedupe._types (dedupe.api annotates verify() with it without
+# loading this module) and is this module's name as well, the same object.
+from dedupe._types import SubsetSpec as SubsetSpec
 from dedupe.crypto import open_sealed
 from dedupe.crypto.aead import Buffer
 from dedupe.engine.restore import split_by_bytes
@@ -129,13 +133,6 @@ READ_CONCURRENCY = 2  # whole packs held in memory at once while reading data
 STAT_CONCURRENCY = 16
 INDEX_CONCURRENCY = 8
 OPEN_BATCH = 1024 * 1024  # stored bytes of blobs opened per executor job
-
-# A fraction, an n/t slice, or the named packs themselves (a restore that met damage
-# checks only the packs its generation reads: dedupe/replication.py).
-SubsetSpec = float | tuple[int, int] | frozenset[bytes]
-"""A fraction of the packs in (0, 1], read as a random sample; or (n, t), 1 <= n <= t: the
-n-th of t deterministic slices (the packs whose id, as a big-endian integer of its first 8
-bytes, is n - 1 modulo t), so that running 1/t .. t/t reads every pack once."""
 
 _Item = tuple[bytes, int, int, int]  # chunk id, offset in pack, stored length, raw length
 _OFFSET = operator.itemgetter(1)
