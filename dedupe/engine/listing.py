@@ -14,6 +14,7 @@ from dedupe._types import Generation, SpaceStats
 from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.format.tree import ROOT, Entry, is_below, records_size
 from dedupe.store import RepositoryStore
+from dedupe.store.tables import each_generation_table
 
 # What `ls` shows of a tree entry, and what `diff` compares (besides content).
 SHOWN = ("path", "type", "mode", "size", "mtime_ns", "target")
@@ -24,11 +25,17 @@ async def space_stats(store: RepositoryStore, gens: Iterable[Generation]) -> lis
     """One SpaceStats per name, then the total (name None), over `gens`. A chunk that many
     generations or names share counts once in each group's unique and stored bytes, so
     the per-name figures add up to more than the total when names share data."""
+    by_id = {g.id: g for g in gens}
     by_name: dict[str, dict[bytes, int]] = {}
     counts: dict[str, tuple[int, int]] = {}
     total: dict[bytes, int] = {}
-    for g in gens:
-        _meta, table = await store.generation_chunks(g.id)
+    # Each manifest read once and each delta applied once, parents first (generation_chunks
+    # for each generation would read a chain of n incrementals n(n+1)/2 times).
+    async for gen_id, outcome in each_generation_table(store, list(by_id)):
+        if isinstance(outcome, Exception):
+            raise outcome
+        _meta, table = outcome
+        g = by_id[gen_id]
         chunks = by_name.setdefault(g.name, {})
         for chunk_id, length in CHUNK_RECORD.iter_unpack(table):
             chunks[chunk_id] = length

@@ -13,7 +13,10 @@ csrc/delta.c) and required, like the chunker; make_delta_py is its spec and twin
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterable
+from itertools import accumulate
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dedupe.errors import IntegrityError
 from dedupe.format import _delta as _native
@@ -28,6 +31,15 @@ LITERAL = 1
 
 
 DeltaBuilder = _native.DeltaBuilder
+S = TypeVar("S")
+
+# A table as pieces of other tables: parallel lists of source (the caller's index of a
+# table), first record there and record count. See compose.
+Pieces = tuple[list[int], list[int], list[int]]
+# The pieces a reader lets a composed table count before it writes the table out and
+# composes on from there (~100 bytes of memory a piece; a chain of daily incrementals
+# makes a few per day).
+MAX_PIECES = 1 << 17
 
 
 def make_delta(parent: Buffer, table: Buffer) -> tuple[bytes, list[list[Any]]]:
@@ -121,3 +133,88 @@ def apply_delta(
         source = parent if kind == COPY else literal
         out += source[start * _R : (start + count) * _R]
     return bytes(out)
+
+
+def whole(records: int, source: int = 0) -> Pieces:
+    """The pieces of a table that is all of source `source`'s `records` records."""
+    return ([source], [0], [records]) if records else ([], [], [])
+
+
+def compose(parent: Pieces, ranges: list[tuple[int, int, int]], own: int) -> Pieces:
+    """The pieces of the table that a delta's `ranges` (from delta_ranges, so checked
+    against the parent's table and the literal table) make from the parent's table, held
+    as `parent`, and from source `own`, the delta's literal table.
+
+    Expanding a chain by composing its deltas costs its ops and the pieces they cut
+    the table into, not a copy of the complete table per link: pieces in the middle of
+    a copy are taken by list slices (no Python per piece), only a copy's first and last
+    piece are cut, and a piece that continues the previous one in its source is merged
+    into it. No piece is empty, so a table of n records has at most n pieces."""
+    src, start, count = parent
+    offsets = list(accumulate(count, initial=0))  # where each piece starts in the table
+    n_src: list[int] = []
+    n_start: list[int] = []
+    n_count: list[int] = []
+
+    def add(s: int, first: int, n: int) -> None:
+        if n_src and n_src[-1] == s and n_start[-1] + n_count[-1] == first:
+            n_count[-1] += n
+        else:
+            n_src.append(s)
+            n_start.append(first)
+            n_count.append(n)
+
+    for kind, first, n in ranges:
+        if not n:
+            continue
+        if kind != COPY:
+            add(own, first, n)
+            continue
+        end = first + n
+        i = bisect_right(offsets, first) - 1  # the piece the copy starts in
+        j = bisect_left(offsets, end) - 1  # the piece it ends in
+        skip = first - offsets[i]
+        if i == j:
+            add(src[i], start[i] + skip, n)
+            continue
+        add(src[i], start[i] + skip, count[i] - skip)
+        if j > i + 1:
+            add(src[i + 1], start[i + 1], count[i + 1])
+            n_src += src[i + 2 : j]
+            n_start += start[i + 2 : j]
+            n_count += count[i + 2 : j]
+        add(src[j], start[j], end - offsets[j])
+    return n_src, n_start, n_count
+
+
+def compose_chain(
+    full: S,
+    full_records: int,
+    links: Iterable[tuple[S, Any, int, int, str]],
+    flatten: Callable[[list[S], Pieces], S],
+) -> tuple[list[S], Pieces]:
+    """The complete table of a chain's last generation as pieces of `sources`: the
+    full's own table (`full`, `full_records` records) and each link's literal table.
+    `links`, from the full's child down: (literal table, delta ops, its records, the
+    complete table's records from the header, what to call it in errors). Each delta is
+    checked against the table below it (delta_ranges) before it is composed. Past
+    MAX_PIECES pieces the table so far becomes one source (`flatten`, which writes it
+    out), so that memory stays bounded however long the chain."""
+    sources = [full]
+    total = full_records
+    pieces = whole(total)
+    for literal, ops, n_literal, n_complete, what in links:
+        ranges = delta_ranges(ops, total, n_literal, what, n_complete)
+        sources.append(literal)
+        pieces = compose(pieces, ranges, len(sources) - 1)
+        total = n_complete
+        if len(pieces[0]) > MAX_PIECES:
+            sources = [flatten(sources, pieces)]
+            pieces = whole(total)
+    return sources, pieces
+
+
+def join_pieces(sources: list[bytes], pieces: Pieces) -> bytes:
+    """The records of `pieces`, in order, from tables held in memory."""
+    views = [memoryview(t) for t in sources]
+    return b"".join(views[s][a * _R : (a + n) * _R] for s, a, n in zip(*pieces, strict=True))

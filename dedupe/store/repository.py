@@ -20,11 +20,12 @@ import logging
 import os
 import re
 import secrets
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import blake3
 import zstandard
@@ -68,7 +69,7 @@ from dedupe.format.config import (
     new_config,
     parse_config,
 )
-from dedupe.format.delta import apply_delta
+from dedupe.format.delta import compose_chain, join_pieces
 from dedupe.format.index import (
     ENTRY_RECORD,
     INDEX_AAD,
@@ -116,7 +117,7 @@ from dedupe.store.keyring import (
     unverified_key_ids,
     write_keyring,
 )
-from dedupe.store.manifests import Buffer, ManifestWriter, write_scratch
+from dedupe.store.manifests import Buffer, ManifestWriter, scratch_error
 from dedupe.store.packer import FinishedPack
 from dedupe.store.quarantine import (
     QUARANTINE_PREFIX,
@@ -132,8 +133,17 @@ log = logging.getLogger("dedupe")
 MAX_PREFIX = 12 + MAX_HEADER
 # How many manifest headers are read at once when listing generations.
 HEADER_CONCURRENCY = 16
+# Manifests of a chain read at once ahead of its walk, when the store knows the parents
+# from headers it has opened (parent_hint: a backup lists them all to find its parent).
+CHAIN_AHEAD = 8
 # Pieces in which spill_manifest reads a manifest.
 SPILL_PIECE = 1 << 20
+# Body bytes spill_manifest opens on the event loop's thread rather than a worker's (a
+# thread's round trip costs ~0.1 ms, opening a frame of a few KiB a few microseconds),
+# as long as what they decompress to stays within INLINE_PLAIN (a frame of repeated
+# records compresses to almost nothing).
+INLINE_FRAMES = 16 * 1024
+INLINE_PLAIN = 256 * 1024
 MIN_PACK_SIZE = 4096  # tests shrink packs to a few KiB so small inputs make many packs
 KEYS_PREFIX = "keys/"
 # Runs at a commit once the generation id is known, before anything is written; it may
@@ -174,6 +184,9 @@ def named_ids(names: list[str]) -> dict[bytes, str]:
     return out
 
 
+_local = threading.local()  # a zstd decompression context per thread (~20 us to make one)
+
+
 def decompress_capped(data: Buffer, cap: int, what: str) -> bytes:
     """One zstd frame whose recorded content size is at most `cap` bytes. The cap is
     checked before anything is decompressed: zstd trusts the recorded size."""
@@ -186,7 +199,10 @@ def decompress_capped(data: Buffer, cap: int, what: str) -> bytes:
     if size > cap:
         raise IntegrityError(f"{what} would decompress to {size} bytes, more than {cap}")
     try:
-        out: bytes = zstandard.ZstdDecompressor().decompress(data, max_output_size=cap)
+        dctx = getattr(_local, "dctx", None)
+        if dctx is None:
+            dctx = _local.dctx = zstandard.ZstdDecompressor()
+        out: bytes = dctx.decompress(data, max_output_size=cap)
     except zstandard.ZstdError as e:
         raise IntegrityError(f"{what} does not decompress: {e}") from None
     return out
@@ -229,6 +245,81 @@ def _first_frame(keys: list[bytes], sealed: Buffer, last: bool, what: str) -> tu
         if _opens(key, sealed, frame_aad(0)):
             return key, _open_frame(key, sealed, 0, last, what)
     return keys[0], _open_frame(keys[0], sealed, 0, last, what)
+
+
+def _expand_stream(chain: list[tuple[str, dict[str, Any], bytes, dict[str, Any]]]) -> bytes:
+    """The complete table of the last of `chain` (from its full up): each delta checked
+    against the table below it and its header's count, the deltas composed
+    (dedupe.format.delta.compose_chain), the records joined once."""
+    _gid, _meta, full, _header = chain[0]
+    r = CHUNK_RECORD.size
+    sources, pieces = compose_chain(
+        full,
+        len(full) // r,
+        (
+            (
+                literal,
+                meta["delta"]["ops"],
+                len(literal) // r,
+                int(header["chunks"]),
+                f"generation {gid}",
+            )
+            for gid, meta, literal, header in chain[1:]
+        ),
+        join_pieces,
+    )
+    return join_pieces(sources, pieces)
+
+
+class RecordSink(Protocol):
+    """Where spill_manifest writes a manifest's own table: a binary file, or anything
+    with its `write`."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+
+class _BodyFrames:
+    """The frames of a manifest body as spill_manifest reads it: `take` opens every
+    whole frame at the start of `buf` (and removes it), writing table frames to `sink`
+    and decoding the meta frame, the last of the object."""
+
+    def __init__(self, keys: list[bytes], sink: RecordSink, what: str) -> None:
+        self.keys, self.sink, self.what = keys, sink, what
+        self.data_key: bytes | None = None  # the first frame tells which key is the body's
+        self.frame_no = 0
+        self.records = 0
+        self.meta: dict[str, Any] | None = None
+
+    def take(self, buf: bytearray, complete: bool, limit: int | None = None) -> bool:
+        """`complete`: the object has been read to its end (its last bytes are in `buf`).
+        With `limit`, stops after the frame that takes what the frames opened gave past
+        `limit` bytes, and returns False: the rest is for another call (on a worker)."""
+        what = self.what
+        made = 0
+        while len(buf) >= FRAME_LENGTH.size:
+            (n,) = FRAME_LENGTH.unpack_from(buf)
+            if len(buf) < FRAME_LENGTH.size + n:
+                break
+            sealed = bytes(buf[FRAME_LENGTH.size : FRAME_LENGTH.size + n])
+            del buf[: FRAME_LENGTH.size + n]
+            last = complete and not buf  # the object ends here: the meta frame
+            if self.data_key is None:
+                self.data_key, plain = _first_frame(self.keys, sealed, last, what)
+            else:
+                plain = _open_frame(self.data_key, sealed, self.frame_no, last, what)
+            self.frame_no += 1
+            if last:
+                self.meta = decode_meta(plain, what)
+            else:
+                try:
+                    self.sink.write(plain)
+                except OSError as e:
+                    raise scratch_error(e, "writing", "a") from None
+                self.records += len(plain) // CHUNK_RECORD.size
+            made += len(plain)
+            if limit is not None and made > limit:
+                return False
+        return True
 
 
 META_TYPES = ("stream", "tree")
@@ -306,6 +397,8 @@ class RepositoryStore:
         self.keymaps.keyring_changed = self._reread_keyring
         # How long a command waits for a conflicting lock to go (RepositoryLock's `wait`).
         self.lock_wait = 0.0
+        # The parent each generation header opened so far names (parent_hint).
+        self._parents_seen: dict[str, str | None] = {}
 
     @property
     def keyring(self) -> Keyring:
@@ -943,7 +1036,15 @@ class RepositoryStore:
             bytes(open_with_one(keys, sealed, HEADER_AAD, f"header of {what}")), what
         )
         header["id"] = gen_id
+        self._parents_seen[gen_id] = header["parent"]
         return header
+
+    def parent_hint(self, gen_id: str) -> str | None:
+        """The parent named by the header of `gen_id` if this handle has opened it (a
+        listing opens every header), else None. A hint to read a chain's manifests
+        ahead, concurrently: each manifest read still names its own parent, and that is
+        what a chain is walked by."""
+        return self._parents_seen.get(gen_id)
 
     def can_open_body(self, gen_id: str) -> bool:
         """Whether this key can open the generation's body (readers and admins always; a
@@ -1016,48 +1117,31 @@ class RepositoryStore:
         return header, meta, table
 
     async def spill_manifest(
-        self, gen_id: str, sink: BinaryIO
+        self, gen_id: str, sink: RecordSink
     ) -> tuple[dict[str, Any], dict[str, Any], int]:
         """(header, body meta, record count) of a generation, its own chunk table written
         to `sink` (plain CHUNK_RECORDs) frame by frame as the object is read in pieces:
         at most a frame and a piece are in memory, however large the table. Everything
         read_manifest checks is checked, the body's hash once all of it is read, so `sink`
-        holds trustworthy records only when this returns."""
+        holds trustworthy records only when this returns.
+
+        The frames of each piece are opened in one go: on a worker thread, or, when the
+        piece holds at most INLINE_FRAMES bytes (the whole body of a day's incremental,
+        usually), on the caller's, which a thread's round trip would cost more than (up
+        to INLINE_PLAIN bytes of plain frames; the rest goes on on a worker)."""
         what = f"generation {gen_id}"
         name = f"generations/{gen_id}"
         size = await self._stat_generation(gen_id)
         head, start, end = await self._prefix(gen_id, size)
         header = await self._open_header(gen_id, memoryview(head)[start:end])
-        keys = self._body_keys(gen_id)
-        data_key: bytes | None = None
+        frames = _BodyFrames(self._body_keys(gen_id), sink, what)
         body = blake3.blake3()
         buf = bytearray(memoryview(head)[end:])  # body bytes read and not yet taken as a frame
         body.update(buf)
         pos = len(head)
-        frame_no = records = 0
-        meta: dict[str, Any] | None = None
         while True:
-            while len(buf) >= FRAME_LENGTH.size:
-                (n,) = FRAME_LENGTH.unpack_from(buf)
-                if len(buf) < FRAME_LENGTH.size + n:
-                    break
-                sealed = bytes(buf[FRAME_LENGTH.size : FRAME_LENGTH.size + n])
-                del buf[: FRAME_LENGTH.size + n]
-                last = pos == size and not buf  # the object ends here: the meta frame
-                if data_key is None:  # the first frame tells which key is the body's
-                    data_key, plain = await asyncio.to_thread(
-                        _first_frame, keys, sealed, last, what
-                    )
-                else:
-                    plain = await asyncio.to_thread(
-                        _open_frame, data_key, sealed, frame_no, last, what
-                    )
-                frame_no += 1
-                if last:
-                    meta = decode_meta(plain, what)
-                else:
-                    await asyncio.to_thread(write_scratch, sink, plain)
-                    records += len(plain) // CHUNK_RECORD.size
+            if len(buf) > INLINE_FRAMES or not frames.take(buf, pos == size, INLINE_PLAIN):
+                await asyncio.to_thread(frames.take, buf, pos == size)
             if pos >= size:
                 break
             piece = await self.backend.get(name, pos, min(SPILL_PIECE, size - pos))
@@ -1066,36 +1150,80 @@ class RepositoryStore:
             buf += piece
         if body.hexdigest() != header.get("body"):
             raise IntegrityError(f"{what}: its body does not belong to its header")
+        meta = frames.meta
         if meta is None or buf:
             raise TruncatedObject(f"{what} is truncated: it ends inside a frame or has no meta")
-        if records != int(meta["chunk_count"]):
+        if frames.records != int(meta["chunk_count"]):
             raise IntegrityError(f"{what}: chunk table does not match its count")
         _check_meta(header, meta, what)
-        return header, meta, records
+        return header, meta, frames.records
 
     async def manifest_chain(
         self, gen_id: str
     ) -> list[tuple[str, dict[str, Any], bytes, dict[str, Any]]]:
         """[(id, body meta, own table, header)] from `gen_id` up its parent chain to the
         full. MissingObject when a generation of the chain is gone."""
-        chain: list[tuple[str, dict[str, Any], bytes, dict[str, Any]]] = []
+
+        async def read(g: str) -> tuple[str, dict[str, Any], bytes, dict[str, Any]]:
+            header, meta, table = await self.read_manifest(g)
+            return g, meta, table, header
+
+        return await self.walk_chain(
+            gen_id, read, lambda link: link[1], "the chain is broken; restore another generation"
+        )
+
+    async def walk_chain(
+        self,
+        gen_id: str,
+        read: Callable[[str], Awaitable[T]],
+        meta_of: Callable[[T], dict[str, Any]],
+        hint: str,
+        discard: Callable[[T], None] = lambda _link: None,
+    ) -> list[T]:
+        """`read` of every generation from `gen_id` up its parent chain to the full, in
+        that order. The walk follows the parent each manifest's body meta (`meta_of`)
+        names, which read_manifest and spill_manifest check against its authenticated
+        header; generations whose headers this handle has opened (parent_hint) are read
+        ahead of it, CHAIN_AHEAD at once. MissingObject (with `hint`) when a generation
+        of the chain is gone, IntegrityError on a cycle. `discard` releases what a read
+        holds: every read's when the walk fails, and a read ahead that it did not take."""
+        links: list[T] = []
         seen: set[str] = set()
-        current: str | None = gen_id
-        while current is not None:
-            if current in seen:
-                raise IntegrityError(f"generation {gen_id} has a cycle in its parent chain")
-            seen.add(current)
-            try:
-                header, meta, table = await self.read_manifest(current)
-            except GenerationNotFound:
-                raise MissingObject(
-                    f"generation {current}, which {gen_id} is based on, is missing",
-                    hint="the chain is broken; restore another generation",
-                ) from None
-            chain.append((current, meta, table, header))
-            delta = meta.get("delta")
-            current = str(delta["parent"]) if delta else None
-        return chain
+        reading: dict[str, asyncio.Future[T]] = {}
+        try:
+            current: str | None = gen_id
+            while current is not None:
+                if current in seen:
+                    raise IntegrityError(f"generation {gen_id} has a cycle in its parent chain")
+                seen.add(current)
+                ahead: str | None = current
+                for _ in range(CHAIN_AHEAD):
+                    if ahead is None or (ahead in seen and ahead != current):
+                        break
+                    if ahead not in reading:
+                        reading[ahead] = asyncio.ensure_future(read(ahead))
+                    ahead = self.parent_hint(ahead)
+                try:
+                    link = await reading.pop(current)
+                except GenerationNotFound:
+                    raise MissingObject(
+                        f"generation {current}, which {gen_id} is based on, is missing",
+                        hint=hint,
+                    ) from None
+                links.append(link)
+                delta = meta_of(link).get("delta")
+                current = str(delta["parent"]) if delta else None
+        except BaseException:
+            for link in links:
+                discard(link)
+            raise
+        finally:  # reads ahead that the walk did not take (it failed first)
+            for task in reading.values():
+                task.cancel()
+            for got in await asyncio.gather(*reading.values(), return_exceptions=True):
+                if not isinstance(got, BaseException):
+                    discard(got)
+        return links
 
     async def generation_chunks(self, gen_id: str) -> tuple[dict[str, Any], bytes]:
         """(body meta, the generation's complete chunk table): every chunk its restore reads,
@@ -1110,18 +1238,7 @@ class RepositoryStore:
             metas = [(meta, table) for _gid, meta, table, _h in reversed(chain)]
             _entries, expanded = await asyncio.to_thread(expand, metas, f"generation {gen_id}")
             return own_meta, expanded
-        _, _, expanded, _ = chain.pop()
-        while chain:
-            gid, meta, literal, header = chain.pop()
-            expanded = await asyncio.to_thread(
-                apply_delta,
-                expanded,
-                literal,
-                meta["delta"]["ops"],
-                f"generation {gid}",
-                int(header["chunks"]),
-            )
-        return own_meta, expanded
+        return own_meta, await asyncio.to_thread(_expand_stream, chain[::-1])
 
     async def _stat_generation(self, gen_id: str) -> int:
         try:

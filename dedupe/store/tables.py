@@ -1,5 +1,5 @@
 """The complete chunk tables of many generations, each manifest read and each delta
-applied once (verify and prune need every generation's table).
+applied once (verify, prune and stats need every generation's table).
 
 `RepositoryStore.generation_chunks` expands one generation through its whole parent
 chain. Called for each generation of a chain of n incrementals, it reads and applies
@@ -18,11 +18,12 @@ there.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any, BinaryIO
 
-from dedupe.errors import GenerationNotFound, IntegrityError, MissingObject
-from dedupe.format.delta import COPY, apply_delta, delta_ranges
+from dedupe.errors import IntegrityError
+from dedupe.format.delta import Pieces, apply_delta, compose_chain
 from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.format.tree import (
     Entry,
@@ -31,7 +32,7 @@ from dedupe.format.tree import (
     decode_tree,
     ordered_entries,
 )
-from dedupe.store.manifests import open_scratch, read_scratch, write_scratch
+from dedupe.store.manifests import Buffer, open_scratch, read_scratch, write_scratch
 from dedupe.store.repository import RepositoryStore
 
 HEADER_CONCURRENCY = 16
@@ -161,6 +162,11 @@ def _parents_first(ids: list[str], parents: dict[str, str]) -> list[str]:
 
 # --- a stream generation's complete table in a file -------------------------------------
 
+# What the own tables of a chain's manifests may hold in memory, in all, while the chain
+# is expanded; past it they go to scratch files (a full's own table is as large as the
+# complete table; a day's incremental holds a few records).
+SPOOL_MEMORY = 4 << 20
+
 
 class SpilledTable:
     """A complete chunk table in an unnamed temporary file: `records` CHUNK_RECORDs,
@@ -185,88 +191,213 @@ class SpilledTable:
 
 async def spill_complete_table(store: RepositoryStore, gen_id: str) -> SpilledTable:
     """The complete chunk table of stream generation `gen_id`, its chain expanded from
-    the full down, file to file, with its own meta. What is held in memory is a frame, a
-    copy buffer and the ops of the chain's deltas, however large the tables: an
-    incremental backup compares its own table with the file
-    (dedupe.format.delta.DeltaBuilder), a restore reads it piece by piece."""
-    # (gen id, meta, own table, its records, its complete table's records), up to the full
-    levels: list[tuple[str, dict[str, Any], BinaryIO, int, int]] = []
+    the full down into a file, with its own meta. An incremental backup compares its own
+    table with the file (dedupe.format.delta.DeltaBuilder), a restore reads it piece by
+    piece.
+
+    The chain's manifests are read (CHAIN_AHEAD at once where the store knows the
+    parents: RepositoryStore.parent_hint), each checked as spill_manifest checks it, and
+    their own tables kept in memory up to SPOOL_MEMORY in all, the rest in scratch
+    files. Then every delta is checked against the table below it (delta_ranges, from
+    the full up) and the deltas are composed into one list of pieces of the full's table
+    and of the literal tables, written once: the chain costs its ops and its literal
+    records, not one copy of the complete table per link. What is held in memory is
+    bounded whatever the tables' size: SPOOL_MEMORY, the ops of the chain's deltas, at
+    most MAX_PIECES pieces (beyond them the table so far is written out) and a copy
+    buffer."""
+    links = await _read_chain(store, gen_id)
     try:
-        current: str | None = gen_id
-        while current is not None:
-            if any(current == g for g, *_ in levels):
-                raise IntegrityError(f"generation {gen_id} has a cycle in its parent chain")
-            own = open_scratch()
-            levels.append((current, {}, own, 0, 0))
-            try:
-                header, meta, n = await store.spill_manifest(current, own)
-            except GenerationNotFound:
-                raise MissingObject(
-                    f"generation {current}, which {gen_id} is based on, is missing",
-                    hint="the chain is broken: restore another generation, back up a full",
-                ) from None
-            if meta.get("type") != "stream":
-                raise IntegrityError(f"generation {current} is not a stream generation")
-            levels[-1] = (current, meta, own, n, int(header["chunks"]))
-            delta = meta.get("delta")
-            current = str(delta["parent"]) if delta else None
-        own_meta = levels[0][1]
-        _gid, _meta, table, n_table, _c = levels.pop()
-    except BaseException:
-        for _g, _m, f, _n, _c in levels:
-            f.close()
-        raise
-    try:  # from the full down: each delta applied to the table above it
-        while levels:
-            gid, meta, own, n_own, n_complete = levels.pop()
-            try:
-                out = open_scratch()
-                try:
-                    n_out = await asyncio.to_thread(
-                        _apply_delta_files,
-                        table,
-                        n_table,
-                        own,
-                        n_own,
-                        meta["delta"]["ops"],
-                        out,
-                        f"generation {gid}",
-                        n_complete,
-                    )
-                except BaseException:
-                    out.close()
-                    raise
-            finally:
-                own.close()
-            table.close()
-            table, n_table = out, n_out
-        table.flush()
-    except BaseException:
-        table.close()
-        for _g, _m, f, _n, _c in levels:
-            f.close()
-        raise
-    return SpilledTable(table, n_table, own_meta)
+        file, records = await asyncio.to_thread(_compose_and_write, links[::-1])
+    finally:
+        for link in links:
+            link.own.close()
+    return SpilledTable(file, records, links[0].meta)
 
 
-def _apply_delta_files(
-    parent: BinaryIO,
-    n_parent: int,
-    literal: BinaryIO,
-    n_literal: int,
-    ops: list[Any],
-    out: BinaryIO,
-    what: str,
-    expected: int,
-) -> int:
-    """apply_delta from file to file; returns the records written (checked against
-    `expected`, the header's count, before any is written)."""
-    parent.flush()
-    literal.flush()
-    written = 0
-    for kind, start, count in delta_ranges(ops, n_parent, n_literal, what, expected):
-        source = parent if kind == COPY else literal
-        for piece in read_scratch(source, start * _R, (start + count) * _R, COPY_RECORDS * _R):
-            write_scratch(out, piece)
-        written += count
-    return written
+class _Budget:
+    """Bytes the spools of one chain may still keep in memory (shared by the threads
+    that fill them)."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if n > self.left:
+                return False
+            self.left -= n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.left += n
+
+
+class _Spool:
+    """Records written in order, read back by range: in memory while the chain's budget
+    lasts, else (from then on, all of them) in an unnamed scratch file."""
+
+    def __init__(self, budget: _Budget) -> None:
+        self._budget = budget
+        self._memory: bytearray | None = bytearray()
+        self._file: BinaryIO | None = None
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        if self._memory is not None and self._budget.take(len(data)):
+            self._memory += data
+        else:
+            if self._file is None:
+                self._file = open_scratch()
+                if self._memory:
+                    write_scratch(self._file, self._memory)
+                self._release()
+            assert self._file is not None
+            write_scratch(self._file, data)
+        self.size += len(data)
+
+    def pieces(self, start: int, end: int) -> Iterator[Buffer]:
+        """Bytes `start`..`end`, in pieces of at most COPY_RECORDS records."""
+        step = COPY_RECORDS * _R
+        if self._memory is not None:
+            view = memoryview(self._memory)
+            for at in range(start, end, step):
+                yield view[at : min(at + step, end)]
+            return
+        assert self._file is not None
+        self._file.flush()
+        yield from read_scratch(self._file, start, end, step)
+
+    def take_file(self) -> BinaryIO | None:
+        """The scratch file holding the records, for the caller to keep (and close), if
+        they are in one; this spool then holds nothing."""
+        file, self._file = self._file, None
+        if file is not None:
+            file.flush()
+        return file
+
+    def _release(self) -> None:
+        if self._memory is not None:
+            self._budget.give(len(self._memory))
+            self._memory = None
+
+    def close(self) -> None:
+        self._release()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class _Link:
+    """One manifest of a chain: its id, body meta, own table, the record count of that
+    and of its complete table (its header's `chunks`)."""
+
+    def __init__(self, gen_id: str, meta: dict[str, Any], own: _Spool, n_own: int, n: int) -> None:
+        self.gen_id, self.meta, self.own, self.n_own, self.n_complete = gen_id, meta, own, n_own, n
+
+
+async def _read_link(store: RepositoryStore, gen_id: str, budget: _Budget) -> _Link:
+    own = _Spool(budget)
+    try:
+        header, meta, n_own = await store.spill_manifest(gen_id, own)
+        return _Link(gen_id, meta, own, n_own, int(header["chunks"]))
+    except BaseException:
+        own.close()
+        raise
+
+
+async def _read_chain(store: RepositoryStore, gen_id: str) -> list[_Link]:
+    """The manifests from `gen_id` up its chain to the full, in that order, each a
+    stream generation (RepositoryStore.walk_chain: read ahead where the parents are
+    known)."""
+    budget = _Budget(SPOOL_MEMORY)
+
+    def meta_of(link: _Link) -> dict[str, Any]:
+        if link.meta.get("type") != "stream":
+            raise IntegrityError(f"generation {link.gen_id} is not a stream generation")
+        return link.meta
+
+    return await store.walk_chain(
+        gen_id,
+        lambda g: _read_link(store, g, budget),
+        meta_of,
+        "the chain is broken: restore another generation, back up a full",
+        lambda link: link.own.close(),
+    )
+
+
+def _compose_and_write(links: list[_Link]) -> tuple[BinaryIO, int]:
+    """The complete table of the last of `links` (a chain from its full up) in a new
+    scratch file, and its record count.
+
+    A table is held as pieces: parallel lists of source (an index into `sources`: the
+    full's own table, then each link's), first record there and record count. A delta's
+    COPY range becomes the pieces of the table below that it covers (cut at its ends),
+    a LITERAL range one piece of the link's own table; every delta is checked against
+    the table below and its header's count (delta_ranges) before the table it makes is
+    used, and before anything is written. Nothing is read but the records the complete
+    table holds."""
+    made: list[_Spool] = []  # tables written out along the way (MAX_PIECES)
+
+    def flatten(sources: list[_Spool], pieces: Pieces) -> _Spool:
+        flat = _Spool(_Budget(0))  # a scratch file from the first byte
+        made.append(flat)
+        _write_pieces(flat, sources, pieces)
+        return flat
+
+    full = links[0]
+    total = links[-1].n_complete if len(links) > 1 else full.n_own
+    try:
+        sources, pieces = compose_chain(
+            full.own,
+            full.n_own,
+            (
+                (
+                    link.own,
+                    link.meta["delta"]["ops"],
+                    link.n_own,
+                    link.n_complete,
+                    f"generation {link.gen_id}",
+                )
+                for link in links[1:]
+            ),
+            flatten,
+        )
+        src, start, _count = pieces
+        if len(src) == 1 and start[0] == 0 and sources[src[0]].size == total * _R:
+            file = sources[src[0]].take_file()  # one table, already in a file of its own
+            if file is not None:
+                return file, total
+        out = open_scratch()
+        try:
+            _write_pieces(out, sources, pieces)
+            out.flush()
+        except BaseException:
+            out.close()
+            raise
+        return out, total
+    finally:
+        for spool in made:
+            spool.close()
+
+
+def _write_pieces(out: BinaryIO | _Spool, sources: list[_Spool], pieces: Pieces) -> None:
+    """The records of `pieces`, in order, to `out`, in writes of ~COPY_RECORDS."""
+    step = COPY_RECORDS * _R
+    buf = bytearray()
+    for s, first, n in zip(*pieces, strict=True):
+        for piece in sources[s].pieces(first * _R, (first + n) * _R):
+            buf += piece
+            if len(buf) >= step:
+                _write(out, buf)
+                buf = bytearray()
+    if buf:
+        _write(out, buf)
+
+
+def _write(out: BinaryIO | _Spool, data: bytearray) -> None:
+    if isinstance(out, _Spool):
+        out.write(bytes(data))
+    else:
+        write_scratch(out, data)

@@ -9,6 +9,7 @@ import json
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import PASSPHRASE, dedupe_cli, make_repo
@@ -161,3 +162,53 @@ def test_generations_carry_host_and_tags(run, repo_path: Path, cli_env: dict[str
     assert [g["tags"] for g in listed] == [["nightly", "pg"]]
     bad = dedupe_cli("backup", "-", "--name", "n", "--tag", "a,b", env=cli_env, input=b"x")
     assert bad.returncode == 2 and b"--tag" in bad.stderr
+
+
+def test_a_chain_of_40_incrementals_restores_each_and_an_unchanged_backup_adds_nothing(
+    run_asyncio: Any, repo_path: Path
+) -> None:
+    """A full and 40 incrementals of a file that changes a few 4 KiB pages a day (and
+    grows on some days), each a delta on the one before: every generation restores byte
+    for byte, from a fresh handle that listed nothing (the chain is walked manifest by
+    manifest) and from one that listed the generations (the chain is read ahead), and
+    an unchanged backup at the end of the chain stores nothing and is an incremental on
+    the last one, with a delta that copies its parent whole."""
+    rng = random.Random(40)
+    data = bytearray(rng.randbytes(300_000))
+    versions: list[bytes] = []
+    ids: list[str] = []
+
+    async def go() -> None:
+        nonlocal data
+        async with await make_repo(repo_path) as repo:
+            for day in range(41):
+                if day:
+                    for _ in range(3):
+                        at = rng.randrange(len(data) // 4096) * 4096
+                        data[at : at + 4096] = rng.randbytes(4096)
+                    if day % 7 == 0:
+                        data += rng.randbytes(rng.randrange(1, 20_000))
+                versions.append(bytes(data))
+                kind = "full" if day == 0 else "incremental"
+                stats = await repo.backup(io.BytesIO(versions[-1]), name="db", kind=kind)
+                assert stats.kind == kind and stats.parent == (ids[-1] if ids else None)
+                ids.append(stats.id)
+        for listed in (False, True):
+            async with await Repository.open(repo_path, PASSPHRASE) as repo:
+                if listed:
+                    assert [g.id for g in await repo.generations("db")] == ids
+                for gen_id, want in reversed(list(zip(ids, versions, strict=True))):
+                    out = io.BytesIO()
+                    await repo.restore(gen_id, out)
+                    assert out.getvalue() == want, f"generation {ids.index(gen_id)} differs"
+        async with await Repository.open(repo_path, PASSPHRASE) as repo:
+            again = await repo.backup(io.BytesIO(versions[-1]), name="db")
+            assert again.kind == "incremental" and again.parent == ids[-1]
+            assert again.bytes_new == 0 and again.chunks_new == 0 and again.bytes_stored == 0
+            _header, meta, own = await repo._store.read_manifest(again.id)
+            assert own == b"" and meta["delta"]["ops"] == [[0, 0, again.chunks]]
+            out = io.BytesIO()
+            await repo.restore(again.id, out)
+            assert out.getvalue() == versions[-1]
+
+    run_asyncio(go())

@@ -15,7 +15,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dedupe.errors import IntegrityError
-from dedupe.format.delta import DeltaBuilder, apply_delta, make_delta, make_delta_py
+from dedupe.format.delta import (
+    DeltaBuilder,
+    apply_delta,
+    compose,
+    delta_ranges,
+    join_pieces,
+    make_delta,
+    make_delta_py,
+    whole,
+)
 from dedupe.format.manifest import CHUNK_RECORD
 
 R = CHUNK_RECORD.size
@@ -165,3 +174,82 @@ def test_a_parent_file_shorter_than_its_count_is_an_error() -> None:
             DeltaBuilder(fd=f.fileno())
         with pytest.raises(ValueError, match="whole"):
             DeltaBuilder(fd=f.fileno(), n_parent=10).feed(b"x" * 35)
+
+
+# --- composing a chain of deltas -----------------------------------------------------------
+
+
+def _random_ops(rnd: random.Random, n_parent: int, n_literal: int) -> list[list[int]]:
+    """Valid ops of any shape: copies anywhere in the parent (repeated, reordered,
+    overlapping, empty), literal runs (empty ones too) that use the literal table up."""
+    ops: list[list[int]] = []
+    left = n_literal
+    while left or rnd.random() < 0.8:
+        if left and rnd.random() < 0.4:
+            take = rnd.randint(0, left)
+            ops.append([1, take])
+            left -= take
+        elif n_parent:
+            start = rnd.randrange(n_parent)
+            ops.append([0, start, rnd.randint(0, n_parent - start)])
+        elif not left:
+            break
+    return ops
+
+
+def _compose_chain(full: bytes, deltas: list[tuple[bytes, list[list[int]]]]) -> bytes:
+    sources = [full]
+    total = len(full) // R
+    pieces = whole(total)
+    for literal, ops in deltas:
+        ranges = delta_ranges(ops, total, len(literal) // R, "g")
+        sources.append(literal)
+        pieces = compose(pieces, ranges, len(sources) - 1)
+        total = sum(n for _k, _s, n in ranges)
+        assert sum(pieces[2]) == total and all(pieces[2])  # no empty piece
+    return join_pieces(sources, pieces)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_composed_deltas_make_what_applying_them_one_by_one_makes(seed: int) -> None:
+    """A full and a chain of up to 30 deltas of every shape, composed into pieces of the
+    full's and the literal tables and joined once: the same table as apply_delta (the
+    spec) applied link by link. Each record carries its source and position, so a piece
+    taken from the wrong table or the wrong place shows."""
+    rnd = random.Random(seed)
+    full = b"".join(CHUNK_RECORD.pack(bytes(32), i) for i in range(rnd.randint(0, 40)))
+    deltas = []
+    expected = full
+    for link in range(1, rnd.randint(1, 30)):
+        n_literal = rnd.randint(0, 6)
+        literal = b"".join(
+            CHUNK_RECORD.pack(link.to_bytes(32, "little"), i) for i in range(n_literal)
+        )
+        ops = _random_ops(rnd, len(expected) // R, n_literal)
+        deltas.append((literal, ops))
+        expected = apply_delta(expected, literal, ops, "g")
+    assert _compose_chain(full, deltas) == expected
+
+
+def test_a_chain_of_daily_deltas_composes_into_few_pieces() -> None:
+    """500 days of a few changed records in a table of 10,000: the composed table is
+    the one applied day by day, held in about as many pieces as the changes cut it
+    into, not one per record."""
+    rnd = random.Random(7)
+    table = [CHUNK_RECORD.pack(rnd.randbytes(32), i) for i in range(10_000)]
+    full = b"".join(table)
+    sources = [full]
+    pieces = whole(len(table))
+    expected = full
+    for _day in range(500):
+        new = list(table)
+        for _ in range(3):
+            new[rnd.randrange(len(new))] = CHUNK_RECORD.pack(rnd.randbytes(32), 0)
+        literal, ops = make_delta(b"".join(table), b"".join(new))
+        ranges = delta_ranges(ops, len(table), len(literal) // R, "g", len(new))
+        sources.append(literal)
+        pieces = compose(pieces, ranges, len(sources) - 1)
+        expected = apply_delta(expected, literal, ops, "g")
+        table = new
+    assert join_pieces(sources, pieces) == expected == b"".join(table)
+    assert len(pieces[0]) <= 2 * 3 * 500 + 1

@@ -3,20 +3,28 @@ with each manifest read once however long the chains (verify and prune use it)."
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import PASSPHRASE, make_repo
 
+import dedupe.format.delta as delta_module
+import dedupe.store.repository as repository
+import dedupe.store.tables as tables
 from dedupe import Repository
 from dedupe.backends import LocalBackend
 from dedupe.errors import DedupeError, IntegrityError, MissingObject
+from dedupe.format.delta import apply_delta, compose
 from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.store.tables import each_generation_table, spill_complete_table
+
+R = CHUNK_RECORD.size
 
 # Two chains of one source and a second source: a differential and incrementals hang
 # off the first full, more incrementals off the second.
@@ -162,3 +170,298 @@ def test_spilled_complete_tables_match_generation_chunks(run: Any, repo_path: Pa
                 await spill_complete_table(store, ids[-1])
 
     run(go())
+
+
+# --- long chains: read ahead, composed, each record moved once -------------------------------
+
+
+class SlowReads(LocalBackend):
+    """Manifest reads take a few milliseconds (an object store's round trip), and the
+    most in flight at once is counted."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.in_flight = 0
+        self.most = 0
+
+    async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        if not name.startswith("generations/"):
+            return await super().get(name, offset, length)
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            await asyncio.sleep(0.003)
+            return await super().get(name, offset, length)
+        finally:
+            self.in_flight -= 1
+
+
+async def _chain(repo_path: Path, links: int) -> tuple[list[str], list[bytes]]:
+    """A full and `links` incrementals of a small stream, a few bytes changed a day."""
+    rng = random.Random(links)
+    data = bytearray(rng.randbytes(200_000))
+    ids, versions = [], []
+    async with await make_repo(repo_path) as repo:
+        for day in range(links + 1):
+            if day:
+                at = rng.randrange(len(data) - 64)
+                data[at : at + 64] = rng.randbytes(64)
+            versions.append(bytes(data))
+            kind = "incremental" if day else "full"
+            ids.append((await repo.backup(io.BytesIO(versions[-1]), name="db", kind=kind)).id)
+    return ids, versions
+
+
+async def _applied_one_by_one(store: Any, gen_id: str) -> bytes:
+    """The complete table by the spec: apply_delta link by link from the full up."""
+    chain = await store.manifest_chain(gen_id)
+    _g, _m, table, _h = chain.pop()
+    while chain:
+        gid, meta, literal, header = chain.pop()
+        table = apply_delta(table, literal, meta["delta"]["ops"], gid, int(header["chunks"]))
+    return table
+
+
+def test_a_long_chain_is_expanded_moving_each_record_of_its_table_once(
+    run_asyncio: Any, repo_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """spill_complete_table of the last of 25 incrementals composes the deltas and
+    writes the complete table once. With its own tables in memory (a day's literals are
+    a few records) it opens one scratch file, the table it returns; with none in memory
+    (SPOOL_MEMORY 0: each own table in a file of its own) it reads from them exactly the
+    records of the complete table, once each (one copy of the table per link would read
+    25 times as many). Either way the table is the one apply_delta makes link by link.
+
+    Property: an incremental backup's or a restore's cost grows with the chain's deltas,
+    not with its length times its table (fails if each delta is applied to a copy of
+    the table below, or each own table is spilled to a file of its own)."""
+    opened: list[int] = []
+    read: list[int] = []
+    real_open, real_read = tables.open_scratch, tables.read_scratch
+
+    def counting_open() -> Any:
+        opened.append(1)
+        return real_open()
+
+    def counting_read(f: Any, start: int, end: int, piece: int) -> Any:
+        read.append(end - start)
+        return real_read(f, start, end, piece)
+
+    monkeypatch.setattr(tables, "open_scratch", counting_open)
+    monkeypatch.setattr(tables, "read_scratch", counting_read)
+
+    async def go() -> None:
+        ids, _versions = await _chain(repo_path, 25)
+        async with await Repository.open(repo_path, PASSPHRASE) as repo:
+            store = repo._store
+            want = await _applied_one_by_one(store, ids[-1])
+            records = len(want) // CHUNK_RECORD.size
+            assert records > 5
+            for memory in (tables.SPOOL_MEMORY, 0):
+                monkeypatch.setattr(tables, "SPOOL_MEMORY", memory)
+                opened.clear()
+                read.clear()
+                spilled = await spill_complete_table(store, ids[-1])
+                files, moved = len(opened), sum(read)
+                with spilled:
+                    assert b"".join(spilled) == want and spilled.records == records
+                if memory:
+                    assert (files, moved) == (1, 0)
+                else:
+                    assert files <= len(ids) + 1
+                    assert moved == len(want)
+
+    run_asyncio(go())
+
+
+def test_a_listed_chain_is_read_ahead_and_a_broken_one_still_fails_cleanly(
+    run_asyncio: Any, repo_path: Path
+) -> None:
+    """Once a handle has listed the generations (as every backup does to find its
+    parent), the manifests of a chain are read several at once, by spill_complete_table
+    (backup, restore) and by manifest_chain (generation_chunks); a handle that listed
+    nothing walks the chain one manifest at a time. The tables are the same. A chain
+    with a link gone fails with MissingObject naming it, with no scratch file left open
+    and no read left running, read ahead or not.
+
+    Property: the latency of a long chain on an object store is paid CHAIN_AHEAD
+    manifests at a time, not one (fails without the read ahead)."""
+
+    async def go() -> None:
+        ids, versions = await _chain(repo_path, 20)
+        async with await Repository.open(repo_path, PASSPHRASE) as repo:
+            want = await _applied_one_by_one(repo._store, ids[-1])
+        for listed in (False, True):
+            for how in ("spill", "chunks", "restore"):
+                backend = SlowReads(repo_path)
+                async with await Repository.open(backend, PASSPHRASE) as repo:
+                    store = repo._store
+                    if listed:
+                        await repo.generations("db")
+                    backend.most = 0
+                    if how == "spill":
+                        with await spill_complete_table(store, ids[-1]) as spilled:
+                            assert b"".join(spilled) == want
+                    elif how == "chunks":
+                        assert (await store.generation_chunks(ids[-1]))[1] == want
+                    else:
+                        out = io.BytesIO()
+                        await repo.restore(ids[-1], out)
+                        assert out.getvalue() == versions[-1]
+                    # A restore by id opens the generation's header first: its parent
+                    # is known, and read beside it.
+                    alone = 2 if how == "restore" else 1
+                    assert backend.most >= 4 if listed else backend.most <= alone, how
+        gone = repo_path / "generations" / ids[5]
+        kept = gone.read_bytes()
+        gone.unlink()
+        async with await Repository.open(SlowReads(repo_path), PASSPHRASE) as repo:
+            store = repo._store
+            await repo.generations("db")
+            store._parents_seen[ids[5]] = ids[4]  # as if it had been listed before it went
+            before = _open_descriptors()
+            for _ in range(2):
+                with pytest.raises(MissingObject, match=ids[5]):
+                    await spill_complete_table(store, ids[-1])
+                with pytest.raises(MissingObject, match=ids[5]):
+                    await store.generation_chunks(ids[-1])
+            assert _open_descriptors() == before
+            assert len(asyncio.all_tasks()) == 1  # this test's own: no read left running
+        gone.write_bytes(kept)
+
+    run_asyncio(go())
+
+
+def test_composed_tables_stay_within_their_pieces_however_fragmented(
+    run_asyncio: Any, repo_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With MAX_PIECES lowered to 3, a chain whose deltas cut the table into many pieces
+    is written out (spill_complete_table) or joined (generation_chunks) whenever the
+    composed table counts more, and composing goes on from one piece: no composition
+    ever starts from more than MAX_PIECES pieces, and the tables are still the ones
+    apply_delta makes.
+
+    Property: what expanding a chain holds in memory is bounded however a chain of
+    authenticated deltas fragments the table (fails without the write-out)."""
+    most: list[int] = [0]
+
+    def counting(parent: Any, ranges: Any, own: int) -> Any:
+        most[0] = max(most[0], len(parent[0]))
+        return compose(parent, ranges, own)
+
+    # Both expansions compose through dedupe.format.delta.compose_chain.
+    monkeypatch.setattr(delta_module, "MAX_PIECES", 3)
+    monkeypatch.setattr(delta_module, "compose", counting)
+
+    async def go() -> None:
+        ids, _versions = await _chain(repo_path, 12)
+        async with await Repository.open(repo_path, PASSPHRASE) as repo:
+            store = repo._store
+            for gen_id in ids:
+                want = await _applied_one_by_one(store, gen_id)
+                with await spill_complete_table(store, gen_id) as spilled:
+                    assert b"".join(spilled) == want
+                assert (await store.generation_chunks(gen_id))[1] == want
+        assert 0 < most[0] <= 3
+
+    run_asyncio(go())
+
+
+@pytest.mark.parametrize(
+    ("body", "records"), [("small", 3), ("large", 2 * 16_384 + 99), ("repeated", 2 * 16_384 + 99)]
+)
+def test_a_small_manifest_is_opened_on_the_calling_thread_a_large_one_on_a_worker(
+    run_asyncio: Any, repo_path: Path, monkeypatch: pytest.MonkeyPatch, body: str, records: int
+) -> None:
+    """spill_manifest opens the frames of a body of at most INLINE_FRAMES bytes (a day's
+    incremental) on the event loop's thread, without a worker thread's round trip; those
+    of a larger one (three frames of random records) on a worker; and those of a small
+    body that decompresses to more than INLINE_PLAIN (three frames of one record
+    repeated: a few hundred bytes) first on the loop's thread, then, from the frame
+    that passed INLINE_PLAIN on, on a worker. The records, the count and the meta are
+    the same every way.
+
+    Property: reading a chain costs no thread round trip per small manifest (fails when
+    every piece goes through a worker thread), and neither a large body nor a small one
+    that expands blocks the loop for long (fails without the INLINE_PLAIN limit)."""
+    calls: list[tuple[bool, int]] = []  # (on the loop's thread, frames taken)
+    take = repository._BodyFrames.take
+
+    def recording(self: Any, buf: bytearray, complete: bool, limit: int | None = None) -> bool:
+        before = self.frame_no
+        done = take(self, buf, complete, limit)
+        calls.append(
+            (threading.current_thread() is threading.main_thread(), self.frame_no - before)
+        )
+        return done
+
+    monkeypatch.setattr(repository._BodyFrames, "take", recording)
+    rng = random.Random(records)
+    one = CHUNK_RECORD.pack(rng.randbytes(32), 4096)
+    if body == "repeated":
+        table = one * records
+    else:
+        table = b"".join(CHUNK_RECORD.pack(rng.randbytes(32), 4096) for _ in range(records))
+    meta = {"type": "stream", "digest": "ab" * 32, "chunk_count": records}
+    header = {
+        "name": "n",
+        "kind": "full",
+        "parent": None,
+        "created": "2026-01-01T00:00:00.000000Z",
+        "source": {"type": "stream", "label": ""},
+        "chunker": {"algorithm": "fixed", "block_size": 4096},
+        "size": records * 4096,
+        "chunks": records,
+        "new_chunks": 0,
+        "new_bytes": 0,
+        "stored_bytes": 0,
+        "seconds": 0.0,
+    }
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            store = repo._store
+            gen_id = await store.write_manifest(header, meta, table)
+            sink = io.BytesIO()
+            calls.clear()
+            _h, got_meta, n = await store.spill_manifest(gen_id, sink)
+            assert (sink.getvalue(), got_meta, n) == (table, meta, records)
+            on_loop = sum(frames for inline, frames in calls if inline)
+            on_worker = sum(frames for inline, frames in calls if not inline)
+            # Three table frames (one for the small table) and the meta frame.
+            assert on_loop + on_worker == (2 if body == "small" else 4)
+            if body == "small":
+                assert (on_loop, on_worker) == (2, 0)
+            elif body == "large":
+                assert on_loop <= 1  # the meta frame, when the last piece holds it alone
+            else:
+                assert (repository.INLINE_PLAIN < 16_384 * R, on_loop) == (True, 1)
+
+    run_asyncio(go())
+
+
+def test_stats_reads_each_manifest_of_a_chain_once(run_asyncio: Any, repo_path: Path) -> None:
+    """`stats` over a full and 15 incrementals reads each manifest whole once (each
+    generation's table is built on its parent's), and counts the same chunks as the
+    tables apply_delta makes.
+
+    Property: stats costs O(n) manifests for a chain of n, not n(n+1)/2 (fails when
+    each generation's table is expanded through its whole chain on its own)."""
+
+    async def go() -> None:
+        ids, versions = await _chain(repo_path, 15)
+        backend = CountingReads(repo_path)
+        async with await Repository.open(backend, PASSPHRASE) as repo:
+            backend.manifest_reads.clear()
+            (db, everything) = await repo.stats()
+            assert sorted(backend.manifest_reads) == sorted(f"generations/{g}" for g in ids)
+            store = repo._store
+            chunks = set()
+            for gen_id in ids:
+                table = await _applied_one_by_one(store, gen_id)
+                chunks.update(CHUNK_RECORD.iter_unpack(table))
+            assert db.name == "db" and db.generations == len(ids)
+            assert db.unique_bytes == sum(length for _id, length in chunks)
+            assert everything.logical_bytes == sum(len(v) for v in versions)
+
+    run_asyncio(go())
