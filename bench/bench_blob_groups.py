@@ -2,17 +2,19 @@
 """What would blobs of several pages buy (issue 17)? A prototype measurement, before any
 format change: day 1's chunks, cut as a backup cuts them (`auto`: a SQLite file in its
 pages), are framed, sealed into packs and opened again with dedupe's own native kernels
-(BlobCodec.frame, PackWriter, BlobCodec.open_many), once one blob per chunk (today) and
-once one blob per run of G consecutive chunks joined. Day 2's new chunks are grouped the
-way a writer could group them: runs of chunks that are new and consecutive in day 2,
-at most G per blob.
+(BlobCodec.frame, PackWriter, BlobCodec.open_joined), once one blob per chunk (today) and
+once one blob per run of G consecutive chunks joined. Only the chunks a backup stores
+are used, grouped the way a writer could group them: runs of chunks that are new and
+consecutive (day 1: each distinct chunk at its first place; day 2: the chunks day 1
+lacks), at most G per blob.
 
 Per variant: stored bytes, and CPU seconds of framing (zstd), sealing (AEAD into packs)
 and opening (AEAD, zstd, keyed id of the opened bytes), single-threaded, median of
---runs, all variants in one run, alternating. The keyed id of a group stands in for the
-per-page ids a real group would check: the same bytes are hashed. A real group blob
-also carries a member table (~36 bytes per page, sealed; reported separately, not
-added), so its bytes here are a lower bound.
+--runs, all variants in one run, alternating. A real group checks each page's id when
+it is opened: for G > 1 the time of one id per group is taken out of the open time and
+that of one id per page put in (both measured), so it estimates a real group's. A real
+group blob also carries a member table (~36 bytes per page, sealed; reported
+separately, not added), so its bytes here are a lower bound.
 
     .venv/bin/python bench/bench_blob_groups.py day1.db day2.db --groups 1,4,8,16,32
 """
@@ -40,6 +42,7 @@ from dedupe.store.blobs import BlobCodec  # noqa: E402
 BATCH = 512  # chunks framed per call, as a backup frames one 2 MiB read of 4 KiB pages
 PACK_SIZE = 16 << 20
 MEMBER_ROW = 36  # chunk id and raw length per page in a group's member table
+PAGE = 4096
 
 
 def cut(data: bytes, chunker: str, gear: bytes) -> list[bytes]:
@@ -62,6 +65,16 @@ def runs_of(flags: Sequence[bool], cap: int) -> list[tuple[int, int]]:
     return out
 
 
+def new_flags(chunks: list[bytes], known: set[bytes]) -> list[bool]:
+    """Whether each chunk is stored: not in `known` and not earlier in `chunks`."""
+    seen = set(known)
+    flags = []
+    for c in chunks:
+        flags.append(c not in seen)
+        seen.add(c)
+    return flags
+
+
 def units(chunks: list[bytes], spans: list[tuple[int, int]]) -> list[bytes]:
     return [b"".join(chunks[a:b]) for a, b in spans]
 
@@ -72,8 +85,12 @@ def timed(fn: Callable[[], object]) -> float:
     return time.process_time() - t
 
 
-def one(codec: BlobCodec, hasher: ChunkHasher, blobs: list[bytes]) -> dict[str, float]:
-    """Frame, seal and open `blobs` the way the pipeline does; CPU seconds and bytes."""
+def one(
+    codec: BlobCodec, hasher: ChunkHasher, blobs: list[bytes], page_ids: bool
+) -> dict[str, float]:
+    """Frame, seal and open `blobs` the way the pipeline does; CPU seconds and bytes.
+    `page_ids`: a blob is a group of pages: opening it checks each page's id (PAGE bytes
+    each), not one id of the whole blob."""
     ids = hasher.chunk_ids(blobs)
     writer = PackWriter(PACK_SIZE)
     packs: list[FinishedPack] = []
@@ -95,11 +112,18 @@ def one(codec: BlobCodec, hasher: ChunkHasher, blobs: list[bytes]) -> dict[str, 
             for start in range(0, len(entries), BATCH):
                 codec.open_joined(pack.key, pack.data, 0, entries[start : start + BATCH])
 
+    open_s = timed(open_all)
+    if page_ids:
+        # open_joined checked each group's id, one hash of the whole group; a real group
+        # checks the id of every page in it. Swap the one cost for the other.
+        pages = [b[a : a + PAGE] for b in blobs for a in range(0, len(b), PAGE)]
+        open_s += timed(lambda: hasher.chunk_ids(pages)) - timed(lambda: hasher.chunk_ids(blobs))
+
     return {
         "bytes": float(sum(len(p.data) for p in packs)),
         "frame": frame_s,
         "seal": seal_s,
-        "open": timed(open_all),
+        "open": open_s,
         "blobs": float(len(blobs)),
     }
 
@@ -119,34 +143,25 @@ def main() -> None:
     hasher = ChunkHasher(os.urandom(32))
     codec = BlobCodec(args.level, hasher, native=True)
     day1 = cut(args.day1.read_bytes(), args.chunker, gear)
-    sets: dict[str, list[tuple[int, int]]] = {"day 1": runs_of([True] * len(day1), 1)}
-    day2: list[bytes] = []
+    # What a backup stores: each chunk at its first place (day 2: the ones day 1 lacks).
+    days = {"day 1": (day1, new_flags(day1, set()))}
     if args.day2:
-        seen = set(day1)
         day2 = cut(args.day2.read_bytes(), args.chunker, gear)
-        fresh, new = set(), []
-        for c in day2:  # a chunk is new once: its first place in day 2
-            new.append(c not in seen and c not in fresh)
-            fresh.add(c)
-        sets["day 2 new"] = [(i, i + 1) for i, f in enumerate(new) if f]
-        new_flags = new
-    raw = {"day 1": sum(map(len, day1))}
-    if day2:
-        raw["day 2 new"] = sum(len(day2[a]) for a, _ in sets["day 2 new"])
-    print(
-        f"{args.day1.name}: {len(day1)} chunks, {raw['day 1'] / 1e6:.1f} MB"
-        + (f"; day 2 new: {len(sets['day 2 new'])} chunks" if day2 else ""),
-        file=sys.stderr,
-    )
+        days["day 2 new"] = (day2, new_flags(day2, set(day1)))
+    raw = {}
+    for name, (chunks, flags) in days.items():
+        raw[name] = sum(len(c) for c, f in zip(chunks, flags, strict=True) if f)
+        print(
+            f"{name}: {len(chunks)} chunks, {sum(flags)} stored, {raw[name] / 1e6:.1f} MB",
+            file=sys.stderr,
+        )
 
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
     for _ in range(args.runs):
         for g in groups:
-            blobs = units(day1, runs_of([True] * len(day1), g))
-            results.setdefault(("day 1", g), []).append(one(codec, hasher, blobs))
-            if day2:
-                blobs = units(day2, runs_of(new_flags, g))
-                results.setdefault(("day 2 new", g), []).append(one(codec, hasher, blobs))
+            for name, (chunks, flags) in days.items():
+                blobs = units(chunks, runs_of(flags, g))
+                results.setdefault((name, g), []).append(one(codec, hasher, blobs, g > 1))
 
     print(
         f"zstd-{args.level}, medians of {args.runs}; CPU seconds single-threaded; "
@@ -158,7 +173,7 @@ def main() -> None:
     )
     print(head)
     print("-" * len(head))
-    for name in sets:
+    for name in days:
         base: dict[str, float] | None = None
         for g in groups:
             runs = results[(name, g)]

@@ -23,6 +23,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,14 +34,16 @@ STEPS = ("new", "check", "restore")
 
 def run(argv: list[str], env: dict[str, str]) -> tuple[float, float, int]:
     """Wall s, CPU s (user+sys) and peak RSS (KiB) of one command, which must succeed."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        sys.exit(f"{' '.join(argv[3:])} failed ({proc.returncode}): {err.strip()[-500:]}")
+    with tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            err.seek(0)
+            said = err.read().decode(errors="replace").strip()[-500:]
+            sys.exit(f"{' '.join(argv[3:])} failed ({proc.returncode}): {said}")
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss
 
 

@@ -2,18 +2,20 @@
 
 Why: a backup writes packs once and does not read them back; written through the page
 cache they evict the database's own working set on the host being backed up, and every
-byte is copied into freshly allocated cache pages. That copy is cheap on bare metal
-(~0.2 ns/B) but not everywhere: on a VM whose freed pages go back to the host, it was
+byte is copied into freshly allocated cache pages. That copy is usually cheap, but not
+everywhere: on a VM whose freed pages go back to the host, it was
 measured at 0.3-9 CPU seconds per GB written, varying from one minute to the next
 (bench/README.md, "Writing packs around the page cache"); direct writes cost 0.15 s
 per GB there, every time.
 
-How: the bytes are copied into a page-aligned staging buffer and written from it in
-aligned blocks with O_DIRECT set on the descriptor; the last, unaligned piece is written
-after O_DIRECT is cleared again. A file system that refuses direct I/O (fcntl or the first
-write says EINVAL) gets the rest of the file written the ordinary way, and the caller is
-told so that it stops trying. Durability is the caller's fsync, as before: O_DIRECT only
-bypasses the cache, it does not make anything durable.
+How: the bytes are copied into a page-aligned staging buffer (private, at most two kept
+per process, none inherited by a forked child) and written from it in aligned blocks with
+O_DIRECT set on the descriptor; the last, unaligned piece is written after O_DIRECT is
+cleared again. Direct I/O is turned on only once an object has come to DIRECT_MIN bytes,
+so a short stream of parts (a small manifest) is written the ordinary way. A file system
+that refuses direct I/O (fcntl or a write says EINVAL) gets the rest of the file written
+the ordinary way, and the caller is told so that it stops trying. Durability is the
+caller's fsync, as before: O_DIRECT only bypasses the cache, it makes nothing durable.
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ def _take_stage() -> mmap.mmap:
     with _stages_lock:
         if _stages:
             return _stages.pop()
-    return mmap.mmap(-1, STAGE_SIZE)  # anonymous: page-aligned
+    # Anonymous, so page-aligned; private, so that a forked child (multiprocessing's
+    # default on Linux) writing packs of its own never shares the bytes being written.
+    return mmap.mmap(-1, STAGE_SIZE, flags=mmap.MAP_PRIVATE)
 
 
 def _give_back(stage: mmap.mmap) -> None:
@@ -55,6 +59,17 @@ def _give_back(stage: mmap.mmap) -> None:
             _stages.append(stage)
             return
     stage.close()
+
+
+def _forget_stages() -> None:
+    """In a forked child: the parent's buffers are copies it does not need."""
+    global _stages_lock
+    _stages.clear()
+    _stages_lock = threading.Lock()  # the parent may have held it at the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_stages)
 
 
 def _set_direct(fd: int, on: bool) -> bool:
@@ -72,19 +87,27 @@ def _set_direct(fd: int, on: bool) -> bool:
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> int:
     while view:
         n = os.pwrite(fd, view, offset)
+        if n <= 0:  # never for a regular file; do not spin if it happens
+            raise OSError(errno.EIO, "a write wrote nothing")
         view = view[n:]
         offset += n
     return offset
 
 
 class _Writer:
-    """Appends bytes to `fd` from offset 0, direct while it can be."""
+    """Appends bytes to `fd` from offset 0: the ordinary way until `go_direct`, then
+    directly while the file system allows it."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.direct = True
-        self.refused = False  # the file system refused a direct write
+        self.direct = False
+        self.refused = False  # the file system refused direct I/O
         self.offset = 0
+
+    def go_direct(self) -> None:
+        if not self.refused and not self.direct:
+            self.direct = _set_direct(self.fd, True)
+            self.refused = not self.direct
 
     def write(self, view: memoryview) -> None:
         """Write `view` at the current offset: directly while direct I/O is on (the
@@ -112,13 +135,14 @@ class _Writer:
 
 def write_parts(fd: int, parts: Iterable[Buffer], direct: bool) -> bool:
     """Write `parts` back to back into the empty file open for writing at `fd`, around the
-    page cache if `direct` and the file system allows it. Returns False when direct I/O
-    was asked for and the file system refused it (the caller should stop asking); the
+    page cache if `direct`, the file system allows it and they come to DIRECT_MIN bytes
+    or more (a stream of parts that ends sooner is written the ordinary way). Returns
+    False when the file system refused direct I/O (the caller should stop asking); the
     bytes are written either way. The caller fsyncs."""
     if not direct:
         _write_buffered(fd, parts)
         return True
-    if not _O_DIRECT or not _set_direct(fd, True):
+    if not _O_DIRECT:
         _write_buffered(fd, parts)
         return False
     writer = _Writer(fd)
@@ -134,17 +158,24 @@ def write_parts(fd: int, parts: Iterable[Buffer], direct: bool) -> bool:
                 filled += k
                 view = view[k:]
                 if filled == STAGE_SIZE:
+                    writer.go_direct()
                     writer.write(staged)
                     filled = 0
-        aligned = filled - filled % ALIGN
+        if writer.offset + filled >= DIRECT_MIN:
+            writer.go_direct()
+        aligned = filled - filled % ALIGN if writer.direct else 0
         if aligned:
             writer.write(staged[:aligned])
-        if filled > aligned:  # the unaligned end: written through the cache
+        if filled > aligned:  # the unaligned end, or a small object: through the cache
             writer.buffered()
             writer.write(staged[aligned:filled])
-    finally:
+    except BaseException:
+        # A slice of the buffer may live on in the traceback: drop the buffer (the
+        # garbage collector unmaps it) rather than close it or hand it out again.
         staged.release()
-        _give_back(stage)
+        raise
+    staged.release()
+    _give_back(stage)
     return not writer.refused
 
 
@@ -152,4 +183,7 @@ def _write_buffered(fd: int, parts: Iterable[Buffer]) -> None:
     for part in parts:
         view = memoryview(part).cast("B")
         while view:
-            view = view[os.write(fd, view) :]
+            n = os.write(fd, view)
+            if n <= 0:
+                raise OSError(errno.EIO, "a write wrote nothing")
+            view = view[n:]

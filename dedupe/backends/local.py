@@ -75,9 +75,13 @@ def _truncated(name: str, offset: int, length: int, ends: int) -> TruncatedObjec
     )
 
 
+OFF_WORDS = ("0", "false", "no", "off")
+
+
 def sized(parts: Iterable[Buffer]) -> int:
     """The bytes `parts` hold if it is a list or tuple (a put); a stream of parts
-    (put_stream, a manifest spilled as it is made) counts as large."""
+    (put_stream, a manifest spilled as it is made) counts as large here, and goes direct
+    only once it has come to DIRECT_MIN bytes (write_parts)."""
     if isinstance(parts, list | tuple):
         return sum(memoryview(p).nbytes for p in parts)
     return DIRECT_MIN
@@ -112,7 +116,7 @@ class LocalBackend(Backend):
         self.root = os.path.abspath(os.fspath(root))
         self.location = self.root
         if direct_io is None:
-            direct_io = os.environ.get("DEDUPE_DIRECT_IO", "1") != "0"
+            direct_io = os.environ.get("DEDUPE_DIRECT_IO", "1").lower() not in OFF_WORDS
         self.direct_io = direct_io
 
     def _path(self, name: str) -> str:
@@ -144,7 +148,8 @@ class LocalBackend(Backend):
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             if self.direct_io and sized(parts) >= DIRECT_MIN:
-                self.direct_io = write_parts(fd, parts, True)
+                if not write_parts(fd, parts, True):
+                    self.direct_io = False  # only ever turned off: see _direct
             else:
                 write_parts(fd, parts, False)
             os.fsync(fd)

@@ -98,6 +98,8 @@ class PackWriter:
     def add(self, batch: FramedBatch) -> list[FinishedPack]:
         """Seal a framed batch (BlobCodec.frame) under the pack key; returns the packs it
         completed."""
+        if self._failed:
+            raise RuntimeError("this PackWriter failed earlier") from self._failed
         done = []
         while batch.pending:
             pack = self.fill(batch)

@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import mmap
 import os
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import pytest
 
 from dedupe.backends import LocalBackend, _direct
 from dedupe.backends._direct import ALIGN, DIRECT_MIN, STAGE_SIZE
+from dedupe.errors import BackendError
 
 MiB = 1 << 20
 SIZES = [0, 1, ALIGN - 1, ALIGN, ALIGN + 1, DIRECT_MIN - 1, DIRECT_MIN, DIRECT_MIN + 1,
@@ -170,3 +173,111 @@ def test_staging_buffers_are_kept_few(tmp_path: Path) -> None:
 
     asyncio.run(go())
     assert len(_direct._stages) <= _direct._STAGES_KEPT
+
+
+def _is_direct(fd: int) -> bool:
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0))
+
+
+@pytest.fixture
+def fresh_pool(monkeypatch: pytest.MonkeyPatch) -> list[mmap.mmap]:
+    pool: list[mmap.mmap] = []
+    monkeypatch.setattr(_direct, "_stages", pool)
+    return pool
+
+
+def test_a_small_stream_is_written_the_ordinary_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream of parts (put_stream: manifests) that ends before DIRECT_MIN bytes never
+    turns direct I/O on: a small manifest costs no staging copy of its own to the device
+    and no fcntl; one that reaches DIRECT_MIN goes direct from there."""
+    spy = PwriteSpy()
+    monkeypatch.setattr(os, "pwrite", spy)
+    backend = LocalBackend(tmp_path / "store", direct_io=True)
+    asyncio.run(backend.put_stream("generations/small", iter([b"tiny", bytes(5000)])))
+    assert (tmp_path / "store/generations/small").read_bytes() == b"tiny" + bytes(5000)
+    assert spy.calls and not any(d for _, _, d in spy.calls)
+    spy.calls.clear()
+    big = [bytes(700_000), bytes(700_000)]  # reaches DIRECT_MIN at its end
+    asyncio.run(backend.put_stream("generations/big", iter(big)))
+    assert (tmp_path / "store/generations/big").read_bytes() == b"".join(big)
+    assert any(d for _, _, d in spy.calls)
+
+
+@pytest.mark.skipif(not getattr(os, "O_DIRECT", 0), reason="no O_DIRECT")
+def test_a_full_disk_with_a_full_staging_pool_is_a_backend_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_pool: list[mmap.mmap]
+) -> None:
+    """Two other large writes gave their staging buffers back while this one was under
+    way (three concurrent puts; test_direct_io.py's own test makes six), so the pool is
+    full when this one, failing, gives its buffer back."""
+    fresh_pool.extend(mmap.mmap(-1, STAGE_SIZE) for _ in range(_direct._STAGES_KEPT + 1))
+    real = os.pwrite
+
+    def full_disk(fd: int, data: Any, offset: int) -> int:
+        if _is_direct(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full_disk)
+    backend = LocalBackend(tmp_path / "store", direct_io=True)
+    with pytest.raises(BackendError, match="no space left"):
+        asyncio.run(backend.put("packs/ab/x", bytes(2 * MiB + 5)))
+    assert not list((tmp_path / "store").rglob(".tmp-*"))
+
+
+@pytest.mark.skipif(not getattr(os, "O_DIRECT", 0), reason="no O_DIRECT")
+def test_a_refusal_is_not_undone_by_a_concurrent_success(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_pool: list[mmap.mmap]
+) -> None:
+    """A file system that refuses direct writes of some sizes only: put A (2 MiB) goes
+    direct and is slow, put B (3 MiB) is refused meanwhile and turns direct I/O off; A
+    then finishes and turns it back on."""
+    real = os.pwrite
+    a_writing, b_done = threading.Event(), threading.Event()
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        n = memoryview(data).nbytes
+        if _is_direct(fd) and n == 2 * MiB:
+            a_writing.set()
+            assert b_done.wait(30)
+        if _is_direct(fd) and n == 3 * MiB:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    backend = LocalBackend(tmp_path / "store", direct_io=True)
+    a = threading.Thread(target=backend._put_sync, args=("packs/aa/a", (bytes(2 * MiB),)))
+    a.start()
+    assert a_writing.wait(30)
+    backend._put_sync("packs/bb/b", (bytes(3 * MiB),))
+    assert backend.direct_io is False  # B saw the refusal
+    b_done.set()
+    a.join(30)
+    assert backend.direct_io is False, "a concurrent success turned direct I/O back on"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_staging_buffers_are_not_shared_with_a_forked_child(
+    fresh_pool: list[mmap.mmap],
+) -> None:
+    """An embedder that backed up once (a staging buffer pooled) and then forks workers
+    (multiprocessing's default start method on Linux) that back up concurrently: the
+    child starts with no pooled buffer, and even a buffer object it inherited is its own
+    copy (a private mapping), so neither process's staged bytes land in the other's pack."""
+    held = _direct._take_stage()
+    _direct._give_back(_direct._take_stage())
+    assert len(fresh_pool) == 1
+    pid = os.fork()
+    if pid == 0:  # the child: stage bytes of its own
+        status = 1
+        try:
+            held[:8] = b"child!!!"
+            status = 0 if not _direct._stages else 2
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child inherited the pool"
+    assert held[:8] != b"child!!!", "the child's staged bytes are in the parent's buffer"
+    held.close()

@@ -12,14 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_repo
+from conftest import PASSPHRASE, make_repo
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dedupe import Repository
 from dedupe.engine.backup import _unstored
 from dedupe.store import PackWriter
 from dedupe.store.index import chunk_records, entry_records
 
+MiB = 1 << 20
 _IDS = [bytes([i]) * 32 for i in range(6)]
 
 
@@ -134,3 +136,45 @@ def test_a_slow_store_holds_two_pack_buffers(
 
     run_asyncio(go())
     assert len(made) == 2
+
+
+def test_a_backup_cancelled_during_a_slow_write_indexes_every_pack_it_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sealer waits in the rendezvous (packs_q.join) while the writer is slow; a
+    cancellation that lands during a write waits for it and salvages it with the others:
+    no pack file on disk is missing from the index."""
+    data = random.Random(27).randbytes(3 * MiB)
+    root = tmp_path / "repo"
+
+    async def go() -> None:
+        async with await make_repo(root) as repo:
+            store = repo._store
+            write = store.write_finished_pack
+            started = 0
+            third = asyncio.Event()
+
+            async def slow_write(*args: Any) -> None:
+                nonlocal started
+                started += 1
+                if started == 3:
+                    third.set()
+                await asyncio.sleep(0.05)
+                await write(*args)
+
+            monkeypatch.setattr(store, "write_finished_pack", slow_write)
+            task = asyncio.create_task(repo.backup(io.BytesIO(data), name="db"))
+            await third.wait()
+            await asyncio.sleep(0.01)  # mid-write of the third pack
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        async with await Repository.open(root, PASSPHRASE) as repo:
+            store = repo._store
+            await store.refresh_index()
+            indexed = {p.pack_id.hex() for p in store.index.packs}
+            on_disk = {name.rsplit("/", 1)[1] for name in await store.backend.list("packs/")}
+            assert len(on_disk) >= 3
+            assert on_disk == indexed
+
+    asyncio.run(go())

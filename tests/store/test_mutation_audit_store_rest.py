@@ -4,10 +4,13 @@ on (bench/README.md, "Mutation testing")."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from dedupe.hashing import ChunkHasher
 from dedupe.store import PackWriter
+from dedupe.store import packer as packer_module
 from dedupe.store.blobs import BlobCodec, PyFramedBatch
 
 HASHER = ChunkHasher(bytes(range(32)))
@@ -36,3 +39,18 @@ def test_a_pack_writer_that_raised_never_finishes_its_half_built_pack() -> None:
     with pytest.raises(RuntimeError):
         writer.add(good)
     assert good.pending == len(chunks)  # nothing more was sealed
+
+
+def test_a_failed_packwriter_refuses_an_empty_batch_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = PackWriter(64 * 1024)
+
+    def broken(*args: Any) -> int:
+        raise MemoryError
+
+    monkeypatch.setattr(packer_module, "seal_batch", broken)
+    with pytest.raises(MemoryError):
+        writer.fill(PyFramedBatch([bytes(32)], [b"x" * 100], [100]))
+    with pytest.raises(RuntimeError, match="failed earlier"):
+        writer.flush()
+    with pytest.raises(RuntimeError, match="failed earlier"):
+        writer.add(PyFramedBatch([], [], []))
