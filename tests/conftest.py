@@ -432,3 +432,24 @@ def pg(postgres_server: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict
     db = f"t{os.getpid()}_{next(_databases)}"
     subprocess.run(["createdb", db], check=True, capture_output=True, timeout=60)
     return {**postgres_server, "db": db}
+
+
+def manifest_header(name: str, **fields: Any) -> dict[str, Any]:
+    """A manifest header as a writer (or a malicious one) fills it in for
+    RepositoryStore.write_manifest (the store adds version and body): an empty stream's
+    full, `fields` overriding."""
+    return {
+        "name": name,
+        "kind": "full",
+        "parent": None,
+        "created": "2026-01-01T00:00:00.000000Z",
+        "source": {"type": "stream", "label": "x"},
+        "chunker": {"algorithm": "fastcdc-2020"},
+        "size": 0,
+        "chunks": 0,
+        "new_chunks": 0,
+        "new_bytes": 0,
+        "stored_bytes": 0,
+        "seconds": 0.0,
+        **fields,
+    }

@@ -205,6 +205,12 @@ def compose_chain(
     pieces = whole(total)
     for literal, ops, n_literal, n_complete, what in links:
         ranges = delta_ranges(ops, total, n_literal, what, n_complete)
+        if len(pieces[0]) > 1 and _spanned(pieces, ranges) > MAX_PIECES:
+            # Composed on the table as it is, the delta would make more pieces than
+            # MAX_PIECES (each copy takes every piece it spans): write the table out
+            # first, so that each op makes one piece.
+            sources = [flatten(sources, pieces)]
+            pieces = whole(total)
         sources.append(literal)
         pieces = compose(pieces, ranges, len(sources) - 1)
         total = n_complete
@@ -212,6 +218,20 @@ def compose_chain(
             sources = [flatten(sources, pieces)]
             pieces = whole(total)
     return sources, pieces
+
+
+def _spanned(parent: Pieces, ranges: list[tuple[int, int, int]]) -> int:
+    """At most how many pieces compose(parent, ranges, _) makes."""
+    offsets = list(accumulate(parent[2], initial=0))
+    n = 0
+    for kind, first, count in ranges:
+        if not count:
+            continue
+        if kind != COPY:
+            n += 1
+        else:
+            n += bisect_left(offsets, first + count) - bisect_right(offsets, first) + 1
+    return n
 
 
 def join_pieces(sources: list[bytes], pieces: Pieces) -> bytes:

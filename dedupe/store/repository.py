@@ -208,15 +208,26 @@ def decompress_capped(data: Buffer, cap: int, what: str) -> bytes:
     return out
 
 
-def _open_frame(data_key: bytes, sealed: Buffer, i: int, last: bool, what: str) -> bytes:
+class _Defer(Exception):
+    """A frame that would decompress to more than the caller's thread may take."""
+
+
+def _open_frame(
+    data_key: bytes, sealed: Buffer, i: int, last: bool, what: str, most: int | None = None
+) -> bytes:
     """The payload of frame `i` of a manifest body; a table frame (all but the last) must
-    hold whole chunk records, and no more than FRAME_RECORDS of them."""
+    hold whole chunk records, and no more than FRAME_RECORDS of them. With `most`: _Defer
+    when its recorded size is larger (nothing decompressed)."""
     where = f"{what}, frame {i}"
-    plain = decompress_capped(
-        open_sealed(data_key, sealed, frame_aad(i), where),
-        MAX_META_FRAME if last else MAX_TABLE_FRAME,
-        where,
-    )
+    opened = open_sealed(data_key, sealed, frame_aad(i), where)
+    if most is not None:
+        try:
+            size = zstandard.frame_content_size(opened)
+        except zstandard.ZstdError:
+            size = -1
+        if size > most:
+            raise _Defer
+    plain = decompress_capped(opened, MAX_META_FRAME if last else MAX_TABLE_FRAME, where)
     if not last and (not plain or len(plain) % CHUNK_RECORD.size):
         raise IntegrityError(f"{what}: a table frame does not hold whole chunk records")
     return plain
@@ -239,12 +250,14 @@ def open_with_one(keys: list[bytes], sealed: Buffer, aad: bytes, what: str) -> b
     return open_sealed(keys[0], sealed, aad, what)
 
 
-def _first_frame(keys: list[bytes], sealed: Buffer, last: bool, what: str) -> tuple[bytes, bytes]:
+def _first_frame(
+    keys: list[bytes], sealed: Buffer, last: bool, what: str, most: int | None = None
+) -> tuple[bytes, bytes]:
     """(the body key, the payload of frame 0): the first of `keys` that opens it."""
     for key in keys[1:]:
         if _opens(key, sealed, frame_aad(0)):
-            return key, _open_frame(key, sealed, 0, last, what)
-    return keys[0], _open_frame(keys[0], sealed, 0, last, what)
+            return key, _open_frame(key, sealed, 0, last, what, most)
+    return keys[0], _open_frame(keys[0], sealed, 0, last, what, most)
 
 
 def _expand_stream(chain: list[tuple[str, dict[str, Any], bytes, dict[str, Any]]]) -> bytes:
@@ -301,12 +314,16 @@ class _BodyFrames:
             if len(buf) < FRAME_LENGTH.size + n:
                 break
             sealed = bytes(buf[FRAME_LENGTH.size : FRAME_LENGTH.size + n])
+            last = complete and len(buf) == FRAME_LENGTH.size + n  # the meta frame
+            most = None if limit is None else max(limit - made, MAX_TABLE_FRAME)
+            try:
+                if self.data_key is None:
+                    self.data_key, plain = _first_frame(self.keys, sealed, last, what, most)
+                else:
+                    plain = _open_frame(self.data_key, sealed, self.frame_no, last, what, most)
+            except _Defer:
+                return False  # left in `buf`, for a worker
             del buf[: FRAME_LENGTH.size + n]
-            last = complete and not buf  # the object ends here: the meta frame
-            if self.data_key is None:
-                self.data_key, plain = _first_frame(self.keys, sealed, last, what)
-            else:
-                plain = _open_frame(self.data_key, sealed, self.frame_no, last, what)
             self.frame_no += 1
             if last:
                 self.meta = decode_meta(plain, what)
@@ -1204,8 +1221,12 @@ class RepositoryStore:
                         reading[ahead] = asyncio.ensure_future(read(ahead))
                     ahead = self.parent_hint(ahead)
                 try:
-                    link = await reading.pop(current)
+                    # Left in `reading` until its result is had: a cancellation that
+                    # lands as it completes leaves it to the clean-up below.
+                    link = await reading[current]
+                    del reading[current]
                 except GenerationNotFound:
+                    del reading[current]
                     raise MissingObject(
                         f"generation {current}, which {gen_id} is based on, is missing",
                         hint=hint,
@@ -1218,11 +1239,16 @@ class RepositoryStore:
                 discard(link)
             raise
         finally:  # reads ahead that the walk did not take (it failed first)
+
+            def let_go(task: asyncio.Future[T]) -> None:
+                if not task.cancelled() and task.exception() is None:
+                    discard(task.result())
+
             for task in reading.values():
                 task.cancel()
-            for got in await asyncio.gather(*reading.values(), return_exceptions=True):
-                if not isinstance(got, BaseException):
-                    discard(got)
+                task.add_done_callback(let_go)  # at once if done; else when it ends
+            # Let them end; a second cancellation may cut this short, not the discards.
+            await asyncio.gather(*reading.values(), return_exceptions=True)
         return links
 
     async def generation_chunks(self, gen_id: str) -> tuple[dict[str, Any], bytes]:

@@ -242,9 +242,12 @@ class _Spool:
         self._budget = budget
         self._memory: bytearray | None = bytearray()
         self._file: BinaryIO | None = None
+        self._closed = False
         self.size = 0
 
     def write(self, data: bytes) -> None:
+        if self._closed:  # a worker still opening frames after a cancellation
+            raise ValueError("write to a closed spool")
         if self._memory is not None and self._budget.take(len(data)):
             self._memory += data
         else:
@@ -283,6 +286,7 @@ class _Spool:
             self._memory = None
 
     def close(self) -> None:
+        self._closed = True
         self._release()
         if self._file is not None:
             self._file.close()
@@ -344,6 +348,9 @@ def _compose_and_write(links: list[_Link]) -> tuple[BinaryIO, int]:
         flat = _Spool(_Budget(0))  # a scratch file from the first byte
         made.append(flat)
         _write_pieces(flat, sources, pieces)
+        for spool in made[:-1]:  # the tables written out before: no longer a source
+            spool.close()
+        del made[:-1]
         return flat
 
     full = links[0]

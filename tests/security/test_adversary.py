@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 import blake3
 import pytest
 import zstandard
-from conftest import PASSPHRASE, make_repo
+from conftest import PASSPHRASE, make_repo, manifest_header
 from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_encrypt
 
 import dedupe
@@ -218,21 +218,7 @@ async def index_chunks(store: Any, root: Path) -> list[tuple[bytes, bytes, int]]
 
 def header(name: str, **fields: Any) -> dict[str, Any]:
     """A manifest header as a malicious writer fills it in (the store adds version, body)."""
-    return {
-        "name": name,
-        "kind": "full",
-        "parent": None,
-        "created": FAR_FUTURE,
-        "source": {"type": "stream", "label": "x"},
-        "chunker": {"algorithm": "fastcdc-2020"},
-        "size": 0,
-        "chunks": 0,
-        "new_chunks": 0,
-        "new_bytes": 0,
-        "stored_bytes": 0,
-        "seconds": 0.0,
-        **fields,
-    }
+    return manifest_header(name, **{"created": FAR_FUTURE, **fields})
 
 
 # =============================================================================================

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from conftest import PASSPHRASE, make_repo
+from conftest import PASSPHRASE, make_repo, manifest_header
 
 import dedupe
 from dedupe.crypto import KdfParams
@@ -330,20 +330,9 @@ async def _writer_generation(
 ) -> str:
     """A generation (an empty stream) with the header a writer chooses."""
     async with await with_key(repo, root, "writer", "w") as writer:
-        header = {
-            "name": name,
-            "kind": "full",
-            "parent": None,
-            "created": created,
-            "source": {"type": "stream", "label": "x", **source},
-            "chunker": {"algorithm": "fastcdc-2020"},
-            "size": 0,
-            "chunks": 0,
-            "new_chunks": 0,
-            "new_bytes": 0,
-            "stored_bytes": 0,
-            "seconds": 0.0,
-        }
+        header = manifest_header(
+            name, created=created, source={"type": "stream", "label": "x", **source}
+        )
         digest = writer._store.hasher.stream_digest().hexdigest()  # of the empty stream
         meta = {"type": "stream", "digest": digest, "chunk_count": 0, "delta": None}
         return str(await writer._store.write_manifest(header, meta, b""))
