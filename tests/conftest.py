@@ -453,3 +453,18 @@ def manifest_header(name: str, **fields: Any) -> dict[str, Any]:
         "seconds": 0.0,
         **fields,
     }
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def settled_descriptors(before: int) -> int:
+    """The open descriptors once those of reads cut short have gone (up to 2 s): a read
+    ahead that a failing or cancelled chain walk cancels may still be reading a manifest
+    in a worker thread, which no cancellation stops, when the walk returns."""
+    for _ in range(200):
+        if open_descriptors() == before:
+            break
+        await asyncio.sleep(0.01)
+    return open_descriptors()

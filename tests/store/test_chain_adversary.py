@@ -23,7 +23,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import PASSPHRASE, make_repo, manifest_header
+from conftest import (
+    PASSPHRASE,
+    make_repo,
+    manifest_header,
+    open_descriptors,
+    settled_descriptors,
+)
 
 import dedupe.format.delta as delta_module
 import dedupe.store.repository as repository
@@ -85,21 +91,6 @@ async def expanded_every_way(store: RepositoryStore, gen_id: str) -> bytes:
     _meta, table = await store.generation_chunks(gen_id)
     assert table == got
     return got
-
-
-def open_descriptors() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-async def settled_descriptors(before: int) -> int:
-    """The open descriptors once those of reads cut short have gone (up to 2 s): a read
-    ahead that a failing or cancelled walk cancels may still be reading the manifest in
-    a worker thread, which no cancellation stops, when the walk returns."""
-    for _ in range(200):
-        if open_descriptors() == before:
-            break
-        await asyncio.sleep(0.01)
-    return open_descriptors()
 
 
 class TrackedSpool(tables._Spool):

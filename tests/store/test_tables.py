@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import random
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSPHRASE, make_repo
+from conftest import PASSPHRASE, make_repo, open_descriptors, settled_descriptors
 
 import dedupe.format.delta as delta_module
 import dedupe.store.repository as repository
@@ -133,10 +132,6 @@ def test_a_damaged_manifest_fails_itself_and_what_is_based_on_it(run: Any, repo_
     run(go())
 
 
-def _open_descriptors() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 def test_spilled_complete_tables_match_generation_chunks(run: Any, repo_path: Path) -> None:
     """What an incremental backup compares itself with: every stream generation's
     complete table, expanded file to file through its chain (up to seven incrementals
@@ -147,7 +142,7 @@ def test_spilled_complete_tables_match_generation_chunks(run: Any, repo_path: Pa
         ids = await _backups(repo_path)
         async with await Repository.open(repo_path, PASSPHRASE) as repo:
             store = repo._store
-            before = _open_descriptors()
+            before = open_descriptors()
             streams = ids[: len(KINDS) + 1]  # the chains of "db" and the one-off stream
             for gen_id in streams:
                 with await spill_complete_table(store, gen_id) as spilled:
@@ -155,7 +150,7 @@ def test_spilled_complete_tables_match_generation_chunks(run: Any, repo_path: Pa
                 want_meta, table = await store.generation_chunks(gen_id)
                 assert got == table and spilled.records == len(table) // CHUNK_RECORD.size
                 assert spilled.meta == want_meta
-            assert _open_descriptors() == before
+            assert await settled_descriptors(before) == before
             (repo_path / "generations" / ids[3]).unlink()  # a link in the first chain
             with pytest.raises(MissingObject, match=ids[3]):
                 await spill_complete_table(store, ids[6])
@@ -165,7 +160,7 @@ def test_spilled_complete_tables_match_generation_chunks(run: Any, repo_path: Pa
             damaged.write_bytes(bytes(data))
             with pytest.raises(IntegrityError, match=ids[5]):
                 await spill_complete_table(store, ids[5])
-            assert _open_descriptors() == before
+            assert await settled_descriptors(before) == before
             with pytest.raises(IntegrityError, match="not a stream"):
                 await spill_complete_table(store, ids[-1])
 
@@ -319,13 +314,13 @@ def test_a_listed_chain_is_read_ahead_and_a_broken_one_still_fails_cleanly(
             store = repo._store
             await repo.generations("db")
             store._parents_seen[ids[5]] = ids[4]  # as if it had been listed before it went
-            before = _open_descriptors()
+            before = open_descriptors()
             for _ in range(2):
                 with pytest.raises(MissingObject, match=ids[5]):
                     await spill_complete_table(store, ids[-1])
                 with pytest.raises(MissingObject, match=ids[5]):
                     await store.generation_chunks(ids[-1])
-            assert _open_descriptors() == before
+            assert await settled_descriptors(before) == before
             assert len(asyncio.all_tasks()) == 1  # this test's own: no read left running
         gone.write_bytes(kept)
 
