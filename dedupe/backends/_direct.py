@@ -1,4 +1,7 @@
-"""Writing a new file's bytes around the page cache (O_DIRECT), for the local backend.
+"""Writing a new file's bytes around the page cache (O_DIRECT): the primitives (turning
+O_DIRECT on and off, whole positioned writes, private page-aligned staging buffers),
+shared with the restore's output file (dedupe.engine.outfile), and write_parts, the
+local backend's writer of objects.
 
 Why: a backup writes packs once and does not read them back; written through the page
 cache they evict the database's own working set on the host being backed up, and every
@@ -29,28 +32,33 @@ from collections.abc import Iterable
 
 from dedupe.backends.base import Buffer
 
-# Offsets, lengths and the buffer address of a direct write are multiples of this. 4 KiB
-# covers the logical block size of every common device; a stricter one is refused
-# (EINVAL) and the write goes on without direct I/O.
-ALIGN = 4096
+# Offsets, lengths and the buffer address of a direct write are multiples of this: the
+# device's logical block size is 512 or 4096 bytes, and a page is a multiple of both; a
+# stricter one is refused (EINVAL) and the write goes on without direct I/O.
+ALIGN = mmap.PAGESIZE
 STAGE_SIZE = 4 << 20
 # Objects smaller than this are written the ordinary way: a key map or a lock is not
 # worth a staging copy and two fcntl calls, and is read back soon.
 DIRECT_MIN = 1 << 20
 
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
+O_DIRECT = getattr(os, "O_DIRECT", 0)
 _stages: list[mmap.mmap] = []
 _stages_lock = threading.Lock()
 _STAGES_KEPT = 2
+
+
+def new_stage(size: int) -> mmap.mmap:
+    """A staging buffer: anonymous, so page-aligned; private, so that a forked child
+    (multiprocessing's default on Linux) writing files of its own never shares the
+    bytes being written."""
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
 
 
 def _take_stage() -> mmap.mmap:
     with _stages_lock:
         if _stages:
             return _stages.pop()
-    # Anonymous, so page-aligned; private, so that a forked child (multiprocessing's
-    # default on Linux) writing packs of its own never shares the bytes being written.
-    return mmap.mmap(-1, STAGE_SIZE, flags=mmap.MAP_PRIVATE)
+    return new_stage(STAGE_SIZE)
 
 
 def _give_back(stage: mmap.mmap) -> None:
@@ -72,11 +80,11 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_stages)
 
 
-def _set_direct(fd: int, on: bool) -> bool:
+def set_direct(fd: int, on: bool) -> bool:
     """Turn O_DIRECT on or off for `fd`; False if the file system refuses it."""
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     try:
-        fcntl.fcntl(fd, fcntl.F_SETFL, (flags | _O_DIRECT) if on else (flags & ~_O_DIRECT))
+        fcntl.fcntl(fd, fcntl.F_SETFL, (flags | O_DIRECT) if on else (flags & ~O_DIRECT))
     except OSError as e:
         if e.errno == errno.EINVAL:
             return False
@@ -84,7 +92,8 @@ def _set_direct(fd: int, on: bool) -> bool:
     return True
 
 
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> int:
+def pwrite_all(fd: int, view: memoryview, offset: int) -> int:
+    """Write all of `view` at `offset`; the offset after it."""
     while view:
         n = os.pwrite(fd, view, offset)
         if n <= 0:  # never for a regular file; do not spin if it happens
@@ -106,7 +115,7 @@ class _Writer:
 
     def go_direct(self) -> None:
         if not self.refused and not self.direct:
-            self.direct = _set_direct(self.fd, True)
+            self.direct = set_direct(self.fd, True)
             self.refused = not self.direct
 
     def write(self, view: memoryview) -> None:
@@ -116,7 +125,7 @@ class _Writer:
             try:
                 # A short direct write (a full disk) ends on a block boundary: the loop
                 # writes the rest or raises ENOSPC.
-                self.offset = _pwrite_all(self.fd, view, self.offset)
+                self.offset = pwrite_all(self.fd, view, self.offset)
                 return
             except OSError as e:
                 if e.errno != errno.EINVAL:
@@ -125,12 +134,12 @@ class _Writer:
                 # was written. The rest of the file goes the ordinary way.
                 self.refused = True
                 self.buffered()
-        self.offset = _pwrite_all(self.fd, view, self.offset)
+        self.offset = pwrite_all(self.fd, view, self.offset)
 
     def buffered(self) -> None:
         if self.direct:
             self.direct = False
-            _set_direct(self.fd, False)
+            set_direct(self.fd, False)
 
 
 def write_parts(fd: int, parts: Iterable[Buffer], direct: bool) -> bool:
@@ -142,7 +151,7 @@ def write_parts(fd: int, parts: Iterable[Buffer], direct: bool) -> bool:
     if not direct:
         _write_buffered(fd, parts)
         return True
-    if not _O_DIRECT:
+    if not O_DIRECT:
         _write_buffered(fd, parts)
         return False
     writer = _Writer(fd)

@@ -20,18 +20,14 @@ few system calls."""
 from __future__ import annotations
 
 import errno
-import fcntl
 import mmap
 import os
 from collections.abc import Sequence
 
+from dedupe.backends._direct import ALIGN, O_DIRECT, new_stage, pwrite_all, set_direct
 from dedupe.crypto.aead import Buffer
 
-# O_DIRECT wants the buffer address, the file offset and the length aligned to the
-# device's logical block size: 512 or 4096 bytes. A page is a multiple of both.
-ALIGN = mmap.PAGESIZE
 STAGING = 4 * 1024 * 1024  # one write per 4 MiB: large for the device, small for RSS
-O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 IOV_MAX = 1024  # iovecs per writev (POSIX guarantees at least 16; Linux allows 1024)
@@ -53,13 +49,6 @@ def writev_all(fd: int, parts: Sequence[Buffer]) -> int:
     return total
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        n = os.pwrite(fd, data, offset)
-        data = data[n:]
-        offset += n
-
-
 class OutputFile:
     """Appends to a new, empty file opened for writing, then makes it durable."""
 
@@ -72,8 +61,8 @@ class OutputFile:
         self._view: memoryview | None = None
         self._fill = 0  # bytes staged, not yet written
         self._flushed = 0  # file offset where the staged bytes belong
-        if O_DIRECT and _set_direct(fd, True):
-            self._buf = mmap.mmap(-1, staging)  # anonymous: page-aligned
+        if O_DIRECT and set_direct(fd, True):
+            self._buf = new_stage(staging)
             self._view = memoryview(self._buf)
 
     @property
@@ -134,14 +123,14 @@ class OutputFile:
         data = self._view[:length]
         refused = False
         try:
-            _pwrite_all(self.fd, data, self._flushed)
+            pwrite_all(self.fd, data, self._flushed)
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
             # The file system took O_DIRECT at open but refuses it for writes: write
             # these bytes, and all later ones, the ordinary way.
             refused = True
-            _set_direct(self.fd, False)
+            set_direct(self.fd, False)
             os.lseek(self.fd, self._flushed, os.SEEK_SET)
             writev_all(self.fd, [data[: self._fill]])
         finally:
@@ -150,18 +139,6 @@ class OutputFile:
         self._fill = 0
         if refused:
             self.close()
-
-
-def _set_direct(fd: int, on: bool) -> bool:
-    """Turn O_DIRECT on or off for fd; False if the file system refuses it."""
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETFL, (flags | O_DIRECT) if on else (flags & ~O_DIRECT))
-    except OSError as e:
-        if e.errno == errno.EINVAL:
-            return False
-        raise
-    return True
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:

@@ -99,8 +99,8 @@ def test_a_file_system_that_refuses_direct_io(
 ) -> None:
     """fcntl refuses O_DIRECT (as some file systems do): the object is written the
     ordinary way and the backend stops asking."""
-    set_direct = _direct._set_direct
-    monkeypatch.setattr(_direct, "_set_direct", lambda fd, on: False if on else set_direct(fd, on))
+    set_direct = _direct.set_direct
+    monkeypatch.setattr(_direct, "set_direct", lambda fd, on: False if on else set_direct(fd, on))
     backend = LocalBackend(tmp_path / "store", direct_io=True)
     data = random.Random(3).randbytes(3 * MiB + 5)
     asyncio.run(backend.put("packs/ab/x", data))
