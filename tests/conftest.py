@@ -11,6 +11,7 @@ import asyncio
 import io
 import json
 import os
+import queue
 import random
 import shutil
 import subprocess
@@ -240,6 +241,21 @@ class ForkHelper:
 
 
 # --- kill loops: SIGKILL at chosen moments, each trial on a copy of a template --------------
+
+
+ForkHelperT = TypeVar("ForkHelperT", bound=ForkHelper)
+
+
+def helper_pool(make: Callable[[], ForkHelperT], count: int) -> Iterator[queue.Queue[ForkHelperT]]:
+    """For a module-scoped fixture: `count` helpers started at once, lent out through a
+    queue (one test thread each), closed when the module is done."""
+    started = [make() for _ in range(count)]
+    pool: queue.Queue[ForkHelperT] = queue.Queue()
+    for h in started:
+        pool.put(h)
+    yield pool
+    for h in started:
+        h.close()
 
 
 def kill_times(rnd: random.Random, n: int, low: float, high: float) -> list[float]:

@@ -89,6 +89,7 @@ import pytest
 from conftest import (  # type: ignore[import-not-found, unused-ignore]
     PASSPHRASE,
     ForkHelper,
+    helper_pool,
     make_repo,
     serve_forks,
 )
@@ -566,13 +567,7 @@ def templates(tmp_path_factory: pytest.TempPathFactory) -> Templates:
 @pytest.fixture(scope="module")
 def helpers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[queue.Queue[Helper]]:
     workdir = tmp_path_factory.mktemp("crash-helpers")
-    started = [Helper(workdir) for _ in range(WORKERS)]
-    pool: queue.Queue[Helper] = queue.Queue()
-    for h in started:
-        pool.put(h)
-    yield pool
-    for h in started:
-        h.close()
+    yield from helper_pool(lambda: Helper(workdir), WORKERS)
 
 
 # --- what must hold --------------------------------------------------------------------------

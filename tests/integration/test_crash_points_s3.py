@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from conftest import PASSPHRASE, ForkHelper, changing_versions, make_repo, serve_forks
+from conftest import PASSPHRASE, ForkHelper, changing_versions, helper_pool, make_repo, serve_forks
 
 import dedupe
 from dedupe import Repository
@@ -185,13 +185,7 @@ class Helper(ForkHelper):
 @pytest.fixture(scope="module")
 def helpers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[queue.Queue[Helper]]:
     workdir = tmp_path_factory.mktemp("crash-s3-helpers")
-    started = [Helper(workdir) for _ in range(WORKERS)]
-    pool: queue.Queue[Helper] = queue.Queue()
-    for h in started:
-        pool.put(h)
-    yield pool
-    for h in started:
-        h.close()
+    yield from helper_pool(lambda: Helper(workdir), WORKERS)
 
 
 def _sha(data: bytes) -> str:

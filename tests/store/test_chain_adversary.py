@@ -49,6 +49,12 @@ HEADER = manifest_header(
 )
 
 
+def random_table(seed: int, n: int) -> bytes:
+    """A chunk table of `n` records with random ids (three frames of a manifest body)."""
+    rng = random.Random(seed)
+    return b"".join(CHUNK_RECORD.pack(rng.randbytes(32), 4096) for _ in range(n))
+
+
 def recs(tag: int, n: int, first: int = 0) -> bytes:
     return b"".join(CHUNK_RECORD.pack(tag.to_bytes(32, "little"), i) for i in range(first, n))
 
@@ -833,9 +839,8 @@ def test_a_manifest_read_in_pieces_that_end_at_its_frames_spills_whole(
     frames, plain = limits[inline]
     monkeypatch.setattr(repository, "INLINE_FRAMES", frames)
     monkeypatch.setattr(repository, "INLINE_PLAIN", plain)
-    rng = random.Random(5)
     n = 2 * 16_384 + 99
-    table = b"".join(CHUNK_RECORD.pack(rng.randbytes(32), 4096) for _ in range(n))
+    table = random_table(5, n)
 
     async def go() -> None:
         async with await make_repo(repo_path) as repo:
@@ -886,9 +891,8 @@ def test_a_large_body_is_never_opened_on_the_loop(
         return real(key, sealed, aad, what)
 
     monkeypatch.setattr(repository, "open_sealed", recording)
-    rng = random.Random(9)
     n = 2 * 16_384 + 99
-    table = b"".join(CHUNK_RECORD.pack(rng.randbytes(32), 4096) for _ in range(n))
+    table = random_table(9, n)
 
     async def go() -> None:
         async with await make_repo(repo_path) as repo:
