@@ -13,9 +13,45 @@ static void put_u32le(uint8_t *p, uint32_t v) {
     p[3] = (uint8_t)(v >> 24);
 }
 
-void ddp_codec_frame(const ddp_codec_api *api, void *cctx, int level, size_t n,
-                     const uint8_t *const *src, const size_t *len, uint8_t *out,
-                     size_t *framed_len) {
+/* The framing of blobs of compression byte 2: 2 || ref || frame. */
+#define DICT_HEADER (1 + DDP_CODEC_REF_BYTES)
+
+static void frame_with_dict(const ddp_codec_api *api, void *cctx, const void *cdict,
+                            const uint8_t *ref, size_t n, const uint8_t *const *src,
+                            const size_t *len, uint8_t *out, size_t *framed_len) {
+    /* Content size recorded (a reader checks it against the index), no checksum (the
+     * keyed id checks the content), no dictionary id (the ref names the dictionary). */
+    const ddp_codec_frame_params fp = {1, 0, 1};
+    for (size_t i = 0; i < n; i++) {
+        size_t z = 0;
+        int compressed = 0;
+        if (len[i] > DICT_HEADER) {
+            /* Room for len - 9 bytes: a frame that fits makes 9 + z < 1 + len. Failure
+             * of any kind stores the chunk as is, as without a dictionary. */
+            z = api->compress_dict(cctx, out + DICT_HEADER, len[i] - DICT_HEADER, src[i],
+                                   len[i], cdict, fp);
+            compressed = !api->is_error(z) && z <= len[i] - DICT_HEADER;
+        }
+        if (compressed) {
+            out[0] = DDP_CODEC_ZSTD_DICT;
+            memcpy(out + 1, ref, DDP_CODEC_REF_BYTES);
+            framed_len[i] = z + DICT_HEADER;
+        } else {
+            out[0] = DDP_CODEC_NONE;
+            memcpy(out + 1, src[i], len[i]);
+            framed_len[i] = len[i] + 1;
+        }
+        out += framed_len[i];
+    }
+}
+
+void ddp_codec_frame(const ddp_codec_api *api, void *cctx, int level, const void *cdict,
+                     const uint8_t *ref, size_t n, const uint8_t *const *src,
+                     const size_t *len, uint8_t *out, size_t *framed_len) {
+    if (cdict) {
+        frame_with_dict(api, cctx, cdict, ref, n, src, len, out, framed_len);
+        return;
+    }
     for (size_t i = 0; i < n; i++) {
         size_t z = 0;
         int compressed = 0;
@@ -66,10 +102,19 @@ long ddp_codec_seal(const ddp_codec_api *api, const uint8_t *key, size_t n,
     return (long)i;
 }
 
-int ddp_codec_open(const ddp_codec_api *api, void *dctx, const uint8_t *key,
-                   const uint8_t *id_key, size_t n, const uint8_t *src, const size_t *offset,
-                   const uint32_t *stored_len, const uint32_t *raw_len, const uint8_t *ids,
-                   uint8_t *out, const uint64_t *out_pos, size_t *failed) {
+/* The entry of dicts for ref, or NULL: a handful of entries, searched in order. */
+static const ddp_codec_dict *find_dict(const ddp_codec_dict *dicts, size_t n_dicts,
+                                       const uint8_t *ref) {
+    for (size_t j = 0; j < n_dicts; j++)
+        if (memcmp(dicts[j].ref, ref, DDP_CODEC_REF_BYTES) == 0) return &dicts[j];
+    return NULL;
+}
+
+int ddp_codec_open(const ddp_codec_api *api, void *dctx, const ddp_codec_dict *dicts,
+                   size_t n_dicts, const uint8_t *key, const uint8_t *id_key, size_t n,
+                   const uint8_t *src, const size_t *offset, const uint32_t *stored_len,
+                   const uint32_t *raw_len, const uint8_t *ids, uint8_t *out,
+                   const uint64_t *out_pos, size_t *failed, uint8_t *ref_out) {
     size_t scratch_size = 0;
     for (size_t i = 0; i < n; i++)
         if (stored_len[i] > scratch_size) scratch_size = stored_len[i];
@@ -104,8 +149,32 @@ int ddp_codec_open(const ddp_codec_api *api, void *dctx, const uint8_t *key,
             rc = DDP_CODEC_EAUTH;
             break;
         }
-        if (plain[0] == DDP_CODEC_ZSTD) {
-            size_t got = api->decompress(dctx, dst, raw_len[i], plain + 1, plain_len - 1);
+        if (plain[0] == DDP_CODEC_NONE) {
+            if (plain_len - 1 != raw_len[i]) {
+                rc = DDP_CODEC_ELENGTH;
+                break;
+            }
+            memcpy(dst, plain + 1, raw_len[i]);
+        } else {
+            /* Either frame: at most raw_len bytes are written, then the length and
+             * (below) the id are checked, so a wrong dictionary cannot give a chunk that
+             * passes. */
+            size_t got;
+            if (plain[0] == DDP_CODEC_ZSTD) {
+                got = api->decompress(dctx, dst, raw_len[i], plain + 1, plain_len - 1);
+            } else if (plain[0] == DDP_CODEC_ZSTD_DICT && plain_len >= DICT_HEADER) {
+                const ddp_codec_dict *d = find_dict(dicts, n_dicts, plain + 1);
+                if (!d || !d->ddict) {
+                    if (ref_out) memcpy(ref_out, plain + 1, DDP_CODEC_REF_BYTES);
+                    rc = d ? DDP_CODEC_EDICT : DDP_CODEC_ENODICT;
+                    break;
+                }
+                got = api->decompress_dict(dctx, dst, raw_len[i], plain + DICT_HEADER,
+                                           plain_len - DICT_HEADER, d->ddict);
+            } else { /* an unknown byte, or a byte 2 too short to name its dictionary */
+                rc = DDP_CODEC_EFORMAT;
+                break;
+            }
             if (api->is_error(got)) {
                 rc = DDP_CODEC_EDECOMPRESS;
                 break;
@@ -114,15 +183,6 @@ int ddp_codec_open(const ddp_codec_api *api, void *dctx, const uint8_t *key,
                 rc = DDP_CODEC_ELENGTH;
                 break;
             }
-        } else if (plain[0] == DDP_CODEC_NONE) {
-            if (plain_len - 1 != raw_len[i]) {
-                rc = DDP_CODEC_ELENGTH;
-                break;
-            }
-            memcpy(dst, plain + 1, raw_len[i]);
-        } else {
-            rc = DDP_CODEC_EFORMAT;
-            break;
         }
         at[i] = dst;
         len[i] = raw_len[i];

@@ -111,6 +111,20 @@ class RollbackDetected(IntegrityError):
     exit_code = 34
 
 
+class DictionaryNeeded(IntegrityError):
+    """A blob names a compression dictionary (docs/FORMAT.md section 16) that the codec has
+    not been given. Readers load it and try again; one that does not reports the chunk
+    copy as unreadable, which this is until the dictionary is found."""
+
+    def __init__(self, chunk_id: bytes, ref: bytes) -> None:
+        super().__init__(
+            f"chunk {chunk_id.hex()[:16]} needs compression dictionary {ref.hex()},"
+            " which is not loaded"
+        )
+        self.chunk_id = chunk_id
+        self.ref = ref
+
+
 class VerifyFailed(IntegrityError):
     """`dedupe verify` found damaged or missing objects (its report names them). Raised by
     the CLI only; the API returns the report."""

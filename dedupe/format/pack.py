@@ -17,6 +17,8 @@ MAX_PACK_SIZE = (1 << 32) - 1
 # First byte of a blob's plaintext.
 COMPRESSION_NONE = 0
 COMPRESSION_ZSTD = 1
+COMPRESSION_ZSTD_DICT = 2  # then DICT_REF bytes naming the dictionary, then the frame
+DICT_REF = 8  # a dictionary's ref: the first 8 bytes of its keyed id (section 16)
 
 TRAILER_RECORD = "<32sIII"  # chunk_id, offset, stored_length, raw_length
 _ENTRY = struct.Struct(TRAILER_RECORD)

@@ -8,19 +8,40 @@ from dedupe.chunking import Block
 
 OVERHEAD: int  # 40: nonce and tag of a sealed blob
 TRAILER_RECORD: int  # 44: a pack trailer entry, <32sIII
+REF_BYTES: int  # 8: a compression dictionary's ref
+ENODICT: int  # OpenError.code: the blob's dictionary (.ref) was not given
+EDICT: int  # OpenError.code: two dictionaries have the blob's ref (.ref)
 OPEN_ERRORS: dict[int, str]
 
 class OpenError(Exception):
-    """A blob of a batch failed to open: .index is its position, .code the reason."""
+    """A blob of a batch failed to open: .index is its position, .code the reason, .ref
+    the dictionary ref it names for ENODICT and EDICT (else None)."""
 
     code: int
     index: int
+    ref: bytes | None
 
 def configure(functions: dict[str, int]) -> None:
     """Install the zstd and libsodium function addresses; once, before any other use."""
 
 def release_pools() -> None:
     """Let go of the buffers kept for reuse (an operation calls this when it is done)."""
+
+class ZstdDict:
+    """One compression dictionary's zstd handles (CDict per level, DDict), made on first
+    use and freed with it; ValueError when zstd refuses the bytes."""
+
+    ref: bytes
+    def __init__(self, ref: bytes, data: bytes) -> None: ...
+    def prepare_compress(self, level: int) -> None: ...
+    def prepare_decompress(self) -> None: ...
+
+class DictTable:
+    """The dictionaries an open call may use: (ref, ZstdDict, or None for an unusable
+    ref) pairs; immutable."""
+
+    def __init__(self, entries: list[tuple[bytes, ZstdDict | None]]) -> None: ...
+    def __len__(self) -> int: ...
 
 class FramedBatch:
     """Framed blobs of a batch, waiting to be sealed; `pending` counts those not sealed."""
@@ -35,7 +56,9 @@ class BatchCodec:
     """One thread's codec (zstd contexts at `level`); the kernels run without the GIL."""
 
     def __init__(self, level: int) -> None: ...
-    def frame(self, chunks: list[Buffer], ids: list[bytes]) -> FramedBatch: ...
+    def frame(
+        self, chunks: list[Buffer], ids: list[bytes], dictionary: ZstdDict | None = None
+    ) -> FramedBatch: ...
     def open_into(
         self,
         key: bytes,
@@ -43,9 +66,17 @@ class BatchCodec:
         data: Buffer,
         items: Sequence[tuple[bytes, int, int, int]],
         base: int,
+        dicts: DictTable | None = None,
     ) -> Block: ...
     def open_records(
-        self, key: bytes, id_key: bytes, data: Buffer, records: Buffer, lo: int, hi: int
+        self,
+        key: bytes,
+        id_key: bytes,
+        data: Buffer,
+        records: Buffer,
+        lo: int,
+        hi: int,
+        dicts: DictTable | None = None,
     ) -> None: ...
     def open_planned(
         self,
@@ -58,6 +89,7 @@ class BatchCodec:
         lo: int,
         hi: int,
         out: Block,
+        dicts: DictTable | None = None,
     ) -> None: ...
 
 def window_block(size: int) -> Block:

@@ -6,7 +6,11 @@ twin.
 
 zstd and libsodium are reached through function pointers handed to configure() (the
 caller takes them from the cffi modules of zstandard and PyNaCl), so this module links
-against neither library."""
+against neither library.
+
+Compression dictionaries (docs/FORMAT.md section 16): a ZstdDict owns one dictionary's
+zstd handles (a CDict per compression level, a DDict), made on first use and freed with
+it; a DictTable is the set a codec opens blobs with, handed to each open call."""
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport (
@@ -15,7 +19,7 @@ from cpython.bytearray cimport (
 )
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
 
 from dedupe.chunking._fastcdc cimport _Block, _free_block
@@ -25,10 +29,20 @@ import os
 
 
 cdef extern from "blobcodec.h" nogil:
+    ctypedef struct ddp_codec_frame_params:
+        int content_size_flag
+        int checksum_flag
+        int no_dict_id_flag
+    ctypedef struct ddp_codec_dict:
+        uint8_t ref[8]
+        const void *ddict
     ctypedef struct ddp_codec_api:
         size_t (*compress)(void *, void *, size_t, const void *, size_t, int)
         size_t (*decompress)(void *, void *, size_t, const void *, size_t)
         unsigned (*is_error)(size_t)
+        size_t (*decompress_dict)(void *, void *, size_t, const void *, size_t, const void *)
+        size_t (*compress_dict)(void *, void *, size_t, const void *, size_t, const void *,
+                                ddp_codec_frame_params)
         int (*seal)(unsigned char *, unsigned long long *, const unsigned char *,
                     unsigned long long, const unsigned char *, unsigned long long,
                     const unsigned char *, const unsigned char *, const unsigned char *)
@@ -40,39 +54,53 @@ cdef extern from "blobcodec.h" nogil:
     size_t DDP_CODEC_NONCE_BYTES
     size_t DDP_CODEC_OVERHEAD
     size_t DDP_CODEC_TRAILER_RECORD
+    size_t DDP_CODEC_REF_BYTES
     int DDP_CODEC_OK
     int DDP_CODEC_EAUTH
     int DDP_CODEC_EFORMAT
     int DDP_CODEC_EDECOMPRESS
     int DDP_CODEC_ELENGTH
     int DDP_CODEC_ENOMEM
-    void ddp_codec_frame(const ddp_codec_api *api, void *cctx, int level, size_t n,
-                         const uint8_t *const *src, const size_t *len, uint8_t *out,
-                         size_t *framed_len)
+    int DDP_CODEC_ENODICT
+    int DDP_CODEC_EDICT
+    void ddp_codec_frame(const ddp_codec_api *api, void *cctx, int level, const void *cdict,
+                         const uint8_t *ref, size_t n, const uint8_t *const *src,
+                         const size_t *len, uint8_t *out, size_t *framed_len)
     long ddp_codec_seal(const ddp_codec_api *api, const uint8_t *key, size_t n,
                         const uint8_t *framed, const size_t *framed_len, const uint8_t *ids,
                         const uint32_t *raw_len, const uint8_t *nonces, uint8_t *dst,
                         size_t dst_cap, size_t *pos, size_t target, uint8_t *records)
     int DDP_CODEC_EID
-    int ddp_codec_open(const ddp_codec_api *api, void *dctx, const uint8_t *key,
-                       const uint8_t *id_key, size_t n, const uint8_t *src,
-                       const size_t *offset, const uint32_t *stored_len,
+    int ddp_codec_open(const ddp_codec_api *api, void *dctx, const ddp_codec_dict *dicts,
+                       size_t n_dicts, const uint8_t *key, const uint8_t *id_key, size_t n,
+                       const uint8_t *src, const size_t *offset, const uint32_t *stored_len,
                        const uint32_t *raw_len, const uint8_t *ids, uint8_t *out,
-                       const uint64_t *out_pos, size_t *failed)
+                       const uint64_t *out_pos, size_t *failed, uint8_t *ref_out)
 
 
 ctypedef void *(*create_fn)() noexcept nogil
 ctypedef size_t (*free_fn)(void *) noexcept nogil
+ctypedef void *(*create_cdict_fn)(const void *, size_t, int) noexcept nogil
+ctypedef void *(*create_ddict_fn)(const void *, size_t) noexcept nogil
 
 cdef ddp_codec_api _api
 cdef create_fn _create_cctx = NULL
 cdef create_fn _create_dctx = NULL
 cdef free_fn _free_cctx = NULL
 cdef free_fn _free_dctx = NULL
+cdef create_cdict_fn _create_cdict = NULL
+cdef free_fn _free_cdict = NULL
+cdef create_ddict_fn _create_ddict = NULL
+cdef free_fn _free_ddict = NULL
 cdef bint _configured = False
 
 OVERHEAD = DDP_CODEC_OVERHEAD
 TRAILER_RECORD = DDP_CODEC_TRAILER_RECORD
+REF_BYTES = DDP_CODEC_REF_BYTES
+# Codes of OpenError for a blob whose dictionary is missing (ENODICT: the codec was not
+# given it) or unusable (EDICT: two different dictionaries have its ref); .ref names it.
+ENODICT = DDP_CODEC_ENODICT
+EDICT = DDP_CODEC_EDICT
 
 # Why open_into failed, by code: (what is wrong with the blob).
 OPEN_ERRORS = {
@@ -81,16 +109,27 @@ OPEN_ERRORS = {
     DDP_CODEC_EDECOMPRESS: "does not decompress",
     DDP_CODEC_ELENGTH: "does not have its recorded length",
     DDP_CODEC_EID: "does not match its id: its content is wrong",
+    DDP_CODEC_ENODICT: "needs a compression dictionary that is not loaded",
+    DDP_CODEC_EDICT: "names a compression dictionary that cannot be used",
 }
 
 
 class OpenError(Exception):
-    """A blob of a batch failed to open: .index is its position, .code the reason."""
+    """A blob of a batch failed to open: .index is its position, .code the reason, .ref
+    the dictionary ref it names when the reason is ENODICT or EDICT (else None)."""
 
-    def __init__(self, int code, Py_ssize_t index):
-        super().__init__(OPEN_ERRORS.get(code, f"failed (code {code})"))
+    def __init__(self, int code, Py_ssize_t index, ref=None):
+        if code == DDP_CODEC_ENODICT:
+            what = f"needs compression dictionary {ref.hex()}, which is not loaded"
+        elif code == DDP_CODEC_EDICT:
+            what = (f"names compression dictionary {ref.hex()}, which cannot be used:"
+                    f" two dictionaries have ref {ref.hex()}")
+        else:
+            what = OPEN_ERRORS.get(code, f"failed (code {code})")
+        super().__init__(what)
         self.code = code
         self.index = index
+        self.ref = ref
 
 
 cdef void *_address(object value) except NULL:
@@ -102,12 +141,17 @@ cdef void *_address(object value) except NULL:
 
 def configure(dict functions):
     """Install the library functions, as addresses: compress, decompress, is_error,
-    create_cctx, free_cctx, create_dctx, free_dctx (zstd) and seal, open (libsodium's
-    XChaCha20-Poly1305-IETF encrypt / decrypt). Called once, before any other use."""
+    create_cctx, free_cctx, create_dctx, free_dctx, and for dictionaries compress_dict,
+    decompress_dict, create_cdict, free_cdict, create_ddict, free_ddict (zstd) and seal,
+    open (libsodium's XChaCha20-Poly1305-IETF encrypt / decrypt). Called once, before any
+    other use."""
     global _create_cctx, _create_dctx, _free_cctx, _free_dctx, _configured
+    global _create_cdict, _free_cdict, _create_ddict, _free_ddict
     cdef dict f = {k: int(v) for k, v in functions.items()}
     for name in ("compress", "decompress", "is_error", "seal", "open", "create_cctx",
-                 "free_cctx", "create_dctx", "free_dctx"):
+                 "free_cctx", "create_dctx", "free_dctx", "compress_dict",
+                 "decompress_dict", "create_cdict", "free_cdict", "create_ddict",
+                 "free_ddict"):
         if not f.get(name):
             raise ValueError(f"configure: no address for {name}")
     _api.compress = <size_t (*)(void *, void *, size_t, const void *, size_t, int) noexcept nogil>_address(f["compress"])
@@ -119,6 +163,12 @@ def configure(dict functions):
     _free_cctx = <free_fn>_address(f["free_cctx"])
     _create_dctx = <create_fn>_address(f["create_dctx"])
     _free_dctx = <free_fn>_address(f["free_dctx"])
+    _api.compress_dict = <size_t (*)(void *, void *, size_t, const void *, size_t, const void *, ddp_codec_frame_params) noexcept nogil>_address(f["compress_dict"])
+    _api.decompress_dict = <size_t (*)(void *, void *, size_t, const void *, size_t, const void *) noexcept nogil>_address(f["decompress_dict"])
+    _create_cdict = <create_cdict_fn>_address(f["create_cdict"])
+    _free_cdict = <free_fn>_address(f["free_cdict"])
+    _create_ddict = <create_ddict_fn>_address(f["create_ddict"])
+    _free_ddict = <free_fn>_address(f["free_ddict"])
     _configured = True
 
 
@@ -130,6 +180,116 @@ cdef const uint8_t *_key_ptr(bytes key) except NULL:
     if PyBytes_GET_SIZE(key) != <Py_ssize_t>DDP_CODEC_KEY_BYTES:
         raise ValueError("a key is 32 bytes")
     return <const uint8_t *>PyBytes_AS_STRING(key)
+
+
+cdef struct _LevelCDict:
+    int level
+    void *cdict
+
+
+cdef class ZstdDict:
+    """One compression dictionary's zstd handles: a CDict per compression level asked
+    for and a DDict, each made on first use (under the GIL, which this class never lets
+    go of while it makes one: two threads cannot both make it) and freed with the object.
+    ValueError when zstd refuses the dictionary's bytes."""
+
+    cdef readonly bytes ref
+    cdef bytes _data
+    cdef void *_ddict
+    cdef _LevelCDict *_cdicts
+    cdef Py_ssize_t _n_cdicts
+
+    def __cinit__(self, bytes ref not None, bytes data not None):
+        if not _configured:
+            raise RuntimeError("dedupe.store._blobcodec.configure() was not called")
+        if PyBytes_GET_SIZE(ref) != <Py_ssize_t>DDP_CODEC_REF_BYTES:
+            raise ValueError("a dictionary ref is 8 bytes")
+        self.ref = ref
+        self._data = data
+
+    def __dealloc__(self):
+        cdef Py_ssize_t i
+        for i in range(self._n_cdicts):
+            _free_cdict(self._cdicts[i].cdict)
+        free(self._cdicts)
+        if self._ddict != NULL:
+            _free_ddict(self._ddict)
+
+    cdef void *_cdict(self, int level) except NULL:
+        cdef Py_ssize_t i
+        for i in range(self._n_cdicts):
+            if self._cdicts[i].level == level:
+                return self._cdicts[i].cdict
+        cdef _LevelCDict *grown = <_LevelCDict *>realloc(
+            self._cdicts, (self._n_cdicts + 1) * sizeof(_LevelCDict))
+        if grown == NULL:
+            raise MemoryError()
+        self._cdicts = grown
+        cdef void *c = _create_cdict(PyBytes_AS_STRING(self._data),
+                                     <size_t>PyBytes_GET_SIZE(self._data), level)
+        if c == NULL:
+            raise ValueError(
+                f"zstd refuses compression dictionary {self.ref.hex()} (level {level})")
+        self._cdicts[self._n_cdicts].level = level
+        self._cdicts[self._n_cdicts].cdict = c
+        self._n_cdicts += 1
+        return c
+
+    cdef const void *_get_ddict(self) except NULL:
+        if self._ddict == NULL:
+            self._ddict = _create_ddict(PyBytes_AS_STRING(self._data),
+                                        <size_t>PyBytes_GET_SIZE(self._data))
+            if self._ddict == NULL:
+                raise ValueError(f"zstd refuses compression dictionary {self.ref.hex()}")
+        return self._ddict
+
+    def prepare_compress(self, int level):
+        """Make the CDict for `level` now (frame() makes it otherwise)."""
+        self._cdict(level)
+
+    def prepare_decompress(self):
+        """Make the DDict now (a DictTable makes it otherwise)."""
+        self._get_ddict()
+
+
+cdef class DictTable:
+    """The dictionaries a codec opens blobs with, as the kernel takes them: built from
+    (ref, ZstdDict or None) pairs, None marking a ref that cannot be used (two
+    dictionaries have it). Immutable: a codec given another dictionary builds a new one."""
+
+    cdef ddp_codec_dict *_entries
+    cdef size_t _n
+    cdef tuple _keep  # the ZstdDicts whose DDicts _entries point to
+
+    def __cinit__(self, list entries not None):
+        cdef Py_ssize_t n = len(entries), i
+        cdef ZstdDict d
+        self._entries = <ddp_codec_dict *>malloc((n or 1) * sizeof(ddp_codec_dict))
+        if self._entries == NULL:
+            raise MemoryError()
+        cdef bytes ref
+        keep = []
+        for i in range(n):
+            ref, handle = entries[i]
+            if PyBytes_GET_SIZE(ref) != <Py_ssize_t>DDP_CODEC_REF_BYTES:
+                raise ValueError("a dictionary ref is 8 bytes")
+            memcpy(self._entries[i].ref, PyBytes_AS_STRING(ref), DDP_CODEC_REF_BYTES)
+            if handle is None:
+                self._entries[i].ddict = NULL
+            else:
+                d = <ZstdDict?>handle
+                if d.ref != ref:
+                    raise ValueError("DictTable: a dictionary listed under another ref")
+                self._entries[i].ddict = d._get_ddict()
+                keep.append(d)
+        self._n = <size_t>n
+        self._keep = tuple(keep)
+
+    def __dealloc__(self):
+        free(self._entries)
+
+    def __len__(self):
+        return self._n
 
 
 # Framing buffers and blocks of opened chunks are recycled through _free_block (the
@@ -186,6 +346,16 @@ cdef class FramedBatch:
         return self._len[self._next] + DDP_CODEC_OVERHEAD
 
 
+cdef int _open_failed(int rc, Py_ssize_t index, const uint8_t *ref_out) except -1:
+    """Raise what a failed ddp_codec_open call means."""
+    if rc == DDP_CODEC_ENOMEM:
+        raise MemoryError()
+    if rc == DDP_CODEC_ENODICT or rc == DDP_CODEC_EDICT:
+        raise OpenError(rc, index, PyBytes_FromStringAndSize(<const char *>ref_out,
+                                                             DDP_CODEC_REF_BYTES))
+    raise OpenError(rc, index)
+
+
 cdef class BatchCodec:
     """One thread's codec: a zstd compression and decompression context. Use one per
     thread (contexts are not shared); the kernels run without the GIL."""
@@ -209,13 +379,19 @@ cdef class BatchCodec:
         if self._dctx != NULL:
             _free_dctx(self._dctx)
 
-    def frame(self, list chunks, list ids):
-        """Frame chunks (buffers; ids: their 32-byte ids, same order) for sealing."""
+    def frame(self, list chunks, list ids, ZstdDict dictionary=None):
+        """Frame chunks (buffers; ids: their 32-byte ids, same order) for sealing; with a
+        dictionary, compressed with it (compression byte 2) when that is smaller."""
         cdef Py_ssize_t n = len(chunks), i, got = 0
         cdef size_t total = 0
         cdef uint8_t *out_p
+        cdef const void *cdict = NULL
+        cdef const uint8_t *ref = NULL
         if len(ids) != n:
             raise ValueError("frame: as many ids as chunks are needed")
+        if dictionary is not None:
+            cdict = dictionary._cdict(self._level)
+            ref = <const uint8_t *>PyBytes_AS_STRING(dictionary.ref)
         cdef FramedBatch b = FramedBatch.__new__(FramedBatch)
         b._ids = b"".join(ids)
         if PyBytes_GET_SIZE(b._ids) != n * <Py_ssize_t>DDP_CODEC_ID_BYTES:
@@ -241,7 +417,8 @@ cdef class BatchCodec:
             b._framed = _free_block(_framing_pool, total, _FRAMING_KEEP)
             out_p = <uint8_t *>b._framed.data
             with nogil:
-                ddp_codec_frame(&_api, self._cctx, self._level, n, src, lens, out_p, b._len)
+                ddp_codec_frame(&_api, self._cctx, self._level, cdict, ref, n, src, lens,
+                                out_p, b._len)
             b._framed.size = 0
             for i in range(n):
                 b._framed.size += b._len[i]
@@ -253,12 +430,14 @@ cdef class BatchCodec:
             free(lens)
         return b
 
-    def open_into(self, bytes key, bytes id_key, data, list items, Py_ssize_t base):
+    def open_into(self, bytes key, bytes id_key, data, list items, Py_ssize_t base,
+                  DictTable dicts=None):
         """Open blobs of one pack: items are (chunk id, offset in pack, stored length, raw
         length); `data` holds the pack's bytes from offset `base`. Returns their raw bytes
         back to back in a read-only block (dedupe.chunking.Block; checked: AEAD, length
         and the keyed id under `id_key`), whose memory is reused only once nothing refers
-        to it. Raises OpenError naming the first blob that fails."""
+        to it. Blobs of compression byte 2 are opened with `dicts`. Raises OpenError
+        naming the first blob that fails."""
         cdef Py_ssize_t n = len(items), i
         cdef const uint8_t *k = _key_ptr(key)
         cdef const uint8_t *ik = _key_ptr(id_key)
@@ -269,6 +448,11 @@ cdef class BatchCodec:
         cdef const uint8_t *ids_p
         cdef uint8_t *out_p
         cdef _Block out
+        cdef uint8_t ref_out[8]
+        cdef const ddp_codec_dict *dp = NULL
+        cdef size_t nd = 0
+        if dicts is not None:
+            dp, nd = dicts._entries, dicts._n
         cdef size_t *offset = <size_t *>malloc((n or 1) * sizeof(size_t))
         cdef uint32_t *stored = <uint32_t *>malloc((n or 1) * sizeof(uint32_t))
         cdef uint32_t *raw = <uint32_t *>malloc((n or 1) * sizeof(uint32_t))
@@ -297,12 +481,11 @@ cdef class BatchCodec:
             out.size = total  # every byte is written below
             out_p = <uint8_t *>out.data
             with nogil:
-                rc = ddp_codec_open(&_api, self._dctx, k, ik, n, <const uint8_t *>view.buf,
-                                    offset, stored, raw, ids_p, out_p, NULL, &failed)
-            if rc == DDP_CODEC_ENOMEM:
-                raise MemoryError()
+                rc = ddp_codec_open(&_api, self._dctx, dp, nd, k, ik, n,
+                                    <const uint8_t *>view.buf, offset, stored, raw, ids_p,
+                                    out_p, NULL, &failed, ref_out)
             if rc != DDP_CODEC_OK:
-                raise OpenError(rc, <Py_ssize_t>failed)
+                _open_failed(rc, <Py_ssize_t>failed, ref_out)
             return out
         finally:
             PyBuffer_Release(&view)
@@ -311,7 +494,7 @@ cdef class BatchCodec:
             free(raw)
 
     def open_records(self, bytes key, bytes id_key, data, records, Py_ssize_t lo,
-                     Py_ssize_t hi):
+                     Py_ssize_t hi, DictTable dicts=None):
         """Open and check the blobs that pack trailer records lo..hi-1 name (`records`:
         44-byte <32sIII entries back to back; `data`: the whole pack), as open_into does,
         and keep nothing: verify's check of a pack whose index entries are its trailer's.
@@ -329,6 +512,11 @@ cdef class BatchCodec:
         cdef uint32_t *stored = NULL
         cdef uint32_t *raw = NULL
         cdef _Block out
+        cdef uint8_t ref_out[8]
+        cdef const ddp_codec_dict *dp = NULL
+        cdef size_t nd = 0
+        if dicts is not None:
+            dp, nd = dicts._entries, dicts._n
         PyObject_GetBuffer(records, &rv, PyBUF_SIMPLE)
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
@@ -355,13 +543,11 @@ cdef class BatchCodec:
             out = _free_block(_opened_pool, total, _OPENED_KEEP)
             out.size = total  # written below, then dropped
             with nogil:
-                rc = ddp_codec_open(&_api, self._dctx, k, ik, <size_t>n,
+                rc = ddp_codec_open(&_api, self._dctx, dp, nd, k, ik, <size_t>n,
                                     <const uint8_t *>view.buf, offset, stored, raw, ids,
-                                    <uint8_t *>out.data, NULL, &failed)
-            if rc == DDP_CODEC_ENOMEM:
-                raise MemoryError()
+                                    <uint8_t *>out.data, NULL, &failed, ref_out)
             if rc != DDP_CODEC_OK:
-                raise OpenError(rc, <Py_ssize_t>failed)
+                _open_failed(rc, <Py_ssize_t>failed, ref_out)
         finally:
             PyBuffer_Release(&view)
             PyBuffer_Release(&rv)
@@ -371,7 +557,8 @@ cdef class BatchCodec:
             free(raw)
 
     def open_planned(self, bytes key, bytes id_key, data, Py_ssize_t base, bytes ids,
-                     bytes items, Py_ssize_t lo, Py_ssize_t hi, _Block out not None):
+                     bytes items, Py_ssize_t lo, Py_ssize_t hi, _Block out not None,
+                     DictTable dicts=None):
         """Open the planned chunks items[lo:hi] (ddp_plan_item records, csrc/windowplan.h;
         ids: their 32-byte ids) of one pack, each straight into its place in `out` (a
         window from window_block): `data` holds the pack's bytes from offset `base`.
@@ -392,6 +579,11 @@ cdef class BatchCodec:
         cdef uint32_t *raw = NULL
         cdef uint64_t *pos = NULL
         cdef const uint8_t *ids_p
+        cdef uint8_t ref_out[8]
+        cdef const ddp_codec_dict *dp = NULL
+        cdef size_t nd = 0
+        if dicts is not None:
+            dp, nd = dicts._entries, dicts._n
         if (PyBytes_GET_SIZE(items) % <Py_ssize_t>sizeof(ddp_plan_item)
                 or not (0 <= lo <= hi <= n_items) or PyBytes_GET_SIZE(ids) != n_items * 32):
             raise ValueError("open_planned: items, ids and [lo, hi) do not agree")
@@ -421,13 +613,11 @@ cdef class BatchCodec:
                 pos[i] = it[i].out_pos
             ids_p = <const uint8_t *>PyBytes_AS_STRING(ids) + lo * 32
             with nogil:
-                rc = ddp_codec_open(&_api, self._dctx, k, ik, <size_t>n,
+                rc = ddp_codec_open(&_api, self._dctx, dp, nd, k, ik, <size_t>n,
                                     <const uint8_t *>view.buf, offset, stored, raw, ids_p,
-                                    <uint8_t *>out.data, pos, &failed)
-            if rc == DDP_CODEC_ENOMEM:
-                raise MemoryError()
+                                    <uint8_t *>out.data, pos, &failed, ref_out)
             if rc != DDP_CODEC_OK:
-                raise OpenError(rc, lo + <Py_ssize_t>failed)
+                _open_failed(rc, lo + <Py_ssize_t>failed, ref_out)
         finally:
             PyBuffer_Release(&view)
             free(offset)

@@ -6,22 +6,33 @@ batch, without the GIL, so per-chunk work costs no interpreter time and both cor
 The kernels reach zstd and libsodium through the cffi modules that the zstandard and
 PyNaCl packages ship. Should either be missing, the pure-Python twin below does the same
 work with the same bytes on disk (it is also what the tests compare the kernels with).
+
+Compression dictionaries (docs/FORMAT.md section 16): frame() compresses with the
+Dictionary it is given (compression byte 2, the dictionary's ref in the blob); the open
+paths open such blobs with the dictionaries given to add_dictionary, and raise
+DictionaryNeeded for a blob whose dictionary the codec was not given.
 """
 
 from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import accumulate
-from typing import Any
+from typing import Any, TypeVar
 
 import zstandard
 
 from dedupe.crypto import OVERHEAD, open_sealed
 from dedupe.crypto.aead import Buffer, seal_into
-from dedupe.errors import IntegrityError
-from dedupe.format.pack import COMPRESSION_NONE, COMPRESSION_ZSTD, TRAILER_RECORD
+from dedupe.errors import DictionaryNeeded, IntegrityError
+from dedupe.format.pack import (
+    COMPRESSION_NONE,
+    COMPRESSION_ZSTD,
+    COMPRESSION_ZSTD_DICT,
+    DICT_REF,
+    TRAILER_RECORD,
+)
 from dedupe.hashing import ChunkHasher
 
 try:
@@ -31,6 +42,8 @@ except ImportError:  # pragma: no cover - an install without the compiled kernel
 
 _RAW = bytes([COMPRESSION_NONE])
 _ZSTD = bytes([COMPRESSION_ZSTD])
+_ZSTD_DICT = bytes([COMPRESSION_ZSTD_DICT])
+_DICT_HEADER = 1 + DICT_REF  # compression byte and ref before a dictionary's frame
 
 
 def _library_functions() -> dict[str, int] | None:
@@ -57,6 +70,12 @@ def _library_functions() -> dict[str, int] | None:
                 ("free_cctx", "ZSTD_freeCCtx"),
                 ("create_dctx", "ZSTD_createDCtx"),
                 ("free_dctx", "ZSTD_freeDCtx"),
+                ("compress_dict", "ZSTD_compress_usingCDict_advanced"),
+                ("decompress_dict", "ZSTD_decompress_usingDDict"),
+                ("create_cdict", "ZSTD_createCDict"),
+                ("free_cdict", "ZSTD_freeCDict"),
+                ("create_ddict", "ZSTD_createDDict"),
+                ("free_ddict", "ZSTD_freeDDict"),
             )
         }
         sodium = {
@@ -89,6 +108,103 @@ def release_buffers() -> None:
         _blobcodec.release_pools()
 
 
+class Dictionary:
+    """One zstd compression dictionary (docs/FORMAT.md section 16): `data`, its bytes
+    (zstd's dictionary format, as zstandard.train_dictionary makes, or raw content), and
+    `ref`, the 8 bytes blobs name it by. Immutable; share one between codecs and threads.
+
+    What each path needs is made from it on first use, once, under its lock: the native
+    CDict of each compression level and the native DDict (freed with the object), and the
+    zstandard dictionaries of the pure-Python twin. IntegrityError, naming the ref, when
+    zstd refuses its bytes."""
+
+    __slots__ = ("_ref", "_data", "_lock", "_native", "_pure_open", "_pure_frame")
+
+    def __init__(self, ref: bytes, data: bytes) -> None:
+        if len(ref) != DICT_REF:
+            raise ValueError(f"a dictionary ref is {DICT_REF} bytes, not {len(ref)}")
+        self._ref = bytes(ref)
+        self._data = bytes(data)
+        self._lock = threading.Lock()
+        self._native: Any = None  # _blobcodec.ZstdDict
+        self._pure_open: zstandard.ZstdCompressionDict | None = None
+        self._pure_frame: dict[int, zstandard.ZstdCompressionDict] = {}  # by level
+
+    @property
+    def ref(self) -> bytes:
+        return self._ref
+
+    @property
+    def data(self) -> bytes:
+        return self._data
+
+    def __repr__(self) -> str:
+        return f"Dictionary({self._ref.hex()}, {len(self._data)} bytes)"
+
+    def _refused(self, why: object) -> IntegrityError:
+        return IntegrityError(f"compression dictionary {self._ref.hex()} is refused by zstd: {why}")
+
+    def check(self) -> None:
+        """IntegrityError, naming the ref, unless zstd makes a decompression dictionary of
+        its bytes (what every reader needs; verify's check of a dictionary object)."""
+        if NATIVE_AVAILABLE:
+            self.native_open()
+        else:
+            self.pure_open()
+
+    def _handle(self) -> Any:
+        if self._native is None:
+            self._native = _blobcodec.ZstdDict(self._ref, self._data)
+        return self._native
+
+    def native_frame(self, level: int) -> Any:
+        """The native handle, its CDict for `level` made."""
+        with self._lock:
+            handle = self._handle()
+            try:
+                handle.prepare_compress(level)
+            except ValueError as e:
+                raise self._refused(e) from None
+            return handle
+
+    def native_open(self) -> Any:
+        """The native handle, its DDict made."""
+        with self._lock:
+            handle = self._handle()
+            try:
+                handle.prepare_decompress()
+            except ValueError as e:
+                raise self._refused(e) from None
+            return handle
+
+    def pure_frame(self, level: int) -> zstandard.ZstdCompressionDict:
+        """The pure twin's dictionary for compressing at `level` (its CDict made: a
+        zstandard dictionary holds one, whose level the compressor takes)."""
+        with self._lock:
+            d = self._pure_frame.get(level)
+            if d is None:
+                d = zstandard.ZstdCompressionDict(self._data)
+                try:
+                    d.precompute_compress(level=level)
+                except zstandard.ZstdError as e:
+                    raise self._refused(e) from None
+                self._pure_frame[level] = d
+            return d
+
+    def pure_open(self) -> zstandard.ZstdCompressionDict:
+        """The pure twin's dictionary for decompressing (its DDict made here, once: a
+        decompressor given it makes it otherwise, unlocked)."""
+        with self._lock:
+            if self._pure_open is None:
+                d = zstandard.ZstdCompressionDict(self._data)
+                try:
+                    zstandard.ZstdDecompressor(dict_data=d)
+                except zstandard.ZstdError as e:
+                    raise self._refused(e) from None
+                self._pure_open = d
+            return self._pure_open
+
+
 class PyFramedBatch:
     """Framed blobs of a batch, waiting to be sealed (pure-Python twin of the native
     FramedBatch: the same contract)."""
@@ -112,6 +228,7 @@ class PyFramedBatch:
 
 
 FramedBatch = Any  # PyFramedBatch, or the native _blobcodec.FramedBatch
+_T = TypeVar("_T")
 _TRAILER_RECORD = struct.Struct(TRAILER_RECORD)
 # A restore window's plan (csrc/windowplan.h, native byte order): ddp_plan_item is pack
 # number, offset, stored length, raw length, place in the window's output; ddp_plan_copy
@@ -148,7 +265,15 @@ def seal_batch(
 
 class BlobCodec:
     """Thread-safe: each worker thread gets its own zstd contexts (and native codec).
-    `native=None` uses the kernels when they are available; False forces the twin."""
+    `native=None` uses the kernels when they are available; False forces the twin.
+
+    Blobs compressed with a dictionary open once it is given to add_dictionary (every
+    thread sees it from then on); before, opening one raises DictionaryNeeded, unless
+    `loader` is set: it is then called, in the thread that opens, with the ref of the
+    missing dictionary, what it returns is added and the opening tried again (once per
+    ref); what it raises goes to the caller."""
+
+    loader: Callable[[bytes], Dictionary] | None = None
 
     def __init__(self, level: int, hasher: ChunkHasher, native: bool | None = None) -> None:
         if native and not NATIVE_AVAILABLE:
@@ -157,6 +282,104 @@ class BlobCodec:
         self.hasher = hasher
         self.native = NATIVE_AVAILABLE if native is None else native
         self._local = threading.local()
+        # The dictionaries to open with: (by ref, refs made unusable, the native kernel's
+        # DictTable or None), replaced whole under _dict_lock, read without it.
+        self._dict_lock = threading.Lock()
+        self._dicts: tuple[dict[bytes, Dictionary], frozenset[bytes], Any] = (
+            {},
+            frozenset(),
+            None,
+        )
+
+    def add_dictionary(self, d: Dictionary) -> None:
+        """Open blobs that name d.ref with d, in every thread from now on. Adding it
+        again, or another Dictionary with the same bytes, changes nothing. Adding one with
+        the same ref and different bytes makes that ref unusable for good: a blob naming
+        it then raises IntegrityError ("two dictionaries have ref ..."), never opens with
+        either (FORMAT.md section 16; the caller checks this too). IntegrityError when
+        zstd refuses d's bytes (the codec is then unchanged)."""
+        with self._dict_lock:
+            by_ref, unusable, _table = self._dicts
+            have = by_ref.get(d.ref)
+            if d.ref in unusable or have is d or (have is not None and have.data == d.data):
+                return
+            by_ref = dict(by_ref)
+            if have is None:
+                if self.native:
+                    d.native_open()
+                else:
+                    d.pure_open()
+                by_ref[d.ref] = d
+            else:
+                del by_ref[d.ref]
+                unusable = unusable | {d.ref}
+            table = None
+            if self.native and (by_ref or unusable):
+                table = _blobcodec.DictTable(
+                    [(ref, x.native_open()) for ref, x in by_ref.items()]
+                    + [(ref, None) for ref in sorted(unusable)]
+                )
+            self._dicts = (by_ref, unusable, table)
+
+    def dictionary(self, ref: bytes) -> Dictionary | None:
+        """The dictionary blobs naming `ref` open with; None when none was added, or the
+        ref is unusable (two were)."""
+        return self._dicts[0].get(ref)
+
+    def _unusable(self, chunk_id: bytes, ref: bytes) -> IntegrityError:
+        return IntegrityError(
+            f"chunk {chunk_id.hex()[:16]} names compression dictionary {ref.hex()}, which"
+            f" cannot be used: two dictionaries have ref {ref.hex()}"
+        )
+
+    def _opener(self, chunk_id: bytes, ref: bytes) -> zstandard.ZstdDecompressor:
+        """This thread's decompressor for the dictionary of `ref`."""
+        by_ref, unusable, _table = self._dicts
+        d = by_ref.get(ref)
+        if d is None:
+            if ref in unusable:
+                raise self._unusable(chunk_id, ref)
+            raise DictionaryNeeded(chunk_id, ref)
+        cache = getattr(self._local, "dict_dctx", None)
+        if cache is None:
+            cache = self._local.dict_dctx = {}
+        held = cache.get(ref)
+        if held is None or held[0] is not d:
+            held = cache[ref] = (d, zstandard.ZstdDecompressor(dict_data=d.pure_open()))
+        return held[1]
+
+    def _framer(self, d: Dictionary) -> zstandard.ZstdCompressor:
+        """This thread's compressor for `d`: content size recorded, no dictionary id."""
+        held = getattr(self._local, "dict_cctx", None)
+        if held is None or held[0] is not d:
+            c = zstandard.ZstdCompressor(
+                level=self.level,
+                dict_data=d.pure_frame(self.level),
+                write_content_size=True,
+                write_checksum=False,
+                write_dict_id=False,
+            )
+            held = self._local.dict_cctx = (d, c)
+        return held[1]
+
+    def _loading(self, go: Callable[[], _T]) -> _T:
+        """go(), with each dictionary it lacks loaded by `loader` and go() tried again."""
+        tried: set[bytes] = set()
+        while True:
+            try:
+                return go()
+            except DictionaryNeeded as e:
+                loader = self.loader
+                if loader is None or e.ref in tried:
+                    raise
+                tried.add(e.ref)
+                self.add_dictionary(loader(e.ref))
+
+    def _failed(self, e: Exception, chunk_id: bytes) -> IntegrityError:
+        """What a native OpenError for chunk_id means."""
+        if getattr(e, "code", None) == _blobcodec.ENODICT:
+            return DictionaryNeeded(chunk_id, e.ref)  # type: ignore[attr-defined]
+        return IntegrityError(f"chunk {chunk_id.hex()[:16]} {e}")
 
     def _cctx(self) -> zstandard.ZstdCompressor:
         c = getattr(self._local, "cctx", None)
@@ -176,47 +399,80 @@ class BlobCodec:
             k = self._local.kernel = _blobcodec.BatchCodec(self.level)
         return k
 
-    def frame(self, chunks: Sequence[Buffer], ids: Sequence[bytes]) -> FramedBatch:
+    def frame(
+        self,
+        chunks: Sequence[Buffer],
+        ids: Sequence[bytes],
+        dictionary: Dictionary | None = None,
+    ) -> FramedBatch:
         """Blob plaintexts for a batch of chunks (zstd when it is smaller, raw otherwise),
-        ready for seal_batch. `ids` are the chunks' ids, in the same order."""
+        ready for seal_batch. `ids` are the chunks' ids, in the same order. With a
+        dictionary, zstd with it: 2 || ref || frame (content size recorded, no dictionary
+        id) when that is smaller than 0 || chunk. Opening them takes add_dictionary."""
         if self.native:
-            return self._kernel().frame(list(chunks), list(ids))
-        compress = self._cctx().compress
+            if dictionary is None:
+                return self._kernel().frame(list(chunks), list(ids))
+            handle = dictionary.native_frame(self.level)
+            return self._kernel().frame(list(chunks), list(ids), handle)
         blobs = []
-        for c in chunks:
-            z = compress(c)
-            blobs.append(_ZSTD + z if len(z) < len(c) else _RAW + bytes(c))
+        if dictionary is None:
+            compress = self._cctx().compress
+            for c in chunks:
+                z = compress(c)
+                blobs.append(_ZSTD + z if len(z) < len(c) else _RAW + bytes(c))
+        else:
+            compress = self._framer(dictionary).compress
+            head = _ZSTD_DICT + dictionary.ref
+            for c in chunks:
+                z = compress(c)
+                fits = _DICT_HEADER + len(z) < 1 + len(c)
+                blobs.append(head + z if fits else _RAW + bytes(c))
         return PyFramedBatch(list(ids), blobs, [len(c) for c in chunks])
 
     def open(self, key: bytes, chunk_id: bytes, sealed: Buffer, raw_length: int) -> bytes:
         """The chunk's bytes, checked twice: AEAD under its id, then its keyed BLAKE3."""
+        return self._loading(lambda: self._open(key, chunk_id, sealed, raw_length))
+
+    def _open(self, key: bytes, chunk_id: bytes, sealed: Buffer, raw_length: int) -> bytes:
         what = f"chunk {chunk_id.hex()[:16]}"
         plain = open_sealed(key, sealed, chunk_id, what)
         if not plain:
             raise IntegrityError(f"{what} is empty: it lacks its compression byte")
         payload = memoryview(plain)[1:]
         if plain[0] == COMPRESSION_ZSTD:
-            # zstd trusts the size a frame records, and max_output_size does not bound a
-            # frame that records one: check it first, or a small authenticated blob (a
-            # writer can make one) asks for gigabytes before it is refused.
-            try:
-                recorded = zstandard.frame_content_size(payload)
-            except zstandard.ZstdError as e:
-                raise IntegrityError(f"{what} is not a zstd frame: {e}") from None
-            if recorded >= 0 and recorded != raw_length:
-                raise IntegrityError(
-                    f"{what} would decompress to {recorded} bytes, not its {raw_length}"
-                )
-            try:
-                data = self._dctx().decompress(payload, max_output_size=raw_length)
-            except zstandard.ZstdError as e:
-                raise IntegrityError(f"{what} does not decompress: {e}") from None
+            data = self._decompress(what, self._dctx(), payload, raw_length)
         elif plain[0] == COMPRESSION_NONE:
             data = bytes(payload)
+        elif plain[0] == COMPRESSION_ZSTD_DICT:
+            if len(payload) < DICT_REF:
+                raise IntegrityError(f"{what} is too short to name its dictionary")
+            opener = self._opener(chunk_id, bytes(payload[:DICT_REF]))
+            data = self._decompress(what, opener, payload[DICT_REF:], raw_length)
         else:
             raise IntegrityError(f"{what} has an unknown compression byte {plain[0]}")
         if len(data) != raw_length or self.hasher.chunk_id(data) != chunk_id:
             raise IntegrityError(f"{what} does not match its id: its content is wrong")
+        return data
+
+    @staticmethod
+    def _decompress(
+        what: str, dctx: zstandard.ZstdDecompressor, frame: memoryview, raw_length: int
+    ) -> bytes:
+        # zstd trusts the size a frame records, and max_output_size does not bound a
+        # frame that records one: check it first, or a small authenticated blob (a
+        # writer can make one) asks for gigabytes before it is refused.
+        try:
+            recorded = zstandard.frame_content_size(frame)
+        except zstandard.ZstdError as e:
+            raise IntegrityError(f"{what} is not a zstd frame: {e}") from None
+        if recorded >= 0 and recorded != raw_length:
+            raise IntegrityError(
+                f"{what} would decompress to {recorded} bytes, not its {raw_length}"
+            )
+        try:
+            data: bytes = dctx.decompress(frame, max_output_size=raw_length)
+        except zstandard.ZstdError as e:
+            raise IntegrityError(f"{what} does not decompress: {e}") from None
         return data
 
     def open_many(
@@ -249,11 +505,16 @@ class BlobCodec:
     ) -> tuple[memoryview, list[int]]:
         """One kernel call (AEAD, decompression, lengths, ids): the joined buffer and
         where each chunk ends in it."""
-        try:
-            out = self._kernel().open_into(key, self.hasher.id_key, data, list(items), base)
-        except _blobcodec.OpenError as e:
-            cid = items[e.index][0]
-            raise IntegrityError(f"chunk {cid.hex()[:16]} {e}") from None
+
+        def go() -> Any:
+            try:
+                return self._kernel().open_into(
+                    key, self.hasher.id_key, data, list(items), base, self._dicts[2]
+                )
+            except _blobcodec.OpenError as e:
+                raise self._failed(e, items[e.index][0]) from None
+
+        out = self._loading(go)
         return memoryview(out).toreadonly(), list(accumulate(item[3] for item in items))
 
     def check_records(self, key: bytes, data: Buffer, records: Buffer, lo: int, hi: int) -> None:
@@ -270,12 +531,17 @@ class BlobCodec:
                 raise ValueError("check_records: a blob ends after the data")
             self.open_many(key, data, 0, items)
             return
-        try:
-            self._kernel().open_records(key, self.hasher.id_key, data, records, lo, hi)
-        except _blobcodec.OpenError as e:
-            at = (lo + e.index) * _TRAILER_RECORD.size
-            cid = bytes(memoryview(records)[at : at + 32])
-            raise IntegrityError(f"chunk {cid.hex()[:16]} {e}") from None
+
+        def go() -> None:
+            try:
+                self._kernel().open_records(
+                    key, self.hasher.id_key, data, records, lo, hi, self._dicts[2]
+                )
+            except _blobcodec.OpenError as e:
+                at = (lo + e.index) * _TRAILER_RECORD.size
+                raise self._failed(e, bytes(memoryview(records)[at : at + 32])) from None
+
+        self._loading(go)
 
     # --- a restore window (csrc/windowplan.h): chunks opened straight into their places
 
@@ -301,13 +567,16 @@ class BlobCodec:
         one pack into their places in `out` (from window_buffer), each checked like
         open(). `data` holds the pack's bytes from offset `base` on."""
         if self.native:
-            try:
-                self._kernel().open_planned(
-                    key, self.hasher.id_key, data, base, ids, items, lo, hi, out
-                )
-            except _blobcodec.OpenError as e:
-                cid = ids[e.index * 32 : e.index * 32 + 32]
-                raise IntegrityError(f"chunk {cid.hex()[:16]} {e}") from None
+
+            def go() -> None:
+                try:
+                    self._kernel().open_planned(
+                        key, self.hasher.id_key, data, base, ids, items, lo, hi, out, self._dicts[2]
+                    )
+                except _blobcodec.OpenError as e:
+                    raise self._failed(e, ids[e.index * 32 : e.index * 32 + 32]) from None
+
+            self._loading(go)
             return
         view, window = memoryview(data), memoryview(out)
         for i in range(lo, hi):
