@@ -123,6 +123,9 @@ class Generation:
     tags: tuple[str, ...] = ()
     # "<repository id>/<generation id>" of the generation `copy` made this one from.
     copied_from: str | None = None
+    # The compression dictionary its page blobs were compressed with or that it trained
+    # (docs/FORMAT.md 16): the id the next backup of the name starts from.
+    dictionary: str | None = None
 
     def copy_of(self, origin: Generation, repository: str) -> bool:
         """Whether this generation says it is a copy of `origin` (of repository id
@@ -166,11 +169,17 @@ class Generation:
             host=header.get("host") if isinstance(header.get("host"), str) else None,
             tags=tuple(t for t in header.get("tags") or () if isinstance(t, str)),
             copied_from=_str_or_none(header.get("copied_from")),
+            dictionary=_object_id_or_none(header.get("dictionary")),
         )
 
 
 def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
+
+
+def _object_id_or_none(value: Any) -> str | None:
+    ok = isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+    return value if ok else None
 
 
 @dataclass(frozen=True)

@@ -573,6 +573,10 @@ class Repository:
         # ("parents" narrows the candidates), never onto an orphan copy.
         narrow = options.pop("parents", None)
         parent, note = self._parent_for(gens if narrow is None else narrow(gens), name, kind)
+        # Pages are compressed with the dictionary this key's latest generation of the name
+        # used (FORMAT.md 16), as a parent is chosen among its own generations.
+        mine = [g for g in gens if self._store.written_by_me(g.id)]
+        options = {**options, "dictionary": mine[-1].dictionary if mine else None}
         # Replication (dedupe/replication.py) waits at the commit: a sync replica for the
         # primary's id before it makes its header ("before_header"), the primary for every
         # sync replica's commit once its own id is known ("before_write"). The lock is
@@ -650,6 +654,7 @@ class Repository:
                 dry_run=options.get("dry_run", False),
                 before_write=options.get("before_write"),
                 store_only=options.get("store_only", False),
+                dictionary=options.get("dictionary"),
             )
         finally:
             if spilled is not None:

@@ -52,7 +52,9 @@ from dedupe.format.delta import DeltaBuilder
 from dedupe.format.index import ENTRY_RECORD
 from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.store import FinishedPack, PackWriter, RepositoryStore
-from dedupe.store.blobs import FramedBatch, release_buffers
+from dedupe.store.blobs import Dictionary, FramedBatch, release_buffers
+from dedupe.store.dictionaries import PageSampler
+from dedupe.store.dictionaries import train as train_dictionary
 from dedupe.store.index import chunk_records
 from dedupe.store.manifests import Buffer, ManifestWriter, scratch_error
 from dedupe.store.repository import BeforeWrite, IndexBatch, utc_now
@@ -134,6 +136,8 @@ class Ingested:
     seconds: float
     chunkers: list[dict[str, Any]]  # strategies used, in order of first use
     pending: IndexBatch
+    # The compression dictionary of its pages (used or trained), for the header.
+    dictionary: str | None = None
 
 
 async def ingest(
@@ -147,6 +151,7 @@ async def ingest(
     table_out: TableSink | None = None,
     before_salvage: Callable[[], Awaitable[None]] | None = None,
     dry_run: bool = False,
+    dictionary: str | None = None,
 ) -> Ingested:
     """Run the pipeline over `items` and store every new chunk. The packs written since
     the last index object are returned unindexed (`Ingested.pending`) and no manifest is
@@ -163,7 +168,12 @@ async def ingest(
 
     `chunker` is a strategy spec (dedupe.chunking.strategy), "fastcdc" (the repository's
     parameters) or "auto", which picks one per
-    file from its first block (a SQLite database: fixed blocks of its page size)."""
+    file from its first block (a SQLite database: fixed blocks of its page size).
+
+    Pages (chunks of a fixed-size strategy) are compressed with a dictionary (FORMAT.md
+    16): `dictionary`, the id an earlier generation's header names, when this key can
+    open it; else one trained on this backup's first new pages, which are compressed
+    without one until it is ready."""
     loop = asyncio.get_running_loop()
     started = time.monotonic()
 
@@ -181,6 +191,9 @@ async def ingest(
     specs: list[dict[str, Any]] = []  # strategies used, in order of first use
     digest = hasher.stream_digest()
     packer = PackWriter(store.pack_size)
+    pages = _PageDictionary(store, run)
+    if not dry_run:
+        await pages.start(dictionary)
 
     table = bytearray()  # CHUNK_RECORD after CHUNK_RECORD, in input order
     add_records = table.extend if table_out is None else table_out.add
@@ -192,9 +205,9 @@ async def ingest(
     packs_written = 0
     p = Progress("backup", "reading", bytes_total=size_hint)
 
-    # Between the chunk and dedupe stages: chunks with their ids (being hashed), the digest
-    # of a file that ended (being finalised), or reused records.
-    Hashed = tuple[list[memoryview], Awaitable[list[bytes]]] | Awaitable[str] | Reuse
+    # Between the chunk and dedupe stages: chunks with their ids (being hashed) and whether
+    # they are pages, the digest of a file that ended (being finalised), or reused records.
+    Hashed = tuple[list[memoryview], Awaitable[list[bytes]], bool] | Awaitable[str] | Reuse
     blocks_q: asyncio.Queue[Item | None] = asyncio.Queue(BLOCK_QUEUE)
     hashed_q: asyncio.Queue[Hashed | None] = asyncio.Queue(HASHED_QUEUE)
     framed_q: asyncio.Queue[Awaitable[FramedBatch] | None] = asyncio.Queue(FRAMING_IN_FLIGHT)
@@ -222,8 +235,10 @@ async def ingest(
     def digest_job(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         return loop.run_in_executor(digest_thread, fn, *args)
 
+    paged = False  # whether the current chunker cuts pages
+
     async def cut(final: bool, block: bytes | Block | None = None) -> None:
-        nonlocal current
+        nonlocal current, paged
         if current is None:
             if block is None:
                 return  # a file or stream with no bytes: no chunks
@@ -233,10 +248,11 @@ async def ingest(
             if spec not in specs:
                 specs.append(spec)
             current = make_chunker(spec, params, gear)
+            paged = spec.get("algorithm") == "fixed"
         chunks = await run(current.finish) if final else await run(current.feed, block)
         if final:
             current = None
-        await hashed_q.put((chunks, run(hasher.chunk_ids, chunks)))
+        await hashed_q.put((chunks, run(hasher.chunk_ids, chunks), paged))
 
     async def chunk_stage() -> None:
         nonlocal digest
@@ -269,7 +285,7 @@ async def ingest(
             if not isinstance(item, tuple):
                 marks.append((p.chunks, await item))
                 continue
-            chunks, hashing = item
+            chunks, hashing, are_pages = item
             ids = await hashing
             add_records(chunk_records(ids, chunks))
             p.chunks += len(chunks)
@@ -278,10 +294,12 @@ async def ingest(
                 p.chunks_new += len(new_chunks)
                 p.bytes_new += sum(map(len, new_chunks))
                 if not dry_run:
-                    await framed_q.put(run(codec.frame, new_chunks, new_ids))
+                    d = await pages.use(new_chunks) if are_pages else None
+                    await framed_q.put(run(codec.frame, new_chunks, new_ids, d))
             if progress:
                 progress(p)
         await framed_q.put(None)
+        await pages.finish()
 
     async def hand_over(pack: FinishedPack) -> None:
         # A rendezvous: wait until the writer has taken the pack before sealing on. At most
@@ -343,6 +361,7 @@ async def ingest(
             await _salvage(store, batch, before_salvage, packs_written, p.bytes_stored)
         raise
     finally:
+        pages.cancel()
         digest_thread.shutdown(wait=False, cancel_futures=True)
         release_buffers()
     if any(reader.torn for reader in mappers):
@@ -355,8 +374,76 @@ async def ingest(
         )
 
     return Ingested(
-        table, marks, final_digest, p, packs_written, time.monotonic() - started, specs, batch
+        table,
+        marks,
+        final_digest,
+        p,
+        packs_written,
+        time.monotonic() - started,
+        specs,
+        batch,
+        pages.dictionary_id,
     )
+
+
+class _PageDictionary:
+    """The compression dictionary of a backup's pages (FORMAT.md 16): the one an earlier
+    generation of the name used, if this key can open it; else one trained on samples of
+    the first new pages, in the background, and stored (its key map entry first) before
+    any blob uses it. Driven from the event loop by the dedupe stage."""
+
+    def __init__(self, store: RepositoryStore, run: Callable[..., Awaitable[Any]]) -> None:
+        self._store, self._run = store, run
+        self.handle: Dictionary | None = None
+        self.dictionary_id: str | None = None
+        self._sampler: PageSampler | None = None
+        self._training: asyncio.Task[None] | None = None
+
+    async def start(self, dictionary_id: str | None) -> None:
+        if dictionary_id is not None:
+            self.handle = await self._store.dictionary_by_id(dictionary_id)
+        if self.handle is not None:
+            self.dictionary_id = dictionary_id
+        else:
+            self._sampler = PageSampler()
+
+    async def use(self, new_pages: list[memoryview]) -> Dictionary | None:
+        """The dictionary to compress these new pages with. Until enough pages were
+        sampled, None (the first pages go without); then the training runs while the
+        framing of batches already sent goes on, and the next batch of pages waits for
+        it (~0.1 s, once per name and key)."""
+        sampler = self._sampler
+        if sampler is not None and self._training is None:
+            sampler.feed(new_pages)
+            if sampler.full:
+                self._training = asyncio.ensure_future(self._train())
+            return None
+        if self._training is not None and not self._training.done():
+            await self._training
+        return self.handle
+
+    async def finish(self) -> None:
+        """At the end of the backup: train on what was sampled if that is enough (the
+        next backup of the name will use it), and wait for the training."""
+        sampler = self._sampler
+        if self._training is None and sampler is not None and not sampler.closed:
+            if sampler.enough:
+                self._training = asyncio.ensure_future(self._train())
+        if self._training is not None:
+            await self._training
+
+    def cancel(self) -> None:
+        if self._training is not None and not self._training.done():
+            self._training.cancel()
+
+    async def _train(self) -> None:
+        assert self._sampler is not None
+        samples = self._sampler.take()
+        data = await self._run(train_dictionary, samples, self._store.codec.level)
+        if data is None:
+            log.info("zstd made no dictionary of this backup's %d sampled pages", len(samples))
+            return
+        self.dictionary_id, self.handle = await self._store.write_dictionary(data)
 
 
 def _unstored(
@@ -502,6 +589,7 @@ async def commit(
         "new_bytes": p.bytes_new,
         "stored_bytes": p.bytes_stored,
         "seconds": round(got.seconds, 6),
+        **({"dictionary": got.dictionary} if got.dictionary else {}),
         **(labels or {}),
     }
     gen_id = await store.commit_manifest(body, header, meta, got.pending, before_write)
@@ -550,6 +638,7 @@ async def run_backup(
     dry_run: bool = False,
     before_write: BeforeWrite | None = None,
     store_only: bool = False,
+    dictionary: str | None = None,
 ) -> BackupStats:
     """Back up one stream as a generation of `name`. `parent` is (generation id, its
     complete chunk table in a file, from dedupe.store.tables.spill_complete_table) for
@@ -588,6 +677,7 @@ async def run_backup(
             table_out=table_out,
             before_salvage=before_commit,
             dry_run=dry_run,
+            dictionary=dictionary,
         )
         if dry_run:
             return dry_run_stats(got, name, kind, parent[0] if parent else None)

@@ -31,7 +31,7 @@ from dedupe.crypto import ROLES, EpochSecrets, KdfParams, meta_check, seal_grant
 from dedupe.crypto.keyfile import NewKeyFile, new_key_file, reopen_key_file
 from dedupe.engine.prune import PruneReport, run_prune, stale_key_packs
 from dedupe.errors import IntegrityError, KeyNotAvailable, RoleNotPermitted
-from dedupe.format.keymap import GENERATION, INDEX, KIND_NAMES, PACK, QUARANTINE
+from dedupe.format.keymap import DICTIONARY, GENERATION, INDEX, KIND_NAMES, PACK, QUARANTINE
 from dedupe.format.keyring import (
     ACTIVE,
     RETIRED,
@@ -42,6 +42,7 @@ from dedupe.format.keyring import (
     ReplicaRecord,
 )
 from dedupe.store import RepositoryStore
+from dedupe.store.dictionaries import DICT_PREFIX, parse_dict_name
 from dedupe.store.keyring import bump, write_keyring
 from dedupe.store.repository import KEYS_PREFIX, key_file_name, key_id_of, named_ids, utc_now
 
@@ -447,10 +448,36 @@ async def reencrypt_packs(
     present = set(named_ids(await store.backend.list("packs/")))
     if left & present:
         raise RuntimeError(f"{len(left & present)} packs still have keys of an earlier epoch")
+    await reseal_dictionaries(store, below, confirm)
     ring = bump(store.keyring, utc_now(), reencrypt_below=None)
     await write_keyring(store.backend, ring, _admin_sign(store))
     store.use_keyring(ring, store.epochs)
     return report
+
+
+async def reseal_dictionaries(
+    store: RepositoryStore,
+    below: int,
+    confirm: Callable[[], Awaitable[None]] | None = None,
+) -> int:
+    """Seal every dictionary whose key was made in an epoch below `below` again under a
+    fresh key (FORMAT.md 16): the new object (same content, so the same ref: every blob
+    that names it still opens) and its key map entry first, then the old object goes.
+    A run killed between the two leaves both, and the next one deletes the old. Returns
+    how many were sealed again. The caller holds the exclusive lock."""
+    done = 0
+    for name in sorted(await store.backend.list(DICT_PREFIX)):
+        parsed = parse_dict_name(name)
+        found = None if parsed is None else store.keymaps.get(DICTIONARY, bytes.fromhex(parsed[1]))
+        if parsed is None or found is None or found.entry.born >= below:
+            continue
+        plain = await store.open_dictionary(name, *parsed)
+        if confirm is not None:
+            await confirm()
+        await store.write_dictionary(plain)
+        await store.backend.delete(name)
+        done += 1
+    return done
 
 
 async def key_status(store: RepositoryStore) -> KeyStatus:

@@ -65,11 +65,12 @@ from dedupe.crypto import OVERHEAD
 from dedupe.engine.forget import parse_created
 from dedupe.errors import DedupeError, IntegrityError, MissingObject
 from dedupe.format.index import ENTRY_RECORD, PackRecord
-from dedupe.format.keymap import DRILL, GENERATION, INDEX, PACK, QUARANTINE
+from dedupe.format.keymap import DICTIONARY, DRILL, GENERATION, INDEX, PACK, QUARANTINE
 from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.format.pack import FOOTER_SIZE, PACK_MAGIC
 from dedupe.store import PackWriter, RepositoryStore
 from dedupe.store.blobs import FramedBatch, release_buffers
+from dedupe.store.dictionaries import DICT_PREFIX, parse_dict_name
 from dedupe.store.drills import DRILL_PREFIX, KEEP_DRILL_DAYS, KEEP_DRILLS
 from dedupe.store.locks import RepositoryLock
 from dedupe.store.quarantine import QUARANTINE_PREFIX, read_quarantine
@@ -247,14 +248,20 @@ async def _prune(
             planted.append(f"generations/{gen_id}")
         else:
             gen_ids.append(gen_id)
+    # Dictionaries too: their key map entry is written before them (FORMAT.md 16), and
+    # prune deletes none that has one.
+    for name in await backend.list(DICT_PREFIX):
+        parsed = parse_dict_name(name)
+        if parsed is None or store.keymaps.get(DICTIONARY, bytes.fromhex(parsed[1])) is None:
+            planted.append(name)
     untrusted = [n for n in index_names if n not in set(trusted)]
     suspicious = await store.keymaps.refused_for_newer_keys()
     if (planted or untrusted or suspicious) and not delete_unauthenticated:
         named = (suspicious + planted + untrusted)[:5]
         raise IntegrityError(
-            f"{len(planted)} manifest(s) and {len(untrusted)} index object(s) no key map "
-            f"vouches for, and {len(suspicious)} key map(s) of keys or epochs this keyring "
-            f"does not know (e.g. {'; '.join(named)}): prune deletes nothing",
+            f"{len(planted)} manifest(s) or dictionaries and {len(untrusted)} index "
+            f"object(s) no key map vouches for, and {len(suspicious)} key map(s) of keys or "
+            f"epochs this keyring does not know (e.g. {'; '.join(named)}): prune deletes nothing",
             hint="if this machine's keyring is older than the repository's (restored from "
             "an old copy), put the newest keyring back first; if 'dedupe verify' shows these "
             "objects were planted, run 'dedupe prune --delete-unauthenticated'",
@@ -701,6 +708,7 @@ _PREFIXES = {
     GENERATION: "generations/",
     QUARANTINE: "quarantine/",
     DRILL: DRILL_PREFIX,
+    DICTIONARY: DICT_PREFIX,
 }
 
 

@@ -277,6 +277,7 @@ async def backup_tree(
     before_write: BeforeWrite | None = None,
     store_only: bool = False,
     source_info: dict[str, Any] | None = None,
+    dictionary: str | None = None,
 ) -> BackupStats:
     """Back up directory `root` as a tree generation of `name`. `parent` is (generation id,
     its expanded entries) for an incremental or differential, None for a full (which reads
@@ -316,6 +317,7 @@ async def backup_tree(
         chunker=chunker,
         before_salvage=before_commit,
         dry_run=dry_run,
+        dictionary=dictionary,
     )
     if len(got.marks) != len(todo) or len(sizes) != len(todo):
         raise RuntimeError("the backup pipeline lost a file boundary")

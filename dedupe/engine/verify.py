@@ -66,6 +66,7 @@ from dedupe.errors import (
     DedupeError,
     GenerationNotFound,
     IntegrityError,
+    KeyNotAvailable,
     MissingObject,
     TruncatedObject,
     UnsupportedFormat,
@@ -85,7 +86,8 @@ from dedupe.format.pack import (
 )
 from dedupe.hashing import object_id
 from dedupe.store import RepositoryStore
-from dedupe.store.blobs import release_buffers
+from dedupe.store.blobs import Dictionary, release_buffers
+from dedupe.store.dictionaries import DICT_PREFIX, parse_dict_name
 from dedupe.store.drills import DRILL_PREFIX, MAX_DRILL_BYTES
 from dedupe.store.index import entries_by_pack
 from dedupe.store.keyring import decode_keyring
@@ -125,7 +127,16 @@ REASONS = (
     TRAILER_MISMATCH,
     NOT_INDEXED,
 )
-KINDS = ("keyring", "keymap", "generation", "index", "pack", "quarantine", "drill")
+KINDS = (
+    "keyring",
+    "keymap",
+    "generation",
+    "index",
+    "pack",
+    "dictionary",
+    "quarantine",
+    "drill",
+)
 
 # --- tuning -----------------------------------------------------------------------------------
 
@@ -475,6 +486,25 @@ class _Verifier:
             await self.store.open_drill(name, data)
 
         await self._check_records(DRILL_PREFIX, "drill", MAX_DRILL_BYTES, one)
+
+    async def check_dictionaries(self) -> None:
+        """Every compression dictionary (FORMAT.md 16): authenticated, its bytes against
+        its name, its AEAD, its content against its ref, and a dictionary zstd accepts. A
+        writer key checks the ones it can open (its own)."""
+        store = self.store
+        for name in sorted(await self.backend.list(DICT_PREFIX)):
+            parsed = parse_dict_name(name)
+            if parsed is None:
+                self.notes.append(f"{name} is not named as a dictionary: ignored (remove it)")
+                continue
+            ref, dict_id = parsed
+            try:
+                plain = await store.open_dictionary(name, ref, dict_id)
+                await self._run(Dictionary(ref, plain).check)
+            except (KeyNotAvailable, MissingObject):
+                continue  # another writer's; or removed meanwhile
+            except (IntegrityError, UnsupportedFormat) as e:
+                self._damaged(name, "dictionary", _reason_of(e), e.message)
 
     async def _check_records(
         self, prefix: str, kind: str, limit: int, check: Callable[[str, bytes], Awaitable[None]]
@@ -890,6 +920,7 @@ async def verify_repository(
         await v.check_index()
         await v.check_quarantine_records()
         await v.check_drill_records()
+        await v.check_dictionaries()
         await v.check_packs()
         if read_data:
             await v.read_packs(subset)

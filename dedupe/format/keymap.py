@@ -19,12 +19,14 @@ INDEX = 2
 GENERATION = 3
 QUARANTINE = 4
 DRILL = 5
+DICTIONARY = 6
 KIND_NAMES = {
     PACK: "pack",
     INDEX: "index object",
     GENERATION: "generation",
     QUARANTINE: "quarantine record",
     DRILL: "drill record",
+    DICTIONARY: "dictionary",
 }
 SIGNATURE_SIZE = 64
 READ_WRAP = 80
@@ -41,17 +43,22 @@ _FIELDS = {
     QUARANTINE: struct.Struct(f"<{META_WRAP}s"),
     DRILL: struct.Struct(f"<{META_WRAP}s"),
     GENERATION: struct.Struct(f"<{META_WRAP}s{READ_WRAP}s{KEY_ID}s{READ_WRAP}s"),
+    DICTIONARY: struct.Struct(f"<{READ_WRAP}s{KEY_ID}s{READ_WRAP}s"),
 }
+# Kinds whose data key a writer key seals to itself as well (its own generations' bodies,
+# its own dictionaries): the rest of the data they wrap is for readers only.
+SELF_WRAPPED = (GENERATION, DICTIONARY)
 _NO_SELF = bytes(KEY_ID)
 _NO_WRAP = bytes(READ_WRAP)
 
 
 @dataclass(frozen=True, slots=True)
 class KeyMapEntry:
-    """One object's wrapped data keys. `read_wrap`: packs and generation bodies;
-    `meta_wrap`: index objects, quarantine records, generation headers; `self_key`: the
-    writer key that made a generation (None: an admin); `self_wrap`: its body key sealed
-    to that writer (None once the writer is removed)."""
+    """One object's wrapped data keys. `read_wrap`: packs, generation bodies and
+    dictionaries; `meta_wrap`: index objects, quarantine records, generation headers;
+    `self_key`: the writer key that made a generation or a dictionary (None: an admin);
+    `self_wrap`: its body or dictionary key sealed to that writer (None once the writer
+    is removed)."""
 
     kind: int
     object_id: bytes
@@ -66,14 +73,16 @@ class KeyMapEntry:
             raise ValueError(f"unknown key map entry kind {self.kind}")
         if len(self.object_id) != 32:
             raise ValueError("an object id is 32 bytes")
-        need_read = self.kind in (PACK, GENERATION)
-        need_meta = self.kind != PACK
+        need_read = self.kind in (PACK, GENERATION, DICTIONARY)
+        need_meta = self.kind not in (PACK, DICTIONARY)
         if (self.read_wrap is not None) != need_read or (self.meta_wrap is not None) != need_meta:
             raise ValueError(f"wrong wraps for a {KIND_NAMES[self.kind]} entry")
         if (self.self_wrap is not None and self.self_key is None) or (
-            self.self_key is not None and self.kind != GENERATION
+            self.self_key is not None and self.kind not in SELF_WRAPPED
         ):
-            raise ValueError("a self-wrap needs its key id, and only generations have one")
+            raise ValueError(
+                "a self-wrap needs its key id, and only generations and dictionaries have one"
+            )
 
 
 def encode_entry(e: KeyMapEntry) -> bytes:
@@ -88,6 +97,8 @@ def encode_entry(e: KeyMapEntry) -> bytes:
             e.self_key or _NO_SELF,
             e.self_wrap or _NO_WRAP,
         )
+    if e.kind == DICTIONARY:
+        return head + fields.pack(e.read_wrap, e.self_key or _NO_SELF, e.self_wrap or _NO_WRAP)
     return head + fields.pack(e.meta_wrap)
 
 
@@ -137,15 +148,15 @@ def decode_keymap(data: bytes, what: str) -> DecodedKeyMap:
             pos += fields.size
             if kind == PACK:
                 entries.append(KeyMapEntry(kind, object_id, born, read_wrap=values[0]))
-            elif kind == GENERATION:
-                meta, read, self_key, self_wrap = values
+            elif kind in SELF_WRAPPED:  # a generation's meta wrap, then both's read and self
+                read, self_key, self_wrap = values[-3:]
                 entries.append(
                     KeyMapEntry(
                         kind,
                         object_id,
                         born,
                         read_wrap=read,
-                        meta_wrap=meta,
+                        meta_wrap=values[0] if kind == GENERATION else None,
                         self_key=self_key if self_key != _NO_SELF else None,
                         self_wrap=self_wrap if self_wrap != _NO_WRAP else None,
                     )

@@ -28,6 +28,7 @@ from dedupe.errors import (
     UnsupportedFormat,
 )
 from dedupe.format.keymap import (
+    DICTIONARY,
     DRILL,
     GENERATION,
     INDEX,
@@ -36,6 +37,7 @@ from dedupe.format.keymap import (
     MAX_KEYMAP_BYTES,
     PACK,
     QUARANTINE,
+    SELF_WRAPPED,
     KeyMapEntry,
     decode_keymap,
     encode_unsigned,
@@ -50,8 +52,8 @@ from dedupe.store.cache import NoCache
 LOAD_CONCURRENCY = 8
 # Which kinds of entry each role may sign (docs/FORMAT.md 4.4).
 ALLOWED_KINDS = {
-    "admin": frozenset({PACK, INDEX, GENERATION, QUARANTINE, DRILL}),
-    "writer": frozenset({PACK, INDEX, GENERATION}),
+    "admin": frozenset({PACK, INDEX, GENERATION, QUARANTINE, DRILL, DICTIONARY}),
+    "writer": frozenset({PACK, INDEX, GENERATION, DICTIONARY}),
     "reader": frozenset({QUARANTINE, DRILL}),
 }
 
@@ -233,12 +235,12 @@ class KeyDirectory:
                     f"{what} is signed by a {signer.role} key, which may not vouch for a "
                     f"{KIND_NAMES[e.kind]} ({e.object_id.hex()})"
                 )
-            # A writer's generation carries its author: the writer itself (docs/FORMAT.md
-            # 4.5), so that nobody can pass a generation off as another key's.
-            if signer.role == "writer" and e.kind == GENERATION and e.self_key != km.signer:
+            # A writer's generation (or dictionary) carries its author: the writer itself
+            # (docs/FORMAT.md 4.5), so that nobody can pass one off as another key's.
+            if signer.role == "writer" and e.kind in SELF_WRAPPED and e.self_key != km.signer:
                 raise IntegrityError(
-                    f"{what}: a writer key vouches for generation {e.object_id.hex()} "
-                    "without naming itself as its author"
+                    f"{what}: a writer key vouches for {KIND_NAMES[e.kind]} "
+                    f"{e.object_id.hex()} without naming itself as its author"
                 )
         return km.epoch, km.entries
 
@@ -358,14 +360,27 @@ class KeyDirectory:
         c = self.current
         return KeyMapEntry(kind, oid, c.number, meta_wrap=c.wrap_meta(key, kind, oid))
 
+    def _self_wrap(self, key: bytes) -> tuple[bytes | None, bytes | None]:
+        """(self_key, self_wrap) of `key` for a writer key, which seals it to itself as
+        well; (None, None) for the roles that read through the epoch."""
+        if self.holder.role != "writer":
+            return None, None
+        return self.holder.key_id, box_seal(self.holder.box_public, key)
+
+    def dictionary_entry(self, dict_id: bytes, key: bytes) -> KeyMapEntry:
+        """Readers open a dictionary through the epoch; the writer key that made it also
+        seals its key to itself, to compress its next backups with it (FORMAT 16)."""
+        c = self.current
+        self_key, self_wrap = self._self_wrap(key)
+        return KeyMapEntry(
+            DICTIONARY, dict_id, c.number, c.wrap_read(key), None, self_key, self_wrap
+        )
+
     def generation_entry(self, gen_id: bytes, header_key: bytes, body_key: bytes) -> KeyMapEntry:
         """A writer key also seals the body key to itself, so that its incrementals can
         read their parents' tables; other roles read bodies through the epoch."""
         c = self.current
-        self_key = self_wrap = None
-        if self.holder.role == "writer":
-            self_key = self.holder.key_id
-            self_wrap = box_seal(self.holder.box_public, body_key)
+        self_key, self_wrap = self._self_wrap(body_key)
         return KeyMapEntry(
             GENERATION,
             gen_id,

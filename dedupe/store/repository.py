@@ -54,6 +54,7 @@ from dedupe.errors import (
     DedupeError,
     GenerationNotFound,
     IntegrityError,
+    KeyNotAvailable,
     LocationNotEmpty,
     MissingObject,
     RepositoryExists,
@@ -79,7 +80,15 @@ from dedupe.format.index import (
     encode_index,
     max_plaintext,
 )
-from dedupe.format.keymap import DRILL, GENERATION, INDEX, PACK, QUARANTINE, KeyMapEntry
+from dedupe.format.keymap import (
+    DICTIONARY,
+    DRILL,
+    GENERATION,
+    INDEX,
+    PACK,
+    QUARANTINE,
+    KeyMapEntry,
+)
 from dedupe.format.keyring import (
     ACTIVE,
     KEYRING_NAMES,
@@ -104,8 +113,17 @@ from dedupe.format.manifest import (
 )
 from dedupe.format.pack import FOOTER_SIZE, TRAILER_AAD, decode_footer
 from dedupe.hashing import ChunkHasher, object_id
-from dedupe.store.blobs import BlobCodec
+from dedupe.store.blobs import BlobCodec, Dictionary
 from dedupe.store.cache import NoCache
+from dedupe.store.dictionaries import (
+    DICT_PREFIX,
+    MAX_DICT_OBJECT,
+    REF_SIZE,
+    decode_dictionary,
+    dict_name,
+    encode_dictionary,
+    parse_dict_name,
+)
 from dedupe.store.drills import DRILL_PREFIX, MAX_DRILL_BYTES, decode_drill, encode_drill
 from dedupe.store.index import ChunkIndex, entry_records
 from dedupe.store.keymaps import KeyDirectory, not_authenticated
@@ -146,6 +164,8 @@ INLINE_FRAMES = 16 * 1024
 INLINE_PLAIN = 256 * 1024
 MIN_PACK_SIZE = 4096  # tests shrink packs to a few KiB so small inputs make many packs
 KEYS_PREFIX = "keys/"
+# How long a codec worker thread waits for a dictionary the event loop loads for it.
+DICTIONARY_LOAD_SECONDS = 300
 # Runs at a commit once the generation id is known, before anything is written; it may
 # raise to refuse the commit (replication waits there for the sync replicas).
 BeforeWrite = Callable[[str, dict[str, Any]], Awaitable[None]]
@@ -416,6 +436,17 @@ class RepositoryStore:
         self.lock_wait = 0.0
         # The parent each generation header opened so far names (parent_hint).
         self._parents_seen: dict[str, str | None] = {}
+        # Dictionaries being loaded, by ref (load_dictionary), and the loop that loads
+        # them for the codec's worker threads.
+        self._dict_loads: dict[bytes, asyncio.Future[Dictionary]] = {}
+        # Refs found to have no usable dictionary, and why: each later blob that names one
+        # fails at once (verify opens them one by one) until the next refresh_index.
+        self._dict_failed: dict[bytes, IntegrityError] = {}
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+        self.codec.loader = self._load_dictionary_from_thread
 
     @property
     def keyring(self) -> Keyring:
@@ -700,6 +731,7 @@ class RepositoryStore:
         # so every index object listed here has its entry in the key maps loaded below.
         index_sizes = await self.cache.listing(self.backend, "index/")
         listed = set(named_ids(list(index_sizes)).values())
+        self._dict_failed.clear()  # an operation starts: look again
         if not self._cache_tidied:  # once per open: a prune elsewhere removed some
             self._cache_tidied = True
             self.cache.retain("index/", index_sizes)
@@ -915,6 +947,135 @@ class RepositoryStore:
         await self.backend.put(name, data)
         self.cache.write(name, data, len(data))  # a drill record: immutable (3.1)
         return name
+
+    # --- dictionaries (docs/FORMAT.md 16) ---------------------------------------------------
+
+    async def write_dictionary(self, dictionary: bytes) -> tuple[str, Dictionary]:
+        """Store a dictionary under a fresh key, after the key map entry that authenticates
+        it, and give it to the codec. Returns its id and the codec's handle of it."""
+        key = new_key()
+        data = await asyncio.to_thread(encode_dictionary, key, dictionary)
+        dict_id = object_id(data)
+        ref = self.hasher.chunk_id(dictionary)[:REF_SIZE]
+        await self.keymaps.write([self.keymaps.dictionary_entry(bytes.fromhex(dict_id), key)])
+        await self.backend.put(dict_name(ref, dict_id), data)
+        handle = Dictionary(ref, dictionary)
+        self.codec.add_dictionary(handle)
+        return dict_id, handle
+
+    async def open_dictionary(self, name: str, ref: bytes, dict_id: str) -> bytes:
+        """The content of dictionary object `name`, checked as FORMAT.md 16 says: its
+        entry, its size, its bytes against its name, its AEAD, its content against its
+        ref."""
+        what = f"dictionary {dict_id}"
+        keys = self.keymaps.read_keys(
+            await self.keymaps.find(DICTIONARY, bytes.fromhex(dict_id), what), what
+        )
+        data = await self.backend.get_small(name, MAX_DICT_OBJECT)
+        errors: list[IntegrityError] = []
+        for key in keys:
+            try:
+                plain = await asyncio.to_thread(decode_dictionary, key, name, data)
+                break
+            except IntegrityError as e:
+                errors.append(e)
+        else:
+            raise errors[0]
+        if self.hasher.chunk_id(plain)[:REF_SIZE] != ref:
+            raise IntegrityError(f"{what} does not hold the dictionary its name refers to")
+        return plain
+
+    async def load_dictionary(self, ref: bytes) -> Dictionary:
+        """The usable dictionary of `ref`, given to the codec; loaded once per handle,
+        however many ask at once. IntegrityError when no stored dictionary of that ref
+        is usable (missing, not authenticated, damaged, not for this key), or when two
+        usable ones differ."""
+        if ref in self._dict_failed:
+            raise self._dict_failed[ref]
+        loading = self._dict_loads.get(ref)
+        if loading is None:
+            loading = self._dict_loads[ref] = asyncio.ensure_future(self._load_dictionary(ref))
+        try:
+            return await asyncio.shield(loading)
+        except BaseException:
+            if loading.done() and (loading.cancelled() or loading.exception() is not None):
+                self._dict_loads.pop(ref, None)  # a later reader may try again
+            raise
+
+    async def _load_dictionary(self, ref: bytes) -> Dictionary:
+        names = await self.backend.list(f"{DICT_PREFIX}{ref.hex()}/")
+        candidates = {}
+        for name in sorted(names):
+            parsed = parse_dict_name(name)
+            if parsed is not None and parsed[0] == ref:
+                candidates[name] = bytes.fromhex(parsed[1])
+
+        def vouched() -> list[str]:
+            return [n for n, oid in candidates.items() if self.keymaps.get(DICTIONARY, oid)]
+
+        # Only objects a key map vouches for are read: a planted one costs a name in the
+        # listing, not a read (nor a reload of the key maps each).
+        trusted = vouched()
+        if not trusted and candidates:
+            await self.keymaps.refresh()  # a concurrent writer's, committed since
+            trusted = vouched()
+        found: dict[bytes, str] = {}
+        problems = [f"{n} is not authenticated" for n in candidates if n not in trusted][:3]
+        for name in trusted:
+            try:
+                found.setdefault(await self.open_dictionary(name, ref, name.rsplit("/")[-1]), name)
+            except (IntegrityError, KeyNotAvailable) as e:
+                problems.append(e.message)
+        what = f"compression dictionary {ref.hex()}"
+        if not found or len(found) > 1:
+            why = "; ".join(problems) if problems else "the repository has none"
+            if found:
+                why = f"{', '.join(sorted(found.values()))} differ"
+            failed = self._dict_failed[ref] = IntegrityError(f"no usable {what}: {why}")
+            raise failed
+        handle = Dictionary(ref, next(iter(found)))
+        self.codec.add_dictionary(handle)
+        return handle
+
+    def _load_dictionary_from_thread(self, ref: bytes) -> Dictionary:
+        """load_dictionary for the codec, which meets a blob's ref in a worker thread:
+        runs the load on the store's event loop and waits for it. On the loop's own
+        thread it cannot wait, and says so (the blob then counts as unreadable)."""
+        loop = self._loop
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if loop is None or on_loop or loop.is_closed():
+            raise IntegrityError(
+                f"compression dictionary {ref.hex()} is not loaded, and cannot be from here"
+            )
+        future = asyncio.run_coroutine_threadsafe(self.load_dictionary(ref), loop)
+        try:
+            return future.result(timeout=DICTIONARY_LOAD_SECONDS)
+        except TimeoutError:
+            future.cancel()
+            raise IntegrityError(
+                f"compression dictionary {ref.hex()} did not load in {DICTIONARY_LOAD_SECONDS} s"
+            ) from None
+
+    async def dictionary_by_id(self, dict_id: str) -> Dictionary | None:
+        """For a backup: the dictionary `dict_id` (which an earlier generation's header
+        names), given to the codec, if it exists and this key can open it (a writer opens
+        only its own); None otherwise."""
+        for name in await self.backend.list(DICT_PREFIX):
+            parsed = parse_dict_name(name)
+            if parsed is None or parsed[1] != dict_id:
+                continue
+            try:
+                plain = await self.open_dictionary(name, parsed[0], dict_id)
+            except (IntegrityError, KeyNotAvailable) as e:
+                log.info("not compressing with dictionary %s: %s", dict_id[:16], e.message)
+                return None
+            handle = Dictionary(parsed[0], plain)
+            self.codec.add_dictionary(handle)
+            return handle
+        return None
 
     # --- packs ---------------------------------------------------------------------------------
 
