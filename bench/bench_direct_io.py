@@ -25,7 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = {"direct": "1", "cached": "0"}
@@ -45,6 +47,40 @@ def run(argv: list[str], env: dict[str, str]) -> tuple[float, float, int]:
             said = err.read().decode(errors="replace").strip()[-500:]
             sys.exit(f"{' '.join(argv[3:])} failed ({proc.returncode}): {said}")
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss
+
+
+def timed_restore(
+    dedupe: list[str], spec: str, out: Path, env: dict[str, str]
+) -> tuple[float, float, int]:
+    """run() of a restore of `spec` to `out`, its wall time including the file's fsync
+    (as bench_e2e's "+fsync")."""
+    wall, cpu, rss = run([*dedupe, "restore", spec, str(out)], env)
+    start = time.perf_counter()
+    fd = os.open(out, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    return wall + time.perf_counter() - start, cpu, rss
+
+
+def alternating(
+    runs: int, modes: list[str], once: Callable[[str], dict[str, Any]], steps: tuple[str, ...]
+) -> dict[str, list[dict[str, Any]]]:
+    """once(mode) for every mode, `runs` times, the order of the modes reversed every
+    other run; each run's step times said on stderr as they come."""
+    results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    for i in range(runs):
+        for mode in modes if i % 2 == 0 else modes[::-1]:
+            r = once(mode)
+            results[mode].append(r)
+            said = ", ".join(f"{s} {r[s][0]:.2f} s / {r[s][1]:.2f} cpu" for s in steps)
+            print(f"run {i + 1} {mode}: {said}", file=sys.stderr)
+    return results
+
+
+def workdir_outside(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    if path.resolve().is_relative_to(ROOT):
+        sys.exit("--workdir must be outside the repository")
 
 
 def one_run(source: Path, work: Path, mode: str) -> dict[str, tuple[float, float, int]]:
@@ -67,12 +103,7 @@ def one_run(source: Path, work: Path, mode: str) -> dict[str, tuple[float, float
     os.sync()
     got["check"] = run([*dedupe, "verify", "--read-data"], env)
     os.sync()
-    wall, cpu, rss = run([*dedupe, "restore", "db@latest", str(out)], env)
-    start = time.perf_counter()
-    fd = os.open(out, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
-    got["restore"] = (wall + time.perf_counter() - start, cpu, rss)
+    got["restore"] = timed_restore(dedupe, "db@latest", out, env)
     shutil.rmtree(repo)
     out.unlink()
     return got
@@ -84,33 +115,35 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/dedupe-bench-dio"))
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    if args.workdir.resolve().is_relative_to(ROOT):
-        sys.exit("--workdir must be outside the repository")
+    workdir_outside(args.workdir)
     size = args.file.stat().st_size
-    results: dict[str, list[dict[str, tuple[float, float, int]]]] = {m: [] for m in MODES}
-    for i in range(args.runs):
-        for mode in MODES if i % 2 == 0 else reversed(MODES):
-            results[mode].append(one_run(args.file, args.workdir, mode))
-            r = results[mode][-1]
-            print(
-                f"run {i + 1} {mode}: "
-                + ", ".join(f"{s} {r[s][0]:.2f} s / {r[s][1]:.2f} cpu" for s in STEPS),
-                file=sys.stderr,
-            )
+    results = alternating(
+        args.runs, list(MODES), lambda mode: one_run(args.file, args.workdir, mode), STEPS
+    )
     print(f"{args.file.name}, {size / 1e6:.1f} MB, medians of {args.runs}")
+    median_table(results, STEPS, size, ("cached", "direct"))
+
+
+def median_table(
+    results: dict[str, list[dict[str, Any]]],
+    steps: tuple[str, ...],
+    size: int,
+    ratio: tuple[str, str],
+) -> None:
+    """Medians of wall s, CPU s, MB/s (of `size` bytes) and peak RSS per step and mode,
+    and per step the ratio of mode ratio[0] to ratio[1] (> 1: ratio[1] is faster)."""
     print(f"{'step':<8} {'mode':<7} {'wall s':>7} {'cpu s':>7} {'MB/s':>7} {'peak RSS MiB':>13}")
-    for step in STEPS:
+    for step in steps:
         med = {}
-        for mode in MODES:
-            rows = [r[step] for r in results[mode]]
-            med[mode] = [statistics.median(x[k] for x in rows) for k in range(3)]
+        for mode, rows in results.items():
+            med[mode] = [statistics.median(r[step][k] for r in rows) for k in range(3)]
             wall, cpu, rss = med[mode]
             mb_s = size / 1e6 / wall
             print(f"{step:<8} {mode:<7} {wall:>7.2f} {cpu:>7.2f} {mb_s:>7.1f} {rss / 1024:>13.0f}")
+        slow, fast = med[ratio[0]], med[ratio[1]]
         print(
-            f"{step:<8} {'ratio':<7} {med['cached'][0] / med['direct'][0]:>6.2f}x "
-            f"{med['cached'][1] / med['direct'][1]:>6.2f}x   (cached / direct; > 1: direct faster)"
+            f"{step:<8} {'ratio':<7} {slow[0] / fast[0]:>6.3f}x {slow[1] / fast[1]:>6.3f}x"
+            f"   ({ratio[0]} / {ratio[1]}; > 1: {ratio[1]} faster)"
         )
 
 

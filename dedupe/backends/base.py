@@ -51,10 +51,20 @@ retries) raise `BackendError` with what happened and where.
 from __future__ import annotations
 
 import asyncio
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 
 Buffer = bytes | bytearray | memoryview
+
+
+# What turns an on-by-default switch in the environment off (DEDUPE_DIRECT_IO=0, ...).
+OFF_WORDS = ("0", "false", "no", "off")
+
+
+def switched_off(variable: str) -> bool:
+    """Whether environment `variable` turns its default-on behaviour off."""
+    return os.environ.get(variable, "1").strip().lower() in OFF_WORDS
 
 
 class Backend(ABC):

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 
 from dedupe.backends._direct import DIRECT_MIN, write_parts
-from dedupe.backends.base import Backend, Buffer
+from dedupe.backends.base import Backend, Buffer, switched_off
 from dedupe.errors import (
     BackendError,
     LocationNotEmpty,
@@ -75,9 +75,6 @@ def _truncated(name: str, offset: int, length: int, ends: int) -> TruncatedObjec
     )
 
 
-OFF_WORDS = ("0", "false", "no", "off")
-
-
 def sized(parts: Iterable[Buffer]) -> int:
     """The bytes `parts` hold if it is a list or tuple (a put); a stream of parts
     (put_stream, a manifest spilled as it is made) counts as large here, and goes direct
@@ -116,7 +113,7 @@ class LocalBackend(Backend):
         self.root = os.path.abspath(os.fspath(root))
         self.location = self.root
         if direct_io is None:
-            direct_io = os.environ.get("DEDUPE_DIRECT_IO", "1").lower() not in OFF_WORDS
+            direct_io = not switched_off("DEDUPE_DIRECT_IO")
         self.direct_io = direct_io
 
     def _path(self, name: str) -> str:

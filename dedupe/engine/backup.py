@@ -54,6 +54,7 @@ from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.store import FinishedPack, PackWriter, RepositoryStore
 from dedupe.store.blobs import Dictionary, FramedBatch, release_buffers
 from dedupe.store.dictionaries import PageSampler
+from dedupe.store.dictionaries import enabled as dictionaries_enabled
 from dedupe.store.dictionaries import train as train_dictionary
 from dedupe.store.index import chunk_records
 from dedupe.store.manifests import Buffer, ManifestWriter, scratch_error
@@ -400,6 +401,8 @@ class _PageDictionary:
         self._training: asyncio.Task[None] | None = None
 
     async def start(self, dictionary_id: str | None) -> None:
+        if not dictionaries_enabled():
+            return
         if dictionary_id is not None:
             self.handle = await self._store.dictionary_by_id(dictionary_id)
         if self.handle is not None:

@@ -12,6 +12,7 @@ import re
 
 import zstandard
 
+from dedupe.backends.base import switched_off
 from dedupe.errors import IntegrityError
 from dedupe.store.sealed import open_record, seal_record
 
@@ -34,6 +35,12 @@ MIN_SAMPLE_BYTES = 1 << 20  # a backup with fewer new page bytes trains none
 _FASTCOVER = {"k": 1000, "d": 8}
 
 _NAME = re.compile(r"dicts/([0-9a-f]{16})/([0-9a-f]{64})")
+
+
+def enabled() -> bool:
+    """Whether backups compress pages with a dictionary: unless DEDUPE_DICTIONARIES is 0
+    (or false, no, off). Reading blobs that name one is not affected."""
+    return not switched_off("DEDUPE_DICTIONARIES")
 
 
 def dict_name(ref: bytes, dict_id: str) -> str:

@@ -152,8 +152,8 @@ def test_the_next_backup_of_the_name_reuses_the_dictionary(
     run_asyncio(main())
 
 
-def test_fastcdc_streams_and_small_sources_train_none(
-    run_asyncio: Any, tmp_path: Path, repo_path: Path
+def test_fastcdc_streams_small_sources_and_the_off_switch_train_none(
+    run_asyncio: Any, tmp_path: Path, repo_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     db = make_db(tmp_path / "db", 12000)
     small = make_db(tmp_path / "small", 200)
@@ -164,6 +164,9 @@ def test_fastcdc_streams_and_small_sources_train_none(
             await repo.backup(db, name="dump", chunker="fastcdc")
             await repo.backup(small, name="small", chunker="auto")
             await repo.backup(db, name="dry", chunker="auto", dry_run=True)
+            monkeypatch.setenv("DEDUPE_DICTIONARIES", "Off")
+            await repo.backup(db, name="off", chunker="auto")
+            monkeypatch.setenv("DEDUPE_DICTIONARIES", "1")
             assert await dictionary_names(repo) == []
             assert all(g.dictionary is None for g in await repo.generations())
             assert 2 not in await blob_kinds(repo)
