@@ -320,7 +320,10 @@ class Repository:
         return cls(store, workers)
 
     async def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        # Off the loop: a worker may be waiting for the loop to load a dictionary for it
+        # (closing() also stops that wait).
+        self._store.closing()
+        await asyncio.to_thread(self._executor.shutdown, True, cancel_futures=True)
         await self._store.backend.close()
 
     async def __aenter__(self) -> Repository:

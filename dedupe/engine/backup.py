@@ -436,8 +436,15 @@ class _PageDictionary:
             await self._training
 
     def cancel(self) -> None:
-        if self._training is not None and not self._training.done():
-            self._training.cancel()
+        """When the backup ends: stop a training still running; the error of one that
+        failed is the backup's (or lost to the one that stopped it), not a warning."""
+        training = self._training
+        if training is None:
+            return
+        if not training.done():
+            training.cancel()
+        elif not training.cancelled():
+            training.exception()
 
     async def _train(self) -> None:
         assert self._sampler is not None

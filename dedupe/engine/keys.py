@@ -471,10 +471,16 @@ async def reseal_dictionaries(
         found = None if parsed is None else store.keymaps.get(DICTIONARY, bytes.fromhex(parsed[1]))
         if parsed is None or found is None or found.entry.born >= below:
             continue
-        plain = await store.open_dictionary(name, *parsed)
         if confirm is not None:
             await confirm()
-        await store.write_dictionary(plain)
+        try:
+            plain = await store.open_dictionary(name, *parsed)
+            await store.write_dictionary(plain, register=False)  # refused: IntegrityError
+        except IntegrityError as e:
+            # It serves no reader (damaged, under another dictionary's ref, or bytes zstd
+            # refuses): sealed again it would be no use, and left it would stop every
+            # --reencrypt here. It goes, as the old copy of a resealed one does.
+            store.report(f"{name} deleted by --reencrypt: {e.message}")
         await store.backend.delete(name)
         done += 1
     return done

@@ -695,10 +695,14 @@ async def _consolidate_keymaps(store: RepositoryStore) -> None:
     present: dict[int, set[bytes]] = {}
     for kind, prefix in _PREFIXES.items():
         present[kind] = set(named_ids(await store.backend.list(prefix)))
+    # A dictionary's entry stays whether or not its object is listed now: prune deletes
+    # no dictionary (FORMAT.md 16), so an entry of one it cannot see is of one hidden
+    # from it, and dropping it would leave every blob compressed with it unreadable once
+    # the object is back. (Dictionaries --reencrypt replaced leave harmless entries.)
     await store.keymaps.consolidate(
         store.holder,
         store.current_epoch,
-        lambda kind, oid: oid not in present[kind],
+        lambda kind, oid: kind != DICTIONARY and oid not in present[kind],
     )
 
 
@@ -708,7 +712,6 @@ _PREFIXES = {
     GENERATION: "generations/",
     QUARANTINE: "quarantine/",
     DRILL: DRILL_PREFIX,
-    DICTIONARY: DICT_PREFIX,
 }
 
 

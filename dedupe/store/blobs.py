@@ -40,6 +40,8 @@ try:
 except ImportError:  # pragma: no cover - an install without the compiled kernels
     _blobcodec = None  # type: ignore[assignment]
 
+# Distinct dictionaries the blobs of one open call may name (a backup's pack names one).
+MAX_REFS_PER_CALL = 4
 _RAW = bytes([COMPRESSION_NONE])
 _ZSTD = bytes([COMPRESSION_ZSTD])
 _ZSTD_DICT = bytes([COMPRESSION_ZSTD_DICT])
@@ -363,7 +365,11 @@ class BlobCodec:
         return held[1]
 
     def _loading(self, go: Callable[[], _T]) -> _T:
-        """go(), with each dictionary it lacks loaded by `loader` and go() tried again."""
+        """go(), with each dictionary it lacks loaded by `loader` and go() tried again.
+        One call opens the blobs of one pack, which a backup compressed with one
+        dictionary: blobs naming more than MAX_REFS_PER_CALL are refused, rather than
+        paying a load and a rerun of the batch each (a writer could make every blob of a
+        pack name another dictionary)."""
         tried: set[bytes] = set()
         while True:
             try:
@@ -372,6 +378,12 @@ class BlobCodec:
                 loader = self.loader
                 if loader is None or e.ref in tried:
                     raise
+                if len(tried) >= MAX_REFS_PER_CALL:
+                    raise IntegrityError(
+                        f"chunk {e.chunk_id.hex()[:16]} names a compression dictionary"
+                        f" after {len(tried)} others in blobs opened together: no backup"
+                        " makes a pack so; its blobs are refused"
+                    ) from None
                 tried.add(e.ref)
                 self.add_dictionary(loader(e.ref))
 

@@ -20,7 +20,7 @@ DICT_PREFIX = "dicts/"
 DICT_MAGIC = b"DDPDICT1"
 DICT_AAD = b"dedupe-dictionary v1"
 REF_SIZE = 8
-MAX_DICT_BYTES = 1 << 20  # the dictionary; the object adds its magic and the AEAD's 40
+MAX_DICT_BYTES = 256 << 10  # 4x what a backup trains; the object adds magic and AEAD (48)
 MAX_DICT_OBJECT = MAX_DICT_BYTES + 48
 
 # What a backup trains (FORMAT.md 16). Measured on page files (bench/README.md,

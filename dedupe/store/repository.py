@@ -15,6 +15,7 @@ name (docs/FORMAT.md section 4).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import os
@@ -447,6 +448,9 @@ class RepositoryStore:
         except RuntimeError:
             self._loop = None
         self.codec.loader = self._load_dictionary_from_thread
+        # Worker threads waiting for a dictionary the loop loads (closing() wakes them).
+        self._thread_waits: set[concurrent.futures.Future[Dictionary]] = set()
+        self._closing = False
 
     @property
     def keyring(self) -> Keyring:
@@ -732,6 +736,7 @@ class RepositoryStore:
         index_sizes = await self.cache.listing(self.backend, "index/")
         listed = set(named_ids(list(index_sizes)).values())
         self._dict_failed.clear()  # an operation starts: look again
+        self._loop = asyncio.get_running_loop()  # the loop it runs on loads dictionaries
         if not self._cache_tidied:  # once per open: a prune elsewhere removed some
             self._cache_tidied = True
             self.cache.retain("index/", index_sizes)
@@ -950,17 +955,22 @@ class RepositoryStore:
 
     # --- dictionaries (docs/FORMAT.md 16) ---------------------------------------------------
 
-    async def write_dictionary(self, dictionary: bytes) -> tuple[str, Dictionary]:
+    async def write_dictionary(
+        self, dictionary: bytes, *, register: bool = True
+    ) -> tuple[str, Dictionary]:
         """Store a dictionary under a fresh key, after the key map entry that authenticates
-        it, and give it to the codec. Returns its id and the codec's handle of it."""
+        it, and (`register`) give it to the codec. IntegrityError, and nothing stored,
+        when zstd refuses it. Returns its id and its handle."""
+        ref = self.hasher.chunk_id(dictionary)[:REF_SIZE]
+        handle = Dictionary(ref, dictionary)
+        await asyncio.to_thread(handle.check)
         key = new_key()
         data = await asyncio.to_thread(encode_dictionary, key, dictionary)
         dict_id = object_id(data)
-        ref = self.hasher.chunk_id(dictionary)[:REF_SIZE]
         await self.keymaps.write([self.keymaps.dictionary_entry(bytes.fromhex(dict_id), key)])
         await self.backend.put(dict_name(ref, dict_id), data)
-        handle = Dictionary(ref, dictionary)
-        self.codec.add_dictionary(handle)
+        if register:
+            self.codec.add_dictionary(handle)
         return dict_id, handle
 
     async def open_dictionary(self, name: str, ref: bytes, dict_id: str) -> bytes:
@@ -1023,7 +1033,9 @@ class RepositoryStore:
         problems = [f"{n} is not authenticated" for n in candidates if n not in trusted][:3]
         for name in trusted:
             try:
-                found.setdefault(await self.open_dictionary(name, ref, name.rsplit("/")[-1]), name)
+                plain = await self.open_dictionary(name, ref, name.rsplit("/")[-1])
+                await asyncio.to_thread(Dictionary(ref, plain).check)  # refused: remembered
+                found.setdefault(plain, name)
             except (IntegrityError, KeyNotAvailable) as e:
                 problems.append(e.message)
         what = f"compression dictionary {ref.hex()}"
@@ -1046,11 +1058,12 @@ class RepositoryStore:
             on_loop = asyncio.get_running_loop() is loop
         except RuntimeError:
             on_loop = False
-        if loop is None or on_loop or loop.is_closed():
+        if loop is None or on_loop or loop.is_closed() or self._closing:
             raise IntegrityError(
                 f"compression dictionary {ref.hex()} is not loaded, and cannot be from here"
             )
         future = asyncio.run_coroutine_threadsafe(self.load_dictionary(ref), loop)
+        self._thread_waits.add(future)
         try:
             return future.result(timeout=DICTIONARY_LOAD_SECONDS)
         except TimeoutError:
@@ -1058,22 +1071,36 @@ class RepositoryStore:
             raise IntegrityError(
                 f"compression dictionary {ref.hex()} did not load in {DICTIONARY_LOAD_SECONDS} s"
             ) from None
+        except concurrent.futures.CancelledError:
+            raise IntegrityError(
+                f"compression dictionary {ref.hex()} was not loaded: the repository is closing"
+            ) from None
+        finally:
+            self._thread_waits.discard(future)
+
+    def closing(self) -> None:
+        """The handle is being closed: worker threads waiting for a dictionary stop
+        waiting (the loop may be about to wait for them), and none waits from now on."""
+        self._closing = True
+        for future in list(self._thread_waits):
+            future.cancel()
 
     async def dictionary_by_id(self, dict_id: str) -> Dictionary | None:
         """For a backup: the dictionary `dict_id` (which an earlier generation's header
         names), given to the codec, if it exists and this key can open it (a writer opens
-        only its own); None otherwise."""
+        only its own); None otherwise. Every object of that id is tried: a copy of it put
+        under another ref fails its ref check, and must not hide the real one."""
         for name in await self.backend.list(DICT_PREFIX):
             parsed = parse_dict_name(name)
             if parsed is None or parsed[1] != dict_id:
                 continue
             try:
                 plain = await self.open_dictionary(name, parsed[0], dict_id)
+                handle = Dictionary(parsed[0], plain)
+                self.codec.add_dictionary(handle)
             except (IntegrityError, KeyNotAvailable) as e:
-                log.info("not compressing with dictionary %s: %s", dict_id[:16], e.message)
-                return None
-            handle = Dictionary(parsed[0], plain)
-            self.codec.add_dictionary(handle)
+                log.info("not compressing with dictionary %s: %s", name, e.message)
+                continue
             return handle
         return None
 

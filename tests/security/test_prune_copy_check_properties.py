@@ -70,7 +70,11 @@ def test_a_good_copy_after_a_dead_gap_is_checked_as_good(
             await repo.prune()
             left = {p.name for p in files_under(repo_path, "packs")}
             assert forged.hex() not in left
-            assert not [r for r in reports if "does not open" in r], reports
+            # No good copy judged bad. (The writer's copies may be checked first and fail:
+            # which pack looks fuller depends on where the repository's keyed chunker
+            # cuts, which changes with each repository; that is a report of its pack.)
+            real = [r for r in reports if "does not open" in r and forged.hex() not in r]
+            assert not real, reports
             assert await restores(repo, kept.id, a + b)
 
     run_asyncio(go())
