@@ -489,8 +489,8 @@ class _Verifier:
 
     async def check_dictionaries(self) -> None:
         """Every compression dictionary (FORMAT.md 16): authenticated, its bytes against
-        its name, its AEAD, its content against its ref, and a dictionary zstd accepts. A
-        writer key checks the ones it can open (its own)."""
+        its name, its AEAD, its content against its ref, and a dictionary zstd accepts
+        (verify runs with admin and reader keys, which open every dictionary)."""
         store = self.store
         for name in sorted(await self.backend.list(DICT_PREFIX)):
             parsed = parse_dict_name(name)
