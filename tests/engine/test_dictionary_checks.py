@@ -21,7 +21,14 @@ from typing import Any
 
 import pytest
 from conftest import PASSPHRASE, make_repo
-from test_page_dictionaries import WEAK, WRITER_PW, blob_kinds, dictionary_names, make_db
+from test_page_dictionaries import (
+    WEAK,
+    WRITER_PW,
+    blob_kinds,
+    dictionary_names,
+    make_db,
+    shrink_sampler,
+)
 
 from dedupe import Repository
 from dedupe._types import Generation
@@ -50,14 +57,9 @@ ROWS = 12000  # ~570 pages: the shrunk sampler is full after 384, mid-backup
 KEPT_VARIABLES = ("DEDUPE_STATE_DIR", "DEDUPE_CACHE_DIR")
 
 
-def _shrink(mp: pytest.MonkeyPatch) -> None:
-    mp.setattr(dictionaries, "SAMPLES", 96)
-    mp.setattr(dictionaries, "MIN_SAMPLE_BYTES", 256 << 10)
-
-
 @pytest.fixture(autouse=True)
 def small_sampler(monkeypatch: pytest.MonkeyPatch) -> None:
-    _shrink(monkeypatch)
+    shrink_sampler(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +86,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path
             await w.close()
 
     with pytest.MonkeyPatch.context() as mp:
-        _shrink(mp)
+        shrink_sampler(mp)
         for variable in list(os.environ):  # as conftest's clean_env, which runs later
             if variable.startswith("DEDUPE_") and variable not in KEPT_VARIABLES:
                 mp.delenv(variable)

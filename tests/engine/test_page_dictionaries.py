@@ -29,10 +29,15 @@ WRITER_PW = "writer passphrase"
 WEAK = KdfParams.weakest()
 
 
+def shrink_sampler(mp: pytest.MonkeyPatch) -> None:
+    """Train after 96 samples (384 pages), on at least 1 MiB of new pages."""
+    mp.setattr(dictionaries, "SAMPLES", 96)
+    mp.setattr(dictionaries, "MIN_SAMPLE_BYTES", 256 << 10)
+
+
 @pytest.fixture(autouse=True)
 def small_sampler(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dictionaries, "SAMPLES", 96)
-    monkeypatch.setattr(dictionaries, "MIN_SAMPLE_BYTES", 256 << 10)
+    shrink_sampler(monkeypatch)
 
 
 def make_db(path: Path, rows: int, seed: int = 1, start: int = 0) -> Path:
@@ -66,19 +71,28 @@ def make_db(path: Path, rows: int, seed: int = 1, start: int = 0) -> Path:
     return path
 
 
-async def blob_kinds(repo: Repository) -> dict[int, int]:
-    """How many blobs of each compression byte the repository's packs hold (admin)."""
+async def pack_blobs(repo: Repository) -> list[tuple[bytes, bytes, bytes, int, int]]:
+    """(pack key, chunk id, sealed blob, raw length, compression byte) of every blob in
+    the repository's packs, through their trailers (admin: opens every pack)."""
     store = repo._store
-    kinds: dict[int, int] = {}
+    found = []
     for name in await store.backend.list("packs/"):
         pack_id = bytes.fromhex(name.rsplit("/", 1)[-1])
         data = await store.backend.get(name)
         key = await store.pack_key_of(pack_id)
         length = decode_footer(len(data), data[-FOOTER_SIZE:], name)
         trailer = open_sealed(key, data[-FOOTER_SIZE - length : -FOOTER_SIZE], TRAILER_AAD, name)
-        for cid, offset, stored, _raw in decode_trailer_items(bytes(trailer), name):
-            plain = open_sealed(key, data[offset : offset + stored], cid, name)
-            kinds[plain[0]] = kinds.get(plain[0], 0) + 1
+        for cid, offset, stored, raw in decode_trailer_items(bytes(trailer), name):
+            blob = data[offset : offset + stored]
+            found.append((key, cid, blob, raw, open_sealed(key, blob, cid, name)[0]))
+    return found
+
+
+async def blob_kinds(repo: Repository) -> dict[int, int]:
+    """How many blobs of each compression byte the repository's packs hold (admin)."""
+    kinds: dict[int, int] = {}
+    for *_blob, kind in await pack_blobs(repo):
+        kinds[kind] = kinds.get(kind, 0) + 1
     return kinds
 
 

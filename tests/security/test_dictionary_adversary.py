@@ -31,15 +31,13 @@ from typing import Any
 import pytest
 import zstandard
 from conftest import PASSPHRASE, make_repo
-from engine.test_page_dictionaries import make_db
+from engine.test_page_dictionaries import make_db, pack_blobs, shrink_sampler
 
 from dedupe import Repository
-from dedupe.crypto import KdfParams, new_key, open_sealed
+from dedupe.crypto import KdfParams, new_key
 from dedupe.errors import IntegrityError, KeyNotAvailable
 from dedupe.format.keymap import DICTIONARY
-from dedupe.format.pack import FOOTER_SIZE, TRAILER_AAD, decode_footer, decode_trailer_items
 from dedupe.hashing import object_id
-from dedupe.store import dictionaries
 from dedupe.store import repository as repository_module
 from dedupe.store.blobs import PyFramedBatch
 from dedupe.store.dictionaries import (
@@ -58,14 +56,9 @@ WEAK = KdfParams.weakest()
 ZDICT_MAGIC = b"\x37\xa4\x30\xec"  # zstd's dictionary magic (little-endian 0xEC30A437)
 
 
-def _shrink_sampler(mp: pytest.MonkeyPatch) -> None:
-    mp.setattr(dictionaries, "SAMPLES", 96)
-    mp.setattr(dictionaries, "MIN_SAMPLE_BYTES", 256 << 10)
-
-
 @pytest.fixture(autouse=True)
 def small_sampler(monkeypatch: pytest.MonkeyPatch) -> None:
-    _shrink_sampler(monkeypatch)
+    shrink_sampler(monkeypatch)
 
 
 @pytest.fixture(autouse=True)
@@ -117,7 +110,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Template:
         return Template(base, admin_db, w1_db, admin_dict, w1_dict, orders_gen, w1_gen)
 
     with pytest.MonkeyPatch.context() as mp:
-        _shrink_sampler(mp)
+        shrink_sampler(mp)
         return asyncio.run(build())
 
 
@@ -214,19 +207,9 @@ async def write_raw_dictionary(store: RepositoryStore, content: bytes) -> tuple[
 async def dictionary_blobs(repo: Repository) -> list[tuple[bytes, bytes, bytes, int]]:
     """(pack key, chunk id, sealed blob, raw length) of every blob of compression byte 2
     (admin: opens every pack)."""
-    store = repo._store
-    found = []
-    for name in await store.backend.list("packs/"):
-        pack_id = bytes.fromhex(name.rsplit("/", 1)[-1])
-        data = await store.backend.get(name)
-        key = await store.pack_key_of(pack_id)
-        length = decode_footer(len(data), data[-FOOTER_SIZE:], name)
-        trailer = open_sealed(key, data[-FOOTER_SIZE - length : -FOOTER_SIZE], TRAILER_AAD, name)
-        for cid, offset, stored, raw in decode_trailer_items(bytes(trailer), name):
-            blob = data[offset : offset + stored]
-            if open_sealed(key, blob, cid, name)[0] == 2:
-                found.append((key, cid, blob, raw))
-    return found
+    return [
+        (key, cid, blob, raw) for key, cid, blob, raw, kind in await pack_blobs(repo) if kind == 2
+    ]
 
 
 def move(repo: Path, name: str, to: str) -> None:
