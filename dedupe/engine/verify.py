@@ -499,8 +499,11 @@ class _Verifier:
                 continue
             ref, dict_id = parsed
             try:
-                plain = await store.open_dictionary(name, ref, dict_id)
-                await self._run(Dictionary(ref, plain).check)
+                handle = Dictionary(ref, await store.open_dictionary(name, ref, dict_id))
+                await self._run(handle.check)
+                # Checked as a load would: reading the packs then needs no second read of
+                # it (two of one ref that differ make the ref unusable, as a load does).
+                store.codec.add_dictionary(handle)
             except (KeyNotAvailable, MissingObject):
                 continue  # another writer's; or removed meanwhile
             except (IntegrityError, UnsupportedFormat) as e:
