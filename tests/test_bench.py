@@ -18,6 +18,7 @@ import pytest
 import dedupe
 from dedupe.backends.s3 import S3Backend
 from dedupe.bench import (
+    DAY2_STEPS,
     PAGE_SIZE,
     STAGES,
     STEPS,
@@ -74,8 +75,11 @@ def test_run_bench_reports_every_stage_and_step(tmp_path: Path) -> None:
     for s in tool.steps:
         assert s.mb_s > 0 and s.peak_rss_bytes > 0 and s.cpu_s > 0
         assert s.tool_mb_s is not None and s.tool_mb_s > 0
-    restore = tool.step("restore")
+    restore, restore_incr = tool.step("restore"), tool.step("restore-incr")
     assert restore is not None and all(r.verified for r in restore.runs)
+    # Day 2's generation is restored too (for dedupe, an incremental), checked against day 2.
+    assert restore_incr is not None and all(r.verified for r in restore_incr.runs)
+    assert restore_incr.input_bytes == report.data["day2"]["bytes"]
     assert report.ratios == ()
     assert messages  # progress arrived
 
@@ -196,7 +200,7 @@ def test_given_data_without_a_next_day_has_no_incremental_step(tmp_path: Path) -
     generate_data(source, MiB)
     report = asyncio.run(run_bench(data=source, runs=1, workdir=tmp_path / "w", stages=False))
     [tool] = report.tools
-    assert [s.step for s in tool.steps] == [s for s in STEPS if s != "incr"]
+    assert [s.step for s in tool.steps] == [s for s in STEPS if s not in DAY2_STEPS]
     assert report.data["day2"] is None
     with pytest.raises(ValueError, match="needs data"):
         asyncio.run(run_bench(data2=source, runs=1, workdir=tmp_path / "w"))

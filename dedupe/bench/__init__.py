@@ -9,10 +9,10 @@ are shared and noisy, so compare ratios taken within one run, never one absolute
 
 - Stages (`dedupe.bench.stages`): read, chunk, hash, compress, seal and write, one thread
   each, over the same data; and the "pipeline bound" one core would sustain.
-- End to end (`dedupe.bench.e2e`): new, check, unchanged, incremental and restore, each its
-  own process, for dedupe and, with `compare` or `tools`, restic (from a file and from
-  standard input) and borg, in fresh repositories, interleaved; ratios dedupe / other
-  within each run, then the median.
+- End to end (`dedupe.bench.e2e`): new, check, unchanged, incremental, restore of day 1
+  and of day 2, each its own process, for dedupe and, with `compare` or `tools`, restic
+  (from a file and from standard input) and borg, in fresh repositories, interleaved;
+  ratios dedupe / other within each run, then the median.
 - Peak RSS and CPU time are each command's own (`dedupe.bench.measure`).
 - Data (`dedupe.bench.data`): a file of yours (`data`, and `data2` its next day for the
   incremental step), else generated database-like pages and their next day.
@@ -53,6 +53,7 @@ from dedupe.bench.data import (
 from dedupe.bench.e2e import Env, Input
 from dedupe.bench.measure import Measured, measure_command
 from dedupe.bench.report import (
+    DAY2_STEPS,
     STAGES,
     STEPS,
     BenchProgress,
@@ -70,6 +71,7 @@ from dedupe.bench.stages import measure_stages
 from dedupe.bench.tools import FAMILIES, S3_VARIABLE, VARIANTS, expand_tools
 
 __all__ = [
+    "DAY2_STEPS",
     "FAMILIES",
     "STAGES",
     "STEPS",

@@ -5,9 +5,11 @@ For each run, each tool in a fresh repository: ``new`` (back up day 1 into it), 
 --read-data``, ``borg check --verify-data``; MB/s of day 1's size), ``unchanged`` (day 1
 again: every tool must read the file, restic with ``--force``, borg with
 ``--files-cache=disabled``; dedupe always reads a stream whole), ``incr`` (day 2, when there
-is one; "incr bytes" is what it added to the repository) and ``restore`` (day 1 to a file,
+is one; "incr bytes" is what it added to the repository), ``restore`` (day 1 to a file,
 then its size and BLAKE3 compared with the source's: a wrong restore is an error, never a
-number; "+fsync" adds the fsync a tool left undone).
+number; "+fsync" adds the fsync a tool left undone) and ``restore-incr`` (day 2's
+generation, checked the same way: for dedupe the restore of an incremental, whose chain
+is composed first and whose chunks sit in two days' packs).
 
 Fairness: ``sync`` before each step, so that earlier write-back is not billed to it; as
 many bytes as the step will write written to a scratch file and removed first (a VM's page
@@ -32,6 +34,7 @@ from pathlib import Path
 from dedupe.bench.data import blake3_file
 from dedupe.bench.measure import Measured, fsync_time, prefault, warm
 from dedupe.bench.report import (
+    DAY2_STEPS,
     REFERENCE,
     STEPS,
     BenchProgress,
@@ -108,7 +111,7 @@ async def _one_run(
         plan = [("new", day1, "day1"), ("unchanged", day1, "day1-again")]
         if day2 is not None:
             plan.append(("incr", day2, "day2"))
-        day1_snapshot = ""
+        day1_snapshot = day2_snapshot = ""
         for step, inp, label in plan:
             _stage(inp.path, tool.staged)
             prefault(rundir, inp.size)
@@ -127,39 +130,50 @@ async def _one_run(
             )
             repo = after
             said(step, f", +{out[step].repo_growth:,} B")
+            if step == "incr":
+                day2_snapshot = done.snapshot
             if step == "new":
                 day1_snapshot = done.snapshot
                 os.sync()
                 m = await tool.run(tool.check_argv())
                 out["check"] = _record(run, m, day1.size, tool.own_seconds(m))
                 said("check")
-        target = rundir / "restore"
-        target.mkdir()
-        prefault(rundir, day1.size)
-        os.sync()
-        argv, cwd = tool.restore_argv(day1_snapshot, target)
-        m = await tool.run(argv, cwd)
-        files = [Path(d) / f for d, _, fs in os.walk(target) for f in fs]
-        if len(files) != 1:
-            raise tool.wrong_restore(f"expected 1 restored file, found {len(files)}")
-        # Not every tool makes its output durable (dedupe fsyncs the restored file; restic
-        # and borg leave it in the page cache): time the fsync they left to do.
-        flush = fsync_time(files[0])
-        size, digest = files[0].stat().st_size, blake3_file(files[0])
-        if size != day1.size or digest != day1.digest:
-            raise tool.wrong_restore(
-                f"{cls.name} restored {size} bytes with BLAKE3 {digest[:16]}, the source "
-                f"has {day1.size} bytes with BLAKE3 {day1.digest[:16]}"
-            )
-        out["restore"] = _record(
-            run, m, day1.size, tool.own_seconds(m), flush_s=flush, verified=True
-        )
+        out["restore"] = await _restore(tool, day1_snapshot, day1, rundir / "restore", run)
         said("restore", ", verified")
+        if day2 is not None:
+            out["restore-incr"] = await _restore(
+                tool, day2_snapshot, day2, rundir / "restore-incr", run
+            )
+            said("restore-incr", ", verified")
     finally:
         if not env.keep:
             await tool.remove_repository()
             shutil.rmtree(rundir, ignore_errors=True)
     return {s: out[s] for s in STEPS if s in out}
+
+
+async def _restore(tool: Tool, snapshot: str, inp: Input, target: Path, run: int) -> StepRun:
+    """Restore `snapshot` under the empty directory `target` and check it is `inp`."""
+    target.mkdir()
+    prefault(target.parent, inp.size)
+    os.sync()
+    argv, cwd = tool.restore_argv(snapshot, target)
+    m = await tool.run(argv, cwd)
+    files = [Path(d) / f for d, _, fs in os.walk(target) for f in fs]
+    if len(files) != 1:
+        raise tool.wrong_restore(f"expected 1 restored file, found {len(files)}")
+    # Not every tool makes its output durable (dedupe fsyncs the restored file; restic
+    # and borg leave it in the page cache): time the fsync they left to do.
+    flush = fsync_time(files[0])
+    size, digest = files[0].stat().st_size, blake3_file(files[0])
+    if size != inp.size or digest != inp.digest:
+        raise tool.wrong_restore(
+            f"{tool.name} restored {size} bytes with BLAKE3 {digest[:16]}, the source "
+            f"has {inp.size} bytes with BLAKE3 {inp.digest[:16]}"
+        )
+    # The restored file goes before the next step: only one day's output on disk at once.
+    shutil.rmtree(target, ignore_errors=True)
+    return _record(run, m, inp.size, tool.own_seconds(m), flush_s=flush, verified=True)
 
 
 def _median_step(step: str, nbytes: int, runs: list[StepRun]) -> StepResult:
@@ -256,7 +270,9 @@ async def end_to_end(
             continue
         done = per_run[cls.name].values()
         results = tuple(
-            _median_step(s, day2.size if s == "incr" and day2 else day1.size, [r[s] for r in done])
+            _median_step(
+                s, day2.size if s in DAY2_STEPS and day2 else day1.size, [r[s] for r in done]
+            )
             for s in STEPS
             if all(s in r for r in done)
         )

@@ -24,8 +24,18 @@ __all__ = [
 MiB = 1 << 20
 STAGES = ("read", "chunk", "hash", "compress", "seal", "write")
 CPU_STAGES = STAGES[:-1]  # "pipeline bound": write is disk-bound and overlaps the others
-#: End-to-end steps in the order they run; "incr" only when there is a second day.
-STEPS = ("new", "check", "unchanged", "incr", "restore")
+#: End-to-end steps in the order they run; DAY2_STEPS only when there is a second day.
+STEPS = ("new", "check", "unchanged", "incr", "restore", "restore-incr")
+DAY2_STEPS = ("incr", "restore-incr")  # measured on day 2's bytes
+#: How the peak RSS column names each step.
+STEP_LETTERS = {
+    "new": "n",
+    "check": "c",
+    "unchanged": "u",
+    "incr": "i",
+    "restore": "r",
+    "restore-incr": "ri",
+}
 REFERENCE = "dedupe"  # the tool the others are compared against
 
 #: Progress messages ("run 2 dedupe new: 812.0 MB/s"), one line each, for a log or stderr.
@@ -194,7 +204,7 @@ def _tool_lines(report: BenchReport) -> list[str]:
         "restore+fsync",
         "repo MB",
         "incr MB",
-        "peak RSS MiB " + "/".join(s[0] for s in steps),
+        "peak RSS MiB " + "/".join(STEP_LETTERS[s] for s in steps),
     ]
     rows: list[list[str]] = []
     for t in report.tools:

@@ -34,7 +34,11 @@ from dedupe.store.readbuffers import ReadBuffers
 
 T = TypeVar("T")
 
-WINDOW_BYTES = 16 * 1024 * 1024
+# Up to five windows are alive at once (two queued, one being fetched, one being written,
+# the previous one's digest finishing), and the ranges read for one are shorter than it:
+# at 16 MiB a 1 GiB incremental's restore peaked at 155 MiB, at 8 MiB 109 MiB, for the
+# same CPU time (bench/README.md, "Restore windows").
+WINDOW_BYTES = 8 * 1024 * 1024
 COALESCE_GAP = 256 * 1024
 MAX_RANGE = 8 * 1024 * 1024
 FETCH_CONCURRENCY = 4

@@ -299,7 +299,7 @@ cdef class DictTable:
 cdef enum:
     _FRAMING_KEEP = 4  # framing buffers kept for reuse (~2 MiB each)
     _OPENED_KEEP = 16  # blocks of opened chunks kept for reuse (~1-2 MiB each)
-    _WINDOW_KEEP = 4  # restore windows kept for reuse (~16 MiB each: two ahead, one
+    _WINDOW_KEEP = 4  # restore windows kept for reuse (~8 MiB each: two ahead, one
                       # being filled, one being written)
 cdef list _framing_pool = []
 cdef list _opened_pool = []
