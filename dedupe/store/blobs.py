@@ -42,6 +42,12 @@ except ImportError:  # pragma: no cover - an install without the compiled kernel
 
 # Distinct dictionaries the blobs of one open call may name (a backup's pack names one).
 MAX_REFS_PER_CALL = 4
+# Bytes of dictionaries a codec keeps (each also costs about as much again in its DDict):
+# past it the least recently added go, except those an open call in progress loaded, and
+# a blob that names one again has it loaded again (a few ms). A repository has one per
+# name and writer key; a verify of many of them, or a writer's oversized ones, must not
+# hold them all.
+DICT_BUDGET = 4 << 20
 _RAW = bytes([COMPRESSION_NONE])
 _ZSTD = bytes([COMPRESSION_ZSTD])
 _ZSTD_DICT = bytes([COMPRESSION_ZSTD_DICT])
@@ -273,7 +279,8 @@ class BlobCodec:
     thread sees it from then on); before, opening one raises DictionaryNeeded, unless
     `loader` is set: it is then called, in the thread that opens, with the ref of the
     missing dictionary, what it returns is added and the opening tried again (once per
-    ref); what it raises goes to the caller."""
+    ref); what it raises goes to the caller. The codec keeps at most about DICT_BUDGET
+    bytes of dictionaries: one dropped to make room is loaded again when needed."""
 
     loader: Callable[[bytes], Dictionary] | None = None
 
@@ -292,6 +299,9 @@ class BlobCodec:
             frozenset(),
             None,
         )
+        # Refs that open calls in progress loaded (how many calls each): never dropped,
+        # or a call that needs several could lose the first while loading the next.
+        self._pinned: dict[bytes, int] = {}
 
     def add_dictionary(self, d: Dictionary) -> None:
         """Open blobs that name d.ref with d, in every thread from now on. Adding it
@@ -299,29 +309,52 @@ class BlobCodec:
         the same ref and different bytes makes that ref unusable for good: a blob naming
         it then raises IntegrityError ("two dictionaries have ref ..."), never opens with
         either (FORMAT.md section 16; the caller checks this too). IntegrityError when
-        zstd refuses d's bytes (the codec is then unchanged)."""
+        zstd refuses d's bytes (the codec is then unchanged). Past DICT_BUDGET, the least
+        recently added dictionaries that no open call pins are dropped."""
         with self._dict_lock:
-            by_ref, unusable, _table = self._dicts
-            have = by_ref.get(d.ref)
-            if d.ref in unusable or have is d or (have is not None and have.data == d.data):
-                return
-            by_ref = dict(by_ref)
-            if have is None:
-                if self.native:
-                    d.native_open()
-                else:
-                    d.pure_open()
-                by_ref[d.ref] = d
+            self._add(d)
+
+    def _add(self, d: Dictionary) -> None:
+        """add_dictionary, under _dict_lock."""
+        by_ref, unusable, _table = self._dicts
+        have = by_ref.get(d.ref)
+        if d.ref in unusable or have is d or (have is not None and have.data == d.data):
+            return
+        by_ref = dict(by_ref)
+        if have is None:
+            if self.native:
+                d.native_open()
             else:
-                del by_ref[d.ref]
-                unusable = unusable | {d.ref}
-            table = None
-            if self.native and (by_ref or unusable):
-                table = _blobcodec.DictTable(
-                    [(ref, x.native_open()) for ref, x in by_ref.items()]
-                    + [(ref, None) for ref in sorted(unusable)]
-                )
-            self._dicts = (by_ref, unusable, table)
+                d.pure_open()
+            by_ref[d.ref] = d
+            self._drop_past_budget(by_ref)
+        else:
+            del by_ref[d.ref]
+            unusable = unusable | {d.ref}
+        self._publish(by_ref, unusable)
+
+    def _drop_past_budget(self, by_ref: dict[bytes, Dictionary]) -> bool:
+        """Drop the oldest of `by_ref`, but the newest and pinned refs, until it holds no
+        more than DICT_BUDGET bytes, or only those. Whether any was dropped."""
+        held = sum(len(x.data) for x in by_ref.values())
+        dropped = False
+        for ref in list(by_ref)[:-1]:  # oldest first
+            if held <= DICT_BUDGET:
+                break
+            if ref not in self._pinned:
+                held -= len(by_ref.pop(ref).data)
+                dropped = True
+        return dropped
+
+    def _publish(self, by_ref: dict[bytes, Dictionary], unusable: frozenset[bytes]) -> None:
+        """Make these the dictionaries every thread opens with (under _dict_lock)."""
+        table = None
+        if self.native and (by_ref or unusable):
+            table = _blobcodec.DictTable(
+                [(ref, x.native_open()) for ref, x in by_ref.items()]
+                + [(ref, None) for ref in sorted(unusable)]
+            )
+        self._dicts = (by_ref, unusable, table)
 
     def dictionary(self, ref: bytes) -> Dictionary | None:
         """The dictionary blobs naming `ref` open with; None when none was added, or the
@@ -347,6 +380,8 @@ class BlobCodec:
             cache = self._local.dict_dctx = {}
         held = cache.get(ref)
         if held is None or held[0] is not d:
+            for gone in [r for r in cache if r not in by_ref]:  # dropped from the codec
+                del cache[gone]
             held = cache[ref] = (d, zstandard.ZstdDecompressor(dict_data=d.pure_open()))
         return held[1]
 
@@ -371,21 +406,38 @@ class BlobCodec:
         paying a load and a rerun of the batch each (a writer could make every blob of a
         pack name another dictionary)."""
         tried: set[bytes] = set()
-        while True:
-            try:
-                return go()
-            except DictionaryNeeded as e:
-                loader = self.loader
-                if loader is None or e.ref in tried:
-                    raise
-                if len(tried) >= MAX_REFS_PER_CALL:
-                    raise IntegrityError(
-                        f"chunk {e.chunk_id.hex()[:16]} names a compression dictionary"
-                        f" after {len(tried)} others in blobs opened together: no backup"
-                        " makes a pack so; its blobs are refused"
-                    ) from None
-                tried.add(e.ref)
-                self.add_dictionary(loader(e.ref))
+        pinned: list[bytes] = []
+        try:
+            while True:
+                try:
+                    return go()
+                except DictionaryNeeded as e:
+                    loader = self.loader
+                    if loader is None or e.ref in tried:
+                        raise
+                    if len(tried) >= MAX_REFS_PER_CALL:
+                        raise IntegrityError(
+                            f"chunk {e.chunk_id.hex()[:16]} names a compression dictionary"
+                            f" after {len(tried)} others in blobs opened together: no backup"
+                            " makes a pack so; its blobs are refused"
+                        ) from None
+                    tried.add(e.ref)
+                    d = loader(e.ref)
+                    with self._dict_lock:
+                        self._pinned[e.ref] = self._pinned.get(e.ref, 0) + 1
+                        pinned.append(e.ref)
+                        self._add(d)
+        finally:
+            if pinned:
+                with self._dict_lock:
+                    for ref in pinned:
+                        left = self._pinned.pop(ref) - 1
+                        if left:
+                            self._pinned[ref] = left
+                    by_ref, unusable, _table = self._dicts
+                    by_ref = dict(by_ref)
+                    if self._drop_past_budget(by_ref):  # what the pins held over it
+                        self._publish(by_ref, unusable)
 
     def _failed(self, e: Exception, chunk_id: bytes) -> IntegrityError:
         """What a native OpenError for chunk_id means."""

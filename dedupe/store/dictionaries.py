@@ -14,6 +14,7 @@ import zstandard
 
 from dedupe.backends.base import switched_off
 from dedupe.errors import IntegrityError
+from dedupe.store.blobs import NATIVE_AVAILABLE, Dictionary
 from dedupe.store.sealed import open_record, seal_record
 
 DICT_PREFIX = "dicts/"
@@ -72,14 +73,22 @@ def decode_dictionary(data_key: bytes, name: str, data: bytes) -> bytes:
 
 
 def train(samples: list[bytes], level: int) -> bytes | None:
-    """A dictionary trained on `samples` (pages), or None when zstd finds too little in
-    them to make one (it refuses some inputs: too few, too alike)."""
+    """A dictionary trained on `samples` (pages) that zstd accepts for compressing at
+    `level` and for reading, or None: zstd refuses to train on some inputs (too few, too
+    alike), and a dictionary it would then refuse to use must not fail the backup that
+    trained it (write_dictionary and every reader check it again)."""
     try:
         pieces: list[bytes | bytearray | memoryview] = list(samples)
-        d = zstandard.train_dictionary(DICT_SIZE, pieces, level=level, **_FASTCOVER)
-    except zstandard.ZstdError:
+        data = zstandard.train_dictionary(DICT_SIZE, pieces, level=level, **_FASTCOVER).as_bytes()
+        usable = Dictionary(bytes(REF_SIZE), data)  # the ref does not matter to zstd
+        usable.check()
+        if NATIVE_AVAILABLE:
+            usable.native_frame(level)
+        else:
+            usable.pure_frame(level)
+    except (zstandard.ZstdError, IntegrityError):
         return None
-    return d.as_bytes()
+    return data
 
 
 class PageSampler:

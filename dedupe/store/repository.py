@@ -996,10 +996,11 @@ class RepositoryStore:
         return plain
 
     async def load_dictionary(self, ref: bytes) -> Dictionary:
-        """The usable dictionary of `ref`, given to the codec; loaded once per handle,
-        however many ask at once. IntegrityError when no stored dictionary of that ref
-        is usable (missing, not authenticated, damaged, not for this key), or when two
-        usable ones differ."""
+        """The usable dictionary of `ref`, given to the codec; loaded once however many
+        ask at once, and again only if the codec has dropped it since (blobs.DICT_BUDGET:
+        the codec, not the store, holds what is loaded). IntegrityError when no stored
+        dictionary of that ref is usable (missing, not authenticated, damaged, not for
+        this key), or when two usable ones differ (remembered until refresh_index)."""
         if ref in self._dict_failed:
             raise self._dict_failed[ref]
         loading = self._dict_loads.get(ref)
@@ -1007,10 +1008,10 @@ class RepositoryStore:
             loading = self._dict_loads[ref] = asyncio.ensure_future(self._load_dictionary(ref))
         try:
             return await asyncio.shield(loading)
-        except BaseException:
-            if loading.done() and (loading.cancelled() or loading.exception() is not None):
-                self._dict_loads.pop(ref, None)  # a later reader may try again
-            raise
+        finally:
+            # Done (loaded, failed or cancelled): a later need loads afresh.
+            if loading.done() and self._dict_loads.get(ref) is loading:
+                del self._dict_loads[ref]
 
     async def _load_dictionary(self, ref: bytes) -> Dictionary:
         names = await self.backend.list(f"{DICT_PREFIX}{ref.hex()}/")

@@ -27,6 +27,7 @@ from test_page_dictionaries import (
     blob_kinds,
     dictionary_names,
     make_db,
+    restored,
     shrink_sampler,
 )
 
@@ -608,6 +609,40 @@ def test_a_training_zstd_refuses_leaves_the_backup_without_a_dictionary(
             assert gen.dictionary is None and await dictionary_names(repo_) == []
         finally:
             await repo_.close()
+
+    run_asyncio(main())
+
+
+def test_a_trained_dictionary_zstd_refuses_leaves_the_backup_without_one(
+    run_asyncio: Any,
+    tmp_path: Path,
+    template: tuple[Path, Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """zstd trains a dictionary it then refuses to use (a broken entropy table here):
+    train() drops it, and the backup that trained it goes on without one and restores,
+    instead of failing on write_dictionary's check."""
+    refused = b"\x37\xa4\x30\xec" + bytes(4) + b"\xff" * 200  # zstd's magic, junk tables
+    monkeypatch.setattr(
+        dictionaries.zstandard,
+        "train_dictionary",
+        lambda *_a, **_k: dictionaries.zstandard.ZstdCompressionDict(refused),
+    )
+    src = tmp_path / "orders.db"
+    shutil.copyfile(template[1], src)
+
+    async def main() -> None:
+        repo_ = await make_repo(tmp_path / "fresh")
+        try:
+            await repo_.backup(src, name="orders", chunker="auto")
+            (gen,) = await repo_.generations("orders")
+            assert gen.dictionary is None and await dictionary_names(repo_) == []
+            assert 2 not in await blob_kinds(repo_)
+        finally:
+            await repo_.close()
+        assert await restored(tmp_path / "fresh", "orders@latest", tmp_path / "out") == (
+            src.read_bytes()
+        )
 
     run_asyncio(main())
 

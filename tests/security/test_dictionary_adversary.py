@@ -441,14 +441,11 @@ def test_a_decoy_does_not_stop_a_backup_from_reusing_its_dictionary(
     run_asyncio(main())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="FINDING 6 (low-medium): a reader keeps every dictionary it loaded (bytes, DDict, "
-    "a DictTable rebuilt whole at each add) for the life of the handle, with no bound: a "
-    "writer's 1 MiB dictionaries (each needing one tiny blob) cost an admin's verify "
-    "--read-data ~2x their stored size in RAM, unbounded with their number",
-)
+# Was FINDING 6 (low-medium): a reader kept every dictionary it loaded (bytes, DDict, a
+# DictTable rebuilt whole at each add) for the life of the handle, with no bound: a
+# writer's largest dictionaries (each needing one tiny blob) cost an admin's verify
+# --read-data ~2x their stored size in RAM, unbounded with their number. Fixed: the codec
+# keeps blobs.DICT_BUDGET bytes of them, and the store none.
 def test_a_reader_holds_a_bounded_amount_of_dictionaries(run_asyncio: Run, repo: Path) -> None:
     count, size = 40, MAX_DICT_BYTES
 
@@ -469,6 +466,7 @@ def test_a_reader_holds_a_bounded_amount_of_dictionaries(run_asyncio: Run, repo:
             report = await asyncio.wait_for(admin.verify(read_data=True, quarantine=False), 60)
             assert report.ok, report.damaged
             codec = admin._store.codec
+            assert not admin._store._dict_loads  # the store keeps none of what it loaded
             return sum(len(codec.dictionary(ref).data) for ref in list(codec._dicts[0]))
         finally:
             await closed(admin)

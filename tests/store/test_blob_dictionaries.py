@@ -32,6 +32,7 @@ from dedupe.format.pack import (
     DICT_REF,
 )
 from dedupe.hashing import ChunkHasher
+from dedupe.store import blobs as blobs_module
 from dedupe.store.blobs import PLAN_ITEM, BlobCodec, Dictionary, seal_batch
 
 HASHER = ChunkHasher(bytes(range(32)))
@@ -653,3 +654,84 @@ def test_check_names_a_dictionary_zstd_refuses(pages_dict: Dictionary) -> None:
     bad = Dictionary(b"\xba\xdd" * 4, struct.pack("<I", 0xEC30A437) + bytes(range(256)) * 4)
     with pytest.raises(IntegrityError, match=bad.ref.hex()):
         bad.check()
+
+
+# --- what a codec keeps (blobs.DICT_BUDGET) ----------------------------------------------
+
+
+def _raw_dictionaries(n: int, size: int) -> list[Dictionary]:
+    """n raw-content dictionaries of `size` bytes, each under the ref of its content."""
+    out = []
+    for i in range(n):
+        content = random.Random(500 + i).randbytes(size)
+        out.append(Dictionary(HASHER.chunk_id(content)[:DICT_REF], content))
+    return out
+
+
+@both
+def test_a_codec_keeps_a_bounded_set_of_dictionaries_and_reloads_a_dropped_one(
+    pages: list[bytes], native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past DICT_BUDGET bytes the oldest dictionaries go; a blob that names one again has
+    it loaded again through `loader`, and opens."""
+    monkeypatch.setattr(blobs_module, "DICT_BUDGET", 3 * 64 * 1024)
+    dicts = _raw_dictionaries(6, 64 * 1024)
+    codec = BlobCodec(3, HASHER, native=native)
+    for d in dicts:
+        codec.add_dictionary(d)
+    kept = [d for d in dicts if codec.dictionary(d.ref) is d]
+    assert kept == dicts[-3:]  # the newest, within the budget
+    key = new_key()
+    chunks = [dicts[0].data[-PAGE:]]  # compresses with its own dictionary to a few bytes
+    data, items = _seal(BlobCodec(3, HASHER, native=native), chunks, key, dicts[0])
+    assert _plaintexts(key, data, items)[0][0] == COMPRESSION_ZSTD_DICT
+    with pytest.raises(DictionaryNeeded):
+        _every_way(codec, key, data, items)["open_many"]()
+    asked: list[bytes] = []
+
+    def load(ref: bytes) -> Dictionary:
+        asked.append(ref)
+        return {d.ref: d for d in dicts}[ref]
+
+    codec.loader = load
+    _opens_to(codec, key, data, items, chunks)
+    assert asked == [dicts[0].ref]  # once: it stays while it is among the newest
+    kept = [d for d in dicts if codec.dictionary(d.ref) is d]
+    assert kept == [dicts[0], *dicts[4:]]  # the oldest (dicts[3]) made room for it
+    # Once dropped, a dictionary is not kept by a thread's decompressors either (the
+    # pure twin's per-thread cache follows the codec's set).
+    for d in dicts[1:4]:
+        codec.add_dictionary(d)
+    assert codec.dictionary(dicts[0].ref) is None
+    chunks = [dicts[3].data[-PAGE:]]
+    data, items = _seal(BlobCodec(3, HASHER, native=native), chunks, key, dicts[3])
+    _opens_to(codec, key, data, items, chunks)
+    assert set(getattr(codec._local, "dict_dctx", {})) <= set(codec._dicts[0])
+
+
+@both
+def test_a_call_keeps_the_dictionaries_it_loaded_however_small_the_budget(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An open call whose blobs name several dictionaries loads them one by one; each
+    load must not drop the ones loaded before it in the same call, or the call could
+    never open them all (it asks for a ref once)."""
+    monkeypatch.setattr(blobs_module, "DICT_BUDGET", 1)  # every add drops all it may
+    dicts = _raw_dictionaries(blobs_module.MAX_REFS_PER_CALL, 32 * 1024)
+    key = new_key()
+    sealer = BlobCodec(3, HASHER, native=native)
+    data, items, chunks = b"", [], []
+    for d in dicts:
+        part = [d.data[-PAGE:]]
+        more, its = _seal(sealer, part, key, d)
+        items += [(c, o + len(data), s, r) for c, o, s, r in its]
+        data += more
+        chunks += part
+    for how in _every_way(BlobCodec(3, HASHER, native=native), key, data, items):
+        codec = BlobCodec(3, HASHER, native=native)
+        codec.loader = {d.ref: d for d in dicts}.__getitem__
+        got = _every_way(codec, key, data, items)[how]()
+        assert got is None if how == "check_records" else got == chunks, how
+        assert not codec._pinned, how  # released when the call ends
+        # After the call, the budget holds again: only the last one added stays.
+        assert [d for d in dicts if codec.dictionary(d.ref)] == [dicts[-1]], how
