@@ -1491,8 +1491,10 @@ def forget(
 @click.option(
     "--delete-unauthenticated",
     is_flag=True,
-    help="Also delete manifests, index objects and key maps no key of this repository "
-    "vouches for (which 'dedupe verify' names): only once you know they were planted.",
+    help="Also delete manifests, index objects, key maps and dictionaries no key of this "
+    "repository vouches for (which 'dedupe verify' names): only once you know they were "
+    "planted; and dictionary objects no reader can ever use (a misplaced copy is put back "
+    "under its true name first).",
 )
 @json_option
 @click.pass_context
@@ -1530,6 +1532,13 @@ def prune(
         f"{human_bytes(r['bytes_after'])} in {count(r['packs_after'], 'pack')} remain "
         f"for {count(r['generations'], 'generation')} ({r['seconds']:.2f} s)"
     )
+    if r["dictionaries_deleted"] or r["dictionaries_moved"]:
+        moved = len(r["dictionaries_moved"])
+        click.echo(
+            f"{'would delete' if dry_run else 'deleted'} "
+            f"{count(len(r['dictionaries_deleted']) + moved, 'dictionary object')} no reader "
+            "can use" + (f" ({moved} moved to its true name first)" if moved else "")
+        )
 
 
 @cli.command(short_help="Copy generations into another repository.")

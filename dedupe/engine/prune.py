@@ -25,7 +25,8 @@ referenced while we decide), prune:
       only damaged copies of live chunks counts as unused;
    f. then removes what interrupted writers left, or someone planted: manifests no key map
       vouches for, key files the keyring does not list (an interrupted `key add`),
-      temporary files of killed puts, a stale keyring copy;
+      temporary files of killed puts, a stale keyring copy; and, told to, dictionary
+      objects that can serve no reader (a misplaced copy is first stored under its name);
    g. then consolidates the key maps (docs/FORMAT.md 4.6): one set of admin-signed key
       maps holding the entries of the objects that remain; only then the old ones go.
 
@@ -59,18 +60,33 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+import blake3
+
 from dedupe._types import Progress, ProgressCallback
 from dedupe.backends.base import Backend
 from dedupe.crypto import OVERHEAD
 from dedupe.engine.forget import parse_created
-from dedupe.errors import DedupeError, IntegrityError, MissingObject
+from dedupe.errors import (
+    DedupeError,
+    IntegrityError,
+    KeyNotAvailable,
+    MissingObject,
+    UnsupportedFormat,
+)
 from dedupe.format.index import ENTRY_RECORD, PackRecord
 from dedupe.format.keymap import DICTIONARY, DRILL, GENERATION, INDEX, PACK, QUARANTINE
 from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.format.pack import FOOTER_SIZE, PACK_MAGIC
 from dedupe.store import PackWriter, RepositoryStore
 from dedupe.store.blobs import FramedBatch, release_buffers
-from dedupe.store.dictionaries import DICT_PREFIX, parse_dict_name
+from dedupe.store.dictionaries import (
+    DICT_PREFIX,
+    MAX_DICT_OBJECT,
+    REF_SIZE,
+    decode_dictionary,
+    dict_name,
+    parse_dict_name,
+)
 from dedupe.store.drills import DRILL_PREFIX, KEEP_DRILL_DAYS, KEEP_DRILLS
 from dedupe.store.locks import RepositoryLock
 from dedupe.store.quarantine import QUARANTINE_PREFIX, read_quarantine
@@ -117,6 +133,11 @@ class PruneReport:
     unindexed_packs: int  # part of packs_deleted
     seconds: float
     removed_packs: list[str] = field(default_factory=list)
+    # With delete_unauthenticated: vouched objects under dicts/ that can serve no reader
+    # (FORMAT.md 16), deleted; and misplaced copies stored under their true name first
+    # ({old name: new name}), the old name deleted.
+    dictionaries_deleted: list[str] = field(default_factory=list)
+    dictionaries_moved: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -248,9 +269,10 @@ async def _prune(
             planted.append(f"generations/{gen_id}")
         else:
             gen_ids.append(gen_id)
-    # Dictionaries too: their key map entry is written before them (FORMAT.md 16), and
-    # prune deletes none that has one.
-    for name in await backend.list(DICT_PREFIX):
+    # Dictionaries too: their key map entry is written before them (FORMAT.md 16). Of
+    # those that have one, prune deletes only what can serve no reader (below).
+    dict_sizes = await backend.list_sized(DICT_PREFIX)
+    for name in sorted(dict_sizes):
         parsed = parse_dict_name(name)
         if parsed is None or store.keymaps.get(DICTIONARY, bytes.fromhex(parsed[1])) is None:
             planted.append(name)
@@ -266,6 +288,17 @@ async def _prune(
             "an old copy), put the newest keyring back first; if 'dedupe verify' shows these "
             "objects were planted, run 'dedupe prune --delete-unauthenticated'",
         )
+    # Vouched dictionary objects that no reader can ever use (verify reports them at every
+    # run) are not grounds to refuse: they say nothing against the keyring's word, and a
+    # refusal would let whoever can copy a file stop every prune (and `key rotate
+    # --reencrypt`, which prunes first). Told to, prune reads them and deletes them;
+    # otherwise it names what its listing shows, and leaves them.
+    if delete_unauthenticated:
+        useless = await _useless_dictionaries(store, dict_sizes, run)
+    else:
+        useless = _Useless()
+        for message in _useless_by_listing(store, dict_sizes):
+            store.report(message)
     live: set[bytes] = set()
     async for _gen_id, got in each_generation_table(store, gen_ids):
         if isinstance(got, Exception):
@@ -436,6 +469,8 @@ async def _prune(
             unindexed_packs=len(unindexed),
             seconds=time.monotonic() - started,
             removed_packs=[pid.hex() for pid in to_delete],
+            dictionaries_deleted=[n for n in useless.why if n not in useless.moves],
+            dictionaries_moved={old: new for old, (new, _data) in useless.moves.items()},
         )
 
     if dry_run:
@@ -445,6 +480,7 @@ async def _prune(
         await lock_held()
         await _drop_quarantine_records(store, present)
         await _drop_old_drills(store, lock_held)
+        await _drop_useless_dictionaries(store, useless, lock_held)
         await _tidy(store, planted)
         await _consolidate_keymaps(store)
         report_progress("done")
@@ -495,7 +531,9 @@ async def _prune(
     await _drop_old_drills(store, lock_held)
 
     # --- 3f. what interrupted writers left: temporary files of killed puts, a keyring copy
-    # left behind; with delete_unauthenticated, planted manifests -------------------------------
+    # left behind; with delete_unauthenticated, planted manifests and dictionary objects
+    # that can serve no reader ---------------------------------------------------------------
+    await _drop_useless_dictionaries(store, useless, lock_held)
     await _tidy(store, planted)
 
     # --- 3g. key maps: one consolidated set, without the entries of what is gone --------------
@@ -682,6 +720,144 @@ async def _tidy(store: RepositoryStore, planted: list[str]) -> None:
     await store.heal_keyring()
 
 
+@dataclass
+class _Useless:
+    """Vouched objects under dicts/ that can serve no reader (FORMAT.md 16): why, by name;
+    and for a misplaced copy whose true name does not hold its bytes, that name and the
+    bytes to store there before the copy goes."""
+
+    why: dict[str, str] = field(default_factory=dict)
+    moves: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+
+
+async def _useless_dictionaries(
+    store: RepositoryStore, sizes: dict[str, int], run: Callable[..., Awaitable[Any]]
+) -> _Useless:
+    """The objects among `sizes` (name: size, under dicts/) that a key map vouches for but
+    that no reader can ever use, and that are not damage:
+    - larger than a dictionary object can be, with bytes that hash to the id in their
+      name: that id is those bytes for good, so no dictionary has it (a writer key can
+      vouch for any junk of its own). One whose bytes do not hash to its name may be a
+      real one grown: damage, which stays for verify to report;
+    - a copy that opens, under a ref that is not its content's: no blob can use it there.
+      The id fixes the bytes of dicts/<true ref>/<id> too, so when that name does not hold
+      them (missing, or damaged) they are stored there first (`moves`): a storage
+      attacker's move must not cost the last copy.
+    An object that does not open, or that this key cannot open, stays: damage, or
+    another's, for verify to report and a repair to settle."""
+    useless = _Useless()
+    holding: set[str] = set()  # true names that hold their bytes, or will
+    for name in sorted(sizes):
+        parsed = parse_dict_name(name)
+        if parsed is None or store.keymaps.get(DICTIONARY, bytes.fromhex(parsed[1])) is None:
+            continue  # not named as one, or planted: the caller's
+        ref, dict_id = parsed
+        if sizes[name] > MAX_DICT_OBJECT:
+            if await _hashes_to(store.backend, name, sizes[name], dict_id, run):
+                useless.why[name] = f"{sizes[name]} bytes, more than a dictionary can be"
+            continue
+        try:
+            data = await store.backend.get_small(name, MAX_DICT_OBJECT)
+            plain = await _open_dictionary_object(store, name, dict_id, data, run)
+        except (IntegrityError, KeyNotAvailable, UnsupportedFormat):
+            continue
+        true_ref = store.hasher.chunk_id(plain)[:REF_SIZE]
+        if true_ref == ref:
+            continue  # serves its ref (or zstd refuses it, as it would anywhere)
+        true_name = dict_name(true_ref, dict_id)
+        if true_name not in holding:
+            try:
+                there: bytes | None = await store.backend.get_small(true_name, MAX_DICT_OBJECT)
+            except IntegrityError:  # missing, or larger than it can be
+                there = None
+            if there != data:
+                useless.moves[name] = (true_name, data)
+            holding.add(true_name)
+        useless.why[name] = f"a copy of dictionary {true_ref.hex()} under another ref"
+    return useless
+
+
+def _useless_by_listing(store: RepositoryStore, sizes: dict[str, int]) -> list[str]:
+    """For a prune not told to delete them: what the listing alone shows of vouched objects
+    under dicts/ that no reader can use, each said with the flag that removes them. A
+    routine prune reads none of them (verify does): their number and size are anyone's
+    who can write files, and prune holds the exclusive lock. Shown: objects larger than a
+    dictionary can be, and ids under more than one ref (one id is one content, so one
+    true ref: the others are copies). The only copy of one under a wrong ref is not."""
+    flag = "'dedupe prune --delete-unauthenticated' removes what can serve no reader"
+    messages: list[str] = []
+    names_of: dict[str, list[str]] = defaultdict(list)
+    for name in sorted(sizes):
+        parsed = parse_dict_name(name)
+        if parsed is None:
+            continue  # none is here: prune refused to run beside planted objects
+        if sizes[name] > MAX_DICT_OBJECT:
+            messages.append(f"{name} is {sizes[name]} bytes, more than a dictionary can be: {flag}")
+        else:
+            names_of[parsed[1]].append(name)
+    for dict_id, names in names_of.items():
+        if len(names) > 1:
+            messages.append(
+                f"dictionary object {dict_id} is stored under {len(names)} refs "
+                f"({', '.join(names)}), of which one at most serves: {flag}"
+            )
+    return messages
+
+
+async def _hashes_to(
+    backend: Backend, name: str, size: int, oid: str, run: Callable[..., Awaitable[Any]]
+) -> bool:
+    """Whether the first `size` bytes of object `name` hash to `oid`, read MAX_RANGE at a
+    time (the object is too large to read whole)."""
+    digest = blake3.blake3()
+    for start in range(0, size, MAX_RANGE):
+        try:
+            part = await backend.get(name, start, min(MAX_RANGE, size - start))
+        except IntegrityError:  # shorter than listed, or gone
+            return False
+        await run(digest.update, part)
+    return bool(digest.hexdigest() == oid)
+
+
+async def _open_dictionary_object(
+    store: RepositoryStore,
+    name: str,
+    dict_id: str,
+    data: bytes,
+    run: Callable[..., Awaitable[Any]],
+) -> bytes:
+    """The content of dictionary object `name` (`data`), opened under a key of its
+    entries: RepositoryStore.open_dictionary without the ref check, for the ref is what
+    is asked."""
+    what = f"dictionary {dict_id}"
+    found = await store.keymaps.find(DICTIONARY, bytes.fromhex(dict_id), what)
+    errors: list[IntegrityError] = []
+    for key in store.keymaps.read_keys(found, what):
+        try:
+            return bytes(await run(decode_dictionary, key, name, data))
+        except IntegrityError as e:
+            errors.append(e)
+    raise errors[0] if errors else KeyNotAvailable(f"no key of this repository opens {what}")
+
+
+async def _drop_useless_dictionaries(
+    store: RepositoryStore, useless: _Useless, lock_held: Callable[[], Awaitable[None]]
+) -> None:
+    """Step f, told to (delete_unauthenticated): store each misplaced copy whose true name
+    does not hold its bytes there, then delete every object of `useless`. Killed between
+    the two, the next run finds the copy under its true name and deletes the other."""
+    if not useless.why:
+        return
+    await lock_held()
+    for old, (new, data) in useless.moves.items():
+        await store.backend.put(new, data)
+        store.report(f"{old} moved to {new}, its true name: {useless.why[old]}")
+    await _delete_all(store.backend, list(useless.why), lock_held)
+    for name, why in useless.why.items():
+        if name not in useless.moves:
+            store.report(f"{name} deleted: it can serve no reader ({why})")
+
+
 def _oid(name: str) -> bytes:
     return bytes.fromhex(name.rsplit("/", 1)[-1])
 
@@ -696,9 +872,10 @@ async def _consolidate_keymaps(store: RepositoryStore) -> None:
     for kind, prefix in _PREFIXES.items():
         present[kind] = set(named_ids(await store.backend.list(prefix)))
     # A dictionary's entry stays whether or not its object is listed now: prune deletes
-    # no dictionary (FORMAT.md 16), so an entry of one it cannot see is of one hidden
-    # from it, and dropping it would leave every blob compressed with it unreadable once
-    # the object is back. (Dictionaries --reencrypt replaced leave harmless entries.)
+    # no dictionary a reader can use (FORMAT.md 16), so an entry of one it cannot see is
+    # of one hidden from it, and dropping it would leave every blob compressed with it
+    # unreadable once the object is back. (Dictionaries --reencrypt replaced, and objects
+    # that could serve no reader, leave harmless entries.)
     await store.keymaps.consolidate(
         store.holder,
         store.current_epoch,

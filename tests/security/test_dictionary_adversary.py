@@ -368,15 +368,12 @@ def test_a_copied_dictionary_under_a_wrong_ref_does_not_block_rotate_reencrypt(
     run_asyncio(reencrypt_finishes(repo))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="FINDING 4c (low): prune treats an object under dicts/ as planted only when no "
-    "key map entry has its id, and deletes no other; a copy of a vouched object under a "
-    "wrong ref, or anything a writer vouches for (any size: this one is 3 MiB, more than a "
-    "dictionary can be), stays for good, even after its writer is removed: verify reports "
-    "it at every run and no command removes it",
-)
+# Was FINDING 4c (low): prune treated an object under dicts/ as planted only when no key
+# map entry had its id, and deleted no other; a copy of a vouched object under a wrong
+# ref, or anything a writer vouches for (any size: this one is 3 MiB, more than a
+# dictionary can be), stayed for good, even after its writer was removed: verify reported
+# it at every run and no command removed it. Fixed: prune --delete-unauthenticated
+# deletes what can serve no reader (tests/engine/test_prune_dictionaries.py).
 def test_prune_delete_unauthenticated_removes_what_can_be_no_dictionary(
     run_asyncio: Run, template: Template, repo: Path
 ) -> None:
@@ -412,6 +409,7 @@ def test_prune_delete_unauthenticated_removes_what_can_be_no_dictionary(
     big = run_asyncio(main())
     left = [n for n in (decoy, big) if (repo / n).exists()]
     assert not left, f"no dedupe command removes {left}"
+    assert (repo / template.admin_dict).exists()  # the copy's true one stays
 
 
 # Was FINDING 5 (low): dictionary_by_id gives up at the first name carrying the hinted id;
