@@ -22,8 +22,9 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import dedupe
 from dedupe._types import Generation
 from dedupe.engine import keys as key_ops
 from dedupe.engine.commands import Command
@@ -35,8 +36,9 @@ from dedupe.store.keyring import record_drills, seen_drills
 from dedupe.store.locks import RepositoryLock
 from dedupe.store.repository import utc_now
 
-if TYPE_CHECKING:
-    from dedupe.api import Repository
+# The handle is named by module (`dedupe.api.Repository`): the annotations must resolve
+# at run time (typing.get_type_hints), and dedupe.api, which imports this module lazily,
+# is loaded by then.
 
 log = logging.getLogger("dedupe")
 
@@ -161,7 +163,7 @@ def _human(seconds: float) -> str:
 class Objectives:
     """`repo.objectives`: set, remove and list the recovery objectives; `status`."""
 
-    def __init__(self, repo: Repository) -> None:
+    def __init__(self, repo: dedupe.api.Repository) -> None:
         self._repo = repo
 
     def list(self) -> list[Policy]:

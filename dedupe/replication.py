@@ -40,8 +40,9 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import dedupe
 from dedupe._types import BackupStats, CopyReport, Generation, ProgressCallback, RestoreStats
 from dedupe.chunking import Block, kept_spec, parse_spec
 from dedupe.crypto import get_passphrase
@@ -49,7 +50,7 @@ from dedupe.engine import keys as key_ops
 from dedupe.engine.backup import ingest
 from dedupe.engine.forget import parse_created
 from dedupe.engine.prune import PruneReport
-from dedupe.engine.sources import iter_source
+from dedupe.engine.sources import Source, iter_source
 from dedupe.engine.verify import VerifyReport, verify_repository
 from dedupe.errors import (
     DedupeError,
@@ -63,9 +64,9 @@ from dedupe.store import RepositoryStore
 from dedupe.store.locks import RepositoryLock
 from dedupe.store.repository import utc_now
 
-if TYPE_CHECKING:
-    from dedupe.api import Passphrase, Repository, Target
-    from dedupe.engine.sources import Source
+# The handle's types are named by module (`dedupe.api.Repository`), as dedupe.api names
+# its own lazily loaded ones: the annotations must resolve at run time (typing.
+# get_type_hints), and dedupe.api, which imports this module lazily, is loaded by then.
 
 # Blocks each branch of a Tee may hold before the reader waits for the slowest branch.
 TEE_DEPTH = 4
@@ -244,7 +245,7 @@ class Replicas:
     DEDUPE_REPLICA_<NAME>_PASSWORD or DEDUPE_REPLICA_PASSWORD (and their _FILE and
     _COMMAND forms). Set it to give them another way."""
 
-    def __init__(self, repo: Repository) -> None:
+    def __init__(self, repo: dedupe.api.Repository) -> None:
         self._repo = repo
         self.passphrase: Callable[[str], bytes] = replica_passphrase
 
@@ -272,7 +273,7 @@ class Replicas:
         *,
         name: str | None = None,
         mode: str = "async",
-        passphrase: Passphrase = None,
+        passphrase: dedupe.api.Passphrase = None,
     ) -> ReplicaInfo:
         """Name the repository at `location` (it exists: `init` it first, with its own
         passphrase) as a replica. It is opened here, and its repository id pinned; its key
@@ -336,13 +337,13 @@ class Replicas:
             )
         return ReplicaInfo.of(record)
 
-    async def open(self, name: str) -> Repository:
+    async def open(self, name: str) -> dedupe.api.Repository:
         """The replica `name`, open; ReplicaError when it cannot be opened or is not the
         repository that was added."""
         (record,) = self._records([name])
         return await self._open(record)
 
-    async def _open(self, record: ReplicaRecord) -> Repository:
+    async def _open(self, record: ReplicaRecord) -> dedupe.api.Repository:
         from dedupe.api import Repository
 
         try:
@@ -467,7 +468,7 @@ class Replicas:
     ) -> BackupStats:
         """Repository.backup with sync replicas (see the module docstring)."""
         records = self.sync_replicas()
-        targets: builtins.list[Repository] = []
+        targets: builtins.list[dedupe.api.Repository] = []
         try:
             for record in records:
                 targets.append(await self._open(record))
@@ -484,7 +485,7 @@ class Replicas:
 
     async def _backup_to_all(
         self,
-        targets: builtins.list[Repository],
+        targets: builtins.list[dedupe.api.Repository],
         records: builtins.list[ReplicaRecord],
         source: Source,
         name: str,
@@ -709,7 +710,7 @@ class Replicas:
     async def _store_again(
         self,
         gen: Generation,
-        replica: Repository,
+        replica: dedupe.api.Repository,
         copy: Generation,
         scratch: str | os.PathLike[str] | None,
     ) -> BackupStats:
@@ -734,7 +735,7 @@ class Replicas:
     async def restore_after_damage(
         self,
         gen: Generation,
-        target: Target,
+        target: dedupe.api.Target,
         overwrite: bool,
         progress: ProgressCallback | None,
         error: DedupeError,

@@ -37,6 +37,8 @@ import dedupe
 PROJECT_ROOT = Path(dedupe.__file__).resolve().parents[1]
 # dedupe.api first: what both export is named after the module that defines it.
 PUBLIC_MODULES = ("dedupe.api", "dedupe")
+# Classes outside the public modules that the API hands out as handles.
+HANDLES = ("Replicas", "Objectives")
 
 
 def _roots() -> Iterator[tuple[str, Any]]:
@@ -109,11 +111,14 @@ def _classes_in(hint: Any) -> Iterator[type]:
         yield hint
 
 
-def _public_dataclass(cls: type) -> bool:
+def _followed(cls: type) -> bool:
+    """A class met in a resolved annotation whose own hints are checked too: the public
+    dataclasses (reports and records), and the handles the API hands out (repo.replicas,
+    repo.objectives), whose methods are API as much as the Repository's."""
     return (
-        dataclasses.is_dataclass(cls)
-        and cls.__module__.startswith("dedupe")
+        cls.__module__.startswith("dedupe")
         and not cls.__name__.startswith("_")
+        and (dataclasses.is_dataclass(cls) or cls.__qualname__ in HANDLES)
     )
 
 
@@ -149,7 +154,7 @@ def check_hints() -> tuple[list[str], list[str]]:
             else:
                 continue  # a type alias or a constant: met through the callables using it
             for cls in (c for hint in found for c in _classes_in(hint)):
-                if _public_dataclass(cls) and id(cls) not in seen:
+                if _followed(cls) and id(cls) not in seen:
                     queue.append((f"{cls.__module__}.{cls.__qualname__}", cls))
     return checked, failed
 
@@ -170,6 +175,8 @@ def test_every_public_callable_has_resolvable_hints() -> None:
         "dedupe.engine.forget.ForgetDecision",
         "dedupe.engine.repair.SkippedPack",
         "dedupe.engine.keys.EpochStatus",
+        "dedupe.replication.Replicas.add",
+        "dedupe.objectives.Objectives.status",
     ):
         assert label in checked
 
