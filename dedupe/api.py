@@ -972,7 +972,9 @@ class Repository:
         needs, ready to start (as the user that owns it). A cluster with tablespaces also
         gets each of them unpacked: into `tablespaces[oid]` (or `tablespaces[its location
         on the server]`) when given, else `<datadir>_tablespaces/<oid>`, each new or
-        empty; the data directory's tablespace_map points PostgreSQL at them. Everything
+        empty; the data directory's tablespace_map points PostgreSQL at them. A key of
+        `tablespaces` that names none of the generation's tablespaces is a TargetError
+        (a mistyped one would put the data where the operator does not look). Everything
         made is removed again if the restore fails."""
         from dedupe.engine.databases import BASEBACKUP_TARS, is_postgres_basebackup
 
@@ -985,9 +987,17 @@ class Repository:
             )
         path = os.path.abspath(os.fspath(datadir))
         wanted = dict(tablespaces or {})
+        known = dict(gen.source.get("tablespaces") or {})  # oid -> location on the server
+        unknown = sorted(set(wanted) - set(known) - set(known.values()))
+        if unknown:
+            have = ", ".join(f"{oid} ({old})" for oid, old in sorted(known.items()))
+            raise TargetError(
+                f"generation {gen.id[:12]} has no tablespace {', '.join(unknown)}",
+                hint=f"its tablespaces: {have}" if have else "it has no tablespaces",
+            )
         places = {
             oid: os.path.abspath(wanted.get(oid) or wanted.get(old) or f"{path}_tablespaces/{oid}")
-            for oid, old in (gen.source.get("tablespaces") or {}).items()
+            for oid, old in known.items()
         }
         made: list[str] = []
         for where in [path, *places.values()]:

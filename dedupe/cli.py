@@ -1129,6 +1129,15 @@ def diff(ctx: click.Context, old: str, new: str, as_json: bool) -> None:
     type=click.Path(file_okay=False),
     help="Unpack a pgbase: generation into DIR (new or empty): a data directory to start.",
 )
+@click.option(
+    "--tablespace-map",
+    "tablespace_map",
+    metavar="OLD=NEW",
+    multiple=True,
+    help="With --into-datadir: unpack tablespace OLD (its oid, or its location on the "
+    "server) into directory NEW (new or empty) instead of DIR_tablespaces/<oid>. "
+    "Repeatable, as pg_basebackup's --tablespace-mapping.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace TARGET if it exists.")
 @click.option("--force", is_flag=True, help="Write to standard output even if it is a terminal.")
 @json_option
@@ -1141,6 +1150,7 @@ def restore(
     to_command: str | None,
     into_db: str | None,
     into_datadir: str | None,
+    tablespace_map: tuple[str, ...],
     overwrite: bool,
     force: bool,
     as_json: bool,
@@ -1155,6 +1165,17 @@ def restore(
         raise click.UsageError(
             "give one of TARGET, --to-command COMMAND, --into-db NEWDB, --into-datadir DIR"
         )
+    if tablespace_map and into_datadir is None:
+        raise click.UsageError("--tablespace-map goes with --into-datadir")
+    tablespaces: dict[str, str] = {}
+    for mapping in tablespace_map:
+        old, sep, new = mapping.partition("=")
+        if not (sep and old and new) or old in tablespaces:
+            raise click.BadParameter(
+                f"{mapping!r}: give OLD=NEW once per tablespace (OLD its oid or its location)",
+                param_hint="--tablespace-map",
+            )
+        tablespaces[old] = new
     command = None
     if to_command is not None:
         try:
@@ -1173,7 +1194,7 @@ def restore(
             with progress_bar(not as_json and not to_stdout, "restore") as callback:
                 if into_datadir is not None:
                     stats = await repo.restore_into_datadir(
-                        generation, into_datadir, progress=callback
+                        generation, into_datadir, tablespaces=tablespaces, progress=callback
                     )
                 elif into_db is not None:
                     stats = await repo.restore_into_postgres(generation, into_db, progress=callback)

@@ -541,6 +541,26 @@ def test_restore_target_exists(populated: tuple[Path, str], tmp_path: Path) -> N
     assert sorted(os.listdir(tmp_path)) == ["out.bin", "repo"]
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (("--tablespace-map", "a=@b", "@out"), "--tablespace-map goes with --into-datadir"),
+        (("--into-datadir", "@d", "--tablespace-map", "nope"), "give OLD=NEW"),
+        (("--into-datadir", "@d", "--tablespace-map", "=@b"), "give OLD=NEW"),
+        (("--into-datadir", "@d", "--tablespace-map", "a=@b", "--tablespace-map", "a=@c"), "once"),
+    ],
+)
+def test_restore_tablespace_map_is_checked_before_anything(
+    tmp_path: Path, args: tuple[str, ...], said: str
+) -> None:
+    """A malformed --tablespace-map is a usage error before the repository is opened
+    (there is none here) and before anything is made. ("@" stands for tmp_path.)"""
+    args = tuple(a.replace("@", f"{tmp_path}/") for a in args)
+    proc = run_cli("restore", "cluster@latest", *args, env=env_for(tmp_path / "none"))
+    assert proc.returncode == 2 and said in proc.stderr.decode(), proc.stderr.decode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_restore_target_in_a_missing_directory(populated: tuple[Path, str], tmp_path: Path) -> None:
     repo, gen = populated
     proc = run_cli("restore", gen, str(tmp_path / "no" / "such" / "out.bin"), env=env_for(repo))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSPHRASE, make_repo
+from conftest import PASSPHRASE, dedupe_cli, make_repo
 
 from dedupe import Command, Repository, postgres_basebackup, postgres_dump
 from dedupe.errors import IntegrityError, SourceError, TargetError
@@ -304,6 +304,29 @@ def test_a_cluster_with_a_tablespace_restores_with_it_and_starts(
             env = {**os.environ, "PGPORT": str(port)}
             assert state(db, env) == want
             assert psql(db, "select count(*) from pg_tablespace", env) == "3"
+
+        # The CLI: the tablespace where the operator says (by its old location), and a
+        # mapping that names no tablespace refused before anything is made.
+        cli_env = {**os.environ, "DEDUPE_REPO": str(tmp_path / "repo")}
+        cli_env["DEDUPE_PASSWORD"] = PASSPHRASE
+        elsewhere = Path(tempfile.mkdtemp(prefix="dedupe-restored-pg-"))
+        wrong = dedupe_cli(
+            "restore", "cluster@latest", "--into-datadir", str(elsewhere / "data"),
+            "--tablespace-map", f"{place}x={elsewhere / 'fast'}", env=cli_env,
+        )  # fmt: skip
+        assert wrong.returncode == TargetError.exit_code
+        assert f"no tablespace {place}x" in wrong.stderr.decode()
+        assert list(elsewhere.iterdir()) == []
+        dedupe_cli(
+            "restore", "cluster@latest", "--into-datadir", str(elsewhere / "data"),
+            "--tablespace-map", f"{place}={elsewhere / 'fast'}", env=cli_env, check=True,
+        )  # fmt: skip
+        assert (elsewhere / "data" / "tablespace_map").read_text() == (
+            f"{oid} {elsewhere / 'fast'}\n"
+        )
+        assert any((elsewhere / "fast").iterdir())
+        assert not Path(f"{elsewhere / 'data'}_tablespaces").exists()
+        shutil.rmtree(elsewhere)
     finally:
         psql(db, "drop table orders")
         psql(db, f"drop tablespace {space}")
