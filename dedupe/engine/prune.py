@@ -97,6 +97,9 @@ T = TypeVar("T")
 
 COALESCE_GAP = 256 * 1024  # read through gaps between live blobs smaller than this
 MAX_RANGE = 8 * 1024 * 1024
+# The most of an object under dicts/ that prune --delete-unauthenticated reads to see
+# whether it is a writer's junk (it hashes to its name) or a grown dictionary (damage).
+MAX_JUNK_READ = 64 * 1024 * 1024
 READ_CONCURRENCY = 4
 DELETE_CONCURRENCY = 8
 DELETE_BATCH = 64  # deletions between two confirmations of the lock
@@ -752,6 +755,12 @@ async def _useless_dictionaries(
         if parsed is None or store.keymaps.get(DICTIONARY, bytes.fromhex(parsed[1])) is None:
             continue  # not named as one, or planted: the caller's
         ref, dict_id = parsed
+        if sizes[name] > MAX_JUNK_READ:  # anyone who can write files makes these for free
+            store.report(
+                f"{name} is {sizes[name]} bytes, more than prune reads to tell junk from a "
+                "damaged dictionary: remove it by hand if 'dedupe verify' names it"
+            )
+            continue
         if sizes[name] > MAX_DICT_OBJECT:
             if await _hashes_to(store.backend, name, sizes[name], dict_id, run):
                 useless.why[name] = f"{sizes[name]} bytes, more than a dictionary can be"
@@ -906,14 +915,15 @@ async def _bad_copies(
 
     def check(key: bytes, data: bytes, start: int, group: list[tuple[bytes, _Copy]]) -> list[bytes]:
         failed = []
-        for cid, c in group:
-            blob = memoryview(data)[c.offset - start : c.offset - start + c.stored]
-            try:
-                if len(blob) != c.stored:
-                    raise IntegrityError("cut off")
-                codec.open(key, cid, blob, c.raw)
-            except IntegrityError:
-                failed.append(cid)
+        with codec.one_pack():  # the range's dictionaries loaded once, at most 4 of them
+            for cid, c in group:
+                blob = memoryview(data)[c.offset - start : c.offset - start + c.stored]
+                try:
+                    if len(blob) != c.stored:
+                        raise IntegrityError("cut off")
+                    codec.open(key, cid, blob, c.raw)
+                except IntegrityError:
+                    failed.append(cid)
         return failed
 
     for pack_id, group in by_pack.items():

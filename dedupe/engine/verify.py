@@ -871,22 +871,25 @@ def open_blobs(
             pass  # find every bad blob and why, one at a time
     view = memoryview(data)
     bad: list[tuple[bytes, str, str]] = []
-    for chunk_id, offset, stored, raw in items:
-        what = f"chunk {chunk_id.hex()}"
-        if offset + stored > len(data):
-            bad.append((chunk_id, TRUNCATED, f"{what} is cut off by the end of the pack"))
-            continue
-        blob = view[offset : offset + stored]
-        try:
-            store.codec.open(key, chunk_id, blob, raw)
-        except IntegrityError as e:
-            # Tell a failed tag from content that authenticates but does not match its id.
+    # One pack: its blobs may name MAX_REFS_PER_CALL dictionaries in all, loaded once.
+    with store.codec.one_pack():
+        for chunk_id, offset, stored, raw in items:
+            what = f"chunk {chunk_id.hex()}"
+            if offset + stored > len(data):
+                bad.append((chunk_id, TRUNCATED, f"{what} is cut off by the end of the pack"))
+                continue
+            blob = view[offset : offset + stored]
             try:
-                open_sealed(key, blob, chunk_id, what)
-                reason = ID_MISMATCH
-            except IntegrityError:
-                reason = AUTH_FAILED
-            bad.append((chunk_id, reason, e.message))
+                store.codec.open(key, chunk_id, blob, raw)
+            except IntegrityError as e:
+                # Tell a failed tag from content that authenticates but does not match its
+                # id.
+                try:
+                    open_sealed(key, blob, chunk_id, what)
+                    reason = ID_MISMATCH
+                except IntegrityError:
+                    reason = AUTH_FAILED
+                bad.append((chunk_id, reason, e.message))
     return bad
 
 

@@ -15,9 +15,11 @@ DictionaryNeeded for a blob whose dictionary the codec was not given.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from itertools import accumulate
 from typing import Any, TypeVar
 
@@ -48,6 +50,10 @@ MAX_REFS_PER_CALL = 4
 # name and writer key; a verify of many of them, or a writer's oversized ones, must not
 # hold them all.
 DICT_BUDGET = 4 << 20
+# What each dictionary held costs beyond its bytes, charged against DICT_BUDGET: its
+# DDict's entropy tables (~27 KB whatever the content: zstd accepts a 1-byte dictionary),
+# its handle and its DictTable entry. So the budget holds at most 128 of them.
+DICT_OVERHEAD = 32 << 10
 _RAW = bytes([COMPRESSION_NONE])
 _ZSTD = bytes([COMPRESSION_ZSTD])
 _ZSTD_DICT = bytes([COMPRESSION_ZSTD_DICT])
@@ -271,6 +277,17 @@ def seal_batch(
     return pos
 
 
+class _Session:
+    """What the open calls of one pack loaded: the refs (at most MAX_REFS_PER_CALL), and
+    those still pinned."""
+
+    __slots__ = ("tried", "pinned")
+
+    def __init__(self) -> None:
+        self.tried: set[bytes] = set()
+        self.pinned: list[bytes] = []
+
+
 class BlobCodec:
     """Thread-safe: each worker thread gets its own zstd contexts (and native codec).
     `native=None` uses the kernels when they are available; False forces the twin.
@@ -302,6 +319,9 @@ class BlobCodec:
         # Refs that open calls in progress loaded (how many calls each): never dropped,
         # or a call that needs several could lose the first while loading the next.
         self._pinned: dict[bytes, int] = {}
+        # The content digest of every ref ever added, dropped or not: a second dictionary
+        # under a ref makes it unusable even once the first has been dropped.
+        self._seen: dict[bytes, bytes] = {}
 
     def add_dictionary(self, d: Dictionary) -> None:
         """Open blobs that name d.ref with d, in every thread from now on. Adding it
@@ -320,29 +340,31 @@ class BlobCodec:
         have = by_ref.get(d.ref)
         if d.ref in unusable or have is d or (have is not None and have.data == d.data):
             return
+        digest = hashlib.blake2b(d.data, digest_size=16).digest()
+        seen = self._seen.setdefault(d.ref, digest)
         by_ref = dict(by_ref)
-        if have is None:
+        if have is None and seen == digest:
             if self.native:
                 d.native_open()
             else:
                 d.pure_open()
             by_ref[d.ref] = d
             self._drop_past_budget(by_ref)
-        else:
-            del by_ref[d.ref]
+        else:  # another dictionary has this ref (held now, or dropped since)
+            by_ref.pop(d.ref, None)
             unusable = unusable | {d.ref}
         self._publish(by_ref, unusable)
 
     def _drop_past_budget(self, by_ref: dict[bytes, Dictionary]) -> bool:
         """Drop the oldest of `by_ref`, but the newest and pinned refs, until it holds no
         more than DICT_BUDGET bytes, or only those. Whether any was dropped."""
-        held = sum(len(x.data) for x in by_ref.values())
+        held = sum(len(x.data) + DICT_OVERHEAD for x in by_ref.values())
         dropped = False
         for ref in list(by_ref)[:-1]:  # oldest first
             if held <= DICT_BUDGET:
                 break
             if ref not in self._pinned:
-                held -= len(by_ref.pop(ref).data)
+                held -= len(by_ref.pop(ref).data) + DICT_OVERHEAD
                 dropped = True
         return dropped
 
@@ -399,45 +421,70 @@ class BlobCodec:
             held = self._local.dict_cctx = (d, c)
         return held[1]
 
+    @contextmanager
+    def one_pack(self) -> Iterator[None]:
+        """Blobs of one pack opened in several calls on this thread (a check blob by blob,
+        the pure twin's loops) count as one call: the dictionaries they load stay pinned
+        until the block ends, and together they may name at most MAX_REFS_PER_CALL
+        (otherwise a pack cycling through more dictionaries than the budget holds would
+        cost a load per blob)."""
+        if getattr(self._local, "session", None) is not None:
+            yield  # already inside one
+            return
+        session = self._local.session = _Session()
+        try:
+            yield
+        finally:
+            self._local.session = None
+            self._unpin(session)
+
     def _loading(self, go: Callable[[], _T]) -> _T:
         """go(), with each dictionary it lacks loaded by `loader` and go() tried again.
-        One call opens the blobs of one pack, which a backup compressed with one
-        dictionary: blobs naming more than MAX_REFS_PER_CALL are refused, rather than
-        paying a load and a rerun of the batch each (a writer could make every blob of a
-        pack name another dictionary)."""
-        tried: set[bytes] = set()
-        pinned: list[bytes] = []
+        One call (or one_pack block) opens the blobs of one pack, which a backup
+        compressed with one dictionary: blobs naming more than MAX_REFS_PER_CALL are
+        refused, rather than paying a load and a rerun of the batch each (a writer could
+        make every blob of a pack name another dictionary)."""
+        session = getattr(self._local, "session", None)
+        mine = session is None
+        if session is None:
+            session = _Session()
         try:
             while True:
                 try:
                     return go()
                 except DictionaryNeeded as e:
                     loader = self.loader
-                    if loader is None or e.ref in tried:
+                    if loader is None or e.ref in session.tried:
                         raise
-                    if len(tried) >= MAX_REFS_PER_CALL:
+                    if len(session.tried) >= MAX_REFS_PER_CALL:
                         raise IntegrityError(
                             f"chunk {e.chunk_id.hex()[:16]} names a compression dictionary"
-                            f" after {len(tried)} others in blobs opened together: no backup"
-                            " makes a pack so; its blobs are refused"
+                            f" after {len(session.tried)} others in blobs opened together:"
+                            " no backup makes a pack so; its blobs are refused"
                         ) from None
-                    tried.add(e.ref)
+                    session.tried.add(e.ref)
                     d = loader(e.ref)
                     with self._dict_lock:
                         self._pinned[e.ref] = self._pinned.get(e.ref, 0) + 1
-                        pinned.append(e.ref)
+                        session.pinned.append(e.ref)
                         self._add(d)
         finally:
-            if pinned:
-                with self._dict_lock:
-                    for ref in pinned:
-                        left = self._pinned.pop(ref) - 1
-                        if left:
-                            self._pinned[ref] = left
-                    by_ref, unusable, _table = self._dicts
-                    by_ref = dict(by_ref)
-                    if self._drop_past_budget(by_ref):  # what the pins held over it
-                        self._publish(by_ref, unusable)
+            if mine:
+                self._unpin(session)
+
+    def _unpin(self, session: _Session) -> None:
+        """Let go of what `session` pinned, and drop what the pins held over the budget."""
+        if not session.pinned:
+            return
+        with self._dict_lock:
+            for ref in session.pinned:
+                left = self._pinned.pop(ref) - 1
+                if left:
+                    self._pinned[ref] = left
+            by_ref, unusable, _table = self._dicts
+            by_ref = dict(by_ref)
+            if self._drop_past_budget(by_ref):
+                self._publish(by_ref, unusable)
 
     def _failed(self, e: Exception, chunk_id: bytes) -> IntegrityError:
         """What a native OpenError for chunk_id means."""
@@ -547,10 +594,11 @@ class BlobCodec:
         pack's bytes from offset `base` on and covers every item."""
         if not self.native:
             view = memoryview(data)
-            return [
-                self.open(key, cid, view[off - base : off - base + stored], raw)
-                for cid, off, stored, raw in items
-            ]
+            with self.one_pack():
+                return [
+                    self.open(key, cid, view[off - base : off - base + stored], raw)
+                    for cid, off, stored, raw in items
+                ]
         view, ends = self._open_native(key, data, base, items)
         return [view[s:e] for s, e in zip([0, *ends], ends, strict=False)]
 
@@ -643,14 +691,15 @@ class BlobCodec:
             self._loading(go)
             return
         view, window = memoryview(data), memoryview(out)
-        for i in range(lo, hi):
-            _pack, offset, stored, raw, pos = PLAN_ITEM.unpack_from(items, i * PLAN_ITEM.size)
-            if offset < base or offset - base + stored > len(view) or pos + raw > len(window):
-                raise ValueError("open_planned: a blob or chunk lies outside its buffer")
-            cid = ids[i * 32 : i * 32 + 32]
-            window[pos : pos + raw] = self.open(
-                key, cid, view[offset - base : offset - base + stored], raw
-            )
+        with self.one_pack():
+            for i in range(lo, hi):
+                _pack, offset, stored, raw, pos = PLAN_ITEM.unpack_from(items, i * PLAN_ITEM.size)
+                if offset < base or offset - base + stored > len(view) or pos + raw > len(window):
+                    raise ValueError("open_planned: a blob or chunk lies outside its buffer")
+                cid = ids[i * 32 : i * 32 + 32]
+                window[pos : pos + raw] = self.open(
+                    key, cid, view[offset - base : offset - base + stored], raw
+                )
 
     def copy_repeats(self, out: Any, copies: bytes) -> None:
         """Fill the window's repeated chunks (PLAN_COPY records) from their first

@@ -674,7 +674,7 @@ def test_a_codec_keeps_a_bounded_set_of_dictionaries_and_reloads_a_dropped_one(
 ) -> None:
     """Past DICT_BUDGET bytes the oldest dictionaries go; a blob that names one again has
     it loaded again through `loader`, and opens."""
-    monkeypatch.setattr(blobs_module, "DICT_BUDGET", 3 * 64 * 1024)
+    monkeypatch.setattr(blobs_module, "DICT_BUDGET", 3 * (64 * 1024 + blobs_module.DICT_OVERHEAD))
     dicts = _raw_dictionaries(6, 64 * 1024)
     codec = BlobCodec(3, HASHER, native=native)
     for d in dicts:
