@@ -443,6 +443,10 @@ class RepositoryStore:
         # Refs found to have no usable dictionary, and why: each later blob that names one
         # fails at once (verify opens them one by one) until the next refresh_index.
         self._dict_failed: dict[bytes, IntegrityError] = {}
+        # Dictionary objects that did not open as their name says, by name, until the next
+        # operation: a reload (the codec's budget dropped the dictionary) then reads only
+        # the object that serves the ref, not every copy planted beside it.
+        self._dict_bad: dict[str, IntegrityError | KeyNotAvailable] = {}
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -736,6 +740,7 @@ class RepositoryStore:
         index_sizes = await self.cache.listing(self.backend, "index/")
         listed = set(named_ids(list(index_sizes)).values())
         self._dict_failed.clear()  # an operation starts: look again
+        self._dict_bad.clear()
         self._loop = asyncio.get_running_loop()  # the loop it runs on loads dictionaries
         if not self._cache_tidied:  # once per open: a prune elsewhere removed some
             self._cache_tidied = True
@@ -976,7 +981,16 @@ class RepositoryStore:
     async def open_dictionary(self, name: str, ref: bytes, dict_id: str) -> bytes:
         """The content of dictionary object `name`, checked as FORMAT.md 16 says: its
         entry, its size, its bytes against its name, its AEAD, its content against its
-        ref."""
+        ref. A failure is remembered by name until the next refresh_index."""
+        if name in self._dict_bad:
+            raise self._dict_bad[name]
+        try:
+            return await self._open_dictionary(name, ref, dict_id)
+        except (IntegrityError, KeyNotAvailable) as e:
+            self._dict_bad[name] = e
+            raise
+
+    async def _open_dictionary(self, name: str, ref: bytes, dict_id: str) -> bytes:
         what = f"dictionary {dict_id}"
         keys = self.keymaps.read_keys(
             await self.keymaps.find(DICTIONARY, bytes.fromhex(dict_id), what), what

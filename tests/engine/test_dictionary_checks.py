@@ -377,6 +377,30 @@ def test_a_failed_load_fails_fast_until_the_next_operation_which_looks_again(
     run_asyncio(main())
 
 
+def test_a_damaged_dictionary_is_remembered_only_until_the_next_operation(
+    run_asyncio: Any, repo: Path, tmp_path: Path, template: tuple[Path, Path, Path]
+) -> None:
+    """A dictionary object that does not open is remembered by name for the rest of the
+    operation (a reload then does not read it again); once its bytes are good again, the
+    next operation of the same handle opens it."""
+
+    async def main() -> None:
+        name, _ref, _dict_id = await orders_dictionary(repo)
+        good = (repo / name).read_bytes()
+        (repo / name).write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+        fresh = await opened(repo)
+        try:
+            report = await fresh.verify(read_data=True, quarantine=False)
+            assert name in {d.name for d in report.damaged}
+            (repo / name).write_bytes(good)  # repaired (a replica, the operator)
+            await fresh.restore("orders@latest", tmp_path / "out")
+        finally:
+            await fresh.close()
+        assert (tmp_path / "out").read_bytes() == template[1].read_bytes()
+
+    run_asyncio(main())
+
+
 def test_concurrent_loads_of_one_ref_read_it_once(
     run_asyncio: Any, repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
