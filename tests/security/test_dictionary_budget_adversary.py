@@ -36,6 +36,7 @@ from engine.test_page_dictionaries import make_db, shrink_sampler
 
 from dedupe import Repository
 from dedupe.crypto import KdfParams, new_key
+from dedupe.engine import prune as prune_module
 from dedupe.errors import IntegrityError
 from dedupe.hashing import ChunkHasher, object_id
 from dedupe.store import blobs as blobs_module
@@ -299,6 +300,44 @@ def test_a_pack_cycling_through_dictionaries_costs_loads_per_dictionary_not_per_
     assert len(loads) <= n + 2 * MAX_REFS_PER_CALL, (
         f"{len(loads)} dictionary loads for {n} dictionaries named by {n * rounds} blobs"
     )
+
+
+def test_prunes_copy_check_of_such_a_pack_loads_per_dictionary_not_per_blob(
+    run_asyncio: Run, repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same pack through prune's copy check (prune._bad_copies, which opens a range's
+    blobs one call each to tell which are bad): one BlobCodec.one_pack per range, so at
+    most MAX_REFS_PER_CALL loads per range, and the blobs past them count as bad copies."""
+    budget(monkeypatch, 2 * 64 * 1024)
+    n, rounds = 12, 6
+    contents = contents_of(n, 64 * 1024)
+    order = [[(i, r) for r in range(rounds) for i in range(n)]]
+
+    async def main() -> tuple[list[bytes], int, int]:
+        await writer_plants_dictionaries(repo, contents, order)
+        admin = await opened(repo)
+        try:
+            store = admin._store
+            await store.refresh_index()
+            items = []
+            for i, r in order[0]:
+                cid = store.hasher.chunk_id(contents[i][r * 64 : r * 64 + 4096])
+                where = store.index.get(cid)
+                assert where is not None
+                pack_id = store.index.packs[where.pack_no].pack_id
+                copy = prune_module._Copy(
+                    pack_id, where.offset, where.stored_length, where.raw_length
+                )
+                items.append((cid, copy))
+            loads = count_loads(store)
+            bad = await prune_module._bad_copies(store, items, asyncio.to_thread)
+        finally:
+            await closed(admin)
+        return loads, len(bad), len(items)
+
+    loads, bad, blobs = run_asyncio(main())
+    assert len(loads) <= MAX_REFS_PER_CALL, f"{len(loads)} loads for one pack's range"
+    assert bad == blobs - MAX_REFS_PER_CALL * rounds  # those of the first four dictionaries open
 
 
 # Was FINDING 1b (medium, A): a load reads, hashes and opens every vouched object listed
