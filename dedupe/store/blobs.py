@@ -341,13 +341,14 @@ class BlobCodec:
         if d.ref in unusable or have is d or (have is not None and have.data == d.data):
             return
         digest = hashlib.blake2b(d.data, digest_size=16).digest()
-        seen = self._seen.setdefault(d.ref, digest)
+        seen = self._seen.get(d.ref)
         by_ref = dict(by_ref)
-        if have is None and seen == digest:
+        if have is None and seen in (None, digest):
             if self.native:
                 d.native_open()
             else:
                 d.pure_open()
+            self._seen[d.ref] = digest  # only once zstd took it: a refusal changes nothing
             by_ref[d.ref] = d
             self._drop_past_budget(by_ref)
         else:  # another dictionary has this ref (held now, or dropped since)

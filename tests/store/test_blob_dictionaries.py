@@ -508,6 +508,11 @@ def test_dictionary_bytes_that_zstd_refuses_are_named(pages: list[bytes], native
     blob = _sealed(key, b"\x02" + bad.ref + b"\x28\xb5\x2f\xfd", cid)
     with pytest.raises(DictionaryNeeded):
         codec.open_many(key, blob, 0, [(cid, 0, len(blob), PAGE)])
+    # Left as it was: a usable dictionary under the same ref is taken afterwards (a
+    # refused one is not remembered as the ref's content).
+    good = Dictionary(bad.ref, random.Random(3).randbytes(4096))
+    codec.add_dictionary(good)
+    assert codec.dictionary(bad.ref) is good
 
 
 def test_a_dictionary_is_immutable_and_its_ref_8_bytes(pages_dict: Dictionary) -> None:
