@@ -83,7 +83,6 @@ from dedupe.store.dictionaries import (
     DICT_PREFIX,
     MAX_DICT_OBJECT,
     REF_SIZE,
-    decode_dictionary,
     dict_name,
     parse_dict_name,
 )
@@ -767,7 +766,7 @@ async def _useless_dictionaries(
             continue
         try:
             data = await store.backend.get_small(name, MAX_DICT_OBJECT)
-            plain = await _open_dictionary_object(store, name, dict_id, data, run)
+            plain = await store.open_dictionary_object(name, dict_id, data)
         except (IntegrityError, KeyNotAvailable, UnsupportedFormat):
             continue
         true_ref = store.hasher.chunk_id(plain)[:REF_SIZE]
@@ -826,27 +825,6 @@ async def _hashes_to(
             return False
         await run(digest.update, part)
     return bool(digest.hexdigest() == oid)
-
-
-async def _open_dictionary_object(
-    store: RepositoryStore,
-    name: str,
-    dict_id: str,
-    data: bytes,
-    run: Callable[..., Awaitable[Any]],
-) -> bytes:
-    """The content of dictionary object `name` (`data`), opened under a key of its
-    entries: RepositoryStore.open_dictionary without the ref check, for the ref is what
-    is asked."""
-    what = f"dictionary {dict_id}"
-    found = await store.keymaps.find(DICTIONARY, bytes.fromhex(dict_id), what)
-    errors: list[IntegrityError] = []
-    for key in store.keymaps.read_keys(found, what):
-        try:
-            return bytes(await run(decode_dictionary, key, name, data))
-        except IntegrityError as e:
-            errors.append(e)
-    raise errors[0] if errors else KeyNotAvailable(f"no key of this repository opens {what}")
 
 
 async def _drop_useless_dictionaries(

@@ -991,23 +991,33 @@ class RepositoryStore:
             raise
 
     async def _open_dictionary(self, name: str, ref: bytes, dict_id: str) -> bytes:
+        plain = await self.open_dictionary_object(name, dict_id)
+        if self.hasher.chunk_id(plain)[:REF_SIZE] != ref:
+            raise IntegrityError(
+                f"dictionary {dict_id} does not hold the dictionary its name refers to"
+            )
+        return plain
+
+    async def open_dictionary_object(
+        self, name: str, dict_id: str, data: bytes | None = None
+    ) -> bytes:
+        """The content of dictionary object `name` (its bytes `data`, read here when not
+        given), opened under a key of its key map entries: its bytes against its name and
+        its AEAD, not its ref (open_dictionary checks that; prune asks what it is).
+        KeyNotAvailable when no entry is for this key, IntegrityError otherwise."""
         what = f"dictionary {dict_id}"
         keys = self.keymaps.read_keys(
             await self.keymaps.find(DICTIONARY, bytes.fromhex(dict_id), what), what
         )
-        data = await self.backend.get_small(name, MAX_DICT_OBJECT)
+        if data is None:
+            data = await self.backend.get_small(name, MAX_DICT_OBJECT)
         errors: list[IntegrityError] = []
         for key in keys:
             try:
-                plain = await asyncio.to_thread(decode_dictionary, key, name, data)
-                break
+                return await asyncio.to_thread(decode_dictionary, key, name, data)
             except IntegrityError as e:
                 errors.append(e)
-        else:
-            raise errors[0]
-        if self.hasher.chunk_id(plain)[:REF_SIZE] != ref:
-            raise IntegrityError(f"{what} does not hold the dictionary its name refers to")
-        return plain
+        raise errors[0] if errors else KeyNotAvailable(f"no key of this repository opens {what}")
 
     async def load_dictionary(self, ref: bytes) -> Dictionary:
         """The usable dictionary of `ref`, given to the codec; loaded once however many

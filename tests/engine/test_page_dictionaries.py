@@ -9,10 +9,13 @@ databases exercise the mid-stream switch; nothing else is changed."""
 
 from __future__ import annotations
 
+import asyncio
 import random
+import shutil
 import sqlite3
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from conftest import PASSPHRASE, make_repo
@@ -27,6 +30,7 @@ from dedupe.store.dictionaries import DICT_PREFIX, dict_name, parse_dict_name
 
 WRITER_PW = "writer passphrase"
 WEAK = KdfParams.weakest()
+T = TypeVar("T")
 
 
 def shrink_sampler(mp: pytest.MonkeyPatch) -> None:
@@ -38,6 +42,21 @@ def shrink_sampler(mp: pytest.MonkeyPatch) -> None:
 @pytest.fixture(autouse=True)
 def small_sampler(monkeypatch: pytest.MonkeyPatch) -> None:
     shrink_sampler(monkeypatch)
+
+
+def built_with_small_sampler(build: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """What `build()` makes with the sampler shrunk: for module-scoped template fixtures,
+    which the function-scoped monkeypatch does not reach."""
+    with pytest.MonkeyPatch.context() as mp:
+        shrink_sampler(mp)
+        return asyncio.run(build())
+
+
+def private_copy(template_repo: Path, tmp_path: Path) -> Path:
+    """A copy of a module's template repository for one test to change."""
+    dest = tmp_path / "repo"
+    shutil.copytree(template_repo, dest, symlinks=True)
+    return dest
 
 
 def make_db(path: Path, rows: int, seed: int = 1, start: int = 0) -> Path:

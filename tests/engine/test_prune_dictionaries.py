@@ -22,7 +22,12 @@ from typing import Any
 
 import pytest
 from conftest import PASSPHRASE, make_repo
-from engine.test_page_dictionaries import make_db, restored, shrink_sampler
+from engine.test_page_dictionaries import (
+    built_with_small_sampler,
+    make_db,
+    private_copy,
+    restored,
+)
 
 from dedupe import Repository
 from dedupe.crypto import KdfParams, new_key
@@ -60,17 +65,13 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Template:
             await admin.close()
         return Template(base, db, real, gen)
 
-    with pytest.MonkeyPatch.context() as mp:
-        shrink_sampler(mp)
-        return asyncio.run(build())
+    return built_with_small_sampler(build)
 
 
 @pytest.fixture
 def repo(template: Template, tmp_path: Path) -> Path:
     """A private copy of the template repository."""
-    dest = tmp_path / "repo"
-    shutil.copytree(template.root / "repo", dest, symlinks=True)
-    return dest
+    return private_copy(template.root / "repo", tmp_path)
 
 
 def elsewhere(name: str, ref: bytes = bytes(8)) -> str:

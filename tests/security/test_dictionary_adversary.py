@@ -31,7 +31,13 @@ from typing import Any
 import pytest
 import zstandard
 from conftest import PASSPHRASE, make_repo
-from engine.test_page_dictionaries import make_db, pack_blobs, shrink_sampler
+from engine.test_page_dictionaries import (
+    built_with_small_sampler,
+    make_db,
+    pack_blobs,
+    private_copy,
+    shrink_sampler,
+)
 
 from dedupe import Repository
 from dedupe.crypto import KdfParams, new_key
@@ -109,17 +115,13 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Template:
             await closed(w1)
         return Template(base, admin_db, w1_db, admin_dict, w1_dict, orders_gen, w1_gen)
 
-    with pytest.MonkeyPatch.context() as mp:
-        shrink_sampler(mp)
-        return asyncio.run(build())
+    return built_with_small_sampler(build)
 
 
 @pytest.fixture
 def repo(template: Template, tmp_path: Path) -> Path:
     """A private copy of the template repository."""
-    dest = tmp_path / "repo"
-    shutil.copytree(template.root / "repo", dest, symlinks=True)
-    return dest
+    return private_copy(template.root / "repo", tmp_path)
 
 
 # --- helpers ---------------------------------------------------------------------------------
