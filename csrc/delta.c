@@ -13,9 +13,16 @@
 #define EMPTY UINT32_MAX
 /* 1,820 records: the largest whole number of records in 64 KiB. */
 #define WINDOW_RECORDS (65536 / R)
+/* Slots: at most 3/4 used (linear probing stays short), grown by half when more are
+ * needed, so 4/3 to 2 slots (10.7 to 16 bytes) per distinct parent record, and never the
+ * power-of-two step that doubled the table of a parent just past 2^k records. The slot
+ * index is the multiply-shift reduction of the 32-bit tag, so any count up to 2^32 works
+ * and a growth rehashes from the tags alone. */
+#define MIN_SLOTS 1024u
+#define MAX_SLOTS (UINT64_C(1) << 32)
 
 typedef struct {
-    uint32_t tag; /* high half of the record's hash; the slot index is its low bits */
+    uint32_t tag; /* high half of the record's hash; the slot index is derived from it */
     uint32_t pos; /* first occurrence in the parent, or EMPTY */
 } slot_t;
 
@@ -24,7 +31,7 @@ struct ddp_delta {
     int fd;             /* else read from here */
     uint64_t n_parent;
     slot_t *slots;
-    size_t cap; /* a power of two */
+    size_t cap; /* MIN_SLOTS .. MAX_SLOTS */
     size_t count;
     uint8_t *window; /* parent records win_start .. win_start + win_n (file mode) */
     uint64_t win_start, win_n;
@@ -81,11 +88,15 @@ static const uint8_t *parent_at(ddp_delta *d, uint64_t pos)
 /* The slot holding `rec`'s first occurrence, or the empty slot where it would go.
  * `scan`/`scan_start`/`scan_n`: records being indexed, to compare with in place. Returns
  * -1 on a read error. */
+static size_t home_slot(uint32_t tag, size_t cap)
+{
+    return (size_t)(((uint64_t)tag * (uint64_t)cap) >> 32); /* < cap, as cap <= 2^32 */
+}
+
 static int64_t find_slot(ddp_delta *d, const uint8_t *rec, uint32_t tag, const uint8_t *scan,
                          uint64_t scan_start, uint64_t scan_n)
 {
-    size_t mask = d->cap - 1;
-    size_t i = (size_t)tag & mask;
+    size_t i = home_slot(tag, d->cap);
     while (d->slots[i].pos != EMPTY) {
         if (d->slots[i].tag == tag) {
             uint64_t p = d->slots[i].pos;
@@ -97,14 +108,25 @@ static int64_t find_slot(ddp_delta *d, const uint8_t *rec, uint32_t tag, const u
             if (memcmp(other, rec, R) == 0)
                 return (int64_t)i;
         }
-        i = (i + 1) & mask;
+        i = i + 1 == d->cap ? 0 : i + 1;
     }
     return (int64_t)i;
 }
 
+/* Called when count exceeds 3/4 of cap. At MAX_SLOTS nothing grows: count <= n_parent <
+ * 2^32 - 1 leaves an empty slot, so probes still end. */
 static int grow_slots(ddp_delta *d)
 {
-    size_t cap = d->cap * 2, mask = cap - 1;
+    if ((uint64_t)d->cap >= MAX_SLOTS)
+        return 0;
+    uint64_t want = (uint64_t)d->cap + d->cap / 2;
+    if (want > MAX_SLOTS)
+        want = MAX_SLOTS;
+    if (want > SIZE_MAX / sizeof(slot_t)) {
+        errno = ENOMEM;
+        return -1;
+    }
+    size_t cap = (size_t)want;
     slot_t *slots = malloc(cap * sizeof *slots);
     if (slots == NULL)
         return -1;
@@ -113,9 +135,9 @@ static int grow_slots(ddp_delta *d)
     for (size_t j = 0; j < d->cap; j++) {
         if (d->slots[j].pos == EMPTY)
             continue;
-        size_t i = (size_t)d->slots[j].tag & mask; /* distinct records: no compare */
+        size_t i = home_slot(d->slots[j].tag, cap); /* distinct records: no compare */
         while (slots[i].pos != EMPTY)
-            i = (i + 1) & mask;
+            i = i + 1 == cap ? 0 : i + 1;
         slots[i] = d->slots[j];
     }
     free(d->slots);
@@ -152,7 +174,7 @@ ddp_delta *ddp_delta_open(const uint8_t *parent, int fd, uint64_t n_parent)
     d->fd = fd;
     d->n_parent = n_parent;
     d->expect = -1;
-    d->cap = 1024;
+    d->cap = MIN_SLOTS;
     d->slots = malloc(d->cap * sizeof *d->slots);
     if (parent == NULL) {
         d->window = malloc(WINDOW_RECORDS * R);
@@ -181,7 +203,7 @@ ddp_delta *ddp_delta_open(const uint8_t *parent, int fd, uint64_t n_parent)
                 continue; /* a repeat: the first occurrence stays */
             d->slots[i].tag = tag;
             d->slots[i].pos = (uint32_t)(start + j);
-            if (++d->count * 2 > d->cap && grow_slots(d) != 0)
+            if (++d->count * 4 > d->cap * 3 && grow_slots(d) != 0)
                 goto fail;
         }
     }

@@ -15,8 +15,9 @@
  *
  * Records are 36 bytes (chunk id, raw length). The parent is either in memory or in a
  * file read with pread through a 64 KiB window, so that a backup need not hold its
- * parent's table: what the kernel holds is a table of first occurrences with one slot
- * per DISTINCT parent record (8 bytes each, at most half full), the window, and the ops.
+ * parent's table: what the kernel holds is a table of first occurrences with slots for
+ * DISTINCT parent records (8 bytes each, at most 3/4 full, grown by half: 10.7 to 16
+ * bytes per distinct record), the window, and the ops.
  * A slot keeps the record's position and a 32-bit tag of its hash; the slot index comes
  * from the tag, so the table grows without reading the parent again, and a tag match is
  * confirmed by comparing the parent's record itself.

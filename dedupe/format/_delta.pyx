@@ -119,5 +119,5 @@ cdef class DeltaBuilder:
 
     def memory_bytes(self):
         """What the kernel holds: one 8-byte slot per distinct parent record at most
-        half full, the read window, the ops."""
+        3/4 full, the read window, the ops."""
         return 0 if self._d == NULL else ddp_delta_memory(self._d)

@@ -152,7 +152,8 @@ def test_the_file_kernel_on_a_day_of_changes_across_many_windows() -> None:
 def test_the_kernel_holds_slots_for_distinct_records_not_for_records() -> None:
     """What lets an incremental's memory not grow with its snapshot: a parent of 300,000
     records that repeat 50 distinct ones costs the kernel a few KiB, where 300,000
-    distinct records cost 8 bytes each, twice over at most."""
+    distinct records cost 8-byte slots at most 3/4 full, grown by half: 4/3 to 2
+    slots a record."""
     distinct = [CHUNK_RECORD.pack(os.urandom(32), 65536) for _ in range(50)]
     repeating = b"".join(distinct[i % 50] for i in range(300_000))
     unique = b"".join(CHUNK_RECORD.pack(os.urandom(32), 1) for _ in range(300_000))
@@ -161,7 +162,7 @@ def test_the_kernel_holds_slots_for_distinct_records_not_for_records() -> None:
         f.flush()
         small = DeltaBuilder(fd=f.fileno(), n_parent=300_000).memory_bytes()
     big = DeltaBuilder(unique).memory_bytes()
-    assert small < 80 * 1024 < 8 * 300_000 <= big <= 4 * 8 * 300_000
+    assert small < 80 * 1024 < 8 * 300_000 * 4 // 3 <= big <= 8 * 300_000 * 2 + 128 * 1024
 
 
 def test_a_parent_file_shorter_than_its_count_is_an_error() -> None:
