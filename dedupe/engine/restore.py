@@ -43,6 +43,11 @@ COALESCE_GAP = 256 * 1024
 MAX_RANGE = 8 * 1024 * 1024
 FETCH_CONCURRENCY = 4
 OPENING_RANGES = 2  # ranges read and waiting to be opened, beside those being read
+# Bytes of read buffers held at once (ReadBuffers), for peak RSS: two MAX_RANGE reads with
+# their 1/8 headroom (18 MiB) and 2 MiB for short ranges beside them. The count alone let
+# them reach 6 x 9 MiB; traced at restore peaks, 16.4 MiB (1 GiB) and 23.1 MiB (4 GiB
+# incremental; bench/README.md), so this bites on the large side only.
+READ_BUFFER_BUDGET = 20 * 1024 * 1024
 DECODE_BATCH = 1024 * 1024  # stored bytes opened per executor job
 WINDOWS_AHEAD = 2
 
@@ -121,7 +126,7 @@ async def restore_chunks(
     sem = asyncio.Semaphore(FETCH_CONCURRENCY)
 
     # A range holds its buffer from its read until its chunks are opened (out of it).
-    buffers = ReadBuffers(FETCH_CONCURRENCY + OPENING_RANGES)
+    buffers = ReadBuffers(FETCH_CONCURRENCY + OPENING_RANGES, READ_BUFFER_BUDGET)
 
     async def fetch(
         pack_no: int,

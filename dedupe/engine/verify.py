@@ -141,6 +141,12 @@ KINDS = (
 # --- tuning -----------------------------------------------------------------------------------
 
 READ_CONCURRENCY = 2  # whole packs held in memory at once while reading data
+# Bytes of read buffers held at once (ReadBuffers): READ_CONCURRENCY whole 16 MiB packs
+# (the size repositories have been made with by default; a pack ends a blob and its
+# trailer past it) with their 1/8 headroom. Such packs, and smaller ones, are read two at
+# a time as before; packs made larger than ~18 MiB (--pack-size) are read one at a time
+# instead of holding 2 x 9/8 of a pack.
+READ_BUFFER_BUDGET = 2 * (16 + 2) * 1024 * 1024
 STAT_CONCURRENCY = 16
 INDEX_CONCURRENCY = 8
 OPEN_BATCH = 1024 * 1024  # stored bytes of blobs opened per executor job
@@ -380,7 +386,7 @@ class _Verifier:
         self.quarantined: set[tuple[bytes, bytes]] = set()
         self.read_ok: set[tuple[bytes, bytes]] = set()
         # Whole packs held in memory at once while reading data, one per reader.
-        self.read_buffers = ReadBuffers(READ_CONCURRENCY)
+        self.read_buffers = ReadBuffers(READ_CONCURRENCY, READ_BUFFER_BUDGET)
 
     # --- helpers ---
 
