@@ -304,7 +304,7 @@ async def ingest(
 
     async def hand_over(pack: FinishedPack) -> None:
         # A rendezvous: wait until the writer has taken the pack before sealing on. At most
-        # two pack buffers (16 MiB each) are then held, the one being written and the one
+        # two pack buffers (a pack's size each) are then held, the one being written and the one
         # being filled; with a queue between them, and the next pack started as soon as
         # one was complete, a store slower than sealing made it four.
         await packs_q.put(pack)

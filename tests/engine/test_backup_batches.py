@@ -102,7 +102,7 @@ def test_a_slow_store_holds_two_pack_buffers(
     take each finished pack before it starts the next one: two pack buffers are ever
     made (the one being written and the one being filled), however many packs there
     are. A queue between them, and the next pack started as soon as one was complete,
-    made it four (16 MiB each at the default pack size)."""
+    made it four (a pack's size each)."""
     made = []
     start = PackWriter._start
 
