@@ -165,6 +165,17 @@ def test_the_kernel_holds_slots_for_distinct_records_not_for_records() -> None:
     assert small < 80 * 1024 < 8 * 300_000 * 4 // 3 <= big <= 8 * 300_000 * 2 + 128 * 1024
 
 
+def test_the_slot_table_stays_between_4_3_and_2_slots_per_distinct_record() -> None:
+    """At most 3/4 full, grown by half: whatever the count, 4/3 to 2 slots (8 bytes each)
+    per distinct parent record. Counts spread over a range meet every point of the growth
+    cycle, so a table doubled (up to 2.67 slots a record) or filled past 3/4 fails."""
+    pool = os.urandom(32 * 400_000)
+    for n in range(100_000, 400_001, 23_000):
+        parent = b"".join(CHUNK_RECORD.pack(pool[32 * i : 32 * i + 32], 1) for i in range(n))
+        held = DeltaBuilder(parent).memory_bytes()
+        assert 8 * n * 4 / 3 <= held <= 8 * n * 2 + 64 * 1024, n
+
+
 def test_a_parent_file_shorter_than_its_count_is_an_error() -> None:
     with tempfile.TemporaryFile() as f:
         f.write(b"".join(POOL[:10]))
