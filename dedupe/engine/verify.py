@@ -49,7 +49,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import blake3
 import zstandard
@@ -92,6 +92,7 @@ from dedupe.store.drills import DRILL_PREFIX, MAX_DRILL_BYTES
 from dedupe.store.index import entries_by_pack
 from dedupe.store.keyring import decode_keyring
 from dedupe.store.locks import RepositoryLock
+from dedupe.store.manifests import open_scratch, read_scratch, scratch_error, write_scratch
 from dedupe.store.quarantine import (
     MAX_QUARANTINE_BYTES,
     QUARANTINE_PREFIX,
@@ -296,28 +297,80 @@ class _Damage:
         )
 
 
+class _RecordSpool:
+    """The index's entries of every pack, packed (44 bytes each, as in a trailer), in an
+    unnamed scratch file. Held as a set of tuples they took ~290 bytes each, and even
+    packed in memory, 11 MiB per GiB of 4 KiB pages, so that verify's peak grew with the
+    repository (46.6 MiB of a 277 MiB peak at 4 GiB: bench/README.md, "Peak memory at
+    4 GiB"). A pack keeps where its entries lie, and they are read back, one pread per
+    index object that lists it, while the pack is looked at."""
+
+    def __init__(self) -> None:
+        self._file: BinaryIO | None = None
+        self._size = 0
+        self._unflushed = False
+
+    def append(self, data: bytes) -> tuple[int, int]:
+        """Store `data`; returns where it lies (offset, length)."""
+        if self._file is None:
+            self._file = open_scratch()
+        write_scratch(self._file, data)
+        self._unflushed = True
+        start, self._size = self._size, self._size + len(data)
+        return start, len(data)
+
+    def read(self, spans: list[tuple[int, int]]) -> bytes:
+        if not spans:
+            return b""
+        assert self._file is not None
+        if self._unflushed:
+            try:
+                self._file.flush()
+            except OSError as e:
+                raise scratch_error(e, "writing", "a") from None
+            self._unflushed = False
+        return b"".join(
+            piece
+            for start, length in spans
+            for piece in read_scratch(self._file, start, start + length, length)
+        )
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 @dataclass
 class _Pack:
     record: PackRecord
-    # The index's entries for this pack, packed (44 bytes each, as in a trailer): held
-    # as a set of tuples they took ~290 bytes each (tracemalloc), 75 MiB per GiB of 4 KiB
-    # pages for the whole run. They are unpacked while the pack is looked at.
-    records: bytearray = field(default_factory=bytearray)
+    spool: _RecordSpool
+    # Where the index's entries for this pack lie in the spool, one span per index
+    # object that lists it, in the order they were read.
+    spans: list[tuple[int, int]] = field(default_factory=list)
     size: int | None = None  # actual size; None until stat'ed, or missing
+
+    def add(self, records: bytes) -> None:
+        if records:
+            self.spans.append(self.spool.append(records))
+
+    def records(self) -> bytes:
+        """Its index entries, packed, as the index objects list them."""
+        return self.spool.read(self.spans)
 
     def entries(self) -> set[_Item]:
         """Its index entries (each once, however many index objects list it)."""
-        return set(_ENTRY.iter_unpack(self.records))
+        return set(_ENTRY.iter_unpack(self.records()))
 
     def count(self) -> int:
         """How many distinct entries (as entries(), without a tuple apiece)."""
-        r = bytes(self.records)
+        r = self.records()
         size = _ENTRY.size
         return len({r[i : i + size] for i in range(0, len(r), size)})
 
     def chunk_ids(self) -> list[bytes]:
         """The chunks the index puts in this pack: all lost with it."""
-        return list(dict.fromkeys(entry[0] for entry in _ENTRY.iter_unpack(self.records)))
+        return list(dict.fromkeys(entry[0] for entry in _ENTRY.iter_unpack(self.records())))
 
 
 async def _each(items: Iterable[T], workers: int, fn: Callable[[T], Awaitable[None]]) -> None:
@@ -372,6 +425,7 @@ class _Verifier:
         # Unusable chunk copies: (chunk id, pack id) -> (reason, name of the damaged object).
         self.bad: dict[tuple[bytes, bytes], tuple[str, str]] = {}
         self.packs: dict[bytes, _Pack] = {}
+        self.spool = _RecordSpool()
         self.index_objects = 0
         self.generations = 0
         self.packs_read = 0
@@ -459,8 +513,8 @@ class _Verifier:
                 record = packs[pack_no]
                 info = self.packs.get(record.pack_id)
                 if info is None:
-                    info = self.packs[record.pack_id] = _Pack(record)
-                info.records += parts.get(pack_no, b"")
+                    info = self.packs[record.pack_id] = _Pack(record, self.spool)
+                info.add(parts.get(pack_no, b""))
             outside: dict[bytes, list[bytes]] = {}
             for pack_no, chunk_id in outside_entries:
                 outside.setdefault(packs[pack_no].pack_id, []).append(chunk_id)
@@ -670,7 +724,7 @@ class _Verifier:
         problems, records = await self._run(check_envelope, data, pack_id, key, name)
         for reason, detail in problems:
             self._damaged(name, "pack", reason, detail)
-        if key is not None and records is not None and info.records == records:
+        if key is not None and records is not None and info.records() == records:
             # The common case: the index lists exactly the trailer's entries, in its order
             # (as the backup that wrote the pack indexed them). Open the blobs straight
             # from the packed records; any failure is looked at one blob at a time.
@@ -922,28 +976,34 @@ async def verify_repository(
     started = time.monotonic()
     # A shared lock, like a backup's: prune (exclusive) cannot delete packs under us, which
     # would look like damage.
-    async with RepositoryLock(
-        store.backend, exclusive=False, operation="verify", wait=store.lock_wait
-    ) as held:
-        await store.refresh_index()  # so the index resolves chunks as a restore now would
-        v = _Verifier(store, executor, progress)
-        await v.check_keyring()
-        await v.check_keymaps()
-        await v.check_index()
-        await v.check_quarantine_records()
-        await v.check_drill_records()
-        await v.check_dictionaries()
-        await v.check_packs()
-        if read_data:
-            await v.read_packs(subset)
-        await v.check_generations()
-        record = None
-        if quarantine and read_data:
-            await held.confirm()
-            await v.retire_false_quarantine()
-        if quarantine and v.bad:
-            await held.confirm()
-            record = await v.write_quarantine()
+    v: _Verifier | None = None
+    try:
+        async with RepositoryLock(
+            store.backend, exclusive=False, operation="verify", wait=store.lock_wait
+        ) as held:
+            await store.refresh_index()  # so the index resolves chunks as a restore now would
+            v = _Verifier(store, executor, progress)
+            await v.check_keyring()
+            await v.check_keymaps()
+            await v.check_index()
+            await v.check_quarantine_records()
+            await v.check_drill_records()
+            await v.check_dictionaries()
+            await v.check_packs()
+            if read_data:
+                await v.read_packs(subset)
+            await v.check_generations()
+            record = None
+            if quarantine and read_data:
+                await held.confirm()
+                await v.retire_false_quarantine()
+            if quarantine and v.bad:
+                await held.confirm()
+                record = await v.write_quarantine()
+        chunks = sum(p.count() for p in v.packs.values())
+    finally:
+        if v is not None:
+            v.spool.close()
     damaged = sorted(
         (d.freeze() for d in v.damage.values()), key=lambda d: (KINDS.index(d.kind), d.name)
     )
@@ -957,7 +1017,7 @@ async def verify_repository(
         packs=len(v.packs),
         packs_read=v.packs_read,
         packs_unindexed=v.packs_unindexed,
-        chunks=sum(p.count() for p in v.packs.values()),
+        chunks=chunks,
         chunks_read=v.chunks_read,
         bytes_read=v.bytes_read,
         damaged=damaged,
