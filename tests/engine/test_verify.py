@@ -47,6 +47,7 @@ from dedupe.errors import (
     IntegrityError,
     MissingObject,
     RepositoryLocked,
+    ScratchError,
     VerifyFailed,
 )
 from dedupe.format.index import ENTRY_RECORD, PackRecord
@@ -664,4 +665,24 @@ def test_a_backend_failure_is_raised_not_reported(repo: Pristine, run_asyncio: R
             assert await r._store.backend.list("locks/") == []
 
     run_asyncio(go())
+    assert not (repo.path / "quarantine").exists()
+
+
+def test_verify_keeps_each_packs_index_entries_in_a_scratch_file(
+    repo: Pristine, run: Run[Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index's entries per pack go to an unnamed file in TMPDIR (not held in memory:
+    bench/README.md, "Peak memory at 4 GiB"). Where none can be made, verify fails with
+    ScratchError naming the place, and reports no damage it did not see."""
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    report = run(verify(repo, read_data=True))
+    assert report.ok and report.chunks_read == report.chunks > 0
+    assert os.listdir(scratch) == []  # unnamed: nothing left behind
+    scratch.rmdir()
+    with pytest.raises(ScratchError, match=str(scratch)):
+        run(verify(repo, read_data=True))
     assert not (repo.path / "quarantine").exists()
