@@ -357,10 +357,11 @@ static const ddp_idx_entry *ddp_idx_find(const ddp_idx *t, const uint8_t *id)
 /* Prefetches for a batch lookup at position k of n: the home slot of id k + AHEAD and
  * the entry that the home slot of id k + AHEAD/2 names, when its tag matches (that
  * slot was prefetched AHEAD/2 ids ago). */
-static void ddp_idx_prefetch(const ddp_idx *t, const uint8_t *ids, size_t k, size_t n)
+static void ddp_idx_prefetch(const ddp_idx *t, const uint8_t *ids, size_t stride, size_t k,
+                             size_t n)
 {
     if (k + DDP_IDX_AHEAD < n) {
-        const uint64_t h = ddp_idx_hash(ids + (k + DDP_IDX_AHEAD) * DDP_IDX_ID_BYTES);
+        const uint64_t h = ddp_idx_hash(ids + (k + DDP_IDX_AHEAD) * stride);
         const uint64_t i = ddp_idx_home(h, t->nslots);
         DDP_PREFETCH(&t->slots[i]);
         /* A probe run (8.5 slots on average for a miss at load 3/4) often crosses
@@ -369,22 +370,28 @@ static void ddp_idx_prefetch(const ddp_idx *t, const uint8_t *ids, size_t k, siz
             DDP_PREFETCH(&t->slots[i + 8]);
     }
     if (k + DDP_IDX_AHEAD / 2 < n) {
-        const uint64_t h = ddp_idx_hash(ids + (k + DDP_IDX_AHEAD / 2) * DDP_IDX_ID_BYTES);
+        const uint64_t h = ddp_idx_hash(ids + (k + DDP_IDX_AHEAD / 2) * stride);
         const uint32_t s = t->slots[ddp_idx_home(h, t->nslots)];
         if (s != 0 && ((s ^ (uint32_t)h) & ~t->low) == 0)
             DDP_PREFETCH(ddp_idx_entry_ptr(t, (size_t)(s & t->low) - 1));
     }
 }
 
-size_t ddp_idx_contains_many(const ddp_idx *t, const uint8_t *ids, size_t n, uint8_t *flags)
+size_t ddp_idx_contains_strided(const ddp_idx *t, const uint8_t *keys, size_t stride, size_t n,
+                                uint8_t *flags)
 {
     size_t k, hits = 0;
     for (k = 0; k < n; k++) {
-        ddp_idx_prefetch(t, ids, k, n);
-        flags[k] = ddp_idx_find(t, ids + k * DDP_IDX_ID_BYTES) != NULL;
+        ddp_idx_prefetch(t, keys, stride, k, n);
+        flags[k] = ddp_idx_find(t, keys + k * stride) != NULL;
         hits += flags[k];
     }
     return hits;
+}
+
+size_t ddp_idx_contains_many(const ddp_idx *t, const uint8_t *ids, size_t n, uint8_t *flags)
+{
+    return ddp_idx_contains_strided(t, ids, DDP_IDX_ID_BYTES, n, flags);
 }
 
 size_t ddp_idx_get_many(const ddp_idx *t, const uint8_t *ids, size_t n, ddp_idx_value *out)
@@ -393,7 +400,7 @@ size_t ddp_idx_get_many(const ddp_idx *t, const uint8_t *ids, size_t n, ddp_idx_
     size_t k, hits = 0;
     for (k = 0; k < n; k++) {
         const ddp_idx_entry *e;
-        ddp_idx_prefetch(t, ids, k, n);
+        ddp_idx_prefetch(t, ids, DDP_IDX_ID_BYTES, k, n);
         e = ddp_idx_find(t, ids + k * DDP_IDX_ID_BYTES);
         if (DDP_LIKELY(e != NULL)) {
             out[k] = e->v;

@@ -141,6 +141,12 @@ int ddp_idx_put_records(ddp_idx *t, const uint8_t *records, size_t n,
 size_t ddp_idx_contains_many(const ddp_idx *t, const uint8_t *ids, size_t n, uint8_t *flags);
 size_t ddp_idx_get_many(const ddp_idx *t, const uint8_t *ids, size_t n, ddp_idx_value *out);
 
+/* ddp_idx_contains_many over ids that each start a record of `stride` bytes (stride >=
+ * DDP_IDX_ID_BYTES): keys[k * stride .. + 32) is id k. Chunk table records (36 bytes:
+ * id, length) are looked up where they lie, without copying their ids out. */
+size_t ddp_idx_contains_strided(const ddp_idx *t, const uint8_t *keys, size_t stride, size_t n,
+                                uint8_t *flags);
+
 /* Number of entries. */
 size_t ddp_idx_count(const ddp_idx *t);
 

@@ -822,6 +822,8 @@ class _Verifier:
         index = self.store.index
         packs = index.packs
         bad = self.bad
+        if not bad:  # the common case: one native pass (~1.5 us a chunk in Python)
+            return index.absent_from_table(table), set()
         missing: list[bytes] = []
         hits: set[tuple[bytes, bytes]] = set()
         for chunk_id, _raw in CHUNK_RECORD.iter_unpack(table):

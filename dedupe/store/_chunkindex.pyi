@@ -68,6 +68,9 @@ class ChunkTable:
         """Insert 48-byte <32sIIII records, pack_no mapped through pack_map; the first
         copy of an id wins. Returns the indices of the records not stored because their
         id was present. ValueError (nothing stored) if a pack_no is outside pack_map."""
+    def contains_records(self, records: Buffer, stride: int) -> bytearray:
+        """One byte per `stride`-byte record of records (each starting with a 32-byte
+        chunk id): 1 present, 0 absent."""
     def contains_many(self, ids: Buffer) -> bytearray:
         """One byte per 32-byte id of ids (back to back): 1 present, 0 absent."""
     def get_many(self, ids: Buffer) -> bytearray:

@@ -49,6 +49,8 @@ cdef extern from "chunkindex.h" nogil:
                                  uint8_t *flags)
     size_t ddp_idx_get_many(const ddp_idx *t, const uint8_t *ids, size_t n,
                             ddp_idx_value *out)
+    size_t ddp_idx_contains_strided(const ddp_idx *t, const uint8_t *keys, size_t stride,
+                                    size_t n, uint8_t *flags)
     size_t ddp_idx_count(const ddp_idx *t)
     size_t ddp_idx_slots(const ddp_idx *t)
     size_t ddp_idx_memory(const ddp_idx *t)
@@ -300,6 +302,36 @@ cdef class ChunkTable:
                 self._readers -= 1
         finally:
             PyBuffer_Release(&iv)
+        return flags
+
+    def contains_records(self, records, Py_ssize_t stride):
+        """records: whole records of `stride` bytes back to back, each starting with a
+        32-byte chunk id (a chunk table: 36). Returns a bytearray with one byte per
+        record: 1 if its id is present, else 0."""
+        cdef Py_buffer rv
+        cdef size_t n
+        cdef bytearray flags
+        cdef uint8_t *fp
+        if stride < <Py_ssize_t>DDP_IDX_ID_BYTES:
+            raise ValueError(f"a record of {stride} bytes cannot hold a chunk id")
+        self._check_read()
+        PyObject_GetBuffer(records, &rv, PyBUF_SIMPLE)
+        try:
+            if rv.len % stride:
+                raise ValueError(
+                    f"{rv.len} bytes is not a whole number of {stride}-byte records")
+            n = <size_t>(rv.len // stride)
+            flags = PyByteArray_FromStringAndSize(NULL, <Py_ssize_t>n)
+            fp = <uint8_t *>PyByteArray_AS_STRING(flags)
+            self._readers += 1
+            try:
+                with nogil:
+                    ddp_idx_contains_strided(self._t, <const uint8_t *>rv.buf, <size_t>stride,
+                                             n, fp)
+            finally:
+                self._readers -= 1
+        finally:
+            PyBuffer_Release(&rv)
         return flags
 
     def get_many(self, ids):

@@ -13,8 +13,10 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
+from dedupe.crypto.aead import Buffer
 from dedupe.errors import IntegrityError
 from dedupe.format.index import PackRecord
+from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.store._chunkindex import (
     PLAN_LENGTH,
     PLAN_MISSING,
@@ -84,6 +86,20 @@ class ChunkIndex:
         """What restoring a window of chunk table records takes: _chunkindex.plan_window
         (csrc/windowplan.h). Like get(), it takes the location the index holds."""
         return self._table.plan_window(records, gap, max_range, batch)
+
+    def absent_from_table(self, table: Buffer) -> list[bytes]:
+        """The ids of a chunk table's records (CHUNK_RECORDs) that get() finds no
+        location for, in table order (a repeated one each time): one native pass over the
+        records where they lie."""
+        flags = self._table.contains_records(table, CHUNK_RECORD.size)
+        records = memoryview(table).cast("B")
+        absent = []
+        at = flags.find(0)
+        while at >= 0:
+            start = at * CHUNK_RECORD.size
+            absent.append(bytes(records[start : start + 32]))
+            at = flags.find(0, at + 1)
+        return absent
 
     def usable(self, chunk_id: bytes) -> bool:
         """True when the chunk has a copy that backups may reference without re-storing."""

@@ -51,6 +51,10 @@ def check_model(table: ChunkTable, model: dict[bytes, Value], extra: list[bytes]
     probe = list(model) + extra
     joined = b"".join(probe)
     assert table.contains_many(joined) == bytes(k in model for k in probe)
+    for stride in (32, 36, 48):  # ids where they lie in records (a chunk table's: 36)
+        filler = bytes(range(stride - 32))
+        recs = b"".join(k + filler for k in probe)
+        assert table.contains_records(recs, stride) == bytes(k in model for k in probe)
     got = memoryview(table.get_many(joined)).cast("I").tolist()
     want = [x for k in probe for x in model.get(k, (NO_PACK, 0, 0, 0))]
     assert got == want
@@ -213,6 +217,10 @@ def test_argument_checks() -> None:
         table.contains_many(bytes(33))
     with pytest.raises(ValueError):
         table.get_many(bytes(31))
+    with pytest.raises(ValueError, match="whole number of 36-byte records"):
+        table.contains_records(bytes(73), 36)
+    with pytest.raises(ValueError, match="cannot hold a chunk id"):
+        table.contains_records(bytes(62), 31)
     with pytest.raises(ValueError):
         ChunkTable(-1)
     # A record naming a pack outside the map: nothing of the call is stored.
@@ -225,5 +233,6 @@ def test_argument_checks() -> None:
     assert table.put(memoryview(key), 1, 2, 3, 4)
     assert table.get(bytearray(key)) == (1, 2, 3, 4)
     assert table.contains_many(b"") == bytearray()
+    assert table.contains_records(b"", 36) == bytearray()
     assert table.get_many(memoryview(key)) == bytearray(struct.pack("=IIII", 1, 2, 3, 4))
     assert table.add_records(b"", []) == []
