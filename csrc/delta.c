@@ -85,14 +85,15 @@ static const uint8_t *parent_at(ddp_delta *d, uint64_t pos)
     return d->window + (pos - d->win_start) * R;
 }
 
-/* The slot holding `rec`'s first occurrence, or the empty slot where it would go.
- * `scan`/`scan_start`/`scan_n`: records being indexed, to compare with in place. Returns
- * -1 on a read error. */
+/* Where a probe for `tag` starts in a table of `cap` slots. */
 static size_t home_slot(uint32_t tag, size_t cap)
 {
     return (size_t)(((uint64_t)tag * (uint64_t)cap) >> 32); /* < cap, as cap <= 2^32 */
 }
 
+/* The slot holding `rec`'s first occurrence, or the empty slot where it would go.
+ * `scan`/`scan_start`/`scan_n`: records being indexed, to compare with in place. Returns
+ * -1 on a read error. */
 static int64_t find_slot(ddp_delta *d, const uint8_t *rec, uint32_t tag, const uint8_t *scan,
                          uint64_t scan_start, uint64_t scan_n)
 {
