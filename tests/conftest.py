@@ -14,6 +14,7 @@ import os
 import queue
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -28,6 +29,17 @@ from dedupe.crypto import KdfParams
 
 T = TypeVar("T")
 PASSPHRASE = "correct horse battery staple"
+
+
+def default_sigint() -> None:
+    """Popen preexec_fn for a child that a test stops with SIGINT. A shell without job
+    control starts a background command with SIGINT ignored, its children inherit that
+    (Popen's restore_signals covers SIGPIPE and SIGXFSZ only), and Python then installs no
+    handler: a test suite started that way (`(make test &)`) would never interrupt its
+    child."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 SMALL_PACK = 64 * 1024
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSPHRASE, dedupe_cli, make_repo
+from conftest import PASSPHRASE, dedupe_cli, default_sigint, make_repo
 
 import dedupe
 from dedupe import Repository
@@ -765,6 +765,7 @@ def _popen(*args: str, env: dict[str, str], stdin: Any = subprocess.DEVNULL) -> 
         stdin=stdin,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=default_sigint,  # some tests stop it with SIGINT
     )
 
 

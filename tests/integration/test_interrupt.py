@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_repo
+from conftest import default_sigint, make_repo
 
 from dedupe.errors import Interrupted, Terminated
 
@@ -33,7 +33,7 @@ def _start(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        restore_signals=True,  # SIGINT at its default even if pytest was started in the background
+        preexec_fn=default_sigint,  # even if pytest was started in the background
     )
 
 
