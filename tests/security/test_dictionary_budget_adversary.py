@@ -43,7 +43,7 @@ from dedupe import Repository
 from dedupe.crypto import KdfParams, new_key
 from dedupe.engine import prune as prune_module
 from dedupe.errors import IntegrityError
-from dedupe.hashing import ChunkHasher, object_id
+from dedupe.hashing import ChunkHasher
 from dedupe.store import blobs as blobs_module
 from dedupe.store import repository as repository_module
 from dedupe.store.blobs import (
@@ -58,12 +58,10 @@ from dedupe.store.dictionaries import (
     DICT_PREFIX,
     MAX_DICT_OBJECT,
     dict_name,
-    encode_dictionary,
     parse_dict_name,
 )
-from dedupe.store.packer import PackWriter
-from dedupe.store.repository import IndexBatch, RepositoryStore
-from security.test_dictionary_adversary import count_reads
+from dedupe.store.repository import RepositoryStore
+from security.test_dictionary_adversary import count_reads, seal_and_index, write_raw_dictionary
 
 WRITER_PW = "budget adversary writer one"
 WEAK = KdfParams.weakest()
@@ -185,31 +183,6 @@ def under(name: str, ref: bytes) -> str:
 
 def ref_of(name: str) -> bytes:
     return (parse_dict_name(name) or (b"", ""))[0]
-
-
-async def seal_and_index(store: RepositoryStore, batch: Any) -> None:
-    """What a writer's own client can do: seal blobs of its choice into packs under a
-    pack key of its own, and index them (key map first, as a backup does)."""
-    writer = PackWriter(store.pack_size)
-    finished = writer.add(batch)
-    last = writer.flush()
-    indexed = IndexBatch()
-    for pack in [*finished, *([last] if last is not None else [])]:
-        await store.write_finished_pack(pack, indexed)
-    await store.write_batch(indexed)
-
-
-async def write_raw_dictionary(store: RepositoryStore, content: bytes) -> tuple[str, bytes]:
-    """A writer stores `content` as a dictionary of its own, as write_dictionary does (key
-    map entry, then the object), without giving it to its codec. (name, ref)."""
-    key = new_key()
-    data = encode_dictionary(key, content)
-    dict_id = object_id(data)
-    ref = store.hasher.chunk_id(content)[:8]
-    await store.keymaps.write([store.keymaps.dictionary_entry(bytes.fromhex(dict_id), key)])
-    name = dict_name(ref, dict_id)
-    await store.backend.put(name, data)
-    return name, ref
 
 
 def framed(content: bytes, chunk: bytes) -> bytes:
