@@ -37,9 +37,10 @@ async def space_stats(store: RepositoryStore, gens: Iterable[Generation]) -> lis
         _meta, table = outcome
         g = by_id[gen_id]
         chunks = by_name.setdefault(g.name, {})
-        for chunk_id, length in CHUNK_RECORD.iter_unpack(table):
-            chunks[chunk_id] = length
-            total[chunk_id] = length
+        for piece in table:
+            for chunk_id, length in CHUNK_RECORD.iter_unpack(piece):
+                chunks[chunk_id] = length
+                total[chunk_id] = length
         n, logical = counts.get(g.name, (0, 0))
         counts[g.name] = (n + 1, logical + g.size)
     result = [

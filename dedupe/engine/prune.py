@@ -305,7 +305,8 @@ async def _prune(
     async for _gen_id, got in each_generation_table(store, gen_ids):
         if isinstance(got, Exception):
             raise got  # a chunk it references might be deleted: prune nothing
-        live.update(cid for cid, _len in CHUNK_RECORD.iter_unpack(got[1]))
+        for piece in got[1]:
+            live.update(cid for cid, _len in CHUNK_RECORD.iter_unpack(piece))
 
     # --- 2. choose one copy per chunk, classify packs ------------------------------------------
     records: dict[bytes, PackRecord] = {}

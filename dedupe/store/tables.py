@@ -6,7 +6,10 @@ chain. Called for each generation of a chain of n incrementals, it reads and app
 n(n+1)/2 manifests: 465 for a month of daily incrementals, each table 36 bytes per chunk.
 Here generations are visited parents first, and an expanded table is kept only until the
 last generation based on it has been expanded: for a chain of incrementals, one table
-beside the one being built.
+beside the one being built. Tables are read and kept as spools (in memory up to
+SPOOL_MEMORY in all, then in scratch files) and handed out as `Table`s read piece by
+piece, so that a walk over generations of millions of chunks holds a few MiB, not two
+complete tables (72 MiB at 4 GiB of 4 KiB pages).
 
 A directory tree keeps its expanded tree (path -> entry) for the generations based on it,
 as its deltas apply to entries, not to chunk records. Generations whose parent is unknown
@@ -19,11 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Iterable, Iterator
-from typing import Any, BinaryIO
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from typing import Any, BinaryIO, Protocol
 
 from dedupe.errors import IntegrityError
-from dedupe.format.delta import Pieces, apply_delta, compose_chain
+from dedupe.format.delta import Pieces, compose, compose_chain, delta_ranges, whole
 from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.format.tree import (
     Entry,
@@ -40,8 +43,29 @@ HEADER_CONCURRENCY = 16
 COPY_RECORDS = 29127
 _R = CHUNK_RECORD.size
 
+
+class Table:
+    """A generation's complete chunk table as each_generation_table hands it out:
+    `records` CHUNK_RECORDs, iterated in pieces of whole records (at most COPY_RECORDS
+    each), read from memory or from scratch files. It is readable until the walk is asked
+    for its next generation, which may release what it is read from."""
+
+    def __init__(self, sources: Sequence[_Source], pieces: Pieces, records: int) -> None:
+        self._sources, self._pieces, self.records = sources, pieces, records
+
+    def __iter__(self) -> Iterator[Buffer]:
+        for s, first, n in zip(*self._pieces, strict=True):
+            yield from self._sources[s].pieces(first * _R, (first + n) * _R)
+
+    @classmethod
+    def held(cls, table: bytes) -> Table:
+        """A table already in memory."""
+        records = len(table) // _R
+        return cls([_Held(table)], whole(records), records)
+
+
 # (body meta, complete chunk table), or the exception expanding that generation raised.
-Outcome = tuple[dict[str, Any], bytes] | Exception
+Outcome = tuple[dict[str, Any], Table] | Exception
 
 
 async def each_generation_table(
@@ -49,41 +73,94 @@ async def each_generation_table(
 ) -> AsyncIterator[tuple[str, Outcome]]:
     """(generation id, outcome) for every id in `gen_ids`, parents before the generations
     based on them. An error expanding one generation is handed out as its outcome, not
-    raised, so that callers can report it and go on with the others."""
+    raised, so that callers can report it and go on with the others.
+
+    What is held in memory is bounded whatever the tables' size: a stream generation's
+    own table and the complete tables kept for the generations based on them are spools
+    that share SPOOL_MEMORY, past which they are scratch files (a full's own table is
+    its complete table; a delta's complete table is written out only when generations
+    are based on it). A tree's expanded tree is held in memory."""
     ids = list(dict.fromkeys(gen_ids))
     parents = await _parents(store, ids)
     waiting = {g: 0 for g in ids}  # generations based on g still to expand
     for based_on in parents.values():
         if based_on in waiting:
             waiting[based_on] += 1
+    budget = _Budget(SPOOL_MEMORY)
     # What the generations still to come are based on: a stream's complete table, a
     # tree's expanded tree.
-    expanded: dict[str, bytes | dict[str, Entry]] = {}
+    expanded: dict[str, _Spool | dict[str, Entry]] = {}
+    try:
+        for gen_id in _parents_first(ids, parents):
+            parent = parents.get(gen_id)
+            outcome: Outcome
+            step = _Step(budget, keep=waiting[gen_id] > 0)
+            try:
+                try:
+                    outcome = await _expand(store, gen_id, parent, expanded, step)
+                except Exception as e:  # noqa: BLE001 - handed to the caller with its generation
+                    outcome = e
+                    step.close()
+                kept = step.take_kept()
+                if kept is not None:
+                    expanded[gen_id] = kept
+                yield gen_id, outcome
+            finally:
+                step.close()
+            if parent in waiting:
+                waiting[parent] -= 1
+                if not waiting[parent]:
+                    _release(expanded.pop(parent, None))
+    finally:
+        for kept in expanded.values():
+            _release(kept)
 
-    for gen_id in _parents_first(ids, parents):
-        parent = parents.get(gen_id)
-        outcome: Outcome
-        try:
-            outcome, kept = await _expand(store, gen_id, parent, expanded)
-        except Exception as e:  # noqa: BLE001 - handed to the caller with its generation
-            outcome, kept = e, None
-        if waiting[gen_id] and kept is not None:
-            expanded[gen_id] = kept
-        if parent in waiting:
-            waiting[parent] -= 1
-            if not waiting[parent]:
-                expanded.pop(parent, None)
-        yield gen_id, outcome
+
+class _Step:
+    """What expanding one generation holds: the spools its table is read from beside
+    its parent's (closed once the caller has read the table), and what to keep for the
+    generations based on it (`kept`, when `keep`)."""
+
+    def __init__(self, budget: _Budget, keep: bool) -> None:
+        self.budget, self.keep = budget, keep
+        self.spools: list[_Spool] = []
+        self.kept: _Spool | dict[str, Entry] | None = None
+
+    def spool(self) -> _Spool:
+        spool = _Spool(self.budget)
+        self.spools.append(spool)
+        return spool
+
+    def take_kept(self) -> _Spool | dict[str, Entry] | None:
+        kept, self.kept = self.kept, None
+        if isinstance(kept, _Spool):
+            self.spools.remove(kept)
+        return kept
+
+    def close(self) -> None:
+        for spool in self.spools:
+            spool.close()
+        self.spools.clear()
+        _release(self.kept)
+        self.kept = None
+
+
+def _release(kept: _Spool | dict[str, Entry] | None) -> None:
+    if isinstance(kept, _Spool):
+        kept.close()
 
 
 async def _expand(
     store: RepositoryStore,
     gen_id: str,
     parent: str | None,
-    expanded: dict[str, bytes | dict[str, Entry]],
-) -> tuple[tuple[dict[str, Any], bytes], bytes | dict[str, Entry] | None]:
-    """(meta, complete table) of a generation, and what to keep for those based on it."""
-    header, meta, own = await store.read_manifest(gen_id)
+    expanded: dict[str, _Spool | dict[str, Entry]],
+    step: _Step,
+) -> tuple[dict[str, Any], Table]:
+    """(meta, complete table) of a generation; what to keep for those based on it goes
+    to `step.kept`."""
+    own = step.spool()
+    header, meta, n_own = await store.spill_manifest(gen_id, own)
     delta = meta.get("delta")
     what = f"generation {gen_id}"
     # The delta names its parent; the header's (which ordered the walk) must agree.
@@ -92,17 +169,31 @@ async def _expand(
         base = expanded.get(parent)
     if meta.get("type") == "stream":
         if delta is None:
-            return (meta, own), own
-        if isinstance(base, bytes):
-            table = await asyncio.to_thread(
-                apply_delta, base, own, delta["ops"], what, int(header["chunks"])
-            )
-            return (meta, table), table
+            if step.keep:
+                step.kept = own
+            return meta, Table([own], whole(n_own), n_own)
+        if isinstance(base, _Spool):
+            n = int(header["chunks"])
+            ranges = delta_ranges(delta["ops"], base.size // _R, n_own, what, n)
+            sources: list[_Source] = [base, own]
+            pieces = compose(whole(base.size // _R), ranges, 1)
+            if step.keep:  # written out, so that its parent can go
+                flat = step.spool()
+                await asyncio.to_thread(_write_pieces, flat, sources, pieces)
+                step.kept = flat
+                return meta, Table([flat], whole(n), n)
+            return meta, Table(sources, pieces, n)
     elif meta.get("type") == "tree" and (delta is None or isinstance(base, dict)):
         tree_base = base if isinstance(base, dict) else None
-        tree, table = await asyncio.to_thread(_tree_step, tree_base, meta, own, what)
-        return (meta, table), tree
-    return await store.generation_chunks(gen_id), None
+        table = b"".join(own.pieces(0, own.size))
+        own.close()
+        tree, complete = await asyncio.to_thread(_tree_step, tree_base, meta, table, what)
+        if step.keep:
+            step.kept = tree
+        return meta, Table.held(complete)
+    own.close()
+    got_meta, complete = await store.generation_chunks(gen_id)
+    return got_meta, Table.held(complete)
 
 
 def _tree_step(
@@ -262,15 +353,11 @@ class _Spool:
 
     def pieces(self, start: int, end: int) -> Iterator[Buffer]:
         """Bytes `start`..`end`, in pieces of at most COPY_RECORDS records."""
-        step = COPY_RECORDS * _R
         if self._memory is not None:
-            view = memoryview(self._memory)
-            for at in range(start, end, step):
-                yield view[at : min(at + step, end)]
-            return
+            return _memory_pieces(self._memory, start, end)
         assert self._file is not None
         self._file.flush()
-        yield from read_scratch(self._file, start, end, step)
+        return read_scratch(self._file, start, end, COPY_RECORDS * _R)
 
     def take_file(self) -> BinaryIO | None:
         """The scratch file holding the records, for the caller to keep (and close), if
@@ -291,6 +378,29 @@ class _Spool:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class _Source(Protocol):
+    """Records read back by byte range (a _Spool, or a table held in memory)."""
+
+    def pieces(self, start: int, end: int) -> Iterator[Buffer]: ...
+
+
+class _Held:
+    """A table already in memory, as a _Source."""
+
+    def __init__(self, table: bytes) -> None:
+        self._table = table
+
+    def pieces(self, start: int, end: int) -> Iterator[Buffer]:
+        return _memory_pieces(self._table, start, end)
+
+
+def _memory_pieces(data: Buffer, start: int, end: int) -> Iterator[Buffer]:
+    view = memoryview(data)
+    step = COPY_RECORDS * _R
+    for at in range(start, end, step):
+        yield view[at : min(at + step, end)]
 
 
 class _Link:
@@ -389,7 +499,7 @@ def _compose_and_write(links: list[_Link]) -> tuple[BinaryIO, int]:
             spool.close()
 
 
-def _write_pieces(out: BinaryIO | _Spool, sources: list[_Spool], pieces: Pieces) -> None:
+def _write_pieces(out: BinaryIO | _Spool, sources: Sequence[_Source], pieces: Pieces) -> None:
     """The records of `pieces`, in order, to `out`, in writes of ~COPY_RECORDS."""
     step = COPY_RECORDS * _R
     buf = bytearray()
