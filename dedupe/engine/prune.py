@@ -145,7 +145,7 @@ class PruneReport:
         return asdict(self)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Copy:
     pack_id: bytes
     offset: int
@@ -251,9 +251,9 @@ async def _prune(
     await store.refresh_keys()  # after listing: every listed index object's key map is in
     trusted = [n for n in index_names if store.keymaps.get(INDEX, _oid(n)) is not None]
 
-    async def load(name: str) -> tuple[list[PackRecord], list[tuple[bytes, int, int, int, int]]]:
+    async def load(name: str) -> tuple[list[PackRecord], memoryview]:
         data = await backend.get(name)
-        return await store.decode_index_object(name, data)
+        return await store.open_index_object(name, data)
 
     loaded = await _gather_limited([load(n) for n in trusted], READ_CONCURRENCY)
     # Copies verify found damaged or missing (docs/FORMAT.md section 13) are no copies.
@@ -313,10 +313,14 @@ async def _prune(
     copies: dict[bytes, list[_Copy]] = defaultdict(list)
     indexed_chunks: set[bytes] = set()
     listed: set[tuple[bytes, bytes]] = set()  # (pack id, chunk id) pairs, for the overhead
-    for packs, entries in loaded:
+    # Each index object's entries are kept as its records (48 bytes an entry, not a tuple
+    # of five objects) and let go of once walked: what the walk builds takes their place.
+    loaded.reverse()
+    while loaded:
+        packs, entries = loaded.pop()
         for rec in packs:
             records.setdefault(rec.pack_id, rec)
-        for chunk_id, pack_no, offset, stored, raw in entries:
+        for chunk_id, pack_no, offset, stored, raw in ENTRY_RECORD.iter_unpack(entries):
             indexed_chunks.add(chunk_id)
             pack_id = packs[pack_no].pack_id
             listed.add((pack_id, chunk_id))

@@ -73,7 +73,6 @@ from dedupe.format.config import (
 )
 from dedupe.format.delta import compose_chain, join_pieces
 from dedupe.format.index import (
-    ENTRY_RECORD,
     INDEX_AAD,
     INDEX_MAGIC,
     PackRecord,
@@ -819,13 +818,6 @@ class RepositoryStore:
             return decode_index_records(plain, what)
 
         return await asyncio.to_thread(decode)
-
-    async def decode_index_object(
-        self, name: str, data: bytes
-    ) -> tuple[list[PackRecord], list[tuple[bytes, int, int, int, int]]]:
-        """As open_index_object, with the entries as tuples (prune walks them)."""
-        packs, records = await self.open_index_object(name, data)
-        return packs, list(ENTRY_RECORD.iter_unpack(records))
 
     def seal_index(self, packs: list[PackRecord], records: bytes | bytearray) -> SealedIndex:
         """An index object listing `packs` and `records`, sealed under a fresh key, and the

@@ -51,7 +51,7 @@ from dedupe.errors import (
     RoleNotPermitted,
     WrongPassphrase,
 )
-from dedupe.format.index import INDEX_AAD
+from dedupe.format.index import ENTRY_RECORD, INDEX_AAD
 from dedupe.format.keymap import GENERATION, KIND_NAMES, QUARANTINE, decode_keymap
 from dedupe.format.keyring import KEYRING_NAMES
 from dedupe.format.manifest import CHUNK_RECORD, HEADER_AAD, frame_aad, header_span, split_frames
@@ -201,8 +201,8 @@ async def sealed_items(path: Path, passphrase: str = PASSPHRASE) -> list[Sealed]
         for name in await backend.list("index/"):
             data = await backend.get(name)
             items.append(Sealed("index", name, data[8:], aads=(INDEX_AAD,)))
-            packs, entries = await store.decode_index_object(name, data)
-            for chunk_id, pack_no, offset, stored, _raw in entries:
+            packs, entries = await store.open_index_object(name, data)
+            for chunk_id, pack_no, offset, stored, _raw in ENTRY_RECORD.iter_unpack(entries):
                 blobs.setdefault(pack_name(packs[pack_no].pack_id), {})[offset] = (chunk_id, stored)
         pack_names = await backend.list("packs/")
         assert sorted(blobs) == sorted(pack_names), "a pack no index object lists"
