@@ -284,6 +284,12 @@ def _expand_stream(chain: list[tuple[str, dict[str, Any], bytes, dict[str, Any]]
     """The complete table of the last of `chain` (from its full up): each delta checked
     against the table below it and its header's count, the deltas composed
     (dedupe.format.delta.compose_chain), the records joined once."""
+    for gid, meta, _table, _header in chain:
+        # _check_meta checks each body's own type; a stream's chain must be streams all
+        # the way down, as spill_complete_table (restore) requires: a stream delta over
+        # a tree's table would be vouched for by verify and refused by restore.
+        if meta.get("type") != "stream":
+            raise IntegrityError(f"generation {gid} is not a stream generation")
     _gid, _meta, full, _header = chain[0]
     r = CHUNK_RECORD.size
     sources, pieces = compose_chain(
@@ -371,7 +377,13 @@ def _check_meta(header: dict[str, Any], meta: dict[str, Any], what: str) -> None
             f"{what} is of type {str(meta.get('type'))[:40]!r}, which this version does not read"
         )
     delta = meta.get("delta")
-    parent = delta.get("parent") if isinstance(delta, dict) else None
+    if delta is not None and not isinstance(delta, dict):
+        raise IntegrityError(f"{what}: malformed delta: not an object")
+    if delta is not None and meta["type"] == "stream" and not isinstance(delta.get("ops"), list):
+        # Expanding it would stop the reader with a KeyError or TypeError, not a
+        # DedupeError that verify reports.
+        raise IntegrityError(f"{what}: malformed delta: its ops are not a list")
+    parent = delta.get("parent") if delta is not None else None
     if parent != header.get("parent"):
         raise IntegrityError(f"{what}: its body and its header name different parents")
 

@@ -273,6 +273,28 @@ BAD_DELTAS: dict[str, tuple[list[Any], int, int]] = {
 }
 
 
+async def chain_with_a_bad_link(
+    store: Any, ops: Any, n_literal: int, chunks: int
+) -> tuple[str, str, str, str]:
+    """(full, below, bad, above): a full of 20 records, a delta reversing it, the bad
+    delta (`ops`, `n_literal` literal records, `chunks` in its header) on that, and a
+    delta copying the bad one's table whole."""
+    full_id = await put(store, recs(0, 20))
+    below = await put(store, recs(1, 2), full_id, REVERSE)
+    bad_id = await put(store, recs(2, n_literal), below, ops, chunks=chunks)
+    above = await put(store, b"", bad_id, [[0, 0, chunks]] if chunks else [], chunks)
+    return full_id, below, bad_id, above
+
+
+# The delta of chain_with_a_bad_link's `below`: the full's 20 records reversed, then 2 of
+# its own; and the table it makes.
+REVERSE = [[0, i, 1] for i in reversed(range(20))] + [[1, 2]]
+
+
+def below_table() -> bytes:
+    return apply_delta(recs(0, 20), recs(1, 2), REVERSE, "spec")
+
+
 @pytest.mark.parametrize("setting", ["default", "files"])
 @pytest.mark.parametrize("bad", sorted(BAD_DELTAS))
 def test_a_bad_delta_in_the_middle_of_a_chain_is_refused_by_name(
@@ -290,12 +312,9 @@ def test_a_bad_delta_in_the_middle_of_a_chain_is_refused_by_name(
     async def go() -> None:
         async with await make_repo(repo_path) as repo:
             store = repo._store
-            full = recs(0, 20)
-            full_id = await put(store, full)
-            rev = [[0, i, 1] for i in reversed(range(20))] + [[1, 2]]
-            below = await put(store, recs(1, 2), full_id, rev)
-            bad_id = await put(store, recs(2, n_literal), below, ops, chunks=chunks)
-            above = await put(store, b"", bad_id, [[0, 0, chunks]] if chunks else [], chunks)
+            full_id, below, bad_id, above = await chain_with_a_bad_link(
+                store, ops, n_literal, chunks
+            )
             before = open_descriptors()
             for gen_id in (bad_id, above):
                 with pytest.raises(IntegrityError) as refused:
@@ -305,8 +324,7 @@ def test_a_bad_delta_in_the_middle_of_a_chain_is_refused_by_name(
                     await store.generation_chunks(gen_id)
                 assert bad_id in refused.value.message
             assert await settled_descriptors(before) == before
-            want = apply_delta(full, recs(1, 2), rev, "spec")
-            assert await expanded_every_way(store, below) == want
+            assert await expanded_every_way(store, below) == below_table()
 
     run_asyncio(go())
 
