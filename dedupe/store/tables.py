@@ -138,10 +138,10 @@ class _Step:
         return kept
 
     def close(self) -> None:
+        """Close every spool still held, `kept` among them (made by spool())."""
         for spool in self.spools:
             spool.close()
         self.spools.clear()
-        _release(self.kept)
         self.kept = None
 
 
