@@ -46,6 +46,7 @@ extensions = [
     kernel(
         "dedupe.store._chunkindex", "dedupe/store/_chunkindex.pyx", "chunkindex", "windowplan"
     ),
+    kernel("dedupe.store._prunetable", "dedupe/store/_prunetable.pyx", "prunetable"),
     kernel("dedupe.store._blobcodec", "dedupe/store/_blobcodec.pyx", "blobcodec", "blake3many"),
     kernel("dedupe.format._delta", "dedupe/format/_delta.pyx", "delta"),
     kernel("dedupe.hashing._blake3many", "dedupe/hashing/_blake3many.pyx", "blake3many"),

@@ -75,9 +75,9 @@ from dedupe.errors import (
 )
 from dedupe.format.index import ENTRY_RECORD, PackRecord
 from dedupe.format.keymap import DICTIONARY, DRILL, GENERATION, INDEX, PACK, QUARANTINE
-from dedupe.format.manifest import CHUNK_RECORD
 from dedupe.format.pack import FOOTER_SIZE, PACK_MAGIC
 from dedupe.store import PackWriter, RepositoryStore
+from dedupe.store._prunetable import NO_NUMBER, PruneTable
 from dedupe.store.blobs import FramedBatch, release_buffers
 from dedupe.store.dictionaries import (
     DICT_PREFIX,
@@ -102,6 +102,7 @@ MAX_JUNK_READ = 64 * 1024 * 1024
 READ_CONCURRENCY = 4
 DELETE_CONCURRENCY = 8
 DELETE_BATCH = 64  # deletions between two confirmations of the lock
+CHECK_BATCH = 4096  # duplicate copies checked per round (each read from its pack)
 REENCRYPT_FLUSH = 256  # new packs per index object while re-encrypting (~4 GiB)
 TRAILER_ENTRY = 44  # docs/FORMAT.md section 6
 
@@ -301,82 +302,81 @@ async def _prune(
         useless = _Useless()
         for message in _useless_by_listing(store, dict_sizes):
             store.report(message)
-    live: set[bytes] = set()
+    # Every entry of every trusted index object goes into one native table (56 bytes an
+    # entry, sorted by chunk id: csrc/prunetable.h), numbered by pack; each index object
+    # is let go of once it is in. The decisions below are taken over that table.
+    records: dict[bytes, PackRecord] = {}
+    for packs, _entries in loaded:
+        for rec in packs:
+            records.setdefault(rec.pack_id, rec)
+    pack_ids = list(records)  # a pack's global number is its place here
+    number = {pid: n for n, pid in enumerate(pack_ids)}
+    table = PruneTable(len(pack_ids))
+    loaded.reverse()
+    while loaded:
+        packs, entries = loaded.pop()
+        table.add(entries, [number[rec.pack_id] for rec in packs])
+    table.sort()
+    # Copies in packs that are gone, and copies verify found damaged or missing, are no
+    # copies: never chosen, never kept.
+    table.unusable_packs(bytes(pid not in present for pid in pack_ids))
+    for cid, pid in quarantined:
+        if pid in number:
+            table.set_unusable(cid, number[pid])
+
+    # --- which chunks are live: those some generation's complete table names -----------------
+    unindexed_live: set[bytes] = set()  # live, and in no index object at all
     async for _gen_id, got in each_generation_table(store, gen_ids):
         if isinstance(got, Exception):
             raise got  # a chunk it references might be deleted: prune nothing
         for piece in got[1]:
-            live.update(cid for cid, _len in CHUNK_RECORD.iter_unpack(piece))
+            missing = table.mark_live(piece)
+            unindexed_live.update(missing[i : i + 32] for i in range(0, len(missing), 32))
 
     # --- 2. choose one copy per chunk, classify packs ------------------------------------------
-    records: dict[bytes, PackRecord] = {}
-    copies: dict[bytes, list[_Copy]] = defaultdict(list)
-    indexed_chunks: set[bytes] = set()
-    listed: set[tuple[bytes, bytes]] = set()  # (pack id, chunk id) pairs, for the overhead
-    # Each index object's entries are kept as its records (48 bytes an entry, not a tuple
-    # of five objects) and let go of once walked: what the walk builds takes their place.
-    loaded.reverse()
-    while loaded:
-        packs, entries = loaded.pop()
-        for rec in packs:
-            records.setdefault(rec.pack_id, rec)
-        for chunk_id, pack_no, offset, stored, raw in ENTRY_RECORD.iter_unpack(entries):
-            indexed_chunks.add(chunk_id)
-            pack_id = packs[pack_no].pack_id
-            listed.add((pack_id, chunk_id))
-            if pack_id in present and (chunk_id, pack_id) not in quarantined:
-                copies[chunk_id].append(_Copy(pack_id, offset, stored, raw))
-
-    live_in_pack: dict[bytes, int] = defaultdict(int)  # all live copies, for the preference
-    for chunk_id in live:
-        seen: set[bytes] = set()
-        for c in copies.get(chunk_id, ()):
-            if c.pack_id not in seen:
-                seen.add(c.pack_id)
-                live_in_pack[c.pack_id] += c.stored
-    lost = [cid for cid in live if cid not in copies]
-    if lost:
-        raise MissingObject(
-            f"{len(lost)} chunk(s) referenced by generations have no copy in any existing "
-            f"pack (e.g. {lost[0].hex()[:16]}); prune changes nothing in a damaged repository",
-            hint="run 'dedupe verify' to see which generations are affected, forget them or "
-            "back the data up again as a full, then prune",
-        )
-
     stale = (
         stale_key_packs(store, records, reencrypt_below) if reencrypt_below is not None else set()
     )
+    # A live chunk's copy is chosen by (pack not stale, the pack's live fraction, pack id):
+    # the fraction counts the stored bytes of every live chunk with a usable copy in the
+    # pack, once per chunk.
+    stale_flags = bytes(pid in stale for pid in pack_ids)
+    live_in_pack = table.live_bytes()
+    lengths = [records[pid].length for pid in pack_ids]
+    rank_of = {pid: r for r, pid in enumerate(sorted(pack_ids))}
+    rank = [rank_of[pid] for pid in pack_ids]
+    del rank_of
 
-    def fraction(pack_id: bytes) -> float:
-        return live_in_pack[pack_id] / max(1, records[pack_id].length)
+    def choose() -> tuple[int, bytes | None]:
+        return table.choose(stale_flags, live_in_pack, lengths, rank)
 
-    def choose() -> dict[bytes, _Copy]:
-        return {
-            chunk_id: max(
-                copies[chunk_id],
-                key=lambda c: (c.pack_id not in stale, fraction(c.pack_id), c.pack_id),
-            )
-            for chunk_id in live
-        }
+    no_copy, first_lost = choose()
+    if unindexed_live or no_copy:
+        example = next(iter(unindexed_live)) if unindexed_live else first_lost
+        assert example is not None
+        raise MissingObject(
+            f"{len(unindexed_live) + no_copy} chunk(s) referenced by generations have no "
+            f"copy in any existing pack (e.g. {example.hex()[:16]}); prune changes nothing "
+            "in a damaged repository",
+            hint="run 'dedupe verify' to see which generations are affected, forget them or "
+            "back the data up again as a full, then prune",
+        )
 
     # A live chunk with copies in several packs keeps one and may lose the others (their
     # packs unused, then deleted). Whoever indexed a copy may have lied about it (a writer
     # key can index a pack of garbage under real chunk ids and claim it is fuller than the
     # real one), so the copy kept is read and checked (AEAD, keyed id) before the others
-    # may go; a bad one is dropped and the next best chosen (FORMAT.md 14.3).
-    chosen = choose()
-    checked: set[tuple[bytes, bytes]] = set()
+    # may go; a bad one is dropped and the next best chosen (FORMAT.md 14.3). The table
+    # hands out each chosen copy once.
     while not dry_run:
-        todo = [
-            (cid, c)
-            for cid, c in chosen.items()
-            if (cid, c.pack_id) not in checked and len({x.pack_id for x in copies[cid]}) > 1
-        ]
-        if not todo:
-            break
-        report_progress("checking duplicate copies")
-        bad = await _bad_copies(store, todo, run)
-        checked.update((cid, c.pack_id) for cid, c in todo)
+        bad: list[tuple[bytes, bytes]] = []
+        while batch := table.unchecked(CHECK_BATCH):
+            report_progress("checking duplicate copies")
+            todo = [
+                (cid, _Copy(pack_ids[pack_no], offset, stored, raw))
+                for cid, pack_no, offset, stored, raw in ENTRY_RECORD.iter_unpack(batch)
+            ]
+            bad += await _bad_copies(store, todo, run)
         if not bad:
             break
         for cid, pack_id in bad:
@@ -384,24 +384,21 @@ async def _prune(
                 f"the index entry of chunk {cid.hex()[:16]} in pack {pack_id.hex()} does not "
                 "open: another copy is kept"
             )
-            copies[cid] = [c for c in copies[cid] if c.pack_id != pack_id]
-            if not copies[cid]:
-                raise MissingObject(
-                    f"chunk {cid.hex()[:16]}, which generations reference, has no good copy; "
-                    "prune changes nothing in a damaged repository",
-                    hint="run 'dedupe verify --read-data' to see which generations are "
-                    "affected, and back them up again as a full",
-                )
-        chosen = choose()
+            table.set_unusable(cid, number[pack_id])
+        no_copy, first_lost = choose()
+        if no_copy:
+            assert first_lost is not None
+            raise MissingObject(
+                f"chunk {first_lost.hex()[:16]}, which generations reference, has no good "
+                "copy; prune changes nothing in a damaged repository",
+                hint="run 'dedupe verify --read-data' to see which generations are "
+                "affected, and back them up again as a full",
+            )
 
-    used: dict[bytes, int] = defaultdict(int)
-    for best in chosen.values():
-        used[best.pack_id] += best.stored
-
-    blobs: dict[bytes, int] = defaultdict(int)
-    for pack_id, _cid in listed:
-        blobs[pack_id] += 1
-    del listed
+    used_list, blobs_list = table.usage()
+    used = dict(zip(pack_ids, used_list, strict=True))
+    blobs = dict(zip(pack_ids, blobs_list, strict=True))
+    del used_list, blobs_list
 
     def unused_fraction(pid: bytes) -> float:
         length = records[pid].length
@@ -420,10 +417,9 @@ async def _prune(
         and pid in present
         and (unused_fraction(pid) > threshold or pid in stale or pid in damaged)
     ]
-    kept = [pid for pid in records if used[pid] > 0 and pid not in set(sparse)]
-    unindexed = sorted(present - set(records))
     sparse_set = set(sparse)
-    kept_set = set(kept)
+    kept = [pid for pid in records if used[pid] > 0 and pid not in sparse_set]
+    unindexed = sorted(present - set(records))
 
     bytes_before = sum(records[pid].length for pid in records if pid in present)
     unindexed_bytes = 0
@@ -435,22 +431,16 @@ async def _prune(
     bytes_before += unindexed_bytes
     to_delete = [pid for pid in unused if pid in present] + sparse + unindexed
     changed = bool(unused or sparse or len(index_names) > 1 or untrusted)
-    moving = [(cid, c) for cid, c in chosen.items() if c.pack_id in sparse_set]
-    bytes_repacked = sum(c.stored for _cid, c in moving)
-
-    # Every chunk id (live or not) that keeps a copy in a kept pack stays indexed: a later
-    # backup may still dedupe against it. Live chunks use their chosen copy.
-    keep_entries: dict[bytes, _Copy] = {}
-    for chunk_id, cs in copies.items():
-        if chunk_id in chosen:
-            if chosen[chunk_id].pack_id in kept_set:
-                keep_entries[chunk_id] = chosen[chunk_id]
-        else:
-            for c in cs:
-                if c.pack_id in kept_set:
-                    keep_entries[chunk_id] = c
-                    break
-    chunks_after = len(keep_entries) + len(moving)
+    # The chosen copies in sparse packs move (records in (pack, offset) order); every
+    # other chunk id (live or not) with a usable copy in a kept pack stays indexed: a
+    # later backup may still dedupe against it. Live chunks use their chosen copy.
+    moving, bytes_repacked = table.moving(bytes(pid in sparse_set for pid in pack_ids))
+    kept_numbers = [NO_NUMBER] * len(pack_ids)
+    for n, pid in enumerate(kept):
+        kept_numbers[number[pid]] = n
+    chunks_after = table.kept_count(kept_numbers) + len(moving) // ENTRY_RECORD.size
+    chunks_live = table.live_ids()
+    chunks_indexed = table.ids()
 
     def make_report(written: list[PackRecord], seconds: float) -> PruneReport:
         written_bytes = sum(r.length for r in written) if not dry_run else bytes_repacked
@@ -469,8 +459,8 @@ async def _prune(
             bytes_after=bytes_before - deleted_bytes + written_bytes,
             bytes_freed=deleted_bytes - written_bytes,
             bytes_repacked=bytes_repacked,
-            chunks_live=len(live),
-            chunks_removed=len(indexed_chunks) - chunks_after,
+            chunks_live=chunks_live,
+            chunks_removed=chunks_indexed - chunks_after,
             index_objects_removed=len(index_names) if changed else 0,
             index_objects_written=1 if changed and (kept or moving) else 0,
             unindexed_packs=len(unindexed),
@@ -500,7 +490,7 @@ async def _prune(
         report_progress("repacking")
         await lock_held()
         new, flushed = await _repack(
-            store, moving, records, run, p, progress, REENCRYPT_FLUSH if stale else None
+            store, moving, pack_ids, run, p, progress, REENCRYPT_FLUSH if stale else None
         )
     new_packs, new_entries = new.packs, new.records
 
@@ -509,14 +499,14 @@ async def _prune(
     if changed:
         report_progress("writing index")
         pack_list = [records[pid] for pid in kept] + new_packs
-        numbers = {rec.pack_id: n for n, rec in enumerate(pack_list)}
-        entry = ENTRY_RECORD.pack
-        index_entries = bytearray()
-        for cid, c in keep_entries.items():
-            index_entries += entry(cid, numbers[c.pack_id], c.offset, c.stored, c.raw)
-        base = len(kept)
-        for cid, pack_no, offset, stored, raw in ENTRY_RECORD.iter_unpack(new_entries):
-            index_entries += entry(cid, pack_no + base, offset, stored, raw)
+        # The kept packs are numbered first, in `kept` order; the new ones after them.
+        index_entries = table.kept(kept_numbers)
+        del table  # what is left to do needs none of it: its memory goes before sealing
+        if new_entries:
+            renumbered = bytearray()
+            for cid, pack_no, offset, stored, raw in ENTRY_RECORD.iter_unpack(new_entries):
+                renumbered += ENTRY_RECORD.pack(cid, pack_no + len(kept), offset, stored, raw)
+            index_entries += renumbered
         if pack_list:
             await lock_held()
             written_name = await store.write_index(pack_list, index_entries, new.keys)
@@ -572,22 +562,39 @@ def _coalesce(
 
 async def _repack(
     store: RepositoryStore,
-    moving: list[tuple[bytes, _Copy]],
-    records: dict[bytes, PackRecord],
+    moving: bytes,
+    pack_ids: list[bytes],
     run: Callable[..., Awaitable[Any]],
     p: Progress,
     progress: ProgressCallback | None,
     flush_every: int | None = None,
 ) -> tuple[IndexBatch, list[str]]:
     """Read, check and re-seal the live blobs of sparse packs into new packs (written to
-    the backend). Returns the new packs' batch: records, index entries (pack numbers local
-    to it) and key map entries, and the names of the index objects written on the way:
-    with `flush_every`, each time that many new packs are written they are indexed (after
-    their key map), so that a killed run leaves them usable (the batch still lists them,
-    for the one index object prune then writes)."""
-    by_pack: dict[bytes, list[tuple[bytes, _Copy]]] = defaultdict(list)
-    for chunk_id, c in moving:
-        by_pack[c.pack_id].append((chunk_id, c))
+    the backend). `moving` holds their ENTRY_RECORDs in (pack, offset) order, pack numbers
+    indexing `pack_ids`. Returns the new packs' batch: records, index entries (pack
+    numbers local to it) and key map entries, and the names of the index objects written
+    on the way: with `flush_every`, each time that many new packs are written they are
+    indexed (after their key map), so that a killed run leaves them usable (the batch
+    still lists them, for the one index object prune then writes)."""
+    # Each pack's records are a slice of `moving`: only the packs being read are unpacked.
+    size = ENTRY_RECORD.size
+    slices: dict[bytes, tuple[int, int]] = {}
+    start = 0
+    while start < len(moving):
+        pack_no = ENTRY_RECORD.unpack_from(moving, start)[1]
+        end = start + size
+        while end < len(moving) and ENTRY_RECORD.unpack_from(moving, end)[1] == pack_no:
+            end += size
+        slices[pack_ids[pack_no]] = (start, end)
+        start = end
+
+    def blobs_of(pack_id: bytes) -> list[tuple[bytes, _Copy]]:
+        lo, hi = slices[pack_id]
+        return [
+            (cid, _Copy(pack_id, offset, stored, raw))
+            for cid, _no, offset, stored, raw in ENTRY_RECORD.iter_unpack(moving[lo:hi])
+        ]
+
     codec = store.codec
     packer = PackWriter(store.pack_size)
     done = IndexBatch()  # every new pack, for the index object prune writes
@@ -598,7 +605,7 @@ async def _repack(
         """The pack's live chunks, checked and framed again for sealing."""
         key = await store.pack_key_of(pack_id)
         out: list[FramedBatch] = []
-        for start, end, group in _coalesce(by_pack[pack_id]):
+        for start, end, group in _coalesce(blobs_of(pack_id)):
             data = await store.backend.get(pack_name(pack_id), start, end - start)
 
             def reframe(
@@ -633,7 +640,7 @@ async def _repack(
         since_flush = IndexBatch()
 
     # Fetch a few packs ahead while the current one is sealed and written.
-    order = sorted(by_pack)
+    order = sorted(slices)
     ahead: list[asyncio.Task[list[FramedBatch]]] = []
     try:
         for i in range(len(order)):
