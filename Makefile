@@ -11,6 +11,9 @@ GEN_SNAPSHOT ?= ../shared/data/gen_snapshot.py
 DEMO_SIZE ?= 64MiB
 # Everything, the slow kill tests included (CI runs this); `make test-quick` skips them.
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): one per core. Each starts its own PostgreSQL and S3 API
+# servers on free loopback ports when its tests need them. PYTEST_JOBS=0: one process.
+PYTEST_JOBS ?= auto
 
 SOURCES := $(shell find dedupe csrc -name '*.py' -o -name '*.pyx' -o -name '*.pyi' -o -name '*.c' -o -name '*.h') pyproject.toml setup.py
 
@@ -43,7 +46,7 @@ test: venv
 	$(BIN)/mypy
 	# PYTHONSAFEPATH: child `python -m dedupe` processes must import the installed package,
 	# not the unbuilt source tree in the working directory.
-	PYTHONSAFEPATH=1 $(BIN)/pytest $(PYTEST_ARGS)
+	PYTHONSAFEPATH=1 $(BIN)/pytest -n $(PYTEST_JOBS) $(PYTEST_ARGS)
 
 test-quick: PYTEST_ARGS = -m "not slow"
 test-quick: test
