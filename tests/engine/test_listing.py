@@ -48,6 +48,33 @@ def test_stats_separates_dedupe_from_compression(run, repo_path: Path) -> None: 
     run(go())
 
 
+def test_stats_count_a_chunk_once_per_group_however_often_it_appears(  # type: ignore[no-untyped-def]
+    run, repo_path: Path
+) -> None:
+    """Page chunks make the arithmetic exact: a page repeated within a stream, within a
+    name across generations and across names counts once in each group it is in."""
+    rng = random.Random(6)
+    page = [rng.randbytes(4096) for _ in range(6)]
+    a1 = page[0] * 5 + page[1]  # page 0 five times in one stream
+    a2 = page[0] + page[2]
+    c = page[1] + page[3] + page[3]
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            for name, data in (("a", a1), ("a", a2), ("c", c)):
+                await repo.backup(io.BytesIO(data), name=name, kind="full", chunker="fixed:4096")
+            groups = {g.name: g for g in await repo.stats()}
+            a, cc, total = groups["a"], groups["c"], groups[None]
+            assert (a.chunks, cc.chunks, total.chunks) == (3, 2, 4)  # pages 0-2; 1, 3; 0-3
+            assert (a.unique_bytes, cc.unique_bytes) == (3 * 4096, 2 * 4096)
+            assert total.unique_bytes == 4 * 4096
+            assert total.stored_bytes < a.stored_bytes + cc.stored_bytes  # page 1 is shared
+            only_c = await repo.stats("c")
+            assert only_c[0] == cc and only_c[1].chunks == 2 and only_c[1].generations == 1
+
+    run(go())
+
+
 def _tree(root: Path) -> None:
     (root / "sub").mkdir(parents=True)
     (root / "keep.txt").write_bytes(b"unchanged" * 1000)
