@@ -17,6 +17,7 @@ struct ddp_pt {
     size_t n, cap;
     uint32_t packs;
     int sorted;
+    size_t check_from;  /* ddp_pt_emit_unchecked resumes here; ddp_pt_choose resets it */
     unsigned bits;      /* bucket directory: 2^bits buckets */
     uint32_t *bucket;   /* 2^bits + 1 entry numbers: bucket b is [bucket[b], bucket[b+1]) */
 };
@@ -246,7 +247,8 @@ size_t ddp_pt_unusable_packs(ddp_pt *t, const uint8_t *pack_gone)
     return flagged;
 }
 
-size_t ddp_pt_set_unusable(ddp_pt *t, const uint8_t *id, uint32_t pack)
+/* Flag the entries of id's run that match(x) as unusable; how many it flagged. */
+static size_t flag_in_run(ddp_pt *t, const uint8_t *id, const ddp_pt_entry *want, int exact)
 {
     size_t i, end, flagged = 0;
     if (!t->sorted)
@@ -254,12 +256,30 @@ size_t ddp_pt_set_unusable(ddp_pt *t, const uint8_t *id, uint32_t pack)
     i = find(t, id);
     if (i == t->n)
         return 0;
-    for (end = run_end(t, i); i < end; i++)
-        if (t->e[i].pack == pack && !(t->e[i].flags & DDP_PT_UNUSABLE)) {
-            t->e[i].flags |= DDP_PT_UNUSABLE;
-            flagged++;
-        }
+    for (end = run_end(t, i); i < end; i++) {
+        ddp_pt_entry *x = &t->e[i];
+        if (x->pack != want->pack || (x->flags & DDP_PT_UNUSABLE))
+            continue;
+        if (exact && (x->offset != want->offset || x->stored != want->stored ||
+                      x->raw != want->raw))
+            continue;
+        x->flags |= DDP_PT_UNUSABLE;
+        flagged++;
+    }
     return flagged;
+}
+
+size_t ddp_pt_set_unusable(ddp_pt *t, const uint8_t *id, uint32_t pack)
+{
+    ddp_pt_entry want = {{0}, pack, 0, 0, 0, 0, 0};
+    return flag_in_run(t, id, &want, 0);
+}
+
+size_t ddp_pt_set_unusable_entry(ddp_pt *t, const uint8_t *id, uint32_t pack, uint32_t offset,
+                                 uint32_t stored, uint32_t raw)
+{
+    ddp_pt_entry want = {{0}, pack, offset, stored, raw, 0, 0};
+    return flag_in_run(t, id, &want, 1);
 }
 
 size_t ddp_pt_mark_live(ddp_pt *t, const uint8_t *records, size_t n, uint8_t *missing,
@@ -363,35 +383,20 @@ int ddp_pt_live_bytes(ddp_pt *t, uint64_t *live)
     return DDP_PT_OK;
 }
 
-/* Whether copy x beats copy best under ddp_pt_choose's order (strictly). */
-static int better(uint32_t x, uint32_t best, const uint8_t *stale, const uint64_t *live,
-                  const uint64_t *length, const uint32_t *rank)
-{
-    double fx, fb;
-    if (!stale[x] != !stale[best])
-        return !stale[x];
-    /* Python's live / max(1, length): both below 2^53, so each converts exactly and the
-     * division rounds once, as Python's does. */
-    fx = (double)live[x] / (double)(length[x] > 1 ? length[x] : 1);
-    fb = (double)live[best] / (double)(length[best] > 1 ? length[best] : 1);
-    if (fx != fb)
-        return fx > fb;
-    return rank[x] > rank[best];
-}
-
-size_t ddp_pt_choose(ddp_pt *t, const uint8_t *stale, const uint64_t *live,
-                     const uint64_t *length, const uint32_t *rank, uint8_t *lost)
+size_t ddp_pt_choose(ddp_pt *t, const uint32_t *rank, uint8_t *lost)
 {
     size_t i, j, end, none = 0;
     if (!t->sorted)
         return 0;
+    t->check_from = 0;
     for (i = 0; i < t->n; i = end) {
         size_t best = end = run_end(t, i);
         for (j = i; j < end; j++) {
             t->e[j].flags &= ~DDP_PT_CHOSEN;
             if (!(t->e[j].flags & DDP_PT_LIVE) || (t->e[j].flags & DDP_PT_UNUSABLE))
                 continue;
-            if (best == end || better(t->e[j].pack, t->e[best].pack, stale, live, length, rank))
+            /* strictly greater: the earliest added of the best pack's entries wins */
+            if (best == end || rank[t->e[j].pack] > rank[t->e[best].pack])
                 best = j;
         }
         if (!(t->e[i].flags & DDP_PT_LIVE))
@@ -436,34 +441,37 @@ static void put_record(uint8_t *out, const ddp_pt_entry *x, uint32_t pack)
     store_le32(out + 44, x->raw);
 }
 
+/* Whether entries x and y name the same bytes (pack, offset, lengths). */
+static int same_copy(const ddp_pt_entry *x, const ddp_pt_entry *y)
+{
+    return x->pack == y->pack && x->offset == y->offset && x->stored == y->stored &&
+           x->raw == y->raw;
+}
+
 size_t ddp_pt_emit_unchecked(ddp_pt *t, uint8_t *out, size_t cap)
 {
     size_t i, j, end, written = 0;
     if (!t->sorted)
         return 0;
-    for (i = 0; i < t->n && written < cap; i = end) {
-        size_t chosen = SIZE_MAX, packs_seen = 0;
-        uint32_t first_pack = 0;
+    for (i = t->check_from; i < t->n && written < cap; i = end) {
+        const ddp_pt_entry *chosen = NULL;
+        int other = 0;
         end = run_end(t, i);
-        for (j = i; j < end; j++) {
-            const ddp_pt_entry *x = &t->e[j];
-            if (x->flags & DDP_PT_CHOSEN)
-                chosen = j;
-            if (x->flags & DDP_PT_UNUSABLE)
-                continue;
-            if (packs_seen == 0) {
-                first_pack = x->pack;
-                packs_seen = 1;
-            } else if (x->pack != first_pack) {
-                packs_seen = 2;
-            }
-        }
-        if (chosen == SIZE_MAX || packs_seen < 2 || (t->e[chosen].flags & DDP_PT_CHECKED))
+        for (j = i; j < end; j++)
+            if (t->e[j].flags & DDP_PT_CHOSEN)
+                chosen = &t->e[j];
+        if (!chosen || (chosen->flags & DDP_PT_CHECKED))
             continue;
-        t->e[chosen].flags |= DDP_PT_CHECKED;
-        put_record(out + written * DDP_PT_MOVE_BYTES, &t->e[chosen], t->e[chosen].pack);
+        /* another usable entry that names other bytes: the two cannot both be right */
+        for (j = i; j < end && !other; j++)
+            other = !(t->e[j].flags & DDP_PT_UNUSABLE) && !same_copy(&t->e[j], chosen);
+        if (!other)
+            continue;
+        t->e[chosen - t->e].flags |= DDP_PT_CHECKED;
+        put_record(out + written * DDP_PT_MOVE_BYTES, chosen, chosen->pack);
         written++;
     }
+    t->check_from = i;
     return written;
 }
 

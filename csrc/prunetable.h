@@ -21,6 +21,8 @@
  *      quarantined it, or prune found it does not open).
  *   4. ddp_pt_mark_live: chunk table records (<32sI>) of every generation.
  *   5. ddp_pt_live_bytes, ddp_pt_choose, ddp_pt_usage, ddp_pt_emit_*: the decisions.
+ *      The order of packs a choice follows is the caller's (prune computes it exactly,
+ *      in Python, from ddp_pt_live_bytes and the packs' lengths).
  *
  * Thread safety: none; one caller at a time. Nothing aborts: allocation failure is
  * DDP_PT_ENOMEM.
@@ -84,10 +86,12 @@ size_t ddp_pt_live_ids(const ddp_pt *t); /* distinct chunk ids flagged live */
 size_t ddp_pt_memory(const ddp_pt *t);  /* bytes requested from malloc */
 
 /* Flag as unusable every entry of a pack whose flag in pack_gone[0 .. packs) is
- * nonzero; or every entry of (id, pack). Return how many entries they flagged (after
- * sort; before it, 0). */
+ * nonzero; or every entry of (id, pack); or the entries of id that name exactly (pack,
+ * offset, stored, raw). Return how many entries they flagged (after sort; before, 0). */
 size_t ddp_pt_unusable_packs(ddp_pt *t, const uint8_t *pack_gone);
 size_t ddp_pt_set_unusable(ddp_pt *t, const uint8_t *id, uint32_t pack);
+size_t ddp_pt_set_unusable_entry(ddp_pt *t, const uint8_t *id, uint32_t pack, uint32_t offset,
+                                 uint32_t stored, uint32_t raw);
 
 /* Flag as live every entry whose id is that of one of n chunk table records <32sI>.
  * Returns how many of the records name an id no entry has; the first cap of those ids
@@ -100,20 +104,21 @@ size_t ddp_pt_mark_live(ddp_pt *t, const uint8_t *records, size_t n, uint8_t *mi
  * (a run of one id longer than 16 entries is sorted by pack), as for ddp_pt_usage. */
 int ddp_pt_live_bytes(ddp_pt *t, uint64_t *live);
 
-/* Choose one usable copy of every live chunk id: the greatest by (pack not stale, the
- * pack's live fraction live[p] / max(1, length[p]), rank[p]) (rank: the order of pack
- * ids, all distinct), the earliest added among equals. Clears every earlier choice.
+/* Choose one usable copy of every live chunk id: one in the pack of the greatest
+ * rank[p] (the caller's order of packs, all ranks distinct), the earliest added of that
+ * pack's entries. Clears every earlier choice (and ddp_pt_emit_unchecked's place).
  * Returns the number of live ids with no usable copy; the first is copied to lost. */
-size_t ddp_pt_choose(ddp_pt *t, const uint8_t *stale, const uint64_t *live,
-                     const uint64_t *length, const uint32_t *rank, uint8_t *lost);
+size_t ddp_pt_choose(ddp_pt *t, const uint32_t *rank, uint8_t *lost);
 
 /* used[p] = sum of `stored` of the copies chosen in pack p; blobs[p] = distinct chunk
  * ids with an entry in pack p (usable or not). Both zeroed first. */
 int ddp_pt_usage(ddp_pt *t, uint64_t *used, uint64_t *blobs);
 
-/* The chosen copies not yet handed out whose chunk id has usable copies in more than one
- * pack, as <32sIIII> records with global pack numbers, written to out (room for cap
- * records); each is flagged checked. Returns the number written (< cap: all done). */
+/* The chosen copies not yet handed out whose chunk id has another usable entry naming
+ * other bytes (another pack, or another offset or length in the same pack), as <32sIIII>
+ * records with global pack numbers, written to out (room for cap records); each is
+ * flagged checked. Returns the number written (< cap: all done). Each call goes on
+ * where the last stopped, until ddp_pt_choose starts over. */
 size_t ddp_pt_emit_unchecked(ddp_pt *t, uint8_t *out, size_t cap);
 
 /* The chosen copies in packs whose moving[p] is nonzero, as <32sIIII> records with

@@ -248,7 +248,13 @@ async def _prune(
     report_progress("scanning")
     # --- 1. what exists, what is referenced ----------------------------------------------------
     index_names = sorted(named_ids(await backend.list("index/")).values())
-    present = set(named_ids(await backend.list("packs/")))
+    pack_sizes = {
+        pid: size
+        for sizes in [await backend.list_sized("packs/")]
+        for pid, name in named_ids(list(sizes)).items()
+        if (size := sizes[name]) is not None
+    }
+    present = set(pack_sizes)
     await store.refresh_keys()  # after listing: every listed index object's key map is in
     trusted = [n for n in index_names if store.keymaps.get(INDEX, _oid(n)) is not None]
 
@@ -256,7 +262,9 @@ async def _prune(
         data = await backend.get(name)
         return await store.open_index_object(name, data)
 
-    loaded = await _gather_limited([load(n) for n in trusted], READ_CONCURRENCY)
+    opened = await _gather_limited([load(n) for n in trusted], READ_CONCURRENCY)
+    loaded = list(zip(trusted, opened, strict=True))
+    del opened
     # Copies verify found damaged or missing (docs/FORMAT.md section 13) are no copies.
     quarantined = await read_quarantine(backend, store.open_quarantine)
 
@@ -306,22 +314,34 @@ async def _prune(
     # entry, sorted by chunk id: csrc/prunetable.h), numbered by pack; each index object
     # is let go of once it is in. The decisions below are taken over that table.
     records: dict[bytes, PackRecord] = {}
-    for packs, _entries in loaded:
+    for _name, (packs, _entries) in loaded:
         for rec in packs:
             records.setdefault(rec.pack_id, rec)
+    # A pack the storage holds is as long as the storage says: index objects may disagree
+    # (a writer can list a real pack with a length of its choosing), and the index object
+    # prune writes must not carry such a length on once the writer's object is gone.
+    for pid, rec in records.items():
+        if pid in pack_sizes and pack_sizes[pid] != rec.length:
+            records[pid] = PackRecord(pid, pack_sizes[pid])
     pack_ids = list(records)  # a pack's global number is its place here
     number = {pid: n for n, pid in enumerate(pack_ids)}
     table = PruneTable(len(pack_ids))
     loaded.reverse()
     while loaded:
-        packs, entries = loaded.pop()
-        table.add(entries, [number[rec.pack_id] for rec in packs])
+        name, (packs, entries) = loaded.pop()
+        try:
+            table.add(entries, [number[rec.pack_id] for rec in packs])
+        except ValueError as e:  # authenticated, yet an entry names no pack of its table
+            raise IntegrityError(
+                f"index object {name} is malformed ({e}): prune changes nothing",
+                hint="run 'dedupe verify' to see what else is wrong",
+            ) from None
     table.sort()
     # Copies in packs that are gone, and copies verify found damaged or missing, are no
     # copies: never chosen, never kept.
     table.unusable_packs(bytes(pid not in present for pid in pack_ids))
     for cid, pid in quarantined:
-        if pid in number:
+        if pid in number and len(cid) == 32:  # a longer or shorter id names no entry
             table.set_unusable(cid, number[pid])
 
     # --- which chunks are live: those some generation's complete table names -----------------
@@ -337,18 +357,22 @@ async def _prune(
     stale = (
         stale_key_packs(store, records, reencrypt_below) if reencrypt_below is not None else set()
     )
-    # A live chunk's copy is chosen by (pack not stale, the pack's live fraction, pack id):
-    # the fraction counts the stored bytes of every live chunk with a usable copy in the
-    # pack, once per chunk.
-    stale_flags = bytes(pid in stale for pid in pack_ids)
+    # A live chunk's copy is in the greatest pack by (pack not stale, the pack's live
+    # fraction, pack id): the fraction counts the stored bytes of every live chunk with a
+    # usable copy in the pack, once per chunk. The order is taken here, exactly, and the
+    # table follows it.
     live_in_pack = table.live_bytes()
-    lengths = [records[pid].length for pid in pack_ids]
-    rank_of = {pid: r for r, pid in enumerate(sorted(pack_ids))}
-    rank = [rank_of[pid] for pid in pack_ids]
-    del rank_of
+
+    def preference(n: int) -> tuple[bool, float, bytes]:
+        pid = pack_ids[n]
+        return (pid not in stale, live_in_pack[n] / max(1, records[pid].length), pid)
+
+    rank = [0] * len(pack_ids)
+    for r, n in enumerate(sorted(range(len(pack_ids)), key=preference)):
+        rank[n] = r
 
     def choose() -> tuple[int, bytes | None]:
-        return table.choose(stale_flags, live_in_pack, lengths, rank)
+        return table.choose(rank)
 
     no_copy, first_lost = choose()
     if unindexed_live or no_copy:
@@ -369,7 +393,7 @@ async def _prune(
     # may go; a bad one is dropped and the next best chosen (FORMAT.md 14.3). The table
     # hands out each chosen copy once.
     while not dry_run:
-        bad: list[tuple[bytes, bytes]] = []
+        bad: list[tuple[bytes, _Copy]] = []
         while batch := table.unchecked(CHECK_BATCH):
             report_progress("checking duplicate copies")
             todo = [
@@ -379,12 +403,12 @@ async def _prune(
             bad += await _bad_copies(store, todo, run)
         if not bad:
             break
-        for cid, pack_id in bad:
+        for cid, c in bad:
             store.report(
-                f"the index entry of chunk {cid.hex()[:16]} in pack {pack_id.hex()} does not "
-                "open: another copy is kept"
+                f"the index entry of chunk {cid.hex()[:16]} in pack {c.pack_id.hex()} does "
+                "not open: another copy is kept"
             )
-            table.set_unusable(cid, number[pack_id])
+            table.set_unusable(cid, number[c.pack_id], c.offset, c.stored, c.raw)
         no_copy, first_lost = choose()
         if no_copy:
             assert first_lost is not None
@@ -422,12 +446,7 @@ async def _prune(
     unindexed = sorted(present - set(records))
 
     bytes_before = sum(records[pid].length for pid in records if pid in present)
-    unindexed_bytes = 0
-    if unindexed:
-        sizes = await _gather_limited(
-            [backend.stat(pack_name(pid)) for pid in unindexed], READ_CONCURRENCY
-        )
-        unindexed_bytes = sum(sizes)
+    unindexed_bytes = sum(pack_sizes[pid] for pid in unindexed)
     bytes_before += unindexed_bytes
     to_delete = [pid for pid in unused if pid in present] + sparse + unindexed
     changed = bool(unused or sparse or len(index_names) > 1 or untrusted)
@@ -893,17 +912,19 @@ _PREFIXES = {
 
 async def _bad_copies(
     store: RepositoryStore, items: list[tuple[bytes, _Copy]], run: Callable[..., Awaitable[Any]]
-) -> set[tuple[bytes, bytes]]:
-    """The (chunk id, pack id) copies among `items` that do not open and check (their
-    pack is gone or short, their key is not the pack's, their content is not the chunk),
-    read in coalesced ranges of each pack."""
+) -> list[tuple[bytes, _Copy]]:
+    """The copies among `items` that do not open and check (their pack is gone or short,
+    their key is not the pack's, their content is not the chunk), read in coalesced
+    ranges of each pack."""
     by_pack: dict[bytes, list[tuple[bytes, _Copy]]] = defaultdict(list)
     for cid, c in items:
         by_pack[c.pack_id].append((cid, c))
-    bad: set[tuple[bytes, bytes]] = set()
+    bad: list[tuple[bytes, _Copy]] = []
     codec = store.codec
 
-    def check(key: bytes, data: bytes, start: int, group: list[tuple[bytes, _Copy]]) -> list[bytes]:
+    def check(
+        key: bytes, data: bytes, start: int, group: list[tuple[bytes, _Copy]]
+    ) -> list[tuple[bytes, _Copy]]:
         failed = []
         with codec.one_pack():  # the range's dictionaries loaded once, at most 4 of them
             for cid, c in group:
@@ -913,20 +934,20 @@ async def _bad_copies(
                         raise IntegrityError("cut off")
                     codec.open(key, cid, blob, c.raw)
                 except IntegrityError:
-                    failed.append(cid)
+                    failed.append((cid, c))
         return failed
 
     for pack_id, group in by_pack.items():
         try:
             key = await store.pack_key_of(pack_id)
         except DedupeError:
-            bad.update((cid, pack_id) for cid, _c in group)
+            bad += group
             continue
         for start, end, part in _coalesce(group):
             try:
                 data = await store.backend.get(pack_name(pack_id), start, end - start)
             except DedupeError:
-                bad.update((cid, pack_id) for cid, _c in part)
+                bad += part
                 continue
-            bad.update((cid, pack_id) for cid in await run(check, key, data, start, part))
+            bad += await run(check, key, data, start, part)
     return bad

@@ -37,8 +37,9 @@ cdef extern from "prunetable.h" nogil:
     size_t ddp_pt_mark_live(ddp_pt *t, const uint8_t *records, size_t n, uint8_t *missing,
                             size_t cap)
     int ddp_pt_live_bytes(ddp_pt *t, uint64_t *live)
-    size_t ddp_pt_choose(ddp_pt *t, const uint8_t *stale, const uint64_t *live,
-                         const uint64_t *length, const uint32_t *rank, uint8_t *lost)
+    size_t ddp_pt_set_unusable_entry(ddp_pt *t, const uint8_t *id, uint32_t pack,
+                                     uint32_t offset, uint32_t stored, uint32_t raw)
+    size_t ddp_pt_choose(ddp_pt *t, const uint32_t *rank, uint8_t *lost)
     int ddp_pt_usage(ddp_pt *t, uint64_t *used, uint64_t *blobs)
     size_t ddp_pt_emit_unchecked(ddp_pt *t, uint8_t *out, size_t cap)
     size_t ddp_pt_emit_moving(const ddp_pt *t, const uint8_t *moving, uint8_t *out,
@@ -170,13 +171,17 @@ cdef class PruneTable:
         self._need_sorted()
         return ddp_pt_unusable_packs(self._t, _flags(gone, self._packs, "gone"))
 
-    def set_unusable(self, chunk_id, pack):
-        """Flag every entry of (chunk id, pack) as unusable; returns how many."""
+    def set_unusable(self, chunk_id, pack, offset=None, stored=0, raw=0):
+        """Flag every entry of (chunk id, pack) as unusable, or with offset given only
+        those that name exactly (pack, offset, stored, raw); returns how many."""
         self._need_sorted()
         cdef bytes cid = bytes(chunk_id)
         if len(cid) != DDP_PT_ID_BYTES or pack < 0 or pack >= self._packs:
             raise ValueError("set_unusable: not a chunk id and a pack of this table")
-        return ddp_pt_set_unusable(self._t, <const uint8_t *>PyBytes_AS_STRING(cid), pack)
+        if offset is None:
+            return ddp_pt_set_unusable(self._t, <const uint8_t *>PyBytes_AS_STRING(cid), pack)
+        return ddp_pt_set_unusable_entry(
+            self._t, <const uint8_t *>PyBytes_AS_STRING(cid), pack, offset, stored, raw)
 
     def mark_live(self, records):
         """Flag the ids of chunk table records (<32sI>) live. Returns the ids among them
@@ -211,24 +216,21 @@ cdef class PruneTable:
         finally:
             free(live)
 
-    def choose(self, bytes stale, live, lengths, rank):
-        """Choose one usable copy of each live id: (how many have none, the first or None)."""
+    def choose(self, rank):
+        """Choose one usable copy of each live id, in the pack of the greatest rank (one
+        distinct rank per pack): (how many have none, the first of those or None)."""
         self._need_sorted()
-        cdef _Array lv = _ints(live, self._packs, 8, "live")
-        cdef _Array ln = _ints(lengths, self._packs, 8, "lengths")
         cdef _Array rk = _ints(rank, self._packs, 4, "rank")
         cdef uint8_t lost[32]
-        cdef size_t none = ddp_pt_choose(
-            self._t, _flags(stale, self._packs, "stale"), <const uint64_t *>lv.p,
-            <const uint64_t *>ln.p, <const uint32_t *>rk.p, lost)
+        cdef size_t none = ddp_pt_choose(self._t, <const uint32_t *>rk.p, lost)
         return none, (PyBytes_FromStringAndSize(<char *>lost, 32) if none else None)
 
     def usage(self):
         """Per pack: (stored bytes of the chosen copies, distinct chunk ids listed)."""
         self._need_sorted()
-        cdef uint64_t *used = <uint64_t *>malloc(_room(self._packs) * sizeof(uint64_t))
-        cdef uint64_t *blobs = <uint64_t *>malloc(_room(self._packs) * sizeof(uint64_t))
-        cdef int rc
+        cdef size_t n = _room(self._packs)
+        cdef uint64_t *used = <uint64_t *>malloc(n * sizeof(uint64_t))
+        cdef uint64_t *blobs = <uint64_t *>malloc(n * sizeof(uint64_t))
         try:
             if used == NULL or blobs == NULL:
                 raise MemoryError()

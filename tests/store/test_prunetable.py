@@ -97,7 +97,8 @@ class Model:
     def __init__(self, case: Case) -> None:
         self.case = case
         self.every = case.entries()
-        self.bad: set[tuple[bytes, int]] = set()
+        self.bad: set[tuple[bytes, int, int, int, int]] = set()  # entries that did not open
+        self.checked: set[int] = set()  # entries (by seq) handed out for a check
         self.live = set(case.live)
 
     def usable(self, e: tuple[bytes, int, int, int, int, int]) -> bool:
@@ -105,7 +106,7 @@ class Model:
         return (
             pack not in self.case.gone
             and (cid, pack) not in self.case.quarantined
-            and (cid, pack) not in self.bad
+            and e[:5] not in self.bad
         )
 
     def copies(self, cid: bytes) -> list[tuple[bytes, int, int, int, int, int]]:
@@ -121,14 +122,32 @@ class Model:
                     out[e[1]] += e[3]
         return out
 
-    def choose(self, live_bytes: list[int]) -> dict[bytes, tuple[bytes, int, int, int, int, int]]:
+    def preference(self, live_bytes: list[int], p: int) -> tuple[bool, float, bytes]:
         case = self.case
+        return (p not in case.stale, live_bytes[p] / max(1, case.lengths[p]), case.pack_ids[p])
 
-        def key(e: tuple[bytes, int, int, int, int, int]) -> tuple[bool, float, bytes]:
-            p = e[1]
-            return (p not in case.stale, live_bytes[p] / max(1, case.lengths[p]), case.pack_ids[p])
+    def choose(self, live_bytes: list[int]) -> dict[bytes, tuple[bytes, int, int, int, int, int]]:
+        return {
+            cid: max(self.copies(cid), key=lambda e: self.preference(live_bytes, e[1]))
+            for cid in self.live
+            if self.copies(cid)
+        }
 
-        return {cid: max(self.copies(cid), key=key) for cid in self.live if self.copies(cid)}
+    def rank(self, live_bytes: list[int]) -> list[int]:
+        """The order of packs prune hands the table."""
+        order = sorted(range(len(self.case.pack_ids)), key=lambda p: self.preference(live_bytes, p))
+        out = [0] * len(order)
+        for r, p in enumerate(order):
+            out[p] = r
+        return out
+
+    def to_check(self, chose: dict[bytes, tuple[bytes, int, int, int, int, int]]) -> list[tuple]:
+        """Chosen copies not handed out yet whose id has a usable entry naming other bytes."""
+        return sorted(
+            e[:5]
+            for cid, e in chose.items()
+            if e[5] not in self.checked and any(c[1:5] != e[1:5] for c in self.copies(cid))
+        )
 
     def absent(self) -> list[bytes]:
         ids = {e[0] for e in self.every}
@@ -145,14 +164,6 @@ def build(case: Case) -> PruneTable:
     for cid, pack in case.quarantined:
         table.set_unusable(cid, pack)
     return table
-
-
-def rank(case: Case) -> list[int]:
-    order = sorted(range(len(case.pack_ids)), key=lambda p: case.pack_ids[p])
-    out = [0] * len(order)
-    for r, p in enumerate(order):
-        out[p] = r
-    return out
 
 
 def records(data: bytes) -> list[tuple[bytes, int, int, int, int]]:
@@ -173,31 +184,27 @@ def check_against_model(case: Case, rnd: random.Random) -> None:
     live_bytes = table.live_bytes()
     assert live_bytes == model.live_bytes()
     n = len(case.pack_ids)
-    stale = bytes(p in case.stale for p in range(n))
     chose = model.choose(live_bytes)
-    no_copy, first = table.choose(stale, live_bytes, case.lengths, rank(case))
+    no_copy, first = table.choose(model.rank(live_bytes))
     lost = sorted(cid for cid in model.live & present_ids if cid not in chose)
     assert no_copy == len(lost)
     assert first == (lost[0] if lost else None)
 
-    # Duplicate checks: the chosen copies of ids with usable copies in several packs,
-    # each handed out once; a bad one is dropped and the choice made again.
-    for _round in range(3):
+    # Duplicate checks: the chosen copies of ids with another usable entry naming other
+    # bytes (another pack, or another place in the same pack), each handed out once; a bad
+    # one is dropped, that entry alone, and the choice made again.
+    for _round in range(4):
         handed = records(table.unchecked(1)) + records(table.unchecked(10_000))
-        want = sorted(
-            (cid, e[1], e[2], e[3], e[4])
-            for cid, e in chose.items()
-            if len({c[1] for c in model.copies(cid)}) > 1
-        )
-        assert sorted(handed) == want or _round > 0  # later rounds: only what changed
+        assert sorted(handed) == model.to_check(chose)
+        model.checked |= {e[5] for e in chose.values() if e[:5] in set(handed)}
         assert table.unchecked(10_000) == b""
         if not handed:
             break
-        cid, pack = handed[rnd.randrange(len(handed))][:2]
-        model.bad.add((cid, pack))
-        assert table.set_unusable(cid, pack) >= 1
+        bad = handed[rnd.randrange(len(handed))]
+        model.bad.add(bad)
+        assert table.set_unusable(bad[0], bad[1], *bad[2:]) >= 1
         chose = model.choose(live_bytes)
-        table.choose(stale, live_bytes, case.lengths, rank(case))
+        table.choose(model.rank(live_bytes))
 
     used, blobs = table.usage()
     want_used = [0] * n
@@ -254,7 +261,7 @@ def test_one_id_listed_thousands_of_times() -> None:
     assert table.mark_live(CHUNK_RECORD.pack(cid, 1) * 3) == b""
     assert table.live_bytes() == [0, 11, 12]  # pack 0's copies are unusable
     assert table.ids() == 2 and table.live_ids() == 1
-    assert table.choose(b"\0\0\0", [0, 11, 12], [100, 100, 100], [0, 1, 2]) == (0, None)
+    assert table.choose([0, 1, 2]) == (0, None)
     used, blobs = table.usage()
     assert used == [0, 0, 12]  # pack 2's first copy: the earliest of the best pack
     assert blobs == [1, 2, 1]
@@ -307,7 +314,7 @@ def test_bad_input_is_refused() -> None:
     with pytest.raises(ValueError, match="whole"):
         table.mark_live(b"x" * (CHUNK_RECORD.size + 1))
     with pytest.raises(ValueError, match="packs"):
-        table.choose(b"\0", [0, 0], [1, 1], [0, 1])
+        table.choose([0])
     with pytest.raises(ValueError):
         table.set_unusable(os.urandom(32), 2)
     assert RECORD_BYTES == ENTRY_RECORD.size == 48
