@@ -114,7 +114,7 @@ int ddp_codec_open(const ddp_codec_api *api, void *dctx, const ddp_codec_dict *d
                    size_t n_dicts, const uint8_t *key, const uint8_t *id_key, size_t n,
                    const uint8_t *src, const size_t *offset, const uint32_t *stored_len,
                    const uint32_t *raw_len, const uint8_t *ids, uint8_t *out,
-                   const uint64_t *out_pos, size_t *failed, uint8_t *ref_out) {
+                   const uint64_t *out_pos, size_t *failed, uint8_t *ref_out, uint8_t *how) {
     size_t scratch_size = 0;
     for (size_t i = 0; i < n; i++)
         if (stored_len[i] > scratch_size) scratch_size = stored_len[i];
@@ -148,6 +148,14 @@ int ddp_codec_open(const ddp_codec_api *api, void *dctx, const ddp_codec_dict *d
                       DDP_CODEC_ID_BYTES, sealed, key) != 0) {
             rc = DDP_CODEC_EAUTH;
             break;
+        }
+        if (how) {
+            uint8_t *h = how + i * DDP_CODEC_HOW_BYTES;
+            h[0] = plain[0];
+            if (plain[0] == DDP_CODEC_ZSTD_DICT && plain_len >= DICT_HEADER)
+                memcpy(h + 1, plain + 1, DDP_CODEC_REF_BYTES);
+            else
+                memset(h + 1, 0, DDP_CODEC_REF_BYTES);
         }
         if (plain[0] == DDP_CODEC_NONE) {
             if (plain_len - 1 != raw_len[i]) {

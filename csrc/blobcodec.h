@@ -37,6 +37,8 @@
 #define DDP_CODEC_ZSTD_DICT 2
 /* A dictionary's ref: the first 8 bytes of its chunk id (FORMAT.md section 16). */
 #define DDP_CODEC_REF_BYTES 8
+/* ddp_codec_open's record of how a blob was stored: compression byte, then ref. */
+#define DDP_CODEC_HOW_BYTES (1 + DDP_CODEC_REF_BYTES)
 
 /* Errors of ddp_codec_open, for the chunk at *failed. */
 #define DDP_CODEC_OK 0
@@ -133,6 +135,9 @@ long ddp_codec_seal(const ddp_codec_api *api, const uint8_t *key, size_t n,
  * dicts[0 .. n_dicts - 1] (dicts may be NULL when n_dicts is 0); a ref not there fails
  * with DDP_CODEC_ENODICT, one there with a NULL ddict with DDP_CODEC_EDICT, and either
  * copies the ref to ref_out (8 bytes, may be NULL).
+ * With how (may be NULL), DDP_CODEC_HOW_BYTES per blob record how it was stored: how[9 i]
+ * its compression byte, how[9 i + 1 .. + 8] the ref it named when that byte is 2 (zero
+ * bytes otherwise); prune's repack compresses a chunk again as it found it.
  * On failure returns a DDP_CODEC_E* code and the blob's number in *failed; what was
  * written to out is then garbage. The caller makes sure every blob lies in src and
  * every chunk's place in out.
@@ -141,6 +146,6 @@ int ddp_codec_open(const ddp_codec_api *api, void *dctx, const ddp_codec_dict *d
                    size_t n_dicts, const uint8_t *key, const uint8_t *id_key, size_t n,
                    const uint8_t *src, const size_t *offset, const uint32_t *stored_len,
                    const uint32_t *raw_len, const uint8_t *ids, uint8_t *out,
-                   const uint64_t *out_pos, size_t *failed, uint8_t *ref_out);
+                   const uint64_t *out_pos, size_t *failed, uint8_t *ref_out, uint8_t *how);
 
 #endif

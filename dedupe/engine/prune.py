@@ -65,6 +65,7 @@ import blake3
 from dedupe._types import Progress, ProgressCallback
 from dedupe.backends.base import Backend
 from dedupe.crypto import OVERHEAD
+from dedupe.crypto.aead import Buffer
 from dedupe.engine.forget import parse_created
 from dedupe.errors import (
     DedupeError,
@@ -78,7 +79,7 @@ from dedupe.format.keymap import DICTIONARY, DRILL, GENERATION, INDEX, PACK, QUA
 from dedupe.format.pack import FOOTER_SIZE, PACK_MAGIC
 from dedupe.store import PackWriter, RepositoryStore
 from dedupe.store._prunetable import NO_NUMBER, PruneTable
-from dedupe.store.blobs import FramedBatch, release_buffers
+from dedupe.store.blobs import MAX_REFS_PER_CALL, FramedBatch, release_buffers
 from dedupe.store.dictionaries import (
     DICT_PREFIX,
     MAX_DICT_OBJECT,
@@ -620,23 +621,53 @@ async def _repack(
     flushed: list[str] = []
     since_flush = IndexBatch()
 
-    async def fetch(pack_id: bytes) -> list[FramedBatch]:
-        """The pack's live chunks, checked and framed again for sealing."""
+    async def fetch(pack_id: bytes) -> list[tuple[bytes | None, FramedBatch]]:
+        """The pack's live chunks, checked and framed again for sealing, each with the
+        dictionary its blob was compressed with (by ref; None: none), when the codec
+        still holds it: what a backup compressed with a dictionary stays so."""
         key = await store.pack_key_of(pack_id)
-        out: list[FramedBatch] = []
+        out: list[tuple[bytes | None, FramedBatch]] = []
         for start, end, group in _coalesce(blobs_of(pack_id)):
             data = await store.backend.get(pack_name(pack_id), start, end - start)
 
             def reframe(
                 data: bytes = data, start: int = start, group: list[Any] = group
-            ) -> FramedBatch:
+            ) -> list[tuple[bytes | None, FramedBatch]]:
                 items = [(cid, c.offset, c.stored, c.raw) for cid, c in group]
-                plain = codec.open_many(key, data, start, items)
-                return codec.frame(plain, [cid for cid, _c in group])
+                plain, refs = codec.open_as_stored(key, data, start, items)
+                by_ref: dict[bytes | None, tuple[list[Buffer], list[bytes]]] = {}
+                for (cid, _c), chunk, ref in zip(group, plain, refs, strict=True):
+                    if ref is not None and codec.dictionary(ref) is None:
+                        ref = None  # dropped by the codec since: compressed without one
+                    chunks, ids = by_ref.setdefault(ref, ([], []))
+                    chunks.append(chunk)
+                    ids.append(cid)
+                return [
+                    (ref, codec.frame(chunks, ids, codec.dictionary(ref) if ref else None))
+                    for ref, (chunks, ids) in by_ref.items()
+                ]
 
-            out.append(await run(reframe))
+            out += await run(reframe)
             p.bytes_read += end - start
         return out
+
+    # A reader refuses the blobs of a pack that name more than MAX_REFS_PER_CALL
+    # dictionaries (FORMAT.md 16); repacked blobs of several sources may name several: a
+    # pack is finished early rather than take one more.
+    refs_in_pack: set[bytes] = set()
+
+    async def add(ref: bytes | None, batch: FramedBatch) -> None:
+        nonlocal refs_in_pack
+        if ref is not None and ref not in refs_in_pack and len(refs_in_pack) >= MAX_REFS_PER_CALL:
+            last = await run(packer.flush)
+            await write([last] if last is not None else [])
+            refs_in_pack = set()
+        finished = await run(packer.add, batch)
+        if finished:  # what is left in the pack being filled is this batch's
+            refs_in_pack = set()
+        if ref is not None:
+            refs_in_pack.add(ref)
+        await write(finished)
 
     async def write(finished: list[Any]) -> None:
         for pack in finished:
@@ -660,14 +691,14 @@ async def _repack(
 
     # Fetch a few packs ahead while the current one is sealed and written.
     order = sorted(slices)
-    ahead: list[asyncio.Task[list[FramedBatch]]] = []
+    ahead: list[asyncio.Task[list[tuple[bytes | None, FramedBatch]]]] = []
     try:
         for i in range(len(order)):
             while len(ahead) < READ_CONCURRENCY and len(ahead) + i < len(order):
                 ahead.append(asyncio.ensure_future(fetch(order[len(ahead) + i])))
-            for batch in await ahead.pop(0):
+            for ref, batch in await ahead.pop(0):
                 p.chunks += batch.pending
-                await write(await run(packer.add, batch))
+                await add(ref, batch)
             if progress:
                 progress(p)
         last = await run(packer.flush)

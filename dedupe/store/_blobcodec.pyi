@@ -9,6 +9,7 @@ from dedupe.chunking import Block
 OVERHEAD: int  # 40: nonce and tag of a sealed blob
 TRAILER_RECORD: int  # 44: a pack trailer entry, <32sIII
 REF_BYTES: int  # 8: a compression dictionary's ref
+HOW_BYTES: int  # 9: open_into's `how` per blob: compression byte, then the ref it named
 ENODICT: int  # OpenError.code: the blob's dictionary (.ref) was not given
 EDICT: int  # OpenError.code: two dictionaries have the blob's ref (.ref)
 OPEN_ERRORS: dict[int, str]
@@ -67,6 +68,7 @@ class BatchCodec:
         items: Sequence[tuple[bytes, int, int, int]],
         base: int,
         dicts: DictTable | None = None,
+        how: bytearray | None = None,
     ) -> Block: ...
     def open_records(
         self,

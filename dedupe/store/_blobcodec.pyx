@@ -55,6 +55,7 @@ cdef extern from "blobcodec.h" nogil:
     size_t DDP_CODEC_OVERHEAD
     size_t DDP_CODEC_TRAILER_RECORD
     size_t DDP_CODEC_REF_BYTES
+    size_t DDP_CODEC_HOW_BYTES
     int DDP_CODEC_OK
     int DDP_CODEC_EAUTH
     int DDP_CODEC_EFORMAT
@@ -75,7 +76,8 @@ cdef extern from "blobcodec.h" nogil:
                        size_t n_dicts, const uint8_t *key, const uint8_t *id_key, size_t n,
                        const uint8_t *src, const size_t *offset, const uint32_t *stored_len,
                        const uint32_t *raw_len, const uint8_t *ids, uint8_t *out,
-                       const uint64_t *out_pos, size_t *failed, uint8_t *ref_out)
+                       const uint64_t *out_pos, size_t *failed, uint8_t *ref_out,
+                       uint8_t *how)
 
 
 ctypedef void *(*create_fn)() noexcept nogil
@@ -97,6 +99,7 @@ cdef bint _configured = False
 OVERHEAD = DDP_CODEC_OVERHEAD
 TRAILER_RECORD = DDP_CODEC_TRAILER_RECORD
 REF_BYTES = DDP_CODEC_REF_BYTES
+HOW_BYTES = DDP_CODEC_HOW_BYTES
 # Codes of OpenError for a blob whose dictionary is missing (ENODICT: the codec was not
 # given it) or unusable (EDICT: two different dictionaries have its ref); .ref names it.
 ENODICT = DDP_CODEC_ENODICT
@@ -431,13 +434,14 @@ cdef class BatchCodec:
         return b
 
     def open_into(self, bytes key, bytes id_key, data, list items, Py_ssize_t base,
-                  DictTable dicts=None):
+                  DictTable dicts=None, bytearray how=None):
         """Open blobs of one pack: items are (chunk id, offset in pack, stored length, raw
         length); `data` holds the pack's bytes from offset `base`. Returns their raw bytes
         back to back in a read-only block (dedupe.chunking.Block; checked: AEAD, length
         and the keyed id under `id_key`), whose memory is reused only once nothing refers
         to it. Blobs of compression byte 2 are opened with `dicts`. Raises OpenError
-        naming the first blob that fails."""
+        naming the first blob that fails. With `how` (HOW_BYTES per item), each blob's
+        compression byte and the ref it named (zeros for none) are written there."""
         cdef Py_ssize_t n = len(items), i
         cdef const uint8_t *k = _key_ptr(key)
         cdef const uint8_t *ik = _key_ptr(id_key)
@@ -451,8 +455,14 @@ cdef class BatchCodec:
         cdef uint8_t ref_out[8]
         cdef const ddp_codec_dict *dp = NULL
         cdef size_t nd = 0
+        cdef uint8_t *how_p = NULL
         if dicts is not None:
             dp, nd = dicts._entries, dicts._n
+        if how is not None:
+            if len(how) != n * DDP_CODEC_HOW_BYTES:
+                raise ValueError(f"open_into: how holds {DDP_CODEC_HOW_BYTES} bytes an item")
+            if n:
+                how_p = <uint8_t *>PyByteArray_AS_STRING(how)
         cdef size_t *offset = <size_t *>malloc((n or 1) * sizeof(size_t))
         cdef uint32_t *stored = <uint32_t *>malloc((n or 1) * sizeof(uint32_t))
         cdef uint32_t *raw = <uint32_t *>malloc((n or 1) * sizeof(uint32_t))
@@ -483,7 +493,7 @@ cdef class BatchCodec:
             with nogil:
                 rc = ddp_codec_open(&_api, self._dctx, dp, nd, k, ik, n,
                                     <const uint8_t *>view.buf, offset, stored, raw, ids_p,
-                                    out_p, NULL, &failed, ref_out)
+                                    out_p, NULL, &failed, ref_out, how_p)
             if rc != DDP_CODEC_OK:
                 _open_failed(rc, <Py_ssize_t>failed, ref_out)
             return out
@@ -545,7 +555,7 @@ cdef class BatchCodec:
             with nogil:
                 rc = ddp_codec_open(&_api, self._dctx, dp, nd, k, ik, <size_t>n,
                                     <const uint8_t *>view.buf, offset, stored, raw, ids,
-                                    <uint8_t *>out.data, NULL, &failed, ref_out)
+                                    <uint8_t *>out.data, NULL, &failed, ref_out, NULL)
             if rc != DDP_CODEC_OK:
                 _open_failed(rc, <Py_ssize_t>failed, ref_out)
         finally:
@@ -615,7 +625,7 @@ cdef class BatchCodec:
             with nogil:
                 rc = ddp_codec_open(&_api, self._dctx, dp, nd, k, ik, <size_t>n,
                                     <const uint8_t *>view.buf, offset, stored, raw, ids_p,
-                                    <uint8_t *>out.data, pos, &failed, ref_out)
+                                    <uint8_t *>out.data, pos, &failed, ref_out, NULL)
             if rc != DDP_CODEC_OK:
                 _open_failed(rc, lo + <Py_ssize_t>failed, ref_out)
         finally:

@@ -20,6 +20,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from itertools import accumulate
 from typing import Any, TypeVar
 
@@ -546,7 +547,15 @@ class BlobCodec:
         return self._loading(lambda: self._open(key, chunk_id, sealed, raw_length))
 
     def _open(self, key: bytes, chunk_id: bytes, sealed: Buffer, raw_length: int) -> bytes:
+        return self._open_as_stored(key, chunk_id, sealed, raw_length)[0]
+
+    def _open_as_stored(
+        self, key: bytes, chunk_id: bytes, sealed: Buffer, raw_length: int
+    ) -> tuple[bytes, bytes | None]:
+        """The chunk's bytes (checked as open() does) and the ref of the dictionary its
+        blob was compressed with (None: none)."""
         what = f"chunk {chunk_id.hex()[:16]}"
+        ref = None
         plain = open_sealed(key, sealed, chunk_id, what)
         if not plain:
             raise IntegrityError(f"{what} is empty: it lacks its compression byte")
@@ -558,13 +567,14 @@ class BlobCodec:
         elif plain[0] == COMPRESSION_ZSTD_DICT:
             if len(payload) < DICT_REF:
                 raise IntegrityError(f"{what} is too short to name its dictionary")
-            opener = self._opener(chunk_id, bytes(payload[:DICT_REF]))
+            ref = bytes(payload[:DICT_REF])
+            opener = self._opener(chunk_id, ref)
             data = self._decompress(what, opener, payload[DICT_REF:], raw_length)
         else:
             raise IntegrityError(f"{what} has an unknown compression byte {plain[0]}")
         if len(data) != raw_length or self.hasher.chunk_id(data) != chunk_id:
             raise IntegrityError(f"{what} does not match its id: its content is wrong")
-        return data
+        return data, ref
 
     @staticmethod
     def _decompress(
@@ -613,16 +623,50 @@ class BlobCodec:
             return memoryview(b"".join(chunks)).toreadonly(), list(accumulate(map(len, chunks)))
         return self._open_native(key, data, base, items)
 
-    def _open_native(
+    def open_as_stored(
         self, key: bytes, data: Buffer, base: int, items: Sequence[tuple[bytes, int, int, int]]
+    ) -> tuple[list[Buffer], list[bytes | None]]:
+        """open_many's chunks, and for each the ref of the dictionary its blob was
+        compressed with (None: none): prune's repack compresses a chunk again as it was."""
+        if not self.native:
+            view = memoryview(data)
+            chunks: list[Buffer] = []
+            refs: list[bytes | None] = []
+
+            def one(cid: bytes, blob: memoryview, raw: int) -> None:
+                chunk, ref = self._open_as_stored(key, cid, blob, raw)
+                chunks.append(chunk)
+                refs.append(ref)
+
+            with self.one_pack():
+                for cid, off, stored, raw in items:
+                    blob = view[off - base : off - base + stored]
+                    self._loading(partial(one, cid, blob, raw))
+            return chunks, refs
+        how = bytearray(len(items) * _blobcodec.HOW_BYTES)
+        view, ends = self._open_native(key, data, base, items, how)
+        step = _blobcodec.HOW_BYTES
+        refs = [
+            bytes(how[i + 1 : i + step]) if how[i] == COMPRESSION_ZSTD_DICT else None
+            for i in range(0, len(how), step)
+        ]
+        return [view[s:e] for s, e in zip([0, *ends], ends, strict=False)], refs
+
+    def _open_native(
+        self,
+        key: bytes,
+        data: Buffer,
+        base: int,
+        items: Sequence[tuple[bytes, int, int, int]],
+        how: bytearray | None = None,
     ) -> tuple[memoryview, list[int]]:
         """One kernel call (AEAD, decompression, lengths, ids): the joined buffer and
-        where each chunk ends in it."""
+        where each chunk ends in it (with `how`: each blob's compression byte and ref)."""
 
         def go() -> Any:
             try:
                 return self._kernel().open_into(
-                    key, self.hasher.id_key, data, list(items), base, self._dicts[2]
+                    key, self.hasher.id_key, data, list(items), base, self._dicts[2], how
                 )
             except _blobcodec.OpenError as e:
                 raise self._failed(e, items[e.index][0]) from None

@@ -179,6 +179,7 @@ def _every_way(
             key, data, b"".join(TRAILER.pack(*it) for it in items), 0, len(items)
         ),
         "open_planned": planned,
+        "open_as_stored": lambda: [bytes(c) for c in codec.open_as_stored(key, data, 0, items)[0]],
     }
 
 
@@ -216,6 +217,29 @@ def test_pages_round_trip_with_a_dictionary_across_both_codecs(
     codec.add_dictionary(pages_dict)
     assert codec.dictionary(pages_dict.ref) is pages_dict
     _opens_to(codec, key, data, items, chunks)
+
+
+@both
+def test_open_as_stored_names_the_dictionary_of_each_blob(
+    pages: list[bytes], pages_dict: Dictionary, native: bool
+) -> None:
+    """Prune's repack compresses a chunk again as it found it: open_as_stored gives each
+    blob's dictionary ref (None for a blob stored raw or compressed without one)."""
+    key = new_key()
+    with_dict, without = pages[1::2][:40], pages[::2][:40]
+    a, first = _seal(BlobCodec(3, HASHER, native=native), with_dict, key, pages_dict)
+    b, second = _seal(BlobCodec(3, HASHER, native=native), without, key, None)
+    data, items = a + b, first + [(c, off + len(a), st, raw) for c, off, st, raw in second]
+    want = [
+        bytes(p[1:9]) if p[0] == COMPRESSION_ZSTD_DICT else None
+        for p in _plaintexts(key, data, items)
+    ]
+    assert want.count(None) >= 40 and want.count(pages_dict.ref) > 30
+    codec = BlobCodec(3, HASHER, native=native)
+    codec.add_dictionary(pages_dict)
+    chunks, refs = codec.open_as_stored(key, data, 0, items)
+    assert [bytes(c) for c in chunks] == with_dict + without
+    assert refs == want
 
 
 @both
