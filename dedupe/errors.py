@@ -111,7 +111,14 @@ class RollbackDetected(IntegrityError):
     exit_code = 34
 
 
-class DictionaryNeeded(IntegrityError):
+class DictionaryUnusable(IntegrityError):
+    """A blob that authenticated names a compression dictionary (docs/FORMAT.md section
+    16) that cannot be had here: missing, damaged, refused by zstd, two under one ref, one
+    too many for a pack, or not loadable from this thread. The blob itself may be intact:
+    with its dictionary back it opens again."""
+
+
+class DictionaryNeeded(DictionaryUnusable):
     """A blob names a compression dictionary (docs/FORMAT.md section 16) that the codec has
     not been given. Readers load it and try again; one that does not reports the chunk
     copy as unreadable, which this is until the dictionary is found."""

@@ -64,6 +64,7 @@ from dedupe.crypto.aead import Buffer
 from dedupe.engine.restore import split_by_bytes
 from dedupe.errors import (
     DedupeError,
+    DictionaryUnusable,
     GenerationNotFound,
     IntegrityError,
     KeyNotAvailable,
@@ -114,6 +115,9 @@ TRUNCATED = "truncated"  # shorter than its index record (or its own footer) say
 SIZE_MISMATCH = "size mismatch"  # longer than its index record says
 AUTH_FAILED = "authentication failed"  # an AEAD tag (or a wrapped key) did not open
 ID_MISMATCH = "id mismatch"  # its bytes do not hash to its name / a chunk to its id
+# A blob authenticates but names a compression dictionary that cannot be had (missing,
+# damaged, refused): the copy is unreadable until the dictionary is back.
+DICTIONARY_UNUSABLE = "dictionary unusable"
 MALFORMED = "malformed"  # authenticated, but the layout is wrong (bad magic, bad offsets)
 TRAILER_MISMATCH = "trailer mismatch"  # the pack's trailer and the index disagree
 NOT_INDEXED = "not indexed"  # chunks generations reference that no index object lists
@@ -124,6 +128,7 @@ REASONS = (
     SIZE_MISMATCH,
     AUTH_FAILED,
     ID_MISMATCH,
+    DICTIONARY_UNUSABLE,
     MALFORMED,
     TRAILER_MISMATCH,
     NOT_INDEXED,
@@ -945,6 +950,8 @@ def open_blobs(
             blob = view[offset : offset + stored]
             try:
                 store.codec.open(key, chunk_id, blob, raw)
+            except DictionaryUnusable as e:  # raised only once the blob authenticated
+                bad.append((chunk_id, DICTIONARY_UNUSABLE, e.message))
             except IntegrityError as e:
                 # Tell a failed tag from content that authenticates but does not match its
                 # id.

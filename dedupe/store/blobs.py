@@ -28,7 +28,7 @@ import zstandard
 
 from dedupe.crypto import OVERHEAD, open_sealed
 from dedupe.crypto.aead import Buffer, seal_into
-from dedupe.errors import DictionaryNeeded, IntegrityError
+from dedupe.errors import DictionaryNeeded, DictionaryUnusable, IntegrityError
 from dedupe.format.pack import (
     COMPRESSION_NONE,
     COMPRESSION_ZSTD,
@@ -157,7 +157,9 @@ class Dictionary:
         return f"Dictionary({self._ref.hex()}, {len(self._data)} bytes)"
 
     def _refused(self, why: object) -> IntegrityError:
-        return IntegrityError(f"compression dictionary {self._ref.hex()} is refused by zstd: {why}")
+        return DictionaryUnusable(
+            f"compression dictionary {self._ref.hex()} is refused by zstd: {why}"
+        )
 
     def check(self) -> None:
         """IntegrityError, naming the ref, unless zstd makes a decompression dictionary of
@@ -386,7 +388,7 @@ class BlobCodec:
         return self._dicts[0].get(ref)
 
     def _unusable(self, chunk_id: bytes, ref: bytes) -> IntegrityError:
-        return IntegrityError(
+        return DictionaryUnusable(
             f"chunk {chunk_id.hex()[:16]} names compression dictionary {ref.hex()}, which"
             f" cannot be used: two dictionaries have ref {ref.hex()}"
         )
@@ -459,7 +461,7 @@ class BlobCodec:
                     if loader is None or e.ref in session.tried:
                         raise
                     if len(session.tried) >= MAX_REFS_PER_CALL:
-                        raise IntegrityError(
+                        raise DictionaryUnusable(
                             f"chunk {e.chunk_id.hex()[:16]} names a compression dictionary"
                             f" after {len(session.tried)} others in blobs opened together:"
                             " no backup makes a pack so; its blobs are refused"

@@ -53,6 +53,7 @@ from dedupe.crypto.keyfile import MAX_KEY_FILE_BYTES
 from dedupe.crypto.signing import CONFIG_DOMAIN
 from dedupe.errors import (
     DedupeError,
+    DictionaryUnusable,
     GenerationNotFound,
     IntegrityError,
     KeyNotAvailable,
@@ -1072,7 +1073,7 @@ class RepositoryStore:
             why = "; ".join(problems) if problems else "the repository has none"
             if found:
                 why = f"{', '.join(sorted(found.values()))} differ"
-            failed = self._dict_failed[ref] = IntegrityError(f"no usable {what}: {why}")
+            failed = self._dict_failed[ref] = DictionaryUnusable(f"no usable {what}: {why}")
             raise failed
         handle = Dictionary(ref, next(iter(found)))
         self.codec.add_dictionary(handle)
@@ -1088,7 +1089,7 @@ class RepositoryStore:
         except RuntimeError:
             on_loop = False
         if loop is None or on_loop or loop.is_closed() or self._closing:
-            raise IntegrityError(
+            raise DictionaryUnusable(
                 f"compression dictionary {ref.hex()} is not loaded, and cannot be from here"
             )
         future = asyncio.run_coroutine_threadsafe(self.load_dictionary(ref), loop)
@@ -1097,11 +1098,11 @@ class RepositoryStore:
             return future.result(timeout=DICTIONARY_LOAD_SECONDS)
         except TimeoutError:
             future.cancel()
-            raise IntegrityError(
+            raise DictionaryUnusable(
                 f"compression dictionary {ref.hex()} did not load in {DICTIONARY_LOAD_SECONDS} s"
             ) from None
         except concurrent.futures.CancelledError:
-            raise IntegrityError(
+            raise DictionaryUnusable(
                 f"compression dictionary {ref.hex()} was not loaded: the repository is closing"
             ) from None
         finally:

@@ -36,6 +36,7 @@ from dedupe._types import Generation
 from dedupe.crypto import new_key
 from dedupe.engine import backup as backup_module
 from dedupe.engine.keys import reseal_dictionaries
+from dedupe.engine.verify import DICTIONARY_UNUSABLE
 from dedupe.errors import DedupeError, IntegrityError
 from dedupe.format.keymap import DICTIONARY, INDEX, PACK, KeyMapEntry
 from dedupe.hashing import object_id
@@ -956,3 +957,43 @@ def test_a_header_names_a_dictionary_only_by_a_well_formed_id() -> None:
     assert Generation.from_header(_header(good)).dictionary == good
     for bad in (good.upper(), good[:-1], good + "0", "g" * 64, 7, None, ["x"]):
         assert Generation.from_header(_header(bad)).dictionary is None, bad
+
+
+def test_verify_blames_a_lost_dictionary_not_the_blobs_that_name_it(
+    run_asyncio: Any, repo: Path
+) -> None:
+    """Blobs that authenticate but name a dictionary the repository lost are not an 'id
+    mismatch' (their content was never compared with anything): their copies are
+    'dictionary unusable', and the details name the dictionary. With the object back, the
+    same blobs verify clean."""
+
+    async def main() -> None:
+        name, ref, _dict_id = await orders_dictionary(repo)
+        admin = await opened(repo)
+        try:
+            kept = await admin._store.backend.get(name)
+            await admin._store.backend.delete(name)
+        finally:
+            await admin.close()
+        fresh = await opened(repo)
+        try:
+            report = await fresh.verify(read_data=True, quarantine=False)
+        finally:
+            await fresh.close()
+        packs = [d for d in report.damaged if d.kind == "pack"]
+        assert packs and {d.reason for d in report.damaged} == {DICTIONARY_UNUSABLE}
+        for d in packs:
+            assert d.chunk_ids and d.generations
+            assert all(ref.hex() in detail for detail in d.details), d.details
+        admin = await opened(repo)
+        try:
+            await admin._store.backend.put(name, kept)
+        finally:
+            await admin.close()
+        fresh = await opened(repo)
+        try:
+            assert (await fresh.verify(read_data=True, quarantine=False)).damaged == []
+        finally:
+            await fresh.close()
+
+    run_asyncio(main())
