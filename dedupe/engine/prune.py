@@ -529,7 +529,8 @@ async def _prune(
             index_entries += renumbered
         if pack_list:
             await lock_held()
-            written_name = await store.write_index(pack_list, index_entries, new.keys)
+            written_name = await store.write_index(pack_list, index_entries, new.keys, load=False)
+        del index_entries  # reload_index, at the end, reads them back
 
         # --- 3c. then the old index objects ------------------------------------------------------
         report_progress("deleting index objects")

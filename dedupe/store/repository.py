@@ -44,11 +44,11 @@ from dedupe.crypto import (
     new_key,
     open_key_file,
     open_sealed,
-    seal,
     seal_grant,
     sign_record,
     verify_record,
 )
+from dedupe.crypto.aead import OVERHEAD, seal_into
 from dedupe.crypto.keyfile import MAX_KEY_FILE_BYTES
 from dedupe.crypto.signing import CONFIG_DOMAIN
 from dedupe.errors import (
@@ -78,7 +78,7 @@ from dedupe.format.index import (
     INDEX_MAGIC,
     PackRecord,
     decode_index_records,
-    encode_index,
+    index_parts,
     max_plaintext,
 )
 from dedupe.format.keymap import (
@@ -410,7 +410,7 @@ class IndexBatch:
 @dataclass(frozen=True)
 class SealedIndex:
     name: str
-    data: bytes
+    data: bytearray  # not copied into a bytes: it can be tens of MiB
     entry: KeyMapEntry
 
 
@@ -836,33 +836,53 @@ class RepositoryStore:
         """An index object listing `packs` and `records`, sealed under a fresh key, and the
         key map entry that will authenticate it."""
         key = new_key()
-        plain = encode_index(packs, records)
-        data = INDEX_MAGIC + seal(key, zstandard.ZstdCompressor(level=3).compress(plain), INDEX_AAD)
+        # The plaintext is compressed piece by piece (one frame that records its size) and
+        # sealed straight into the object's buffer: prune's one index object of a million
+        # entries then costs the records and twice its compressed size at the peak, not
+        # also a joined plaintext and two more copies of the sealed bytes.
+        head, body = index_parts(packs, records)
+        zc = zstandard.ZstdCompressor(level=3).compressobj(size=len(head) + len(body))
+        pieces = [zc.compress(head), zc.compress(body), zc.flush()]
+        compressed = b"".join(pieces)
+        del pieces
+        data = bytearray(len(INDEX_MAGIC) + len(compressed) + OVERHEAD)
+        data[: len(INDEX_MAGIC)] = INDEX_MAGIC
+        seal_into(key, compressed, INDEX_AAD, data, len(INDEX_MAGIC))
+        del compressed
         oid = object_id(data)
         return SealedIndex(
             f"index/{oid}", data, self.keymaps.meta_entry(INDEX, bytes.fromhex(oid), key)
         )
 
     async def write_index(
-        self, packs: list[PackRecord], records: Buffer, keys: list[KeyMapEntry] | None = None
+        self,
+        packs: list[PackRecord],
+        records: Buffer,
+        keys: list[KeyMapEntry] | None = None,
+        *,
+        load: bool = True,
     ) -> str:
         """Store an index object listing `packs` and the entries `records` (ENTRY_RECORDs,
         pack numbers local to `packs`), after the key map that authenticates it and the
-        packs whose key map entries are `keys`; then add them to the in-memory index."""
+        packs whose key map entries are `keys`; then add them to the in-memory index,
+        unless `load` is False (prune, which reloads the whole index afterwards: adding a
+        million entries to the index it is about to drop would hold both at once)."""
         records = bytes(records)  # the caller may go on changing its buffer
         sealed = await asyncio.to_thread(self.seal_index, packs, records)
         await self.keymaps.write([*(keys or []), sealed.entry])
-        await self._put_index(sealed, packs, records)
+        await self._put_index(sealed, packs, records, load)
         return sealed.name
 
     async def write_batch(self, batch: IndexBatch) -> str:
         return await self.write_index(batch.packs, batch.records, batch.keys)
 
     async def _put_index(
-        self, sealed: SealedIndex, packs: list[PackRecord], records: bytes
+        self, sealed: SealedIndex, packs: list[PackRecord], records: bytes, load: bool = True
     ) -> None:
         await self.backend.put(sealed.name, sealed.data)
         self.cache.write(sealed.name, sealed.data, len(sealed.data))
+        if not load:
+            return
         self._loaded_index_objects.add(sealed.name)
         self.index.note_written([p.pack_id for p in packs])
         self.index.add_records(packs, records, sealed.name)
