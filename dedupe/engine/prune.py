@@ -459,6 +459,7 @@ async def _prune(
     for n, pid in enumerate(kept):
         kept_numbers[number[pid]] = n
     chunks_after = table.kept_count(kept_numbers) + len(moving) // ENTRY_RECORD.size
+    repacks = bool(moving)
     chunks_live = table.live_ids()
     chunks_indexed = table.ids()
 
@@ -482,7 +483,7 @@ async def _prune(
             chunks_live=chunks_live,
             chunks_removed=chunks_indexed - chunks_after,
             index_objects_removed=len(index_names) if changed else 0,
-            index_objects_written=1 if changed and (kept or moving) else 0,
+            index_objects_written=1 if changed and (kept or repacks) else 0,
             unindexed_packs=len(unindexed),
             seconds=time.monotonic() - started,
             removed_packs=[pid.hex() for pid in to_delete],
@@ -512,7 +513,12 @@ async def _prune(
         new, flushed = await _repack(
             store, moving, pack_ids, run, p, progress, REENCRYPT_FLUSH if stale else None
         )
-    new_packs, new_entries = new.packs, new.records
+    # Each buffer of entries goes as soon as its last use is past (tens of MiB at a
+    # million chunks): the moving copies' records now, the others once the index object
+    # is written, before the reload at the end loads the index again.
+    del moving
+    new_packs, new_entries, new_keys = new.packs, new.records, new.keys
+    del new
 
     # --- 3b. one index object for everything that stays ----------------------------------------
     written_name = None
@@ -527,9 +533,11 @@ async def _prune(
             for cid, pack_no, offset, stored, raw in ENTRY_RECORD.iter_unpack(new_entries):
                 renumbered += ENTRY_RECORD.pack(cid, pack_no + len(kept), offset, stored, raw)
             index_entries += renumbered
+            del renumbered
+        del new_entries
         if pack_list:
             await lock_held()
-            written_name = await store.write_index(pack_list, index_entries, new.keys, load=False)
+            written_name = await store.write_index(pack_list, index_entries, new_keys, load=False)
         del index_entries  # reload_index, at the end, reads them back
 
         # --- 3c. then the old index objects ------------------------------------------------------
