@@ -79,7 +79,7 @@ from dedupe.format.keymap import DICTIONARY, DRILL, GENERATION, INDEX, PACK, QUA
 from dedupe.format.pack import FOOTER_SIZE, PACK_MAGIC
 from dedupe.store import PackWriter, RepositoryStore
 from dedupe.store._prunetable import NO_NUMBER, PruneTable
-from dedupe.store.blobs import MAX_REFS_PER_CALL, FramedBatch, release_buffers
+from dedupe.store.blobs import MAX_REFS_PER_CALL, Dictionary, FramedBatch, release_buffers
 from dedupe.store.dictionaries import (
     DICT_PREFIX,
     MAX_DICT_OBJECT,
@@ -249,11 +249,9 @@ async def _prune(
     report_progress("scanning")
     # --- 1. what exists, what is referenced ----------------------------------------------------
     index_names = sorted(named_ids(await backend.list("index/")).values())
+    sizes = await backend.list_sized("packs/")
     pack_sizes = {
-        pid: size
-        for sizes in [await backend.list_sized("packs/")]
-        for pid, name in named_ids(list(sizes)).items()
-        if (size := sizes[name]) is not None
+        pid: sizes[name] for pid, name in named_ids(list(sizes)).items() if sizes[name] is not None
     }
     present = set(pack_sizes)
     await store.refresh_keys()  # after listing: every listed index object's key map is in
@@ -372,10 +370,7 @@ async def _prune(
     for r, n in enumerate(sorted(range(len(pack_ids)), key=preference)):
         rank[n] = r
 
-    def choose() -> tuple[int, bytes | None]:
-        return table.choose(rank)
-
-    no_copy, first_lost = choose()
+    no_copy, first_lost = table.choose(rank)
     if unindexed_live or no_copy:
         example = next(iter(unindexed_live)) if unindexed_live else first_lost
         assert example is not None
@@ -410,7 +405,7 @@ async def _prune(
                 "not open: another copy is kept"
             )
             table.set_unusable(cid, number[c.pack_id], c.offset, c.stored, c.raw)
-        no_copy, first_lost = choose()
+        no_copy, first_lost = table.choose(rank)
         if no_copy:
             assert first_lost is not None
             raise MissingObject(
@@ -644,15 +639,18 @@ async def _repack(
             ) -> list[tuple[bytes | None, FramedBatch]]:
                 items = [(cid, c.offset, c.stored, c.raw) for cid, c in group]
                 plain, refs = codec.open_as_stored(key, data, start, items)
+                # Each ref's dictionary as the codec holds it now, looked up once; one it
+                # has dropped since (None) is compressed without.
+                held: dict[bytes | None, Dictionary | None] = {
+                    ref: codec.dictionary(ref) for ref in set(refs) if ref is not None
+                }
                 by_ref: dict[bytes | None, tuple[list[Buffer], list[bytes]]] = {}
                 for (cid, _c), chunk, ref in zip(group, plain, refs, strict=True):
-                    if ref is not None and codec.dictionary(ref) is None:
-                        ref = None  # dropped by the codec since: compressed without one
-                    chunks, ids = by_ref.setdefault(ref, ([], []))
+                    chunks, ids = by_ref.setdefault(ref if held.get(ref) else None, ([], []))
                     chunks.append(chunk)
                     ids.append(cid)
                 return [
-                    (ref, codec.frame(chunks, ids, codec.dictionary(ref) if ref else None))
+                    (ref, codec.frame(chunks, ids, held[ref] if ref else None))
                     for ref, (chunks, ids) in by_ref.items()
                 ]
 

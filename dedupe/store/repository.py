@@ -842,9 +842,7 @@ class RepositoryStore:
         # also a joined plaintext and two more copies of the sealed bytes.
         head, body = index_parts(packs, records)
         zc = zstandard.ZstdCompressor(level=3).compressobj(size=len(head) + len(body))
-        pieces = [zc.compress(head), zc.compress(body), zc.flush()]
-        compressed = b"".join(pieces)
-        del pieces
+        compressed = b"".join((zc.compress(head), zc.compress(body), zc.flush()))
         data = bytearray(len(INDEX_MAGIC) + len(compressed) + OVERHEAD)
         data[: len(INDEX_MAGIC)] = INDEX_MAGIC
         seal_into(key, compressed, INDEX_AAD, data, len(INDEX_MAGIC))
