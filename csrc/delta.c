@@ -263,6 +263,53 @@ const ddp_delta_op *ddp_delta_ops(const ddp_delta *d, size_t *n_ops)
     return d->ops;
 }
 
+/* Decimal digits of v, written at out + pos when they fit below cap; returns the new pos. */
+static size_t put_uint(char *out, size_t cap, size_t pos, uint64_t v)
+{
+    char digits[20];
+    size_t n = 0;
+    do {
+        digits[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    while (n) {
+        n--;
+        if (pos < cap)
+            out[pos] = digits[n];
+        pos++;
+    }
+    return pos;
+}
+
+static size_t put_text(char *out, size_t cap, size_t pos, const char *s)
+{
+    for (; *s; s++, pos++)
+        if (pos < cap)
+            out[pos] = *s;
+    return pos;
+}
+
+size_t ddp_delta_ops_json(const ddp_delta *d, char *out, size_t cap)
+{
+    size_t pos = put_text(out, cap, 0, "[");
+    for (size_t i = 0; i < d->n_ops; i++) {
+        const ddp_delta_op *op = &d->ops[i];
+        if (i)
+            pos = put_text(out, cap, pos, ", ");
+        if (op->kind == DDP_DELTA_COPY) {
+            pos = put_text(out, cap, pos, "[0, ");
+            pos = put_uint(out, cap, pos, op->a);
+            pos = put_text(out, cap, pos, ", ");
+            pos = put_uint(out, cap, pos, op->b);
+        } else {
+            pos = put_text(out, cap, pos, "[1, ");
+            pos = put_uint(out, cap, pos, op->a);
+        }
+        pos = put_text(out, cap, pos, "]");
+    }
+    return put_text(out, cap, pos, "]");
+}
+
 size_t ddp_delta_memory(const ddp_delta *d)
 {
     return d->cap * sizeof *d->slots + (d->window ? WINDOW_RECORDS * R : 0) +

@@ -50,7 +50,7 @@ from dedupe.engine.stages import run_stages
 from dedupe.errors import EmptySource, SourceError
 from dedupe.format.delta import DeltaBuilder
 from dedupe.format.index import ENTRY_RECORD
-from dedupe.format.manifest import CHUNK_RECORD
+from dedupe.format.manifest import CHUNK_RECORD, RawJSON
 from dedupe.store import FinishedPack, PackWriter, RepositoryStore
 from dedupe.store.blobs import Dictionary, FramedBatch, release_buffers
 from dedupe.store.dictionaries import PageSampler
@@ -700,7 +700,7 @@ async def run_backup(
             )
         meta: dict[str, Any] = {"type": "stream", "digest": got.digest}
         if builder is not None:
-            meta["delta"] = {"parent": parent_id, "ops": builder.ops()}
+            meta["delta"] = {"parent": parent_id, "ops": RawJSON(builder.ops_json())}
         meta["chunk_count"] = body.records
         return await commit(
             store,

@@ -5,6 +5,7 @@ then the meta JSON) sealed frame by frame under another key. No key is in the by
 from __future__ import annotations
 
 import json
+import secrets
 import struct
 from typing import Any
 
@@ -26,6 +27,38 @@ MAX_TABLE_FRAME = FRAME_RECORDS * CHUNK_RECORD.size
 MAX_META_FRAME = 256 << 20
 FRAME_LENGTH = struct.Struct("<I")
 _PREFIX = struct.Struct("<8sI")
+
+
+class RawJSON:
+    """A value of a manifest's meta given as finished JSON text, spliced in as it is by
+    encode_meta. The delta's ops come so from the native kernel: as Python lists they
+    take ~150 bytes an op, ~27 MiB for the ~180,000 ops of a 4 GiB page file's
+    incremental, where the text takes 2 MB. The text must be one JSON value."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: bytes) -> None:
+        self.text = text
+
+
+def encode_meta(meta: dict[str, Any]) -> bytes:
+    """The meta frame's plaintext: json.dumps(meta, sort_keys=True), with each RawJSON
+    value's text in its place. Each RawJSON is first written as a string made of a random
+    128-bit token and its number, which nothing else in the meta can contain, and that
+    string (quotes included) is then replaced by the text."""
+    token = secrets.token_hex(16)
+    raws: list[bytes] = []
+
+    def placeholder(value: object) -> str:
+        if not isinstance(value, RawJSON):
+            raise TypeError(f"a manifest's meta cannot hold {type(value).__name__}")
+        raws.append(value.text)
+        return f"{token}.{len(raws) - 1}"
+
+    text = json.dumps(meta, sort_keys=True, default=placeholder).encode()
+    for number, raw in enumerate(raws):
+        text = text.replace(f'"{token}.{number}"'.encode(), raw, 1)
+    return text
 
 
 def frame_aad(frame_no: int) -> bytes:

@@ -33,6 +33,7 @@ from dedupe.format.manifest import (
     HEADER_AAD,
     HEADER_VERSION,
     MAX_META_FRAME,
+    encode_meta,
     encode_prefix,
     frame_aad,
 )
@@ -114,7 +115,7 @@ class ManifestWriter:
         if self._pending:
             self._seal_frame(self._pending)
             self._pending = bytearray()
-        meta_json = json.dumps(meta, sort_keys=True).encode()
+        meta_json = encode_meta(meta)
         if len(meta_json) > MAX_META_FRAME:
             raise ValueError(
                 f"the manifest's meta is {len(meta_json)} bytes, over {MAX_META_FRAME}"
