@@ -62,7 +62,7 @@ const ddp_delta_op *ddp_delta_ops(const ddp_delta *d, size_t *n_ops);
  * [[0, start, count], [1, count], ...] with its default separators (so a manifest's meta
  * is the same bytes as when the ops were Python lists). Writes at most `cap` bytes to
  * `out` (no NUL) and returns the length of the whole text; call with out == NULL and
- * cap == 0 to learn the size first. Python lists of the ops take ~150 bytes an op, the
+ * cap == 0 to learn the size first. Python lists of the ops take ~110 bytes an op, the
  * text ~12: an incremental of a 4 GiB page file has ~180,000 ops. */
 size_t ddp_delta_ops_json(const ddp_delta *d, char *out, size_t cap);
 

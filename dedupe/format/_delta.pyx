@@ -120,7 +120,7 @@ cdef class DeltaBuilder:
 
     def ops_json(self):
         """The ops so far as JSON text (bytes): json.dumps(self.ops()), encoded, without
-        the Python lists, which take ~150 bytes an op."""
+        the Python lists, which take ~110 bytes an op."""
         cdef size_t size
         if self._d == NULL:
             raise ValueError("the delta failed earlier and cannot go on")

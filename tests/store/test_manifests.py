@@ -370,7 +370,7 @@ def test_an_incremental_hands_its_ops_to_the_manifest_as_text(
     run: Callable[..., Any], repo_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An incremental's ops reach the manifest writer as the kernel's text, not as Python
-    lists (~150 bytes an op: 27 MiB at the end of a 4 GiB page file's incremental), and
+    lists (~110 bytes an op: a 21 MiB jump at the end of a 4 GiB page file's incremental), and
     the manifest reads back with the ops the kernel made."""
     base = os.urandom(2_000_000)
     changed = bytearray(base)
