@@ -196,6 +196,11 @@ class BackendError(DedupeError):
     exit_code = 60
 
 
+class BackendTimeout(BackendError):
+    """The storage did not answer a call within the deadline set for it (a replica on a
+    network file system whose server is gone: dedupe.backends.deadline)."""
+
+
 class ObjectChanged(BackendError):
     """A conditional write or delete found the object other than expected: it exists
     already (create_new), or holds other bytes than the caller last wrote (swap,

@@ -44,6 +44,7 @@ from typing import Any
 
 import dedupe
 from dedupe._types import BackupStats, CopyReport, Generation, ProgressCallback, RestoreStats
+from dedupe.backends import open_backend
 from dedupe.chunking import Block, kept_spec, parse_spec
 from dedupe.crypto import get_passphrase
 from dedupe.engine import keys as key_ops
@@ -70,6 +71,10 @@ from dedupe.store.repository import utc_now
 
 # Blocks each branch of a Tee may hold before the reader waits for the slowest branch.
 TEE_DEPTH = 4
+# Seconds a call on a replica in a directory may take before the replica counts as gone
+# (dedupe.backends.deadline): NFS mounted "hard" blocks for as long as its server is away.
+# Generous, as listing a large replica over a network can take a while.
+DEFAULT_REPLICA_IO_TIMEOUT = 300.0
 
 
 @dataclass(frozen=True)
@@ -238,16 +243,49 @@ class Tee:
                 await self._reader
 
 
+def replica_io_timeout() -> float | None:
+    """Seconds a call on a replica in a directory may take: DEDUPE_REPLICA_IO_TIMEOUT, else
+    DEFAULT_REPLICA_IO_TIMEOUT; "0" waits for ever (None)."""
+    raw = os.environ.get("DEDUPE_REPLICA_IO_TIMEOUT", "").strip()
+    if not raw:
+        return DEFAULT_REPLICA_IO_TIMEOUT
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise ReplicaError(
+            f"DEDUPE_REPLICA_IO_TIMEOUT={raw!r} is not a number of seconds",
+            hint="give seconds (e.g. 300), or 0 to wait for ever",
+        )
+    return seconds or None
+
+
 class Replicas:
     """`repo.replicas`: the replicas of a repository (see the module docstring).
 
     `passphrase(name)` gives a replica's passphrase; the default reads
     DEDUPE_REPLICA_<NAME>_PASSWORD or DEDUPE_REPLICA_PASSWORD (and their _FILE and
-    _COMMAND forms). Set it to give them another way."""
+    _COMMAND forms). Set it to give them another way. `io_timeout`: the seconds each
+    call on a replica in a directory may take before the replica fails with
+    BackendTimeout (None: no limit); read from DEDUPE_REPLICA_IO_TIMEOUT when the
+    replicas are first used."""
 
     def __init__(self, repo: dedupe.api.Repository) -> None:
         self._repo = repo
         self.passphrase: Callable[[str], bytes] = replica_passphrase
+        self._io_timeout: float | None = None
+        self._io_timeout_set = False  # until set, or read from the environment
+
+    @property
+    def io_timeout(self) -> float | None:
+        if not self._io_timeout_set:
+            self.io_timeout = replica_io_timeout()
+        return self._io_timeout
+
+    @io_timeout.setter
+    def io_timeout(self, seconds: float | None) -> None:
+        self._io_timeout, self._io_timeout_set = seconds, True
 
     @property
     def _store(self) -> RepositoryStore:
@@ -278,7 +316,7 @@ class Replicas:
         """Name the repository at `location` (it exists: `init` it first, with its own
         passphrase) as a replica. It is opened here, and its repository id pinned; its key
         must be allowed to back up. Admin key; takes the exclusive lock."""
-        from dedupe.api import Repository, _passphrase
+        from dedupe.api import _passphrase
 
         key_ops.require_admin(self._store, "change the replicas")
         if mode not in REPLICA_MODES:
@@ -301,7 +339,7 @@ class Replicas:
             return _passphrase(passphrase, False)
 
         try:
-            replica = await Repository.open(location, secret, lock_wait=self._store.lock_wait)
+            replica = await self._open_at(os.fspath(location), secret)
         except DedupeError as e:
             raise ReplicaError(f"cannot open {location} as a replica: {e.message}", e.hint) from e
         async with replica:
@@ -343,15 +381,23 @@ class Replicas:
         (record,) = self._records([name])
         return await self._open(record)
 
-    async def _open(self, record: ReplicaRecord) -> dedupe.api.Repository:
+    async def _open_at(
+        self, location: str, passphrase: Callable[[], bytes]
+    ) -> dedupe.api.Repository:
+        """The repository at `location` open, its calls under the replicas' deadline."""
         from dedupe.api import Repository
 
+        backend = open_backend(location, io_timeout=self.io_timeout)
         try:
-            replica = await Repository.open(
-                record.location,
-                lambda: self.passphrase(record.name),
-                lock_wait=self._store.lock_wait,
-            )
+            return await Repository.open(backend, passphrase, lock_wait=self._store.lock_wait)
+        except BaseException:
+            await backend.close()  # Repository.open leaves a backend it was given open
+            raise
+
+    async def _open(self, record: ReplicaRecord) -> dedupe.api.Repository:
+
+        try:
+            replica = await self._open_at(record.location, lambda: self.passphrase(record.name))
         except DedupeError as e:
             raise ReplicaError(
                 f"replica {record.name} ({record.location}) cannot be opened: {e.message}",

@@ -21,8 +21,11 @@ _SCHEME = re.compile(
 )
 
 
-def open_backend(location: str) -> Backend:
-    """A backend for a repository location: `s3://bucket/prefix`, else a directory."""
+def open_backend(location: str, io_timeout: float | None = None) -> Backend:
+    """A backend for a repository location: `s3://bucket/prefix`, else a directory.
+    `io_timeout`: for a directory, the seconds each call may take before it fails with
+    BackendTimeout (dedupe.backends.deadline); an object store's calls are bounded by its
+    client's connect and read timeouts and retries (backends/s3.py) instead."""
     if location.startswith("s3://"):
         from dedupe.backends.s3 import S3Backend, parse_s3_location
 
@@ -40,4 +43,4 @@ def open_backend(location: str) -> Backend:
             f"{location!r}: the location scheme {scheme!r} is not supported by this version",
             hint=f"supported: {SUPPORTED}; to use a directory named like this, write ./{location}",
         )
-    return LocalBackend(location)
+    return LocalBackend(location, io_timeout=io_timeout)

@@ -2,7 +2,9 @@
 
 Writes go to a temporary name in the target directory, are fsynced, renamed over the
 final name, and the directory is fsynced, so an object is either absent or complete
-after a crash. Blocking file calls run on worker threads.
+after a crash. Blocking file calls run on worker threads, or, with `io_timeout`, on
+threads of their own with a deadline (dedupe.backends.deadline: for replicas on network
+file systems).
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import fcntl
 import os
 import secrets
 import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
+from typing import Any, TypeVar
 
 from dedupe.backends._direct import DIRECT_MIN, write_parts
 from dedupe.backends.base import Backend, Buffer, switched_off
+from dedupe.backends.deadline import Deadline, check_abandoned
 from dedupe.errors import (
     BackendError,
     LocationNotEmpty,
@@ -27,6 +31,7 @@ from dedupe.errors import (
 )
 
 TMP_PREFIX = ".tmp-"
+T = TypeVar("T")
 
 
 def _fsync_dir(path: str) -> None:
@@ -106,15 +111,28 @@ def _guard(directory: str) -> Iterator[None]:
 
 
 class LocalBackend(Backend):
-    def __init__(self, root: str | os.PathLike[str], direct_io: bool | None = None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        direct_io: bool | None = None,
+        io_timeout: float | None = None,
+    ) -> None:
         """`direct_io`: write objects of DIRECT_MIN bytes or more (packs) around the page
         cache (dedupe.backends._direct); None: unless DEDUPE_DIRECT_IO is "0". Turned
-        off for good once the file system refuses it."""
+        off for good once the file system refuses it. `io_timeout`: seconds a call may
+        take before it fails with BackendTimeout (None: no limit)."""
         self.root = os.path.abspath(os.fspath(root))
         self.location = self.root
         if direct_io is None:
             direct_io = not switched_off("DEDUPE_DIRECT_IO")
         self.direct_io = direct_io
+        self._deadline = None if io_timeout is None else Deadline(io_timeout, self.root)
+
+    def _run(self, what: str, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
+        """fn(*args) off the event loop: on the default executor, or with the deadline."""
+        if self._deadline is None:
+            return asyncio.to_thread(fn, *args)
+        return self._deadline.run(what, fn, *args)
 
     def _path(self, name: str) -> str:
         if name.startswith("/") or ".." in name.split("/"):
@@ -174,6 +192,7 @@ class LocalBackend(Backend):
         try:
             tmp = self._write_tmp(directory, parts)
             with _guard(directory) if guarded else nullcontext():
+                check_abandoned()
                 if place(tmp, path):
                     tmp = None
             _fsync_dir(directory)
@@ -222,6 +241,7 @@ class LocalBackend(Backend):
         try:
             with _guard(directory):
                 self._current(name, expected)
+                check_abandoned()
                 os.unlink(path)
             _fsync_dir(directory)
         except FileNotFoundError:  # not even its directory: the object is missing
@@ -350,43 +370,43 @@ class LocalBackend(Backend):
     # --- async interface --------------------------------------------------------------------
 
     async def put(self, name: str, data: Buffer) -> None:
-        await asyncio.to_thread(self._put_sync, name, (data,))
+        await self._run(f"writing {name}", self._put_sync, name, (data,))
 
     async def put_stream(self, name: str, parts: Iterable[Buffer]) -> None:
-        await asyncio.to_thread(self._put_sync, name, parts)
+        await self._run(f"writing {name}", self._put_sync, name, parts)
 
     async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
-        return await asyncio.to_thread(self._get_sync, name, offset, length)
+        return await self._run(f"reading {name}", self._get_sync, name, offset, length)
 
     async def read_into(self, name: str, offset: int, into: memoryview) -> None:
-        await asyncio.to_thread(self._read_into_sync, name, offset, into)
+        await self._run(f"reading {name}", self._read_into_sync, name, offset, into)
 
     async def list(self, prefix: str) -> list[str]:
-        return await asyncio.to_thread(self._list_sync, prefix)
+        return await self._run(f"listing {prefix}", self._list_sync, prefix)
 
     async def list_sized(self, prefix: str) -> dict[str, int]:
-        return await asyncio.to_thread(self._list_sized_sync, prefix)
+        return await self._run(f"listing {prefix}", self._list_sized_sync, prefix)
 
     async def stat(self, name: str) -> int:
-        return await asyncio.to_thread(self._stat_sync, name)
+        return await self._run(f"reading {name}", self._stat_sync, name)
 
     async def delete(self, name: str) -> None:
-        await asyncio.to_thread(self._delete_sync, name)
+        await self._run(f"deleting {name}", self._delete_sync, name)
 
     async def create_new(self, name: str, data: Buffer) -> None:
-        await asyncio.to_thread(self._create_new_sync, name, data)
+        await self._run(f"creating {name}", self._create_new_sync, name, data)
 
     async def swap(self, name: str, data: Buffer, expected: bytes) -> None:
-        await asyncio.to_thread(self._swap_sync, name, data, expected)
+        await self._run(f"replacing {name}", self._swap_sync, name, data, expected)
 
     async def delete_if(self, name: str, expected: bytes) -> None:
-        await asyncio.to_thread(self._delete_if_sync, name, expected)
+        await self._run(f"deleting {name}", self._delete_if_sync, name, expected)
 
     async def remove_leftovers(self) -> int:
-        return await asyncio.to_thread(self._remove_leftovers_sync)
+        return await self._run("removing leftovers", self._remove_leftovers_sync)
 
     async def is_empty(self) -> bool:
-        return await asyncio.to_thread(self._is_empty_sync)
+        return await self._run("reading the directory", self._is_empty_sync)
 
     def _is_empty_sync(self) -> bool:
         """No such path, or an empty directory. A path that is a file is not a place for a
