@@ -13,8 +13,9 @@ csrc/delta.c) and required, like the chunker; make_delta_py is its spec and twin
 
 from __future__ import annotations
 
+from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -33,13 +34,100 @@ LITERAL = 1
 DeltaBuilder = _native.DeltaBuilder
 S = TypeVar("S")
 
-# A table as pieces of other tables: parallel lists of source (the caller's index of a
-# table), first record there and record count. See compose.
-Pieces = tuple[list[int], list[int], list[int]]
+# A table as pieces of other tables: parallel arrays of source (the caller's index of a
+# table), first record there and record count, 8 bytes each. See compose.
+if TYPE_CHECKING:
+    Numbers = array[int]
+else:
+    Numbers = array  # not subscriptable at run time before Python 3.12
+Pieces = tuple[Numbers, Numbers, Numbers]
 # The pieces a reader lets a composed table count before it writes the table out and
-# composes on from there (~100 bytes of memory a piece; a chain of daily incrementals
+# composes on from there (24 bytes of memory a piece; a chain of daily incrementals
 # makes a few per day).
 MAX_PIECES = 1 << 17
+_MAX_INT64 = (1 << 63) - 1
+
+
+class PackedOps:
+    """A delta's ops in three arrays (kind, first operand, second operand: 0 for a
+    LITERAL), 17 bytes an op where the lists json.loads makes take ~110: a day of
+    scattered page writes on a large database file has hundreds of thousands of ops.
+    Iterating gives each op as (kind, a, b), which delta_ranges reads as it reads a list."""
+
+    __slots__ = ("kinds", "a", "b")
+
+    def __init__(self) -> None:
+        self.kinds: Numbers = array("b")
+        self.a: Numbers = array("q")
+        self.b: Numbers = array("q")
+
+    @classmethod
+    def of(cls, ops: object) -> PackedOps | None:
+        """The ops packed, when every op has exactly the shape a writer gives it
+        ([0, start, count] or [1, count], integers from 0 to 2^63 - 1); else None, and the
+        caller keeps the ops as they are, for delta_ranges to judge (and refuse) as it
+        always did."""
+        if type(ops) is not list:
+            return None
+        packed = cls()
+        kinds, a, b = packed.kinds, packed.a, packed.b
+        for op in ops:
+            if type(op) is not list or not op or type(op[0]) is not int:
+                return None
+            kind = op[0]
+            if kind == COPY and len(op) == 3:
+                first, second = op[1], op[2]
+            elif kind == LITERAL and len(op) == 2:
+                first, second = op[1], 0
+            else:
+                return None
+            if type(first) is not int or type(second) is not int:
+                return None
+            if not (0 <= first <= _MAX_INT64 and 0 <= second <= _MAX_INT64):
+                return None
+            kinds.append(kind)
+            a.append(first)
+            b.append(second)
+        return packed
+
+    def __len__(self) -> int:
+        return len(self.kinds)
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        return zip(self.kinds, self.a, self.b, strict=True)
+
+    def as_lists(self) -> list[list[int]]:
+        """The ops as the manifest's JSON has them."""
+        return [[k, a, b] if k == COPY else [k, a] for k, a, b in self]
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to the same ops, packed or as lists (a meta read either way compares
+        equal)."""
+        if isinstance(other, PackedOps):
+            return (self.kinds, self.a, self.b) == (other.kinds, other.a, other.b)
+        if isinstance(other, list):
+            return self.as_lists() == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
+
+
+class Ranges:
+    """delta_ranges' result: parallel arrays of kind, start record and count (17 bytes a
+    range). Iterating gives (kind, start, count)."""
+
+    __slots__ = ("kinds", "starts", "counts")
+
+    def __init__(self) -> None:
+        self.kinds: Numbers = array("b")
+        self.starts: Numbers = array("q")
+        self.counts: Numbers = array("q")
+
+    def __len__(self) -> int:
+        return len(self.kinds)
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        return zip(self.kinds, self.starts, self.counts, strict=True)
 
 
 def make_delta(parent: Buffer, table: Buffer) -> tuple[bytes, list[list[Any]]]:
@@ -88,15 +176,20 @@ def make_delta_py(parent: bytes, table: bytes) -> tuple[bytes, list[list[int]]]:
 
 
 def delta_ranges(
-    ops: list[Any], n_parent: int, n_literal: int, what: str, expected: int | None = None
-) -> list[tuple[int, int, int]]:
+    ops: list[Any] | PackedOps,
+    n_parent: int,
+    n_literal: int,
+    what: str,
+    expected: int | None = None,
+) -> Ranges:
     """The ops as validated ranges (kind, start record, count), in order: COPY ranges of
     the parent's table, LITERAL ranges of the literal table. IntegrityError on a range
     outside either table, an unknown op, literal records left unused at the end, or (with
     `expected`, the complete table's record count from the authenticated header) counts
     that do not add up to it. Everything is checked before anything is expanded: copy ops
     cannot make a table larger than its header says (docs/FORMAT.md 8.1)."""
-    ranges: list[tuple[int, int, int]] = []
+    ranges = Ranges()
+    kinds, starts, counts = ranges.kinds, ranges.starts, ranges.counts
     lit = total = 0
     try:
         for op in ops:
@@ -104,12 +197,16 @@ def delta_ranges(
                 start, count = int(op[1]), int(op[2])
                 if start < 0 or count < 0 or start + count > n_parent:
                     raise IntegrityError(f"{what}: a delta copies past its parent's table")
-                ranges.append((COPY, start, count))
+                kinds.append(COPY)
+                starts.append(start)
+                counts.append(count)
             elif op[0] == LITERAL:
                 count = int(op[1])
                 if count < 0 or lit + count > n_literal:
                     raise IntegrityError(f"{what}: a delta reads past its literal table")
-                ranges.append((LITERAL, lit, count))
+                kinds.append(LITERAL)
+                starts.append(lit)
+                counts.append(count)
                 lit += count
             else:
                 raise IntegrityError(f"{what}: unknown delta op {op[0]!r}")
@@ -124,7 +221,11 @@ def delta_ranges(
 
 
 def apply_delta(
-    parent: bytes, literal: bytes, ops: list[Any], what: str, expected: int | None = None
+    parent: bytes,
+    literal: bytes,
+    ops: list[Any] | PackedOps,
+    what: str,
+    expected: int | None = None,
 ) -> bytes:
     out = bytearray()
     for kind, start, count in delta_ranges(
@@ -137,10 +238,12 @@ def apply_delta(
 
 def whole(records: int, source: int = 0) -> Pieces:
     """The pieces of a table that is all of source `source`'s `records` records."""
-    return ([source], [0], [records]) if records else ([], [], [])
+    if not records:
+        return array("q"), array("q"), array("q")
+    return array("q", [source]), array("q", [0]), array("q", [records])
 
 
-def compose(parent: Pieces, ranges: list[tuple[int, int, int]], own: int) -> Pieces:
+def compose(parent: Pieces, ranges: Ranges, own: int) -> Pieces:
     """The pieces of the table that a delta's `ranges` (from delta_ranges, so checked
     against the parent's table and the literal table) make from the parent's table, held
     as `parent`, and from source `own`, the delta's literal table.
@@ -151,10 +254,10 @@ def compose(parent: Pieces, ranges: list[tuple[int, int, int]], own: int) -> Pie
     piece are cut, and a piece that continues the previous one in its source is merged
     into it. No piece is empty, so a table of n records has at most n pieces."""
     src, start, count = parent
-    offsets = list(accumulate(count, initial=0))  # where each piece starts in the table
-    n_src: list[int] = []
-    n_start: list[int] = []
-    n_count: list[int] = []
+    offsets = array("q", accumulate(count, initial=0))  # where each piece starts
+    n_src: Numbers = array("q")
+    n_start: Numbers = array("q")
+    n_count: Numbers = array("q")
 
     def add(s: int, first: int, n: int) -> None:
         if n_src and n_src[-1] == s and n_start[-1] + n_count[-1] == first:
@@ -220,9 +323,9 @@ def compose_chain(
     return sources, pieces
 
 
-def _spanned(parent: Pieces, ranges: list[tuple[int, int, int]]) -> int:
+def _spanned(parent: Pieces, ranges: Ranges) -> int:
     """At most how many pieces compose(parent, ranges, _) makes."""
-    offsets = list(accumulate(parent[2], initial=0))
+    offsets = array("q", accumulate(parent[2], initial=0))
     n = 0
     for kind, first, count in ranges:
         if not count:

@@ -72,7 +72,7 @@ from dedupe.format.config import (
     new_config,
     parse_config,
 )
-from dedupe.format.delta import compose_chain, join_pieces
+from dedupe.format.delta import PackedOps, compose_chain, join_pieces
 from dedupe.format.index import (
     INDEX_AAD,
     INDEX_MAGIC,
@@ -353,7 +353,7 @@ class _BodyFrames:
             del buf[: FRAME_LENGTH.size + n]
             self.frame_no += 1
             if last:
-                self.meta = decode_meta(plain, what)
+                self.meta = _packed(decode_meta(plain, what))
             else:
                 try:
                     self.sink.write(plain)
@@ -369,6 +369,19 @@ class _BodyFrames:
 META_TYPES = ("stream", "tree")
 
 
+def _packed(meta: dict[str, Any]) -> dict[str, Any]:
+    """`meta` with a stream delta's ops as PackedOps when they have the shape writers
+    give them: 17 bytes an op where json.loads's lists take ~110, for as long as a reader
+    holds the meta of a generation it expands (spill_manifest). Ops of any other shape
+    stay as they are, for delta_ranges to refuse as before."""
+    delta = meta.get("delta")
+    if meta.get("type") == "stream" and isinstance(delta, dict):
+        packed = PackedOps.of(delta.get("ops"))
+        if packed is not None:
+            delta["ops"] = packed
+    return meta
+
+
 def _check_meta(header: dict[str, Any], meta: dict[str, Any], what: str) -> None:
     """The body is of a type this version reads (FORMAT.md 8: a stream or a tree; any
     other would be read as a stream by the table readers, so that verify vouched for a
@@ -380,7 +393,8 @@ def _check_meta(header: dict[str, Any], meta: dict[str, Any], what: str) -> None
     delta = meta.get("delta")
     if delta is not None and not isinstance(delta, dict):
         raise IntegrityError(f"{what}: malformed delta: not an object")
-    if delta is not None and meta["type"] == "stream" and not isinstance(delta.get("ops"), list):
+    ops = delta.get("ops") if delta is not None else None
+    if delta is not None and meta["type"] == "stream" and not isinstance(ops, list | PackedOps):
         # Expanding it would stop the reader with a KeyError or TypeError, not a
         # DedupeError that verify reports.
         raise IntegrityError(f"{what}: malformed delta: its ops are not a list")

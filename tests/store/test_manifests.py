@@ -23,6 +23,7 @@ import dedupe.store.repository as repository
 from dedupe.crypto import new_key, seal
 from dedupe.engine import run_backup
 from dedupe.errors import IntegrityError, ScratchError, TruncatedObject, UnsupportedFormat
+from dedupe.format.delta import PackedOps
 from dedupe.format.keymap import GENERATION, KeyMapEntry
 from dedupe.format.manifest import (
     CHUNK_RECORD,
@@ -392,6 +393,31 @@ def test_an_incremental_hands_its_ops_to_the_manifest_as_text(
             assert seen[0] is None and isinstance(seen[1], RawJSON)
             assert json.loads(seen[1].text) == meta["delta"]["ops"]
             assert len(meta["delta"]["ops"]) >= 20
+
+    run(go())
+
+
+def test_the_readers_that_expand_deltas_hold_their_ops_packed(
+    run: Callable[..., Any], repo_path: Path
+) -> None:
+    """spill_manifest, through which every reader that expands a chain reads its
+    manifests, hands a stream delta's ops out as PackedOps, equal to the lists
+    read_manifest gives."""
+    base = os.urandom(2_000_000)
+    changed = bytearray(base)
+    for at in range(50_000, 2_000_000, 100_000):
+        changed[at : at + 10] = os.urandom(10)
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            await repo.backup(io.BytesIO(base), name="db", kind="full")
+            incr = await repo.backup(io.BytesIO(bytes(changed)), name="db", kind="incremental")
+            store = repo._store
+            _h, spilled, records = await store.spill_manifest(incr.id, io.BytesIO())
+            _h, read, own = await store.read_manifest(incr.id)
+            assert isinstance(spilled["delta"]["ops"], PackedOps)
+            assert isinstance(read["delta"]["ops"], list) and len(read["delta"]["ops"]) >= 20
+            assert spilled == read and records == len(own) // R
 
     run(go())
 
