@@ -45,6 +45,7 @@ from typing import Any
 import dedupe
 from dedupe._types import BackupStats, CopyReport, Generation, ProgressCallback, RestoreStats
 from dedupe.backends import open_backend
+from dedupe.backends.deadline import Deadline
 from dedupe.chunking import Block, kept_spec, parse_spec
 from dedupe.crypto import get_passphrase
 from dedupe.engine import keys as key_ops
@@ -285,7 +286,9 @@ class Replicas:
 
     @io_timeout.setter
     def io_timeout(self, seconds: float | None) -> None:
-        self._io_timeout, self._io_timeout_set = seconds, True
+        # 0 is "no limit", as in DEDUPE_REPLICA_IO_TIMEOUT.
+        self._io_timeout = seconds if seconds is not None and seconds > 0 else None
+        self._io_timeout_set = True
 
     @property
     def _store(self) -> RepositoryStore:
@@ -324,7 +327,7 @@ class Replicas:
         location = os.fspath(location)
         if "://" not in location:  # every later command resolves it the same way
             location = os.path.abspath(location)
-        if _same_place(location, self._repo.location):
+        if await self._same_as_this(location):
             raise ValueError(f"{location} is this repository, not a replica of it")
         if name is None:
             name = _default_name(location, {r.name for r in self._store.keyring.replicas})
@@ -380,6 +383,15 @@ class Replicas:
         repository that was added."""
         (record,) = self._records([name])
         return await self._open(record)
+
+    async def _same_as_this(self, location: str) -> bool:
+        """Whether `location` is this repository's, resolved off the event loop and under
+        the deadline (resolving a path on a stalled mount blocks too)."""
+        here = self._repo.location
+        if self.io_timeout is None:
+            return await asyncio.to_thread(_same_place, location, here)
+        deadline = Deadline(self.io_timeout, location)
+        return await deadline.run("resolving its path", _same_place, location, here)
 
     async def _open_at(
         self, location: str, passphrase: Callable[[], bytes]

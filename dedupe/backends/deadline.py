@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from dedupe.errors import BackendTimeout
@@ -103,15 +103,28 @@ class Deadline:
                 pass
 
         threading.Thread(target=work, name="dedupe-io", daemon=True).start()
+        # asyncio.wait, not wait_for: the call's own TimeoutError (ETIMEDOUT from a soft
+        # mount is one) must reach the caller as itself, and on Python 3.11 wait_for
+        # drops a cancellation (Ctrl-C, SIGTERM) that lands with the result (gh-86296).
         try:
-            return await asyncio.wait_for(asyncio.shield(done), self.seconds)
-        except TimeoutError:
-            abandoned.set()
-            done.cancel()
-            if self._stalled is None:
-                self._stalled = what
-            raise self._error(what) from None
+            await asyncio.wait([done], timeout=self.seconds)
         except asyncio.CancelledError:
             abandoned.set()
             done.cancel()
             raise
+        if not done.done():
+            abandoned.set()
+            done.cancel()
+            if self._stalled is None:
+                self._stalled = what
+            raise self._error(what)
+        return done.result()
+
+
+def until_abandoned(parts: Iterable[T]) -> Iterator[T]:
+    """`parts`, stopping (with the call) before the next one once the call's caller gave
+    up: a put_stream's parts are read from the caller's scratch file, which the caller
+    closes once it stopped waiting, and whose descriptor number the next open reuses."""
+    for part in parts:
+        yield part
+        check_abandoned()

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from dedupe.backends._direct import DIRECT_MIN, write_parts
 from dedupe.backends.base import Backend, Buffer, switched_off
-from dedupe.backends.deadline import Deadline, check_abandoned
+from dedupe.backends.deadline import Deadline, check_abandoned, until_abandoned
 from dedupe.errors import (
     BackendError,
     LocationNotEmpty,
@@ -190,6 +190,8 @@ class LocalBackend(Backend):
         directory = os.path.dirname(path)
         tmp = None
         try:
+            if not isinstance(parts, list | tuple):  # a stream, read as it is written
+                parts = until_abandoned(parts)
             tmp = self._write_tmp(directory, parts)
             with _guard(directory) if guarded else nullcontext():
                 check_abandoned()
@@ -230,6 +232,7 @@ class LocalBackend(Backend):
     def _swap_sync(self, name: str, data: Buffer, expected: bytes) -> None:
         def swap(tmp: str, path: str) -> bool:
             self._current(name, expected)
+            check_abandoned()  # the compare reads the storage, which may have stalled
             os.replace(tmp, path)
             return True
 

@@ -11,6 +11,7 @@ thread blocks in the kernel as it would on an NFS mount whose server is gone."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import io
 import os
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 from conftest import env_for, make_repo
 
+import dedupe.backends.deadline as deadline_module
 from dedupe import Repository
 from dedupe.backends import LocalBackend, open_backend
 from dedupe.backends.deadline import Deadline, check_abandoned
@@ -134,6 +136,8 @@ def test_a_stalled_replica_fails_a_sync_backup_and_the_sync_command_in_time(
         await (await make_repo(str(replica), REPLICA_PASSPHRASE, cache=False)).close()
         async with await make_repo(tmp_path / "p", cache=False) as repo:
             repo.replicas.passphrase = lambda name: REPLICA_PASSPHRASE.encode()
+            repo.replicas.io_timeout = 0  # no limit, as in DEDUPE_REPLICA_IO_TIMEOUT
+            assert repo.replicas.io_timeout is None
             repo.replicas.io_timeout = 1.0
             await repo.replicas.add(replica, name="dr", mode="sync")
             await repo.backup(io.BytesIO(os.urandom(300_000)), name="db")
@@ -211,5 +215,150 @@ def test_a_deadline_passes_results_and_errors_through_and_a_late_call_commits_no
         assert committed == ["in time"]
         with pytest.raises(ValueError, match="positive"):
             Deadline(0, "nowhere")
+
+    run_asyncio(go())
+
+
+def test_a_calls_own_timeout_error_is_its_own_and_stalls_nothing(
+    run_asyncio: Any, tmp_path: Path
+) -> None:
+    """ETIMEDOUT from the storage (a soft mount) is an OSError and a TimeoutError: it
+    reaches the caller as itself, at once, and later calls still run."""
+
+    def timed_out() -> None:
+        raise OSError(errno.ETIMEDOUT, "Connection timed out")
+
+    async def go() -> None:
+        deadline = Deadline(30, "here")
+        started = time.monotonic()
+        with pytest.raises(OSError) as raised:
+            await deadline.run("soft", timed_out)
+        assert not isinstance(raised.value, BackendTimeout)
+        assert time.monotonic() - started < 5
+        assert await deadline.run("next", lambda: "answered") == "answered"
+
+    run_asyncio(go())
+
+
+def test_a_cancel_that_lands_with_the_answer_is_not_lost(
+    run_asyncio: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C or SIGTERM cancels the task in the same loop iteration as the call's answer
+    arrives: the caller is cancelled, as with asyncio.to_thread (Python 3.11's wait_for
+    returned the answer and dropped the cancel)."""
+    real = asyncio.get_running_loop
+
+    class CancelOnAnswer:
+        def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any]) -> None:
+            self._loop, self._task = loop, task
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._loop, name)
+
+        def create_future(self) -> asyncio.Future[Any]:
+            future = self._loop.create_future()
+            future.add_done_callback(lambda _f: self._task.cancel())
+            return future
+
+    outcome: list[str] = []
+
+    async def go() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        monkeypatch.setattr(
+            deadline_module.asyncio, "get_running_loop", lambda: CancelOnAnswer(real(), task)
+        )
+        try:
+            await Deadline(30, "here").run("answer", lambda: "answer")
+            outcome.append("returned")
+        except asyncio.CancelledError:
+            outcome.append("cancelled")
+        finally:
+            monkeypatch.undo()
+
+    run_asyncio(go())
+    assert outcome == ["cancelled"]
+
+
+def test_a_swap_given_up_while_it_compares_changes_nothing(
+    run_asyncio: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """swap reads the object to compare it before it replaces it; a stall in that read
+    (simulated: the flock cannot stall a read) gives the call up before its commit point."""
+    gate = threading.Event()
+
+    async def go() -> None:
+        backend = LocalBackend(tmp_path, io_timeout=0.3)
+        await backend.put("locks/lock", b"old")
+        read = backend._get_sync
+
+        def stalling_read(name: str, offset: int, length: int | None) -> bytes:
+            if threading.current_thread().name == "dedupe-io":
+                gate.wait(10)
+            return read(name, offset, length)
+
+        monkeypatch.setattr(backend, "_get_sync", stalling_read)
+        with pytest.raises(BackendTimeout):
+            await backend.swap("locks/lock", b"new", b"old")
+        gate.set()
+        wait_for_io_threads()
+
+    run_asyncio(go())
+    assert (tmp_path / "locks" / "lock").read_bytes() == b"old"
+    assert os.listdir(tmp_path / "locks") == ["lock"]
+
+
+def test_a_stream_given_up_is_not_read_on(run_asyncio: Any, tmp_path: Path) -> None:
+    """put_stream's parts come from the caller's scratch file, which the caller closes
+    once it gave up: the abandoned call asks for no part after the one it was stalled
+    in, and leaves nothing behind."""
+    gate = threading.Event()
+    asked: list[int] = []
+
+    def parts() -> Iterator[bytes]:
+        for i in range(6):
+            asked.append(i)
+            if i == 2:
+                gate.wait(10)  # the scratch file's read stalls here
+            yield bytes([i]) * 1000
+
+    async def go() -> None:
+        backend = LocalBackend(tmp_path, io_timeout=0.3)
+        with pytest.raises(BackendTimeout):
+            await backend.put_stream("generations/g", parts())
+        gate.set()
+        wait_for_io_threads()
+
+    run_asyncio(go())
+    assert asked == [0, 1, 2]
+    assert os.listdir(tmp_path / "generations") == []
+
+
+def test_naming_a_replica_on_a_stalled_mount_ends_in_time(
+    run_asyncio: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`replica add` resolves the replica's path (to refuse this repository itself) under
+    the deadline too: a stat on a stalled mount (simulated: realpath waits) does not block
+    the event loop."""
+    replica = str(tmp_path / "r")
+    resolve = os.path.realpath
+
+    def stalled_realpath(path: Any, *args: Any, **kwargs: Any) -> str:
+        if os.fspath(path).startswith(replica):
+            time.sleep(3)
+        return resolve(path, *args, **kwargs)
+
+    async def go() -> None:
+        await (await make_repo(replica, REPLICA_PASSPHRASE, cache=False)).close()
+        async with await make_repo(tmp_path / "p", cache=False) as repo:
+            repo.replicas.passphrase = lambda name: REPLICA_PASSPHRASE.encode()
+            repo.replicas.io_timeout = 0.5
+            monkeypatch.setattr(os.path, "realpath", stalled_realpath)
+            started = time.monotonic()
+            with pytest.raises(BackendTimeout, match="resolving its path"):
+                await repo.replicas.add(replica, name="dr")
+            assert time.monotonic() - started < 2.5
+            monkeypatch.undo()
+        wait_for_io_threads()
 
     run_asyncio(go())
