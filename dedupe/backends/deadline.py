@@ -41,7 +41,7 @@ class _Abandoned(Exception):
 
 def check_abandoned() -> None:
     """Call at a blocking call's commit point: raise (inside the call's thread) if the
-    caller stopped waiting for it. A no-op outside run_with_deadline."""
+    caller stopped waiting for it. A no-op in a call that Deadline.run did not start."""
     abandoned: threading.Event | None = getattr(_local, "abandoned", None)
     if abandoned is not None and abandoned.is_set():
         raise _Abandoned
