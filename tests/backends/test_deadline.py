@@ -65,13 +65,13 @@ def test_a_stalled_call_times_out_the_next_fails_at_once_and_nothing_is_created(
         with stalled(tmp_path / "locks"):
             started = time.monotonic()
             with pytest.raises(BackendTimeout, match=r"within 0.5 s \(creating locks/mine\)"):
-                await backend.create_new("locks/mine", b"ours")
-            assert 0.4 < time.monotonic() - started < 5
-            # The storage is gone: the next call does not wait another deadline.
-            started = time.monotonic()
+                await asyncio.wait_for(backend.create_new("locks/mine", b"ours"), 30)
+            assert time.monotonic() - started >= 0.45  # it waited its deadline
+            # The storage is gone: the next call fails without starting a thread to wait.
+            threads = threading.active_count()
             with pytest.raises(BackendTimeout, match="stopped answering at creating locks/mine"):
                 await backend.get("locks/other")
-            assert time.monotonic() - started < 0.2
+            assert threading.active_count() <= threads
         # The storage answers again: the abandoned call stops at its commit point.
         wait_for_io_threads()
         assert sorted(os.listdir(tmp_path / "locks")) == ["first", "other"]
@@ -142,12 +142,10 @@ def test_a_stalled_replica_fails_a_sync_backup_and_the_sync_command_in_time(
             await repo.replicas.add(replica, name="dr", mode="sync")
             await repo.backup(io.BytesIO(os.urandom(300_000)), name="db")
             with stalled(replica / "locks"):
-                started = time.monotonic()
                 with pytest.raises(ReplicaError, match="did not answer within 1 s"):
                     await asyncio.wait_for(
                         repo.backup(io.BytesIO(os.urandom(300_000)), name="db"), 60
                     )
-                assert time.monotonic() - started < 30
             assert len(await repo.generations()) == 1
             await repo.replicas.remove("dr")
             await repo.replicas.add(replica, name="dr", mode="async")
@@ -160,9 +158,7 @@ def test_a_stalled_replica_fails_a_sync_backup_and_the_sync_command_in_time(
         "DEDUPE_REPLICA_IO_TIMEOUT": "1",
     }
     with stalled(replica / "locks"):
-        started = time.monotonic()
-        stuck = cli("replica", "sync", env=env)
-        assert time.monotonic() - started < 60
+        stuck = cli("replica", "sync", env=env)  # without the deadline: waits for ever
     assert stuck.returncode == ReplicaError.exit_code, stuck.stderr.decode()
     assert b"did not answer within 1 s (creating locks/" in stuck.stdout, stuck.stdout.decode()
     synced = cli("replica", "sync", env=env)
@@ -230,11 +226,9 @@ def test_a_calls_own_timeout_error_is_its_own_and_stalls_nothing(
 
     async def go() -> None:
         deadline = Deadline(30, "here")
-        started = time.monotonic()
         with pytest.raises(OSError) as raised:
-            await deadline.run("soft", timed_out)
+            await asyncio.wait_for(deadline.run("soft", timed_out), 25)
         assert not isinstance(raised.value, BackendTimeout)
-        assert time.monotonic() - started < 5
         assert await deadline.run("next", lambda: "answered") == "answered"
 
     run_asyncio(go())
@@ -354,10 +348,9 @@ def test_naming_a_replica_on_a_stalled_mount_ends_in_time(
             repo.replicas.passphrase = lambda name: REPLICA_PASSPHRASE.encode()
             repo.replicas.io_timeout = 0.5
             monkeypatch.setattr(os.path, "realpath", stalled_realpath)
-            started = time.monotonic()
+            # realpath answers after 3 s: only the deadline raises this.
             with pytest.raises(BackendTimeout, match="resolving its path"):
                 await repo.replicas.add(replica, name="dr")
-            assert time.monotonic() - started < 2.5
             monkeypatch.undo()
         wait_for_io_threads()
 
