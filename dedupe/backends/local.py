@@ -184,8 +184,9 @@ class LocalBackend(Backend):
         guarded: bool,
     ) -> None:
         """Write `parts` to a fsynced temporary file, then `place(tmp, path)` it (under the
-        directory's guard if `guarded`; it says whether it moved the file away), then
-        fsync the directory. The temporary file never outlives the call."""
+        directory's guard if `guarded`; it says whether it moved the file away, and calls
+        check_abandoned just before it changes the object), then fsync the directory. The
+        temporary file never outlives the call."""
         path = self._path(name)
         directory = os.path.dirname(path)
         tmp = None
@@ -194,7 +195,6 @@ class LocalBackend(Backend):
                 parts = until_abandoned(parts)
             tmp = self._write_tmp(directory, parts)
             with _guard(directory) if guarded else nullcontext():
-                check_abandoned()
                 if place(tmp, path):
                     tmp = None
             _fsync_dir(directory)
@@ -206,6 +206,7 @@ class LocalBackend(Backend):
 
     def _put_sync(self, name: str, parts: Iterable[Buffer]) -> None:
         def rename(tmp: str, path: str) -> bool:
+            check_abandoned()
             os.replace(tmp, path)
             return True
 
@@ -216,6 +217,7 @@ class LocalBackend(Backend):
         # only if the name is free (an O_EXCL create of the object itself could be seen
         # half written).
         def link(tmp: str, path: str) -> bool:
+            check_abandoned()
             try:
                 os.link(tmp, path)
             except FileExistsError:
@@ -232,7 +234,7 @@ class LocalBackend(Backend):
     def _swap_sync(self, name: str, data: Buffer, expected: bytes) -> None:
         def swap(tmp: str, path: str) -> bool:
             self._current(name, expected)
-            check_abandoned()  # the compare reads the storage, which may have stalled
+            check_abandoned()
             os.replace(tmp, path)
             return True
 

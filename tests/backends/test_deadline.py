@@ -355,3 +355,31 @@ def test_naming_a_replica_on_a_stalled_mount_ends_in_time(
         wait_for_io_threads()
 
     run_asyncio(go())
+
+
+def test_a_put_given_up_while_it_writes_leaves_no_object(
+    run_asyncio: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A put stalled while it writes its temporary file (simulated: the flock does not
+    stall a write) stops before its rename once given up: its caller may reuse the buffer,
+    so no object appears under the name, and the temporary file goes."""
+    gate = threading.Event()
+
+    async def go() -> None:
+        backend = LocalBackend(tmp_path, io_timeout=0.3)
+        write = backend._write_tmp
+
+        def stalling_write(directory: str, parts: Any) -> str:
+            tmp = write(directory, parts)
+            if threading.current_thread().name == "dedupe-io":
+                gate.wait(10)
+            return tmp
+
+        monkeypatch.setattr(backend, "_write_tmp", stalling_write)
+        with pytest.raises(BackendTimeout, match="writing packs/ab/pack"):
+            await backend.put("packs/ab/pack", b"sealed pack")
+        gate.set()
+        wait_for_io_threads()
+
+    run_asyncio(go())
+    assert os.listdir(tmp_path / "packs" / "ab") == []
