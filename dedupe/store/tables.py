@@ -41,6 +41,9 @@ from dedupe.store.repository import RepositoryStore
 HEADER_CONCURRENCY = 16
 # Records copied per read while a delta is applied from file to file (~1 MiB).
 COPY_RECORDS = 29127
+# Read windows a composed table's writing keeps, one per source at most (_write_pieces):
+# the full's table and the newest literal tables are what a forward pass goes back to.
+WINDOWS_HELD = 4
 _R = CHUNK_RECORD.size
 
 
@@ -524,10 +527,18 @@ def _write_pieces(out: BinaryIO | _Spool, sources: Sequence[_Source], pieces: Pi
     use a quarter of what they pass over or more): pieces that jump about (an
     authenticated but hostile delta can make 2^17 of them) then cost at most four times
     the table, plus one window. A piece longer than a window is read on its own, in
-    pieces, as it comes."""
+    pieces, as it comes.
+
+    At most WINDOWS_HELD windows are kept, the least recently used going first: a
+    window of a file is a copy of up to COPY_RECORDS records, and a chain whose every
+    link's literal table is still used (a hostile one makes hundreds) would otherwise hold
+    one window per link. A window dropped and needed again is read again, within the same
+    four-times rule."""
     step = COPY_RECORDS * _R
     buf = bytearray()
-    windows: dict[int, tuple[int, Buffer]] = {}  # source -> (its first byte, the bytes)
+    # source -> (its first byte, the bytes), least recently used first
+    windows: dict[int, tuple[int, Buffer]] = {}
+    last = -1  # the source of the previous short piece: already the most recent window
     needed = fetched = 0
     for s, first, n in zip(*pieces, strict=True):
         start, end = first * _R, (first + n) * _R
@@ -540,13 +551,19 @@ def _write_pieces(out: BinaryIO | _Spool, sources: Sequence[_Source], pieces: Pi
                     _write(out, buf)
                     buf = bytearray()
             continue
+        if s != last and s in windows:
+            windows[s] = windows.pop(s)  # the most recently used now
+        last = s
         at, data = windows.get(s, (0, b""))
         if start < at or end > at + len(data):
             source = sources[s]
             ahead = min(start + step, source.size) if fetched <= 4 * needed else end
             at, data = start, source.window(start, ahead)
+            windows.pop(s, None)
             windows[s] = at, data
             fetched += len(data)
+            if len(windows) > WINDOWS_HELD:
+                del windows[next(iter(windows))]
         buf += data[start - at : end - at]
         if len(buf) >= step:
             _write(out, buf)

@@ -356,6 +356,63 @@ def test_pieces_are_read_through_windows_that_never_read_more_than_four_times_th
         assert len(reads) <= 4  # a window each, not a read per piece (29,126 pieces)
 
 
+def test_pieces_from_many_sources_hold_a_bounded_number_of_windows() -> None:
+    """A chain whose every link's literal table is still used (a hostile writer's, or a
+    long honest one) makes pieces cycle through all of them between runs of the full's
+    table; runs long enough keep the four-times rule reading ahead. _write_pieces keeps
+    WINDOWS_HELD windows, not one per source: a window of a file is a copy of up to
+    ~1 MiB (found by an adversary's review: 64 links held 65 MiB, 256 links 298 MiB)."""
+    import tracemalloc
+
+    rnd = random.Random(7)
+    n_literal = 24
+    run = 12_000  # records of the full's table between two literal records (~420 KiB)
+    sources = []
+
+    class Digest:
+        def __init__(self) -> None:
+            self.hash = blake3.blake3()
+
+        def write(self, data: Any) -> None:
+            self.hash.update(data)
+
+    try:
+        full = tables._Spool(tables._Budget(0))  # in a scratch file from the first byte
+        full.write(rnd.randbytes(n_literal * run * R))
+        sources.append(full)
+        for _ in range(n_literal):
+            spool = tables._Spool(tables._Budget(0))
+            spool.write(rnd.randbytes(tables.COPY_RECORDS * R))  # a full window each
+            sources.append(spool)
+        ss, firsts, counts = [], [], []
+        for i in range(n_literal):
+            ss += [0, 1 + i]
+            firsts += [i * run, 0]
+            counts += [run, 1]
+        pieces = (
+            delta_module.array("q", ss),
+            delta_module.array("q", firsts),
+            delta_module.array("q", counts),
+        )
+        out = Digest()
+        tracemalloc.start()
+        try:
+            tables._write_pieces(out, sources, pieces)  # type: ignore[arg-type]
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        want = blake3.blake3()
+        for s, f, n in zip(ss, firsts, counts, strict=True):
+            for piece in sources[s].pieces(f * R, (f + n) * R):
+                want.update(piece)
+    finally:
+        for spool in sources:
+            spool.close()
+    assert out.hash.digest() == want.digest()
+    window = tables.COPY_RECORDS * R
+    assert peak < (tables.WINDOWS_HELD + 3) * window < n_literal * window / 2
+
+
 def test_a_listed_chain_is_read_ahead_and_a_broken_one_still_fails_cleanly(
     run_asyncio: Any, repo_path: Path
 ) -> None:
