@@ -64,30 +64,20 @@ class PackedOps:
     @classmethod
     def of(cls, ops: object) -> PackedOps | None:
         """The ops packed, when every op has exactly the shape a writer gives it
-        ([0, start, count] or [1, count], integers from 0 to 2^63 - 1); else None, and the
-        caller keeps the ops as they are, for delta_ranges to judge (and refuse) as it
-        always did."""
-        if type(ops) is not list:
-            return None
+        ([0, start, count] or [1, count], integers from 0 to 2^63 - 1: one definition of
+        the shape, _shaped, for both paths); else None, and the caller keeps the ops as
+        they are, for delta_ranges to refuse."""
         packed = cls()
         kinds, a, b = packed.kinds, packed.a, packed.b
-        for op in ops:
-            if type(op) is not list or not op or type(op[0]) is not int:
-                return None
-            kind = op[0]
-            if kind == COPY and len(op) == 3:
-                first, second = op[1], op[2]
-            elif kind == LITERAL and len(op) == 2:
-                first, second = op[1], 0
-            else:
-                return None
-            if type(first) is not int or type(second) is not int:
-                return None
-            if not (0 <= first <= _MAX_INT64 and 0 <= second <= _MAX_INT64):
-                return None
-            kinds.append(kind)
-            a.append(first)
-            b.append(second)
+        try:
+            for kind, first, second in _shaped(ops, "ops"):
+                if not (0 <= first <= _MAX_INT64 and 0 <= second <= _MAX_INT64):
+                    return None
+                kinds.append(kind)
+                a.append(first)
+                b.append(second)
+        except IntegrityError:
+            return None
         return packed
 
     def __len__(self) -> int:
@@ -183,41 +173,67 @@ def delta_ranges(
     expected: int | None = None,
 ) -> Ranges:
     """The ops as validated ranges (kind, start record, count), in order: COPY ranges of
-    the parent's table, LITERAL ranges of the literal table. IntegrityError on a range
-    outside either table, an unknown op, literal records left unused at the end, or (with
+    the parent's table, LITERAL ranges of the literal table. IntegrityError on an op that
+    is not [0, start, count] or [1, count] with integer operands and a count of at least
+    1, a range outside either table, literal records left unused at the end, or (with
     `expected`, the complete table's record count from the authenticated header) counts
     that do not add up to it. Everything is checked before anything is expanded: copy ops
-    cannot make a table larger than its header says (docs/FORMAT.md 8.1)."""
+    cannot make a table larger than its header says, and as every op counts one record
+    or more, a delta has no more ops than its header has records (docs/FORMAT.md 8.1)."""
     ranges = Ranges()
     kinds, starts, counts = ranges.kinds, ranges.starts, ranges.counts
+    limit = _MAX_INT64 if expected is None else expected
     lit = total = 0
-    try:
-        for op in ops:
-            if op[0] == COPY:
-                start, count = int(op[1]), int(op[2])
-                if start < 0 or count < 0 or start + count > n_parent:
-                    raise IntegrityError(f"{what}: a delta copies past its parent's table")
-                kinds.append(COPY)
-                starts.append(start)
-                counts.append(count)
-            elif op[0] == LITERAL:
-                count = int(op[1])
-                if count < 0 or lit + count > n_literal:
-                    raise IntegrityError(f"{what}: a delta reads past its literal table")
-                kinds.append(LITERAL)
-                starts.append(lit)
-                counts.append(count)
-                lit += count
-            else:
-                raise IntegrityError(f"{what}: unknown delta op {op[0]!r}")
-            total += count
-    except (IndexError, TypeError, ValueError) as e:
-        raise IntegrityError(f"{what}: malformed delta: {e}") from None
+    for kind, a, b in ops if isinstance(ops, PackedOps) else _shaped(ops, what):
+        if kind == COPY:
+            count = b
+            if count < 1:
+                raise IntegrityError(f"{what}: malformed delta: a copy of {count} records")
+            if a < 0 or a + count > n_parent:
+                raise IntegrityError(f"{what}: a delta copies past its parent's table")
+            starts.append(a)
+        else:
+            count = a
+            if count < 1:
+                raise IntegrityError(f"{what}: malformed delta: a literal run of {count} records")
+            if lit + count > n_literal:
+                raise IntegrityError(f"{what}: a delta reads past its literal table")
+            starts.append(lit)
+            lit += count
+        kinds.append(kind)
+        counts.append(count)
+        total += count
+        if total > limit:
+            raise IntegrityError(
+                f"{what}: its delta makes more than the {limit} records its header says"
+            )
     if lit != n_literal:
         raise IntegrityError(f"{what}: a delta leaves literal records unused")
     if expected is not None and total != expected:
         raise IntegrityError(f"{what}: its delta makes {total} records, its header says {expected}")
     return ranges
+
+
+def _shaped(ops: object, what: str) -> Iterator[tuple[int, int, int]]:
+    """Ops from a meta's JSON as (kind, a, b), b 0 for a LITERAL; IntegrityError for
+    anything but a list of [0, start, count] and [1, count] with integer operands (no
+    booleans, floats or strings: PackedOps.of packs exactly these shapes, and lists
+    must be read as it reads them)."""
+    if type(ops) is not list:
+        raise IntegrityError(f"{what}: malformed delta: its ops are not a list")
+    for op in ops:
+        if type(op) is not list or not op or type(op[0]) is not int:
+            raise IntegrityError(f"{what}: malformed delta: an op is not a list of integers")
+        kind = op[0]
+        if kind == COPY and len(op) == 3:
+            a, b = op[1], op[2]
+        elif kind == LITERAL and len(op) == 2:
+            a, b = op[1], 0
+        else:
+            raise IntegrityError(f"{what}: unknown delta op {op!r:.40}")
+        if type(a) is not int or type(b) is not int:
+            raise IntegrityError(f"{what}: malformed delta: an op is not a list of integers")
+        yield kind, a, b
 
 
 def apply_delta(

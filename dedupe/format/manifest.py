@@ -115,7 +115,9 @@ def decode_meta(plain: bytes, what: str) -> dict[str, Any]:
             raise ValueError("not an object")
         int(meta["chunk_count"])
         return meta
-    except (ValueError, KeyError, TypeError) as e:
+    # OverflowError: a count of Infinity (json.loads takes it); RecursionError: arrays
+    # nested deeper than the parser's stack. A writer's key can make either.
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
         raise IntegrityError(f"{what}: manifest meta is malformed: {e}") from None
 
 

@@ -139,16 +139,17 @@ def tracked_scratch(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
 
 def random_ops(rnd: random.Random, n_parent: int, n_literal: int) -> list[list[int]]:
-    """Valid ops of every shape: copies anywhere (overlapping, reordered, empty, single
-    records, the whole parent again), literal runs (empty ones too) using the literal
-    table up; the table made stays under ~300 records."""
+    """Valid ops of every shape: copies anywhere (overlapping, reordered, single records,
+    the parent's last record, the whole parent again), literal runs using the literal
+    table up; every count at least 1 (FORMAT.md 8.1); the table made stays under ~300
+    records."""
     ops: list[list[int]] = []
     left = n_literal
     total = 0
     while left or (rnd.random() < 0.85 and total < 300):
         r = rnd.random()
         if left and (r < 0.3 or total >= 300 or not n_parent):
-            take = rnd.randint(0, left)
+            take = rnd.randint(1, left)
             ops.append([1, take])
             left -= take
             total += take
@@ -156,14 +157,15 @@ def random_ops(rnd: random.Random, n_parent: int, n_literal: int) -> list[list[i
             break
         elif r < 0.55:
             start = rnd.randrange(n_parent)
-            count = rnd.randint(0, n_parent - start)
+            count = rnd.randint(1, n_parent - start)
             ops.append([0, start, count])
             total += count
         elif r < 0.85:
             ops.append([0, rnd.randrange(n_parent), 1])
             total += 1
         elif r < 0.9:
-            ops.append([0, n_parent, 0])  # empty, at the very end of the parent
+            ops.append([0, n_parent - 1, 1])  # the very end of the parent
+            total += 1
         else:
             ops.append([0, 0, n_parent])
             total += n_parent
@@ -196,7 +198,7 @@ def test_crafted_chains_expand_to_what_applying_their_deltas_one_by_one_makes(
     setting: str,
 ) -> None:
     """Chains of up to 10 authentic deltas of every shape (a writer's to choose: records
-    reordered one by one, the parent copied whole again, empty ops at the parent's end,
+    reordered one by one, the parent copied whole again, its last record alone,
     literal runs in between) expand, at every link, to the table apply_delta (the spec)
     makes link by link, by spill_complete_table and by generation_chunks alike, however
     often the composed table is written out (MAX_PIECES) and wherever the own tables are
@@ -270,6 +272,18 @@ BAD_DELTAS: dict[str, tuple[list[Any], int, int]] = {
     "a short op": ([[0, 1]], 0, 1),
     "an op that is no number": ([[0, "x", 1]], 0, 1),
     "an op that is no list": ([5], 0, 0),
+    # Found by the adversary review of stop 35: these escaped as KeyError or
+    # OverflowError (a traceback from verify and stats), or were read as other numbers.
+    "an op that is an object": ([{}], 0, 1),
+    "a copy count of Infinity": ([[0, 0, float("inf")]], 0, 1),
+    "a literal count of Infinity": ([[1, float("inf")]], 1, 1),
+    "a count that is a float": ([[0, 0, 22.0]], 0, 22),
+    "a count that is a string": ([[0, 0, "22"]], 0, 22),
+    "a kind that is a boolean": ([[False, 0, 22]], 0, 22),
+    "ops that are no list": ({"0": [0, 0, 22]}, 0, 22),
+    # Every op makes a record or more, so ops cannot outnumber the header's records.
+    "a copy of no records": ([[0, 0, 0], [0, 0, 22]], 0, 22),
+    "a literal run of no records": ([[1, 0], [0, 0, 22]], 0, 22),
 }
 
 
@@ -1046,3 +1060,65 @@ def test_a_spool_gives_its_memory_back_when_it_moves_to_a_file_or_closes() -> No
         for spool in (a, b, c):
             spool.close()
     assert budget.left == 100 * R
+
+
+# --- what a writer's malformed meta does to the commands that read every generation -------
+
+
+class _CountOf(float):
+    """A meta's chunk_count the writer's own check reads as `n`, written as Infinity."""
+
+    def __new__(cls, n: int) -> _CountOf:
+        made = super().__new__(cls, "inf")
+        made.n = n  # type: ignore[attr-defined]
+        return made
+
+    def __int__(self) -> int:
+        return self.n  # type: ignore[attr-defined,no-any-return]
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        "a count of Infinity in an op",
+        "an op that is an object",
+        "a meta count of Infinity",
+        "a meta nested too deep",
+    ],
+)
+def test_verify_and_stats_report_a_malformed_meta_and_go_on(
+    run_asyncio: Any, repo_path: Path, shape: str
+) -> None:
+    """Found by the adversary review of stop 35: one writer's generation whose meta holds
+    an op of Infinity or an object (json.loads takes both), a chunk_count of Infinity, or
+    arrays nested past the parser's stack made verify, stats and ls end in a traceback
+    (KeyError, OverflowError, RecursionError) for the whole repository. Verify reports it
+    as a damaged manifest and checks the rest; generation_chunks (ls, stats, replication)
+    refuses it with an IntegrityError; the full below it still expands."""
+    from dedupe.format.manifest import RawJSON
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            store = repo._store
+            full_id = await put(store, recs(0, 20))
+            if shape == "a count of Infinity in an op":
+                bad_id = await put(store, b"", full_id, [[0, 0, float("inf")]], chunks=20)
+            elif shape == "an op that is an object":
+                bad_id = await put(store, b"", full_id, [{}], chunks=20)
+            elif shape == "a meta count of Infinity":
+                bad_id = await put(store, recs(1, 3), chunk_count=_CountOf(3))
+            else:
+                bad_id = await put(store, recs(1, 3), deep=RawJSON(b"[" * 100_000 + b"]" * 100_000))
+            report = await repo.verify()
+            assert not report.ok
+            damaged = {d.name: d for d in report.damaged}
+            # (the made-up chunk ids are in no index object: "index" is reported too)
+            manifests = [name for name in damaged if name.startswith("generations/")]
+            assert manifests == [f"generations/{bad_id}"], damaged
+            assert "malformed" in " ".join(damaged[manifests[0]].details)
+            assert report.generations == 2
+            with pytest.raises(IntegrityError, match=bad_id[:12]):
+                await store.generation_chunks(bad_id)
+            assert await expanded_every_way(store, full_id) == recs(0, 20)
+
+    run_asyncio(go())

@@ -296,17 +296,17 @@ def test_a_parent_file_shorter_than_its_count_is_an_error() -> None:
 
 def _random_ops(rnd: random.Random, n_parent: int, n_literal: int) -> list[list[int]]:
     """Valid ops of any shape: copies anywhere in the parent (repeated, reordered,
-    overlapping, empty), literal runs (empty ones too) that use the literal table up."""
+    overlapping), literal runs that use the literal table up; every count at least 1."""
     ops: list[list[int]] = []
     left = n_literal
     while left or rnd.random() < 0.8:
         if left and rnd.random() < 0.4:
-            take = rnd.randint(0, left)
+            take = rnd.randint(1, left)
             ops.append([1, take])
             left -= take
         elif n_parent:
             start = rnd.randrange(n_parent)
-            ops.append([0, start, rnd.randint(0, n_parent - start)])
+            ops.append([0, start, rnd.randint(1, n_parent - start)])
         elif not left:
             break
     return ops
