@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import random
+import re
 import tempfile
 import tracemalloc
 from typing import Any
@@ -368,3 +369,39 @@ def test_a_chain_of_daily_deltas_composes_into_few_pieces() -> None:
         table = new
     assert join_pieces(sources, pieces) == expected == b"".join(table)
     assert len(pieces[0]) <= 2 * 3 * 500 + 1
+
+
+@pytest.mark.parametrize(
+    ("ops", "n_parent", "n_literal", "expected", "says"),
+    [
+        ({"0": [0, 0, 1]}, 3, 0, None, "its ops are not a list"),
+        ([[0, 0, 1], 5], 3, 0, None, "an op is not a list of integers"),
+        ([[True, 0, 1]], 3, 0, None, "an op is not a list of integers"),
+        ([[0, 0, 1.0]], 3, 0, None, "an op is not a list of integers"),
+        ([[1, "1"]], 3, 1, None, "an op is not a list of integers"),
+        ([[0, 0]], 3, 0, None, "unknown delta op"),
+        ([[2, 0, 1]], 3, 0, None, "unknown delta op"),
+        ([[0, 0, 0]], 3, 0, None, "a copy of 0 records"),
+        ([[1, 0]], 3, 0, None, "a literal run of 0 records"),
+        ([[0, 2, 2]], 3, 0, None, "copies past its parent's table"),
+        ([[0, -1, 2]], 3, 0, None, "copies past its parent's table"),
+        ([[1, 3]], 3, 2, None, "reads past its literal table"),
+        ([[1, 1], [1, 2]], 3, 2, None, "reads past its literal table"),
+        ([[1, 1]], 3, 2, None, "leaves literal records unused"),
+        ([[0, 0, 2]], 3, 0, 3, "makes 2 records, its header says 3"),
+        # Stops as soon as the counts pass the header's: the object after is never read.
+        ([[0, 0, 3], {}], 3, 0, 2, "more than the 2 records its header says"),
+        ([[0, 0, 1], [0, 0, 2], {}], 3, 0, 2, "more than the 2 records its header says"),
+    ],
+)
+def test_each_malformed_delta_is_refused_for_what_it_is(
+    ops: Any, n_parent: int, n_literal: int, expected: int | None, says: str
+) -> None:
+    """FORMAT.md 8.1, as list ops (the meta's JSON) and, where they pack, as PackedOps:
+    one refusal per rule, each with its own message, before anything is expanded."""
+    with pytest.raises(IntegrityError, match="^g: .*" + re.escape(says)):
+        delta_ranges(ops, n_parent, n_literal, "g", expected)
+    packed = PackedOps.of(ops)
+    if packed is not None:
+        with pytest.raises(IntegrityError, match=re.escape(says)):
+            delta_ranges(packed, n_parent, n_literal, "g", expected)
