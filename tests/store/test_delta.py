@@ -405,3 +405,10 @@ def test_each_malformed_delta_is_refused_for_what_it_is(
     if packed is not None:
         with pytest.raises(IntegrityError, match=re.escape(says)):
             delta_ranges(packed, n_parent, n_literal, "g", expected)
+
+
+def test_packed_ops_iterate_as_kind_and_two_operands_the_second_0_for_a_literal() -> None:
+    """The documented shape every reader of PackedOps relies on."""
+    packed = PackedOps.of([[1, 5], [0, 2, 3]])
+    assert packed is not None
+    assert list(packed) == [(1, 5, 0), (0, 2, 3)]
