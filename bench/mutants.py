@@ -40,12 +40,23 @@ def functions_in(source: str) -> list[str]:
 
 
 def body(source: str, name: str) -> list[str]:
-    m = re.search(
-        rf"^(async )?def {re.escape(name)}\(.*?(?=^(async )?def |^class |^\w+\s*[:=]|\Z)",
-        source,
-        re.S | re.M,
-    )
-    return m.group(0).splitlines() if m else []
+    """The lines of function `name`: its signature and every line after it that is blank
+    or indented deeper (mutmut keeps a method's mutants indented in their class)."""
+    lines = source.splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(rf"(\s*)(async )?def {re.escape(name)}\(", line)
+        if m:
+            indent = len(m.group(1))
+            end = i
+            while end < len(lines) - 1 and not lines[end].rstrip().endswith(":"):
+                end += 1  # a signature over several lines, up to its colon
+            end += 1
+            while end < len(lines) and (
+                not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) > indent
+            ):
+                end += 1
+            return lines[i:end]
+    return []
 
 
 def show(source: str, mutant: str) -> str:
