@@ -143,5 +143,7 @@ def decode_header(plain: bytes, what: str) -> dict[str, Any]:
         if not isinstance(header.get("source", {}), dict):
             raise ValueError("source is not an object")
         return header
-    except (ValueError, KeyError, TypeError) as e:
+    # OverflowError: `seconds` too large for a float; RecursionError: arrays nested
+    # deeper than the parser's stack (decode_meta says why these two).
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
         raise IntegrityError(f"{what}: manifest header is malformed: {e}") from None

@@ -1122,3 +1122,47 @@ def test_verify_and_stats_report_a_malformed_meta_and_go_on(
             assert await expanded_every_way(store, full_id) == recs(0, 20)
 
     run_asyncio(go())
+
+
+@pytest.mark.parametrize("shape", ["seconds too large for a float", "a header nested too deep"])
+def test_a_malformed_header_is_reported_not_a_traceback(
+    run_asyncio: Any, repo_path: Path, monkeypatch: pytest.MonkeyPatch, shape: str
+) -> None:
+    """The same review's question asked of the header: one a writer seals with `seconds`
+    of 10^400 (float() overflows) or arrays nested past the parser's stack made listing
+    and verify end in a traceback. The listing names it as damaged and goes on; verify
+    reports it."""
+    import dedupe.store.manifests as manifests
+
+    async def go() -> None:
+        async with await make_repo(repo_path) as repo:
+            store = repo._store
+            full_id = await put(store, recs(0, 20))
+            if shape == "seconds too large for a float":
+                meta = {"type": "stream", "digest": "ab" * 32, "chunk_count": 3}
+                header = dict(HEADER, chunks=3, seconds=10**400)
+                bad_id = await store.write_manifest(header, meta, recs(1, 3))
+            else:
+                real_dumps = manifests.json.dumps
+
+                def deep_header(obj: Any, **kw: Any) -> str:
+                    if isinstance(obj, dict) and "body" in obj:
+                        return real_dumps(dict(obj, deep=[]), **kw).replace(
+                            '"deep": []', '"deep": ' + "[" * 100_000 + "]" * 100_000
+                        )
+                    return real_dumps(obj, **kw)
+
+                monkeypatch.setattr(manifests.json, "dumps", deep_header)
+                try:
+                    bad_id = await put(store, recs(1, 3))
+                finally:
+                    monkeypatch.setattr(manifests.json, "dumps", real_dumps)
+            listed = dict(await store.generation_headers())
+            assert isinstance(listed[bad_id], IntegrityError)
+            assert "header is malformed" in listed[bad_id].message
+            assert isinstance(listed[full_id], dict)
+            report = await repo.verify()
+            assert f"generations/{bad_id}" in {d.name for d in report.damaged}
+            assert await expanded_every_way(store, full_id) == recs(0, 20)
+
+    run_asyncio(go())
