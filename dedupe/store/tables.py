@@ -538,7 +538,6 @@ def _write_pieces(out: BinaryIO | _Spool, sources: Sequence[_Source], pieces: Pi
     buf = bytearray()
     # source -> (its first byte, the bytes), least recently used first
     windows: dict[int, tuple[int, Buffer]] = {}
-    last = -1  # the source of the previous short piece: already the most recent window
     needed = fetched = 0
     for s, first, n in zip(*pieces, strict=True):
         start, end = first * _R, (first + n) * _R
@@ -551,19 +550,15 @@ def _write_pieces(out: BinaryIO | _Spool, sources: Sequence[_Source], pieces: Pi
                     _write(out, buf)
                     buf = bytearray()
             continue
-        if s != last and s in windows:
-            windows[s] = windows.pop(s)  # the most recently used now
-        last = s
-        at, data = windows.get(s, (0, b""))
+        at, data = windows.pop(s, (0, b""))
         if start < at or end > at + len(data):
             source = sources[s]
             ahead = min(start + step, source.size) if fetched <= 4 * needed else end
             at, data = start, source.window(start, ahead)
-            windows.pop(s, None)
-            windows[s] = at, data
             fetched += len(data)
-            if len(windows) > WINDOWS_HELD:
-                del windows[next(iter(windows))]
+        windows[s] = at, data  # the most recently used now
+        if len(windows) > WINDOWS_HELD:
+            del windows[next(iter(windows))]
         buf += data[start - at : end - at]
         if len(buf) >= step:
             _write(out, buf)
