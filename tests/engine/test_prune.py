@@ -307,8 +307,22 @@ def test_a_pack_with_a_damaged_copy_is_rewritten_once_the_chunk_is_stored_again(
     async def go() -> None:
         async with await make_repo(repo_path) as repo:
             gen = await repo.backup(io.BytesIO(data), name="db", kind="full")
-            packs = sorted(p for p in (repo_path / "packs").rglob("*") if p.is_file())
-            victim = packs[len(packs) // 2]
+            store = repo._store
+            _meta, table = await store.generation_chunks(gen.id)
+            chunks_in = Counter(
+                store.index.packs[loc.pack_no].pack_id.hex()
+                for loc in (
+                    store.index.get(cid) for cid, _length in CHUNK_RECORD.iter_unpack(table)
+                )
+                if loc is not None
+            )
+            # A pack of other live blobs (a pack of one chunk happens, and would be
+            # deleted whole rather than rewritten).
+            victim = next(
+                p
+                for p in sorted((repo_path / "packs").rglob("*"))
+                if p.is_file() and chunks_in[p.name] >= 2
+            )
             raw = bytearray(victim.read_bytes())
             raw[len(raw) // 3] ^= 0x10
             victim.write_bytes(bytes(raw))
