@@ -150,7 +150,9 @@ static int grow_slots(ddp_delta *d)
 static int push_op(ddp_delta *d, ddp_delta_op op)
 {
     if (d->n_ops == d->ops_cap) {
-        size_t cap = d->ops_cap ? d->ops_cap * 2 : 64;
+        /* Grown by half, as the slots are: an incremental of a 4 GiB page file has
+         * ~180,000 ops, and doubling left up to twice their size allocated. */
+        size_t cap = d->ops_cap ? d->ops_cap + d->ops_cap / 2 : 64;
         ddp_delta_op *ops = realloc(d->ops, cap * sizeof *ops);
         if (ops == NULL)
             return -1;
@@ -240,7 +242,7 @@ int ddp_delta_feed(ddp_delta *d, const uint8_t *table, size_t n, uint8_t *litera
             return -1;
         if (d->slots[i].pos != EMPTY) {
             uint64_t pos = d->slots[i].pos;
-            if (push_op(d, (ddp_delta_op){DDP_DELTA_COPY, pos, 1}) != 0)
+            if (push_op(d, (ddp_delta_op){.a = pos, .b = 1, .kind = DDP_DELTA_COPY}) != 0)
                 return -1;
             d->expect = (int64_t)pos + 1;
             continue;
@@ -250,7 +252,7 @@ int ddp_delta_feed(ddp_delta *d, const uint8_t *table, size_t n, uint8_t *litera
         d->expect = -1;
         if (d->n_ops && d->ops[d->n_ops - 1].kind == DDP_DELTA_LITERAL) {
             d->ops[d->n_ops - 1].a += 1;
-        } else if (push_op(d, (ddp_delta_op){DDP_DELTA_LITERAL, 1, 0}) != 0) {
+        } else if (push_op(d, (ddp_delta_op){.a = 1, .b = 0, .kind = DDP_DELTA_LITERAL}) != 0) {
             return -1;
         }
     }

@@ -34,11 +34,13 @@
 /* Positions are 32-bit; one value marks an empty slot. */
 #define DDP_DELTA_MAX_PARENT 0xFFFFFFFEull
 
-/* One op: kind COPY (start, count) or LITERAL (count, unused). */
+/* One op: kind COPY (start, count) or LITERAL (count, unused); 16 bytes. A copy's count
+ * fits 32 bits (it copies consecutive parent records, at most DDP_DELTA_MAX_PARENT); a
+ * literal's count, which the parent does not bound, is `a`. */
 typedef struct {
-    uint32_t kind;
     uint64_t a;
-    uint64_t b;
+    uint32_t b;
+    uint32_t kind;
 } ddp_delta_op;
 
 typedef struct ddp_delta ddp_delta;

@@ -13,9 +13,9 @@ import os
 
 cdef extern from "delta.h" nogil:
     ctypedef struct ddp_delta_op:
-        uint32_t kind
         uint64_t a
-        uint64_t b
+        uint32_t b
+        uint32_t kind
     ctypedef struct ddp_delta:
         pass
     int DDP_DELTA_RECORD
@@ -31,6 +31,8 @@ cdef extern from "delta.h" nogil:
 
 
 MAX_PARENT_RECORDS = DDP_DELTA_MAX_PARENT
+# Records fed to the kernel per call (each call's literal room is this many records).
+cdef size_t FEED_PIECE = 8192
 
 
 cdef _raise(int err):
@@ -80,9 +82,10 @@ cdef class DeltaBuilder:
         """Feed the next CHUNK_RECORDs of the table; returns those the parent lacks (the
         literal records this piece adds), in order."""
         cdef Py_buffer tv
+        cdef const uint8_t *src
         cdef uint8_t *dest
-        cdef size_t n, n_literal = 0
-        cdef int rc, err
+        cdef size_t n, done = 0, step, n_literal = 0
+        cdef int rc = 0, err = 0
         if self._d == NULL:
             raise ValueError("the delta failed earlier and cannot go on")
         PyObject_GetBuffer(table, &tv, PyBUF_SIMPLE)
@@ -90,18 +93,31 @@ cdef class DeltaBuilder:
             if tv.len % DDP_DELTA_RECORD:
                 raise ValueError("a chunk table holds whole CHUNK_RECORDs")
             n = <size_t>tv.len // DDP_DELTA_RECORD
-            out = PyBytes_FromStringAndSize(NULL, n * DDP_DELTA_RECORD)
-            dest = <uint8_t *>PyBytes_AS_STRING(out)
-            with nogil:
-                rc = ddp_delta_feed(self._d, <const uint8_t *>tv.buf, n, dest, &n_literal)
-                err = errno
+            src = <const uint8_t *>tv.buf
+            # The kernel writes a piece's literals to room for the whole piece. Pieces of
+            # FEED_PIECE records keep that room small: an incremental feeds pieces of up
+            # to ~170,000 records of which few are literal, and room for all of them was
+            # a 6 MiB buffer at the backup's peak (stop 36).
+            literal = bytearray()
+            scratch = PyBytes_FromStringAndSize(NULL, min(n, FEED_PIECE) * DDP_DELTA_RECORD)
+            dest = <uint8_t *>PyBytes_AS_STRING(scratch)
+            while done < n and rc == 0:
+                step = min(n - done, FEED_PIECE)
+                with nogil:
+                    rc = ddp_delta_feed(
+                        self._d, src + done * DDP_DELTA_RECORD, step, dest, &n_literal
+                    )
+                    err = errno
+                if rc == 0 and n_literal:
+                    literal += scratch[: n_literal * DDP_DELTA_RECORD]
+                done += step
         finally:
             PyBuffer_Release(&tv)
         if rc != 0:
             ddp_delta_close(self._d)
             self._d = NULL
             _raise(err)
-        return out if n_literal == n else out[: n_literal * DDP_DELTA_RECORD]
+        return bytes(literal)
 
     def ops(self):
         """The delta's ops so far: [0, start, count] and [1, count] (FORMAT.md 8.1)."""
