@@ -16,10 +16,12 @@
  * Records are 36 bytes (chunk id, raw length). The parent is either in memory or in a
  * file read with pread through a 64 KiB window, so that a backup need not hold its
  * parent's table: what the kernel holds is a table of first occurrences with slots for
- * DISTINCT parent records (8 bytes each, at most 3/4 full, grown by half: 10.7 to 16
- * bytes per distinct record), the window, and the ops.
- * A slot keeps the record's position and a 32-bit tag of its hash; the slot index comes
- * from the tag, so the table grows without reading the parent again, and a tag match is
+ * DISTINCT parent records (at most 3/4 full, grown by half: 4/3 to 2 slots per distinct
+ * record), the window, and the ops.
+ * While the parent is indexed, a slot keeps the record's position and a 32-bit tag of its
+ * hash (8 bytes); the slot index comes from the tag, so the table grows without reading
+ * the parent again. Once it is indexed nothing grows, and each slot keeps its position
+ * and the tag's high 16 bits (6 bytes: 8 to 12 bytes per distinct record). A tag match is
  * confirmed by comparing the parent's record itself.
  */
 #ifndef DDP_DELTA_H

@@ -146,6 +146,6 @@ cdef class DeltaBuilder:
         return out
 
     def memory_bytes(self):
-        """What the kernel holds: one 8-byte slot per distinct parent record at most
-        3/4 full, the read window, the ops."""
+        """What the kernel holds: 6-byte slots (a position and a 16-bit tag), at most
+        3/4 full, for the distinct parent records; the read window; the ops."""
         return 0 if self._d == NULL else ddp_delta_memory(self._d)

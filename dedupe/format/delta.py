@@ -125,7 +125,7 @@ def make_delta(parent: Buffer, table: Buffer) -> tuple[bytes, list[list[Any]]]:
 
     The native kernel (csrc/delta.c) with both tables in memory. A backup uses
     DeltaBuilder directly: the parent's table in a file, its own table fed as the
-    pipeline produces it. The kernel keeps 8-byte slots of distinct parent records
+    pipeline produces it. The kernel keeps 6-byte slots of distinct parent records
     (make_delta_py's dict costs ~140 bytes per record) and runs no Python per record."""
     builder = DeltaBuilder(parent)
     literal = builder.feed(table)

@@ -253,6 +253,23 @@ def test_the_file_kernel_on_a_day_of_changes_across_many_windows() -> None:
     assert apply_delta(p, got[0], got[1], "g") == t
 
 
+def test_records_alike_in_their_first_id_bytes_are_told_apart() -> None:
+    """The kernel's slots keep tags made from the first 16 bytes of a record's id. Records
+    that share those bytes, or differ only in their length, share every tag and probe:
+    the records themselves decide, in memory and through the file's window alike."""
+    rnd = random.Random(3)
+    head = rnd.randbytes(16)
+    pool = [CHUNK_RECORD.pack(head + rnd.randbytes(16), 7) for _ in range(300)]
+    pool += [CHUNK_RECORD.pack(CHUNK_RECORD.unpack(r)[0], 8) for r in pool[:60]]
+    parent = rnd.choices(pool[:250], k=3000)
+    child = rnd.choices(pool, k=1500) + parent[500:2000]
+    p, t = b"".join(parent), b"".join(child)
+    want = make_delta_py(p, t)
+    assert make_delta(p, t) == want
+    assert _from_file(p, t, [700, 1400, 2500]) == want
+    assert len(want[0]) >= 50 * R and len(want[1]) > 100
+
+
 def test_one_feed_of_many_records_matches_the_spec_and_holds_little_besides() -> None:
     """A backup feeds the kernel whole batches (up to ~170,000 records, most of them in
     the parent). One feed of 60,000 records, literals strewn through it, gives the spec's
@@ -282,8 +299,8 @@ def test_one_feed_of_many_records_matches_the_spec_and_holds_little_besides() ->
 def test_the_kernel_holds_slots_for_distinct_records_not_for_records() -> None:
     """What lets an incremental's memory not grow with its snapshot: a parent of 300,000
     records that repeat 50 distinct ones costs the kernel a few KiB, where 300,000
-    distinct records cost 8-byte slots at most 3/4 full, grown by half: 4/3 to 2
-    slots a record."""
+    distinct records cost slots at most 3/4 full, grown by half (4/3 to 2 slots a
+    record), of 6 bytes each once the parent is indexed."""
     distinct = [CHUNK_RECORD.pack(os.urandom(32), 65536) for _ in range(50)]
     repeating = b"".join(distinct[i % 50] for i in range(300_000))
     unique = b"".join(CHUNK_RECORD.pack(os.urandom(32), 1) for _ in range(300_000))
@@ -292,18 +309,20 @@ def test_the_kernel_holds_slots_for_distinct_records_not_for_records() -> None:
         f.flush()
         small = DeltaBuilder(fd=f.fileno(), n_parent=300_000).memory_bytes()
     big = DeltaBuilder(unique).memory_bytes()
-    assert small < 80 * 1024 < 8 * 300_000 * 4 // 3 <= big <= 8 * 300_000 * 2 + 128 * 1024
+    assert small < 80 * 1024 < 6 * 300_000 * 4 // 3 <= big <= 6 * 300_000 * 2 + 128 * 1024
 
 
 def test_the_slot_table_stays_between_4_3_and_2_slots_per_distinct_record() -> None:
-    """At most 3/4 full, grown by half: whatever the count, 4/3 to 2 slots (8 bytes each)
-    per distinct parent record. Counts spread over a range meet every point of the growth
-    cycle, so a table doubled (up to 2.67 slots a record) or filled past 3/4 fails."""
+    """At most 3/4 full, grown by half: whatever the count, 4/3 to 2 slots per distinct
+    parent record, 6 bytes each once the parent is indexed (a position and a 16-bit tag).
+    Counts spread over a range meet every point of the growth cycle, so a table doubled
+    (up to 2.67 slots a record), filled past 3/4, or left at 8 bytes a slot (the 32-bit
+    tags of the indexing) fails."""
     pool = os.urandom(32 * 400_000)
     for n in range(100_000, 400_001, 23_000):
         parent = b"".join(CHUNK_RECORD.pack(pool[32 * i : 32 * i + 32], 1) for i in range(n))
         held = DeltaBuilder(parent).memory_bytes()
-        assert 8 * n * 4 / 3 <= held <= 8 * n * 2 + 64 * 1024, n
+        assert 6 * n * 4 / 3 <= held <= 6 * n * 2 + 64 * 1024, n
 
 
 def test_a_parent_file_shorter_than_its_count_is_an_error() -> None:
