@@ -270,6 +270,30 @@ def test_records_alike_in_their_first_id_bytes_are_told_apart() -> None:
     assert len(want[0]) >= 50 * R and len(want[1]) > 100
 
 
+# Records built to collide in the kernel's tags: two 16-byte heads (both tags come from
+# the first 16 id bytes), three tails, two lengths.
+ALIKE = [
+    CHUNK_RECORD.pack(head + tail, length)
+    for head in (b"\x00" * 16, os.urandom(16))
+    for tail in (b"\x00" * 16, b"\x01" * 16, os.urandom(16))
+    for length in (7, 8)
+]
+
+
+@given(
+    parent=st.lists(st.sampled_from(ALIKE), max_size=80),
+    table=st.lists(st.sampled_from(ALIKE), max_size=80),
+    cuts=st.lists(st.integers(0, 80), max_size=4),
+)
+def test_records_that_collide_in_every_tag_give_the_spec_delta(
+    parent: list[bytes], table: list[bytes], cuts: list[int]
+) -> None:
+    p, t = b"".join(parent), b"".join(table)
+    want = make_delta_py(p, t)
+    assert make_delta(p, t) == want
+    assert _from_file(p, t, cuts) == want
+
+
 def test_one_feed_of_many_records_matches_the_spec_and_holds_little_besides() -> None:
     """A backup feeds the kernel whole batches (up to ~170,000 records, most of them in
     the parent). One feed of 60,000 records, literals strewn through it, gives the spec's
