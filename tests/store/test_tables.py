@@ -356,6 +356,51 @@ def test_pieces_are_read_through_windows_that_never_read_more_than_four_times_th
         assert len(reads) <= 4  # a window each, not a read per piece (29,126 pieces)
 
 
+def test_long_pieces_count_toward_the_read_bound_as_what_they_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A piece longer than a window is read on its own, exactly: it counts as read and as
+    needed alike. Long pieces between jumping short ones (a hostile delta can mix them)
+    leave the short ones bound by the same four times, not read a window each."""
+    reads: list[int] = []
+    real_read = tables.read_scratch
+
+    def counting_read(f: Any, start: int, end: int, piece: int) -> Any:
+        reads.append(end - start)
+        return real_read(f, start, end, piece)
+
+    monkeypatch.setattr(tables, "read_scratch", counting_read)
+    rnd = random.Random(8)
+    n = 6 * tables.COPY_RECORDS
+    table = rnd.randbytes(n * R)
+    firsts: list[int] = []
+    counts: list[int] = []
+    for _ in range(10):
+        long = tables.COPY_RECORDS + 1
+        firsts.append(rnd.randrange(n - long))
+        counts.append(long)
+        for _ in range(50):
+            firsts.append(rnd.randrange(n))
+            counts.append(1)
+    spool = tables._Spool(tables._Budget(0))
+    try:
+        spool.write(table)
+        pieces = (
+            delta_module.array("q", [0] * len(firsts)),
+            delta_module.array("q", firsts),
+            delta_module.array("q", counts),
+        )
+        out = io.BytesIO()
+        tables._write_pieces(out, [spool], pieces)
+    finally:
+        spool.close()
+    assert out.getvalue() == b"".join(
+        table[f * R : (f + c) * R] for f, c in zip(firsts, counts, strict=True)
+    )
+    needed = sum(counts) * R
+    assert sum(reads) <= 4 * needed + tables.COPY_RECORDS * R
+
+
 def test_pieces_from_many_sources_hold_a_bounded_number_of_windows() -> None:
     """A chain whose every link's literal table is still used (a hostile writer's, or a
     long honest one) makes pieces cycle through all of them between runs of the full's
