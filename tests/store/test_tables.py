@@ -312,14 +312,11 @@ def test_a_long_chain_is_expanded_moving_each_record_of_its_table_once(
     run_asyncio(go())
 
 
-@pytest.mark.parametrize("order", ["forward", "jumping"])
-def test_pieces_are_read_through_windows_that_never_read_more_than_four_times_the_table(
-    monkeypatch: pytest.MonkeyPatch, order: str
-) -> None:
-    """_write_pieces reads a source in a scratch file through windows: a day's delta
-    (short pieces running forward) costs a read per window, not per piece; pieces that
-    jump about (a hostile delta's) read at most four times what they take, plus one window,
-    not a window each. Either way the output is the pieces' records in order."""
+def _pieces_through_a_scratch_spool(
+    monkeypatch: pytest.MonkeyPatch, table: bytes, firsts: list[int], counts: list[int]
+) -> tuple[bytes, list[int]]:
+    """_write_pieces of `table`'s records (first, count), read from a spool in a scratch
+    file from its first byte: (what it wrote, the size of each read of the file)."""
     reads: list[int] = []
     real_read = tables.read_scratch
 
@@ -328,17 +325,9 @@ def test_pieces_are_read_through_windows_that_never_read_more_than_four_times_th
         return real_read(f, start, end, piece)
 
     monkeypatch.setattr(tables, "read_scratch", counting_read)
-    rnd = random.Random(4)
-    n = 3 * tables.COPY_RECORDS
-    table = rnd.randbytes(n * R)
-    spool = tables._Spool(tables._Budget(0))  # in a scratch file from the first byte
+    spool = tables._Spool(tables._Budget(0))
     try:
         spool.write(table)
-        if order == "forward":
-            firsts = list(range(0, n - 3, 3))  # a record kept, two changed: 1 in 3
-        else:
-            firsts = [rnd.randrange(n) for _ in range(4000)]
-        counts = [1] * len(firsts)
         pieces = (
             delta_module.array("q", [0] * len(firsts)),
             delta_module.array("q", firsts),
@@ -348,7 +337,26 @@ def test_pieces_are_read_through_windows_that_never_read_more_than_four_times_th
         tables._write_pieces(out, [spool], pieces)
     finally:
         spool.close()
-    assert out.getvalue() == b"".join(table[f * R : (f + 1) * R] for f in firsts)
+    return out.getvalue(), reads
+
+
+@pytest.mark.parametrize("order", ["forward", "jumping"])
+def test_pieces_are_read_through_windows_that_never_read_more_than_four_times_the_table(
+    monkeypatch: pytest.MonkeyPatch, order: str
+) -> None:
+    """_write_pieces reads a source in a scratch file through windows: a day's delta
+    (short pieces running forward) costs a read per window, not per piece; pieces that
+    jump about (a hostile delta's) read at most four times what they take, plus one window,
+    not a window each. Either way the output is the pieces' records in order."""
+    rnd = random.Random(4)
+    n = 3 * tables.COPY_RECORDS
+    table = rnd.randbytes(n * R)
+    if order == "forward":
+        firsts = list(range(0, n - 3, 3))  # a record kept, two changed: 1 in 3
+    else:
+        firsts = [rnd.randrange(n) for _ in range(4000)]
+    out, reads = _pieces_through_a_scratch_spool(monkeypatch, table, firsts, [1] * len(firsts))
+    assert out == b"".join(table[f * R : (f + 1) * R] for f in firsts)
     needed = len(firsts) * R
     window = tables.COPY_RECORDS * R
     assert sum(reads) <= 4 * needed + window
@@ -362,14 +370,6 @@ def test_long_pieces_count_toward_the_read_bound_as_what_they_read(
     """A piece longer than a window is read on its own, exactly: it counts as read and as
     needed alike. Long pieces between jumping short ones (a hostile delta can mix them)
     leave the short ones bound by the same four times, not read a window each."""
-    reads: list[int] = []
-    real_read = tables.read_scratch
-
-    def counting_read(f: Any, start: int, end: int, piece: int) -> Any:
-        reads.append(end - start)
-        return real_read(f, start, end, piece)
-
-    monkeypatch.setattr(tables, "read_scratch", counting_read)
     rnd = random.Random(8)
     n = 6 * tables.COPY_RECORDS
     table = rnd.randbytes(n * R)
@@ -382,21 +382,8 @@ def test_long_pieces_count_toward_the_read_bound_as_what_they_read(
         for _ in range(50):
             firsts.append(rnd.randrange(n))
             counts.append(1)
-    spool = tables._Spool(tables._Budget(0))
-    try:
-        spool.write(table)
-        pieces = (
-            delta_module.array("q", [0] * len(firsts)),
-            delta_module.array("q", firsts),
-            delta_module.array("q", counts),
-        )
-        out = io.BytesIO()
-        tables._write_pieces(out, [spool], pieces)
-    finally:
-        spool.close()
-    assert out.getvalue() == b"".join(
-        table[f * R : (f + c) * R] for f, c in zip(firsts, counts, strict=True)
-    )
+    out, reads = _pieces_through_a_scratch_spool(monkeypatch, table, firsts, counts)
+    assert out == b"".join(table[f * R : (f + c) * R] for f, c in zip(firsts, counts, strict=True))
     needed = sum(counts) * R
     assert sum(reads) <= 4 * needed + tables.COPY_RECORDS * R
 
