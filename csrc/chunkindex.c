@@ -24,12 +24,12 @@
 #define DDP_IDX_SLOTS_MAX (UINT64_C(1) << 32)
 
 typedef struct ddp_idx_entry {
-    uint8_t id[DDP_IDX_ID_BYTES];
+    uint8_t id[DDP_IDX_KEY_BYTES];  /* the first bytes of the chunk id */
     ddp_idx_value v;
 } ddp_idx_entry;
 
-/* An entry is exactly 48 bytes (no padding): the memory bound depends on it. */
-typedef char ddp_idx_entry_is_48_bytes[sizeof(ddp_idx_entry) == 48 ? 1 : -1];
+/* An entry is exactly 40 bytes (no padding): the memory bound depends on it. */
+typedef char ddp_idx_entry_is_40_bytes[sizeof(ddp_idx_entry) == 40 ? 1 : -1];
 
 struct ddp_idx {
     uint32_t *slots;        /* nslots; 0 empty, else tag | (entry number + 1) */
@@ -94,7 +94,7 @@ static uint64_t ddp_idx_probe(const ddp_idx *t, const uint8_t *id, uint64_t h, i
         }
         if ((s & high) == tag) {
             const ddp_idx_entry *e = ddp_idx_entry_ptr(t, (size_t)(s & t->low) - 1);
-            if (memcmp(e->id, id, DDP_IDX_ID_BYTES) == 0) {
+            if (memcmp(e->id, id, DDP_IDX_KEY_BYTES) == 0) {
                 *found = 1;
                 return i;
             }
@@ -211,7 +211,7 @@ static void ddp_idx_append(ddp_idx *t, uint64_t slot, uint64_t h, const uint8_t 
                            const ddp_idx_value *v)
 {
     ddp_idx_entry *e = ddp_idx_entry_ptr(t, t->count);
-    memcpy(e->id, id, DDP_IDX_ID_BYTES);
+    memcpy(e->id, id, DDP_IDX_KEY_BYTES);
     e->v = *v;
     t->slots[slot] = ((uint32_t)h & ~t->low) | (uint32_t)(t->count + 1);
     t->count++;
@@ -427,15 +427,4 @@ size_t ddp_idx_memory(const ddp_idx *t)
     return sizeof *t + (size_t)t->nslots * sizeof(uint32_t)
            + t->nsegs * DDP_IDX_SEG_ENTRIES * sizeof(ddp_idx_entry)
            + t->segs_cap * sizeof(ddp_idx_entry *);
-}
-
-int ddp_idx_entry_at(const ddp_idx *t, size_t k, uint8_t *id, ddp_idx_value *v)
-{
-    const ddp_idx_entry *e;
-    if (k >= t->count)
-        return 0;
-    e = ddp_idx_entry_ptr(t, k);
-    memcpy(id, e->id, DDP_IDX_ID_BYTES);
-    *v = e->v;
-    return 1;
 }

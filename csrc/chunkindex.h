@@ -9,8 +9,21 @@
  * (global pack number), offset, stored_length, raw_length. Any 32-byte id is a key,
  * the all-zero id included (emptiness lives in the slot array, never in the key).
  *
+ * The table keeps and compares the first DDP_IDX_KEY_BYTES (24) bytes of an id, not all
+ * 32: two ids that agree in those 192 bits are one key. That saves 8 of 56 bytes an
+ * entry (8 MiB of a 4 GiB page database's 1M chunks). Why it is safe:
+ *   - by chance: n chunks hold such a pair with probability < n^2 / 2^193, under 2^-133
+ *     for 2^30 chunks;
+ *   - by design: ids are keyed, so without the repository's id key nobody can compute
+ *     one; a holder of the key (any writer) needs ~2^96 BLAKE3 calls for a pair, and can
+ *     already do worse for free: store a blob whose trailer names any id it likes.
+ *     A restore opens each blob under the full 32-byte id its manifest names (the id
+ *     is the AEAD's associated data, and the content's keyed hash is checked after),
+ *     so a wrong match fails loudly there and is never restored.
+ * Nothing reads an id back out of the table.
+ *
  * Layout (two parts):
- *   entries  every (id, value) pair, 48 bytes, dense, in insertion order, in segments of
+ *   entries  every (key, value) pair, 40 bytes, dense, in insertion order, in segments of
  *            DDP_IDX_SEG_ENTRIES entries: growing adds a segment, never moves or copies
  *            an entry, and at most one segment is partly used;
  *   slots    an open-addressing (linear probing) array of nslots uint32, nslots any
@@ -28,16 +41,16 @@
  * first, so a failed allocation leaves the table as it was; then the old one is freed).
  *
  * Memory per entry, N entries (all of it the lookup needs):
- *   entries   48 B, plus the unused part of the last segment (< 24 KiB in all) and the
+ *   entries   40 B, plus the unused part of the last segment (< 20 KiB in all) and the
  *             segment directory (8 B per 512 entries, grown by doubling: <= 1/32 B);
  *   slots     4 * nslots / N: 5.33 B just before growth (load 3/4), 8 B just after
  *             (load 1/2); while growing both arrays exist: 4 * (4/3 + 2) = 13.33 B.
- * So steady state is 53.3 .. 56 B per entry, the transient peak during growth 61.4 B,
- * plus at most 24,576 / N B of segment slack (2.5 B at 10k entries, 0.25 B at 100k):
- * under 64 B per entry at every moment once N >= 10,000. ddp_idx_memory() counts exactly
- * the bytes requested from malloc (malloc's own headers, 16 B per 24 KiB segment, are
+ * So steady state is 45.3 .. 48 B per entry, the transient peak during growth 53.4 B,
+ * plus at most 20,480 / N B of segment slack (2 B at 10k entries, 0.2 B at 100k):
+ * under 56 B per entry at every moment once N >= 10,000. ddp_idx_memory() counts exactly
+ * the bytes requested from malloc (malloc's own headers, 16 B per 20 KiB segment, are
  * not counted: < 0.1%). Growth costs one pass over the entries, and ddp_idx_reserve()
- * avoids it when the final count is known (as when a repository's index is loaded).
+ * avoids it when the final count is known.
  *
  * No removal: prune builds a new table. A table holds at most DDP_IDX_MAX_ENTRIES.
  *
@@ -56,6 +69,7 @@ extern "C" {
 #endif
 
 #define DDP_IDX_ID_BYTES      32u
+#define DDP_IDX_KEY_BYTES     24u   /* of an id, kept and compared (see the top) */
 #define DDP_IDX_RECORD_BYTES  48u   /* index object entry: <32sIIII, little-endian */
 #define DDP_IDX_SEG_SHIFT     9u
 #define DDP_IDX_SEG_ENTRIES   (1u << DDP_IDX_SEG_SHIFT)   /* entries per segment: 512 */
@@ -156,10 +170,6 @@ size_t ddp_idx_slots(const ddp_idx *t);
 
 /* Bytes of memory the table holds (its struct, slot array, segments, directory). */
 size_t ddp_idx_memory(const ddp_idx *t);
-
-/* The k-th entry in insertion order, 0 <= k < count: copies its id (DDP_IDX_ID_BYTES)
- * and value. Returns 1, or 0 (nothing written) when k >= count. */
-int ddp_idx_entry_at(const ddp_idx *t, size_t k, uint8_t *id, ddp_idx_value *v);
 
 #ifdef __cplusplus
 }

@@ -73,7 +73,7 @@ PACK_QUEUE = 1
 # New chunks listed per index object. A backup writes one each time this many new chunks
 # are in written packs (and one at the end): what it holds for chunks it has stored is
 # then bounded (~100 bytes each, so ~3 MiB), whatever the size of the snapshot; the rest
-# is in the repository's native index, at most 64 bytes per chunk.
+# is in the repository's native index, at most 56 bytes per chunk.
 log = logging.getLogger("dedupe")
 
 INDEX_FLUSH_ENTRIES = 32768

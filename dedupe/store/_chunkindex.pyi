@@ -36,10 +36,12 @@ def cut_records(records: Buffer, start: int, budget: int) -> tuple[int, int]:
 class ChunkTable:
     """Compact chunk id -> (pack_no, offset, stored_length, raw_length) table (native).
 
-    At most 64 bytes per entry once it holds 10,000 entries, growth included (53-56 in
-    steady state). Bulk calls release the GIL; while one runs, a call that would change
-    the table raises RuntimeError. An id is any buffer of exactly 32 bytes (ValueError
-    otherwise); pack_no, offset and lengths are uint32, pack_no below NO_PACK."""
+    At most 56 bytes per entry once it holds 10,000 entries, growth included (45-48 in
+    steady state): it keeps the first 24 bytes of an id (csrc/chunkindex.h says why), so
+    two ids that agree in them are one key. Bulk calls release the GIL; while one runs, a
+    call that would change the table raises RuntimeError. An id is any buffer of exactly
+    32 bytes (ValueError otherwise); pack_no, offset and lengths are uint32, pack_no
+    below NO_PACK."""
 
     def __init__(self, expected: int = 0) -> None:
         """An empty table with room for `expected` entries before its first growth."""

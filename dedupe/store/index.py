@@ -5,7 +5,7 @@ several copies (two concurrent backups stored it; a full re-stored it because it
 went missing or verify quarantined it). The index keeps one location per chunk and
 prefers a usable one: a location is unusable when its pack is absent from the backend or
 the (chunk, pack) pair is quarantined. The table itself is native
-(csrc/chunkindex.c): at most 64 bytes per chunk, loaded from index records in bulk.
+(csrc/chunkindex.c): at most 56 bytes per chunk, loaded from index records in bulk.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class ChunkLocation(NamedTuple):
 
 class ChunkIndex:
     """Chunk id -> ChunkLocation, in the native compact table (csrc/chunkindex.c: at most
-    64 bytes per chunk), plus the pack table its pack numbers point into."""
+    56 bytes per chunk), plus the pack table its pack numbers point into."""
 
     def __init__(self) -> None:
         self.packs: list[PackRecord] = []

@@ -16,10 +16,21 @@ from dedupe.store._chunkindex import NO_PACK, RECORD_BYTES, ChunkTable
 ENTRY = struct.Struct("<32sIIII")  # dedupe.format.index: an index object's entry record
 Value = tuple[int, int, int, int]
 
+# The table keeps the first KEY_BYTES of an id (csrc/chunkindex.h): ids that agree in
+# them are one key, which the model says by keying on them.
+KEY_BYTES = 24
 # Ids that share their first 8 bytes (the hash) but differ later, so probing, tag
-# matches and the full 32-byte comparison are all exercised; the all-zero id among them.
+# matches and the key comparison are all exercised; the all-zero id among them. The
+# tails differ at both ends of the key's last 16 bytes, and past the key (one key then).
 PREFIXES = [bytes(8), b"\xff" * 8, b"\x01" * 8, bytes(7) + b"\x01"]
-TAILS = [bytes(24), b"\x01" * 24, bytes(23) + b"\x01", b"\x80" + bytes(23)]
+TAILS = [
+    bytes(24),
+    b"\x01" * 24,
+    bytes(15) + b"\x01" + bytes(8),
+    b"\x80" + bytes(23),
+    bytes(23) + b"\x01",
+    bytes(16) + b"\xff" * 8,
+]
 ids = st.one_of(
     st.builds(lambda p, t: p + t, st.sampled_from(PREFIXES), st.sampled_from(TAILS)),
     st.binary(min_size=32, max_size=32),
@@ -41,22 +52,22 @@ def random_entries(n: int, seed: int, packs: int = 7) -> list[tuple[bytes, int, 
 
 
 def check_model(table: ChunkTable, model: dict[bytes, Value], extra: list[bytes]) -> None:
+    """model: the table's keys (an id's first KEY_BYTES) and values; extra: more ids."""
     assert len(table) == len(model)
-    for k, v in model.items():
-        assert table.get(k) == v
-        assert k in table
-    for k in extra:
-        assert table.get(k) == model.get(k)
-        assert (k in table) == (k in model)
-    probe = list(model) + extra
+    # A model key is looked up with a tail of its own: the table must not compare it.
+    probe = [k + os.urandom(32 - KEY_BYTES) for k in model] + extra
+    for k in probe:
+        assert table.get(k) == model.get(k[:KEY_BYTES])
+        assert (k in table) == (k[:KEY_BYTES] in model)
+    want_flags = bytes(k[:KEY_BYTES] in model for k in probe)
     joined = b"".join(probe)
-    assert table.contains_many(joined) == bytes(k in model for k in probe)
+    assert table.contains_many(joined) == want_flags
     for stride in (32, 36, 48):  # ids where they lie in records (a chunk table's: 36)
         filler = bytes(range(stride - 32))
         recs = b"".join(k + filler for k in probe)
-        assert table.contains_records(recs, stride) == bytes(k in model for k in probe)
+        assert table.contains_records(recs, stride) == want_flags
     got = memoryview(table.get_many(joined)).cast("I").tolist()
-    want = [x for k in probe for x in model.get(k, (NO_PACK, 0, 0, 0))]
+    want = [x for k in probe for x in model.get(k[:KEY_BYTES], (NO_PACK, 0, 0, 0))]
     assert got == want
 
 
@@ -80,18 +91,18 @@ def test_against_dict_model(ops: list[tuple[object, ...]], extra: list[bytes]) -
             _, key, value, overwrite = o
             assert isinstance(key, bytes) and isinstance(value, tuple)
             new = table.put(key, *value, overwrite=bool(overwrite))
-            assert new == (key not in model)
+            assert new == (key[:KEY_BYTES] not in model)
             if new or overwrite:
-                model[key] = value
+                model[key[:KEY_BYTES]] = value
         else:
             _, entries, pack_map = o
             assert isinstance(entries, list) and isinstance(pack_map, list)
             want_dups = []
             for i, (key, local, off, stored, raw) in enumerate(entries):
-                if key in model:
+                if key[:KEY_BYTES] in model:
                     want_dups.append(i)
                 else:
-                    model[key] = (pack_map[local], off, stored, raw)
+                    model[key[:KEY_BYTES]] = (pack_map[local], off, stored, raw)
             assert table.add_records(records(entries), pack_map) == want_dups
     check_model(table, model, extra)
 
@@ -107,8 +118,26 @@ def test_all_zero_id_is_a_key() -> None:
     assert not table.put(zero, 1, 2, 3, 4, overwrite=True)
     assert table.get(zero) == (1, 2, 3, 4)
     assert table.add_records(records([(zero, 0, 9, 9, 9)]), [5]) == [0]
-    assert table.contains_many(zero + b"\x00" * 31 + b"\x01") == b"\x01\x00"
+    assert table.contains_many(zero + bytes(23) + b"\x01" + bytes(8)) == b"\x01\x00"
     assert len(table) == 1
+
+
+def test_an_id_is_its_first_24_bytes_to_the_table() -> None:
+    """What csrc/chunkindex.h's safety argument rests on, both ways: bytes past the key
+    are neither kept nor compared, and every byte of the key is."""
+    table = ChunkTable()
+    a = os.urandom(32)
+    past_the_key = a[:KEY_BYTES] + bytes(x ^ 0xFF for x in a[KEY_BYTES:])
+    assert table.put(a, 1, 2, 3, 4)
+    assert table.get(past_the_key) == (1, 2, 3, 4)
+    assert not table.put(past_the_key, 5, 6, 7, 8)
+    for at in (8, 15, 16, KEY_BYTES - 1):  # past the hash, each 8-byte word of the rest
+        other = a[:at] + bytes([a[at] ^ 1]) + a[at + 1 :]
+        assert table.get(other) is None and other not in table
+        assert table.put(other, at, 0, 0, 0)
+        assert table.get(other) == (at, 0, 0, 0)
+    assert len(table) == 5
+    assert table.get(a) == (1, 2, 3, 4)
 
 
 def test_growth_across_many_rebuilds() -> None:
@@ -120,7 +149,7 @@ def test_growth_across_many_rebuilds() -> None:
         key = rng.randbytes(32)
         value = (i, i + 1, i + 2, i + 3)
         assert table.put(key, *value)
-        model[key] = value
+        model[key[:KEY_BYTES]] = value
         capacities.add(table.capacity())
     assert len(capacities) > 20  # grown 1.5x at a time from 12 entries
     check_model(table, model, [rng.randbytes(32) for _ in range(1000)])
@@ -156,23 +185,23 @@ def test_reserve_avoids_growth() -> None:
 
 @pytest.mark.parametrize("n", [10_000, 100_000, 1_000_000])
 def test_memory_per_entry(n: int) -> None:
-    """At most 64 B per entry at these sizes, whether just before or just after growth."""
+    """At most 56 B per entry at these sizes, whether just before or just after growth."""
     table = ChunkTable()
     body = os.urandom(32 * n)
     recs = b"".join(body[32 * i : 32 * i + 32] + struct.pack("<IIII", 0, i, 1, 1) for i in range(n))
     assert table.add_records(recs, [0]) == []
     assert len(table) == n
-    assert table.memory_bytes() / n <= 64
+    assert table.memory_bytes() / n <= 56
     # Fill up to the next growth and one past it: the two extremes of the load.
     more = table.capacity() - n + 1
     extra = os.urandom(32 * more)
     recs = b"".join(extra[32 * i : 32 * i + 32] + bytes(16) for i in range(more))
     before = len(table)
     table.add_records(recs[: RECORD_BYTES * (more - 1)], [0])
-    assert table.memory_bytes() / len(table) <= 64
+    assert table.memory_bytes() / len(table) <= 56
     table.add_records(recs[RECORD_BYTES * (more - 1) :], [0])
     assert len(table) == before + more
-    assert table.memory_bytes() / len(table) <= 64
+    assert table.memory_bytes() / len(table) <= 56
 
 
 def test_bulk_load_one_million() -> None:
