@@ -818,6 +818,7 @@ class RepositoryStore:
             self._loaded_index_objects.add(name)
 
         await asyncio.gather(*(load(n) for n in names))
+        self.index.fit()
         return len(names)
 
     async def open_index_object(
@@ -846,7 +847,7 @@ class RepositoryStore:
 
         return await asyncio.to_thread(decode)
 
-    def seal_index(self, packs: list[PackRecord], records: bytes | bytearray) -> SealedIndex:
+    def seal_index(self, packs: list[PackRecord], records: Buffer) -> SealedIndex:
         """An index object listing `packs` and `records`, sealed under a fresh key, and the
         key map entry that will authenticate it."""
         key = new_key()
@@ -881,8 +882,11 @@ class RepositoryStore:
         pack numbers local to `packs`), after the key map that authenticates it and the
         packs whose key map entries are `keys`; then add them to the in-memory index,
         unless `load` is False (prune, which reloads the whole index afterwards: adding a
-        million entries to the index it is about to drop would hold both at once)."""
-        records = bytes(records)  # the caller may go on changing its buffer
+        million entries to the index it is about to drop would hold both at once).
+
+        `records` is read, not copied (a copy was a backup's flush twice over at its
+        memory peak, and prune's million entries twice): the caller leaves it unchanged
+        until this returns."""
         sealed = await asyncio.to_thread(self.seal_index, packs, records)
         await self.keymaps.write([*(keys or []), sealed.entry])
         await self._put_index(sealed, packs, records, load)
@@ -892,7 +896,7 @@ class RepositoryStore:
         return await self.write_index(batch.packs, batch.records, batch.keys)
 
     async def _put_index(
-        self, sealed: SealedIndex, packs: list[PackRecord], records: bytes, load: bool = True
+        self, sealed: SealedIndex, packs: list[PackRecord], records: Buffer, load: bool = True
     ) -> None:
         await self.backend.put(sealed.name, sealed.data)
         self.cache.write(sealed.name, sealed.data, len(sealed.data))

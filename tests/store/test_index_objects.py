@@ -76,3 +76,32 @@ def test_an_index_object_written_unloaded_is_stored_but_not_in_the_index(
             assert len(store.index) == before + 10
 
     run_asyncio(go())
+
+
+def test_write_index_reads_the_records_where_they_lie(
+    run_asyncio: Callable[..., Any], tmp_path: Path
+) -> None:
+    """write_index does not copy the records it is given: a backup's index flush lands at
+    its memory peak, and prune's holds a million entries (50 MiB). It holds what sealing
+    holds (the test above), not that plus a copy of the records."""
+    packs = [PackRecord(os.urandom(32), 8 << 20) for _ in range(40)]
+    records = bytearray(_records(200_000, len(packs)))  # 9.2 MiB, as a backup's batch
+
+    async def go() -> None:
+        async with await make_repo(tmp_path / "repo") as repo:
+            store = repo._store
+            tracemalloc.start()
+            try:
+                name = await store.write_index(packs, records, load=False)
+                _now, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            size = await store.backend.stat(name)
+            assert peak < 2 * size + (1 << 20), (peak, size, len(records))
+            # Loaded, the index's slot array is fitted to it (ChunkIndex.fit: a sixteenth
+            # to spare, 5.7 B an entry), not left where growth put it (8 B at 200,000).
+            assert await store.refresh_index() == 1
+            assert len(store.index) == 200_000
+            assert store.index.memory_bytes() < 200_000 * (40 + 6) + (64 << 10)
+
+    run_asyncio(go())
