@@ -36,7 +36,9 @@ from dedupe.backends.base import Buffer
 # device's logical block size is 512 or 4096 bytes, and a page is a multiple of both; a
 # stricter one is refused (EINVAL) and the write goes on without direct I/O.
 ALIGN = mmap.PAGESIZE
-STAGE_SIZE = 4 << 20
+# One direct write per MiB: large enough for the device, and 3 MiB less at a backup's
+# memory peak than the 4 MiB it was (stop 37; no cost measured on a 1 GiB new backup).
+STAGE_SIZE = 1 << 20
 # Objects smaller than this are written the ordinary way: a key map or a lock is not
 # worth a staging copy and two fcntl calls, and is read back soon.
 DIRECT_MIN = 1 << 20

@@ -231,18 +231,17 @@ def test_a_full_disk_with_a_full_staging_pool_is_a_backend_error(
 def test_a_refusal_is_not_undone_by_a_concurrent_success(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_pool: list[mmap.mmap]
 ) -> None:
-    """A file system that refuses direct writes of some sizes only: put A (2 MiB) goes
-    direct and is slow, put B (3 MiB) is refused meanwhile and turns direct I/O off; A
-    then finishes and turns it back on."""
+    """A file system that refuses direct writes of some objects only: put A (on its own
+    thread) goes direct and is slow, put B is refused meanwhile and turns direct I/O off;
+    A then finishes and turns it back on."""
     real = os.pwrite
     a_writing, b_done = threading.Event(), threading.Event()
 
     def pwrite(fd: int, data: Any, offset: int) -> int:
-        n = memoryview(data).nbytes
-        if _is_direct(fd) and n == 2 * MiB:
+        if _is_direct(fd) and threading.current_thread() is a:
             a_writing.set()
             assert b_done.wait(30)
-        if _is_direct(fd) and n == 3 * MiB:
+        elif _is_direct(fd):
             raise OSError(errno.EINVAL, "Invalid argument")
         return real(fd, data, offset)
 
