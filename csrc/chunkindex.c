@@ -159,19 +159,9 @@ static int ddp_idx_reserve_dir(ddp_idx *t, size_t n)
     return DDP_IDX_OK;
 }
 
-/* The fewest slots that hold n entries (n <= DDP_IDX_MAX_ENTRIES), at least the minimum. */
-static uint64_t ddp_idx_slots_for(size_t n)
-{
-    uint64_t want = ((uint64_t)n * 4 + 2) / 3;
-    while (ddp_idx_limit(want) < n)
-        want++;
-    if (want < DDP_IDX_MIN_SLOTS)
-        want = DDP_IDX_MIN_SLOTS;
-    return want > DDP_IDX_SLOTS_MAX ? DDP_IDX_SLOTS_MAX : want;
-}
-
 int ddp_idx_reserve(ddp_idx *t, size_t n)
 {
+    uint64_t want;
     int rc;
     if (n > DDP_IDX_MAX_ENTRIES)
         return DDP_IDX_EFULL;
@@ -180,19 +170,11 @@ int ddp_idx_reserve(ddp_idx *t, size_t n)
         return rc;
     if (n <= t->limit)
         return DDP_IDX_OK;
-    return ddp_idx_rebuild(t, ddp_idx_slots_for(n));
-}
-
-int ddp_idx_fit(ddp_idx *t, size_t n)
-{
-    uint64_t want;
-    if (n < t->count)
-        n = t->count;
-    if (n > DDP_IDX_MAX_ENTRIES)
-        n = DDP_IDX_MAX_ENTRIES;
-    want = ddp_idx_slots_for(n);
-    if (want > t->nslots - t->nslots / 8)
-        return DDP_IDX_OK;
+    want = ((uint64_t)n * 4 + 2) / 3;
+    while (ddp_idx_limit(want) < n)
+        want++;
+    if (want > DDP_IDX_SLOTS_MAX)
+        want = DDP_IDX_SLOTS_MAX;
     return ddp_idx_rebuild(t, want);
 }
 

@@ -109,13 +109,6 @@ void ddp_idx_destroy(ddp_idx *t);
  * DDP_IDX_EFULL; on error the table is unchanged. */
 int ddp_idx_reserve(ddp_idx *t, size_t n);
 
-/* Make the slot array as small as holds n entries (n >= count; n < count counts as
- * count) without growing, when that frees at least an eighth of it: after a bulk load
- * whose size was not known in advance, the growth steps left it 1 .. 1.5 times too
- * large. Returns DDP_IDX_OK (also when nothing is done) or DDP_IDX_ENOMEM (the new
- * array is allocated before the old one is freed; on error the table is unchanged). */
-int ddp_idx_fit(ddp_idx *t, size_t n);
-
 /* Look id (DDP_IDX_ID_BYTES bytes) up. Returns 1 and sets *out (if out is not NULL)
  * when present, 0 when absent (*out untouched). */
 int ddp_idx_get(const ddp_idx *t, const uint8_t *id, ddp_idx_value *out);

@@ -54,9 +54,6 @@ class ChunkTable:
         """Bytes of memory the table holds (slot array, entries, directory)."""
     def reserve(self, n: int) -> None:
         """Make room for n entries in all: one rebuild instead of several."""
-    def fit(self, n: int) -> None:
-        """Shrink the slot array to what holds n entries in all (at least the present
-        ones) before growing, when that frees an eighth of it or more."""
     def get(self, chunk_id: Buffer) -> tuple[int, int, int, int] | None:
         """(pack_no, offset, stored_length, raw_length), or None if absent."""
     def put(

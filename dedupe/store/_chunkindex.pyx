@@ -39,7 +39,6 @@ cdef extern from "chunkindex.h" nogil:
     ddp_idx *ddp_idx_create(size_t expected)
     void ddp_idx_destroy(ddp_idx *t)
     int ddp_idx_reserve(ddp_idx *t, size_t n)
-    int ddp_idx_fit(ddp_idx *t, size_t n)
     int ddp_idx_get(const ddp_idx *t, const uint8_t *id, ddp_idx_value *out)
     int ddp_idx_put(ddp_idx *t, const uint8_t *id, const ddp_idx_value *v, int overwrite,
                     ddp_idx_value *old)
@@ -163,17 +162,6 @@ cdef class ChunkTable:
         if <unsigned long long>want > DDP_IDX_MAX_ENTRIES:
             _raise(DDP_IDX_EFULL)
         rc = ddp_idx_reserve(self._t, <size_t>want)
-        if rc != DDP_IDX_OK:
-            _raise(rc)
-
-    def fit(self, n):
-        """Shrink the slot array to what holds n entries in all (at least the present
-        ones) before growing, when that frees an eighth of it or more."""
-        cdef long long want = n
-        self._check_write()
-        if want < 0:
-            raise ValueError(f"cannot fit {want} entries")
-        rc = ddp_idx_fit(self._t, <size_t>min(want, <long long>DDP_IDX_MAX_ENTRIES))
         if rc != DDP_IDX_OK:
             _raise(rc)
 

@@ -76,12 +76,6 @@ class ChunkIndex:
     def memory_bytes(self) -> int:
         return self._table.memory_bytes()
 
-    def fit(self) -> None:
-        """After a bulk load, whose size is not known before: a slot array for the entries
-        and a sixteenth more (what a backup adds before the table grows), not the up to
-        1.5 times as much its growth steps left (~2 MiB of a 1M-entry index)."""
-        self._table.fit(len(self._table) + len(self._table) // 16)
-
     def get(self, chunk_id: bytes) -> ChunkLocation | None:
         found = self._table.get(chunk_id)
         return None if found is None else ChunkLocation(*found)
@@ -152,7 +146,7 @@ class ChunkIndex:
         """(chunk id, pack id) pairs verify found damaged; set before adding index objects."""
         self.quarantined = set(pairs)
 
-    def add_records(self, packs: list[PackRecord], records: Buffer, what: str) -> None:
+    def add_records(self, packs: list[PackRecord], records: bytes | memoryview, what: str) -> None:
         """Add one index object's content: its pack table and its entry records (48 bytes
         each, pack numbers local to the object). The first copy of a chunk wins, unless it
         is unusable and a later one is usable (ChunkIndex docstring)."""

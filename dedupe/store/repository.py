@@ -818,7 +818,6 @@ class RepositoryStore:
             self._loaded_index_objects.add(name)
 
         await asyncio.gather(*(load(n) for n in names))
-        self.index.fit()
         return len(names)
 
     async def open_index_object(

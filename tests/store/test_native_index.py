@@ -155,30 +155,6 @@ def test_growth_across_many_rebuilds() -> None:
     check_model(table, model, [rng.randbytes(32) for _ in range(1000)])
 
 
-def test_fit_shrinks_a_grown_slot_array_and_keeps_every_entry() -> None:
-    entries = random_entries(100_000, seed=6)
-    table = ChunkTable()
-    table.add_records(records(entries), list(range(7)))
-    grown, memory = table.capacity(), table.memory_bytes()
-    table.fit(len(entries) * 2)  # more room than it has: nothing to free
-    assert table.capacity() == grown
-    table.fit(0)  # at least the entries it holds
-    assert len(entries) <= table.capacity() < grown
-    assert table.memory_bytes() <= memory - 4 * (grown - table.capacity())  # 4 B a slot
-    assert table.get(entries[0][0]) == entries[0][1:]
-    assert table.get(entries[-1][0]) == entries[-1][1:]
-    flags = table.contains_many(b"".join(e[0] for e in entries) + os.urandom(32 * 1000))
-    assert flags == b"\x01" * len(entries) + b"\x00" * 1000
-    fitted = table.capacity()
-    table.fit(fitted - fitted // 10)  # frees less than an eighth: left as it is
-    assert table.capacity() == fitted
-    more = random_entries(10, seed=7)
-    table.add_records(records(more), list(range(7)))  # it still grows when it must
-    assert table.get(more[-1][0]) == more[-1][1:]
-    with pytest.raises(ValueError):
-        table.fit(-1)
-
-
 def test_bulk_duplicates_first_copy_wins_and_resumes() -> None:
     """More duplicates than the wrapper collects per kernel call (4096): it resumes."""
     entries = random_entries(10_000, seed=2)
