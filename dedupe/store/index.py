@@ -146,7 +146,7 @@ class ChunkIndex:
         """(chunk id, pack id) pairs verify found damaged; set before adding index objects."""
         self.quarantined = set(pairs)
 
-    def add_records(self, packs: list[PackRecord], records: bytes | memoryview, what: str) -> None:
+    def add_records(self, packs: list[PackRecord], records: Buffer, what: str) -> None:
         """Add one index object's content: its pack table and its entry records (48 bytes
         each, pack numbers local to the object). The first copy of a chunk wins, unless it
         is unusable and a later one is usable (ChunkIndex docstring)."""
