@@ -64,7 +64,9 @@ from dedupe.store.tables import SpilledTable
 T = TypeVar("T")
 FASTCDC = "fastcdc"
 
-BLOCK_QUEUE = 2
+# Blocks read ahead of the chunker. One: a mapped window costs nothing to read, and each
+# one waiting is 2 MiB resident at a backup's peak (stop 37).
+BLOCK_QUEUE = 1
 # Batches whose ids are being hashed while the chunker moves on: keeps both cores busy.
 HASHED_QUEUE = 3
 # Compress jobs in flight: enough to keep every core busy while one batch is sealed.
@@ -72,11 +74,13 @@ FRAMING_IN_FLIGHT = (os.cpu_count() or 2) + 1
 PACK_QUEUE = 1
 # New chunks listed per index object. A backup writes one each time this many new chunks
 # are in written packs (and one at the end): what it holds for chunks it has stored is
-# then bounded (~100 bytes each, so ~3 MiB), whatever the size of the snapshot; the rest
-# is in the repository's native index, at most 56 bytes per chunk.
-log = logging.getLogger("dedupe")
+# then bounded (~100 bytes each, so ~1.5 MiB), whatever the size of the snapshot; the
+# rest is in the repository's native index, at most 56 bytes per chunk. 16,384 rather
+# than 32,768 since stop 37: the flush lands at the peak of a backup's memory, and an
+# index object of 0.6 MB is still few objects (64 for a 4 GiB page database).
+INDEX_FLUSH_ENTRIES = 16384
 
-INDEX_FLUSH_ENTRIES = 32768
+log = logging.getLogger("dedupe")
 
 
 class FileEnd:
