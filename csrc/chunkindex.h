@@ -1,25 +1,24 @@
 /*
- * chunkindex.h - compact in-memory chunk index of dedupe: 32-byte chunk id -> location.
+ * chunkindex.h - compact in-memory chunk index of dedupe: chunk id -> location.
  *
  * Plain C99, no Python.h. Every symbol is prefixed ddp_ / DDP_. Nothing here is on disk:
  * the layout may change freely. The Python face is dedupe.store._chunkindex.ChunkTable.
  *
  * Keys are keyed-BLAKE3 chunk ids, uniformly random, so their first 8 bytes (read in
  * host byte order) are the hash: nothing is rehashed. Values are four uint32: pack_no
- * (global pack number), offset, stored_length, raw_length. Any 32-byte id is a key,
- * the all-zero id included (emptiness lives in the slot array, never in the key).
+ * (global pack number), offset, stored_length, raw_length. Lookups take 32-byte ids;
+ * any id is a key, the all-zero id included (emptiness lives in the slot array, never
+ * in the key).
  *
  * The table keeps and compares the first DDP_IDX_KEY_BYTES (24) bytes of an id, not all
  * 32: two ids that agree in those 192 bits are one key. That saves 8 of 56 bytes an
- * entry (8 MiB of a 4 GiB page database's 1M chunks). Why it is safe:
- *   - by chance: n chunks hold such a pair with probability < n^2 / 2^193, under 2^-133
- *     for 2^30 chunks;
- *   - by design: ids are keyed, so without the repository's id key nobody can compute
- *     one; a holder of the key (any writer) needs ~2^96 BLAKE3 calls for a pair, and can
- *     already do worse for free: store a blob whose trailer names any id it likes.
- *     A restore opens each blob under the full 32-byte id its manifest names (the id
- *     is the AEAD's associated data, and the content's keyed hash is checked after),
- *     so a wrong match fails loudly there and is never restored.
+ * entry (8 MiB of a 4 GiB page database's 1M chunks). What a collision would do, and
+ * what it costs, is in docs/FORMAT.md section 11 ("Chunk ids in memory"): a backup,
+ * verify, quarantine and replicas would take one chunk for the other; a restore would
+ * not (it plans with the manifest's full ids, windowplan.c, and opens each blob under
+ * its full id, blobcodec.c), so the chunk fails its restore loudly. By chance: under
+ * 2^-133 for 2^30 chunks. Aimed: only holders of the id key can compute ids at all, and
+ * a pair costs them ~2^96 BLAKE3 calls, a match to a chunk they did not choose ~2^192.
  * Nothing reads an id back out of the table.
  *
  * Layout (two parts):

@@ -26,7 +26,7 @@ COMPARED = ("type", "mode", "uid", "gid", "size", "mtime_ns", "target")
 
 class _Tally:
     """The distinct chunks of a group of generations, counted as they first appear: their
-    ids in a native chunk table (~56 bytes an id, no Python object per chunk), their raw
+    ids in a native chunk table (~48 bytes an id, no Python object per chunk), their raw
     and stored bytes added up."""
 
     def __init__(self) -> None:

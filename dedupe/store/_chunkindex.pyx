@@ -1,7 +1,8 @@
 # cython: language_level=3
-"""Thin wrapper over csrc/chunkindex.c: the compact chunk table (32-byte chunk id ->
-pack_no, offset, stored_length, raw_length). Layout, memory bound and contracts are in
-csrc/chunkindex.h; the Python-visible API is typed in _chunkindex.pyi.
+"""Thin wrapper over csrc/chunkindex.c: the compact chunk table (chunk id -> pack_no,
+offset, stored_length, raw_length; it keys on an id's first 24 bytes). Layout, memory
+bound and contracts are in csrc/chunkindex.h; the Python-visible API is typed in
+_chunkindex.pyi.
 
 Bulk calls (add_records, contains_many, get_many) run without the GIL. A table is not
 locked: while one of them runs in some thread, a call that would change the table (or,

@@ -22,7 +22,7 @@ KEY_BYTES = 24
 # Ids that share their first 8 bytes (the hash) but differ later, so probing, tag
 # matches and the key comparison are all exercised; the all-zero id among them. The
 # tails differ at both ends of the key's last 16 bytes, and past the key (one key then).
-PREFIXES = [bytes(8), b"\xff" * 8, b"\x01" * 8, bytes(7) + b"\x01"]
+PREFIXES = [bytes(8), b"\xff" * 8, b"\x01" * 8, bytes(7) + b"\x01", b"\x01" + bytes(7)]
 TAILS = [
     bytes(24),
     b"\x01" * 24,
@@ -131,12 +131,14 @@ def test_an_id_is_its_first_24_bytes_to_the_table() -> None:
     assert table.put(a, 1, 2, 3, 4)
     assert table.get(past_the_key) == (1, 2, 3, 4)
     assert not table.put(past_the_key, 5, 6, 7, 8)
-    for at in (8, 15, 16, KEY_BYTES - 1):  # past the hash, each 8-byte word of the rest
+    # Every byte of the key, those of the hash included: one that differs from a only
+    # in the low bits of byte 0 has a's home slot and tag, so only the comparison tells.
+    for at in range(KEY_BYTES):
         other = a[:at] + bytes([a[at] ^ 1]) + a[at + 1 :]
-        assert table.get(other) is None and other not in table
+        assert table.get(other) is None and other not in table, at
         assert table.put(other, at, 0, 0, 0)
         assert table.get(other) == (at, 0, 0, 0)
-    assert len(table) == 5
+    assert len(table) == 1 + KEY_BYTES
     assert table.get(a) == (1, 2, 3, 4)
 
 
