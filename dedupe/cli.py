@@ -2509,7 +2509,7 @@ def tune_allocator() -> None:
       and 149);
     - at most 2 arenas (MALLOC_ARENA_MAX). By default each thread that allocates may get
       an arena of its own (up to 8 per core), and each keeps what its thread freed: the
-      4 GiB page incremental peaked 2.5 MiB higher with them (stop 37), and nothing of a
+      4 GiB page incremental peaked 1.3-2.5 MiB higher with them (stop 37), and nothing of a
       backup or restore ran slower with 2 (their large buffers are mapped or pooled)."""
     if not sys.platform.startswith("linux"):
         return
