@@ -1218,15 +1218,14 @@ class RepositoryStore:
         entries = list(batch.keys) if batch else []
         sealed = None
         if batch:
-            records = bytes(batch.records)
-            sealed = await asyncio.to_thread(self.seal_index, batch.packs, records)
+            sealed = await asyncio.to_thread(self.seal_index, batch.packs, batch.records)
             entries.append(sealed.entry)
         entries.append(
             self.keymaps.generation_entry(bytes.fromhex(gen_id), writer.header_key, writer.body_key)
         )
         await self.keymaps.write(entries)
         if sealed is not None and batch is not None:
-            await self._put_index(sealed, batch.packs, records)
+            await self._put_index(sealed, batch.packs, batch.records)
         await self.backend.put_stream(f"generations/{gen_id}", writer.parts())
         self.cache.write(f"generations/{gen_id}", writer.prefix, writer.size)
         return gen_id
