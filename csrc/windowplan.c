@@ -34,7 +34,7 @@ static int by_key(const void *a, const void *b)
 
 int ddp_plan_window(const ddp_idx *t, const uint8_t *records, size_t n, uint8_t *ids,
                     ddp_plan_item *items, size_t *n_items, ddp_plan_copy *copies,
-                    size_t *n_copies, uint64_t *total, size_t *bad)
+                    size_t *n_copies, uint64_t lead, uint64_t *total, size_t *bad)
 {
     unsigned bits = 4;
     while (((size_t)1 << bits) < 2 * n) bits++;
@@ -57,7 +57,7 @@ int ddp_plan_window(const ddp_idx *t, const uint8_t *records, size_t n, uint8_t 
     ddp_idx_get_many(t, flat, n, found); /* batched: it prefetches ahead */
 
     size_t distinct = 0, repeats = 0;
-    uint64_t pos = 0;
+    uint64_t pos = lead;
     int sorted = 1;
     for (size_t k = 0; k < n; k++) {
         const uint8_t *id = flat + k * DDP_IDX_ID_BYTES;

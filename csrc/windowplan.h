@@ -54,13 +54,17 @@ typedef struct ddp_plan_copy {
  *   items[0 .. *n_items) are the distinct chunks, sorted by (pack_no, offset), and
  *   ids[32 i ..] is items[i]'s id;
  *   copies[0 .. *n_copies) are the records whose chunk occurred earlier in the window;
- *   *total is the window's output size (the sum of the records' lengths).
+ *   *total is lead + the window's output size (the sum of the records' lengths).
+ * The window's output starts at `lead` in its buffer: every out_pos, dst and src counts
+ * from the buffer's start, and the first `lead` bytes are left alone (a restore to a
+ * file puts each window where its first byte has the alignment of its file offset, so
+ * that the bytes go to the file with O_DIRECT from where they were opened).
  * ids, items and copies must each have room for n entries. Returns DDP_PLAN_OK, or an
  * error with the first offending record's number in *bad (outputs are then garbage).
  */
 int ddp_plan_window(const ddp_idx *t, const uint8_t *records, size_t n, uint8_t *ids,
                     ddp_plan_item *items, size_t *n_items, ddp_plan_copy *copies,
-                    size_t *n_copies, uint64_t *total, size_t *bad);
+                    size_t *n_copies, uint64_t lead, uint64_t *total, size_t *bad);
 
 #ifdef __cplusplus
 }

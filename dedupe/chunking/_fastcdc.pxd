@@ -9,4 +9,4 @@ cdef class _Block:
     cdef readonly object reader  # that MapReader, or None (its `torn` must outlive the window)
 
 
-cdef _Block _free_block(list pool, Py_ssize_t size, Py_ssize_t keep)
+cdef _Block _free_block(list pool, Py_ssize_t size, Py_ssize_t keep, size_t align=*)

@@ -21,6 +21,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromSt
 from libc.errno cimport EINTR, errno
 from libc.stdint cimport uint8_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
+from posix.stdlib cimport posix_memalign
 from libc.string cimport memcpy
 from posix.unistd cimport read
 from posix.stat cimport S_ISREG, fstat, struct_stat
@@ -85,9 +86,23 @@ cdef class _Block:
 Block = _Block  # the public name of a BlockReader's blocks
 
 
-cdef _Block _new_block(Py_ssize_t size):
+cdef char *_alloc(Py_ssize_t size, size_t align) noexcept:
+    """size bytes (at least 1) from malloc, or at an address that is a multiple of
+    `align` (a power of two, a multiple of sizeof(void *)) when it is not 0; NULL if
+    memory runs out. Either is released with free()."""
+    cdef void *p = NULL
+    if size <= 0:
+        size = 1
+    if align == 0:
+        return <char *>malloc(size)
+    if posix_memalign(&p, align, <size_t>size) != 0:
+        return NULL
+    return <char *>p
+
+
+cdef _Block _new_block(Py_ssize_t size, size_t align=0):
     cdef _Block b = _Block.__new__(_Block)
-    b.data = <char *>malloc(size if size > 0 else 1)
+    b.data = _alloc(size, align)
     if b.data == NULL:
         raise MemoryError()
     b.cap = size
@@ -95,10 +110,11 @@ cdef _Block _new_block(Py_ssize_t size):
     return b
 
 
-cdef _Block _free_block(list pool, Py_ssize_t size, Py_ssize_t keep):
+cdef _Block _free_block(list pool, Py_ssize_t size, Py_ssize_t keep, size_t align=0):
     """A block of at least size bytes from `pool` that no one but the pool refers to, or a
     new one (added to the pool while it holds fewer than `keep`). The caller sets .size
-    and overwrites the contents."""
+    and overwrites the contents. `align`: the block starts at a multiple of it (0: as
+    malloc returns it); a pool's blocks are all taken with the same `align`."""
     cdef _Block b
     cdef _Block small = None
     cdef char *fresh
@@ -116,14 +132,14 @@ cdef _Block _free_block(list pool, Py_ssize_t size, Py_ssize_t keep):
         # call to call do not grow it again and again. Its bytes are about to be
         # overwritten: free and allocate rather than realloc, which would copy them.
         cap = size + (size >> 3)
-        fresh = <char *>malloc(cap)
+        fresh = _alloc(cap, align)
         if fresh == NULL:
             raise MemoryError()
         free(small.data)
         small.data = fresh
         small.cap = cap
         return small
-    b = _new_block(size)
+    b = _new_block(size, align)
     if len(pool) < keep:
         pool.append(b)
     # else: a transient block, freed once unreferenced; the pooled ones stay, as they

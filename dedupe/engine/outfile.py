@@ -61,6 +61,8 @@ class OutputFile:
         self._view: memoryview | None = None
         self._fill = 0  # bytes staged, not yet written
         self._flushed = 0  # file offset where the staged bytes belong
+        self.in_place = 0  # bytes written with O_DIRECT from the caller's memory, uncopied
+        self.refused = False  # O_DIRECT was taken at open and refused by a write
         if O_DIRECT and set_direct(fd, True):
             self._buf = new_stage(staging)
             self._view = memoryview(self._buf)
@@ -70,16 +72,41 @@ class OutputFile:
         """True while the file is written with O_DIRECT."""
         return self._view is not None
 
-    def write(self, parts: Sequence[Buffer]) -> int:
-        """Append the parts; returns their total length."""
+    def write(self, parts: Sequence[Buffer], align: int = 0) -> int:
+        """Append the parts; returns their total length. `align` (restore.Window.align),
+        when a multiple of ALIGN, promises that the parts' memory lies at addresses
+        congruent to their offsets in the stream modulo `align`: one part is then written
+        with O_DIRECT where it lies, all but its first and last partial blocks, which go
+        through the staging buffer."""
         n = sum(memoryview(part).nbytes for part in parts)
         if self._view is None:
             writev_all(self.fd, parts)
             _start_writeback(self.fd, self.written, n)
+        elif align and align % ALIGN == 0 and len(parts) == 1 and n >= 2 * ALIGN:
+            self._write_in_place(memoryview(parts[0]).cast("B"))
         else:
             self._stage(parts)
         self.written += n
         return n
+
+    def _write_in_place(self, src: memoryview) -> None:
+        # src starts at stream offset self.written, which is where the staged bytes end.
+        head = -self.written % ALIGN  # up to the first block boundary: staged
+        body_end = head + (len(src) - head) // ALIGN * ALIGN  # whole blocks: in place
+        self._stage([src[:head]])
+        if self._view is not None and self._fill:  # whole blocks now: written first
+            self._write_staged(self._fill)
+        if self._view is None:  # O_DIRECT was refused on the way: the rest goes buffered
+            writev_all(self.fd, [src[head:]])
+            return
+        if body_end > head:
+            if not self._write_direct(src[head:body_end]):
+                writev_all(self.fd, [src[head:]])
+                self.close()
+                return
+            self._flushed += body_end - head
+            self.in_place += body_end - head
+        self._stage([src[body_end:]])  # the last partial block: staged
 
     def _stage(self, parts: Sequence[Buffer]) -> None:
         for i, part in enumerate(parts):
@@ -118,26 +145,34 @@ class OutputFile:
                 pass  # a slice is still held by a traceback: freed with it
             self._buf = None
 
-    def _write_staged(self, length: int) -> None:
-        assert self._view is not None
-        data = self._view[:length]
-        refused = False
+    def _write_direct(self, data: memoryview) -> bool:
+        """Write `data` (whole blocks at an aligned address) at self._flushed with
+        O_DIRECT. False when the file system took O_DIRECT at open but refuses it for
+        writes (EINVAL): the descriptor is then switched to ordinary writes, positioned at
+        self._flushed, and these bytes and all later ones go the ordinary way."""
         try:
             pwrite_all(self.fd, data, self._flushed)
+            return True
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
-            # The file system took O_DIRECT at open but refuses it for writes: write
-            # these bytes, and all later ones, the ordinary way.
-            refused = True
+            self.refused = True
             set_direct(self.fd, False)
             os.lseek(self.fd, self._flushed, os.SEEK_SET)
-            writev_all(self.fd, [data[: self._fill]])
+            return False
+
+    def _write_staged(self, length: int) -> None:
+        assert self._view is not None
+        data = self._view[:length]
+        try:
+            direct = self._write_direct(data)
+            if not direct:
+                writev_all(self.fd, [data[: self._fill]])
         finally:
             data.release()  # the staging buffer cannot be closed while a slice exists
         self._flushed += self._fill
         self._fill = 0
-        if refused:
+        if not direct:
             self.close()
 
 

@@ -9,7 +9,9 @@ straight into the window's output buffer: AEAD under the chunk id, decompression
 BLAKE3 against the id. Repeated chunks are then copied from their first place. Only
 then is the window handed out, while the next one is being fetched. The whole-stream
 digest is checked at the end; a chunk that fails any check raises before a byte of it is
-handed out.
+handed out. A window's buffer starts on a page, and its bytes start where their offset
+in the stream puts them modulo the page size (Window.align): a restore to a file writes
+them from there with O_DIRECT, uncopied (outfile.py).
 """
 
 from __future__ import annotations
@@ -95,13 +97,17 @@ def split_by_bytes(items: list[_Item], batch_bytes: int) -> Iterator[list[_Item]
 class Window(list[Buffer]):
     """A window's verified bytes in stream order. With `per_chunk`, one buffer per chunk;
     otherwise one buffer for the whole window: a digest update and an iovec per window,
-    not per 4 KiB page. `chunks` counts the chunks either way."""
+    not per 4 KiB page. `chunks` counts the chunks either way. `align`, when not 0: the
+    window's memory lies at an address congruent to its offset in the stream modulo
+    `align`, so that every aligned stream offset in it is an aligned address too (an
+    OutputFile writes such a window with O_DIRECT from where it lies)."""
 
-    __slots__ = ("chunks",)
+    __slots__ = ("align", "chunks")
 
-    def __init__(self, chunks: int) -> None:
+    def __init__(self, chunks: int, align: int = 0) -> None:
         super().__init__()
         self.chunks = chunks
+        self.align = align
 
 
 async def restore_chunks(
@@ -152,10 +158,17 @@ async def restore_chunks(
                 )
             )
 
-    async def fetch_window(records: bytes) -> Window:
+    # A window's bytes start `lead` bytes into its buffer (which starts on a page), where
+    # the window's first byte has the alignment of its offset in the stream.
+    align = codec.window_align
+
+    async def fetch_window(records: bytes, at: int) -> tuple[Window, int]:
+        """The window of `records` that starts at offset `at` of the stream, and where the
+        next one starts."""
         # One native pass: every chunk located, the distinct ones grouped into ranges
         # by pack and offset, each with its place in the window (csrc/windowplan.h).
-        status, bad, plan = index.plan_window(records, COALESCE_GAP, MAX_RANGE, DECODE_BATCH)
+        lead = at % align if align else 0
+        status, bad, plan = index.plan_window(records, COALESCE_GAP, MAX_RANGE, DECODE_BATCH, lead)
         if plan is None:
             chunk_id, length = CHUNK_RECORD.unpack_from(records, bad * CHUNK_RECORD.size)
             if status == PLAN_LENGTH:
@@ -179,22 +192,24 @@ async def restore_chunks(
         if copies:  # up to a window of memcpy (zero pages): off the event loop
             await loop.run_in_executor(executor, codec.copy_repeats, out, copies)
         view = memoryview(out).toreadonly()
-        window = Window(len(records) // CHUNK_RECORD.size)
+        window = Window(len(records) // CHUNK_RECORD.size, align)
         if per_chunk:
-            pos = 0
+            pos = lead
             for _chunk_id, length in CHUNK_RECORD.iter_unpack(records):
                 window.append(view[pos : pos + length])
                 pos += length
         else:
-            window.append(view)
-        return window
+            window.append(view[lead:total])
+        return window, at + total - lead
 
     queue: asyncio.Queue[Window | BaseException | None] = asyncio.Queue(WINDOWS_AHEAD)
 
     async def produce() -> None:
         try:
-            for window in _windows(table):
-                await queue.put(await fetch_window(window))
+            at = 0
+            for records in _windows(table):
+                window, at = await fetch_window(records, at)
+                await queue.put(window)
             await queue.put(None)
         except Exception as e:  # handed to the consumer, which raises it
             await queue.put(e)
@@ -281,7 +296,8 @@ async def write_to_path(
         try:
             out = OutputFile(fd)
             async for parts in stream:
-                written += await finish_in_thread(out.write, parts)
+                align = parts.align if isinstance(parts, Window) else 0
+                written += await finish_in_thread(out.write, parts, align)
             await finish_in_thread(out.finish)
         finally:
             if out is not None:

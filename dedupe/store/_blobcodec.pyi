@@ -94,8 +94,10 @@ class BatchCodec:
         dicts: DictTable | None = None,
     ) -> None: ...
 
+WINDOW_ALIGN: int  # window blocks start at a multiple of it (the page size)
+
 def window_block(size: int) -> Block:
-    """A pooled block of `size` bytes for a restore window's output."""
+    """A pooled block of `size` bytes for a restore window's output, page-aligned."""
 
 def copy_repeats(out: Block, copies: bytes) -> None:
     """Fill a window's repeated chunks (ddp_plan_copy records) in place."""

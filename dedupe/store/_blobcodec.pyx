@@ -25,6 +25,7 @@ from libc.string cimport memcpy
 from dedupe.chunking._fastcdc cimport _Block, _free_block
 from dedupe.store._windowplan cimport ddp_plan_copy, ddp_plan_item
 
+import mmap
 import os
 
 
@@ -304,6 +305,9 @@ cdef enum:
     _OPENED_KEEP = 16  # blocks of opened chunks kept for reuse (~1-2 MiB each)
     _WINDOW_KEEP = 4  # restore windows kept for reuse (~8 MiB each: two ahead, one
                       # being filled, one being written)
+# Where window blocks start: a multiple of the page size, what O_DIRECT asks of memory.
+WINDOW_ALIGN = mmap.PAGESIZE
+cdef size_t _WINDOW_ALIGN = WINDOW_ALIGN
 cdef list _framing_pool = []
 cdef list _opened_pool = []
 cdef list _window_pool = []
@@ -639,10 +643,11 @@ cdef class BatchCodec:
 def window_block(Py_ssize_t size):
     """A block of `size` bytes for one restore window's output (open_planned and
     copy_repeats write it; then it is read only), from a pool: a window's worth of fresh
-    pages costs a page fault per 4 KiB, more than opening the chunks into them."""
+    pages costs a page fault per 4 KiB, more than opening the chunks into them. It starts
+    on a page boundary (WINDOW_ALIGN), so that a restore can write it with O_DIRECT."""
     if size < 0:
         raise ValueError("window_block: a negative size")
-    cdef _Block b = _free_block(_window_pool, size, _WINDOW_KEEP)
+    cdef _Block b = _free_block(_window_pool, size, _WINDOW_KEEP, _WINDOW_ALIGN)
     b.size = size
     return b
 

@@ -79,7 +79,8 @@ class ChunkTable:
         """16 bytes per id: native-order uint32 pack_no, offset, stored_length,
         raw_length (memoryview(out).cast("I")); absent: NO_PACK, 0, 0, 0."""
     def plan_window(
-        self, records: Buffer, gap: int, max_range: int, batch: int
+        self, records: Buffer, gap: int, max_range: int, batch: int, lead: int = 0
     ) -> tuple[int, int, WindowPlan | None]:
         """Plan a restore window of chunk table records (36-byte <32sI): (0, 0, plan),
-        or (PLAN_MISSING or PLAN_LENGTH, first bad record's number, None)."""
+        or (PLAN_MISSING or PLAN_LENGTH, first bad record's number, None). The window's
+        output starts `lead` bytes into its buffer (the plan's places count from 0)."""

@@ -64,7 +64,7 @@ cdef extern from "windowplan.h" nogil:
     int DDP_PLAN_ENOMEM
     int ddp_plan_window(const ddp_idx *t, const uint8_t *records, size_t n, uint8_t *ids,
                         ddp_plan_item *items, size_t *n_items, ddp_plan_copy *copies,
-                        size_t *n_copies, uint64_t *total, size_t *bad)
+                        size_t *n_copies, uint64_t lead, uint64_t *total, size_t *bad)
 
 
 ID_BYTES = DDP_IDX_ID_BYTES
@@ -361,7 +361,7 @@ cdef class ChunkTable:
         return out
 
     def plan_window(self, records, Py_ssize_t gap, Py_ssize_t max_range,
-                    Py_ssize_t batch):
+                    Py_ssize_t batch, Py_ssize_t lead=0):
         """Plan the restore of one window: `records` are chunk-table records (36-byte
         <32sI: id, length) back to back. Returns (0, 0, plan) or, for the first record
         whose chunk is absent (PLAN_MISSING) or whose length is not the index's
@@ -371,7 +371,8 @@ cdef class ChunkTable:
         (ddp_plan_copy); and ranges, a list of (pack_no, start, end, jobs): blobs of one
         pack read together (neighbours closer than `gap`, at most `max_range` bytes),
         `jobs` cutting the range's items [lo, hi) into runs of about `batch` stored
-        bytes each."""
+        bytes each. With `lead`, the window's output starts `lead` bytes into its buffer:
+        total, the items' places and the repeats' count from the buffer's start."""
         cdef Py_buffer rv
         cdef size_t n, n_items = 0, n_copies = 0, bad = 0, i, lo = 0
         cdef uint64_t total = 0, start = 0, end = 0, size = 0, it_end
@@ -383,8 +384,8 @@ cdef class ChunkTable:
         cdef ddp_plan_copy *copies_p
         cdef list ranges = [], jobs = None
         cdef uint32_t pack = 0
-        if gap < 0 or max_range < 0 or batch < 0:
-            raise ValueError("plan_window: gap, max_range and batch are not negative")
+        if gap < 0 or max_range < 0 or batch < 0 or lead < 0:
+            raise ValueError("plan_window: gap, max_range, batch and lead are not negative")
         self._check_read()
         PyObject_GetBuffer(records, &rv, PyBUF_SIMPLE)
         try:
@@ -403,7 +404,8 @@ cdef class ChunkTable:
             try:
                 with nogil:
                     rc = ddp_plan_window(self._t, <const uint8_t *>rv.buf, n, ids_p, items_p,
-                                         &n_items, copies_p, &n_copies, &total, &bad)
+                                         &n_items, copies_p, &n_copies, <uint64_t>lead, &total,
+                                         &bad)
             finally:
                 self._readers -= 1
         finally:

@@ -706,10 +706,16 @@ class BlobCodec:
 
     def window_buffer(self, size: int) -> Any:
         """Memory for one restore window's output, filled by open_planned and
-        copy_repeats, then only read."""
+        copy_repeats, then only read. It starts at a multiple of window_align."""
         if self.native:
             return _blobcodec.window_block(size)
         return bytearray(size)
+
+    @property
+    def window_align(self) -> int:
+        """What window_buffer's memory is aligned to: the page size with the native
+        kernels, 0 (unknown) otherwise."""
+        return _blobcodec.WINDOW_ALIGN if self.native else 0
 
     def open_planned(
         self,

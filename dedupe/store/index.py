@@ -81,11 +81,12 @@ class ChunkIndex:
         return None if found is None else ChunkLocation(*found)
 
     def plan_window(
-        self, records: bytes, gap: int, max_range: int, batch: int
+        self, records: bytes, gap: int, max_range: int, batch: int, lead: int = 0
     ) -> tuple[int, int, WindowPlan | None]:
         """What restoring a window of chunk table records takes: _chunkindex.plan_window
-        (csrc/windowplan.h). Like get(), it takes the location the index holds."""
-        return self._table.plan_window(records, gap, max_range, batch)
+        (csrc/windowplan.h), its output starting `lead` bytes into its buffer. Like
+        get(), it takes the location the index holds."""
+        return self._table.plan_window(records, gap, max_range, batch, lead)
 
     def absent_from_table(self, table: Buffer) -> list[bytes]:
         """The ids of a chunk table's records (CHUNK_RECORDs) that get() finds no

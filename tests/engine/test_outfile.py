@@ -27,6 +27,18 @@ def pieces(seed: int, total: int) -> list[bytes]:
     return out
 
 
+def opened_direct(path: Path, staging: int, why: str) -> tuple[int, OutputFile]:
+    """A new file at `path` and its OutputFile, writing with O_DIRECT; the test is skipped
+    (`why`: what it would have shown) where the file system refuses O_DIRECT at open."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    out = OutputFile(fd, staging)
+    if not out.direct:
+        out.close()
+        os.close(fd)
+        pytest.skip(f"this file system refuses O_DIRECT at open: {why}")
+    return fd, out
+
+
 def write_file(path: Path, windows: list[list[bytes]], staging: int) -> OutputFile:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     out = OutputFile(fd, staging)
@@ -63,12 +75,7 @@ def test_o_direct_refused_in_the_middle_goes_on_buffered(
     """A file system that accepts O_DIRECT at open but answers EINVAL to a write: the
     staged bytes and everything after them are written the ordinary way."""
     path = tmp_path / "out"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    out = OutputFile(fd, staging=2 * ALIGN)
-    if not out.direct:
-        out.close()
-        os.close(fd)
-        pytest.skip("this file system refuses O_DIRECT at open: nothing to fall back from")
+    fd, out = opened_direct(path, 2 * ALIGN, "nothing to fall back from")
     real_pwrite = os.pwrite
     calls = []
 

@@ -26,12 +26,12 @@ GAP, LIMIT, BATCH = 1000, 20_000, 5000  # small, so that few blobs reach every b
 
 
 def _model(
-    records: list[tuple[bytes, int]], where: dict[bytes, tuple[int, int, int]]
+    records: list[tuple[bytes, int]], where: dict[bytes, tuple[int, int, int]], lead: int
 ) -> tuple[int, list[tuple[bytes, tuple[int, ...]]], list[tuple[int, int, int]], list]:
     first: dict[bytes, int] = {}
     length = dict(records)
     copies = []
-    pos = 0
+    pos = lead  # the window's output starts `lead` bytes into its buffer
     for cid, n in records:
         if cid in first:
             copies.append((pos, first[cid], n))
@@ -70,9 +70,9 @@ def _model(
     return pos, items, copies, ranges
 
 
-def _plan(table: ChunkTable, records: list[tuple[bytes, int]]) -> tuple:
+def _plan(table: ChunkTable, records: list[tuple[bytes, int]], lead: int = 0) -> tuple:
     raw = b"".join(CHUNK_RECORD.pack(cid, n) for cid, n in records)
-    return table.plan_window(raw, GAP, LIMIT, BATCH)
+    return table.plan_window(raw, GAP, LIMIT, BATCH, lead)
 
 
 layouts = st.lists(
@@ -88,11 +88,16 @@ layouts = st.lists(
 
 
 @settings(max_examples=300, deadline=None)
-@given(layouts, st.lists(st.integers(0, 10**6), max_size=60), st.randoms(use_true_random=False))
-@example([(0, 0, 100, 10), (0, GAP, 100, 10)], [0, 1], random.Random(0))  # gap == GAP
-@example([(0, 0, LIMIT - 100, 10), (0, 0, 100, 10)], [0, 1], random.Random(0))  # == LIMIT
+@given(
+    layouts,
+    st.lists(st.integers(0, 10**6), max_size=60),
+    st.randoms(use_true_random=False),
+    st.sampled_from([0, 0, 1, 4095, 4096, 70_000]),  # lead
+)
+@example([(0, 0, 100, 10), (0, GAP, 100, 10)], [0, 1], random.Random(0), 0)  # gap == GAP
+@example([(0, 0, LIMIT - 100, 10), (0, 0, 100, 10)], [0, 1], random.Random(0), 0)  # == LIMIT
 def test_plan_matches_the_model(
-    layout: list[tuple[int, int, int, int]], picks: list[int], rng: random.Random
+    layout: list[tuple[int, int, int, int]], picks: list[int], rng: random.Random, lead: int
 ) -> None:
     table = ChunkTable()
     where: dict[bytes, tuple[int, int, int]] = {}
@@ -111,12 +116,12 @@ def test_plan_matches_the_model(
     order = chunks + [chunks[p % len(chunks)] for p in picks]
     records = [(cid, raw_of[cid]) for cid in order]
 
-    status, bad, plan = _plan(table, records)
+    status, bad, plan = _plan(table, records, lead)
     assert (status, bad) == (0, 0) and plan is not None
     total, ids, items, copies, ranges = plan
-    want_total, want_items, want_copies, want_ranges = _model(records, where)
+    want_total, want_items, want_copies, want_ranges = _model(records, where, lead)
 
-    assert total == want_total == sum(n for _c, n in records)
+    assert total == want_total == lead + sum(n for _c, n in records)
     got_items = [
         (ids[i * 32 : i * 32 + 32], PLAN_ITEM.unpack_from(items, i * PLAN_ITEM.size))
         for i in range(len(items) // PLAN_ITEM.size)
