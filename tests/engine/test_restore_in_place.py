@@ -63,24 +63,48 @@ def address_of(data: object) -> int:
         ctypes.pythonapi.PyBuffer_Release(ctypes.byref(view))
 
 
-@pytest.fixture
-def strict_device(monkeypatch: pytest.MonkeyPatch) -> None:
+class StrictDevice:
     """os.pwrite as the strictest device would take O_DIRECT: address, offset and length
-    all multiples of ALIGN, else EINVAL (kernels differ in what memory they accept)."""
-    real = os.pwrite
+    all multiples of ALIGN, else EINVAL (kernels differ in what memory they accept). It
+    records the direct writes, and can refuse the one numbered `refuse` (from 1) as a
+    file system that takes O_DIRECT at open and not for writes."""
 
-    def pwrite(fd: int, data: memoryview, offset: int) -> int:
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT and (
-            address_of(data) % ALIGN or offset % ALIGN or memoryview(data).nbytes % ALIGN
-        ):
+    def __init__(self, refuse: int | None = None) -> None:
+        self.refuse = refuse
+        self.direct: list[tuple[int, int]] = []  # (offset, length) of each taken
+        self.real = os.pwrite
+
+    def pwrite(self, fd: int, data: memoryview, offset: int) -> int:
+        if not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            return self.real(fd, data, offset)
+        n = memoryview(data).nbytes
+        if address_of(data) % ALIGN or offset % ALIGN or n % ALIGN:
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real(fd, data, offset)
+        if len(self.direct) + 1 == self.refuse:
+            self.refuse = None
+            raise OSError(errno.EINVAL, "Invalid argument")
+        self.direct.append((offset, n))
+        return self.real(fd, data, offset)
 
-    monkeypatch.setattr(os, "pwrite", pwrite)
+    def each_block_once(self) -> bool:
+        """No two direct writes covered the same bytes."""
+        spans = sorted(self.direct)
+        return all(a + n <= b for (a, n), (b, _m) in zip(spans, spans[1:], strict=False))
+
+
+@pytest.fixture
+def strict_device(monkeypatch: pytest.MonkeyPatch) -> StrictDevice:
+    device = StrictDevice()
+    monkeypatch.setattr(os, "pwrite", device.pwrite)
+    return device
 
 
 def test_a_restored_file_is_written_from_where_its_windows_lie(
-    run, tmp_path: Path, repo_path: Path, monkeypatch: pytest.MonkeyPatch, strict_device: None
+    run,
+    tmp_path: Path,
+    repo_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    strict_device: StrictDevice,
 ) -> None:  # type: ignore[no-untyped-def]
     """Content-defined chunks end anywhere, so the windows (256 KiB here) start at every
     kind of offset: each must still go to the file in place."""
@@ -102,6 +126,7 @@ def test_a_restored_file_is_written_from_where_its_windows_lie(
     assert (tmp_path / "out").read_bytes() == data
     (out,) = _Recording.made
     assert not out.refused  # every write taken: the in-place ones were aligned
+    assert strict_device.each_block_once()
     windows = -(-len(data) // (256 * 1024))
     # Per window at most two partial blocks are copied; the rest went in place.
     assert out.in_place >= len(data) - 2 * ALIGN * windows
@@ -117,27 +142,25 @@ def _aligned_window(data: bytes, stream_offset: int, lead: int | None = None) ->
     return memoryview(block)[lead : lead + len(data)]
 
 
-@pytest.mark.parametrize("off_by", [None, 1], ids=["aligned", "promise_broken"])
-def test_windows_written_in_place_among_ordinary_writes(
-    tmp_path: Path, off_by: int | None, strict_device: None
-) -> None:
-    """Windows that promise alignment, between ordinary pieces of awkward sizes. A broken
-    promise (each window one byte off) is refused by the kernel and written buffered."""
+def _write_windows(path: Path, off_by: int | None) -> tuple[bytes, int, OutputFile]:
+    """Windows that promise alignment between ordinary pieces of awkward sizes, written to
+    a new file at `path` with O_DIRECT: the stream, the bytes the windows' whole blocks
+    hold, and the (closed) OutputFile."""
+    fd, out = opened_direct(path, 4 * ALIGN, "nothing is written in place")
     rnd = random.Random(11)
     # Nine sizes, so that each is a window in one round and an ordinary piece in another.
     sizes = [3 * ALIGN + 5, 7, 2 * ALIGN, ALIGN - 1, 9 * ALIGN + 100, 1, 5 * ALIGN, 4097, 8193]
-    path = tmp_path / "out"
-    fd, out = opened_direct(path, 4 * ALIGN, "nothing is written in place")
     expected = bytearray()
-    windows = in_windows = 0
+    in_blocks = 0
     try:
         for i, size in enumerate(sizes * 3):
             piece = rnd.randbytes(size)
             if i % 2:  # a window, laid out as restore lays it (or one byte off)
                 lead = None if off_by is None else (len(expected) + off_by) % ALIGN
                 out.write([_aligned_window(piece, len(expected), lead)], ALIGN)
-                windows += 1
-                in_windows += size
+                if size >= 2 * ALIGN:  # smaller windows are staged whole
+                    head = -len(expected) % ALIGN
+                    in_blocks += (size - head) // ALIGN * ALIGN
             else:
                 out.write([piece])
             expected += piece
@@ -145,10 +168,33 @@ def test_windows_written_in_place_among_ordinary_writes(
     finally:
         out.close()
         os.close(fd)
-    assert path.read_bytes() == bytes(expected)
+    return bytes(expected), in_blocks, out
+
+
+@pytest.mark.parametrize("off_by", [None, 1], ids=["aligned", "promise_broken"])
+def test_windows_written_in_place_among_ordinary_writes(
+    tmp_path: Path, off_by: int | None, strict_device: StrictDevice
+) -> None:
+    """Every whole block of a window goes in place, and each block is written once. A
+    broken promise (each window one byte off) is refused and written buffered."""
+    path = tmp_path / "out"
+    expected, in_blocks, out = _write_windows(path, off_by)
+    assert path.read_bytes() == expected
     if off_by is None:
-        assert out.in_place >= in_windows - 2 * ALIGN * windows
-        assert out.in_place >= in_windows // 2
-        assert not out.refused
+        assert out.in_place == in_blocks and not out.refused
+        assert strict_device.each_block_once()
     else:
         assert out.in_place == 0 and out.refused  # refused, then buffered
+
+
+@pytest.mark.parametrize("refuse", range(1, 8))
+def test_o_direct_refused_at_any_write_among_windows(
+    tmp_path: Path, strict_device: StrictDevice, refuse: int
+) -> None:
+    """Whichever direct write the file system refuses (a staged block before a window, a
+    window's blocks, a partial block after one), the file holds exactly the stream."""
+    strict_device.refuse = refuse
+    path = tmp_path / "out"
+    expected, _in_blocks, out = _write_windows(path, None)
+    assert path.read_bytes() == expected
+    assert out.refused and len(strict_device.direct) == refuse - 1
