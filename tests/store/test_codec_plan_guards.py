@@ -275,6 +275,8 @@ def test_negative_sizes_and_bounds_are_refused() -> None:
     for gap, limit, batch in ((-1, 10, 10), (10, -1, 10), (10, 10, -1)):
         with pytest.raises(ValueError):
             table.plan_window(b"", gap, limit, batch)
+    with pytest.raises(ValueError):  # a negative lead would be a lead of 2^64 - 1
+        table.plan_window(b"", 10, 10, 10, -1)
     with pytest.raises(ValueError):
         cut_records(b"", 0, -1)
     with pytest.raises(ValueError):
